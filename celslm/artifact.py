@@ -1,0 +1,489 @@
+"""KV artifact format v1: the one module that writes and reads it.
+
+An artifact is a manifest plus content-addressed blobs, like an OCI image:
+
+    NAME.kv/manifest.json          schema celslm.kv/1, canonical JSON; the artifact id is its sha256
+    NAME.kv/blobs/<sha256-hex>     one safetensors file per block (layer x chunk), plus the token ids
+
+Blocks hold keys pre-RoPE and values, each `[kv_heads, tokens, head_dim]`. On a pipe the same
+artifact is one tar stream: manifest first, then the token blob, then the blocks layer-major, so a
+reader can start on layer 0 before the rest arrives. Every blob read is checked against its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from celslm.errors import IntegrityError, UsageError
+
+SCHEMA = "celslm.kv/1"
+MEDIA_BLOCK = "application/vnd.celslm.kv.block.v1+safetensors"
+MEDIA_TOKENS = "application/vnd.celslm.kv.tokens.v1+safetensors"
+MANIFEST_NAME = "manifest.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def prefix_hashes(token_ids: list[int], fingerprint: str, chunk_size: int) -> list[str]:
+    """h_i = sha256(h_{i-1} || fingerprint bytes || chunk i's ids as little-endian uint32); h_{-1} = 32 zero bytes."""
+    space = bytes.fromhex(fingerprint)
+    previous = bytes(32)
+    hashes = []
+    for start in range(0, len(token_ids), chunk_size):
+        chunk = token_ids[start : start + chunk_size]
+        previous = hashlib.sha256(previous + space + struct.pack(f"<{len(chunk)}I", *chunk)).digest()
+        hashes.append(previous.hex())
+    return hashes
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    digest: str  # "sha256:<hex>"
+    size: int
+    media_type: str
+
+    @property
+    def hex(self) -> str:
+        return self.digest.removeprefix("sha256:")
+
+    def to_json(self) -> dict:
+        return {"digest": self.digest, "size": self.size, "media_type": self.media_type}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> BlobRef:
+        digest = obj["digest"]
+        hex_part = digest.removeprefix("sha256:")
+        if not digest.startswith("sha256:") or len(hex_part) != 64 or any(c not in "0123456789abcdef" for c in hex_part):
+            raise ValueError(f"malformed digest {digest!r}")
+        return cls(digest, int(obj["size"]), str(obj["media_type"]))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    space: dict  # {"name", "fingerprint"}: the model whose attention consumes this KV
+    producer: dict  # {"model", "fingerprint", "alignment"}: who computed it (alignment digest for cross-model)
+    token_count: int
+    chunk_size: int
+    tokens: BlobRef  # the token-id blob; its digest is the token-id digest
+    prefix_hashes: tuple[str, ...]
+    geometry: dict  # {"layers", "kv_heads", "head_dim"}
+    dtype: str
+    codec: str
+    framing: str  # "chat": the context opens a chat-template user turn; "raw": plain text
+    blocks: tuple[tuple[BlobRef, ...], ...]  # [layer][chunk], layer-major
+    provenance: tuple[str, ...]  # per layer: "native" or "projected"
+    timings: dict = field(default_factory=dict)  # cloud-side seconds, e.g. {"prefill_s": 1.2}
+    keys: str = "pre-rope"
+
+    @property
+    def layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def chunks(self) -> int:
+        return len(self.prefix_hashes)
+
+    def chunk_lengths(self) -> list[int]:
+        full, last = divmod(self.token_count, self.chunk_size)
+        return [self.chunk_size] * full + ([last] if last else [])
+
+    def blob_refs(self) -> list[BlobRef]:
+        """Every blob in stream order: the token ids, then blocks layer-major."""
+        return [self.tokens] + [ref for layer in self.blocks for ref in layer]
+
+    def blob_bytes(self) -> int:
+        return sum(ref.size for ref in self.blob_refs())
+
+    def describe(self, ref: BlobRef) -> str:
+        """Name a blob for an error message: which layer and chunk it holds."""
+        if ref.digest == self.tokens.digest:
+            return f"token ids blob {ref.digest}"
+        for layer, refs in enumerate(self.blocks):
+            for chunk, block in enumerate(refs):
+                if block.digest == ref.digest:
+                    return f"block {ref.digest} (layer {layer}, chunk {chunk})"
+        return f"blob {ref.digest}"
+
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "space": self.space,
+            "producer": self.producer,
+            "tokens": {"count": self.token_count, "chunk_size": self.chunk_size, **self.tokens.to_json()},
+            "prefix_hashes": list(self.prefix_hashes),
+            "geometry": self.geometry,
+            "keys": self.keys,
+            "dtype": self.dtype,
+            "codec": self.codec,
+            "framing": self.framing,
+            "blocks": [[ref.to_json() for ref in layer] for layer in self.blocks],
+            "provenance": list(self.provenance),
+            "timings": self.timings,
+        }
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @property
+    def id(self) -> str:
+        return sha256_digest(self.canonical_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "manifest") -> Manifest:
+        try:
+            obj = json.loads(data)
+        except ValueError as exc:
+            raise IntegrityError(f"{source}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
+            found = obj.get("schema") if isinstance(obj, dict) else None
+            raise UsageError(f"{source}: not a celslm KV artifact (schema {found!r}, expected {SCHEMA!r})")
+        try:
+            tokens = obj["tokens"]
+            manifest = cls(
+                space=dict(obj["space"]),
+                producer=dict(obj["producer"]),
+                token_count=int(tokens["count"]),
+                chunk_size=int(tokens["chunk_size"]),
+                tokens=BlobRef.from_json(tokens),
+                prefix_hashes=tuple(obj["prefix_hashes"]),
+                geometry=dict(obj["geometry"]),
+                dtype=str(obj["dtype"]),
+                codec=str(obj["codec"]),
+                framing=str(obj["framing"]),
+                blocks=tuple(tuple(BlobRef.from_json(b) for b in layer) for layer in obj["blocks"]),
+                provenance=tuple(obj["provenance"]),
+                timings=dict(obj.get("timings", {})),
+                keys=str(obj["keys"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        manifest._check_shape(source)
+        return manifest
+
+    def _check_shape(self, source: str) -> None:
+        if self.chunk_size <= 0 or self.chunks != len(self.chunk_lengths()):
+            raise IntegrityError(f"{source}: {self.chunks} prefix hashes for {self.token_count} tokens")
+        if any(len(layer) != self.chunks for layer in self.blocks) or len(self.provenance) != self.layers:
+            raise IntegrityError(f"{source}: block table does not match {self.chunks} chunks x {self.layers} layers")
+        if self.layers != self.geometry.get("layers"):
+            raise IntegrityError(f"{source}: {self.layers} layers of blocks, geometry says {self.geometry.get('layers')}")
+        if self.keys != "pre-rope" or self.dtype not in DTYPES:
+            raise UsageError(f"{source}: unsupported key layout {self.keys!r} or dtype {self.dtype!r}")
+        if self.codec != "none":
+            raise UsageError(f"{source}: codec {self.codec!r} is not supported by this celslm version")
+
+
+# ---------------------------------------------------------------- blob encoding
+
+
+def encode_block(key: torch.Tensor, value: torch.Tensor) -> bytes:
+    """One block: keys pre-RoPE and values, each `[H, t, D]`."""
+    return st_save({"key": key.contiguous(), "value": value.contiguous()})
+
+
+def decode_block(data: bytes, ref: BlobRef) -> tuple[torch.Tensor, torch.Tensor]:
+    if ref.media_type != MEDIA_BLOCK:
+        raise UsageError(f"block {ref.digest}: unsupported media type {ref.media_type}")
+    tensors = st_load(data)
+    return tensors["key"], tensors["value"]
+
+
+def encode_tokens(token_ids: list[int]) -> bytes:
+    return st_save({"token_ids": torch.tensor(token_ids, dtype=torch.int64)})
+
+
+def decode_tokens(data: bytes) -> list[int]:
+    return st_load(data)["token_ids"].tolist()
+
+
+def check_blob(ref: BlobRef, data: bytes, manifest: Manifest) -> str | None:
+    """None if `data` is the blob `ref` names; otherwise what is wrong, naming the blob."""
+    actual = sha256_digest(data)
+    if actual != ref.digest:
+        return f"{manifest.describe(ref)} is corrupt: its bytes hash to {actual}"
+    return None
+
+
+# ---------------------------------------------------------------- building and writing
+
+
+@dataclass
+class Artifact:
+    """A manifest with its blobs in memory, ready to be written as a directory or a tar stream."""
+
+    manifest: Manifest
+    blobs: dict[str, bytes]  # digest -> bytes
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+
+def build_artifact(
+    *,
+    space: dict,
+    producer: dict,
+    token_ids: list[int],
+    layers: list[tuple[torch.Tensor, torch.Tensor]],
+    chunk_size: int,
+    dtype: str,
+    framing: str,
+    provenance: list[str],
+    timings: dict,
+) -> Artifact:
+    """Cut per-layer pre-RoPE keys and values `[H, T, D]` into blocks of `chunk_size` tokens."""
+    if chunk_size <= 0:
+        raise UsageError(f"chunk size must be positive, got {chunk_size}")
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    blobs: dict[str, bytes] = {}
+
+    def add(data: bytes, media_type: str) -> BlobRef:
+        ref = BlobRef(sha256_digest(data), len(data), media_type)
+        blobs[ref.digest] = data
+        return ref
+
+    token_ref = add(encode_tokens(token_ids), MEDIA_TOKENS)
+    torch_dtype = DTYPES[dtype]
+    blocks = []
+    for key, value in layers:
+        refs = []
+        for start in range(0, len(token_ids), chunk_size):
+            span = slice(start, start + chunk_size)
+            refs.append(add(encode_block(key[:, span].to(torch_dtype), value[:, span].to(torch_dtype)), MEDIA_BLOCK))
+        blocks.append(tuple(refs))
+    _, kv_heads, _, head_dim = (None, *layers[0][0].shape) if layers else (None, 0, 0, 0)
+    manifest = Manifest(
+        space=space,
+        producer=producer,
+        token_count=len(token_ids),
+        chunk_size=chunk_size,
+        tokens=token_ref,
+        prefix_hashes=tuple(prefix_hashes(token_ids, space["fingerprint"], chunk_size)),
+        geometry={"layers": len(layers), "kv_heads": kv_heads, "head_dim": head_dim},
+        dtype=dtype,
+        codec="none",
+        framing=framing,
+        blocks=tuple(blocks),
+        provenance=tuple(provenance),
+        timings=timings,
+    )
+    return Artifact(manifest, blobs)
+
+
+def write_artifact(artifact: Artifact, out: str, force: bool = False, stdout: BinaryIO | None = None) -> None:
+    """Write to a directory (atomically: it appears complete or not at all) or, for "-", a tar stream."""
+    if out == "-":
+        write_tar(artifact, stdout)
+    else:
+        write_dir(artifact, Path(out), force=force)
+
+
+def write_dir(artifact: Artifact, path: Path, force: bool = False) -> None:
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists; choose another --out or pass --force to replace it")
+    if path.exists() and not (path / MANIFEST_NAME).is_file():
+        raise UsageError(f"{path} exists and is not a KV artifact; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (staging / "blobs").mkdir()
+        for ref in artifact.manifest.blob_refs():
+            (staging / "blobs" / ref.hex).write_bytes(artifact.blobs[ref.digest])
+        (staging / MANIFEST_NAME).write_bytes(artifact.manifest.canonical_bytes())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_tar(artifact: Artifact, stream: BinaryIO) -> None:
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        _add_member(tar, MANIFEST_NAME, artifact.manifest.canonical_bytes())
+        for ref in artifact.manifest.blob_refs():
+            _add_member(tar, f"blobs/{ref.hex}", artifact.blobs[ref.digest])
+    stream.flush()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+# ---------------------------------------------------------------- reading
+
+
+class ArtifactReader:
+    """Reads an artifact from a directory or a tar stream; blobs come out verified, in stream order."""
+
+    def __init__(self, manifest: Manifest, source: str):
+        self.manifest = manifest
+        self.source = source
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    def raw_blobs(self) -> Iterator[tuple[BlobRef, bytes | None]]:
+        """(ref, bytes) in stream order; bytes is None for a blob that is missing. Not verified."""
+        raise NotImplementedError
+
+    def blobs(self) -> Iterator[tuple[BlobRef, bytes]]:
+        """Verified blobs in stream order; the first missing or corrupt one raises IntegrityError."""
+        for ref, data in self.raw_blobs():
+            if data is None:
+                raise IntegrityError(f"{self.source}: {self.manifest.describe(ref)} is missing")
+            problem = check_blob(ref, data, self.manifest)
+            if problem:
+                raise IntegrityError(f"{self.source}: {problem}")
+            yield ref, data
+
+    def problems(self) -> list[str]:
+        """Everything wrong with the artifact, without stopping at the first problem."""
+        found = []
+        token_ids = None
+        try:
+            for ref, data in self.raw_blobs():
+                if data is None:
+                    found.append(f"{self.manifest.describe(ref)} is missing")
+                    continue
+                problem = check_blob(ref, data, self.manifest)
+                if problem:
+                    found.append(problem)
+                elif ref.media_type == MEDIA_TOKENS:
+                    token_ids = decode_tokens(data)
+        except IntegrityError as exc:  # a truncated stream: nothing more can be read
+            found.append(str(exc).removeprefix(f"{self.source}: "))
+        if token_ids is not None:
+            m = self.manifest
+            if len(token_ids) != m.token_count:
+                found.append(f"token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
+            elif tuple(prefix_hashes(token_ids, m.space["fingerprint"], m.chunk_size)) != m.prefix_hashes:
+                found.append("prefix hashes do not match the token ids and model space")
+        return found
+
+    def open_context(self) -> tuple[list[int], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """The context's token ids, and an iterator over its layers as they are read and verified:
+        (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), in fp32."""
+        m = self.manifest
+        blobs = self.blobs()
+        _, data = next(blobs)
+        token_ids = decode_tokens(data)
+        if len(token_ids) != m.token_count:
+            raise IntegrityError(f"{self.source}: token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
+        return token_ids, self._layers(blobs)
+
+    def _layers(self, blobs):
+        m = self.manifest
+        lengths = m.chunk_lengths()
+        for layer in range(m.layers):
+            keys, values = [], []
+            for chunk in range(m.chunks):
+                ref, data = next(blobs)
+                key, value = decode_block(data, ref)
+                shape = (m.geometry["kv_heads"], lengths[chunk], m.geometry["head_dim"])
+                if tuple(key.shape) != shape or tuple(value.shape) != shape:
+                    raise IntegrityError(f"{self.source}: {m.describe(ref)} has shape {tuple(key.shape)}, expected {shape}")
+                keys.append(key.float())
+                values.append(value.float())
+            yield layer, torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+
+class DirectoryReader(ArtifactReader):
+    def __init__(self, path: Path):
+        try:
+            data = (path / MANIFEST_NAME).read_bytes()
+        except FileNotFoundError as exc:
+            raise UsageError(f"{path}: no {MANIFEST_NAME}; not a KV artifact directory") from exc
+        super().__init__(Manifest.from_bytes(data, str(path)), str(path))
+        self.path = path
+
+    def raw_blobs(self):
+        for ref in self.manifest.blob_refs():
+            try:
+                yield ref, (self.path / "blobs" / ref.hex).read_bytes()
+            except FileNotFoundError:
+                yield ref, None
+
+
+class TarStreamReader(ArtifactReader):
+    """Reads the tar form sequentially, so it works on a pipe; blobs are yielded as they arrive."""
+
+    def __init__(self, stream: BinaryIO, source: str):
+        try:
+            self._tar = tarfile.open(fileobj=stream, mode="r|")
+            first = self._tar.next()
+        except tarfile.TarError as exc:
+            raise IntegrityError(f"{source}: not a KV artifact stream or truncated ({exc})") from exc
+        if first is None or first.name != MANIFEST_NAME:
+            raise IntegrityError(f"{source}: stream does not start with {MANIFEST_NAME}")
+        super().__init__(Manifest.from_bytes(self._read(first, source), source), source)
+
+    def _read(self, member: tarfile.TarInfo, source: str) -> bytes:
+        handle = self._tar.extractfile(member)
+        data = handle.read() if handle else b""
+        if len(data) != member.size:
+            raise IntegrityError(f"{source}: truncated stream inside {member.name}")
+        return data
+
+    def raw_blobs(self):
+        wanted = self.manifest.blob_refs()
+        arrived: dict[str, bytes] = {}
+        position = 0
+        try:
+            for member in self._tar:
+                if not member.name.startswith("blobs/"):
+                    continue
+                arrived["sha256:" + member.name.removeprefix("blobs/")] = self._read(member, self.source)
+                while position < len(wanted) and wanted[position].digest in arrived:
+                    yield wanted[position], arrived[wanted[position].digest]
+                    position += 1
+        except (tarfile.TarError, EOFError) as exc:
+            raise IntegrityError(f"{self.source}: truncated artifact stream ({exc})") from exc
+        if position < len(wanted):
+            missing = len(wanted) - position
+            raise IntegrityError(
+                f"{self.source}: truncated artifact stream: {missing} blobs never arrived, "
+                f"first {self.manifest.describe(wanted[position])}"
+            )
+
+
+def open_artifact(ref: str, stdin: BinaryIO | None = None) -> ArtifactReader:
+    """Open a directory, a .tar file, or "-" (a tar stream on stdin)."""
+    if ref == "-":
+        return TarStreamReader(stdin, "<stdin>")
+    path = Path(ref)
+    if path.is_dir():
+        return DirectoryReader(path)
+    if path.is_file():
+        return TarStreamReader(open(path, "rb"), str(path))
+    raise UsageError(f"{ref}: no such KV artifact (a directory, a .tar stream file, or - for stdin)")

@@ -1,0 +1,167 @@
+"""Generation over a context (from a KV artifact, or prefilled here) plus a private prompt.
+
+The prompt's KV is computed locally and attends over context + prompt; its positions continue after
+the context. Time is accounted per phase so every run can say where its seconds went.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from celslm import kvcache, prompting
+from celslm.artifact import ArtifactReader
+from celslm.errors import ModelSpaceMismatch, UsageError
+from celslm.models import LoadedModel
+from celslm.prefill import TokenProgress, prefill_cache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class DecodeStats:
+    path: str = ""  # "artifact" or "edge-only"
+    context_tokens: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    load_s: float = 0.0  # reading, verifying and injecting the artifact
+    context_prefill_s: float = 0.0  # edge-only: prefilling the context here
+    prompt_prefill_s: float = 0.0
+    generate_s: float = 0.0  # from the first generated token to the last
+    ttft_s: float = 0.0  # from the start of context work to the first generated token
+    total_s: float = 0.0
+    cloud_prefill_s: float | None = None  # from the artifact's manifest
+    artifact_bytes: int = 0
+
+
+@dataclass
+class Context:
+    """A context ready to decode over: its token ids and a filled cache."""
+
+    token_ids: list[int]
+    cache: object
+    framing: str
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+def check_space(reader: ArtifactReader, loaded: LoadedModel) -> None:
+    space = reader.manifest.space
+    if space.get("fingerprint") != loaded.fingerprint:
+        raise ModelSpaceMismatch(
+            f"{reader.source} belongs to model space {space.get('name')} ({str(space.get('fingerprint'))[:12]}), "
+            f"but --model is {loaded.name} ({loaded.fingerprint[:12]}); decode it with the model that produced it"
+        )
+
+
+def context_from_artifact(loaded: LoadedModel, reader: ArtifactReader) -> Context:
+    """Read and verify every block, re-rotate keys to positions 0..T-1, inject them into a cache."""
+    check_space(reader, loaded)
+    started = time.perf_counter()
+    token_ids, layer_iter = reader.open_context()
+    cos, sin = kvcache.rope_tables(loaded.model, 0, len(token_ids))
+    layers = [(kvcache.apply_rope(key, cos, sin), value) for _, key, value in layer_iter]
+    cache = kvcache.cache_from_layers(loaded.model, layers)
+    stats = DecodeStats(path="artifact", context_tokens=len(token_ids), load_s=time.perf_counter() - started,
+                        cloud_prefill_s=reader.manifest.timings.get("prefill_s"),
+                        artifact_bytes=reader.manifest.blob_bytes())
+    return Context(token_ids, cache, reader.manifest.framing, stats)
+
+
+def context_from_text(loaded: LoadedModel, text: str, *, framing: str | None = None, step: int = 256,
+                      progress: TokenProgress | None = None) -> Context:
+    """Edge-only: tokenize and prefill the context here."""
+    framing = framing or prompting.default_framing(loaded.tokenizer)
+    token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
+    if not token_ids:
+        raise UsageError("the context is empty")
+    started = time.perf_counter()
+    cache = prefill_cache(loaded, token_ids, step, progress)
+    stats = DecodeStats(path="edge-only", context_tokens=len(token_ids),
+                        context_prefill_s=time.perf_counter() - started)
+    return Context(token_ids, cache, framing, stats)
+
+
+def eos_ids(loaded: LoadedModel) -> set[int]:
+    ids = set()
+    for source in (getattr(loaded.model, "generation_config", None), loaded.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    return ids
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Pick a token from last-position logits `[V]`."""
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p  # always keeps the top one
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampling: Sampling,
+             logits_out: list | None = None) -> Iterator[int]:
+    """Yield generated token ids; `context.stats` is filled as it goes. The cache grows in place."""
+    if not prompt_ids:
+        raise UsageError("the prompt is empty")
+    stats = context.stats
+    stats.prompt_tokens = len(prompt_ids)
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    stop = eos_ids(loaded)
+    position = len(context.token_ids)
+    started = time.perf_counter()
+    logits = kvcache.forward(loaded.model, prompt_ids, context.cache, position)[-1]  # [V]
+    position += len(prompt_ids)
+    stats.prompt_prefill_s = time.perf_counter() - started
+    first_at = None
+    for _ in range(sampling.max_new_tokens):
+        if logits_out is not None:
+            logits_out.append(logits)
+        token = next_token(logits, sampling, generator)
+        stats.new_tokens += 1
+        if first_at is None:
+            first_at = time.perf_counter()
+            stats.ttft_s = stats.load_s + stats.context_prefill_s + (first_at - started)
+        yield token
+        if token in stop:
+            break
+        logits = kvcache.forward(loaded.model, [token], context.cache, position)[-1]
+        position += 1
+    finished = time.perf_counter()
+    stats.generate_s = finished - (first_at or finished)
+    stats.total_s = stats.load_s + stats.context_prefill_s + (finished - started)
+
+
+class TextStream:
+    """Turns generated ids into text pieces, holding back an incomplete multi-byte character."""
+
+    def __init__(self, tokenizer, skip: set[int]):
+        self.tokenizer = tokenizer
+        self.skip = skip
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        if token not in self.skip:
+            self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece

@@ -1,0 +1,91 @@
+"""The only module that touches transformers' Cache API (it changes between releases), plus RoPE.
+
+Tensors handed in and out are per layer, without the batch dimension: keys and values `[H, T, D]`
+(H = KV heads, T = tokens, D = head dim). Artifacts hold keys *pre-RoPE*; a cache holds them rotated
+to their positions, as the model's attention expects.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key [H, T, D], value [H, T, D])
+
+
+def new_cache(model) -> DynamicCache:
+    """An empty cache; a forward call appends to it in place, so build a fresh one per run."""
+    return DynamicCache(config=model.config)
+
+
+def cache_from_layers(model, layers: list[LayerKV]) -> DynamicCache:
+    """Inject post-RoPE keys and values, one entry per layer, into a fresh cache."""
+    cache = new_cache(model)
+    for index, (key, value) in enumerate(layers):
+        cache.update(key.unsqueeze(0), value.unsqueeze(0), index)
+    return cache
+
+
+def cache_layers(cache: DynamicCache) -> list[LayerKV]:
+    """The cache's post-RoPE keys and values per layer, batch dimension dropped."""
+    return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.get_seq_length()
+
+
+@torch.inference_mode()
+def forward(model, token_ids: list[int], cache: DynamicCache, start: int, logits_to_keep: int = 1) -> torch.Tensor:
+    """Run `token_ids` at positions start.. over `cache` (appended in place); logits `[logits_to_keep, V]`."""
+    ids = torch.tensor([token_ids], dtype=torch.long)  # [1, q]
+    positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)  # [1, q]
+    out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=logits_to_keep)
+    return out.logits[0].float()
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+def kv_geometry(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a model's attention cache."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def _rotary(model):
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(f"{type(model).__name__} has no shared rotary embedding; only RoPE models are supported")
+    return rotary
+
+
+@torch.inference_mode()
+def rope_tables(model, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[T, D]` for positions start..start+length, computed by the model's own rotary module."""
+    positions = torch.arange(start, start + length).unsqueeze(0)  # [1, T]
+    probe = torch.zeros(1, dtype=torch.float32)
+    cos, sin = _rotary(model)(probe, positions)  # [1, T, D]
+    return cos[0], sin[0]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pre-RoPE keys `[H, T, D]` to their positions (the model's own formula)."""
+    return key * cos + _rotate_half(key) * sin
+
+
+def unapply_rope(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of `apply_rope`: cos and sin repeat over the two halves, so rotating by -θ undoes it.
+
+    Scaled RoPE variants multiply cos and sin by one factor s; dividing by s² keeps the inverse exact.
+    """
+    scale = (cos[..., :1] ** 2 + sin[..., :1] ** 2)  # s², [T, 1]
+    return (key * cos - _rotate_half(key) * sin) / scale

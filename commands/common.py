@@ -1,0 +1,81 @@
+"""What every subcommand shares: option aliases, stdin/stdout handling, progress, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from celslm.errors import UsageError
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", envvar="CELSLM_MODEL", show_envvar=True,
+    help="Model: a Hugging Face folder, a .gguf file, a bundled name (celslm models list) or a hub id.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
+
+
+def examples(*lines: str) -> str:
+    """An epilog listing example invocations, one per line."""
+    return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  [cyan]$ {line}[/cyan]" for line in lines)
+
+
+def read_text(value: str, what: str) -> str:
+    """A text argument: "-" reads stdin, an existing file path is read, anything else for --prompt is literal."""
+    if value == "-":
+        if sys.stdin.isatty():
+            raise UsageError(f"{what} is '-' but stdin is a terminal; pipe the text in")
+        return sys.stdin.read()
+    return value
+
+
+def read_file_or_stdin(value: str, what: str) -> str:
+    if value == "-":
+        return read_text(value, what)
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(f"{what} {value}: no such file (give a path, or - for stdin)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {value}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def progress_bar(bytes_: bool = False) -> Iterator:
+    """A transient progress bar on stderr (hidden when stderr is not a terminal).
+
+    Yields a callback (description, done, total-or-None) that creates or updates one task per description.
+    """
+    columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
+    if bytes_:
+        columns.append(DownloadColumn())
+    columns.append(TimeElapsedColumn())
+    progress = Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal)
+    tasks: dict[str, int] = {}
+
+    def update(description: str, done: int, total: int | None) -> None:
+        if description not in tasks:
+            tasks[description] = progress.add_task(description, total=total)
+        progress.update(tasks[description], completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def log(message: str) -> None:
+    err_console.print(message, highlight=False)

@@ -1,0 +1,66 @@
+"""celslm inspect: describe an artifact from its manifest."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from celslm.artifact import Manifest, open_artifact
+from .common import JsonOpt, examples, out_console, print_json
+
+EPILOG = examples("celslm inspect fnmatch.kv", "celslm inspect fnmatch.kv --json | jq .bytes")
+
+
+def describe(manifest: Manifest) -> dict:
+    return {
+        "id": manifest.id,
+        "space": manifest.space,
+        "producer": manifest.producer,
+        "tokens": manifest.token_count,
+        "layers": manifest.layers,
+        "chunks": manifest.chunks,
+        "chunk_size": manifest.chunk_size,
+        "codec": manifest.codec,
+        "dtype": manifest.dtype,
+        "keys": manifest.keys,
+        "framing": manifest.framing,
+        "geometry": manifest.geometry,
+        "bytes": manifest.blob_bytes(),
+        "bytes_per_layer": [sum(ref.size for ref in layer) for layer in manifest.blocks],
+        "provenance": list(manifest.provenance),
+        "timings": manifest.timings,
+    }
+
+
+def inspect(
+    artifact: Annotated[str, typer.Argument(help="Artifact directory, .tar stream file, or - for stdin.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Describe an artifact: model space, producer, tokens, layers, codec and bytes."""
+    info = describe(open_artifact(artifact, stdin=sys.stdin.buffer).manifest)
+    if json_:
+        print_json(info)
+        return
+    table = Table(show_header=False, title=artifact)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    per_layer = info["bytes_per_layer"]
+    rows = [
+        ("id", info["id"]),
+        ("model space", f"{info['space']['name']} ({info['space']['fingerprint'][:16]})"),
+        ("producer", f"{info['producer']['model']} ({info['producer']['fingerprint'][:16]})"),
+        ("tokens", f"{info['tokens']} in {info['chunks']} chunks of {info['chunk_size']}"),
+        ("layers", f"{info['layers']} ({', '.join(sorted(set(info['provenance'])))})"),
+        ("geometry", f"{info['geometry']['kv_heads']} KV heads x {info['geometry']['head_dim']}"),
+        ("keys / dtype / codec", f"{info['keys']} / {info['dtype']} / {info['codec']}"),
+        ("framing", info["framing"]),
+        ("bytes", f"{info['bytes']:,} ({info['bytes'] / 2**20:.2f} MiB)"),
+        ("bytes per layer", f"{min(per_layer):,} .. {max(per_layer):,}" if per_layer else "-"),
+        ("cloud prefill", f"{info['timings'].get('prefill_s', float('nan')):.3f} s"),
+    ]
+    for field, value in rows:
+        table.add_row(field, str(value))
+    out_console.print(table)

@@ -1,0 +1,59 @@
+"""The celslm command line: registers one module per subcommand and maps errors to exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from celslm import __version__
+from celslm.errors import EXIT_RUNTIME, CelslmError
+
+from . import bench, decode, inspect, models, prefill, verify
+from .common import err_console
+
+app = typer.Typer(
+    name="celslm",
+    help="Cloud-edge collaborative LM inference over shared KV artifacts. "
+    "Environment: CELSLM_HOME (models and caches, default ~/.cache/celslm), CELSLM_MODEL (default --model), "
+    "CELSLM_DEBUG=1 (tracebacks on errors).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command(epilog=prefill.EPILOG)(prefill.prefill)
+app.command(epilog=decode.EPILOG)(decode.decode)
+app.command(epilog=inspect.EPILOG)(inspect.inspect)
+app.command(epilog=verify.EPILOG)(verify.verify)
+app.add_typer(models.app, name="models")
+app.add_typer(bench.app, name="bench")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"celslm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+    """Cloud-edge collaborative LM inference over shared KV artifacts."""
+
+
+def run() -> None:
+    """Console entry point: user errors become one line on stderr and a documented exit code."""
+    try:
+        app()
+    except CelslmError as exc:
+        if os.environ.get("CELSLM_DEBUG") == "1":
+            raise
+        err_console.print(f"celslm: error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into head): not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        sys.exit(130)
