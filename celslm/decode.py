@@ -80,7 +80,13 @@ def context_from_text(loaded: LoadedModel, text: str, *, framing: str | None = N
                       progress: TokenProgress | None = None) -> Context:
     """Edge-only: tokenize and prefill the context here."""
     framing = framing or prompting.default_framing(loaded.tokenizer)
-    token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
+    return context_from_ids(loaded, prompting.context_ids(loaded.tokenizer, text, framing), framing=framing,
+                            step=step, progress=progress)
+
+
+def context_from_ids(loaded: LoadedModel, token_ids: list[int], *, framing: str, step: int = 256,
+                     progress: TokenProgress | None = None) -> Context:
+    """Edge-only: prefill already tokenized context here."""
     if not token_ids:
         raise UsageError("the context is empty")
     started = time.perf_counter()
