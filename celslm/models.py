@@ -349,5 +349,5 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise CelslmError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.eval()
-    name = spec if spec in bundled_models() else folder.name
+    name = spec if spec in bundled_models() else Path(spec).name
     return LoadedModel(name=name, folder=folder, fingerprint=fingerprint, model=model, tokenizer=tokenizer)

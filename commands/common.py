@@ -30,7 +30,7 @@ def examples(*lines: str) -> str:
 
 
 def read_text(value: str, what: str) -> str:
-    """A text argument: "-" reads stdin, an existing file path is read, anything else for --prompt is literal."""
+    """A literal text argument, or "-" to read it from stdin."""
     if value == "-":
         if sys.stdin.isatty():
             raise UsageError(f"{what} is '-' but stdin is a terminal; pipe the text in")

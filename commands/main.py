@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
+# celslm draws its own progress on stderr; library tqdm bars (the GGUF reader's) would only clutter it.
+# tqdm reads this when it is first imported, so it must be set before any library import.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
-from celslm import __version__
-from celslm.errors import EXIT_RUNTIME, CelslmError
+import typer  # noqa: E402
 
-from . import bench, decode, inspect, models, prefill, verify
-from .common import err_console
+from celslm import __version__  # noqa: E402
+from celslm.errors import EXIT_RUNTIME, CelslmError  # noqa: E402
+
+from . import bench, decode, inspect, models, prefill, verify  # noqa: E402
+from .common import err_console  # noqa: E402
 
 app = typer.Typer(
     name="celslm",
