@@ -273,7 +273,7 @@ def build_artifact(
             span = slice(start, start + chunk_size)
             refs.append(add(encode_block(key[:, span].to(torch_dtype), value[:, span].to(torch_dtype)), MEDIA_BLOCK))
         blocks.append(tuple(refs))
-    _, kv_heads, _, head_dim = (None, *layers[0][0].shape) if layers else (None, 0, 0, 0)
+    kv_heads, _, head_dim = layers[0][0].shape  # [H, T, D]
     manifest = Manifest(
         space=space,
         producer=producer,
