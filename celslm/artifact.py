@@ -20,7 +20,8 @@ import shutil
 import struct
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -28,10 +29,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from celslm.codecs import MEDIA_BASIS, BlockShape, Codec, parse_codec
 from celslm.errors import IntegrityError, UsageError
 
 SCHEMA = "celslm.kv/1"
-MEDIA_BLOCK = "application/vnd.celslm.kv.block.v1+safetensors"
 MEDIA_TOKENS = "application/vnd.celslm.kv.tokens.v1+safetensors"
 MANIFEST_NAME = "manifest.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -95,6 +96,14 @@ class Manifest:
     provenance: tuple[str, ...]  # per layer: "native" or "projected"
     timings: dict = field(default_factory=dict)  # cloud-side seconds, e.g. {"prefill_s": 1.2}
     keys: str = "pre-rope"
+    bases: tuple[BlobRef | None, ...] = ()  # per layer: the codec's auxiliary blob (PCA bases), if any
+
+    def layer_aux(self, layer: int) -> BlobRef | None:
+        return self.bases[layer] if self.bases else None
+
+    def layer_bytes(self, layer: int) -> int:
+        aux = self.layer_aux(layer)
+        return sum(ref.size for ref in self.blocks[layer]) + (aux.size if aux else 0)
 
     @property
     def layers(self) -> int:
@@ -109,8 +118,12 @@ class Manifest:
         return [self.chunk_size] * full + ([last] if last else [])
 
     def blob_refs(self) -> list[BlobRef]:
-        """Every blob in stream order: the token ids, then blocks layer-major."""
-        return [self.tokens] + [ref for layer in self.blocks for ref in layer]
+        """Every blob in stream order: the token ids, then per layer its auxiliary blob (if any) and its blocks."""
+        refs = [self.tokens]
+        for layer, blocks in enumerate(self.blocks):
+            aux = self.layer_aux(layer)
+            refs += ([aux] if aux else []) + list(blocks)
+        return refs
 
     def blob_bytes(self) -> int:
         return sum(ref.size for ref in self.blob_refs())
@@ -119,6 +132,9 @@ class Manifest:
         """Name a blob for an error message: which layer and chunk it holds."""
         if ref.digest == self.tokens.digest:
             return f"token ids blob {ref.digest}"
+        for layer, aux in enumerate(self.bases):
+            if aux and aux.digest == ref.digest:
+                return f"basis blob {ref.digest} (layer {layer})"
         for layer, refs in enumerate(self.blocks):
             for chunk, block in enumerate(refs):
                 if block.digest == ref.digest:
@@ -140,6 +156,7 @@ class Manifest:
             "blocks": [[ref.to_json() for ref in layer] for layer in self.blocks],
             "provenance": list(self.provenance),
             "timings": self.timings,
+            **({"bases": [ref.to_json() if ref else None for ref in self.bases]} if any(self.bases) else {}),
         }
 
     def canonical_bytes(self) -> bytes:
@@ -175,6 +192,7 @@ class Manifest:
                 provenance=tuple(obj["provenance"]),
                 timings=dict(obj.get("timings", {})),
                 keys=str(obj["keys"]),
+                bases=tuple(BlobRef.from_json(b) if b else None for b in obj.get("bases", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
@@ -190,23 +208,12 @@ class Manifest:
             raise IntegrityError(f"{source}: {self.layers} layers of blocks, geometry says {self.geometry.get('layers')}")
         if self.keys != "pre-rope" or self.dtype not in DTYPES:
             raise UsageError(f"{source}: unsupported key layout {self.keys!r} or dtype {self.dtype!r}")
-        if self.codec != "none":
-            raise UsageError(f"{source}: codec {self.codec!r} is not supported by this celslm version")
+        if self.bases and len(self.bases) != self.layers:
+            raise IntegrityError(f"{source}: {len(self.bases)} basis entries for {self.layers} layers")
+        parse_codec(self.codec)  # an unknown codec is refused here, before any block is read
 
 
 # ---------------------------------------------------------------- blob encoding
-
-
-def encode_block(key: torch.Tensor, value: torch.Tensor) -> bytes:
-    """One block: keys pre-RoPE and values, each `[H, t, D]`."""
-    return st_save({"key": key.contiguous(), "value": value.contiguous()})
-
-
-def decode_block(data: bytes, ref: BlobRef) -> tuple[torch.Tensor, torch.Tensor]:
-    if ref.media_type != MEDIA_BLOCK:
-        raise UsageError(f"block {ref.digest}: unsupported media type {ref.media_type}")
-    tensors = st_load(data)
-    return tensors["key"], tensors["value"]
 
 
 def encode_tokens(token_ids: list[int]) -> bytes:
@@ -251,12 +258,14 @@ def build_artifact(
     framing: str,
     provenance: list[str],
     timings: dict,
+    codec: Codec | None = None,
 ) -> Artifact:
-    """Cut per-layer pre-RoPE keys and values `[H, T, D]` into blocks of `chunk_size` tokens."""
+    """Cut per-layer pre-RoPE keys and values `[H, T, D]` into blocks of `chunk_size` tokens, encoded by `codec`."""
     if chunk_size <= 0:
         raise UsageError(f"chunk size must be positive, got {chunk_size}")
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    codec = codec or parse_codec("none")
     blobs: dict[str, bytes] = {}
 
     def add(data: bytes, media_type: str) -> BlobRef:
@@ -265,31 +274,58 @@ def build_artifact(
         return ref
 
     token_ref = add(encode_tokens(token_ids), MEDIA_TOKENS)
-    torch_dtype = DTYPES[dtype]
-    blocks = []
+    total = len(token_ids)
+    blocks, bases = [], []
     for key, value in layers:
+        aux = codec.fit_layer(key, value)
+        bases.append(add(aux, MEDIA_BASIS) if aux is not None else None)
         refs = []
-        for start in range(0, len(token_ids), chunk_size):
+        for start in range(0, total, chunk_size):
             span = slice(start, start + chunk_size)
-            refs.append(add(encode_block(key[:, span].to(torch_dtype), value[:, span].to(torch_dtype)), MEDIA_BLOCK))
+            where = BlockShape(start=start, tokens=min(chunk_size, total - start), total=total)
+            data = codec.encode_block(key[:, span], value[:, span], aux, where, DTYPES[dtype])
+            refs.append(add(data, codec.media_type))
         blocks.append(tuple(refs))
     kv_heads, _, head_dim = layers[0][0].shape  # [H, T, D]
     manifest = Manifest(
         space=space,
         producer=producer,
-        token_count=len(token_ids),
+        token_count=total,
         chunk_size=chunk_size,
         tokens=token_ref,
         prefix_hashes=tuple(prefix_hashes(token_ids, space["fingerprint"], chunk_size)),
         geometry={"layers": len(layers), "kv_heads": kv_heads, "head_dim": head_dim},
         dtype=dtype,
-        codec="none",
+        codec=codec.spec,
         framing=framing,
         blocks=tuple(blocks),
         provenance=tuple(provenance),
         timings=timings,
+        bases=tuple(bases) if any(b is not None for b in bases) else (),
     )
     return Artifact(manifest, blobs)
+
+
+def recode(reader: ArtifactReader, codec: Codec) -> Artifact:
+    """Re-encode every block of an artifact with another codec.
+
+    A lossy source is refused: decoding it and quantizing again compounds the error, silently. Compress
+    from the uncompressed (or losslessly compressed) artifact instead.
+    """
+    source = reader.manifest
+    if not parse_codec(source.codec).lossless:
+        raise UsageError(f"{reader.source} is already compressed with lossy codec {source.codec}; "
+                         "compress the uncompressed artifact instead (losses would compound)")
+    started = time.perf_counter()
+    token_ids, layer_iter = reader.open_context()
+    layers = [(key, value) for _, key, value in layer_iter]
+    artifact = build_artifact(
+        space=source.space, producer=source.producer, token_ids=token_ids, layers=layers,
+        chunk_size=source.chunk_size, dtype=source.dtype, framing=source.framing,
+        provenance=list(source.provenance), timings=dict(source.timings), codec=codec,
+    )
+    timings = {**source.timings, "compress_s": round(time.perf_counter() - started, 6)}
+    return Artifact(replace(artifact.manifest, timings=timings), artifact.blobs)
 
 
 def write_artifact(artifact: Artifact, out: str, force: bool = False, stdout: BinaryIO | None = None) -> None:
@@ -404,17 +440,24 @@ class ArtifactReader:
 
     def _layers(self, blobs):
         m = self.manifest
+        codec = parse_codec(m.codec)
         lengths = m.chunk_lengths()
         for layer in range(m.layers):
+            aux = next(blobs)[1] if m.layer_aux(layer) else None
             keys, values = [], []
             for chunk in range(m.chunks):
                 ref, data = next(blobs)
-                key, value = decode_block(data, ref)
                 shape = (m.geometry["kv_heads"], lengths[chunk], m.geometry["head_dim"])
+                try:
+                    key, value = codec.decode_block(data, ref.media_type, aux, shape)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{self.source}: {m.describe(ref)}: {exc}") from exc
+                except Exception as exc:  # digest matched, content does not fit the manifest
+                    raise IntegrityError(f"{self.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
                 if tuple(key.shape) != shape or tuple(value.shape) != shape:
                     raise IntegrityError(f"{self.source}: {m.describe(ref)} has shape {tuple(key.shape)}, expected {shape}")
-                keys.append(key.float())
-                values.append(value.float())
+                keys.append(key)
+                values.append(value)
             yield layer, torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
 
@@ -475,6 +518,18 @@ class TarStreamReader(ArtifactReader):
                 f"{self.source}: truncated artifact stream: {missing} blobs never arrived, "
                 f"first {self.manifest.describe(wanted[position])}"
             )
+
+
+class MemoryReader(ArtifactReader):
+    """Reads an in-memory artifact the same way (digests checked), e.g. to measure a codec round trip."""
+
+    def __init__(self, artifact: Artifact, source: str = "<memory>"):
+        super().__init__(artifact.manifest, source)
+        self._blobs = artifact.blobs
+
+    def raw_blobs(self):
+        for ref in self.manifest.blob_refs():
+            yield ref, self._blobs.get(ref.digest)
 
 
 def open_artifact(ref: str, stdin: BinaryIO | None = None) -> ArtifactReader:

@@ -35,6 +35,13 @@ def cache_length(cache: DynamicCache) -> int:
     return cache.get_seq_length()
 
 
+def crop(cache: DynamicCache, length: int) -> None:
+    """Drop every cached position from `length` on, in place."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)  # transformers 5.x: a negative count removes that many trailing positions
+
+
 @torch.inference_mode()
 def forward(model, token_ids: list[int], cache: DynamicCache, start: int, logits_to_keep: int = 1) -> torch.Tensor:
     """Run `token_ids` at positions start.. over `cache` (appended in place); logits `[logits_to_keep, V]`."""
@@ -89,3 +96,29 @@ def unapply_rope(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     """
     scale = (cos[..., :1] ** 2 + sin[..., :1] ** 2)  # s², [T, 1]
     return (key * cos - _rotate_half(key) * sin) / scale
+
+
+# ---------------------------------------------------------------- transformers' quantized cache (a benchmark peer)
+
+
+def quantized_cache(model, backend: str, nbits: int, group: int):
+    """transformers' own QuantizedCache, as its users configure it."""
+    from transformers import QuantizedCache
+
+    return QuantizedCache(backend=backend, config=model.config, nbits=nbits, q_group_size=group)
+
+
+def quantized_cache_bytes(cache) -> int:
+    """Bytes the quantized cache actually holds (packed data, scales, shifts, residual), all layers."""
+
+    def nbytes(obj) -> int:
+        if type(obj) is torch.Tensor:
+            return obj.numel() * obj.element_size()
+        return sum(nbytes(v) for v in vars(obj).values() if isinstance(v, torch.Tensor)) if hasattr(obj, "__dict__") else 0
+
+    total = 0
+    for layer in cache.layers:
+        for part in (layer._quantized_keys, layer._quantized_values, layer.keys, layer.values):
+            if part is not None:
+                total += nbytes(part)
+    return total

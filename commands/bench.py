@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from celslm.bench import compress as compress_bench
 from celslm.bench import ttft as ttft_bench
 from celslm.models import load_model
 from .common import JsonOpt, ModelOpt, examples, out_console, print_json, progress_bar
@@ -39,3 +40,40 @@ def ttft(
     table.add_row("speedup", f"{result.speedup:.1f}x")
     table.add_row("first token equal", "yes" if result.first_token_equal else "NO")
     out_console.print(table)
+
+
+@app.command("compress", epilog=examples(
+    "celslm bench compress -m qwen2.5-coder-0.5b --plot compress.png",
+    "celslm bench compress -m qwen2.5-coder-0.5b --files 5 --codec int4:g=64+lz4 --codec balanced --json"))
+def compress_(
+    model: ModelOpt,
+    files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files to evaluate.")] = 20,
+    codec: Annotated[list[str] | None, typer.Option("--codec", help="Codec spec or preset to evaluate (repeatable); default: a standard set.")] = None,
+    min_context: Annotated[int, typer.Option("--min-context", min=2, help="Shortest context in tokens.")] = 1024,
+    max_context: Annotated[int, typer.Option("--max-context", min=2, help="Longest context in tokens.")] = 2048,
+    continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also run transformers' QuantizedCache and plain lz4/zstd over fp16.")] = True,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of compression ratio vs perplexity increase.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Bytes vs quality per codec on held-out stdlib files, beside transformers' quantized cache."""
+    with progress_bar() as progress:
+        loaded = load_model(model, progress)
+        result = compress_bench.run(loaded, codecs=tuple(codec) if codec else compress_bench.DEFAULT_CODECS,
+                                    files=files, min_context=min_context, max_context=max_context,
+                                    continuation=continuation, peers=peers, progress=progress)
+    if plot:
+        compress_bench.plot(result, plot)
+    if json_:
+        print_json(result)
+        return
+    table = Table("codec", "system", "vs fp16", "ratio", "ppl ratio", "top-1", "encode MB/s", "decode MB/s",
+                  title=f"KV compression, {result['model']}, {len(result['files'])} held-out stdlib files, "
+                        f"{min(result['context_tokens'])}-{max(result['context_tokens'])}-token contexts, "
+                        f"{result['continuation_tokens']}-token continuations (MB/s of fp16 KV, one core)")
+    for row in result["rows"]:
+        mbps = [f"{row[k]:.0f}" if row[k] else "n/a" for k in ("encode_mbps", "decode_mbps")]
+        table.add_row(row["codec"], row["system"], f"{row['bytes_vs_fp16']:.3f}", f"{row['ratio']:.2f}x",
+                      f"{row['ppl_ratio']:.4f}", f"{row['top1_agreement']:.3f}", *mbps)
+    out_console.print(table)
+    out_console.print(f"note: {result['notes']['quanto']}", highlight=False)

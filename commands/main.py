@@ -14,7 +14,7 @@ import typer  # noqa: E402
 from celslm import __version__  # noqa: E402
 from celslm.errors import EXIT_RUNTIME, CelslmError  # noqa: E402
 
-from . import bench, decode, inspect, models, prefill, verify  # noqa: E402
+from . import bench, compress, decode, inspect, models, prefill, score, verify  # noqa: E402
 from .common import err_console  # noqa: E402
 
 app = typer.Typer(
@@ -31,6 +31,8 @@ app.command(epilog=prefill.EPILOG)(prefill.prefill)
 app.command(epilog=decode.EPILOG)(decode.decode)
 app.command(epilog=inspect.EPILOG)(inspect.inspect)
 app.command(epilog=verify.EPILOG)(verify.verify)
+app.command(epilog=compress.EPILOG)(compress.compress)
+app.command(epilog=score.EPILOG)(score.score)
 app.add_typer(models.app, name="models")
 app.add_typer(bench.app, name="bench")
 

@@ -1,0 +1,55 @@
+"""celslm score: perplexity of a continuation after an artifact's context."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from celslm.artifact import open_artifact
+from celslm.decode import context_from_artifact
+from celslm.errors import UsageError
+from celslm.models import load_model
+from celslm.score import continuation_logits, score as score_logits
+from .common import JsonOpt, ModelOpt, examples, print_json, progress_bar, read_file_or_stdin
+
+EPILOG = examples(
+    "celslm score -m qwen2.5-coder-0.5b --kv sched.kv --continuation next.py",
+    "celslm score -m qwen2.5-coder-0.5b --kv sched-small.kv --ref sched.kv --continuation next.py --json",
+    "celslm score -m qwen2.5-coder-0.5b --continuation next.py",
+)
+
+
+def score(
+    model: ModelOpt,
+    continuation: Annotated[str, typer.Option("--continuation", help="Text that follows the context: a file, or - for stdin.")],
+    kv: Annotated[str | None, typer.Option("--kv", help="Context artifact; without it the continuation is scored alone.")] = None,
+    ref: Annotated[str | None, typer.Option("--ref", help="Reference artifact: adds top-1 next-token agreement with decoding from it.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Mean negative log-likelihood and perplexity of a continuation after an artifact's context."""
+    if continuation == "-" and "-" in (kv, ref):
+        raise UsageError("only one of --continuation, --kv and --ref can read stdin")
+    text = read_file_or_stdin(continuation, "--continuation")
+    with progress_bar() as progress:
+        loaded = load_model(model, progress)
+    ids = loaded.tokenizer(text, add_special_tokens=kv is None)["input_ids"]
+
+    def logits_after(artifact: str | None):
+        ctx = context_from_artifact(loaded, open_artifact(artifact, stdin=sys.stdin.buffer)) if artifact else None
+        return continuation_logits(loaded, ctx, ids)
+
+    logits, targets = logits_after(kv)
+    reference = logits_after(ref)[0] if ref else None
+    if reference is not None and reference.shape != logits.shape:
+        raise UsageError("--ref scores a different number of tokens (give --kv too, or neither)")
+    result = score_logits(logits, targets, reference)
+    if json_:
+        print_json({"nll": round(result.nll, 6), "ppl": round(result.ppl, 4), "tokens": result.tokens,
+                    **({"top1_agreement": round(result.top1_agreement, 6)} if ref else {})})
+    else:
+        line = f"nll {result.nll:.4f}  ppl {result.ppl:.3f}  tokens {result.tokens}"
+        if ref:
+            line += f"  top-1 agreement {result.top1_agreement:.4f}"
+        print(line)
