@@ -29,7 +29,7 @@ def describe(manifest: Manifest) -> dict:
         "framing": manifest.framing,
         "geometry": manifest.geometry,
         "bytes": manifest.blob_bytes(),
-        "bytes_per_layer": [sum(ref.size for ref in layer) for layer in manifest.blocks],
+        "bytes_per_layer": [manifest.layer_bytes(layer) for layer in range(manifest.layers)],
         "provenance": list(manifest.provenance),
         "timings": manifest.timings,
     }
@@ -58,9 +58,12 @@ def inspect(
         ("keys / dtype / codec", f"{info['keys']} / {info['dtype']} / {info['codec']}"),
         ("framing", info["framing"]),
         ("bytes", f"{info['bytes']:,} ({info['bytes'] / 2**20:.2f} MiB)"),
-        ("bytes per layer", f"{min(per_layer):,} .. {max(per_layer):,}" if per_layer else "-"),
         ("cloud prefill", f"{info['timings'].get('prefill_s', float('nan')):.3f} s"),
     ]
     for field, value in rows:
         table.add_row(field, str(value))
     out_console.print(table)
+    layers = Table("layer", "provenance", "bytes", title=f"bytes per layer (codec {info['codec']})")
+    for index, (provenance, size) in enumerate(zip(info["provenance"], per_layer)):
+        layers.add_row(str(index), provenance, f"{size:,}")
+    out_console.print(layers)

@@ -31,8 +31,8 @@ NOT_HELD_OUT = {"sched.py", "textwrap.py", "fnmatch.py", "shlex.py", "string.py"
 
 DEFAULT_CODECS = (
     "lossless", "balanced", "small",
-    "int8:g=64+lz4", "int4:g=64+lz4", "int4:kg=128,vg=64+zstd", "int3:g=64+zstd", "int2:g=64+lz4",
-    "pca:e=0.995,on=k+int4:kg=128,vg=64+zstd",
+    "lz4", "int8:sink=4+lz4", "int4:g=64", "int4:sink=4+lz4", "int4:vbits=3,sink=4+lz4",
+    "int3:vbits=2,sink=4+lz4", "int2:g=64", "pca:e=0.99,on=kv+int4:sink=4+lz4",
 )
 PEER_CODECS = ("fp16+lz4", "fp16+zstd")  # plain lz4 / zstd over fp16 bytes
 QUANTO_BITS = (4, 2)
