@@ -279,11 +279,12 @@ def build_artifact(
     for key, value in layers:
         aux = codec.fit_layer(key, value)
         bases.append(add(aux, MEDIA_BASIS) if aux is not None else None)
+        layer_bases = codec.load_layer(aux)
         refs = []
         for start in range(0, total, chunk_size):
             span = slice(start, start + chunk_size)
             where = BlockShape(start=start, tokens=min(chunk_size, total - start), total=total)
-            data = codec.encode_block(key[:, span], value[:, span], aux, where, DTYPES[dtype])
+            data = codec.encode_block(key[:, span], value[:, span], layer_bases, where, DTYPES[dtype])
             refs.append(add(data, codec.media_type))
         blocks.append(tuple(refs))
     kv_heads, _, head_dim = layers[0][0].shape  # [H, T, D]
@@ -443,13 +444,13 @@ class ArtifactReader:
         codec = parse_codec(m.codec)
         lengths = m.chunk_lengths()
         for layer in range(m.layers):
-            aux = next(blobs)[1] if m.layer_aux(layer) else None
+            layer_bases = codec.load_layer(next(blobs)[1] if m.layer_aux(layer) else None)
             keys, values = [], []
             for chunk in range(m.chunks):
                 ref, data = next(blobs)
                 shape = (m.geometry["kv_heads"], lengths[chunk], m.geometry["head_dim"])
                 try:
-                    key, value = codec.decode_block(data, ref.media_type, aux, shape)
+                    key, value = codec.decode_block(data, ref.media_type, layer_bases, shape)
                 except IntegrityError as exc:
                     raise IntegrityError(f"{self.source}: {m.describe(ref)}: {exc}") from exc
                 except Exception as exc:  # digest matched, content does not fit the manifest

@@ -278,9 +278,9 @@ class Codec:
 
     # -- per block
 
-    def encode_block(self, key: torch.Tensor, value: torch.Tensor, layer_aux: bytes | None,
-                     where: BlockShape, store_dtype: torch.dtype = torch.float32) -> bytes:
-        bases = self.load_layer(layer_aux)
+    def encode_block(self, key: torch.Tensor, value: torch.Tensor, bases: dict, where: BlockShape,
+                     store_dtype: torch.dtype = torch.float32) -> bytes:
+        """One block's bytes; `bases` is `load_layer` of the layer's auxiliary blob (parsed once per layer)."""
         tensors: dict[str, torch.Tensor] = {}
         for kind, x in zip(KINDS, (key, value)):
             tensors.update(self._encode_tensor(kind, x, bases.get(kind), where, store_dtype))
@@ -311,13 +311,12 @@ class Codec:
         high = max(low, min(where.tokens, where.total - keep - where.start))
         return low, high
 
-    def decode_block(self, data: bytes, media_type: str, layer_aux: bytes | None,
+    def decode_block(self, data: bytes, media_type: str, bases: dict,
                      shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(key, value), each `[H, t, D]` in fp32; `shape` is what the manifest says the block holds."""
         if media_type != self.media_type:
             raise IntegrityError(f"media type {media_type} does not match codec {self.spec}")
         tensors = st_load(self._unwrap(data))
-        bases = self.load_layer(layer_aux)
         return tuple(self._decode_tensor(kind, tensors, bases.get(kind), shape) for kind in KINDS)
 
     def _decode_tensor(self, kind, tensors, basis, shape):

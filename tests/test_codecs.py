@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from celslm import prompting
-from celslm.artifact import DirectoryReader, MemoryReader, build_artifact, open_artifact, recode, write_dir
+from celslm.artifact import DirectoryReader, MemoryReader, open_artifact, recode, write_dir
 from celslm.codecs import PRESETS, BlockShape, parse_codec, quantize
 from celslm.decode import Sampling, context_from_artifact, generate
 from celslm.errors import EXIT_INTEGRITY, EXIT_USAGE, IntegrityError, UsageError
@@ -22,9 +21,9 @@ WHERE = BlockShape(start=0, tokens=96, total=96)
 
 def roundtrip(spec: str, key: torch.Tensor, value: torch.Tensor, where: BlockShape = WHERE):
     codec = parse_codec(spec)
-    aux = codec.fit_layer(key, value)
-    data = codec.encode_block(key, value, aux, where)
-    return codec.decode_block(data, codec.media_type, aux, tuple(key.shape)), data
+    bases = codec.load_layer(codec.fit_layer(key, value))
+    data = codec.encode_block(key, value, bases, where)
+    return codec.decode_block(data, codec.media_type, bases, tuple(key.shape)), data
 
 
 @pytest.fixture()
