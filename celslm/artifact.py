@@ -117,12 +117,13 @@ class Manifest:
         full, last = divmod(self.token_count, self.chunk_size)
         return [self.chunk_size] * full + ([last] if last else [])
 
-    def blob_refs(self) -> list[BlobRef]:
-        """Every blob in stream order: the token ids, then per layer its auxiliary blob (if any) and its blocks."""
+    def blob_refs(self, chunks: int | None = None) -> list[BlobRef]:
+        """Every blob in stream order: the token ids, then per layer its auxiliary blob (if any) and its
+        blocks; with `chunks`, only the blocks of the first `chunks` chunks (a cached prefix)."""
         refs = [self.tokens]
         for layer, blocks in enumerate(self.blocks):
             aux = self.layer_aux(layer)
-            refs += ([aux] if aux else []) + list(blocks)
+            refs += ([aux] if aux else []) + list(blocks[:chunks])
         return refs
 
     def blob_bytes(self) -> int:
@@ -390,13 +391,13 @@ class ArtifactReader:
     def id(self) -> str:
         return self.manifest.id
 
-    def raw_blobs(self) -> Iterator[tuple[BlobRef, bytes | None]]:
-        """(ref, bytes) in stream order; bytes is None for a blob that is missing. Not verified."""
+    def raw_blobs(self, chunks: int | None = None) -> Iterator[tuple[BlobRef, bytes | None]]:
+        """(ref, bytes) in stream order (see `Manifest.blob_refs`); bytes is None for a missing blob. Not verified."""
         raise NotImplementedError
 
-    def blobs(self) -> Iterator[tuple[BlobRef, bytes]]:
+    def blobs(self, chunks: int | None = None) -> Iterator[tuple[BlobRef, bytes]]:
         """Verified blobs in stream order; the first missing or corrupt one raises IntegrityError."""
-        for ref, data in self.raw_blobs():
+        for ref, data in self.raw_blobs(chunks):
             if data is None:
                 raise IntegrityError(f"{self.source}: {self.manifest.describe(ref)} is missing")
             problem = check_blob(ref, data, self.manifest)
@@ -428,25 +429,26 @@ class ArtifactReader:
                 found.append("prefix hashes do not match the token ids and model space")
         return found
 
-    def open_context(self) -> tuple[list[int], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
+    def open_context(self, chunks: int | None = None) -> tuple[list[int], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
         """The context's token ids, and an iterator over its layers as they are read and verified:
-        (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), in fp32."""
+        (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), in fp32. With `chunks`, only that prefix
+        of the context (all its token ids are still returned)."""
         m = self.manifest
-        blobs = self.blobs()
+        blobs = self.blobs(chunks)
         _, data = next(blobs)
         token_ids = decode_tokens(data)
         if len(token_ids) != m.token_count:
             raise IntegrityError(f"{self.source}: token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
-        return token_ids, self._layers(blobs)
+        return token_ids, self._layers(blobs, m.chunks if chunks is None else min(chunks, m.chunks))
 
-    def _layers(self, blobs):
+    def _layers(self, blobs, chunks: int):
         m = self.manifest
         codec = parse_codec(m.codec)
         lengths = m.chunk_lengths()
         for layer in range(m.layers):
             layer_bases = codec.load_layer(next(blobs)[1] if m.layer_aux(layer) else None)
             keys, values = [], []
-            for chunk in range(m.chunks):
+            for chunk in range(chunks):
                 ref, data = next(blobs)
                 shape = (m.geometry["kv_heads"], lengths[chunk], m.geometry["head_dim"])
                 try:
@@ -471,8 +473,8 @@ class DirectoryReader(ArtifactReader):
         super().__init__(Manifest.from_bytes(data, str(path)), str(path))
         self.path = path
 
-    def raw_blobs(self):
-        for ref in self.manifest.blob_refs():
+    def raw_blobs(self, chunks=None):
+        for ref in self.manifest.blob_refs(chunks):
             try:
                 yield ref, (self.path / "blobs" / ref.hex).read_bytes()
             except FileNotFoundError:
@@ -499,8 +501,8 @@ class TarStreamReader(ArtifactReader):
             raise IntegrityError(f"{source}: truncated stream inside {member.name}")
         return data
 
-    def raw_blobs(self):
-        wanted = self.manifest.blob_refs()
+    def raw_blobs(self, chunks=None):
+        wanted = self.manifest.blob_refs(chunks)
         arrived: dict[str, bytes] = {}
         position = 0
         try:
@@ -528,8 +530,8 @@ class MemoryReader(ArtifactReader):
         super().__init__(artifact.manifest, source)
         self._blobs = artifact.blobs
 
-    def raw_blobs(self):
-        for ref in self.manifest.blob_refs():
+    def raw_blobs(self, chunks=None):
+        for ref in self.manifest.blob_refs(chunks):
             yield ref, self._blobs.get(ref.digest)
 
 

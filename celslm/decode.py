@@ -14,7 +14,7 @@ import torch
 
 from celslm import kvcache, prompting
 from celslm.artifact import ArtifactReader
-from celslm.errors import ModelSpaceMismatch, UsageError
+from celslm.errors import IntegrityError, ModelSpaceMismatch, UsageError
 from celslm.models import LoadedModel
 from celslm.prefill import TokenProgress, prefill_cache
 
@@ -41,6 +41,7 @@ class DecodeStats:
     total_s: float = 0.0
     cloud_prefill_s: float | None = None  # from the artifact's manifest
     artifact_bytes: int = 0
+    bytes_by_source: dict = field(default_factory=dict)  # bytes fetched from local cache, each peer, the cloud
 
 
 @dataclass
@@ -66,14 +67,40 @@ def context_from_artifact(loaded: LoadedModel, reader: ArtifactReader) -> Contex
     """Read and verify every block, re-rotate keys to positions 0..T-1, inject them into a cache."""
     check_space(reader, loaded)
     started = time.perf_counter()
-    token_ids, layer_iter = reader.open_context()
-    cos, sin = kvcache.rope_tables(loaded.model, 0, len(token_ids))
-    layers = [(kvcache.apply_rope(key, cos, sin), value) for _, key, value in layer_iter]
-    cache = kvcache.cache_from_layers(loaded.model, layers)
-    stats = DecodeStats(path="artifact", context_tokens=len(token_ids), load_s=time.perf_counter() - started,
-                        cloud_prefill_s=reader.manifest.timings.get("prefill_s"),
-                        artifact_bytes=reader.manifest.blob_bytes())
-    return Context(token_ids, cache, reader.manifest.framing, stats)
+    token_ids, cache = _inject(loaded, reader, None)
+    return Context(token_ids, cache, reader.manifest.framing, _artifact_stats(reader, len(token_ids), started))
+
+
+def context_from_prefix(loaded: LoadedModel, token_ids: list[int], framing: str, reader: ArtifactReader, chunks: int,
+                        step: int = 256, progress: TokenProgress | None = None) -> Context:
+    """A cached prefix of `chunks` chunks from `reader`, and the rest of `token_ids` prefilled here."""
+    check_space(reader, loaded)
+    started = time.perf_counter()
+    cached_ids, cache = _inject(loaded, reader, chunks)
+    prefix = min(len(token_ids), chunks * reader.manifest.chunk_size)
+    if cached_ids[:prefix] != token_ids[:prefix]:
+        raise IntegrityError(f"{reader.source}: its first {chunks} chunks hold other tokens than this context")
+    stats = _artifact_stats(reader, prefix, started)
+    stats.path, stats.context_tokens = "partial" if prefix < len(token_ids) else "artifact", len(token_ids)
+    begun = time.perf_counter()
+    prefill_cache(loaded, token_ids, step, progress, cache=cache, begin=prefix)
+    stats.context_prefill_s = time.perf_counter() - begun
+    return Context(token_ids, cache, framing, stats)
+
+
+def _inject(loaded: LoadedModel, reader: ArtifactReader, chunks: int | None):
+    token_ids, layer_iter = reader.open_context(chunks)
+    layers = list(layer_iter)
+    tokens = layers[0][1].shape[1]  # [H, T, D]
+    cos, sin = kvcache.rope_tables(loaded.model, 0, tokens)
+    cache = kvcache.cache_from_layers(loaded.model, [(kvcache.apply_rope(key, cos, sin), value) for _, key, value in layers])
+    return token_ids, cache
+
+
+def _artifact_stats(reader: ArtifactReader, tokens: int, started: float) -> DecodeStats:
+    return DecodeStats(path="artifact", context_tokens=tokens, load_s=time.perf_counter() - started,
+                       cloud_prefill_s=reader.manifest.timings.get("prefill_s"),
+                       artifact_bytes=reader.manifest.blob_bytes())
 
 
 def context_from_text(loaded: LoadedModel, text: str, *, framing: str | None = None, step: int = 256,

@@ -16,10 +16,13 @@ from celslm.models import LoadedModel
 TokenProgress = Callable[[int, int], None]
 
 
-def prefill_cache(loaded: LoadedModel, token_ids: list[int], step: int = 256, progress: TokenProgress | None = None):
-    """Run the context through the model `step` tokens at a time; return the filled cache."""
-    cache = kvcache.new_cache(loaded.model)
-    for start in range(0, len(token_ids), step):
+def prefill_cache(loaded: LoadedModel, token_ids: list[int], step: int = 256, progress: TokenProgress | None = None,
+                  cache=None, begin: int = 0):
+    """Run the context through the model `step` tokens at a time; return the filled cache.
+
+    With `cache` holding the first `begin` tokens already, only the rest is run (a cached prefix)."""
+    cache = cache if cache is not None else kvcache.new_cache(loaded.model)
+    for start in range(begin, len(token_ids), step):
         kvcache.forward(loaded.model, token_ids[start : start + step], cache, start)
         if progress:
             progress(min(start + step, len(token_ids)), len(token_ids))

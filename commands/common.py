@@ -22,6 +22,11 @@ ModelOpt = Annotated[str, typer.Option(
     help="Model: a Hugging Face folder, a .gguf file, a bundled name (celslm models list) or a hub id.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CELSLM_TOKEN", show_envvar=True,
+                                              help="Bearer token for serve-cache servers.")]
+PeerOpt = Annotated[list[str] | None, typer.Option("--peer", help="A peer's serve-cache URL, asked before the cloud (repeatable, in order).")]
+CloudOpt = Annotated[str | None, typer.Option("--cloud", envvar="CELSLM_CLOUD", show_envvar=True,
+                                              help="The cloud's serve-cache URL, asked last.")]
 
 
 def examples(*lines: str) -> str:

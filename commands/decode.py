@@ -9,29 +9,38 @@ import typer
 from rich.table import Table
 
 from celslm import prompting
-from celslm.artifact import open_artifact
-from celslm.decode import DecodeStats, Sampling, TextStream, context_from_artifact, context_from_text, eos_ids, generate
+from celslm.artifact import prefix_hashes
+from celslm.decode import (DecodeStats, Sampling, TextStream, context_from_artifact, context_from_ids, context_from_prefix,
+                           eos_ids, generate)
+from celslm.store.tiers import make_tiers, open_ref
 from celslm.errors import UsageError
 from celslm.models import load_model
-from .common import JsonOpt, ModelOpt, err_console, examples, print_json, progress_bar, read_file_or_stdin, read_text
+from .common import (CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, print_json, progress_bar,
+                     read_file_or_stdin, read_text)
 
 EPILOG = examples(
     "celslm decode -m qwen2.5-coder-0.5b --kv fnmatch.kv --prompt 'What does fnmatch.filter return?'",
     "celslm decode -m qwen2.5-coder-0.5b --context samples/context/fnmatch.py --prompt 'What does filter return?' --stats",
     "celslm prefill -m smollm2-135m -c doc.txt -o - | celslm decode -m smollm2-135m --kv - --prompt 'Summarize.' --json",
+    "celslm decode -m qwen2.5-coder-0.5b --kv sched:latest --peer http://peer:8470 --cloud http://cloud:8470 -p 'Why?'",
+    "celslm decode -m qwen2.5-coder-0.5b --context sched.py --cloud http://cloud:8470 -p 'Why?'   # cached prefix + local rest",
 )
 
 
 def decode(
     model: ModelOpt,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The private prompt text, or - for stdin. Never leaves this machine.")],
-    kv: Annotated[str | None, typer.Option("--kv", help="KV artifact: a directory, a .tar stream file, or - for a stream on stdin.")] = None,
+    kv: Annotated[str | None, typer.Option("--kv", help="KV artifact: a directory, .tar file, - (stdin), an artifact id, a tag, or a server URL.")] = None,
     context: Annotated[str | None, typer.Option("--context", "-c", help="Edge-only: prefill this context file (or -) here instead of reading --kv.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Stop after this many tokens.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling, for repeatable output.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the model's chat template to the prompt.")] = False,
+    peer: PeerOpt = None,
+    cloud: CloudOpt = None,
+    token: TokenOpt = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
     stats: Annotated[bool, typer.Option("--stats", help="Print the time split on stderr after generation.")] = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -44,14 +53,28 @@ def decode(
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     with progress_bar() as progress:
         loaded = load_model(model, progress)
+        prefill_progress = lambda done, total: progress("prefill (tokens)", done, total)  # noqa: E731
+        tiers, artifact_id = None, None
         if kv is not None:
-            reader = open_artifact(kv, stdin=sys.stdin.buffer)
+            reader, tiers = open_ref(kv, peer or [], cloud, token, stdin=sys.stdin.buffer)
             ctx = context_from_artifact(loaded, reader)
             artifact_id = reader.id
         else:
             text = read_file_or_stdin(context, "--context")
-            ctx = context_from_text(loaded, text, progress=lambda d, t: progress("prefill (tokens)", d, t))
-            artifact_id = None
+            framing = prompting.default_framing(loaded.tokenizer)
+            token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
+            found = None
+            if peer or cloud:  # ask for the longest cached prefix; prefill only the rest here
+                tiers = make_tiers(peer or [], cloud, token)
+                found = tiers.lookup(loaded.fingerprint, prefix_hashes(token_ids, loaded.fingerprint, chunk_size))
+            if found:
+                reader = tiers.reader(found[0])
+                ctx = context_from_prefix(loaded, token_ids, framing, reader, found[1], chunk_size, prefill_progress)
+                artifact_id = reader.id
+            else:
+                ctx = context_from_ids(loaded, token_ids, framing=framing, step=chunk_size, progress=prefill_progress)
+        if tiers:
+            ctx.stats.bytes_by_source = dict(tiers.bytes_by_source)
     ids = prompting.prompt_ids(loaded.tokenizer, prompt_text, ctx.framing, raw)
     stream = TextStream(loaded.tokenizer, skip=eos_ids(loaded))
     pieces = []
@@ -79,6 +102,7 @@ def stats_json(s: DecodeStats) -> dict:
         "prompt_tokens": s.prompt_tokens,
         "new_tokens": s.new_tokens,
         "artifact_bytes": s.artifact_bytes,
+        "bytes_by_source": s.bytes_by_source,
         "cloud_prefill_s": s.cloud_prefill_s,
         "load_s": round(s.load_s, 6),
         "context_prefill_s": round(s.context_prefill_s, 6),

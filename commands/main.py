@@ -14,7 +14,7 @@ import typer  # noqa: E402
 from celslm import __version__  # noqa: E402
 from celslm.errors import EXIT_RUNTIME, CelslmError  # noqa: E402
 
-from . import bench, compress, decode, inspect, models, prefill, score, verify  # noqa: E402
+from . import bench, compress, decode, inspect, models, prefill, push, score, serve_cache, verify  # noqa: E402
 from .common import err_console  # noqa: E402
 
 app = typer.Typer(
@@ -33,6 +33,9 @@ app.command(epilog=inspect.EPILOG)(inspect.inspect)
 app.command(epilog=verify.EPILOG)(verify.verify)
 app.command(epilog=compress.EPILOG)(compress.compress)
 app.command(epilog=score.EPILOG)(score.score)
+app.command("serve-cache", epilog=serve_cache.EPILOG)(serve_cache.serve_cache)
+app.command(epilog=push.PUSH_EPILOG)(push.push)
+app.command(epilog=push.PULL_EPILOG)(push.pull)
 app.add_typer(models.app, name="models")
 app.add_typer(bench.app, name="bench")
 

@@ -1,0 +1,202 @@
+"""The aiohttp app behind `celslm serve-cache`: the cloud and every edge peer run the same one.
+
+    GET  /v1/health                         liveness and store usage
+    GET  /metrics                           Prometheus text: hits, misses, bytes in/out, evictions
+    HEAD|GET /v1/blobs/sha256:<hex>         a blob (Range supported), streamed from disk
+    PUT  /v1/blobs/sha256:<hex>             upload, streamed; digest checked on arrival; idempotent
+    PUT|GET /v1/artifacts/sha256:<hex>      a manifest; a PUT whose blobs are missing gets 409 listing them
+    PUT|GET /v1/tags/<name>                 a mutable name -> artifact id
+    GET  /v1/lookup?space=<fp>&prefix=h1,…  the longest cached prefix: artifact id and chunk count
+
+A write token guards PUT; an optional read token guards GET and HEAD (constant-time comparison);
+/v1/health stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from celslm.errors import CelslmError, IntegrityError, UsageError
+from celslm.store.local import LocalStore
+
+DIGEST_ROUTE = r"{digest:sha256:[0-9a-f]{64}}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    root: Path
+    capacity_bytes: int | None = None
+    write_token: str | None = None
+    read_token: str | None = None
+    max_blob_bytes: int = 1 << 30  # bodies over this get 413
+    max_manifest_bytes: int = 16 << 20
+    read_timeout_s: float = 30.0  # a client that sends nothing for this long is dropped
+
+
+class Metrics:
+    def __init__(self, store: LocalStore):
+        self.registry = CollectorRegistry()
+        self.hits = Counter("celslm_cache_hits", "Blob and manifest reads that found the object", registry=self.registry)
+        self.misses = Counter("celslm_cache_misses", "Blob and manifest reads that did not", registry=self.registry)
+        self.bytes_in = Counter("celslm_bytes_in", "Bytes received in uploads", registry=self.registry)
+        self.bytes_out = Counter("celslm_bytes_out", "Blob bytes sent", registry=self.registry)
+        evictions = Gauge("celslm_evictions", "Artifacts evicted since start", registry=self.registry)
+        evictions.set_function(lambda: store.evictions)
+        usage = Gauge("celslm_store_bytes", "Bytes of blobs stored", registry=self.registry)
+        usage.set_function(store.usage_bytes)
+
+
+def _authorized(request: web.Request, token: str | None) -> None:
+    if token is None:
+        return
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise web.HTTPUnauthorized(text="missing bearer token\n", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), token.encode()):
+        raise web.HTTPForbidden(text="wrong token\n")
+
+
+def make_app(config: ServerConfig) -> web.Application:
+    store = LocalStore(config.root, config.capacity_bytes)
+    store.stale_tmp()
+    metrics = Metrics(store)
+
+    @web.middleware
+    async def auth_and_errors(request: web.Request, handler):
+        writes = request.method in ("PUT", "POST", "DELETE")
+        if request.path != "/v1/health":  # liveness stays open for load balancers and supervisors
+            _authorized(request, config.write_token if writes else config.read_token)
+        try:
+            return await handler(request)
+        except IntegrityError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from exc
+        except CelslmError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from exc
+
+    async def health(request):
+        return web.json_response({"status": "ok", "store_bytes": store.usage_bytes(), "capacity_bytes": store.capacity_bytes})
+
+    async def prometheus(request):
+        return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
+
+    async def get_blob(request):
+        digest = request.match_info["digest"]
+        path = store.blob_path(digest)
+        if not path.is_file():
+            metrics.misses.inc()
+            raise web.HTTPNotFound(text=f"no blob {digest}\n")
+        metrics.hits.inc()
+        size = path.stat().st_size
+        with store.reading(digest):
+            response = web.FileResponse(path, headers={"Docker-Content-Digest": digest})
+            await response.prepare(request)
+            if request.method == "GET":
+                metrics.bytes_out.inc(response.content_length or size)
+            return response
+
+    async def put_blob(request):
+        digest = request.match_info["digest"]
+        if request.content_length is not None and request.content_length > config.max_blob_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=request.content_length)
+        if store.has_blob(digest):
+            await _drain(request, config)
+            return web.Response(status=200, text="exists\n")
+        writer = store.blob_writer(digest)
+        try:
+            while True:
+                chunk = await asyncio.wait_for(request.content.readany(), config.read_timeout_s)
+                if not chunk:
+                    break
+                writer.write(chunk)
+                if writer.size > config.max_blob_bytes:
+                    raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=writer.size)
+            if request.content_length is not None and writer.size != request.content_length:
+                raise web.HTTPBadRequest(text="upload ended early\n")
+            writer.commit()  # verifies the digest; a mismatch raises IntegrityError -> 400
+        except asyncio.TimeoutError as exc:
+            writer.abort()
+            raise web.HTTPRequestTimeout(text="client too slow\n") from exc
+        except BaseException:
+            writer.abort()  # a killed upload leaves no object
+            raise
+        metrics.bytes_in.inc(writer.size)
+        return web.Response(status=201, text="created\n")
+
+    async def get_artifact(request):
+        data = store.get_manifest(request.match_info["digest"])
+        if data is None:
+            metrics.misses.inc()
+            raise web.HTTPNotFound(text="no such artifact\n")
+        metrics.hits.inc()
+        return web.Response(body=data, content_type="application/vnd.celslm.kv.manifest.v1+json")
+
+    async def put_artifact(request):
+        data = await _read_small(request, config.max_manifest_bytes, config)
+        missing = store.put_manifest(request.match_info["digest"], data)
+        if missing:
+            return web.json_response({"error": "missing blobs", "missing": missing}, status=409)
+        metrics.bytes_in.inc(len(data))
+        return web.Response(status=201, text="created\n")
+
+    async def get_tag(request):
+        artifact_id = store.get_tag(request.match_info["name"])
+        if artifact_id is None:
+            raise web.HTTPNotFound(text="no such tag\n")
+        return web.Response(text=artifact_id)
+
+    async def put_tag(request):
+        artifact_id = (await _read_small(request, 1024, config)).decode(errors="replace").strip()
+        store.put_tag(request.match_info["name"], artifact_id)
+        return web.Response(status=201, text="tagged\n")
+
+    async def lookup(request):
+        prefixes = [p for p in request.query.get("prefix", "").split(",") if p]
+        if not prefixes:
+            raise UsageError("lookup needs prefix=h1,h2,...")
+        found = store.lookup(prefixes)
+        if found is None:
+            metrics.misses.inc()
+            return web.json_response({"artifact": None, "chunks": 0})
+        metrics.hits.inc()
+        artifact_id, chunks = found
+        space = request.query.get("space")
+        manifest = json.loads(store.get_manifest(artifact_id))
+        if space and manifest["space"]["fingerprint"] != space:
+            return web.json_response({"artifact": None, "chunks": 0})
+        return web.json_response({"artifact": artifact_id, "chunks": chunks})
+
+    app = web.Application(middlewares=[auth_and_errors], client_max_size=config.max_manifest_bytes)
+    app["store"] = store
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get(f"/v1/blobs/{DIGEST_ROUTE}", get_blob)  # add_get serves HEAD too
+    app.router.add_put(f"/v1/blobs/{DIGEST_ROUTE}", put_blob)
+    app.router.add_get(f"/v1/artifacts/{DIGEST_ROUTE}", get_artifact)
+    app.router.add_put(f"/v1/artifacts/{DIGEST_ROUTE}", put_artifact)
+    app.router.add_get(r"/v1/tags/{name:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}}", get_tag)
+    app.router.add_put(r"/v1/tags/{name:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}}", put_tag)
+    app.router.add_get("/v1/lookup", lookup)
+    return app
+
+
+async def _read_small(request: web.Request, limit: int, config: ServerConfig) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    body = bytearray()
+    while chunk := await asyncio.wait_for(request.content.readany(), config.read_timeout_s):
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    return bytes(body)
+
+
+async def _drain(request: web.Request, config: ServerConfig) -> None:
+    while await asyncio.wait_for(request.content.readany(), config.read_timeout_s):
+        pass

@@ -1,0 +1,121 @@
+"""Client for a serve-cache server (the cloud or a peer). Every blob it returns has been verified."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import ssl
+from urllib.parse import quote, urlsplit
+
+from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
+
+
+class CacheClient:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"{url}: not an http(s) URL of a celslm serve-cache server")
+        self.url = f"{parts.scheme}://{parts.netloc}"
+        self.token = token
+        self.timeout_s = timeout_s
+        self._parts = parts
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._parts.scheme == "https":
+            context = ssl.create_default_context(cafile=os.environ.get("CELSLM_CA_FILE") or None)
+            return http.client.HTTPSConnection(self._parts.hostname, self._parts.port or 443, timeout=self.timeout_s,
+                                               context=context)
+        return http.client.HTTPConnection(self._parts.hostname, self._parts.port or 80, timeout=self.timeout_s)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        for attempt in (0, 1):  # a kept-alive connection the server has closed is retried once
+            if self._conn is None:
+                self._conn = self._connect()
+            try:
+                self._conn.request(method, path, body=body, headers=headers)
+                response = self._conn.getresponse()
+                data = response.read()
+                break
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+                self.close()
+                if attempt:
+                    raise UnavailableError(f"cannot reach {self.url}: {exc}") from exc
+        if response.status == 401:
+            raise UsageError(f"{self.url} needs a token (--token or CELSLM_TOKEN)")
+        if response.status == 403:
+            raise UsageError(f"{self.url} refused the token")
+        return response.status, data
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _fail(self, status: int, data: bytes, what: str) -> CelslmError:
+        return CelslmError(f"{self.url}: {what} failed: HTTP {status} {data[:200].decode(errors='replace').strip()}")
+
+    # ---- blobs
+
+    def has_blob(self, digest: str) -> bool:
+        status, _ = self.request("HEAD", f"/v1/blobs/{digest}")
+        return status == 200
+
+    def get_blob(self, digest: str) -> bytes | None:
+        status, data = self.request("GET", f"/v1/blobs/{digest}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise self._fail(status, data, f"GET blob {digest}")
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise IntegrityError(f"{self.url} sent corrupt bytes for blob {digest} (they hash to {actual})")
+        return data
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        status, body = self.request("PUT", f"/v1/blobs/{digest}", data)
+        if status not in (200, 201):
+            raise self._fail(status, body, f"PUT blob {digest}")
+
+    # ---- manifests, tags, lookup
+
+    def get_manifest(self, artifact_id: str) -> bytes | None:
+        status, data = self.request("GET", f"/v1/artifacts/{artifact_id}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise self._fail(status, data, f"GET artifact {artifact_id}")
+        if "sha256:" + hashlib.sha256(data).hexdigest() != artifact_id:
+            raise IntegrityError(f"{self.url} sent a manifest that does not hash to {artifact_id}")
+        return data
+
+    def put_manifest(self, artifact_id: str, data: bytes) -> list[str]:
+        status, body = self.request("PUT", f"/v1/artifacts/{artifact_id}", data)
+        if status == 409:
+            return json.loads(body)["missing"]
+        if status not in (200, 201):
+            raise self._fail(status, body, f"PUT artifact {artifact_id}")
+        return []
+
+    def get_tag(self, name: str) -> str | None:
+        status, data = self.request("GET", f"/v1/tags/{quote(name, safe=':')}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise self._fail(status, data, f"GET tag {name}")
+        return data.decode().strip()
+
+    def put_tag(self, name: str, artifact_id: str) -> None:
+        status, body = self.request("PUT", f"/v1/tags/{quote(name, safe=':')}", artifact_id.encode())
+        if status not in (200, 201):
+            raise self._fail(status, body, f"PUT tag {name}")
+
+    def lookup(self, space: str, prefixes: list[str]) -> tuple[str, int] | None:
+        status, data = self.request("GET", f"/v1/lookup?space={space}&prefix={','.join(prefixes)}")
+        if status != 200:
+            raise self._fail(status, data, "lookup")
+        found = json.loads(data)
+        return (found["artifact"], found["chunks"]) if found["artifact"] else None

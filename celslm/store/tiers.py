@@ -1,0 +1,160 @@
+"""Tiered lookup for the edge: its own cache, then peers in order, then the cloud.
+
+Each blob comes from the first place that has it and is kept in the local cache; every byte is
+verified before use. The private prompt is never part of any request: only digests, tags and chunk
+prefix hashes of the shared context are sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from celslm.artifact import ArtifactReader, Manifest
+from celslm.errors import IntegrityError, UnavailableError, UsageError
+from celslm.store.http import CacheClient
+from celslm.store.local import DIGEST, LocalStore
+
+
+class BlobSourceReader(ArtifactReader):
+    """An artifact whose blobs are fetched through the tiers as the reader reaches them."""
+
+    def __init__(self, manifest: Manifest, source: str, tiers: "Tiers"):
+        super().__init__(manifest, source)
+        self._tiers = tiers
+
+    def raw_blobs(self, chunks: int | None = None):
+        for ref in self.manifest.blob_refs(chunks):
+            yield ref, self._tiers.blob(ref.digest)
+
+
+class Tiers:
+    def __init__(self, local: LocalStore, peers: list[CacheClient] = (), cloud: CacheClient | None = None):
+        self.local = local
+        self.remotes = [("peer " + p.url, p) for p in peers] + ([("cloud " + cloud.url, cloud)] if cloud else [])
+        self.bytes_by_source: Counter[str] = Counter()
+        self.requests_by_source: Counter[str] = Counter()
+
+    def _ask(self, name: str, call):
+        self.requests_by_source[name] += 1
+        try:
+            return call()
+        except UnavailableError:
+            return None  # an unreachable tier is skipped; the next one may have it
+
+    def blob(self, digest: str) -> bytes | None:
+        data = self.local.read_blob(digest)
+        if data is not None and "sha256:" + hashlib.sha256(data).hexdigest() == digest:
+            self.bytes_by_source["local"] += len(data)
+            return data
+        for name, client in self.remotes:
+            try:
+                data = self._ask(name, lambda: client.get_blob(digest))
+            except IntegrityError:
+                continue  # a corrupt copy is refused; try the next tier
+            if data is not None:
+                self.bytes_by_source[name] += len(data)
+                self.local.put_blob(digest, data)
+                return data
+        return None
+
+    def manifest(self, artifact_id: str) -> Manifest:
+        data = self.local.get_manifest(artifact_id)
+        if data is None:
+            for name, client in self.remotes:
+                data = self._ask(name, lambda: client.get_manifest(artifact_id))
+                if data is not None:
+                    break
+        if data is None:
+            raise UsageError(f"artifact {artifact_id} not found locally{' or at ' if self.remotes else ''}"
+                             f"{', '.join(n for n, _ in self.remotes)}")
+        return Manifest.from_bytes(data, artifact_id)
+
+    def resolve(self, ref: str) -> str:
+        """An artifact id for a ref: an id, or a tag (asked locally, then at each tier)."""
+        if DIGEST.match(ref):
+            return ref
+        found = self.local.get_tag(ref)
+        for name, client in self.remotes:
+            if found:
+                break
+            found = self._ask(name, lambda: client.get_tag(ref))
+        if not found:
+            raise UsageError(f"no tag {ref!r} locally{' or at ' if self.remotes else ''}{', '.join(n for n, _ in self.remotes)}")
+        return found
+
+    def reader(self, ref: str) -> BlobSourceReader:
+        artifact_id = self.resolve(ref)
+        manifest = self.manifest(artifact_id)
+        return BlobSourceReader(manifest, artifact_id, self)
+
+    def lookup(self, space: str, prefixes: list[str]) -> tuple[str, int] | None:
+        """The longest cached prefix among all tiers (local first; a longer remote hit wins)."""
+        best = self.local.lookup(prefixes)
+        for name, client in self.remotes:
+            if best and best[1] == len(prefixes):
+                break
+            found = self._ask(name, lambda: client.lookup(space, prefixes))
+            if found and (best is None or found[1] > best[1]):
+                best = found
+        return best
+
+
+def split_url_ref(ref: str) -> tuple[str, str] | None:
+    """'http://host:port/v1/artifacts/sha256:…' or '…/v1/tags/NAME' -> (server URL, id or tag)."""
+    parts = urlsplit(ref)
+    if parts.scheme not in ("http", "https"):
+        return None
+    for prefix in ("/v1/artifacts/", "/v1/tags/"):
+        if parts.path.startswith(prefix) and len(parts.path) > len(prefix):
+            return f"{parts.scheme}://{parts.netloc}", parts.path[len(prefix):]
+    raise UsageError(f"{ref}: expected a URL ending in /v1/artifacts/sha256:<hex> or /v1/tags/<name>")
+
+
+def edge_cache() -> LocalStore:
+    from celslm.models import celslm_home
+
+    return LocalStore(Path(celslm_home()) / "store")
+
+
+def push(reader: ArtifactReader, client: CacheClient, tag: str | None = None) -> dict:
+    """Upload only the blobs the server lacks, then the manifest, then the tag."""
+    sent = skipped = bytes_sent = 0
+    for ref, data in reader.blobs():
+        if client.has_blob(ref.digest):
+            skipped += 1
+            continue
+        client.put_blob(ref.digest, data)
+        sent += 1
+        bytes_sent += len(data)
+    missing = client.put_manifest(reader.id, reader.manifest.canonical_bytes())
+    if missing:
+        raise IntegrityError(f"{client.url} still lacks {len(missing)} blobs after upload, first {missing[0]}")
+    if tag:
+        client.put_tag(tag, reader.id)
+    return {"id": reader.id, "url": client.url, "tag": tag, "blobs_sent": sent, "blobs_skipped": skipped,
+            "bytes_sent": bytes_sent}
+
+
+def make_tiers(peers: list[str], cloud: str | None, token: str | None) -> Tiers:
+    return Tiers(edge_cache(), [CacheClient(p, token) for p in peers], CacheClient(cloud, token) if cloud else None)
+
+
+def open_ref(ref: str, peers: list[str], cloud: str | None, token: str | None, stdin=None) -> tuple[ArtifactReader, Tiers | None]:
+    """A path, '-', a .tar file, an artifact id, a tag, or a server URL -> a reader (and the tiers it uses)."""
+    from celslm.artifact import open_artifact
+
+    if ref == "-" or Path(ref).exists():
+        return open_artifact(ref, stdin=stdin), None
+    url = split_url_ref(ref)
+    if url:
+        server, ref = url
+        if server not in peers and server != cloud:
+            peers = [*peers, server] if cloud else peers
+            cloud = cloud or server
+    if not DIGEST.match(ref) and "/" in ref:
+        raise UsageError(f"{ref}: no such file, and not an artifact id, tag or URL")
+    tiers = make_tiers(peers, cloud, token)
+    return tiers.reader(ref), tiers

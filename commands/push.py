@@ -1,0 +1,55 @@
+"""celslm push / pull: move existing artifacts to and from a serve-cache server."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from celslm.artifact import Artifact, open_artifact, write_artifact
+from celslm.store.http import CacheClient
+from celslm.store.tiers import open_ref, push as push_artifact
+from .common import CloudOpt, ForceOpt, JsonOpt, PeerOpt, TokenOpt, examples, log, print_json
+
+PUSH_EPILOG = examples("celslm push sched.kv http://cloud:8470 --tag sched:latest",
+                       "celslm prefill -m M -c doc.txt -o - | celslm push - http://cloud:8470")
+PULL_EPILOG = examples("celslm pull http://cloud:8470/v1/tags/sched:latest --out sched.kv",
+                       "celslm pull sched:latest --cloud http://cloud:8470 --peer http://peer:8470 --out sched.kv",
+                       "celslm pull sha256:4fe9… --cloud http://cloud:8470 --out - | celslm inspect -")
+
+
+def push(
+    artifact: Annotated[str, typer.Argument(help="Artifact directory, .tar stream file, or - for stdin.")],
+    url: Annotated[str, typer.Argument(help="serve-cache URL, e.g. http://cloud:8470")],
+    tag: Annotated[str | None, typer.Option("--tag", help="Point this tag at the artifact after the upload.")] = None,
+    token: TokenOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Upload an artifact: only the blobs the server lacks, then the manifest, then the tag."""
+    result = push_artifact(open_artifact(artifact, stdin=sys.stdin.buffer), CacheClient(url, token), tag)
+    if json_:
+        print_json(result)
+    else:
+        log(f"pushed {result['id']} to {url}: {result['blobs_sent']} blobs sent ({result['bytes_sent']:,} bytes), "
+            f"{result['blobs_skipped']} already there{', tagged ' + tag if tag else ''}")
+
+
+def pull(
+    ref: Annotated[str, typer.Argument(help="A server URL (…/v1/artifacts/sha256:… or …/v1/tags/NAME), an artifact id or a tag.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Artifact directory to write, or - for a tar stream.")],
+    peer: PeerOpt = None,
+    cloud: CloudOpt = None,
+    token: TokenOpt = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Download an artifact (local cache, then peers, then the cloud), verifying every blob."""
+    reader, tiers = open_ref(ref, peer or [], cloud, token)
+    blobs = {ref_.digest: data for ref_, data in reader.blobs()}
+    write_artifact(Artifact(reader.manifest, blobs), out, force=force, stdout=sys.stdout.buffer)
+    sources = dict(tiers.bytes_by_source) if tiers else {}
+    if json_:
+        print_json({"id": reader.id, "out": out, "bytes": reader.manifest.blob_bytes(), "bytes_by_source": sources})
+    else:
+        log(f"pulled {reader.id} to {out} ({', '.join(f'{k}: {v:,} B' for k, v in sources.items()) or 'local'})")

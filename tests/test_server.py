@@ -1,0 +1,247 @@
+"""serve-cache on loopback: API, push/pull, tiers, privacy, security and faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import struct
+import time
+import urllib.request
+
+import pytest
+
+from celslm.errors import EXIT_USAGE, IntegrityError
+from celslm.store.http import CacheClient
+from tests.conftest import CONTEXT, run_cli
+from tests.netutil import RecordingProxy, Server
+
+PROMPT = "Which secret word unlocks greet? xyzzy-4417"
+
+
+@pytest.fixture()
+def servers(tmp_path):
+    started = []
+
+    def start(name: str, *args: str) -> Server:
+        server = Server(tmp_path / name, *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_qwen, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("srv")
+    (folder / "ctx.txt").write_text(CONTEXT * 3)
+    run_cli("prefill", "-m", str(tiny_qwen), "-c", str(folder / "ctx.txt"), "-o", str(folder / "a.kv"),
+            "--chunk-size", "64", check=True)
+    manifest = json.loads((folder / "a.kv" / "manifest.json").read_bytes())
+    return folder, manifest
+
+
+def call(url: str, method: str, path: str, body: bytes | None = None, token: str | None = None, headers=None):
+    request = urllib.request.Request(url + path, data=body, method=method, headers=headers or {})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def first_block(manifest) -> str:
+    return manifest["blocks"][0][0]["digest"]
+
+
+def test_push_then_pull_round_trips_and_second_push_sends_nothing(servers, artifact, tmp_path):
+    folder, manifest = artifact
+    cloud = servers("cloud")
+    first = json.loads(run_cli("push", str(folder / "a.kv"), cloud.url, "--tag", "ctx:latest", "--json", check=True).stdout)
+    again = json.loads(run_cli("push", str(folder / "a.kv"), cloud.url, "--json", check=True).stdout)
+    assert first["blobs_sent"] == 1 + sum(len(layer) for layer in manifest["blocks"]) and first["blobs_skipped"] == 0
+    assert again["blobs_sent"] == 0 and again["bytes_sent"] == 0
+    run_cli("pull", f"{cloud.url}/v1/tags/ctx:latest", "--out", str(tmp_path / "b.kv"), check=True)
+    assert (tmp_path / "b.kv" / "manifest.json").read_bytes() == (folder / "a.kv" / "manifest.json").read_bytes()
+    assert run_cli("verify", str(tmp_path / "b.kv")).returncode == 0
+
+
+def test_blob_get_supports_range_and_head(servers, artifact):
+    folder, manifest = artifact
+    cloud = servers("cloud")
+    run_cli("push", str(folder / "a.kv"), cloud.url, check=True)
+    digest = first_block(manifest)
+    data = (folder / "a.kv" / "blobs" / digest.removeprefix("sha256:")).read_bytes()
+    status, body = call(cloud.url, "GET", f"/v1/blobs/{digest}", headers={"Range": "bytes=10-29"})
+    assert status == 206 and body == data[10:30]
+    assert call(cloud.url, "HEAD", f"/v1/blobs/{digest}")[0] == 200
+    assert call(cloud.url, "HEAD", "/v1/blobs/sha256:" + "0" * 64)[0] == 404
+
+
+def test_manifest_with_missing_blobs_gets_409_listing_them(servers, artifact):
+    folder, manifest = artifact
+    cloud = servers("cloud")
+    data = (folder / "a.kv" / "manifest.json").read_bytes()
+    artifact_id = "sha256:" + hashlib.sha256(data).hexdigest()
+    status, body = call(cloud.url, "PUT", f"/v1/artifacts/{artifact_id}", data)
+    assert status == 409 and first_block(manifest) in json.loads(body)["missing"]
+    assert call(cloud.url, "GET", f"/v1/artifacts/{artifact_id}")[0] == 404
+
+
+def test_tokens_guard_writes_and_reads(servers, artifact):
+    folder, manifest = artifact
+    cloud = servers("cloud", "--write-token", "w-secret", "--read-token", "r-secret")
+    blob = b"hello"
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert call(cloud.url, "PUT", f"/v1/blobs/{digest}", blob)[0] == 401
+    assert call(cloud.url, "PUT", f"/v1/blobs/{digest}", blob, token="wrong")[0] == 403
+    assert call(cloud.url, "PUT", f"/v1/blobs/{digest}", blob, token="r-secret")[0] == 403
+    assert call(cloud.url, "PUT", f"/v1/blobs/{digest}", blob, token="w-secret")[0] == 201
+    assert call(cloud.url, "GET", f"/v1/blobs/{digest}")[0] == 401
+    assert call(cloud.url, "GET", f"/v1/blobs/{digest}", token="r-secret") == (200, blob)
+    refused = run_cli("push", str(folder / "a.kv"), cloud.url)
+    assert refused.returncode == EXIT_USAGE and b"needs a token" in refused.stderr
+
+
+@pytest.mark.parametrize("path", ["/v1/blobs/sha256:xyz", "/v1/blobs/../../etc/passwd", "/v1/blobs/sha256:" + "A" * 64,
+                                  "/v1/tags/..%2F..%2Fetc", "/v1/tags/a/b", "/v1/nothing", "/admin"])
+def test_malformed_digests_traversal_and_unknown_routes_are_refused(servers, path):
+    cloud = servers("cloud")
+    assert call(cloud.url, "GET", path)[0] == 404
+    assert call(cloud.url, "PUT", path, b"x")[0] in (404, 405)
+
+
+def test_oversized_body_gets_413(servers):
+    cloud = servers("cloud", "--max-blob", "1000")
+    blob = b"x" * 5000
+    status, _ = call(cloud.url, "PUT", "/v1/blobs/sha256:" + hashlib.sha256(blob).hexdigest(), blob)
+    assert status == 413
+
+
+def test_blob_whose_bytes_do_not_match_is_refused_and_not_stored(servers):
+    cloud = servers("cloud")
+    digest = "sha256:" + hashlib.sha256(b"the real bytes").hexdigest()
+    status, body = call(cloud.url, "PUT", f"/v1/blobs/{digest}", b"other bytes")
+    assert status == 400 and b"hash to" in body
+    assert call(cloud.url, "HEAD", f"/v1/blobs/{digest}")[0] == 404
+
+
+def _partial_upload(url_port: int, digest: str, declared: int, sent: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", url_port), timeout=10)
+    sock.sendall(f"PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n".encode() + sent)
+    return sock
+
+
+def test_upload_killed_halfway_leaves_no_object(servers, tmp_path):
+    cloud = servers("cloud")
+    blob = bytes(range(256)) * 400
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    _partial_upload(cloud.port, digest, len(blob), blob[:30000]).close()
+    time.sleep(1.0)
+    assert call(cloud.url, "HEAD", f"/v1/blobs/{digest}")[0] == 404
+    assert list((tmp_path / "cloud" / "tmp").iterdir()) == []
+    assert not (tmp_path / "cloud" / "blobs" / digest.removeprefix("sha256:")).exists()
+
+
+def test_silent_client_times_out(servers, tmp_path):
+    cloud = servers("cloud", "--read-timeout", "1")
+    blob = b"y" * 10000
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    sock = _partial_upload(cloud.port, digest, len(blob), blob[:100])
+    started = time.monotonic()
+    reply = sock.recv(4096)  # the server answers (408) or closes; it does not wait for us forever
+    assert time.monotonic() - started < 10
+    assert reply == b"" or b" 408 " in reply.split(b"\r\n")[0]
+    sock.close()
+    assert list((tmp_path / "cloud" / "tmp").iterdir()) == []
+
+
+def test_client_refuses_a_corrupt_blob_from_a_server(servers, artifact, tmp_path):
+    folder, manifest = artifact
+    cloud = servers("cloud")
+    run_cli("push", str(folder / "a.kv"), cloud.url, check=True)
+    digest = first_block(manifest)
+    stored = tmp_path / "cloud" / "blobs" / digest.removeprefix("sha256:")
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(IntegrityError, match="corrupt bytes"):
+        CacheClient(cloud.url).get_blob(digest)
+
+
+def test_decode_from_a_peer_that_has_everything_never_asks_the_cloud(servers, artifact, tiny_qwen):
+    folder, manifest = artifact
+    peer, cloud = servers("peer"), servers("cloud")
+    run_cli("push", str(folder / "a.kv"), peer.url, "--tag", "ctx", check=True)
+    run_cli("push", str(folder / "a.kv"), cloud.url, "--tag", "ctx", check=True)
+    peer_proxy, cloud_proxy = RecordingProxy(peer.port), RecordingProxy(cloud.port)
+    try:
+        out = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", "ctx", "--peer", peer_proxy.url,
+                                 "--cloud", cloud_proxy.url, "-p", PROMPT, "-n", "6", "--json", check=True).stdout)
+        local = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", str(folder / "a.kv"), "-p", PROMPT,
+                                   "-n", "6", "--json", check=True).stdout)
+    finally:
+        peer_proxy.close()
+        cloud_proxy.close()
+    assert out["text"] == local["text"]
+    assert cloud_proxy.connections == 0 and cloud_proxy.sent == b""
+    assert list(out["bytes_by_source"]) == [f"peer {peer_proxy.url}"]
+    assert_private(peer_proxy.sent, tiny_qwen)
+
+
+def assert_private(sent: bytes, model_folder) -> None:
+    """Neither the prompt's text nor its token ids, in any plain encoding, crossed the link."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert sent, "the proxy recorded nothing: the test would prove nothing"
+    needles = [PROMPT.encode(), b"xyzzy", ",".join(map(str, ids)).encode(), " ".join(map(str, ids)).encode(),
+               struct.pack(f"<{len(ids)}I", *ids), struct.pack(f"<{len(ids)}q", *ids), bytes(ids) if max(ids) < 256 else b"\xff" * 64]
+    for needle in needles:
+        assert needle not in sent, needle
+
+
+def test_partial_hit_reuses_the_cached_prefix_and_prefills_the_rest_privately(servers, artifact, tiny_qwen, tmp_path):
+    folder, manifest = artifact
+    cloud = servers("cloud")
+    run_cli("push", str(folder / "a.kv"), cloud.url, check=True)
+    longer = tmp_path / "longer.txt"
+    longer.write_text(CONTEXT * 3 + "\ndef extra():\n    return 42\n")
+    proxy = RecordingProxy(cloud.port)
+    try:
+        out = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--context", str(longer), "--cloud", proxy.url,
+                                 "--chunk-size", "64", "-p", PROMPT, "-n", "6", "--json", check=True).stdout)
+    finally:
+        proxy.close()
+    edge = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--context", str(longer), "-p", PROMPT, "-n", "6",
+                              "--json", check=True).stdout)
+    assert out["path"] == "partial" and out["text"] == edge["text"]
+    assert out["artifact"] == "sha256:" + hashlib.sha256((folder / "a.kv" / "manifest.json").read_bytes()).hexdigest()
+    assert sum(out["bytes_by_source"].values()) > 0
+    assert_private(proxy.sent, tiny_qwen)
+
+
+def test_capacity_evicts_least_recently_used_artifacts(servers, tiny_qwen, tmp_path):
+    contexts = []
+    for i in range(3):
+        (tmp_path / f"c{i}.txt").write_text(f"# file {i}\n" + CONTEXT)
+        run_cli("prefill", "-m", str(tiny_qwen), "-c", str(tmp_path / f"c{i}.txt"), "-o", str(tmp_path / f"c{i}.kv"), check=True)
+        contexts.append(tmp_path / f"c{i}.kv")
+    one = sum(p.stat().st_size for p in (contexts[0] / "blobs").iterdir())
+    cloud = servers("cloud", "--capacity", str(int(one * 2.5)))
+    ids = []
+    for path in contexts:
+        ids.append(json.loads(run_cli("push", str(path), cloud.url, "--json", check=True).stdout)["id"])
+    assert call(cloud.url, "GET", f"/v1/artifacts/{ids[0]}")[0] == 404  # the oldest went
+    assert call(cloud.url, "GET", f"/v1/artifacts/{ids[2]}")[0] == 200
+    metrics = call(cloud.url, "GET", "/metrics")[1].decode()
+    assert "celslm_evictions 1.0" in metrics and "celslm_bytes_in_total" in metrics
+
+
+def test_sigterm_shuts_down_cleanly(servers):
+    cloud = servers("cloud")
+    assert call(cloud.url, "GET", "/v1/health")[0] == 200
+    assert cloud.stop() == 0
