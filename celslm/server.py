@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from celslm.errors import CelslmError, IntegrityError, UsageError
-from celslm.store.local import LocalStore
+from celslm.store.local import LocalStore, Store
 
 DIGEST_ROUTE = r"{digest:sha256:[0-9a-f]{64}}"
 
@@ -32,6 +32,7 @@ DIGEST_ROUTE = r"{digest:sha256:[0-9a-f]{64}}"
 @dataclass(frozen=True)
 class ServerConfig:
     root: Path
+    backend: str | None = None  # redis://HOST:PORT/DB: share one store between servers; default: --root
     capacity_bytes: int | None = None
     write_token: str | None = None
     read_token: str | None = None
@@ -41,7 +42,7 @@ class ServerConfig:
 
 
 class Metrics:
-    def __init__(self, store: LocalStore):
+    def __init__(self, store: Store):
         self.registry = CollectorRegistry()
         self.hits = Counter("celslm_cache_hits", "Blob and manifest reads that found the object", registry=self.registry)
         self.misses = Counter("celslm_cache_misses", "Blob and manifest reads that did not", registry=self.registry)
@@ -64,8 +65,7 @@ def _authorized(request: web.Request, token: str | None) -> None:
 
 
 def make_app(config: ServerConfig) -> web.Application:
-    store = LocalStore(config.root, config.capacity_bytes)
-    store.stale_tmp()
+    store = open_store(config)
     metrics = Metrics(store)
 
     @web.middleware
@@ -88,24 +88,39 @@ def make_app(config: ServerConfig) -> web.Application:
 
     async def get_blob(request):
         digest = request.match_info["digest"]
-        path = store.blob_path(digest)
-        if not path.is_file():
+        path = store.blob_file(digest)
+        if path is not None:  # on local disk: sendfile, Range and HEAD handled by aiohttp
+            metrics.hits.inc()
+            with store.reading(digest):
+                response = web.FileResponse(path, headers={"Docker-Content-Digest": digest})
+                await response.prepare(request)
+                if request.method == "GET":
+                    metrics.bytes_out.inc(response.content_length or 0)
+                return response
+        data = await asyncio.to_thread(store.read_blob, digest)
+        if data is None:
             metrics.misses.inc()
             raise web.HTTPNotFound(text=f"no blob {digest}\n")
         metrics.hits.inc()
-        size = path.stat().st_size
-        with store.reading(digest):
-            response = web.FileResponse(path, headers={"Docker-Content-Digest": digest})
-            await response.prepare(request)
-            if request.method == "GET":
-                metrics.bytes_out.inc(response.content_length or size)
-            return response
+        headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
+        status, body = 200, data
+        if "Range" in request.headers:
+            span = request.http_range  # a slice; raises 400 on a malformed header
+            start, stop, _ = span.indices(len(data))
+            if start >= stop:
+                raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{len(data)}"})
+            status, body = 206, data[start:stop]
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+        if request.method == "GET":
+            metrics.bytes_out.inc(len(body))
+        return web.Response(status=status, body=body if request.method == "GET" else None, headers=headers,
+                            content_type="application/octet-stream")
 
     async def put_blob(request):
         digest = request.match_info["digest"]
         if request.content_length is not None and request.content_length > config.max_blob_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=request.content_length)
-        if store.has_blob(digest):
+        if await asyncio.to_thread(store.has_blob, digest):
             await _drain(request, config)
             return web.Response(status=200, text="exists\n")
         writer = store.blob_writer(digest)
@@ -119,7 +134,7 @@ def make_app(config: ServerConfig) -> web.Application:
                     raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=writer.size)
             if request.content_length is not None and writer.size != request.content_length:
                 raise web.HTTPBadRequest(text="upload ended early\n")
-            writer.commit()  # verifies the digest; a mismatch raises IntegrityError -> 400
+            await asyncio.to_thread(writer.commit)  # verifies the digest; a mismatch raises IntegrityError -> 400
         except asyncio.TimeoutError as exc:
             writer.abort()
             raise web.HTTPRequestTimeout(text="client too slow\n") from exc
@@ -130,7 +145,7 @@ def make_app(config: ServerConfig) -> web.Application:
         return web.Response(status=201, text="created\n")
 
     async def get_artifact(request):
-        data = store.get_manifest(request.match_info["digest"])
+        data = await asyncio.to_thread(store.get_manifest, request.match_info["digest"])
         if data is None:
             metrics.misses.inc()
             raise web.HTTPNotFound(text="no such artifact\n")
@@ -139,35 +154,35 @@ def make_app(config: ServerConfig) -> web.Application:
 
     async def put_artifact(request):
         data = await _read_small(request, config.max_manifest_bytes, config)
-        missing = store.put_manifest(request.match_info["digest"], data)
+        missing = await asyncio.to_thread(store.put_manifest, request.match_info["digest"], data)
         if missing:
             return web.json_response({"error": "missing blobs", "missing": missing}, status=409)
         metrics.bytes_in.inc(len(data))
         return web.Response(status=201, text="created\n")
 
     async def get_tag(request):
-        artifact_id = store.get_tag(request.match_info["name"])
+        artifact_id = await asyncio.to_thread(store.get_tag, request.match_info["name"])
         if artifact_id is None:
             raise web.HTTPNotFound(text="no such tag\n")
         return web.Response(text=artifact_id)
 
     async def put_tag(request):
         artifact_id = (await _read_small(request, 1024, config)).decode(errors="replace").strip()
-        store.put_tag(request.match_info["name"], artifact_id)
+        await asyncio.to_thread(store.put_tag, request.match_info["name"], artifact_id)
         return web.Response(status=201, text="tagged\n")
 
     async def lookup(request):
         prefixes = [p for p in request.query.get("prefix", "").split(",") if p]
         if not prefixes:
             raise UsageError("lookup needs prefix=h1,h2,...")
-        found = store.lookup(prefixes)
+        found = await asyncio.to_thread(store.lookup, prefixes)
         if found is None:
             metrics.misses.inc()
             return web.json_response({"artifact": None, "chunks": 0})
         metrics.hits.inc()
         artifact_id, chunks = found
         space = request.query.get("space")
-        manifest = json.loads(store.get_manifest(artifact_id))
+        manifest = json.loads(await asyncio.to_thread(store.get_manifest, artifact_id))
         if space and manifest["space"]["fingerprint"] != space:
             return web.json_response({"artifact": None, "chunks": 0})
         return web.json_response({"artifact": artifact_id, "chunks": chunks})
@@ -184,6 +199,18 @@ def make_app(config: ServerConfig) -> web.Application:
     app.router.add_put(r"/v1/tags/{name:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}}", put_tag)
     app.router.add_get("/v1/lookup", lookup)
     return app
+
+
+def open_store(config: ServerConfig) -> Store:
+    if config.backend:
+        if not config.backend.startswith("redis://"):
+            raise UsageError(f"--backend {config.backend}: expected redis://HOST:PORT/DB")
+        from celslm.store.redis import RedisStore
+
+        return RedisStore(config.backend)
+    store = LocalStore(config.root, config.capacity_bytes)
+    store.stale_tmp()
+    return store
 
 
 async def _read_small(request: web.Request, limit: int, config: ServerConfig) -> bytes:

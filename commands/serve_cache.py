@@ -17,6 +17,7 @@ EPILOG = examples(
     "celslm serve-cache --root /srv/celslm --port 8470 --write-token \"$TOKEN\"",
     "CELSLM_WRITE_TOKEN=s3cret celslm serve-cache --root cache --capacity 10GB --host 0.0.0.0",
     "celslm serve-cache --root cache --tls-cert cert.pem --tls-key key.pem --read-token r --write-token w",
+    "celslm serve-cache --backend redis://127.0.0.1:6379/0 --port 8471",
 )
 
 
@@ -33,25 +34,26 @@ def serve_cache(
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key for --tls-cert.")] = None,
     max_blob: Annotated[str, typer.Option("--max-blob", help="Largest accepted upload; bigger bodies get 413.")] = "1GiB",
     read_timeout: Annotated[float, typer.Option("--read-timeout", min=0.1, help="Seconds a client may stay silent mid-request before it is dropped.")] = 30.0,
-    backend: Annotated[str | None, typer.Option("--backend", help="Store backend URL; only the local directory is implemented.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", envvar="CELSLM_BACKEND", show_envvar=True,
+                                                help="redis://HOST:PORT/DB: share one Redis store between servers (instead of --root).")] = None,
 ) -> None:
     """Serve KV artifacts over HTTP: blobs, manifests, tags, prefix lookup, metrics."""
     from aiohttp import web
 
-    if backend and not backend.startswith("file://"):
-        raise UsageError(f"--backend {backend}: only the local directory store (--root) is implemented in this version")
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     context = None
     if tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls_cert, tls_key)
-    config = ServerConfig(root=root, capacity_bytes=parse_size(capacity) if capacity else None,
+    if backend and capacity:
+        raise UsageError("--capacity applies to --root; with Redis set maxmemory and maxmemory-policy allkeys-lru")
+    config = ServerConfig(root=root, backend=backend, capacity_bytes=parse_size(capacity) if capacity else None,
                           write_token=write_token, read_token=read_token, max_blob_bytes=parse_size(max_blob),
                           read_timeout_s=read_timeout)
     app = make_app(config)
     scheme = "https" if context else "http"
-    log(f"serve-cache: {scheme}://{host}:{port} store {root} "
+    log(f"serve-cache: {scheme}://{host}:{port} store {backend or root} "
         f"(writes {'need a token' if write_token else 'open'}, reads {'need a token' if read_token else 'open'})")
     # run_app handles SIGTERM/SIGINT: it stops accepting and lets in-flight requests finish.
     web.run_app(app, host=host, port=port, ssl_context=context, print=None, shutdown_timeout=30, access_log=None)

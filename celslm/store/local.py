@@ -81,32 +81,43 @@ class BlobWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-class LocalStore:
-    def __init__(self, root: Path, capacity_bytes: int | None = None):
-        self.root = Path(root)
-        self.capacity_bytes = capacity_bytes
-        for sub in ("blobs", "manifests", "tags", "prefixes", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._reading: Counter[str] = Counter()  # blob digests with a read in flight
-        self._lock = threading.Lock()
-        self.evictions = 0
+class Store:
+    """What every backend shares: manifests, tags and the prefix index over a few primitives."""
 
-    # ---- blobs
+    capacity_bytes: int | None = None
+    evictions = 0
 
-    def blob_path(self, digest: str) -> Path:
-        return self.root / "blobs" / check_digest(digest)
+    def _read(self, kind: str, name: str) -> bytes | None:  # kind: blobs, manifests, tags, prefixes
+        raise NotImplementedError
+
+    def _write(self, kind: str, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _touch(self, artifact_hex: str) -> None:
+        """Mark an artifact as just used (LRU)."""
 
     def has_blob(self, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
+        raise NotImplementedError
+
+    def blob_writer(self, digest: str):
+        raise NotImplementedError
+
+    def blob_file(self, digest: str) -> Path | None:
+        """A file holding the blob, for stores on local disk (the server then streams it with sendfile)."""
+        return None
+
+    def evict(self) -> int:
+        return 0
+
+    def usage_bytes(self) -> int:
+        raise NotImplementedError
+
+    @contextmanager
+    def reading(self, digest: str):
+        yield
 
     def read_blob(self, digest: str) -> bytes | None:
-        try:
-            return self.blob_path(digest).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def blob_writer(self, digest: str) -> BlobWriter:
-        return BlobWriter(self, digest)
+        return self._read("blobs", check_digest(digest))
 
     def put_blob(self, digest: str, data: bytes) -> None:
         if self.has_blob(digest):
@@ -118,6 +129,94 @@ class LocalStore:
         except BaseException:
             writer.abort()
             raise
+
+    def get_manifest(self, artifact_id: str) -> bytes | None:
+        hex_id = check_digest(artifact_id)
+        data = self._read("manifests", hex_id)
+        if data is not None:
+            self._touch(hex_id)
+        return data
+
+    def put_manifest(self, artifact_id: str, data: bytes) -> list[str]:
+        """Store a manifest whose blobs are all present; otherwise store nothing and return the missing digests."""
+        hex_id = check_digest(artifact_id)
+        if "sha256:" + hashlib.sha256(data).hexdigest() != artifact_id:
+            raise IntegrityError(f"manifest bytes do not hash to {artifact_id}")
+        manifest = Manifest.from_bytes(data, artifact_id)
+        missing = [ref.digest for ref in manifest.blob_refs() if not self.has_blob(ref.digest)]
+        if missing:
+            return missing
+        self._write("manifests", hex_id, data)
+        self._touch(hex_id)
+        for count, prefix in enumerate(manifest.prefix_hashes, start=1):
+            self._write("prefixes", prefix, f"{artifact_id} {count}".encode())
+        self.evict()
+        return []
+
+    def get_tag(self, name: str) -> str | None:
+        data = self._read("tags", check_tag(name))
+        return data.decode().strip() if data is not None else None
+
+    def put_tag(self, name: str, artifact_id: str) -> None:
+        if self._read("manifests", check_digest(artifact_id)) is None:
+            raise UsageError(f"tag {name}: artifact {artifact_id} is not stored here")
+        self._write("tags", check_tag(name), artifact_id.encode())
+
+    def lookup(self, prefix_hashes: list[str]) -> tuple[str, int] | None:
+        """The stored artifact holding the longest prefix of these chunk hashes: (artifact id, chunks)."""
+        for prefix in prefix_hashes:
+            if not re.fullmatch(r"[0-9a-f]{64}", prefix):
+                raise UsageError(f"malformed prefix hash {prefix[:80]!r}")
+        for count in range(len(prefix_hashes), 0, -1):
+            entry = self._read("prefixes", prefix_hashes[count - 1])
+            if entry is None:
+                continue
+            artifact_id, stored_count = entry.decode().split()
+            if int(stored_count) == count and self._read("manifests", artifact_id.removeprefix("sha256:")) is not None:
+                return artifact_id, count
+        return None
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path, capacity_bytes: int | None = None):
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        for sub in ("blobs", "manifests", "tags", "prefixes", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._reading: Counter[str] = Counter()  # blob digests with a read in flight
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    def _read(self, kind: str, name: str) -> bytes | None:
+        try:
+            return (self.root / kind / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _write(self, kind: str, name: str, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.root / kind / name)
+
+    def _touch(self, artifact_hex: str) -> None:
+        try:
+            os.utime(self.root / "manifests" / artifact_hex)
+        except FileNotFoundError:
+            pass
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / check_digest(digest)
+
+    def blob_file(self, digest: str) -> Path | None:
+        path = self.blob_path(digest)
+        return path if path.is_file() else None
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def blob_writer(self, digest: str) -> BlobWriter:
+        return BlobWriter(self, digest)
 
     @contextmanager
     def reading(self, digest: str):
@@ -131,64 +230,6 @@ class LocalStore:
                 self._reading[digest] -= 1
                 if not self._reading[digest]:
                     del self._reading[digest]
-
-    # ---- manifests, tags, prefixes
-
-    def get_manifest(self, artifact_id: str) -> bytes | None:
-        path = self.root / "manifests" / check_digest(artifact_id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        os.utime(path)  # most recently used
-        return data
-
-    def put_manifest(self, artifact_id: str, data: bytes) -> list[str]:
-        """Store a manifest whose blobs are all present; otherwise store nothing and return the missing digests."""
-        hex_id = check_digest(artifact_id)
-        if "sha256:" + hashlib.sha256(data).hexdigest() != artifact_id:
-            raise IntegrityError(f"manifest bytes do not hash to {artifact_id}")
-        manifest = Manifest.from_bytes(data, artifact_id)
-        missing = [ref.digest for ref in manifest.blob_refs() if not self.has_blob(ref.digest)]
-        if missing:
-            return missing
-        self._write(self.root / "manifests" / hex_id, data)
-        for count, prefix in enumerate(manifest.prefix_hashes, start=1):
-            self._write(self.root / "prefixes" / prefix, f"{artifact_id} {count}".encode())
-        self.evict()
-        return []
-
-    def get_tag(self, name: str) -> str | None:
-        try:
-            return (self.root / "tags" / check_tag(name)).read_text().strip()
-        except FileNotFoundError:
-            return None
-
-    def put_tag(self, name: str, artifact_id: str) -> None:
-        check_digest(artifact_id)
-        if not (self.root / "manifests" / artifact_id.removeprefix("sha256:")).is_file():
-            raise UsageError(f"tag {name}: artifact {artifact_id} is not stored here")
-        self._write(self.root / "tags" / check_tag(name), artifact_id.encode())
-
-    def lookup(self, prefix_hashes: list[str]) -> tuple[str, int] | None:
-        """The stored artifact holding the longest prefix of these chunk hashes: (artifact id, chunks)."""
-        for count in range(len(prefix_hashes), 0, -1):
-            entry = self.root / "prefixes" / prefix_hashes[count - 1]
-            if not re.fullmatch(r"[0-9a-f]{64}", prefix_hashes[count - 1]):
-                raise UsageError(f"malformed prefix hash {prefix_hashes[count - 1][:80]!r}")
-            try:
-                artifact_id, stored_count = entry.read_text().split()
-            except (FileNotFoundError, ValueError):
-                continue
-            if int(stored_count) == count and (self.root / "manifests" / artifact_id.removeprefix("sha256:")).is_file():
-                return artifact_id, count
-        return None
-
-    def _write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
 
     # ---- capacity
 

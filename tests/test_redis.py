@@ -1,0 +1,56 @@
+"""Two serve-cache processes over one real Redis each serve what the other received."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import CONTEXT, run_cli
+from tests.netutil import Server, free_port
+from tests.test_server import call
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="redis-server not installed (apt-get install redis-server; .ci/run does)")
+
+
+@pytest.fixture()
+def redis_url(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_two_servers_over_one_redis_share_everything(redis_url, tiny_qwen, tmp_path):
+    (tmp_path / "ctx.txt").write_text(CONTEXT)
+    run_cli("prefill", "-m", str(tiny_qwen), "-c", str(tmp_path / "ctx.txt"), "-o", str(tmp_path / "a.kv"), check=True)
+    first, second = Server(tmp_path / "unused-a", "--backend", redis_url), Server(tmp_path / "unused-b", "--backend", redis_url)
+    try:
+        pushed = json.loads(run_cli("push", str(tmp_path / "a.kv"), first.url, "--tag", "shared", "--json", check=True).stdout)
+        assert pushed["blobs_sent"] > 0
+        assert json.loads(run_cli("push", str(tmp_path / "a.kv"), second.url, "--json", check=True).stdout)["blobs_sent"] == 0
+        run_cli("pull", f"{second.url}/v1/tags/shared", "--out", str(tmp_path / "b.kv"), check=True)
+        assert (tmp_path / "b.kv" / "manifest.json").read_bytes() == (tmp_path / "a.kv" / "manifest.json").read_bytes()
+        manifest = json.loads((tmp_path / "a.kv" / "manifest.json").read_bytes())
+        digest = manifest["blocks"][1][0]["digest"]
+        data = (tmp_path / "a.kv" / "blobs" / digest.removeprefix("sha256:")).read_bytes()
+        assert call(second.url, "GET", f"/v1/blobs/{digest}", headers={"Range": "bytes=5-14"}) == (206, data[5:15])
+        bad = b"not what the digest says"
+        assert call(second.url, "PUT", f"/v1/blobs/sha256:{hashlib.sha256(b'x').hexdigest()}", bad)[0] == 400
+        out = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", "shared", "--cloud", second.url, "-p", "hi",
+                                 "-n", "4", "--json", check=True).stdout)
+        assert out["artifact"] == pushed["id"] and out["new_tokens"] == 4
+    finally:
+        first.stop()
+        second.stop()
