@@ -11,7 +11,7 @@ from rich.table import Table
 from celslm.bench import compress as compress_bench
 from celslm.bench import ttft as ttft_bench
 from celslm.models import load_model
-from .common import JsonOpt, ModelOpt, examples, out_console, print_json, progress_bar
+from .common import JsonOpt, ModelOpt, examples, log, out_console, print_json, progress_bar
 
 app = typer.Typer(help="Benchmarks that print their figures (ratios measured in one run).",
                   no_args_is_help=True, rich_markup_mode="rich")
@@ -77,3 +77,29 @@ def compress_(
                       f"{row['ppl_ratio']:.4f}", f"{row['top1_agreement']:.3f}", *mbps)
     out_console.print(table)
     out_console.print(f"note: {result['notes']['quanto']}", highlight=False)
+
+
+@app.command("serve", epilog=examples("celslm bench serve", "celslm bench serve --clients 1 --clients 32 --seconds 3 --json"))
+def serve_(
+    clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=256, help="Concurrent clients per level (repeatable).")] = None,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.5, max=60, help="Duration of each level.")] = 4.0,
+    max_pulls: Annotated[int, typer.Option("--max-pulls", min=1, help="Pulls per client at most, per level.")] = 1000,
+    json_: JsonOpt = False,
+) -> None:
+    """Concurrent clients pulling a 2,048-token artifact from serve-cache on loopback, beside nginx."""
+    from celslm.bench import serve as serve_bench
+
+    result = serve_bench.run(levels=tuple(clients or (1, 8, 32, 64)), seconds=seconds, max_pulls=max_pulls,
+                             progress=lambda what: log(f"bench serve: {what}"))
+    if json_:
+        print_json(result)
+        return
+    table = Table("server", "clients", "pulls", "MB/s", "p50 s", "p99 s", "errors", "corrupted",
+                  title=f"pulling a {result['tokens']}-token artifact ({result['artifact_bytes'] / 2**20:.1f} MiB, "
+                        f"synthetic KV, qwen2.5-coder-0.5b geometry, fp16) over loopback, {seconds:g} s per level")
+    for r in result["results"]:
+        table.add_row(r["server"], str(r["clients"]), str(r["pulls"]), f"{r['mbps']:.0f}", f"{r['p50_s']:.3f}",
+                      f"{r['p99_s']:.3f}", str(r["errors"]), str(r["corrupted"]))
+    out_console.print(table)
+    if result["note"]:
+        log(f"note: {result['note']}")

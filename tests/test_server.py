@@ -245,3 +245,12 @@ def test_sigterm_shuts_down_cleanly(servers):
     cloud = servers("cloud")
     assert call(cloud.url, "GET", "/v1/health")[0] == 200
     assert cloud.stop() == 0
+
+
+def test_bench_serve_pulls_verified_artifacts_with_zero_errors():
+    from celslm.bench import serve as serve_bench
+
+    artifact = serve_bench.synthetic_artifact(tokens=256, layers=2)
+    result = serve_bench.run(levels=(2,), seconds=0.5, max_pulls=5, artifact=artifact)
+    for row in result["results"]:
+        assert row["pulls"] > 0 and row["errors"] == 0 and row["corrupted"] == 0
