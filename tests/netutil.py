@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -20,15 +21,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, root, *args: str):
+    def __init__(self, root, *args: str, scheme: str = "http", cafile=None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
         self.proc = subprocess.Popen(CLI + ["serve-cache", "--root", str(root), "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(self.url + "/v1/health", timeout=1).read()
+                urllib.request.urlopen(self.url + "/v1/health", timeout=1, context=context).read()
                 return
             except OSError:
                 if self.proc.poll() is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import subprocess
 import json
 import socket
 import struct
@@ -254,3 +256,24 @@ def test_bench_serve_pulls_verified_artifacts_with_zero_errors():
     result = serve_bench.run(levels=(2,), seconds=0.5, max_pulls=5, artifact=artifact)
     for row in result["results"]:
         assert row["pulls"] > 0 and row["errors"] == 0 and row["corrupted"] == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed (needed to make a test certificate)")
+def test_tls_and_prefill_push_with_a_tag(tmp_path, tiny_qwen, monkeypatch):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    server = Server(tmp_path / "store", "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
+                    "--write-token", "w", scheme="https", cafile=tmp_path / "cert.pem")
+    monkeypatch.setenv("CELSLM_CA_FILE", str(tmp_path / "cert.pem"))
+    try:
+        (tmp_path / "ctx.txt").write_text(CONTEXT)
+        done = json.loads(run_cli("prefill", "-m", str(tiny_qwen), "-c", str(tmp_path / "ctx.txt"), "--push", server.url,
+                                  "--tag", "tls:1", "--token", "w", "--json", check=True).stdout)
+        assert done["push"]["blobs_sent"] > 0 and done["push"]["tag"] == "tls:1"
+        run_cli("pull", f"{server.url}/v1/tags/tls:1", "--out", str(tmp_path / "p.kv"), check=True)
+        assert run_cli("inspect", str(tmp_path / "p.kv"), "--json", check=True).stdout.count(done["id"].encode()) == 1
+        plain = run_cli("pull", f"{server.url.replace('https', 'http')}/v1/tags/tls:1", "--out", str(tmp_path / "q.kv"))
+        assert plain.returncode != 0 and not (tmp_path / "q.kv").exists()
+    finally:
+        server.stop()
