@@ -17,6 +17,7 @@ from celslm.artifact import ArtifactReader
 from celslm.errors import IntegrityError, ModelSpaceMismatch, UsageError
 from celslm.models import LoadedModel
 from celslm.prefill import TokenProgress, prefill_cache
+from celslm.stream import LayerFeed, Link, StreamedReader, Timeline
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,22 @@ class Sampling:
 
 @dataclass
 class DecodeStats:
-    path: str = ""  # "artifact" or "edge-only"
+    path: str = ""  # "artifact", "partial" (cached prefix + local prefill) or "edge-only"
+    pipelined: bool = False  # the prompt's forward ran while later layers were still arriving
+    link: str | None = None  # the emulated link's label, if any
     context_tokens: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
-    load_s: float = 0.0  # reading, verifying and injecting the artifact
-    context_prefill_s: float = 0.0  # edge-only: prefilling the context here
+    load_s: float = 0.0  # reading, verifying and injecting the artifact before the prompt runs
+    context_prefill_s: float = 0.0  # prefilling (part of) the context here
     prompt_prefill_s: float = 0.0
     generate_s: float = 0.0  # from the first generated token to the last
-    ttft_s: float = 0.0  # from the start of context work to the first generated token
+    ttft_s: float = 0.0  # wall clock from the start of context work to the first generated token
     total_s: float = 0.0
+    t_com_c_s: float = 0.0  # T_com_C: the cloud's prefill, projection and compression (from the manifest)
+    t_comm_s: float = 0.0  # T_comm: first blob requested to last blob arrived
+    t_com_e_s: float = 0.0  # T_com_E: decoding blocks, local prefill, prompt prefill, generation
+    hidden_share: float = 0.0  # share of min(T_comm, overlappable compute) that ran at the same time
     cloud_prefill_s: float | None = None  # from the artifact's manifest
     artifact_bytes: int = 0
     bytes_by_source: dict = field(default_factory=dict)  # bytes fetched from local cache, each peer, the cloud
@@ -46,12 +53,15 @@ class DecodeStats:
 
 @dataclass
 class Context:
-    """A context ready to decode over: its token ids and a filled cache."""
+    """A context ready to decode over: its token ids and a cache (still filling, when `feed` is set)."""
 
     token_ids: list[int]
     cache: object
     framing: str
     stats: DecodeStats = field(default_factory=DecodeStats)
+    started: float = field(default_factory=time.perf_counter)  # when work on this context began
+    feed: LayerFeed | None = None  # layers still to be injected during the prompt's forward pass
+    timeline: Timeline | None = None
 
 
 def check_space(reader: ArtifactReader, loaded: LoadedModel) -> None:
@@ -63,44 +73,60 @@ def check_space(reader: ArtifactReader, loaded: LoadedModel) -> None:
         )
 
 
-def context_from_artifact(loaded: LoadedModel, reader: ArtifactReader) -> Context:
-    """Read and verify every block, re-rotate keys to positions 0..T-1, inject them into a cache."""
+def context_from_artifact(loaded: LoadedModel, reader: ArtifactReader, *, link: Link | None = None,
+                          pipeline: bool = False) -> Context:
+    """Stream an artifact's layers in (verified, decoded, re-rotated to positions 0..T-1).
+
+    With `pipeline`, the cache is returned while layers are still arriving; `generate` injects layer l
+    just before the prompt's forward pass reaches it. Otherwise every layer is in before this returns."""
     check_space(reader, loaded)
     started = time.perf_counter()
-    token_ids, cache = _inject(loaded, reader, None)
-    return Context(token_ids, cache, reader.manifest.framing, _artifact_stats(reader, len(token_ids), started))
+    timeline = Timeline()
+    feed = LayerFeed(loaded.model, StreamedReader(reader, timeline, link), timeline)
+    stats = _artifact_stats(reader, len(feed.token_ids))
+    stats.pipelined, stats.link = pipeline, link.label if link else None
+    context = Context(feed.token_ids, kvcache.new_cache(loaded.model), reader.manifest.framing, stats, started,
+                      feed, timeline)
+    if not pipeline:
+        _drain_feed(loaded, context)
+        stats.load_s = time.perf_counter() - started
+    return context
 
 
 def context_from_prefix(loaded: LoadedModel, token_ids: list[int], framing: str, reader: ArtifactReader, chunks: int,
-                        step: int = 256, progress: TokenProgress | None = None) -> Context:
+                        step: int = 256, progress: TokenProgress | None = None, link: Link | None = None) -> Context:
     """A cached prefix of `chunks` chunks from `reader`, and the rest of `token_ids` prefilled here."""
     check_space(reader, loaded)
     started = time.perf_counter()
-    cached_ids, cache = _inject(loaded, reader, chunks)
+    timeline = Timeline()
+    feed = LayerFeed(loaded.model, StreamedReader(reader, timeline, link), timeline, chunks)
     prefix = min(len(token_ids), chunks * reader.manifest.chunk_size)
-    if cached_ids[:prefix] != token_ids[:prefix]:
+    if feed.token_ids[:prefix] != token_ids[:prefix]:
         raise IntegrityError(f"{reader.source}: its first {chunks} chunks hold other tokens than this context")
-    stats = _artifact_stats(reader, prefix, started)
-    stats.path, stats.context_tokens = "partial" if prefix < len(token_ids) else "artifact", len(token_ids)
+    stats = _artifact_stats(reader, len(token_ids))
+    stats.path, stats.link = ("partial" if prefix < len(token_ids) else "artifact"), link.label if link else None
+    context = Context(token_ids, kvcache.new_cache(loaded.model), framing, stats, started, feed, timeline)
+    _drain_feed(loaded, context)
+    stats.load_s = time.perf_counter() - started
     begun = time.perf_counter()
-    prefill_cache(loaded, token_ids, step, progress, cache=cache, begin=prefix)
+    prefill_cache(loaded, token_ids, step, progress, cache=context.cache, begin=prefix)
     stats.context_prefill_s = time.perf_counter() - begun
-    return Context(token_ids, cache, framing, stats)
+    return context
 
 
-def _inject(loaded: LoadedModel, reader: ArtifactReader, chunks: int | None):
-    token_ids, layer_iter = reader.open_context(chunks)
-    layers = list(layer_iter)
-    tokens = layers[0][1].shape[1]  # [H, T, D]
-    cos, sin = kvcache.rope_tables(loaded.model, 0, tokens)
-    cache = kvcache.cache_from_layers(loaded.model, [(kvcache.apply_rope(key, cos, sin), value) for _, key, value in layers])
-    return token_ids, cache
+def _drain_feed(loaded: LoadedModel, context: Context) -> None:
+    """Inject every layer now (no pipelining)."""
+    for index in range(loaded.model.config.num_hidden_layers):
+        key, value = context.feed.wait(index)
+        context.cache.update(key.unsqueeze(0), value.unsqueeze(0), index)
+    context.feed = None
 
 
-def _artifact_stats(reader: ArtifactReader, tokens: int, started: float) -> DecodeStats:
-    return DecodeStats(path="artifact", context_tokens=tokens, load_s=time.perf_counter() - started,
-                       cloud_prefill_s=reader.manifest.timings.get("prefill_s"),
-                       artifact_bytes=reader.manifest.blob_bytes())
+def _artifact_stats(reader: ArtifactReader, tokens: int) -> DecodeStats:
+    timings = reader.manifest.timings
+    return DecodeStats(path="artifact", context_tokens=tokens, cloud_prefill_s=timings.get("prefill_s"),
+                       artifact_bytes=reader.manifest.blob_bytes(),
+                       t_com_c_s=sum(timings.get(k, 0.0) for k in ("prefill_s", "projection_s", "compress_s")))
 
 
 def context_from_text(loaded: LoadedModel, text: str, *, framing: str | None = None, step: int = 256,
@@ -120,7 +146,7 @@ def context_from_ids(loaded: LoadedModel, token_ids: list[int], *, framing: str,
     cache = prefill_cache(loaded, token_ids, step, progress)
     stats = DecodeStats(path="edge-only", context_tokens=len(token_ids),
                         context_prefill_s=time.perf_counter() - started)
-    return Context(token_ids, cache, framing, stats)
+    return Context(token_ids, cache, framing, stats, started)
 
 
 def eos_ids(loaded: LoadedModel) -> set[int]:
@@ -154,7 +180,16 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
     stop = eos_ids(loaded)
     position = len(context.token_ids)
     started = time.perf_counter()
-    logits = kvcache.forward(loaded.model, prompt_ids, context.cache, position)[-1]  # [V]
+    timeline = context.timeline
+    if context.feed is not None:  # pipelined: layer l of the prompt runs as soon as layer l's KV is in
+        record = timeline.compute.append if timeline else None
+        with kvcache.LayerGate(loaded.model, context.cache, context.feed.wait, on_compute=lambda a, b: record((a, b))):
+            logits = kvcache.forward(loaded.model, prompt_ids, context.cache, position)[-1]  # [V]
+        context.feed = None
+    else:
+        logits = kvcache.forward(loaded.model, prompt_ids, context.cache, position)[-1]  # [V]
+        if timeline is not None:
+            timeline.compute.append((started, time.perf_counter()))
     position += len(prompt_ids)
     stats.prompt_prefill_s = time.perf_counter() - started
     first_at = None
@@ -165,7 +200,7 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
         stats.new_tokens += 1
         if first_at is None:
             first_at = time.perf_counter()
-            stats.ttft_s = stats.load_s + stats.context_prefill_s + (first_at - started)
+            stats.ttft_s = first_at - context.started
         yield token
         if token in stop:
             break
@@ -173,7 +208,12 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
         position += 1
     finished = time.perf_counter()
     stats.generate_s = finished - (first_at or finished)
-    stats.total_s = stats.load_s + stats.context_prefill_s + (finished - started)
+    stats.total_s = finished - context.started
+    if timeline is not None:
+        stats.t_comm_s, stats.hidden_share = timeline.comm_s, timeline.hidden_share()
+        stats.t_com_e_s = timeline.compute_s + stats.context_prefill_s + stats.generate_s
+    else:
+        stats.t_com_e_s = stats.context_prefill_s + stats.prompt_prefill_s + stats.generate_s
 
 
 class TextStream:

@@ -7,6 +7,8 @@ to their positions, as the model's attention expects.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import DynamicCache
 
@@ -50,6 +52,40 @@ def forward(model, token_ids: list[int], cache: DynamicCache, start: int, logits
     out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                 logits_to_keep=logits_to_keep)
     return out.logits[0].float()
+
+
+class LayerGate:
+    """While active, each decoder layer l first pulls its context KV from `fetch(l)` into the cache.
+
+    The prompt's forward pass thus runs layer l as soon as layer l's KV exists, while later layers
+    are still arriving. Layer 0 is injected on entry: the attention mask is sized from it."""
+
+    def __init__(self, model, cache: DynamicCache, fetch, on_compute=None):
+        self.model, self.cache, self.fetch = model, cache, fetch
+        self.on_compute = on_compute  # called with (start, end) of each stretch of compute between waits
+        self._handles = []
+        self._resumed = 0.0
+
+    def _inject(self, index: int) -> None:
+        paused = time.perf_counter()
+        if self.on_compute and self._resumed:
+            self.on_compute(self._resumed, paused)
+        key, value = self.fetch(index)  # [H, T, D] each, post-RoPE
+        self.cache.update(key.unsqueeze(0), value.unsqueeze(0), index)
+        self._resumed = time.perf_counter()
+
+    def __enter__(self) -> "LayerGate":
+        layers = self.model.model.layers
+        self._inject(0)
+        for index in range(1, len(layers)):
+            self._handles.append(layers[index].register_forward_pre_hook(lambda module, args, i=index: self._inject(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on_compute and self._resumed:
+            self.on_compute(self._resumed, time.perf_counter())
+        for handle in self._handles:
+            handle.remove()
 
 
 # ---------------------------------------------------------------- RoPE

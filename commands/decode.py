@@ -13,6 +13,7 @@ from celslm.artifact import prefix_hashes
 from celslm.decode import (DecodeStats, Sampling, TextStream, context_from_artifact, context_from_ids, context_from_prefix,
                            eos_ids, generate)
 from celslm.store.tiers import make_tiers, open_ref
+from celslm.stream import Link
 from celslm.errors import UsageError
 from celslm.models import load_model
 from .common import (CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, print_json, progress_bar,
@@ -41,6 +42,8 @@ def decode(
     cloud: CloudOpt = None,
     token: TokenOpt = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
+    link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
+    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Run the prompt's layer l as soon as layer l's KV is in (default), or wait for all of it.")] = True,
     stats: Annotated[bool, typer.Option("--stats", help="Print the time split on stderr after generation.")] = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -50,6 +53,7 @@ def decode(
     if prompt == "-" and "-" in (kv, context):
         raise UsageError("only one of --prompt and --kv/--context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
+    shaped = Link.parse(link) if link else None
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     with progress_bar() as progress:
         loaded = load_model(model, progress)
@@ -57,7 +61,7 @@ def decode(
         tiers, artifact_id = None, None
         if kv is not None:
             reader, tiers = open_ref(kv, peer or [], cloud, token, stdin=sys.stdin.buffer)
-            ctx = context_from_artifact(loaded, reader)
+            ctx = context_from_artifact(loaded, reader, link=shaped, pipeline=pipeline)
             artifact_id = reader.id
         else:
             text = read_file_or_stdin(context, "--context")
@@ -69,7 +73,8 @@ def decode(
                 found = tiers.lookup(loaded.fingerprint, prefix_hashes(token_ids, loaded.fingerprint, chunk_size))
             if found:
                 reader = tiers.reader(found[0])
-                ctx = context_from_prefix(loaded, token_ids, framing, reader, found[1], chunk_size, prefill_progress)
+                ctx = context_from_prefix(loaded, token_ids, framing, reader, found[1], chunk_size, prefill_progress,
+                                          link=shaped)
                 artifact_id = reader.id
             else:
                 ctx = context_from_ids(loaded, token_ids, framing=framing, step=chunk_size, progress=prefill_progress)
@@ -96,36 +101,41 @@ def decode(
 
 
 def stats_json(s: DecodeStats) -> dict:
+    seconds = ("t_com_c_s", "t_comm_s", "t_com_e_s", "ttft_s", "total_s", "load_s", "context_prefill_s",
+               "prompt_prefill_s", "generate_s")
     return {
         "path": s.path,
+        "pipelined": s.pipelined,
+        "link": s.link,
+        **{name: round(getattr(s, name), 6) for name in seconds},
+        "hidden_share": round(s.hidden_share, 4),
+        "bytes_by_source": s.bytes_by_source,
         "context_tokens": s.context_tokens,
         "prompt_tokens": s.prompt_tokens,
         "new_tokens": s.new_tokens,
         "artifact_bytes": s.artifact_bytes,
-        "bytes_by_source": s.bytes_by_source,
         "cloud_prefill_s": s.cloud_prefill_s,
-        "load_s": round(s.load_s, 6),
-        "context_prefill_s": round(s.context_prefill_s, 6),
-        "prompt_prefill_s": round(s.prompt_prefill_s, 6),
-        "ttft_s": round(s.ttft_s, 6),
-        "generate_s": round(s.generate_s, 6),
-        "total_s": round(s.total_s, 6),
     }
 
 
 def stats_table(s: DecodeStats) -> Table:
-    table = Table(title=f"time split ({s.path})", show_header=True)
-    table.add_column("phase")
+    title = f"time split ({s.path}{', pipelined' if s.pipelined else ''}{', ' + s.link if s.link else ''})"
+    table = Table(title=title, show_header=True)
+    table.add_column("part")
     table.add_column("seconds", justify="right")
-    rows = [("cloud prefill (from manifest)", s.cloud_prefill_s)] if s.path == "artifact" else []
-    rows += [
-        ("load artifact (read, verify, inject)" if s.path == "artifact" else "context prefill (here)",
-         s.load_s if s.path == "artifact" else s.context_prefill_s),
-        (f"prompt prefill ({s.prompt_tokens} tokens)", s.prompt_prefill_s),
-        ("time to first token", s.ttft_s),
-        (f"decode ({s.new_tokens} tokens)", s.generate_s),
-        ("total on this machine", s.total_s),
+    rows = [
+        ("T_com_C  cloud compute (from the manifest)", s.t_com_c_s),
+        ("T_comm   transfer" + (" (emulated)" if s.link else ""), s.t_comm_s),
+        ("T_com_E  edge compute", s.t_com_e_s),
+        ("  of which context prefill here", s.context_prefill_s),
+        (f"  of which prompt prefill ({s.prompt_tokens} tokens)", s.prompt_prefill_s),
+        (f"  of which decode ({s.new_tokens} tokens)", s.generate_s),
+        ("time to first token (wall)", s.ttft_s),
+        ("total on this machine (wall)", s.total_s),
     ]
-    for phase, seconds in rows:
-        table.add_row(phase, "-" if seconds is None else f"{seconds:.3f}")
+    for part, seconds in rows:
+        table.add_row(part, f"{seconds:.3f}")
+    table.add_row("transfer hidden by pipelining", f"{s.hidden_share:.0%}")
+    for source, count in s.bytes_by_source.items():
+        table.add_row(f"bytes from {source}", f"{count:,}")
     return table

@@ -111,3 +111,25 @@ def test_smollm2_artifact_decode_matches_one_pass(tmp_path):
     expected, expected_logits = reference_greedy(loaded.model, full_ids, 8, stop=set())
     assert tokens == expected
     assert max(torch.max(torch.abs(a - b)).item() for a, b in zip(logits, expected_logits)) < 1e-4
+
+
+def test_pipelined_decode_over_a_slow_link_gives_the_same_tokens_and_logits(tiny_qwen, tmp_path):
+    from celslm.stream import Link
+
+    loaded = load_model(str(tiny_qwen))
+    ids = prompting.context_ids(loaded.tokenizer, CONTEXT * 4, "chat")
+    write_dir(prefill(loaded, ids, framing="chat", chunk_size=32), tmp_path / "p.kv")
+    prompt = prompting.prompt_ids(loaded.tokenizer, "What does greet return?", "chat", False)
+    runs = {}
+    for pipeline in (False, True):
+        link = Link.parse("20mbit:5ms")  # emulated: slow enough that layers arrive while the prompt runs
+        ctx = context_from_artifact(loaded, open_artifact(str(tmp_path / "p.kv")), link=link, pipeline=pipeline)
+        logits: list[torch.Tensor] = []
+        tokens = list(generate(loaded, ctx, prompt, Sampling(max_new_tokens=10), logits_out=logits))
+        runs[pipeline] = (tokens, logits, ctx.stats)
+    assert runs[True][0] == runs[False][0]
+    assert max(torch.max(torch.abs(a - b)).item() for a, b in zip(runs[True][1], runs[False][1])) < 1e-5
+    stats = runs[True][2]
+    assert stats.pipelined and stats.link.startswith("emulated 20 Mbit/s")
+    assert stats.t_comm_s > 0 and stats.hidden_share > 0.5
+    assert stats.ttft_s >= stats.t_comm_s * 0.9  # the last layer cannot be used before it has arrived

@@ -1,0 +1,161 @@
+"""The streaming cache: an artifact's layers resolve as their blocks land.
+
+A producer thread pulls blobs (from a directory, a tar stream, or the tiers) through an optional
+emulated link into a bounded queue; a feed thread verifies and decodes them and publishes each
+layer's post-RoPE KV as soon as all its blocks are in. The prompt's forward pass waits for layer l
+only when it reaches layer l, so transfer and compute overlap. Every interval is recorded so a run
+can say how much transfer time the pipeline hid.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from celslm import kvcache
+from celslm.artifact import ArtifactReader
+from celslm.errors import UsageError
+
+_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
+
+
+@dataclass
+class Link:
+    """An emulated link: bandwidth shared by every transfer, plus a round-trip time per request.
+
+    Requests are pipelined: a transfer that follows the previous one within a round trip streams right
+    behind it; one that starts on an idle link first pays the RTT. Numbers measured through it are
+    labelled emulated."""
+
+    rate_bps: float
+    rtt_s: float = 0.0
+    _free_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Link":
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*(?::\s*(\d+(?:\.\d+)?)\s*(ms|s))?\s*", spec)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise UsageError(f"bad --link {spec!r}; use RATE[:RTT] such as 100mbit:20ms or 1gbit")
+        rtt = float(match.group(3) or 0) / (1000 if (match.group(4) or "ms") == "ms" else 1)
+        return cls(float(match.group(1)) * _UNITS[match.group(2).lower()], rtt)
+
+    @property
+    def label(self) -> str:
+        return f"emulated {self.rate_bps / 1e6:g} Mbit/s, {self.rtt_s * 1000:g} ms RTT"
+
+    def transfer(self, nbytes: int) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            begin = max(now, self._free_at) if now - self._free_at < self.rtt_s else now + self.rtt_s
+            self._free_at = arrival = begin + nbytes * 8 / self.rate_bps
+        delay = arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
+@dataclass
+class Timeline:
+    """What happened when, in perf_counter seconds."""
+
+    comm_start: float | None = None
+    comm_end: float | None = None
+    bytes: int = 0
+    consumer_wait_s: float = 0.0  # time the decoder spent waiting for bytes
+    compute: list = field(default_factory=list)  # (start, end) intervals of edge compute that could overlap
+
+    @property
+    def comm_s(self) -> float:
+        return (self.comm_end - self.comm_start) if self.comm_start is not None and self.comm_end else 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return sum(end - start for start, end in self.compute)
+
+    def hidden_share(self) -> float:
+        """Share of min(transfer, compute) during which both ran at once."""
+        shorter = min(self.comm_s, self.compute_s)
+        if shorter <= 0:
+            return 0.0
+        overlap = sum(max(0.0, min(end, self.comm_end) - max(start, self.comm_start)) for start, end in self.compute)
+        return min(1.0, overlap / shorter)
+
+
+class StreamedReader(ArtifactReader):
+    """Wraps a reader: a producer thread fetches its blobs ahead (through `link`, if any)."""
+
+    def __init__(self, inner: ArtifactReader, timeline: Timeline, link: Link | None = None, ahead: int = 64):
+        super().__init__(inner.manifest, inner.source)
+        self.inner, self.link, self.timeline, self.ahead = inner, link, timeline, ahead
+
+    def raw_blobs(self, chunks=None):
+        slots: queue.Queue = queue.Queue(maxsize=self.ahead)
+        done = object()
+
+        def produce():
+            try:
+                self.timeline.comm_start = time.perf_counter()
+                for ref, data in self.inner.raw_blobs(chunks):
+                    if data is not None and self.link:
+                        self.link.transfer(len(data))
+                    self.timeline.bytes += len(data or b"")
+                    self.timeline.comm_end = time.perf_counter()
+                    slots.put((ref, data))
+                slots.put(done)
+            except BaseException as exc:  # handed to the consumer, raised there
+                slots.put(exc)
+
+        threading.Thread(target=produce, name="celslm-fetch", daemon=True).start()
+        while True:
+            waited = time.perf_counter()
+            item = slots.get()
+            self.timeline.consumer_wait_s += time.perf_counter() - waited
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class LayerFeed:
+    """Layer l's post-RoPE (key, value) `[H, T, D]` becomes available as soon as its blocks are decoded."""
+
+    def __init__(self, model, reader: ArtifactReader, timeline: Timeline, chunks: int | None = None):
+        self.timeline = timeline
+        self.token_ids, layers = reader.open_context(chunks)
+        count = reader.manifest.layers
+        self._slots: list = [None] * count
+        self._events = [threading.Event() for _ in range(count)]
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(model, layers), name="celslm-feed", daemon=True)
+        self._thread.start()
+
+    def _run(self, model, layers) -> None:
+        try:
+            cos = sin = None
+            while True:
+                begun, waited = time.perf_counter(), self.timeline.consumer_wait_s
+                item = next(layers, None)  # waits for bytes and decodes blocks, interleaved
+                if item is None:
+                    break
+                index, key, value = item
+                if cos is None:
+                    cos, sin = kvcache.rope_tables(model, 0, key.shape[1])
+                self._slots[index] = (kvcache.apply_rope(key, cos, sin), value)
+                ended = time.perf_counter()
+                busy = (ended - begun) - (self.timeline.consumer_wait_s - waited)  # decoding, not waiting
+                self.timeline.compute.append((ended - max(busy, 0.0), ended))
+                self._events[index].set()
+        except BaseException as exc:
+            self._error = exc
+            for event in self._events:
+                event.set()
+
+    def wait(self, layer: int):
+        self._events[layer].wait()
+        if self._error is not None:
+            raise self._error
+        return self._slots[layer]
