@@ -49,6 +49,7 @@ class DecodeStats:
     cloud_prefill_s: float | None = None  # from the artifact's manifest
     artifact_bytes: int = 0
     bytes_by_source: dict = field(default_factory=dict)  # bytes fetched from local cache, each peer, the cloud
+    fallback: str | None = None  # why the artifact was abandoned and (part of) the context recomputed
 
 
 @dataclass

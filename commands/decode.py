@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Annotated
 
@@ -12,11 +13,11 @@ from celslm import prompting
 from celslm.artifact import prefix_hashes
 from celslm.decode import (DecodeStats, Sampling, TextStream, context_from_artifact, context_from_ids, context_from_prefix,
                            eos_ids, generate)
-from celslm.store.tiers import make_tiers, open_ref
+from celslm.store.tiers import BlobSourceReader, make_tiers, open_ref
 from celslm.stream import Link
-from celslm.errors import UsageError
+from celslm.errors import IntegrityError, UnavailableError, UsageError
 from celslm.models import load_model
-from .common import (CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, print_json, progress_bar,
+from .common import (CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
                      read_file_or_stdin, read_text)
 
 EPILOG = examples(
@@ -32,7 +33,7 @@ def decode(
     model: ModelOpt,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The private prompt text, or - for stdin. Never leaves this machine.")],
     kv: Annotated[str | None, typer.Option("--kv", help="KV artifact: a directory, .tar file, - (stdin), an artifact id, a tag, or a server URL.")] = None,
-    context: Annotated[str | None, typer.Option("--context", "-c", help="Edge-only: prefill this context file (or -) here instead of reading --kv.")] = None,
+    context: Annotated[str | None, typer.Option("--context", "-c", help="Context file (or -): edge-only without --kv; with --kv, recomputes what cannot be fetched.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Stop after this many tokens.")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
@@ -48,42 +49,53 @@ def decode(
     json_: JsonOpt = False,
 ) -> None:
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""
-    if (kv is None) == (context is None):
-        raise UsageError("give exactly one of --kv ARTIFACT or --context FILE (edge-only)")
+    if kv is None and context is None:
+        raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
     if prompt == "-" and "-" in (kv, context):
         raise UsageError("only one of --prompt and --kv/--context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
     shaped = Link.parse(link) if link else None
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    context_text = read_file_or_stdin(context, "--context") if context is not None else None
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         prefill_progress = lambda done, total: progress("prefill (tokens)", done, total)  # noqa: E731
-        tiers, artifact_id = None, None
-        if kv is not None:
-            reader, tiers = open_ref(kv, peer or [], cloud, token, stdin=sys.stdin.buffer)
-            ctx = context_from_artifact(loaded, reader, link=shaped, pipeline=pipeline)
-            artifact_id = reader.id
-        else:
-            text = read_file_or_stdin(context, "--context")
-            framing = prompting.default_framing(loaded.tokenizer)
-            token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
-            found = None
-            if peer or cloud:  # ask for the longest cached prefix; prefill only the rest here
-                tiers = make_tiers(peer or [], cloud, token)
-                found = tiers.lookup(loaded.fingerprint, prefix_hashes(token_ids, loaded.fingerprint, chunk_size))
-            if found:
-                reader = tiers.reader(found[0])
-                ctx = context_from_prefix(loaded, token_ids, framing, reader, found[1], chunk_size, prefill_progress,
-                                          link=shaped)
-                artifact_id = reader.id
+        tiers, reader = None, None
+        try:
+            if kv is not None:
+                reader, tiers = open_ref(kv, peer or [], cloud, token, stdin=sys.stdin.buffer)
+                ctx = context_from_artifact(loaded, reader, link=shaped, pipeline=pipeline)
             else:
-                ctx = context_from_ids(loaded, token_ids, framing=framing, step=chunk_size, progress=prefill_progress)
+                framing = prompting.default_framing(loaded.tokenizer)
+                token_ids = prompting.context_ids(loaded.tokenizer, context_text, framing)
+                found = None
+                if peer or cloud:  # ask for the longest cached prefix; prefill only the rest here
+                    tiers = make_tiers(peer or [], cloud, token)
+                    found = tiers.lookup(loaded.fingerprint, prefix_hashes(token_ids, loaded.fingerprint, chunk_size))
+                if found:
+                    reader = tiers.reader(found[0])
+                    ctx = context_from_prefix(loaded, token_ids, framing, reader, found[1], chunk_size,
+                                              prefill_progress, link=shaped)
+                else:
+                    ctx = context_from_ids(loaded, token_ids, framing=framing, step=chunk_size, progress=prefill_progress)
+            ids = prompting.prompt_ids(loaded.tokenizer, prompt_text, ctx.framing, raw)
+            tokens = generate(loaded, ctx, ids, sampling)
+            first = next(tokens)  # with pipelining, the artifact is still arriving until here
+        except (IntegrityError, UnavailableError) as exc:
+            if context_text is None or kv is None:
+                raise
+            log(f"warning: {exc}; recomputing what could not be fetched from --context")
+            ctx = fallback_context(loaded, context_text, reader, tiers, chunk_size, prefill_progress)
+            ctx.stats.fallback = str(exc)
+            ids = prompting.prompt_ids(loaded.tokenizer, prompt_text, ctx.framing, raw)
+            tokens = generate(loaded, ctx, ids, sampling)
+            first = next(tokens)
         if tiers:
             ctx.stats.bytes_by_source = dict(tiers.bytes_by_source)
-    ids = prompting.prompt_ids(loaded.tokenizer, prompt_text, ctx.framing, raw)
+    artifact_id = reader.id if reader is not None and ctx.stats.path != "edge-only" else None
     stream = TextStream(loaded.tokenizer, skip=eos_ids(loaded))
     pieces = []
-    for token in generate(loaded, ctx, ids, sampling):
+    for token in itertools.chain([first], tokens):
         piece = stream.push(token)
         pieces.append(piece)
         if not json_ and piece:
@@ -98,6 +110,20 @@ def decode(
         err_console.print(stats_table(ctx.stats))
     if json_:
         print_json({"text": "".join(pieces), "artifact": artifact_id, **stats_json(ctx.stats)})
+
+
+def fallback_context(loaded, text: str, reader, tiers, chunk_size: int, progress):
+    """The artifact could not be had whole: reuse the chunks every tier can still give, prefill the rest."""
+    framing = reader.manifest.framing if reader is not None else prompting.default_framing(loaded.tokenizer)
+    token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
+    chunks = tiers.available_prefix(reader.manifest) if tiers is not None and reader is not None else 0
+    if chunks:
+        source = BlobSourceReader(reader.manifest, reader.source, tiers)
+        try:
+            return context_from_prefix(loaded, token_ids, framing, source, chunks, chunk_size, progress)
+        except IntegrityError:
+            pass  # the artifact holds another context than --context: recompute it all
+    return context_from_ids(loaded, token_ids, framing=framing, step=chunk_size, progress=progress)
 
 
 def stats_json(s: DecodeStats) -> dict:
@@ -115,6 +141,7 @@ def stats_json(s: DecodeStats) -> dict:
         "new_tokens": s.new_tokens,
         "artifact_bytes": s.artifact_bytes,
         "cloud_prefill_s": s.cloud_prefill_s,
+        "fallback": s.fallback,
     }
 
 

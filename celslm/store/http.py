@@ -7,19 +7,30 @@ import http.client
 import json
 import os
 import ssl
+import time
 from urllib.parse import quote, urlsplit
 
 from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
 
 
+class PartialBody(Exception):
+    """The connection dropped in the middle of a response body."""
+
+    def __init__(self, status: int, partial: bytes):
+        super().__init__(f"HTTP {status}: body cut off after {len(partial)} bytes")
+        self.status, self.partial = status, partial
+
+
 class CacheClient:
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0):
+    def __init__(self, url: str, token: str | None = None, timeout_s: float | None = None, retries: int = 3,
+                 backoff_s: float = 0.2):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"{url}: not an http(s) URL of a celslm serve-cache server")
         self.url = f"{parts.scheme}://{parts.netloc}"
         self.token = token
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s or float(os.environ.get("CELSLM_TIMEOUT") or 30)
+        self.retries, self.backoff_s = retries, backoff_s
         self._parts = parts
         self._conn: http.client.HTTPConnection | None = None
 
@@ -30,8 +41,11 @@ class CacheClient:
                                                context=context)
         return http.client.HTTPConnection(self._parts.hostname, self._parts.port or 80, timeout=self.timeout_s)
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, body: bytes | None = None,
+                extra_headers: dict | None = None) -> tuple[int, bytes]:
+        """One request on the kept-alive connection. A body cut off mid-way raises `PartialBody`."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers.update(extra_headers or {})
         for attempt in (0, 1):  # a kept-alive connection the server has closed is retried once
             if self._conn is None:
                 self._conn = self._connect()
@@ -40,10 +54,16 @@ class CacheClient:
                 response = self._conn.getresponse()
                 data = response.read()
                 break
+            except http.client.IncompleteRead as exc:
+                self.close()
+                raise PartialBody(response.status, bytes(exc.partial)) from exc
+            except TimeoutError as exc:  # a stalled server: no point asking again at once
+                self.close()
+                raise UnavailableError(f"{self.url} did not answer within {self.timeout_s:g} s") from exc
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 self.close()
                 if attempt:
-                    raise UnavailableError(f"cannot reach {self.url}: {exc}") from exc
+                    raise UnavailableError(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
         if response.status == 401:
             raise UsageError(f"{self.url} needs a token (--token or CELSLM_TOKEN)")
         if response.status == 403:
@@ -65,15 +85,36 @@ class CacheClient:
         return status == 200
 
     def get_blob(self, digest: str) -> bytes | None:
-        status, data = self.request("GET", f"/v1/blobs/{digest}")
-        if status == 404:
-            return None
-        if status != 200:
-            raise self._fail(status, data, f"GET blob {digest}")
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if actual != digest:
-            raise IntegrityError(f"{self.url} sent corrupt bytes for blob {digest} (they hash to {actual})")
-        return data
+        """The blob's verified bytes, or None if the server does not have it.
+
+        Transient failures (no answer, 5xx, a dropped connection) are retried with exponential backoff;
+        a body cut off mid-way is resumed with a Range request from the bytes already received."""
+        received = b""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                ranged = {"Range": f"bytes={len(received)}-"} if received else None
+                status, data = self.request("GET", f"/v1/blobs/{digest}", extra_headers=ranged)
+            except PartialBody as cut:
+                if cut.status == 206 or (cut.status == 200 and not received):
+                    received += cut.partial
+                continue
+            except UnavailableError:
+                continue
+            if status == 404 and not received:
+                return None
+            if status == 206 and received:
+                received += data
+            elif status == 200:
+                received = data
+            else:
+                continue  # 5xx or an unexpected answer: try again
+            actual = "sha256:" + hashlib.sha256(received).hexdigest()
+            if actual != digest:
+                raise IntegrityError(f"{self.url} sent corrupt bytes for blob {digest} (they hash to {actual})")
+            return received
+        raise UnavailableError(f"{self.url}: blob {digest} not received after {self.retries + 1} attempts")
 
     def put_blob(self, digest: str, data: bytes) -> None:
         status, body = self.request("PUT", f"/v1/blobs/{digest}", data)

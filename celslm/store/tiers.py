@@ -27,7 +27,12 @@ class BlobSourceReader(ArtifactReader):
 
     def raw_blobs(self, chunks: int | None = None):
         for ref in self.manifest.blob_refs(chunks):
-            yield ref, self._tiers.blob(ref.digest)
+            data = self._tiers.blob(ref.digest)
+            if data is None and ref.digest in self._tiers.refused:
+                raise IntegrityError(f"{self.manifest.describe(ref)}: {self._tiers.refused[ref.digest]}")
+            if data is None and self._tiers.down:
+                raise UnavailableError(f"{self.manifest.describe(ref)}: no reachable tier has it ({self._tiers.why_down()})")
+            yield ref, data
 
 
 class Tiers:
@@ -36,13 +41,18 @@ class Tiers:
         self.remotes = [("peer " + p.url, p) for p in peers] + ([("cloud " + cloud.url, cloud)] if cloud else [])
         self.bytes_by_source: Counter[str] = Counter()
         self.requests_by_source: Counter[str] = Counter()
+        self.down: dict[str, str] = {}  # tiers that failed this session, with why
+        self.refused: dict[str, str] = {}  # blobs some tier sent corrupt, with what was wrong
 
     def _ask(self, name: str, call):
+        if name in self.down:
+            return None
         self.requests_by_source[name] += 1
         try:
             return call()
-        except UnavailableError:
-            return None  # an unreachable tier is skipped; the next one may have it
+        except UnavailableError as exc:
+            self.down[name] = str(exc)  # skipped from now on; the next tier may have it
+            return None
 
     def blob(self, digest: str) -> bytes | None:
         data = self.local.read_blob(digest)
@@ -52,8 +62,9 @@ class Tiers:
         for name, client in self.remotes:
             try:
                 data = self._ask(name, lambda: client.get_blob(digest))
-            except IntegrityError:
-                continue  # a corrupt copy is refused; try the next tier
+            except IntegrityError as exc:
+                self.refused[digest] = str(exc)  # a corrupt copy is refused; try the next tier
+                continue
             if data is not None:
                 self.bytes_by_source[name] += len(data)
                 self.local.put_blob(digest, data)
@@ -68,8 +79,9 @@ class Tiers:
                 if data is not None:
                     break
         if data is None:
-            raise UsageError(f"artifact {artifact_id} not found locally{' or at ' if self.remotes else ''}"
-                             f"{', '.join(n for n, _ in self.remotes)}")
+            where = f"artifact {artifact_id} not found locally{' or at ' if self.remotes else ''}" \
+                    f"{', '.join(n for n, _ in self.remotes)}"
+            raise UnavailableError(f"{where} ({self.why_down()})") if self.down else UsageError(where)
         return Manifest.from_bytes(data, artifact_id)
 
     def resolve(self, ref: str) -> str:
@@ -82,13 +94,26 @@ class Tiers:
                 break
             found = self._ask(name, lambda: client.get_tag(ref))
         if not found:
-            raise UsageError(f"no tag {ref!r} locally{' or at ' if self.remotes else ''}{', '.join(n for n, _ in self.remotes)}")
+            where = f"no tag {ref!r} locally{' or at ' if self.remotes else ''}{', '.join(n for n, _ in self.remotes)}"
+            raise UnavailableError(f"{where} ({self.why_down()})") if self.down else UsageError(where)
         return found
 
     def reader(self, ref: str) -> BlobSourceReader:
         artifact_id = self.resolve(ref)
         manifest = self.manifest(artifact_id)
         return BlobSourceReader(manifest, artifact_id, self)
+
+    def why_down(self) -> str:
+        return "; ".join(f"{name}: {reason}" for name, reason in self.down.items())
+
+    def available_prefix(self, manifest: Manifest) -> int:
+        """How many leading chunks can be had, every layer's block of each, from any tier (fetching them)."""
+        if any(ref is not None and self.blob(ref.digest) is None for ref in (manifest.tokens, *manifest.bases)):
+            return 0
+        for chunk in range(manifest.chunks):
+            if any(self.blob(layer[chunk].digest) is None for layer in manifest.blocks):
+                return chunk
+        return manifest.chunks
 
     def lookup(self, space: str, prefixes: list[str]) -> tuple[str, int] | None:
         """The longest cached prefix among all tiers (local first; a longer remote hit wins)."""
