@@ -103,3 +103,43 @@ def serve_(
     out_console.print(table)
     if result["note"]:
         log(f"note: {result['note']}")
+
+
+@app.command("latency", epilog=examples(
+    "celslm bench latency -m qwen2.5-coder-0.5b --plot latency.png",
+    "celslm bench latency -m qwen2.5-coder-0.5b --quick --json"))
+def latency_(
+    model: ModelOpt,
+    context: Annotated[list[int] | None, typer.Option("--context", min=16, help="Context length in tokens (repeatable); default 512 1024 2048 4096.")] = None,
+    link: Annotated[list[str] | None, typer.Option("--link", help="Emulated link RATE[:RTT] (repeatable); default 10, 50, 100 Mbit/s and 1 Gbit/s.")] = None,
+    codec: Annotated[list[str] | None, typer.Option("--codec", help="Artifact codec (repeatable); default fp16 and balanced.")] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per run.")] = 64,
+    quick: Annotated[bool, typer.Option("--quick", help="Only 512 and 2048 tokens over 10 and 100 Mbit/s.")] = False,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of TTFT vs link rate.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """TTFT and total time: edge-only vs artifact, with and without pipelining, over emulated links."""
+    from celslm.bench import latency as latency_bench
+
+    contexts = tuple(context or ((512, 2048) if quick else (512, 1024, 2048, 4096)))
+    links = tuple(link or (("10mbit:20ms", "100mbit:20ms") if quick else ("10mbit:20ms", "50mbit:20ms", "100mbit:20ms", "1gbit:5ms")))
+    with progress_bar() as progress:
+        loaded = load_model(model, progress)
+    result = latency_bench.run(loaded, contexts=contexts, links=links, codecs=tuple(codec or ("fp16", "balanced")),
+                               new_tokens=new_tokens, progress=lambda what: log(f"bench latency: {what}"))
+    if plot:
+        latency_bench.plot(result, plot)
+    if json_:
+        print_json(result)
+        return
+    table = Table("context", "mode", "codec", "link (emulated)", "MiB", "TTFT s", "total s", "T_com_C", "T_comm",
+                  "T_com_E", "hidden", "TTFT vs edge",
+                  title=f"{result['model']}: time to first token and total for {new_tokens} tokens (links emulated in-process)")
+    edge = {r["context_tokens"]: r["ttft_s"] for r in result["runs"] if r["mode"] == "edge-only"}
+    for r in result["runs"]:
+        table.add_row(str(r["context_tokens"]), r["mode"], r["codec"] or "-", (r["link"] or "-").removeprefix("emulated "),
+                      f"{r['artifact_bytes'] / 2**20:.1f}", f"{r['ttft_s']:.2f}", f"{r['total_s']:.2f}",
+                      f"{r['t_com_c_s']:.2f}", f"{r['t_comm_s']:.2f}", f"{r['t_com_e_s']:.2f}",
+                      f"{r['hidden_share']:.0%}" if r["mode"] != "edge-only" else "-",
+                      f"{edge[r['context_tokens']] / r['ttft_s']:.1f}x")
+    out_console.print(table)

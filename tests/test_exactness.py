@@ -133,3 +133,16 @@ def test_pipelined_decode_over_a_slow_link_gives_the_same_tokens_and_logits(tiny
     assert stats.pipelined and stats.link.startswith("emulated 20 Mbit/s")
     assert stats.t_comm_s > 0 and stats.hidden_share > 0  # how much is a benchmark figure, not a unit test
     assert stats.ttft_s >= stats.t_comm_s * 0.9  # the last layer cannot be used before it has arrived
+
+
+def test_bench_latency_reports_every_mode_with_its_split(tiny_qwen):
+    from celslm.bench import latency
+
+    loaded = load_model(str(tiny_qwen))
+    result = latency.run(loaded, contexts=(96,), links=("1gbit:1ms",), codecs=("fp16",), new_tokens=3)
+    modes = [(r["mode"], r["codec"]) for r in result["runs"]]
+    assert modes == [("edge-only", None), ("artifact", "fp16"), ("artifact+pipeline", "fp16")]
+    for run in result["runs"]:
+        assert run["context_tokens"] == 96 and run["new_tokens"] == 3 and 0 < run["ttft_s"] <= run["total_s"]
+        assert (run["t_comm_s"] > 0) == (run["mode"] != "edge-only")
+        assert (run["link"] or "").startswith("emulated") == (run["mode"] != "edge-only")
