@@ -143,3 +143,33 @@ def latency_(
                       f"{r['hidden_share']:.0%}" if r["mode"] != "edge-only" else "-",
                       f"{edge[r['context_tokens']] / r['ttft_s']:.1f}x")
     out_console.print(table)
+
+
+@app.command("link", epilog=examples(
+    "sudo celslm bench link -m qwen2.5-coder-0.5b --rate 100mbit --rtt 20",
+    "sudo celslm bench link -m qwen2.5-coder-0.5b --rate 10mbit --codec small --json"))
+def link_(
+    model: ModelOpt,
+    rate: Annotated[str, typer.Option("--rate", help="tc netem rate, e.g. 100mbit.")] = "100mbit",
+    rtt: Annotated[float, typer.Option("--rtt", min=0, help="Round-trip time in ms.")] = 20.0,
+    codec: Annotated[str, typer.Option("--codec", help="Codec of the pushed artifact.")] = "balanced",
+    context: Annotated[str, typer.Option("--context", help="Context file (default: samples' sched.py when present).")] = "samples/context/sched.py",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1)] = 16,
+    json_: JsonOpt = False,
+) -> None:
+    """Real kernel shaping (root): serve-cache and decode in two network namespaces over a tc-shaped veth."""
+    from pathlib import Path
+
+    from celslm.bench import netns
+
+    result = netns.run(model, Path(context).resolve(), "What does this code do? Answer briefly.", rate, rtt, codec, new_tokens)
+    if json_:
+        print_json(result)
+        return
+    table = Table("path", "TTFT s", "total s", "T_com_C", "T_comm", "T_com_E", "hidden", title=f"{result['link']}, codec {codec}")
+    for name, r in result["runs"].items():
+        table.add_row(name, f"{r['ttft_s']:.2f}", f"{r['total_s']:.2f}", f"{r['t_com_c_s']:.2f}", f"{r['t_comm_s']:.2f}",
+                      f"{r['t_com_e_s']:.2f}", f"{r['hidden_share']:.0%}")
+    out_console.print(table)
+    runs = result["runs"]
+    out_console.print(f"time to first token: {runs['edge-only']['ttft_s'] / runs['artifact+pipeline']['ttft_s']:.1f}x faster from the artifact")
