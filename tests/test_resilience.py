@@ -135,8 +135,8 @@ def test_a_stalled_peer_is_skipped_for_the_cloud(published, tiny_qwen):
         cloud.close()
     assert out["text"] == expected["text"]
     assert list(out["bytes_by_source"]) == [f"cloud {cloud.url}"]
-    # one blob is tried with backoff (4 attempts); then the peer is marked down and never asked again
-    assert peer.blob_requests == 4 and time.monotonic() - started < 60
+    # the blobs in flight are each tried with backoff (4 attempts); then the peer is marked down, never asked again
+    assert 4 <= peer.blob_requests <= 4 * 4 and time.monotonic() - started < 60
 
 
 def test_corrupt_blocks_beyond_the_first_chunk_are_recomputed_from_context(published, tiny_qwen):

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import ssl
+import threading
 import time
 from urllib.parse import quote, urlsplit
 
@@ -32,7 +33,7 @@ class CacheClient:
         self.timeout_s = timeout_s or float(os.environ.get("CELSLM_TIMEOUT") or 30)
         self.retries, self.backoff_s = retries, backoff_s
         self._parts = parts
-        self._conn: http.client.HTTPConnection | None = None
+        self._local = threading.local()  # one kept-alive connection per fetching thread
 
     def _connect(self) -> http.client.HTTPConnection:
         if self._parts.scheme == "https":
@@ -47,11 +48,11 @@ class CacheClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         headers.update(extra_headers or {})
         for attempt in (0, 1):  # a kept-alive connection the server has closed is retried once
-            if self._conn is None:
-                self._conn = self._connect()
+            if getattr(self._local, "conn", None) is None:
+                self._local.conn = self._connect()
             try:
-                self._conn.request(method, path, body=body, headers=headers)
-                response = self._conn.getresponse()
+                self._local.conn.request(method, path, body=body, headers=headers)
+                response = self._local.conn.getresponse()
                 data = response.read()
                 break
             except http.client.IncompleteRead as exc:
@@ -71,9 +72,10 @@ class CacheClient:
         return response.status, data
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def _fail(self, status: int, data: bytes, what: str) -> CelslmError:
         return CelslmError(f"{self.url}: {what} failed: HTTP {status} {data[:200].decode(errors='replace').strip()}")

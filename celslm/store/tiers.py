@@ -8,7 +8,9 @@ prefix hashes of the shared context are sent.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,18 +28,25 @@ class BlobSourceReader(ArtifactReader):
         self._tiers = tiers
 
     def raw_blobs(self, chunks: int | None = None):
-        for ref in self.manifest.blob_refs(chunks):
-            data = self._tiers.blob(ref.digest)
-            if data is None and ref.digest in self._tiers.refused:
-                raise IntegrityError(f"{self.manifest.describe(ref)}: {self._tiers.refused[ref.digest]}")
-            if data is None and self._tiers.down:
-                raise UnavailableError(f"{self.manifest.describe(ref)}: no reachable tier has it ({self._tiers.why_down()})")
-            yield ref, data
+        refs = self.manifest.blob_refs(chunks)
+        pool = ThreadPoolExecutor(self._tiers.parallel, thread_name_prefix="celslm-get")
+        try:  # up to `parallel` blobs in flight; results come back in stream order
+            for ref, data in zip(refs, pool.map(lambda r: self._tiers.blob(r.digest), refs)):
+                if data is None and ref.digest in self._tiers.refused:
+                    raise IntegrityError(f"{self.manifest.describe(ref)}: {self._tiers.refused[ref.digest]}")
+                if data is None and self._tiers.down:
+                    raise UnavailableError(f"{self.manifest.describe(ref)}: no reachable tier has it ({self._tiers.why_down()})")
+                yield ref, data
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Tiers:
-    def __init__(self, local: LocalStore, peers: list[CacheClient] = (), cloud: CacheClient | None = None):
+    def __init__(self, local: LocalStore, peers: list[CacheClient] = (), cloud: CacheClient | None = None,
+                 parallel: int = 4):
         self.local = local
+        self.parallel = parallel  # blob requests in flight at once
+        self._lock = threading.Lock()  # the counters below are updated from several fetching threads
         self.remotes = [("peer " + p.url, p) for p in peers] + ([("cloud " + cloud.url, cloud)] if cloud else [])
         self.bytes_by_source: Counter[str] = Counter()
         self.requests_by_source: Counter[str] = Counter()
@@ -47,7 +56,8 @@ class Tiers:
     def _ask(self, name: str, call):
         if name in self.down:
             return None
-        self.requests_by_source[name] += 1
+        with self._lock:
+            self.requests_by_source[name] += 1
         try:
             return call()
         except UnavailableError as exc:
@@ -57,7 +67,7 @@ class Tiers:
     def blob(self, digest: str) -> bytes | None:
         data = self.local.read_blob(digest)
         if data is not None and "sha256:" + hashlib.sha256(data).hexdigest() == digest:
-            self.bytes_by_source["local"] += len(data)
+            self._count("local", data)
             return data
         for name, client in self.remotes:
             try:
@@ -66,10 +76,14 @@ class Tiers:
                 self.refused[digest] = str(exc)  # a corrupt copy is refused; try the next tier
                 continue
             if data is not None:
-                self.bytes_by_source[name] += len(data)
+                self._count(name, data)
                 self.local.put_blob(digest, data)
                 return data
         return None
+
+    def _count(self, source: str, data: bytes) -> None:
+        with self._lock:
+            self.bytes_by_source[source] += len(data)
 
     def manifest(self, artifact_id: str) -> Manifest:
         data = self.local.get_manifest(artifact_id)
