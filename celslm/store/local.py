@@ -51,29 +51,53 @@ def check_tag(name: str) -> str:
     return name
 
 
-class BlobWriter:
-    """Streams one blob to a temporary file, hashing as it goes; `commit` verifies and renames."""
+class HashingWriter:
+    """Receives one blob in chunks, hashing as it goes; `verify` refuses bytes that are not `digest`.
 
-    def __init__(self, store: "LocalStore", digest: str):
+    Backends say where the bytes go (`_put`) and how a verified blob is kept (`_keep`)."""
+
+    def __init__(self, digest: str):
         self.digest = digest
-        self.path = store.blob_path(digest)
-        fd, tmp = tempfile.mkstemp(dir=store.root / "tmp", prefix="blob-")
-        self._file = os.fdopen(fd, "wb")
-        self._tmp = Path(tmp)
         self._hash = hashlib.sha256()
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
         self._hash.update(chunk)
-        self._file.write(chunk)
+        self._put(chunk)
         self.size += len(chunk)
 
     def commit(self) -> None:
-        self._file.close()
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self.digest:
-            self._tmp.unlink(missing_ok=True)
+            self.abort()
             raise IntegrityError(f"blob bytes hash to {actual}, not {self.digest}")
+        self._keep()
+
+    def _put(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def _keep(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+
+class BlobWriter(HashingWriter):
+    """Streams one blob to a temporary file; a verified blob is renamed into place."""
+
+    def __init__(self, store: "LocalStore", digest: str):
+        super().__init__(digest)
+        self.path = store.blob_path(digest)
+        fd, tmp = tempfile.mkstemp(dir=store.root / "tmp", prefix="blob-")
+        self._file = os.fdopen(fd, "wb")
+        self._tmp = Path(tmp)
+
+    def _put(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+
+    def _keep(self) -> None:
+        self._file.close()
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

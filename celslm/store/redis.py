@@ -6,30 +6,22 @@ Capacity is Redis's own business here: run it with `maxmemory` and `maxmemory-po
 
 from __future__ import annotations
 
-import hashlib
-
-from celslm.errors import IntegrityError, UnavailableError
-from celslm.store.local import Store, check_digest
+from celslm.errors import UnavailableError
+from celslm.store.local import HashingWriter, Store, check_digest
 
 
-class RedisBlobWriter:
-    """Collects one blob (bounded by the server's upload limit), verifies it, then sets it once."""
+class RedisBlobWriter(HashingWriter):
+    """Collects one blob (bounded by the server's upload limit); a verified blob is set once."""
 
     def __init__(self, store: "RedisStore", digest: str):
-        self.store, self.digest = store, digest
+        super().__init__(digest)
+        self.store = store
         self._parts: list[bytes] = []
-        self._hash = hashlib.sha256()
-        self.size = 0
 
-    def write(self, chunk: bytes) -> None:
-        self._hash.update(chunk)
+    def _put(self, chunk: bytes) -> None:
         self._parts.append(chunk)
-        self.size += len(chunk)
 
-    def commit(self) -> None:
-        actual = "sha256:" + self._hash.hexdigest()
-        if actual != self.digest:
-            raise IntegrityError(f"blob bytes hash to {actual}, not {self.digest}")
+    def _keep(self) -> None:
         if self.store.redis.set(self.store.key("blobs", check_digest(self.digest)), b"".join(self._parts), nx=True):
             self.store.redis.incrby(self.store.key("usage"), self.size)
 
