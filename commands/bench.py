@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Annotated
 
 import typer
@@ -132,12 +133,13 @@ def latency_(
     if json_:
         print_json(result)
         return
-    table = Table("context", "mode", "codec", "link (emulated)", "MiB", "TTFT s", "total s", "T_com_C", "T_comm",
-                  "T_com_E", "hidden", "TTFT vs edge",
+    table = Table("ctx", "mode", "codec", "link", "MiB", "TTFT", "total", "T_com_C", "T_comm", "T_com_E", "hidden",
+                  "speedup", caption="seconds; link = emulated rate / RTT; speedup = edge-only TTFT / TTFT",
                   title=f"{result['model']}: time to first token and total for {new_tokens} tokens (links emulated in-process)")
     edge = {r["context_tokens"]: r["ttft_s"] for r in result["runs"] if r["mode"] == "edge-only"}
     for r in result["runs"]:
-        table.add_row(str(r["context_tokens"]), r["mode"], r["codec"] or "-", (r["link"] or "-").removeprefix("emulated "),
+        link = re.sub(r"emulated (\S+) Mbit/s, (\S+) ms RTT", r"\1M/\2ms", r["link"] or "-")
+        table.add_row(str(r["context_tokens"]), r["mode"].replace("artifact+pipeline", "pipelined"), r["codec"] or "-", link,
                       f"{r['artifact_bytes'] / 2**20:.1f}", f"{r['ttft_s']:.2f}", f"{r['total_s']:.2f}",
                       f"{r['t_com_c_s']:.2f}", f"{r['t_comm_s']:.2f}", f"{r['t_com_e_s']:.2f}",
                       f"{r['hidden_share']:.0%}" if r["mode"] != "edge-only" else "-",

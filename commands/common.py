@@ -15,7 +15,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColum
 from celslm.errors import UsageError
 
 err_console = Console(stderr=True)
-out_console = Console()
+# Piped output is not cut to 80 columns: wide tables (benchmarks) stay readable in files and logs.
+out_console = Console() if Console().is_terminal else Console(width=200)
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", envvar="CELSLM_MODEL", show_envvar=True,
