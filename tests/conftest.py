@@ -90,3 +90,13 @@ CONTEXT = (
     "def greet(name):\n    \"\"\"Return a greeting for name.\"\"\"\n    return 'Hello, ' + name + '!'\n\n"
     "class Counter:\n    def __init__(self):\n        self.count = 0\n\n    def bump(self):\n        self.count += 1\n"
 )
+
+
+@pytest.fixture(scope="session")
+def prefilled(tiny_qwen, tmp_path_factory) -> Path:
+    """A folder with ctx.txt and its artifact a.kv (tiny Qwen2, chunks of 64), shared by the server tests."""
+    folder = tmp_path_factory.mktemp("prefilled")
+    (folder / "ctx.txt").write_text(CONTEXT * 3)
+    run_cli("prefill", "-m", str(tiny_qwen), "-c", str(folder / "ctx.txt"), "-o", str(folder / "a.kv"),
+            "--chunk-size", "64", check=True)
+    return folder

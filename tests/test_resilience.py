@@ -14,7 +14,7 @@ from aiohttp import web
 from celslm.artifact import DirectoryReader
 from celslm.errors import EXIT_UNAVAILABLE
 from celslm.store.local import LocalStore
-from tests.conftest import CONTEXT, run_cli
+from tests.conftest import run_cli
 from tests.netutil import free_port
 
 PROMPT = "What does greet return?"
@@ -91,12 +91,9 @@ class FaultServer:
 
 
 @pytest.fixture(scope="module")
-def published(tiny_qwen, tmp_path_factory):
+def published(prefilled, tiny_qwen):
     """An artifact in a store directory (what a cloud holds), plus the context it came from."""
-    folder = tmp_path_factory.mktemp("published")
-    (folder / "ctx.txt").write_text(CONTEXT * 3)
-    run_cli("prefill", "-m", str(tiny_qwen), "-c", str(folder / "ctx.txt"), "-o", str(folder / "a.kv"),
-            "--chunk-size", "64", check=True)
+    folder = prefilled
     reader = DirectoryReader(folder / "a.kv")
     store = LocalStore(folder / "store")
     for ref, data in reader.blobs():

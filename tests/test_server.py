@@ -36,13 +36,8 @@ def servers(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_qwen, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("srv")
-    (folder / "ctx.txt").write_text(CONTEXT * 3)
-    run_cli("prefill", "-m", str(tiny_qwen), "-c", str(folder / "ctx.txt"), "-o", str(folder / "a.kv"),
-            "--chunk-size", "64", check=True)
-    manifest = json.loads((folder / "a.kv" / "manifest.json").read_bytes())
-    return folder, manifest
+def artifact(prefilled):
+    return prefilled, json.loads((prefilled / "a.kv" / "manifest.json").read_bytes())
 
 
 def call(url: str, method: str, path: str, body: bytes | None = None, token: str | None = None, headers=None):

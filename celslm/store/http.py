@@ -125,13 +125,18 @@ class CacheClient:
 
     # ---- manifests, tags, lookup
 
-    def get_manifest(self, artifact_id: str) -> bytes | None:
-        status, data = self.request("GET", f"/v1/artifacts/{artifact_id}")
+    def _get(self, path: str, what: str) -> bytes | None:
+        """GET a small object: its bytes, None on 404, an error otherwise."""
+        status, data = self.request("GET", path)
         if status == 404:
             return None
         if status != 200:
-            raise self._fail(status, data, f"GET artifact {artifact_id}")
-        if "sha256:" + hashlib.sha256(data).hexdigest() != artifact_id:
+            raise self._fail(status, data, f"GET {what}")
+        return data
+
+    def get_manifest(self, artifact_id: str) -> bytes | None:
+        data = self._get(f"/v1/artifacts/{artifact_id}", f"artifact {artifact_id}")
+        if data is not None and "sha256:" + hashlib.sha256(data).hexdigest() != artifact_id:
             raise IntegrityError(f"{self.url} sent a manifest that does not hash to {artifact_id}")
         return data
 
@@ -144,12 +149,8 @@ class CacheClient:
         return []
 
     def get_tag(self, name: str) -> str | None:
-        status, data = self.request("GET", f"/v1/tags/{quote(name, safe=':')}")
-        if status == 404:
-            return None
-        if status != 200:
-            raise self._fail(status, data, f"GET tag {name}")
-        return data.decode().strip()
+        data = self._get(f"/v1/tags/{quote(name, safe=':')}", f"tag {name}")
+        return data.decode().strip() if data is not None else None
 
     def put_tag(self, name: str, artifact_id: str) -> None:
         status, body = self.request("PUT", f"/v1/tags/{quote(name, safe=':')}", artifact_id.encode())
