@@ -150,6 +150,14 @@ def context_from_ids(loaded: LoadedModel, token_ids: list[int], *, framing: str,
     return Context(token_ids, cache, framing, stats, started)
 
 
+def context_from_layers(loaded: LoadedModel, token_ids: list[int], layers: list[kvcache.LayerKV],
+                        framing: str = "raw") -> Context:
+    """A context from pre-RoPE keys and values already in memory (exact: no codec, no artifact)."""
+    cos, sin = kvcache.rope_tables(loaded.model, 0, len(token_ids))
+    cache = kvcache.cache_from_layers(loaded.model, [(kvcache.apply_rope(k, cos, sin), v) for k, v in layers])
+    return Context(token_ids, cache, framing, DecodeStats(path="artifact", context_tokens=len(token_ids)))
+
+
 def eos_ids(loaded: LoadedModel) -> set[int]:
     ids = set()
     for source in (getattr(loaded.model, "generation_config", None), loaded.tokenizer):

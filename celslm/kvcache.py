@@ -28,9 +28,9 @@ def cache_from_layers(model, layers: list[LayerKV]) -> DynamicCache:
     return cache
 
 
-def cache_layers(cache: DynamicCache) -> list[LayerKV]:
-    """The cache's post-RoPE keys and values per layer, batch dimension dropped."""
-    return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+def cache_layers(cache: DynamicCache, count: int | None = None) -> list[LayerKV]:
+    """The cache's post-RoPE keys and values per layer (its first `count`), batch dimension dropped."""
+    return [(layer.keys[0], layer.values[0]) for layer in cache.layers[:count]]
 
 
 def cache_length(cache: DynamicCache) -> int:

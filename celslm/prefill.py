@@ -1,9 +1,15 @@
-"""Context text -> KV artifact: prefill the context in chunks, un-rotate the keys, cut into blocks."""
+"""Context token ids -> KV artifact: prefill the context in chunks, un-rotate the keys, cut into blocks.
+
+Native artifacts hold a model's own KV. Cross-model artifacts (`prefill_cross`) hold a small model's
+KV projected from a large model's features through an alignment (`celslm.align`), with the small
+model's own KV for the first (sink) tokens and, for a hybrid, for its first layers.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -11,6 +17,9 @@ from celslm import kvcache
 from celslm.artifact import Artifact, build_artifact
 from celslm.errors import UsageError
 from celslm.models import LoadedModel
+
+if TYPE_CHECKING:
+    from celslm.align import Alignment
 
 # Called with (tokens done, tokens total).
 TokenProgress = Callable[[int, int], None]
@@ -29,11 +38,124 @@ def prefill_cache(loaded: LoadedModel, token_ids: list[int], step: int = 256, pr
     return cache
 
 
-def pre_rope_layers(loaded: LoadedModel, cache) -> list[kvcache.LayerKV]:
-    """Per layer (key pre-RoPE `[H, T, D]`, value `[H, T, D]`) from a filled cache."""
-    layers = kvcache.cache_layers(cache)
+def pre_rope_layers(loaded: LoadedModel, cache, count: int | None = None) -> list[kvcache.LayerKV]:
+    """Per layer (key pre-RoPE `[H, T, D]`, value `[H, T, D]`) from a filled cache (its first `count` layers)."""
+    layers = kvcache.cache_layers(cache, count)
     cos, sin = kvcache.rope_tables(loaded.model, 0, layers[0][0].shape[1])
     return [(kvcache.unapply_rope(key, cos, sin), value) for key, value in layers]
+
+
+FEATURES = ("hidden", "keys", "values")
+
+
+@dataclass
+class LayerFeatures:
+    """One model's features over one token sequence (or sampled rows of several), per layer, `[N, dim]` each."""
+
+    hidden: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def rows(self, index: torch.Tensor) -> "LayerFeatures":
+        return LayerFeatures(*[[t[index] for t in getattr(self, f)] for f in FEATURES])
+
+    @staticmethod
+    def concat(parts: list["LayerFeatures"]) -> "LayerFeatures":
+        return LayerFeatures(*[[torch.cat(ts) for ts in zip(*[getattr(p, f) for p in parts])] for f in FEATURES])
+
+
+@torch.inference_mode()
+def layer_features(loaded: LoadedModel, token_ids: list[int], step: int = 256) -> LayerFeatures:
+    """Run the model over `token_ids` at positions 0..T-1 and keep every layer's features."""
+    layers = loaded.model.model.layers
+    normed: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.input_layernorm.register_forward_hook(lambda m, args, out, i=i: normed[i].append(out[0].float()))
+             for i, layer in enumerate(layers)]
+    try:
+        cache = prefill_cache(loaded, token_ids, step)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kv = pre_rope_layers(loaded, cache)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:  # [H, T, D] -> [T, H*D]
+        return t.permute(1, 0, 2).reshape(t.shape[1], -1)
+
+    return LayerFeatures([torch.cat(parts) for parts in normed], [flat(k) for k, _ in kv], [flat(v) for _, v in kv])
+
+
+def native_layers(loaded: LoadedModel, token_ids: list[int], count: int, step: int = 256) -> list[kvcache.LayerKV]:
+    """The model's own pre-RoPE KV of its first `count` layers; only those layers run (a layer's KV
+    depends on the layers below it alone)."""
+    decoder = loaded.model.model
+    every = decoder.layers
+    decoder.layers = torch.nn.ModuleList(every[:count])
+    try:
+        with torch.inference_mode():
+            cache = prefill_cache(loaded, token_ids, step)
+    finally:
+        decoder.layers = every
+    return pre_rope_layers(loaded, cache, count)
+
+
+def cross_layers(llm: LoadedModel, slm: LoadedModel, alignment: "Alignment", token_ids: list[int],
+                 native: tuple[int, ...] = (), llm_features: LayerFeatures | None = None) -> list[kvcache.LayerKV]:
+    """The SLM's KV over `token_ids`: projected from the LLM, except the sink tokens (always the SLM's own)
+    and the layers in `native` (the SLM's own over the whole context)."""
+    features = llm_features or layer_features(llm, token_ids)
+    _, kv_heads, _ = kvcache.kv_geometry(slm.model)
+    layers = alignment.project(features, kv_heads)
+    sink = min(alignment.sink_tokens, len(token_ids))
+    if sink:
+        own = native_layers(slm, token_ids[:sink], len(layers))
+        layers = [(torch.cat([ok, k[:, sink:]], 1), torch.cat([ov, v[:, sink:]], 1))
+                  for (ok, ov), (k, v) in zip(own, layers)]
+    if native:
+        own = native_layers(slm, token_ids, max(native) + 1)
+        layers = [own[i] if i in native else layer for i, layer in enumerate(layers)]
+    return layers
+
+
+def prefill_cross(
+    llm: LoadedModel,
+    slm: LoadedModel,
+    alignment: "Alignment",
+    token_ids: list[int],
+    *,
+    framing: str,
+    native: tuple[int, ...] = (),
+    chunk_size: int = 256,
+    dtype: str = "float32",
+    progress: TokenProgress | None = None,
+) -> Artifact:
+    """An artifact in the SLM's space, computed by the LLM and projected through `alignment`."""
+    if not token_ids:
+        raise UsageError("the context is empty; nothing to prefill")
+    layer_count = slm.model.config.num_hidden_layers
+    if any(not 0 <= i < layer_count for i in native):
+        raise UsageError(f"--native-layers must be within 0..{layer_count - 1} ({slm.name} has {layer_count} layers)")
+    started = time.perf_counter()
+    with torch.inference_mode():
+        if progress:
+            progress(0, len(token_ids))
+        features = layer_features(llm, token_ids)
+        prefill_s = time.perf_counter() - started
+        layers = cross_layers(llm, slm, alignment, token_ids, native, features)
+        if progress:
+            progress(len(token_ids), len(token_ids))
+    projection_s = time.perf_counter() - started - prefill_s
+    return build_artifact(
+        space=slm.space,
+        producer={"model": llm.name, "fingerprint": llm.fingerprint, "alignment": alignment.digest,
+                  "native_layers": sorted(native), "sink_tokens": alignment.sink_tokens},
+        token_ids=token_ids,
+        layers=layers,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        framing=framing,
+        provenance=["native" if i in native else "projected" for i in range(len(layers))],
+        timings={"prefill_s": round(prefill_s, 6), "projection_s": round(projection_s, 6)},
+    )
 
 
 def prefill(

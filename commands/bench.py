@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from celslm.align import load_aligned_models, load_alignment
 from celslm.bench import compress as compress_bench
+from celslm.bench import quality as quality_bench
 from celslm.bench import ttft as ttft_bench
 from celslm.models import load_model
 from .common import JsonOpt, ModelOpt, examples, log, out_console, print_json, progress_bar
@@ -78,6 +80,48 @@ def compress_(
                       f"{row['ppl_ratio']:.4f}", f"{row['top1_agreement']:.3f}", *mbps)
     out_console.print(table)
     out_console.print(f"note: {result['notes']['quanto']}", highlight=False)
+
+
+@app.command("quality", epilog=examples(
+    "celslm bench quality --llm qwen2.5-coder-1.5b --align coder.align --plot docs/quality.png",
+    "celslm bench quality --llm qwen2.5-coder-1.5b --align coder.align --files 5 --native 6 --native 12 --json"))
+def quality_(
+    llm: Annotated[str, typer.Option("--llm", help="The large model the alignment maps from.")],
+    align: Annotated[str, typer.Option("--align", help="Alignment directory (celslm align).")],
+    slm: Annotated[str | None, typer.Option("--slm", help="Where to load the small model from (default: as the alignment names it).")] = None,
+    files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files (never calibration files).")] = 20,
+    context: Annotated[int, typer.Option("--context", min=8, help="Context tokens per file.")] = 1024,
+    continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
+    native: Annotated[list[int] | None, typer.Option("--native", min=1, help="Hybrid native layer counts to measure (repeatable); default 4, 8, 12, 16, plus --auto's pick.")] = None,
+    budget: Annotated[str, typer.Option("--budget", help="Perplexity budget for the auto hybrid, e.g. 2%.")] = "2%",
+    codec: Annotated[str, typer.Option("--codec", help="Codec of the shipped artifacts (link bytes and quality include it).")] = "balanced",
+    plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of gain kept vs edge prefill avoided.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """The small model's quality from a large model's KV: cross, hybrid, equal-compute baselines, held out."""
+    from .prefill import parse_budget
+
+    alignment = load_alignment(align)
+    with progress_bar() as progress:
+        large = load_model(llm, progress)
+        small = load_aligned_models(alignment, large, slm, progress)
+        result = quality_bench.run(large, small, alignment, files=files, context=context, continuation=continuation,
+                                   native_counts=tuple(native) if native else (4, 8, 12, 16),
+                                   budget=parse_budget(budget), codec=codec, progress=progress)
+    if plot:
+        quality_bench.plot(result, plot)
+    if json_:
+        print_json(result)
+        return
+    table = Table("mode", "NLL", "ppl vs own", "gain kept", "top-1 vs own", "link bytes", "edge prefill avoided",
+                  title=f"{result['slm']} from {result['llm']} ({result['source']} maps, {result['map']} map), "
+                        f"{len(result['files'])} held-out stdlib files, {result['context_tokens']}-token contexts, "
+                        f"{result['continuation_tokens']}-token continuations")
+    for row in result["rows"]:
+        top1 = "n/a" if row["top1_vs_own"] is None else f"{row['top1_vs_own']:.3f}"
+        table.add_row(row["mode"], f"{row['nll']:.4f}", f"{row['ppl_vs_own']:.4f}", f"{row['gain_kept']:.0%}", top1,
+                      f"{row['link_bytes']:,}", f"{row['edge_prefill_avoided']:.0%}")
+    out_console.print(table)
 
 
 @app.command("serve", epilog=examples("celslm bench serve", "celslm bench serve --clients 1 --clients 32 --seconds 3 --json"))

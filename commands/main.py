@@ -14,7 +14,7 @@ import typer  # noqa: E402
 from celslm import __version__  # noqa: E402
 from celslm.errors import EXIT_RUNTIME, CelslmError  # noqa: E402
 
-from . import bench, compress, decode, inspect, models, prefill, push, score, serve_cache, verify  # noqa: E402
+from . import align, bench, compress, decode, inspect, models, prefill, push, score, serve_cache, verify  # noqa: E402
 from .common import err_console  # noqa: E402
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.command(epilog=align.EPILOG)(align.align)
 app.command(epilog=prefill.EPILOG)(prefill.prefill)
 app.command(epilog=decode.EPILOG)(decode.decode)
 app.command(epilog=inspect.EPILOG)(inspect.inspect)

@@ -13,8 +13,9 @@ from celslm.artifact import DTYPES, MemoryReader, write_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push as push_artifact
 from celslm.errors import UsageError
+from celslm.align import load_alignment, load_aligned_models
 from celslm.models import load_model
-from celslm.prefill import prefill as run_prefill
+from celslm.prefill import prefill as run_prefill, prefill_cross
 from .common import ForceOpt, JsonOpt, ModelOpt, TokenOpt, examples, log, print_json, progress_bar, read_file_or_stdin
 
 EPILOG = examples(
@@ -22,7 +23,32 @@ EPILOG = examples(
     "cat notes.txt | celslm prefill -m ./my-model --context - --out notes.kv --json",
     "celslm prefill -m smollm2-135m -c doc.txt -o - | ssh edge celslm decode -m smollm2-135m --kv - --prompt 'Summarize.'",
     "celslm prefill -m qwen2.5-coder-0.5b -c sched.py --push http://cloud:8470 --tag sched:latest",
+    "celslm prefill -m qwen2.5-coder-1.5b --align coder.align -c sched.py -o sched-cross.kv",
+    "celslm prefill -m qwen2.5-coder-1.5b --align coder.align --auto --budget 2% -c sched.py -o sched-hybrid.kv",
 )
+
+
+def parse_native_layers(value: str | None) -> tuple[int, ...]:
+    """`K` means the first K layers; `0,1,5` names layers."""
+    if not value:
+        return ()
+    try:
+        if "," in value:
+            return tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+        return tuple(range(int(value)))
+    except ValueError as exc:
+        raise UsageError(f"--native-layers {value!r}: give a count K (the first K layers) or a list like 0,1,2") from exc
+
+
+def parse_budget(value: str) -> float:
+    """`2%` or `0.02`."""
+    try:
+        budget = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError as exc:
+        raise UsageError(f"--budget {value!r}: give a perplexity budget like 2% or 0.02") from exc
+    if budget < 0:
+        raise UsageError("--budget must not be negative")
+    return budget
 
 
 def prefill(
@@ -32,6 +58,11 @@ def prefill(
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Tokens per chunk (one block per chunk and layer).")] = 256,
     dtype: Annotated[str, typer.Option("--dtype", help=f"Storage dtype of the blocks: {', '.join(DTYPES)}. float32 is exact.")] = "float32",
     raw: Annotated[bool, typer.Option("--raw", help="Prefill the context as plain text, not as the opening of a chat turn.")] = False,
+    align: Annotated[str | None, typer.Option("--align", help="Alignment directory (celslm align): --model is the large model; the artifact is in the small model's space.")] = None,
+    slm: Annotated[str | None, typer.Option("--slm", help="With --align: where to load the small model from (default: as the alignment names it).")] = None,
+    native_layers: Annotated[str | None, typer.Option("--native-layers", help="With --align: K (the small model's own KV for its first K layers, the rest projected) or a list 0,1,5.")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="With --align: the fewest leading native layers whose perplexity, measured by align on held-out text, is within --budget.")] = False,
+    budget: Annotated[str, typer.Option("--budget", help="With --auto: allowed perplexity increase over the small model's own prefill, e.g. 2%.")] = "2%",
     push: Annotated[str | None, typer.Option("--push", help="Upload the artifact to this serve-cache URL (only missing blobs).")] = None,
     tag: Annotated[str | None, typer.Option("--tag", help="With --push: point this tag at the artifact.")] = None,
     token: TokenOpt = None,
@@ -49,14 +80,32 @@ def prefill(
         raise UsageError("--out - writes a binary tar stream; redirect stdout to a file or a pipe")
     if out == "-" and json_:
         raise UsageError("--json needs --out PATH: with --out - stdout carries the artifact")
+    if (native_layers or auto or slm) and not align:
+        raise UsageError("--native-layers, --auto and --slm go with --align")
+    if native_layers and auto:
+        raise UsageError("give either --native-layers or --auto, not both")
+    alignment = load_alignment(align) if align else None
+    native = parse_native_layers(native_layers)
+    if auto:
+        count = alignment.budget_native_layers(parse_budget(budget))
+        if count is None:
+            raise UsageError(f"no hybrid of {align} is within --budget {budget} on its held-out text; "
+                             "raise the budget or prefill with the small model itself")
+        native = tuple(range(count))
     text = read_file_or_stdin(context, "--context")
     started = time.perf_counter()
     with progress_bar() as progress:
         loaded = load_model(model, progress)
+        small = load_aligned_models(alignment, loaded, slm, progress) if alignment else None
         framing = "raw" if raw else prompting.default_framing(loaded.tokenizer)
         token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
-        artifact = run_prefill(loaded, token_ids, framing=framing, chunk_size=chunk_size, dtype=dtype,
-                               progress=lambda done, total: progress("prefill (tokens)", done, total))
+        report = lambda done, total: progress("prefill (tokens)", done, total)  # noqa: E731
+        if alignment:
+            artifact = prefill_cross(loaded, small, alignment, token_ids, framing=framing, native=native,
+                                     chunk_size=chunk_size, dtype=dtype, progress=report)
+        else:
+            artifact = run_prefill(loaded, token_ids, framing=framing, chunk_size=chunk_size, dtype=dtype,
+                                   progress=report)
     if out is not None:
         write_artifact(artifact, out, force=force, stdout=sys.stdout.buffer)
     pushed = push_artifact(MemoryReader(artifact), CacheClient(push, token), tag) if push else None
@@ -70,11 +119,15 @@ def prefill(
         "layers": m.layers,
         "bytes": m.blob_bytes(),
         "prefill_s": m.timings["prefill_s"],
+        **({"producer": m.producer, "provenance": m.provenance} if alignment else {}),
         "seconds": round(time.perf_counter() - started, 3),
         **({"push": pushed} if pushed else {}),
     }
     if json_:
         print_json(summary)
     else:
+        if alignment:
+            log(f"cross-model: {m.producer['model']} -> {m.space['name']}, native layers "
+                f"{list(native) or 'none'} (+ own KV of the first {alignment.sink_tokens} token(s)), the rest projected")
         log(f"wrote {artifact.id} to {out or push}: {m.token_count} tokens, {m.layers} layers x {m.chunks} chunks, "
             f"{m.blob_bytes() / 2**20:.1f} MiB, prefill {m.timings['prefill_s']:.2f} s")

@@ -10,10 +10,8 @@ transformers' QuantizedCache (quanto backend) and plain lz4 / zstd over fp16 byt
 from __future__ import annotations
 
 import math
-import sysconfig
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,13 +19,11 @@ import torch
 from celslm import kvcache
 from celslm.artifact import MemoryReader, build_artifact
 from celslm.codecs import PRESETS, parse_codec
+from celslm.corpus import Case, eval_cases
 from celslm.decode import context_from_artifact
 from celslm.models import LoadedModel
 from celslm.prefill import pre_rope_layers, prefill_cache
 from celslm.score import continuation_logits
-
-# Files other benchmarks and samples use are not evaluation data here.
-NOT_HELD_OUT = {"sched.py", "textwrap.py", "fnmatch.py", "shlex.py", "string.py"}
 
 DEFAULT_CODECS = (
     "lossless", "balanced", "small",
@@ -38,13 +34,6 @@ PEER_CODECS = ("fp16+lz4", "fp16+zstd")  # plain lz4 / zstd over fp16 bytes
 QUANTO_BITS = (4, 2)
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    context: list[int]
-    continuation: list[int]
 
 
 @dataclass
@@ -76,25 +65,6 @@ class Row:
             "decode_mbps": round(mb / self.decode_s, 1) if self.decode_s else None,
             "files": self.cases,
         }
-
-
-def eval_cases(tokenizer, files: int = 20, min_context: int = 1024, max_context: int = 2048,
-               continuation: int = 128) -> list[Case]:
-    """Evenly spaced stdlib modules with enough text; context length varies with the file."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    paths = [p for p in sorted(stdlib.glob("*.py"))
-             if p.name not in NOT_HELD_OUT and not p.name.startswith("_") and 8_000 < p.stat().st_size < 400_000]
-    step = max(1, len(paths) // files)
-    cases = []
-    for path in paths[::step]:
-        ids = tokenizer(path.read_text(errors="replace"), add_special_tokens=True)["input_ids"]
-        length = min(max_context, len(ids) - continuation)
-        if length < min_context:
-            continue
-        cases.append(Case(path.name, ids[:length], ids[length : length + continuation]))
-        if len(cases) == files:
-            break
-    return cases
 
 
 def _one_thread(fn):

@@ -1,0 +1,503 @@
+"""Cross-model KV: which small-model layer reads which large-model layer, and the maps between them.
+
+`calibrate` runs a large model (LLM) and a small model (SLM) that share a tokenizer over the same
+calibration windows and keeps, per layer, three features of sampled tokens:
+  hidden  the hidden state entering the layer, after the layer's input norm  [N, hidden]
+  keys    pre-RoPE keys, heads concatenated                                  [N, H*D]
+  values  values, heads concatenated                                         [N, H*D]
+`align` compares every SLM layer with every LLM layer (linear CKA and RSA on each feature), picks a
+monotone layer map by dynamic programming, and fits per SLM layer a ridge map from the mapped LLM
+layer's features to the SLM's keys and values. The first `sink` tokens of a context are never
+projected: attention sinks project badly, and one token of the SLM's own prefill costs nothing.
+
+The alignment is a directory: `alignment.json` (fingerprints, layer map, similarities, held-out R²,
+per-layer sensitivity, the measured hybrid curve, the maps' digest) and `maps.safetensors`.
+Its digest is the sha256 of `alignment.json`, which names the maps file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load as load_tensors, save as save_tensors
+
+from celslm.errors import IntegrityError, UsageError
+from celslm.models import LoadedModel
+from celslm.decode import context_from_layers
+from celslm.prefill import FEATURES, LayerFeatures, cross_layers, layer_features, native_layers
+from celslm.score import continuation_logits
+
+FORMAT = "celslm-alignment/1"
+SOURCES = ("hidden", "kv")  # what a projection reads from the mapped LLM layer
+MAP_METHODS = ("cka", "rsa", "proportional")
+LAMBDAS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # ridge strengths, times the Gram's mean eigenvalue
+
+Progress = Callable[[str, int, int | None], None]
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # (pre-RoPE key [H, T, D], value [H, T, D])
+
+
+# ---------------------------------------------------------------- features
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Two models can share a cache only if their token ids mean the same text."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_tokenizers(llm: LoadedModel, slm: LoadedModel) -> str:
+    digest = tokenizer_digest(llm.tokenizer)
+    if tokenizer_digest(slm.tokenizer) != digest:
+        raise UsageError(f"{llm.name} and {slm.name} have different tokenizers (vocabularies differ); "
+                         "cross-model KV needs two models that share one tokenizer")
+    return digest
+
+
+# ---------------------------------------------------------------- similarity and the layer map
+
+
+def _centered_gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.double() - x.double().mean(0)
+    return x @ x.T  # [n, n]
+
+
+def linear_cka(grams_a: list[torch.Tensor], grams_b: list[torch.Tensor]) -> torch.Tensor:
+    """Linear CKA between every pair of layers from centered Gram matrices; `[len(a), len(b)]`."""
+    flat_a = torch.stack([g.flatten() / g.norm() for g in grams_a])
+    flat_b = torch.stack([g.flatten() / g.norm() for g in grams_b])
+    return (flat_a @ flat_b.T).float()
+
+
+def _rdm(x: torch.Tensor) -> torch.Tensor:
+    """Representational dissimilarity: 1 - Pearson correlation between tokens, upper triangle."""
+    x = x.double() - x.double().mean(1, keepdim=True)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    rows, cols = torch.triu_indices(x.shape[0], x.shape[0], 1)
+    return 1.0 - (x @ x.T)[rows, cols]
+
+
+def rsa(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> torch.Tensor:
+    """RSA: Pearson correlation between the layers' dissimilarity matrices; `[len(a), len(b)]`."""
+
+    def standardized(x):
+        d = _rdm(x)
+        d = d - d.mean()
+        return d / d.norm().clamp_min(1e-12)
+
+    flat_a = torch.stack([standardized(x) for x in feats_a])
+    flat_b = torch.stack([standardized(x) for x in feats_b])
+    return (flat_a @ flat_b.T).float()
+
+
+def monotone_map(similarity: torch.Tensor) -> list[int]:
+    """The non-decreasing map small layer -> large layer with the largest total similarity (DP)."""
+    small, large = similarity.shape
+    best = similarity[0].double().clone()  # best total for layers 0..s with layer s mapped to l
+    choice = []
+    for s in range(1, small):
+        running, arg = best.cummax(0)  # best predecessor l' <= l
+        choice.append(arg)
+        best = running + similarity[s].double()
+    mapping = [int(best.argmax())]
+    for arg in reversed(choice):
+        mapping.append(int(arg[mapping[-1]]))
+    return mapping[::-1]
+
+
+def proportional_map(small: int, large: int) -> list[int]:
+    return [round(s * (large - 1) / max(small - 1, 1)) for s in range(small)]
+
+
+# ---------------------------------------------------------------- ridge maps
+
+
+@dataclass(frozen=True)
+class RidgeFit:
+    weight: torch.Tensor  # [d_in, d_out], applies to raw (unstandardized) inputs
+    bias: torch.Tensor  # [d_out]
+    lam: float  # chosen ridge strength, relative to the Gram's mean eigenvalue
+    r2: float  # on the held-out rows
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+              lambdas: tuple[float, ...] = LAMBDAS) -> RidgeFit:
+    """Ridge regression y ≈ x W + b on standardized inputs; λ picked by held-out squared error."""
+    x, y, x_test, y_test = (t.double() for t in (x, y, x_test, y_test))
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    xs = (x - mean) / std
+    y_mean = y.mean(0)
+    evals, evecs = torch.linalg.eigh(xs.T @ xs)
+    evals = evals.clamp_min(0)
+    xty = evecs.T @ (xs.T @ (y - y_mean))  # [d_in, d_out] in the eigenbasis
+    test_e = ((x_test - mean) / std) @ evecs
+    total = ((y_test - y_test.mean(0)) ** 2).sum()
+    best = None
+    for lam in lambdas:
+        coef = xty / (evals + lam * evals.mean())[:, None]
+        error = ((test_e @ coef + y_mean - y_test) ** 2).sum()
+        if best is None or error < best[0]:
+            best = (error, lam, coef)
+    error, lam, coef = best
+    weight = (evecs @ coef) / std[:, None]
+    bias = y_mean - mean @ weight
+    return RidgeFit(weight.float(), bias.float(), lam, float(1 - error / total))
+
+
+# ---------------------------------------------------------------- the alignment
+
+
+@dataclass
+class Alignment:
+    meta: dict  # everything in alignment.json but the maps
+    maps: dict[str, torch.Tensor]  # "{layer}.{key|value}.{weight|bias}"
+    digest: str = ""
+
+    @property
+    def layer_map(self) -> list[int]:
+        return self.meta["layer_map"]
+
+    @property
+    def source(self) -> str:
+        return self.meta["source"]
+
+    @property
+    def sink_tokens(self) -> int:
+        return self.meta["sink_tokens"]
+
+    def project(self, llm_features: LayerFeatures, kv_heads: int) -> list[LayerKV]:
+        """The SLM's pre-RoPE keys and values `[H, T, D]` per layer, from the LLM's features."""
+        layers = []
+        for s, l in enumerate(self.layer_map):
+            x = _regressor(llm_features, l, self.source)
+            out = []
+            for part in ("key", "value"):
+                y = x @ self.maps[f"{s}.{part}.weight"] + self.maps[f"{s}.{part}.bias"]  # [T, H*D]
+                out.append(y.reshape(y.shape[0], kv_heads, -1).permute(1, 0, 2).contiguous())
+            layers.append((out[0], out[1]))
+        return layers
+
+    def budget_native_layers(self, budget: float) -> int | None:
+        """The fewest leading native layers whose measured perplexity is within `budget` (0.02 = 2%) of
+        the SLM's own prefill on held-out calibration text; None if no hybrid is."""
+        own = self.meta["heldout"]["own_nll"]
+        for k, nll in enumerate(self.meta["heldout"]["hybrid_nll"]):
+            if math.exp(nll - own) - 1 <= budget:
+                return k
+        return None
+
+
+def load_aligned_models(alignment: Alignment, llm: LoadedModel, slm_spec: str | None = None,
+                        progress: Progress | None = None) -> LoadedModel:
+    """Check `llm` is the alignment's large model; load and check its small model."""
+    from celslm.models import load_model
+
+    meta = alignment.meta
+    if llm.fingerprint != meta["llm"]["fingerprint"]:
+        raise UsageError(f"the alignment maps from {meta['llm']['name']} ({meta['llm']['fingerprint'][:12]}), "
+                         f"but --model is {llm.name} ({llm.fingerprint[:12]})")
+    folder = meta["slm"].get("folder")
+    spec = slm_spec or (folder if folder and Path(folder).is_dir() else meta["slm"]["name"])
+    slm = load_model(spec, progress)
+    if slm.fingerprint != meta["slm"]["fingerprint"]:
+        raise UsageError(f"the alignment maps to {meta['slm']['name']} ({meta['slm']['fingerprint'][:12]}), "
+                         f"but {spec} loads {slm.fingerprint[:12]}; pass --slm with that model")
+    return slm
+
+
+def _regressor(features: LayerFeatures, layer: int, source: str) -> torch.Tensor:
+    if source == "hidden":
+        return features.hidden[layer]
+    return torch.cat([features.keys[layer], features.values[layer]], dim=1)
+
+
+def save_alignment(alignment: Alignment, out: Path, force: bool = False) -> str:
+    """Write the directory atomically (temp dir + rename); returns the alignment's digest."""
+    out = Path(out)
+    if out.exists():
+        if not (out / "alignment.json").is_file():
+            raise UsageError(f"{out} exists and is not an alignment; choose another --out")
+        if not force:
+            raise UsageError(f"{out} exists; pass --force to replace it")
+    maps_bytes = save_tensors(alignment.maps)
+    meta = dict(alignment.meta, format=FORMAT,
+                maps={"file": "maps.safetensors", "sha256": hashlib.sha256(maps_bytes).hexdigest()})
+    meta_bytes = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
+    staging = out.with_name(f".{out.name}.tmp-{random.getrandbits(32):08x}")
+    staging.mkdir(parents=True)
+    (staging / "maps.safetensors").write_bytes(maps_bytes)
+    (staging / "alignment.json").write_bytes(meta_bytes)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{random.getrandbits(32):08x}")
+        out.rename(old)
+        staging.rename(out)
+        for child in old.iterdir():
+            child.unlink()
+        old.rmdir()
+    else:
+        staging.rename(out)
+    alignment.meta, alignment.digest = meta, hashlib.sha256(meta_bytes).hexdigest()
+    return alignment.digest
+
+
+def load_alignment(path: str | Path) -> Alignment:
+    """Read an alignment directory, checking the maps against the digest the JSON names."""
+    path = Path(path)
+    try:
+        meta_bytes = (path / "alignment.json").read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--align {path}: not an alignment directory (no alignment.json); make one with celslm align") from exc
+    meta = json.loads(meta_bytes)
+    if meta.get("format") != FORMAT:
+        raise UsageError(f"--align {path}: format {meta.get('format')!r}, expected {FORMAT}")
+    try:
+        maps_bytes = (path / meta["maps"]["file"]).read_bytes()
+    except OSError as exc:
+        raise IntegrityError(f"--align {path}: maps file missing ({exc.strerror})") from exc
+    if hashlib.sha256(maps_bytes).hexdigest() != meta["maps"]["sha256"]:
+        raise IntegrityError(f"--align {path}: maps.safetensors does not match the digest in alignment.json")
+    return Alignment(meta, load_tensors(maps_bytes), hashlib.sha256(meta_bytes).hexdigest())
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    """Sampled rows of both models' features, split by window into fitting and held-out rows, plus
+    whole held-out windows (with a continuation) for measuring quality."""
+
+    llm_fit: LayerFeatures
+    slm_fit: LayerFeatures
+    llm_test: LayerFeatures
+    slm_test: LayerFeatures
+    heldout_windows: list[tuple[list[int], list[int]]]  # (context ids, continuation ids)
+    files: list[str]
+    tokens: int
+    seconds: dict = field(default_factory=dict)
+
+
+def calibration_windows(tokenizer, paths: list[Path], window: int, count: int) -> tuple[list[list[int]], list[str]]:
+    """Up to `count` windows of `window` tokens (each starting a file), in file order."""
+    windows, names = [], []
+    for path in paths:
+        ids = tokenizer(path.read_text(errors="replace"), add_special_tokens=True)["input_ids"]
+        if len(ids) < window:
+            continue
+        windows.append(ids[:window])
+        names.append(path.name)
+        if len(windows) == count:
+            break
+    if len(windows) < 2:
+        raise UsageError(f"calibration text gives {len(windows)} window(s) of {window} tokens; give more or longer files")
+    return windows, names
+
+
+def calibrate(llm: LoadedModel, slm: LoadedModel, windows: list[list[int]], names: list[str], *,
+              heldout: int, continuation: int, rows_per_window: int, sink: int, seed: int = 0,
+              progress: Progress | None = None) -> Calibration:
+    """Run both models over the windows. The last `heldout` windows are held out: their rows score the
+    maps, and their first `len - continuation` tokens + the rest measure perplexity."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = {"llm_fit": [], "slm_fit": [], "llm_test": [], "slm_test": []}
+    seconds = {"llm": 0.0, "slm": 0.0}
+    heldout_windows = []
+    for index, ids in enumerate(windows):
+        if progress:
+            progress("calibration (windows)", index, len(windows))
+        is_test = index >= len(windows) - heldout
+        if is_test:
+            heldout_windows.append((ids[: len(ids) - continuation], ids[len(ids) - continuation :]))
+        usable = len(ids) - (continuation if is_test else 0)
+        # rows from the context part only, never the sink tokens
+        rows = sink + torch.randperm(usable - sink, generator=generator)[:rows_per_window]
+        for model, key in ((llm, "llm"), (slm, "slm")):
+            started = time.perf_counter()
+            feats = layer_features(model, ids[:usable])
+            seconds[key] += time.perf_counter() - started
+            parts[f"{key}_{'test' if is_test else 'fit'}"].append(feats.rows(rows))
+    if progress:
+        progress("calibration (windows)", len(windows), len(windows))
+    return Calibration(**{k: LayerFeatures.concat(v) for k, v in parts.items()}, heldout_windows=heldout_windows,
+                       files=names, tokens=sum(len(w) for w in windows),
+                       seconds={k: round(v, 2) for k, v in seconds.items()})
+
+
+def similarities(cal: Calibration, sample: int = 1024, seed: int = 0) -> dict:
+    """CKA and RSA, SLM layers x LLM layers, on each feature, over `sample` fitting rows."""
+    rows = torch.randperm(cal.llm_fit.hidden[0].shape[0], generator=torch.Generator().manual_seed(seed))[:sample]
+    llm, slm = cal.llm_fit.rows(rows), cal.slm_fit.rows(rows)
+    result = {"cka": {}, "rsa": {}}
+    for feature in FEATURES:
+        a, b = getattr(slm, feature), getattr(llm, feature)
+        result["cka"][feature] = linear_cka([_centered_gram(x) for x in a], [_centered_gram(x) for x in b])
+        result["rsa"][feature] = rsa(a, b)
+    return result
+
+
+def choose_map(method: str, sims: dict, small: int, large: int) -> list[int]:
+    """The layer map; `cka`/`rsa` maximize the mean of that measure over hidden states, keys and values."""
+    if method == "proportional":
+        return proportional_map(small, large)
+    if method not in sims:
+        raise UsageError(f"--map {method!r} is not one of {', '.join(MAP_METHODS)}")
+    return monotone_map(torch.stack([sims[method][f] for f in FEATURES]).mean(0))
+
+
+def fit_maps(cal: Calibration, layer_map: list[int], source: str, progress: Progress | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Per SLM layer, ridge maps from the mapped LLM layer's features to the SLM's keys and values."""
+    maps, report = {}, {"r2": {"key": [], "value": []}, "lambda": {"key": [], "value": []}}
+    for s, l in enumerate(layer_map):
+        if progress:
+            progress("fitting maps (layers)", s, len(layer_map))
+        x, x_test = _regressor(cal.llm_fit, l, source), _regressor(cal.llm_test, l, source)
+        for part, feature in (("key", "keys"), ("value", "values")):
+            fit = fit_ridge(x, getattr(cal.slm_fit, feature)[s], x_test, getattr(cal.slm_test, feature)[s])
+            maps[f"{s}.{part}.weight"], maps[f"{s}.{part}.bias"] = fit.weight.contiguous(), fit.bias.contiguous()
+            report["r2"][part].append(round(fit.r2, 4))
+            report["lambda"][part].append(fit.lam)
+    if progress:
+        progress("fitting maps (layers)", len(layer_map), len(layer_map))
+    return maps, report
+
+
+# ---------------------------------------------------------------- measured quality on held-out windows
+
+
+def continuation_nll(slm: LoadedModel, token_ids: list[int], layers, continuation: list[int]) -> float:
+    """The SLM's mean NLL of `continuation` after a context held as pre-RoPE `layers`."""
+    logits, targets = continuation_logits(slm, context_from_layers(slm, token_ids, layers), continuation)
+    return torch.nn.functional.cross_entropy(logits, targets).item()
+
+
+def measure_heldout(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, windows, progress: Progress | None = None) -> dict:
+    """Mean NLL over held-out windows of: own prefill, sink tokens only (no context), every hybrid
+    (first k layers native, k = 0..L; k = 0 is fully cross-model), and each layer projected alone."""
+    count = slm.model.config.num_hidden_layers
+    sink = alignment.sink_tokens
+    totals = {"own": 0.0, "no_context": 0.0, "hybrid": [0.0] * (count + 1), "alone": [0.0] * count}
+    for index, (ctx, cont) in enumerate(windows):
+        if progress:
+            progress("held-out quality (windows)", index, len(windows))
+        own = native_layers(slm, ctx, count)
+        projected = cross_layers(llm, slm, alignment, ctx)
+        nll_own = continuation_nll(slm, ctx, own, cont)
+        totals["own"] += nll_own
+        totals["no_context"] += continuation_nll(slm, ctx[:sink], [(k[:, :sink], v[:, :sink]) for k, v in own], cont)
+        for k in range(count + 1):
+            totals["hybrid"][k] += nll_own if k == count else continuation_nll(slm, ctx, own[:k] + projected[k:], cont)
+        for layer in range(count):
+            mixed = own[:layer] + [projected[layer]] + own[layer + 1 :]
+            totals["alone"][layer] += continuation_nll(slm, ctx, mixed, cont) - nll_own
+    if progress:
+        progress("held-out quality (windows)", len(windows), len(windows))
+    n = len(windows)
+    return {
+        "windows": n,
+        "own_nll": round(totals["own"] / n, 5),
+        "no_context_nll": round(totals["no_context"] / n, 5),
+        "hybrid_nll": [round(t / n, 5) for t in totals["hybrid"]],
+        "sensitivity": [round(t / n, 5) for t in totals["alone"]],
+    }
+
+
+def gain_kept(nll: float, own: float, no_context: float) -> float:
+    """Share of the context's benefit kept: 1 = as good as own prefill, 0 = as bad as no context."""
+    return (no_context - nll) / (no_context - own) if no_context != own else float("nan")
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+@dataclass(frozen=True)
+class AlignOptions:
+    map_method: str = "cka"
+    source: str = "hidden"
+    window: int = 1024
+    windows: int = 16
+    heldout: int = 4
+    continuation: int = 128
+    rows_per_window: int = 512
+    sink_tokens: int = 1
+    seed: int = 0
+
+
+def align(llm: LoadedModel, slm: LoadedModel, paths: list[Path], options: AlignOptions = AlignOptions(),
+          progress: Progress | None = None) -> Alignment:
+    """Calibrate, compare layers, map, fit, and measure; the result is ready for `save_alignment`."""
+    if options.source not in SOURCES:
+        raise UsageError(f"--source {options.source!r} is not one of {', '.join(SOURCES)}")
+    if options.map_method not in MAP_METHODS:
+        raise UsageError(f"--map {options.map_method!r} is not one of {', '.join(MAP_METHODS)}")
+    if not 1 <= options.heldout < options.windows:
+        raise UsageError(f"--heldout must be at least 1 and fewer than --windows ({options.windows})")
+    if options.window <= options.continuation + options.sink_tokens + 1:
+        raise UsageError(f"--window {options.window} leaves no context before the {options.continuation}-token continuation")
+    tokenizer = check_tokenizers(llm, slm)
+    started = time.perf_counter()
+    windows, names = calibration_windows(slm.tokenizer, paths, options.window, options.windows)
+    heldout = min(options.heldout, len(windows) - 1)
+    cal = calibrate(llm, slm, windows, names, heldout=heldout, continuation=options.continuation,
+                    rows_per_window=options.rows_per_window, sink=options.sink_tokens, seed=options.seed,
+                    progress=progress)
+    sims = similarities(cal, seed=options.seed)
+    small, large = slm.model.config.num_hidden_layers, llm.model.config.num_hidden_layers
+    layer_map = choose_map(options.map_method, sims, small, large)
+    maps, fit_report = fit_maps(cal, layer_map, options.source, progress)
+    meta = {
+        "llm": {**llm.space, "layers": large},
+        "slm": {**slm.space, "layers": small, "folder": str(Path(slm.folder).resolve())},
+        "tokenizer": tokenizer,
+        "source": options.source,
+        "map_method": options.map_method,
+        "layer_map": layer_map,
+        "sink_tokens": options.sink_tokens,
+        "similarity": {m: {f: [[round(v, 4) for v in row] for row in t.tolist()] for f, t in by.items()}
+                       for m, by in sims.items()},
+        "r2": fit_report["r2"],
+        "lambda": fit_report["lambda"],
+        "calibration": {"files": cal.files, "fit_windows": len(windows) - heldout, "heldout_windows": heldout,
+                        "window_tokens": options.window, "tokens": cal.tokens,
+                        "rows": int(cal.llm_fit.hidden[0].shape[0]), "continuation_tokens": options.continuation,
+                        "forward_s": cal.seconds},
+    }
+    alignment = Alignment(meta, maps)
+    alignment.meta["heldout"] = measure_heldout(llm, slm, alignment, cal.heldout_windows, progress)
+    alignment.meta["seconds"] = round(time.perf_counter() - started, 1)
+    return alignment
+
+
+def plot_similarity(alignment: Alignment, folder: Path) -> list[Path]:
+    """`cka.png` and `rsa.png`: SLM layer x LLM layer heatmaps per feature, the layer map drawn on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    meta = alignment.meta
+    for method, by_feature in meta["similarity"].items():
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
+        for ax, feature in zip(axes, FEATURES):
+            image = ax.imshow(by_feature[feature], origin="lower", aspect="auto", cmap="viridis")
+            ax.plot(alignment.layer_map, range(len(alignment.layer_map)), "w.-", linewidth=1, markersize=4)
+            ax.set_title(f"{method.upper()} on {feature}")
+            ax.set_xlabel(f"{meta['llm']['name']} layer")
+            ax.set_ylabel(f"{meta['slm']['name']} layer")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.suptitle(f"{method.upper()} similarity; white: the {meta['map_method']} layer map")
+        fig.tight_layout()
+        path = folder / f"{method}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

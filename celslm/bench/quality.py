@@ -1,0 +1,157 @@
+"""Cross-model quality, measured: what the small model loses when its context KV comes from the large one.
+
+Held-out standard-library files never used to calibrate the alignment. Per file: a context of
+`context` tokens and the next `continuation` tokens, scored teacher-forced by the small model (SLM)
+after each way of getting the context into its cache:
+
+  own prefill         the SLM prefills the whole context itself (the reference; nothing on the link)
+  no context          only the sink token(s)
+  native artifact     the SLM's own KV, prefilled in the cloud and shipped (the codec applied)
+  cross               every layer projected from the large model (LLM), own KV for the sink token(s)
+  hybrid k            the SLM's own first k layers, the rest projected
+  own last N          equal-compute baseline: the SLM prefills the sink token(s) + the last N context
+                      tokens itself, N matched to hybrid k's edge compute (N = T * k / layers)
+  LLM alone           the large model after its own prefill (its own NLL; a different model)
+
+Edge prefill avoided counts layer-tokens the edge does not compute, assuming a hybrid's native layers
+are computed at the edge (when the cloud or a peer computes them, the edge avoids all of it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from celslm import kvcache
+from celslm.align import Alignment, gain_kept
+from celslm.artifact import MemoryReader, build_artifact
+from celslm.codecs import parse_codec
+from celslm.corpus import eval_cases
+from celslm.decode import context_from_artifact, context_from_layers
+from celslm.models import LoadedModel
+from celslm.prefill import cross_layers, layer_features, native_layers
+from celslm.score import continuation_logits
+
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass
+class Mode:
+    name: str
+    kind: str  # reference | baseline | celslm | llm
+    edge_avoided: float = 0.0  # share of the full prefill's layer-tokens not computed at the edge
+    link_bytes: float = 0.0  # mean bytes on the link per context
+    nll: list[float] = field(default_factory=list)
+    top1: list[float] = field(default_factory=list)
+
+
+def _flat_to_heads(flat: torch.Tensor, heads: int) -> torch.Tensor:  # [T, H*D] -> [H, T, D]
+    return flat.reshape(flat.shape[0], heads, -1).permute(1, 0, 2)
+
+
+def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int = 20, context: int = 1024,
+        continuation: int = 128, native_counts: tuple[int, ...] = (4, 8, 12, 16), budget: float = 0.02,
+        codec: str = "balanced", progress: Progress | None = None) -> dict:
+    layers_total = slm.model.config.num_hidden_layers
+    sink = alignment.sink_tokens
+    calibration = set(alignment.meta["calibration"]["files"])
+    cases = eval_cases(slm.tokenizer, files, context, context, continuation, exclude=calibration)
+    auto = alignment.budget_native_layers(budget)
+    counts = sorted({k for k in native_counts if 0 < k < layers_total} | ({auto} if auto else set()))
+    spec = parse_codec(codec)
+    modes = {"own": Mode("own prefill (exact)", "reference"), "none": Mode("no context (sink only)", "baseline", 1.0),
+             "native": Mode(f"native artifact ({codec})", "celslm", 1.0), "cross": Mode(f"cross ({codec})", "celslm", 1.0)}
+    for k in counts:
+        label = f"hybrid k={k}" + (f" (auto, budget {budget:.0%})" if k == auto else "")
+        modes[f"hybrid{k}"] = Mode(f"{label} ({codec})", "celslm", 1 - k / layers_total)
+        modes[f"last{k}"] = Mode(f"own last N, compute of k={k}", "baseline")
+    modes["llm"] = Mode(f"{llm.name} alone", "llm", 1.0)
+    _, llm_heads, _ = kvcache.kv_geometry(llm.model)
+    for index, case in enumerate(cases):
+        if progress:
+            progress("quality (files)", index, len(cases))
+        ctx, cont = case.context, case.continuation
+        with torch.inference_mode():
+            features = layer_features(llm, ctx)
+            own = native_layers(slm, ctx, layers_total)
+            projected = cross_layers(llm, slm, alignment, ctx, (), features)
+            ref_logits, targets = continuation_logits(slm, context_from_layers(slm, ctx, own), cont)
+
+            def record(key: str, logits: torch.Tensor, link_bytes: int = 0) -> None:
+                mode = modes[key]
+                mode.nll.append(torch.nn.functional.cross_entropy(logits, targets).item())
+                mode.top1.append((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item())
+                mode.link_bytes += link_bytes / len(cases)
+
+            def shipped(key: str, layers, provenance) -> None:
+                artifact = build_artifact(space=slm.space, producer={"model": llm.name, "alignment": alignment.digest},
+                                          token_ids=ctx, layers=layers, chunk_size=256, dtype="float32", framing="raw",
+                                          provenance=provenance, timings={}, codec=spec)
+                logits, _ = continuation_logits(slm, context_from_artifact(slm, MemoryReader(artifact)), cont)
+                record(key, logits, artifact.manifest.blob_bytes())
+
+            record("own", ref_logits)
+            sink_only = [(k[:, :sink], v[:, :sink]) for k, v in own]
+            record("none", continuation_logits(slm, context_from_layers(slm, ctx[:sink], sink_only), cont)[0])
+            shipped("native", own, ["native"] * layers_total)
+            shipped("cross", projected, ["projected"] * layers_total)
+            for k in counts:
+                shipped(f"hybrid{k}", own[:k] + projected[k:], ["native"] * k + ["projected"] * (layers_total - k))
+                tail = round(len(ctx) * k / layers_total)
+                short = ctx[:sink] + ctx[len(ctx) - tail :]
+                modes[f"last{k}"].edge_avoided += (1 - len(short) / len(ctx)) / len(cases)
+                record(f"last{k}", continuation_logits(slm, context_from_layers(slm, short, native_layers(slm, short, layers_total)), cont)[0])
+            llm_kv = [(_flat_to_heads(k, llm_heads), _flat_to_heads(v, llm_heads)) for k, v in zip(features.keys, features.values)]
+            llm_logits, _ = continuation_logits(llm, context_from_layers(llm, ctx, llm_kv), cont)
+            modes["llm"].nll.append(torch.nn.functional.cross_entropy(llm_logits, targets).item())
+    if progress:
+        progress("quality (files)", len(cases), len(cases))
+    own_nll = _mean(modes["own"].nll)
+    none_nll = _mean(modes["none"].nll)
+    rows = []
+    for key, mode in modes.items():
+        nll = _mean(mode.nll)
+        rows.append({
+            "mode": mode.name, "key": key, "kind": mode.kind, "nll": round(nll, 5), "ppl": round(math.exp(nll), 4),
+            "ppl_vs_own": round(math.exp(nll - own_nll), 5), "gain_kept": round(gain_kept(nll, own_nll, none_nll), 4),
+            "top1_vs_own": round(_mean(mode.top1), 4) if mode.top1 else None,
+            "link_bytes": round(mode.link_bytes), "edge_prefill_avoided": round(mode.edge_avoided, 4),
+        })
+    return {
+        "llm": llm.name, "slm": slm.name, "alignment": alignment.digest, "source": alignment.source,
+        "map": alignment.meta["map_method"], "codec": spec.spec, "budget": budget, "auto_native_layers": auto,
+        "files": [c.name for c in cases], "context_tokens": context, "continuation_tokens": continuation,
+        "rows": rows,
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def plot(result: dict, path: str) -> None:
+    """Gain kept vs edge prefill avoided, one point per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    colors = {"reference": "black", "baseline": "C3", "celslm": "C0", "llm": "C2"}
+    for row in result["rows"]:
+        if row["kind"] == "llm":
+            continue
+        ax.scatter(row["edge_prefill_avoided"] * 100, row["gain_kept"] * 100, color=colors[row["kind"]])
+        ax.annotate(row["mode"], (row["edge_prefill_avoided"] * 100, row["gain_kept"] * 100), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("edge prefill compute avoided, %")
+    ax.set_ylabel("gain kept, % (100 = own prefill, 0 = no context)")
+    ax.set_title(f"{result['slm']} from {result['llm']}: {len(result['files'])} held-out files "
+                 f"(blue celslm, red baselines)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

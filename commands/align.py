@@ -1,0 +1,86 @@
+"""celslm align: fit the maps that let a small model decode from a large model's KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from celslm import align as alignment_lib
+from celslm.corpus import calibration_files
+from celslm.errors import UsageError
+from celslm.models import load_model
+from .common import ForceOpt, JsonOpt, examples, log, out_console, print_json, progress_bar
+
+EPILOG = examples(
+    "celslm align --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --out coder.align --plots docs/align",
+    "celslm align --llm ./big --slm ./small --calib docs/ --calib notes.txt --map proportional --out my.align --json",
+    "celslm prefill -m qwen2.5-coder-1.5b --align coder.align --auto --budget 2% -c sched.py -o sched-cross.kv",
+)
+
+
+def _calibration_paths(calib: list[str] | None, windows: int) -> list[Path]:
+    if not calib:
+        return calibration_files(windows * 2)  # more than needed: short files are skipped
+    paths = []
+    for item in calib:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".py", ".txt", ".md", ".rst"}))
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UsageError(f"--calib {item}: no such file or directory")
+    return paths
+
+
+def align(
+    llm: Annotated[str, typer.Option("--llm", help="The large (cloud) model: folder, .gguf, bundled name or hub id.")],
+    slm: Annotated[str, typer.Option("--slm", help="The small (edge) model; must share the large model's tokenizer.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Alignment directory to write (NAME.align).")],
+    calib: Annotated[list[str] | None, typer.Option("--calib", help="Calibration text files or folders (repeatable). Default: Python standard-library modules never used by `bench quality`.")] = None,
+    map_method: Annotated[str, typer.Option("--map", help="Layer map: cka or rsa (monotone, best total similarity) or proportional.")] = "cka",
+    source: Annotated[str, typer.Option("--source", help="What the maps read from the large model: hidden (its normalized hidden state entering the mapped layer) or kv (its pre-RoPE keys and values).")] = "hidden",
+    windows: Annotated[int, typer.Option("--windows", min=3, help="Calibration windows (one per file).")] = 16,
+    window: Annotated[int, typer.Option("--window", min=64, help="Tokens per calibration window.")] = 1024,
+    heldout: Annotated[int, typer.Option("--heldout", min=1, help="Windows held out to choose λ, report R² and measure perplexity.")] = 4,
+    continuation: Annotated[int, typer.Option("--continuation", min=1, help="Tokens at the end of each held-out window scored for perplexity.")] = 128,
+    rows: Annotated[int, typer.Option("--rows", min=16, help="Tokens sampled per window for fitting (memory grows with it).")] = 512,
+    plots: Annotated[Path | None, typer.Option("--plots", help="Write cka.png and rsa.png (layer heatmaps with the map) here.")] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Align a large and a small model: layer map (CKA/RSA), ridge maps to the small model's KV, measured quality."""
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to replace it")
+    options = alignment_lib.AlignOptions(map_method=map_method, source=source, window=window, windows=windows,
+                                         heldout=heldout, continuation=continuation,
+                                         rows_per_window=rows)
+    paths = _calibration_paths(calib, windows)
+    with progress_bar() as progress:
+        large = load_model(llm, progress)
+        small = load_model(slm, progress)
+        result = alignment_lib.align(large, small, paths, options, progress)
+    digest = alignment_lib.save_alignment(result, out, force=force)
+    written = alignment_lib.plot_similarity(result, plots) if plots else []
+    meta = result.meta
+    held = meta["heldout"]
+    if json_:
+        print_json({"digest": digest, "out": str(out), "plots": [str(p) for p in written],
+                    **{k: meta[k] for k in ("llm", "slm", "source", "map_method", "layer_map", "r2", "heldout",
+                                            "calibration", "seconds")}})
+        return
+    table = Table(title=f"{meta['slm']['name']} <- {meta['llm']['name']} ({meta['source']}, {meta['map_method']} map)")
+    for column in ("layer", "reads LLM layer", "R² keys", "R² values", "Δ NLL alone", "NLL, first k native"):
+        table.add_column(column, justify="right")
+    for s, l in enumerate(meta["layer_map"]):
+        table.add_row(str(s), str(l), f"{meta['r2']['key'][s]:.3f}", f"{meta['r2']['value'][s]:.3f}",
+                      f"{held['sensitivity'][s]:+.4f}", f"k={s}: {held['hybrid_nll'][s]:.4f}")
+    out_console.print(table)
+    cross = held["hybrid_nll"][0]
+    kept = alignment_lib.gain_kept(cross, held["own_nll"], held["no_context_nll"])
+    log(f"held-out NLL: own prefill {held['own_nll']:.4f}, no context {held['no_context_nll']:.4f}, "
+        f"cross (all projected) {cross:.4f} = {kept:.0%} of the context's gain kept")
+    log(f"wrote {out} ({digest[:12]}) in {meta['seconds']:.0f} s" + (f"; plots: {', '.join(map(str, written))}" if written else ""))

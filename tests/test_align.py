@@ -1,0 +1,190 @@
+"""Cross-model KV: layer maps, ridge maps, alignment artifacts and projected/hybrid prefill (tiny model pairs)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from celslm.align import fit_ridge, monotone_map, proportional_map
+from celslm.artifact import open_artifact
+from tests.conftest import CONTEXT, run_cli, save_tiny_model
+
+# Two tiny Qwen2 models sharing the byte tokenizer: different depths (5 vs 3) and head dims (24 vs 16).
+LARGE = dict(hidden_size=96, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    large = save_tiny_model(root / "large", "qwen2", seed=3, **LARGE)
+    small = save_tiny_model(root / "small", "qwen2", seed=4)
+    calib = root / "calib"
+    calib.mkdir()
+    for index in range(5):  # distinct texts, each long enough for one 160-byte window
+        (calib / f"c{index}.txt").write_text((CONTEXT.replace("name", f"name{index}") + f"# file {index}\n") * 2)
+    out = root / "pair.align"
+    run_cli("align", "--llm", str(large), "--slm", str(small), "--out", str(out), "--calib", str(calib),
+            "--windows", "5", "--window", "160", "--heldout", "1", "--continuation", "32", "--rows", "64",
+            "--plots", str(root / "plots"), check=True)
+    return {"large": large, "small": small, "align": out, "root": root}
+
+
+def test_monotone_map_is_the_best_non_decreasing_map():
+    torch.manual_seed(0)
+    for _ in range(5):
+        sim = torch.rand(4, 5)
+        mapping = monotone_map(sim)
+        best = max((m for m in itertools.product(range(5), repeat=4) if list(m) == sorted(m)),
+                   key=lambda m: sum(sim[s, l].item() for s, l in enumerate(m)))
+        assert mapping == list(best)
+        assert mapping == sorted(mapping)
+
+
+def test_proportional_map_spans_both_ends():
+    assert proportional_map(24, 28)[0] == 0 and proportional_map(24, 28)[-1] == 27
+    assert proportional_map(24, 28) == sorted(proportional_map(24, 28))
+
+
+def test_ridge_recovers_a_known_linear_map():
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(12, 5, generator=generator), torch.randn(5, generator=generator)
+    x = torch.randn(3000, 12, generator=generator) * torch.linspace(0.1, 10, 12)  # uneven scales
+    y = x @ weight + bias + 1e-3 * torch.randn(3000, 5, generator=generator)
+    fit = fit_ridge(x[:2000], y[:2000], x[2000:], y[2000:])
+    assert torch.allclose(fit.weight, weight, atol=1e-2)
+    assert torch.allclose(fit.bias, bias, atol=1e-2)
+    assert fit.r2 > 0.9999
+
+
+def test_ridge_r2_is_low_for_unrelated_targets():
+    generator = torch.Generator().manual_seed(2)
+    x, y = torch.randn(2000, 8, generator=generator), torch.randn(2000, 3, generator=generator)
+    assert fit_ridge(x[:1500], y[:1500], x[1500:], y[1500:]).r2 < 0.05
+
+
+def test_alignment_records_a_monotone_map_fits_and_measured_quality(pair):
+    meta = json.loads((pair["align"] / "alignment.json").read_text())
+    assert len(meta["layer_map"]) == 3 and meta["layer_map"] == sorted(meta["layer_map"])
+    assert all(0 <= l < 5 for l in meta["layer_map"])
+    assert len(meta["r2"]["key"]) == len(meta["r2"]["value"]) == 3
+    assert len(meta["similarity"]["cka"]["hidden"]) == 3 and len(meta["similarity"]["cka"]["hidden"][0]) == 5
+    held = meta["heldout"]
+    assert len(held["hybrid_nll"]) == 4 and held["hybrid_nll"][3] == held["own_nll"]
+    assert len(held["sensitivity"]) == 3
+    assert (pair["root"] / "plots" / "cka.png").stat().st_size > 0 and (pair["root"] / "plots" / "rsa.png").is_file()
+
+
+def _layers(path):
+    reader = open_artifact(str(path))
+    _, layers = reader.open_context()
+    return reader.manifest, [(key, value) for _, key, value in layers]
+
+
+def test_projected_artifact_is_in_the_small_models_space_and_decodes(pair, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    run_cli("prefill", "-m", str(pair["large"]), "--align", str(pair["align"]), "-c", str(ctx), "-o",
+            str(tmp_path / "x.kv"), check=True)
+    run_cli("prefill", "-m", str(pair["small"]), "-c", str(ctx), "-o", str(tmp_path / "own.kv"), check=True)
+    manifest, layers = _layers(tmp_path / "x.kv")
+    own_manifest, own = _layers(tmp_path / "own.kv")
+    assert manifest.space == own_manifest.space
+    assert manifest.producer["alignment"] == hashlib.sha256((pair["align"] / "alignment.json").read_bytes()).hexdigest()
+    assert list(manifest.provenance) == ["projected"] * 3
+    for (key, value), (own_key, own_value) in zip(layers, own):
+        assert key.shape == own_key.shape and value.shape == own_value.shape  # the small model's geometry
+        assert torch.allclose(key[:, :1], own_key[:, :1], atol=1e-5)  # the sink token is the small model's own
+        assert not torch.allclose(key[:, 1:], own_key[:, 1:], atol=1e-3)  # the rest is projected
+    result = run_cli("decode", "-m", str(pair["small"]), "--kv", str(tmp_path / "x.kv"), "--prompt", "Go on.",
+                     "--max-new-tokens", "4", "--json", check=True)
+    assert json.loads(result.stdout)["new_tokens"] > 0
+
+
+def test_hybrid_keeps_the_small_models_own_kv_in_its_native_layers(pair, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    run_cli("prefill", "-m", str(pair["large"]), "--align", str(pair["align"]), "--native-layers", "2", "-c", str(ctx),
+            "-o", str(tmp_path / "h.kv"), check=True)
+    run_cli("prefill", "-m", str(pair["small"]), "-c", str(ctx), "-o", str(tmp_path / "own.kv"), check=True)
+    manifest, layers = _layers(tmp_path / "h.kv")
+    _, own = _layers(tmp_path / "own.kv")
+    assert list(manifest.provenance) == ["native", "native", "projected"]
+    for index in (0, 1):
+        assert torch.allclose(layers[index][0], own[index][0], atol=1e-5)
+        assert torch.allclose(layers[index][1], own[index][1], atol=1e-5)
+    assert not torch.allclose(layers[2][1], own[2][1], atol=1e-3)
+
+
+def test_auto_picks_the_fewest_native_layers_within_the_budget(pair, tmp_path):
+    meta = json.loads((pair["align"] / "alignment.json").read_text())
+    held = meta["heldout"]
+    budget = max(math.exp(held["hybrid_nll"][1] - held["own_nll"]) - 1, 0) + 1e-9
+    expected = next(k for k, nll in enumerate(held["hybrid_nll"]) if math.exp(nll - held["own_nll"]) - 1 <= budget)
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    result = run_cli("prefill", "-m", str(pair["large"]), "--align", str(pair["align"]), "--auto", "--budget",
+                     f"{budget * 100:.9f}%", "-c", str(ctx), "-o", str(tmp_path / "a.kv"), "--json", check=True)
+    assert json.loads(result.stdout)["provenance"].count("native") == expected
+
+
+def test_models_with_different_tokenizers_are_refused(pair, tmp_path):
+    other = save_tiny_model(tmp_path / "other", "qwen2", seed=5, extra_special=("<|tool|>",))
+    result = run_cli("align", "--llm", str(pair["large"]), "--slm", str(other), "--out", str(tmp_path / "o.align"),
+                     "--calib", str(pair["root"] / "calib"), "--windows", "5", "--window", "160", "--heldout", "1",
+                     "--continuation", "32")
+    assert result.returncode == 2
+    assert b"different tokenizers" in result.stderr
+    assert not (tmp_path / "o.align").exists()
+
+
+def test_tampered_maps_are_refused_and_nothing_is_written(pair, tmp_path):
+    copy = tmp_path / "t.align"
+    copy.mkdir()
+    for name in ("alignment.json", "maps.safetensors"):
+        (copy / name).write_bytes((pair["align"] / name).read_bytes())
+    data = bytearray((copy / "maps.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (copy / "maps.safetensors").write_bytes(bytes(data))
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    result = run_cli("prefill", "-m", str(pair["large"]), "--align", str(copy), "-c", str(ctx), "-o", str(tmp_path / "x.kv"))
+    assert result.returncode == 3
+    assert b"does not match the digest" in result.stderr
+    assert not (tmp_path / "x.kv").exists()
+
+
+def test_an_alignment_is_refused_for_another_large_model(pair, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    result = run_cli("prefill", "-m", str(pair["small"]), "--align", str(pair["align"]), "-c", str(ctx), "-o", str(tmp_path / "x.kv"))
+    assert result.returncode == 2
+    assert b"the alignment maps from" in result.stderr
+
+
+def test_bench_quality_reports_every_mode_on_held_out_files(pair):
+    result = run_cli("bench", "quality", "--llm", str(pair["large"]), "--align", str(pair["align"]), "--files", "2",
+                     "--context", "96", "--continuation", "16", "--native", "1", "--native", "2", "--codec", "lossless",
+                     "--json", check=True)
+    report = json.loads(result.stdout)
+    rows = {row["key"]: row for row in report["rows"]}
+    assert {"own", "none", "native", "cross", "hybrid1", "last1", "hybrid2", "last2", "llm"} <= set(rows)
+    assert len(report["files"]) == 2
+    assert rows["own"]["gain_kept"] == 1 and rows["none"]["gain_kept"] == 0 and rows["own"]["top1_vs_own"] == 1
+    # a losslessly shipped native artifact is the small model's own prefill, bit for bit
+    assert rows["native"]["nll"] == pytest.approx(rows["own"]["nll"], abs=1e-4)
+    assert rows["native"]["link_bytes"] > 0 and rows["own"]["link_bytes"] == 0
+    assert rows["hybrid1"]["edge_prefill_avoided"] == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_calibration_files_are_never_evaluation_files():
+    from celslm.corpus import calibration_files, eval_cases
+    from tests.conftest import byte_tokenizer
+
+    evaluated = {case.name for case in eval_cases(byte_tokenizer(), files=20, min_context=64, max_context=64, continuation=8)}
+    assert len(evaluated) == 20
+    assert not evaluated & {path.name for path in calibration_files(40)}
