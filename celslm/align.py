@@ -280,6 +280,8 @@ class Calibration:
     slm_test: LayerFeatures
     heldout_windows: list[tuple[list[int], list[int]]]  # (context ids, continuation ids)
     files: list[str]
+    full_fit: list["FullWindow"]  # whole windows for `refine_maps`
+    full_test: list["FullWindow"]
     tokens: int
     seconds: dict = field(default_factory=dict)
 
@@ -301,14 +303,15 @@ def calibration_windows(tokenizer, paths: list[Path], window: int, count: int) -
 
 
 def calibrate(llm: LoadedModel, slm: LoadedModel, windows: list[list[int]], names: list[str], *,
-              heldout: int, continuation: int, rows_per_window: int, sink: int, seed: int = 0,
-              progress: Progress | None = None) -> Calibration:
+              heldout: int, continuation: int, rows_per_window: int, sink: int, full_windows: int = 0,
+              source: str = "hidden", seed: int = 0, progress: Progress | None = None) -> Calibration:
     """Run both models over the windows. The last `heldout` windows are held out: their rows score the
-    maps, and their first `len - continuation` tokens + the rest measure perplexity."""
+    maps, and their first `len - continuation` tokens + the rest measure perplexity. The first
+    `full_windows` fitting windows and up to 2 held-out ones are also kept whole (for refinement)."""
     generator = torch.Generator().manual_seed(seed)
     parts = {"llm_fit": [], "slm_fit": [], "llm_test": [], "slm_test": []}
     seconds = {"llm": 0.0, "slm": 0.0}
-    heldout_windows = []
+    heldout_windows, full = [], {"fit": [], "test": []}
     for index, ids in enumerate(windows):
         if progress:
             progress("calibration (windows)", index, len(windows))
@@ -318,15 +321,20 @@ def calibrate(llm: LoadedModel, slm: LoadedModel, windows: list[list[int]], name
         usable = len(ids) - (continuation if is_test else 0)
         # rows from the context part only, never the sink tokens
         rows = sink + torch.randperm(usable - sink, generator=generator)[:rows_per_window]
+        split = "test" if is_test else "fit"
+        keep_whole = len(full[split]) < (min(2, heldout) if is_test else full_windows)
+        features = {}
         for model, key in ((llm, "llm"), (slm, "slm")):
             started = time.perf_counter()
-            feats = layer_features(model, ids[:usable])
+            features[key] = layer_features(model, ids[:usable], queries=keep_whole and key == "slm")
             seconds[key] += time.perf_counter() - started
-            parts[f"{key}_{'test' if is_test else 'fit'}"].append(feats.rows(rows))
+            parts[f"{key}_{split}"].append(features[key].rows(rows))
+        if keep_whole:
+            full[split].append(FullWindow.of(features["llm"], features["slm"], source))
     if progress:
         progress("calibration (windows)", len(windows), len(windows))
     return Calibration(**{k: LayerFeatures.concat(v) for k, v in parts.items()}, heldout_windows=heldout_windows,
-                       files=names, tokens=sum(len(w) for w in windows),
+                       files=names, full_fit=full["fit"], full_test=full["test"], tokens=sum(len(w) for w in windows),
                        seconds={k: round(v, 2) for k, v in seconds.items()})
 
 
@@ -427,6 +435,8 @@ class AlignOptions:
     continuation: int = 128
     rows_per_window: int = 512
     sink_tokens: int = 1
+    refine_steps: int = 120  # per layer; 0 keeps the ridge maps
+    refine_windows: int = 6
     seed: int = 0
 
 
@@ -446,8 +456,9 @@ def align(llm: LoadedModel, slm: LoadedModel, paths: list[Path], options: AlignO
     windows, names = calibration_windows(slm.tokenizer, paths, options.window, options.windows)
     heldout = min(options.heldout, len(windows) - 1)
     cal = calibrate(llm, slm, windows, names, heldout=heldout, continuation=options.continuation,
-                    rows_per_window=options.rows_per_window, sink=options.sink_tokens, seed=options.seed,
-                    progress=progress)
+                    rows_per_window=options.rows_per_window, sink=options.sink_tokens,
+                    full_windows=options.refine_windows if options.refine_steps else 0, source=options.source,
+                    seed=options.seed, progress=progress)
     sims = similarities(cal, seed=options.seed)
     small, large = slm.model.config.num_hidden_layers, llm.model.config.num_hidden_layers
     layer_map = choose_map(options.map_method, sims, small, large)
@@ -470,6 +481,10 @@ def align(llm: LoadedModel, slm: LoadedModel, paths: list[Path], options: AlignO
                         "forward_s": cal.seconds},
     }
     alignment = Alignment(meta, maps)
+    if options.refine_steps and cal.full_fit and cal.full_test:
+        alignment.meta["refine"] = {"steps": options.refine_steps, "windows": len(cal.full_fit),
+                                    **refine_maps(slm, alignment, cal.full_fit, cal.full_test,
+                                                  steps=options.refine_steps, seed=options.seed, progress=progress)}
     alignment.meta["heldout"] = measure_heldout(llm, slm, alignment, cal.heldout_windows, progress)
     alignment.meta["seconds"] = round(time.perf_counter() - started, 1)
     return alignment
@@ -501,3 +516,111 @@ def plot_similarity(alignment: Alignment, folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------- refinement: match what attention makes of the KV
+
+
+@dataclass
+class FullWindow:
+    """One calibration window at every position: the LLM's regressor per layer, the SLM's own keys,
+    values and queries per layer (`[T, dim]` each)."""
+
+    regressor: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    queries: list[torch.Tensor]
+
+
+    @staticmethod
+    def of(large: LayerFeatures, small: LayerFeatures, source: str) -> "FullWindow":
+        # clones: features come out of inference mode, and autograd may not save inference tensors
+        return FullWindow([_regressor(large, l, source).clone() for l in range(len(large.hidden))],
+                          [t.clone() for t in small.keys], [t.clone() for t in small.values],
+                          [t.clone() for t in small.queries])
+
+
+def attention_output(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The SLM layer's attention output after `o_proj` `[P, hidden]`, for pre-RoPE queries `[T, Hq*D]` at
+    `positions` `[P]` over pre-RoPE keys and values `[Hk, T, D]` (causal)."""
+    from celslm import kvcache
+
+    head_dim = attn.head_dim
+    q = query[positions].reshape(len(positions), -1, head_dim).transpose(0, 1)  # [Hq, P, D]
+    q = kvcache.apply_rope(q, cos[positions], sin[positions])
+    groups = q.shape[0] // key.shape[0]
+    k = kvcache.apply_rope(key, cos[: key.shape[1]], sin[: key.shape[1]]).repeat_interleave(groups, 0)  # [Hq, T, D]
+    v = value.repeat_interleave(groups, 0)
+    mask = torch.arange(key.shape[1])[None, :] <= positions[:, None]  # [P, T]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+    return out.transpose(0, 1).reshape(len(positions), -1) @ attn.o_proj.weight.T
+
+
+def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], test: list[FullWindow], *,
+                steps: int = 120, queries: int = 256, lr: float = 0.01, seed: int = 0,
+                progress: Progress | None = None) -> dict:
+    """Tune each layer's maps (from the ridge fit) by Adam so that the SLM's own queries, attending over
+    the projected keys and values, give the attention output they give over its own (after `o_proj`,
+    relative squared error). A layer keeps the tuned maps only if its held-out error falls."""
+    from celslm import kvcache
+
+    sink = alignment.sink_tokens
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(w.keys[0].shape[0] for w in fit + test)
+    cos, sin = (t.clone() for t in kvcache.rope_tables(slm.model, 0, longest))
+    _, kv_heads, _ = kvcache.kv_geometry(slm.model)
+    report = {"before": [], "after": [], "kept": []}
+    for s, l in enumerate(alignment.layer_map):
+        if progress:
+            progress("refining maps (layers)", s, len(alignment.layer_map))
+        attn = slm.model.model.layers[s].self_attn
+        rows = torch.cat([w.regressor[l][sink:] for w in fit])
+        mean, std = rows.mean(0), rows.std(0).clamp_min(1e-6)
+        params = {}
+        for part in ("key", "value"):
+            weight, bias = alignment.maps[f"{s}.{part}.weight"], alignment.maps[f"{s}.{part}.bias"]
+            params[part] = (weight * std[:, None]).clone().requires_grad_(), (bias + mean @ weight).clone().requires_grad_()
+
+        def heads(flat):  # [T, H*D] -> [H, T, D]
+            return flat.reshape(flat.shape[0], kv_heads, -1).permute(1, 0, 2)
+
+        def loss(window: FullWindow, positions: torch.Tensor) -> torch.Tensor:
+            x = (window.regressor[l] - mean) / std
+            kv = []
+            for part, own in (("key", window.keys[s]), ("value", window.values[s])):
+                weight, bias = params[part]
+                kv.append(heads(torch.cat([own[:sink], x[sink:] @ weight + bias])))
+            with torch.no_grad():
+                target = attention_output(attn, window.queries[s], heads(window.keys[s]), heads(window.values[s]),
+                                          cos, sin, positions)
+            out = attention_output(attn, window.queries[s], kv[0], kv[1], cos, sin, positions)
+            return ((out - target) ** 2).mean() / (target ** 2).mean()
+
+        def held_out() -> float:
+            with torch.no_grad():
+                return sum(loss(w, torch.arange(sink, w.keys[0].shape[0])).item() for w in test) / len(test)
+
+        before = held_out()
+        optimizer = torch.optim.Adam([{"params": [w], "lr": lr * w.detach().abs().mean().item()} for pair in params.values() for w in pair])
+        with torch.enable_grad():
+            for step in range(steps):
+                window = fit[step % len(fit)]
+                length = window.keys[0].shape[0]
+                positions = sink + torch.randperm(length - sink, generator=generator)[:queries].sort().values
+                optimizer.zero_grad()
+                loss(window, positions).backward()
+                optimizer.step()
+        after = held_out()
+        kept = after < before
+        if kept:
+            for part, (weight, bias) in params.items():
+                raw = (weight.detach() / std[:, None]).contiguous()
+                alignment.maps[f"{s}.{part}.weight"] = raw
+                alignment.maps[f"{s}.{part}.bias"] = (bias.detach() - mean @ raw).contiguous()
+        report["before"].append(round(before, 5))
+        report["after"].append(round(after, 5))
+        report["kept"].append(kept)
+    if progress:
+        progress("refining maps (layers)", len(alignment.layer_map), len(alignment.layer_map))
+    return report

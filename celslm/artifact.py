@@ -461,6 +461,9 @@ class ArtifactReader:
                     raise IntegrityError(f"{self.source}: {m.describe(ref)} has shape {tuple(key.shape)}, expected {shape}")
                 keys.append(key)
                 values.append(value)
+            if not keys:  # a prefix of no chunks: nothing cached, everything is prefilled by the caller
+                empty = torch.zeros(m.geometry["kv_heads"], 0, m.geometry["head_dim"])
+                keys, values = [empty], [empty]
             yield layer, torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
 

@@ -94,13 +94,16 @@ def context_from_artifact(loaded: LoadedModel, reader: ArtifactReader, *, link: 
     return context
 
 
-def context_from_prefix(loaded: LoadedModel, token_ids: list[int], framing: str, reader: ArtifactReader, chunks: int,
-                        step: int = 256, progress: TokenProgress | None = None, link: Link | None = None) -> Context:
-    """A cached prefix of `chunks` chunks from `reader`, and the rest of `token_ids` prefilled here."""
+def context_from_prefix(loaded: LoadedModel, token_ids: list[int] | None, framing: str, reader: ArtifactReader,
+                        chunks: int, step: int = 256, progress: TokenProgress | None = None,
+                        link: Link | None = None) -> Context:
+    """A cached prefix of `chunks` chunks from `reader`, and the rest of `token_ids` (default: the
+    artifact's own) prefilled here."""
     check_space(reader, loaded)
     started = time.perf_counter()
     timeline = Timeline()
     feed = LayerFeed(loaded.model, StreamedReader(reader, timeline, link), timeline, chunks)
+    token_ids = feed.token_ids if token_ids is None else token_ids
     prefix = min(len(token_ids), chunks * reader.manifest.chunk_size)
     if feed.token_ids[:prefix] != token_ids[:prefix]:
         raise IntegrityError(f"{reader.source}: its first {chunks} chunks hold other tokens than this context")

@@ -8,7 +8,7 @@ model's own KV for the first (sink) tokens and, for a hybrid, for its first laye
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -55,6 +55,7 @@ class LayerFeatures:
     hidden: list[torch.Tensor]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    queries: list[torch.Tensor] = field(default_factory=list)  # only when asked for
 
     def rows(self, index: torch.Tensor) -> "LayerFeatures":
         return LayerFeatures(*[[t[index] for t in getattr(self, f)] for f in FEATURES])
@@ -65,12 +66,17 @@ class LayerFeatures:
 
 
 @torch.inference_mode()
-def layer_features(loaded: LoadedModel, token_ids: list[int], step: int = 256) -> LayerFeatures:
-    """Run the model over `token_ids` at positions 0..T-1 and keep every layer's features."""
+def layer_features(loaded: LoadedModel, token_ids: list[int], step: int = 256, queries: bool = False) -> LayerFeatures:
+    """Run the model over `token_ids` at positions 0..T-1 and keep every layer's features (and with
+    `queries`, its pre-RoPE attention queries `[T, Hq*D]`)."""
     layers = loaded.model.model.layers
     normed: list[list[torch.Tensor]] = [[] for _ in layers]
+    query_parts: list[list[torch.Tensor]] = [[] for _ in layers]
     hooks = [layer.input_layernorm.register_forward_hook(lambda m, args, out, i=i: normed[i].append(out[0].float()))
              for i, layer in enumerate(layers)]
+    if queries:
+        hooks += [layer.self_attn.q_proj.register_forward_hook(lambda m, args, out, i=i: query_parts[i].append(out[0].float()))
+                  for i, layer in enumerate(layers)]
     try:
         cache = prefill_cache(loaded, token_ids, step)
     finally:
@@ -81,7 +87,8 @@ def layer_features(loaded: LoadedModel, token_ids: list[int], step: int = 256) -
     def flat(t: torch.Tensor) -> torch.Tensor:  # [H, T, D] -> [T, H*D]
         return t.permute(1, 0, 2).reshape(t.shape[1], -1)
 
-    return LayerFeatures([torch.cat(parts) for parts in normed], [flat(k) for k, _ in kv], [flat(v) for _, v in kv])
+    return LayerFeatures([torch.cat(parts) for parts in normed], [flat(k) for k, _ in kv], [flat(v) for _, v in kv],
+                         [torch.cat(parts) for parts in query_parts] if queries else [])
 
 
 def native_layers(loaded: LoadedModel, token_ids: list[int], count: int, step: int = 256) -> list[kvcache.LayerKV]:

@@ -26,6 +26,7 @@ EPILOG = examples(
     "celslm prefill -m smollm2-135m -c doc.txt -o - | celslm decode -m smollm2-135m --kv - --prompt 'Summarize.' --json",
     "celslm decode -m qwen2.5-coder-0.5b --kv sched:latest --peer http://peer:8470 --cloud http://cloud:8470 -p 'Why?'",
     "celslm decode -m qwen2.5-coder-0.5b --context sched.py --cloud http://cloud:8470 -p 'Why?'   # cached prefix + local rest",
+    "celslm decode -m qwen2.5-coder-0.5b --kv sched-cross.kv --recompute-last 512 -p 'Why?'   # cross-model KV + own recent tokens",
 )
 
 
@@ -42,6 +43,7 @@ def decode(
     peer: PeerOpt = None,
     cloud: CloudOpt = None,
     token: TokenOpt = None,
+    recompute_last: Annotated[int, typer.Option("--recompute-last", min=0, help="With --kv: prefill at least the context's last N tokens here, over the artifact's earlier chunks (trades edge compute for quality with cross-model artifacts).")] = 0,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
     link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Run the prompt's layer l as soon as layer l's KV is in (default), or wait for all of it.")] = True,
@@ -51,6 +53,8 @@ def decode(
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""
     if kv is None and context is None:
         raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
+    if recompute_last and kv is None:
+        raise UsageError("--recompute-last goes with --kv")
     if prompt == "-" and "-" in (kv, context):
         raise UsageError("only one of --prompt and --kv/--context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
@@ -64,7 +68,13 @@ def decode(
         try:
             if kv is not None:
                 reader, tiers = open_ref(kv, peer or [], cloud, token, stdin=sys.stdin.buffer)
-                ctx = context_from_artifact(loaded, reader, link=shaped, pipeline=pipeline)
+                if recompute_last:
+                    m = reader.manifest
+                    keep = max(0, m.token_count - recompute_last) // m.chunk_size
+                    ctx = context_from_prefix(loaded, None, m.framing, reader, keep, m.chunk_size, prefill_progress,
+                                              link=shaped)
+                else:
+                    ctx = context_from_artifact(loaded, reader, link=shaped, pipeline=pipeline)
             else:
                 framing = prompting.default_framing(loaded.tokenizer)
                 token_ids = prompting.context_ids(loaded.tokenizer, context_text, framing)

@@ -172,7 +172,7 @@ def test_bench_quality_reports_every_mode_on_held_out_files(pair):
                      "--json", check=True)
     report = json.loads(result.stdout)
     rows = {row["key"]: row for row in report["rows"]}
-    assert {"own", "none", "native", "cross", "hybrid1", "last1", "hybrid2", "last2", "llm"} <= set(rows)
+    assert {"own", "none", "native", "cross", "hybrid1", "last1", "split1", "hybrid2", "last2", "split2", "llm"} <= set(rows)
     assert len(report["files"]) == 2
     assert rows["own"]["gain_kept"] == 1 and rows["none"]["gain_kept"] == 0 and rows["own"]["top1_vs_own"] == 1
     # a losslessly shipped native artifact is the small model's own prefill, bit for bit
@@ -188,3 +188,26 @@ def test_calibration_files_are_never_evaluation_files():
     evaluated = {case.name for case in eval_cases(byte_tokenizer(), files=20, min_context=64, max_context=64, continuation=8)}
     assert len(evaluated) == 20
     assert not evaluated & {path.name for path in calibration_files(40)}
+
+
+def test_recompute_last_over_a_cross_artifact_matches_the_own_prefill_when_it_covers_everything(pair, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    run_cli("prefill", "-m", str(pair["large"]), "--align", str(pair["align"]), "-c", str(ctx), "-o",
+            str(tmp_path / "x.kv"), "--chunk-size", "32", check=True)
+    args = ("-m", str(pair["small"]), "--prompt", "Go on.", "--max-new-tokens", "8", "--json")
+    edge = json.loads(run_cli("decode", "--context", str(ctx), *args, check=True).stdout)
+    full = json.loads(run_cli("decode", "--kv", str(tmp_path / "x.kv"), "--recompute-last", "100000", *args, check=True).stdout)
+    some = json.loads(run_cli("decode", "--kv", str(tmp_path / "x.kv"), "--recompute-last", "40", *args, check=True).stdout)
+    assert full["text"] == edge["text"]
+    assert some["path"] == "partial" and some["context_tokens"] == edge["context_tokens"]
+
+
+def test_recompute_last_over_a_native_artifact_changes_nothing(pair, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    run_cli("prefill", "-m", str(pair["small"]), "-c", str(ctx), "-o", str(tmp_path / "own.kv"), "--chunk-size", "32", check=True)
+    args = ("-m", str(pair["small"]), "--kv", str(tmp_path / "own.kv"), "--prompt", "Go on.", "--max-new-tokens", "8", "--json")
+    plain = json.loads(run_cli("decode", *args, check=True).stdout)
+    split = json.loads(run_cli("decode", *args, "--recompute-last", "70", check=True).stdout)
+    assert split["text"] == plain["text"] and split["path"] == "partial"

@@ -10,7 +10,10 @@ after each way of getting the context into its cache:
   cross               every layer projected from the large model (LLM), own KV for the sink token(s)
   hybrid k            the SLM's own first k layers, the rest projected
   own last N          equal-compute baseline: the SLM prefills the sink token(s) + the last N context
-                      tokens itself, N matched to hybrid k's edge compute (N = T * k / layers)
+                      tokens itself, N matched to hybrid k's edge compute (N ~ T * k / layers, rounded
+                      up to whole 64-token chunks)
+  cross + own last N  token split at the same compute: the cross artifact's first T - N tokens, and
+                      the SLM prefills the last N itself over them (`decode --recompute-last N`)
   LLM alone           the large model after its own prefill (its own NLL; a different model)
 
 Edge prefill avoided counts layer-tokens the edge does not compute, assuming a hybrid's native layers
@@ -30,12 +33,13 @@ from celslm.align import Alignment, gain_kept
 from celslm.artifact import MemoryReader, build_artifact
 from celslm.codecs import parse_codec
 from celslm.corpus import eval_cases
-from celslm.decode import context_from_artifact, context_from_layers
+from celslm.decode import context_from_artifact, context_from_layers, context_from_prefix
 from celslm.models import LoadedModel
 from celslm.prefill import cross_layers, layer_features, native_layers
 from celslm.score import continuation_logits
 
 Progress = Callable[[str, int, int | None], None]
+CHUNK = 64  # tokens per chunk of the shipped artifacts: the granularity of a token split
 
 
 @dataclass
@@ -68,6 +72,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
         label = f"hybrid k={k}" + (f" (auto, budget {budget:.0%})" if k == auto else "")
         modes[f"hybrid{k}"] = Mode(f"{label} ({codec})", "celslm", 1 - k / layers_total)
         modes[f"last{k}"] = Mode(f"own last N, compute of k={k}", "baseline")
+        modes[f"split{k}"] = Mode(f"cross + own last N, compute of k={k} ({codec})", "celslm")
     modes["llm"] = Mode(f"{llm.name} alone", "llm", 1.0)
     _, llm_heads, _ = kvcache.kv_geometry(llm.model)
     for index, case in enumerate(cases):
@@ -86,24 +91,30 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
                 mode.top1.append((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item())
                 mode.link_bytes += link_bytes / len(cases)
 
-            def shipped(key: str, layers, provenance) -> None:
+            def shipped(key: str, layers, provenance):
                 artifact = build_artifact(space=slm.space, producer={"model": llm.name, "alignment": alignment.digest},
-                                          token_ids=ctx, layers=layers, chunk_size=256, dtype="float32", framing="raw",
-                                          provenance=provenance, timings={}, codec=spec)
+                                          token_ids=ctx, layers=layers, chunk_size=CHUNK, dtype="float32",
+                                          framing="raw", provenance=provenance, timings={}, codec=spec)
                 logits, _ = continuation_logits(slm, context_from_artifact(slm, MemoryReader(artifact)), cont)
                 record(key, logits, artifact.manifest.blob_bytes())
+                return artifact
 
             record("own", ref_logits)
             sink_only = [(k[:, :sink], v[:, :sink]) for k, v in own]
             record("none", continuation_logits(slm, context_from_layers(slm, ctx[:sink], sink_only), cont)[0])
             shipped("native", own, ["native"] * layers_total)
-            shipped("cross", projected, ["projected"] * layers_total)
+            cross = shipped("cross", projected, ["projected"] * layers_total)
             for k in counts:
                 shipped(f"hybrid{k}", own[:k] + projected[k:], ["native"] * k + ["projected"] * (layers_total - k))
-                tail = round(len(ctx) * k / layers_total)
+                kept_chunks = (len(ctx) - round(len(ctx) * k / layers_total)) // CHUNK
+                tail = len(ctx) - kept_chunks * CHUNK
                 short = ctx[:sink] + ctx[len(ctx) - tail :]
                 modes[f"last{k}"].edge_avoided += (1 - len(short) / len(ctx)) / len(cases)
                 record(f"last{k}", continuation_logits(slm, context_from_layers(slm, short, native_layers(slm, short, layers_total)), cont)[0])
+                split = context_from_prefix(slm, None, "raw", MemoryReader(cross), kept_chunks)
+                modes[f"split{k}"].edge_avoided += (1 - tail / len(ctx)) / len(cases)
+                record(f"split{k}", continuation_logits(slm, split, cont)[0],
+                       sum(ref.size for ref in cross.manifest.blob_refs(kept_chunks)))
             llm_kv = [(_flat_to_heads(k, llm_heads), _flat_to_heads(v, llm_heads)) for k, v in zip(features.keys, features.values)]
             llm_logits, _ = continuation_logits(llm, context_from_layers(llm, ctx, llm_kv), cont)
             modes["llm"].nll.append(torch.nn.functional.cross_entropy(llm_logits, targets).item())
