@@ -435,8 +435,8 @@ class AlignOptions:
     continuation: int = 128
     rows_per_window: int = 512
     sink_tokens: int = 1
-    refine_steps: int = 120  # per layer; 0 keeps the ridge maps
-    refine_windows: int = 6
+    refine_steps: int = 300  # per layer; 0 keeps the ridge maps
+    refine_windows: int = 12
     seed: int = 0
 
 
@@ -558,7 +558,7 @@ def attention_output(attn, query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], test: list[FullWindow], *,
-                steps: int = 120, queries: int = 256, lr: float = 0.01, seed: int = 0,
+                steps: int = 300, queries: int = 256, lr: float = 0.01, seed: int = 0,
                 progress: Progress | None = None) -> dict:
     """Tune each layer's maps (from the ridge fit) by Adam so that the SLM's own queries, attending over
     the projected keys and values, give the attention output they give over its own (after `o_proj`,

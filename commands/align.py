@@ -48,6 +48,8 @@ def align(
     heldout: Annotated[int, typer.Option("--heldout", min=1, help="Windows held out to choose λ, report R² and measure perplexity.")] = 4,
     continuation: Annotated[int, typer.Option("--continuation", min=1, help="Tokens at the end of each held-out window scored for perplexity.")] = 128,
     rows: Annotated[int, typer.Option("--rows", min=16, help="Tokens sampled per window for fitting (memory grows with it).")] = 512,
+    refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Adam steps per layer tuning the maps so the small model's attention output matches its own (0: plain ridge).")] = 300,
+    refine_windows: Annotated[int, typer.Option("--refine-windows", min=1, help="Calibration windows kept whole for refinement (memory grows with it).")] = 12,
     plots: Annotated[Path | None, typer.Option("--plots", help="Write cka.png and rsa.png (layer heatmaps with the map) here.")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
@@ -57,7 +59,7 @@ def align(
         raise UsageError(f"{out} exists; pass --force to replace it")
     options = alignment_lib.AlignOptions(map_method=map_method, source=source, window=window, windows=windows,
                                          heldout=heldout, continuation=continuation,
-                                         rows_per_window=rows)
+                                         rows_per_window=rows, refine_steps=refine_steps, refine_windows=refine_windows)
     paths = _calibration_paths(calib, windows)
     with progress_bar() as progress:
         large = load_model(llm, progress)
@@ -69,8 +71,8 @@ def align(
     held = meta["heldout"]
     if json_:
         print_json({"digest": digest, "out": str(out), "plots": [str(p) for p in written],
-                    **{k: meta[k] for k in ("llm", "slm", "source", "map_method", "layer_map", "r2", "heldout",
-                                            "calibration", "seconds")}})
+                    **{k: meta.get(k) for k in ("llm", "slm", "source", "map_method", "layer_map", "r2", "heldout",
+                                                "refine", "calibration", "seconds")}})
         return
     table = Table(title=f"{meta['slm']['name']} <- {meta['llm']['name']} ({meta['source']}, {meta['map_method']} map)")
     for column in ("layer", "reads LLM layer", "R² keys", "R² values", "Δ NLL alone", "NLL, first k native"):
@@ -83,4 +85,10 @@ def align(
     kept = alignment_lib.gain_kept(cross, held["own_nll"], held["no_context_nll"])
     log(f"held-out NLL: own prefill {held['own_nll']:.4f}, no context {held['no_context_nll']:.4f}, "
         f"cross (all projected) {cross:.4f} = {kept:.0%} of the context's gain kept")
+    if "refine" in meta:
+        refine = meta["refine"]
+        before, after = (sum(refine[k]) / len(refine[k]) for k in ("before", "after"))
+        log(f"refinement ({refine['steps']} steps per layer, {refine['windows']} windows): held-out attention-output "
+            f"error {before:.3f} -> {after:.3f} (mean over layers), tuned maps kept in {sum(refine['kept'])} of "
+            f"{len(refine['kept'])} layers")
     log(f"wrote {out} ({digest[:12]}) in {meta['seconds']:.0f} s" + (f"; plots: {', '.join(map(str, written))}" if written else ""))

@@ -211,3 +211,21 @@ def test_recompute_last_over_a_native_artifact_changes_nothing(pair, tmp_path):
     plain = json.loads(run_cli("decode", *args, check=True).stdout)
     split = json.loads(run_cli("decode", *args, "--recompute-last", "70", check=True).stdout)
     assert split["text"] == plain["text"] and split["path"] == "partial"
+
+
+def test_refinement_repairs_maps_whose_attention_output_is_off(pair):
+    from celslm import align as A
+    from celslm.models import load_model
+
+    large, small = load_model(str(pair["large"])), load_model(str(pair["small"]))
+    alignment = A.load_alignment(pair["align"])
+    paths = sorted((pair["root"] / "calib").iterdir())
+    windows, names = A.calibration_windows(small.tokenizer, paths, 160, 5)
+    cal = A.calibrate(large, small, windows, names, heldout=1, continuation=32, rows_per_window=64, sink=1,
+                      full_windows=3)
+    for name in list(alignment.maps):
+        if name.startswith(("0.value", "1.value", "2.value")):
+            alignment.maps[name] = alignment.maps[name] * 0.3  # values far too small: attention outputs shrink
+    report = A.refine_maps(small, alignment, cal.full_fit, cal.full_test, steps=60)
+    assert all(report["kept"])
+    assert all(after < 0.9 * before for before, after in zip(report["before"], report["after"]))
