@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +14,9 @@ from rich.table import Table
 from celslm.align import load_aligned_models, load_alignment
 from celslm.bench import compress as compress_bench
 from celslm.bench import quality as quality_bench
+from celslm.bench import report as report_bench
 from celslm.bench import ttft as ttft_bench
+from celslm.errors import UsageError
 from celslm.models import load_model
 from .common import JsonOpt, ModelOpt, examples, log, out_console, print_json, progress_bar
 
@@ -122,6 +126,46 @@ def quality_(
         table.add_row(row["mode"], f"{row['nll']:.4f}", f"{row['ppl_vs_own']:.4f}", f"{row['gain_kept']:.0%}", top1,
                       f"{row['link_bytes']:,}", f"{row['edge_prefill_avoided']:.0%}")
     out_console.print(table)
+
+
+@app.command("report", epilog=examples(
+    "celslm bench report --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --quick --out report",
+    "celslm bench report --from report/suite.json --out report"))
+def report_(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, its PNGs and suite.json.")],
+    llm: Annotated[str | None, typer.Option("--llm", help="The cloud's large model.")] = None,
+    slm: Annotated[str | None, typer.Option("--slm", help="The edge's small model.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Few, short tasks (minutes); without it, the full suite.")] = False,
+    from_: Annotated[Path | None, typer.Option("--from", help="Re-score and re-render a saved suite.json instead of running models.")] = None,
+    tasks_per_kind: Annotated[int | None, typer.Option("--tasks", min=1, help="Tasks of each kind (completion, QA); overrides the preset.")] = None,
+    context_chars: Annotated[int | None, typer.Option("--context-chars", min=200, help="Context size in characters; overrides the preset.")] = None,
+    new_tokens: Annotated[int | None, typer.Option("--new-tokens", min=1, help="Tokens generated per request; overrides the preset.")] = None,
+    link: Annotated[str, typer.Option("--link", help="Emulated link RATE[:RTT] between edge and cloud.")] = "100mbit:20ms",
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="CE-CoLLM: defer a token to the cloud below this top probability.")] = 0.5,
+    codec: Annotated[str, typer.Option("--codec", help="CE-LSLM artifact codec.")] = "balanced",
+    json_: JsonOpt = False,
+) -> None:
+    """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM) on the same tasks: report.md + figures."""
+    if from_ is not None:
+        try:
+            result = report_bench.rescore(json.loads(from_.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"--from {from_}: not a saved suite ({exc})") from exc
+    else:
+        if not (llm and slm):
+            raise UsageError("give --llm and --slm (or --from a saved suite.json)")
+        preset = report_bench.QUICK if quick else report_bench.FULL
+        with progress_bar() as progress:
+            large, small = load_model(llm, progress), load_model(slm, progress)
+            result = report_bench.run_suite(
+                large, small, tasks_per_kind=tasks_per_kind or preset["tasks_per_kind"],
+                context_chars=context_chars or preset["context_chars"], new_tokens=new_tokens or preset["new_tokens"],
+                link=link, threshold=threshold, codec=codec, progress=progress)
+    path = report_bench.render(result, out)
+    if json_:
+        print_json({"report": str(path), "summary": report_bench.summary(result)})
+    else:
+        log(f"wrote {path} (+ latency.png, quality.png, suite.json)")
 
 
 @app.command("serve", epilog=examples("celslm bench serve", "celslm bench serve --clients 1 --clients 32 --seconds 3 --json"))

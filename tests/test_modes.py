@@ -69,3 +69,23 @@ def test_tasks_have_ground_truth_from_the_files_and_score_it():
     for task in qa:
         assert tasks.score(task, f"It returns `{task.answer}`.") == {"correct": 1.0}
         assert tasks.score(task, "None of it") == {"correct": 0.0}
+
+
+def test_bench_report_has_every_mode_and_re_renders_from_its_saved_suite(models, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    llm, slm = models
+    out = tmp_path / "report"
+    result = run_cli("bench", "report", "--llm", str(llm.folder), "--slm", str(slm.folder), "--out", str(out),
+                     "--tasks", "1", "--context-chars", "600", "--new-tokens", "4", "--json", check=True)
+    summary = json.loads(result.stdout)["summary"]
+    assert [row["mode"] for row in summary] == list(modes.MODES)
+    assert {row["mode"]: row["private"] for row in summary}["cloud-only"] is False
+    report = (out / "report.md").read_text()
+    assert all(f"| {mode} |" in report for mode in modes.MODES) and "emulated" in report
+    assert (out / "latency.png").stat().st_size > 0 and (out / "quality.png").stat().st_size > 0
+    again = tmp_path / "again"
+    run_cli("bench", "report", "--from", str(out / "suite.json"), "--out", str(again), check=True)
+    assert (again / "report.md").read_text().split("## Quality")[1] == report.split("## Quality")[1]
