@@ -143,6 +143,8 @@ def report_(
     link: Annotated[str, typer.Option("--link", help="Emulated link RATE[:RTT] between edge and cloud.")] = "100mbit:20ms",
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="CE-CoLLM: defer a token to the cloud below this top probability.")] = 0.5,
     codec: Annotated[str, typer.Option("--codec", help="CE-LSLM artifact codec.")] = "balanced",
+    clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=64, help="Concurrency levels (repeatable); default 1, 8, 32 (--quick) or 1..32.")] = None,
+    no_concurrency: Annotated[bool, typer.Option("--no-concurrency", help="Skip the concurrent-capacity part.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM) on the same tasks: report.md + figures."""
@@ -160,7 +162,9 @@ def report_(
             result = report_bench.run_suite(
                 large, small, tasks_per_kind=tasks_per_kind or preset["tasks_per_kind"],
                 context_chars=context_chars or preset["context_chars"], new_tokens=new_tokens or preset["new_tokens"],
-                link=link, threshold=threshold, codec=codec, progress=progress)
+                link=link, threshold=threshold, codec=codec,
+                levels=() if no_concurrency else tuple(clients or preset["levels"]), requests=preset["requests"],
+                workdir=out / "work", progress=progress)
     path = report_bench.render(result, out)
     if json_:
         print_json({"report": str(path), "summary": report_bench.summary(result)})

@@ -79,13 +79,20 @@ def test_bench_report_has_every_mode_and_re_renders_from_its_saved_suite(models,
     llm, slm = models
     out = tmp_path / "report"
     result = run_cli("bench", "report", "--llm", str(llm.folder), "--slm", str(slm.folder), "--out", str(out),
-                     "--tasks", "1", "--context-chars", "600", "--new-tokens", "4", "--json", check=True)
+                     "--tasks", "1", "--context-chars", "600", "--new-tokens", "4", "--clients", "1", "--clients", "3",
+                     "--json", check=True)
     summary = json.loads(result.stdout)["summary"]
     assert [row["mode"] for row in summary] == list(modes.MODES)
     assert {row["mode"]: row["private"] for row in summary}["cloud-only"] is False
     report = (out / "report.md").read_text()
     assert all(f"| {mode} |" in report for mode in modes.MODES) and "emulated" in report
     assert (out / "latency.png").stat().st_size > 0 and (out / "quality.png").stat().st_size > 0
+    capacity = json.loads((out / "suite.json").read_text())["concurrency"]
+    assert {(r["mode"], r["clients"]) for r in capacity} == {(m, c) for m in ("ce-lslm", "cloud-only") for c in (1, 3)}
+    # the full preset: 2 requests per client; /proc counts CPU in 10 ms ticks, so tiny levels may read 0
+    assert all(r["errors"] == 0 and r["requests"] == 2 * r["clients"] and r["cloud_cpu_s_per_request"] >= 0
+               for r in capacity)
+    assert "Concurrent capacity" in report
     again = tmp_path / "again"
     run_cli("bench", "report", "--from", str(out / "suite.json"), "--out", str(again), check=True)
     assert (again / "report.md").read_text().split("## Quality")[1] == report.split("## Quality")[1]

@@ -20,8 +20,8 @@ from celslm.models import LoadedModel
 from celslm.stream import Link
 
 Progress = Callable[[str, int, int | None], None]
-QUICK = {"tasks_per_kind": 2, "context_chars": 2500, "new_tokens": 24}
-FULL = {"tasks_per_kind": 8, "context_chars": 5000, "new_tokens": 48}
+QUICK = {"tasks_per_kind": 2, "context_chars": 2500, "new_tokens": 24, "levels": (1, 8, 32), "requests": 1}
+FULL = {"tasks_per_kind": 8, "context_chars": 5000, "new_tokens": 48, "levels": (1, 2, 4, 8, 16, 32), "requests": 2}
 
 
 def build_tasks(per_kind: int, context_chars: int) -> list[tasks.Task]:
@@ -49,6 +49,7 @@ def _trimmed(task: tasks.Task, chars: int) -> tasks.Task:
 
 def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, context_chars: int, new_tokens: int,
               link: str = "100mbit:20ms", threshold: float = 0.5, codec: str = "balanced",
+              levels: tuple[int, ...] = (), requests: int = 1, workdir: Path | None = None,
               progress: Progress | None = None) -> dict:
     shaped = Link.parse(link)
     sampling = Sampling(max_new_tokens=new_tokens)
@@ -72,9 +73,18 @@ def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, contex
             results.append({"task": index, "kind": task.kind, **outcome.to_json(), "scores": tasks.score(task, outcome.text)})
     if progress:
         progress("suite (task x mode)", total, total)
+    capacity = []
+    if levels:
+        from celslm.bench import concurrency
+
+        qa = next((t for t in suite if t.kind == "qa"), suite[0])
+        capacity = concurrency.run(str(llm.folder), slm, qa.context, qa.prompt, levels=levels, requests=requests,
+                                   new_tokens=min(new_tokens, 8), codec=codec, workdir=workdir or Path("."),
+                                   progress=progress)
     return {
         "llm": llm.name, "slm": slm.name, "link": shaped.label, "threshold": threshold, "codec": codec,
         "new_tokens": new_tokens, "tasks": [t.to_json() for t in suite], "results": results,
+        "concurrency": capacity,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -147,6 +157,24 @@ def render(result: dict, out: Path) -> Path:
     if edge and best and best["ttft_s"]:
         lines += ["", f"CE-LSLM time to first token: {edge['ttft_s'] / best['ttft_s']:.1f}x faster than edge-only "
                   f"({best['ttft_s']:.3f} s vs {edge['ttft_s']:.3f} s, emulated link)."]
+    if result.get("concurrency"):
+        _plot_capacity(result["concurrency"], out / "capacity.png")
+        lines += ["", "## Concurrent capacity: edge clients against one cloud process (loopback)", "",
+                  "Only the cloud's side of a request is timed (cloud-only: prompt in, text out; CE-LSLM: the "
+                  "artifact pulled from serve-cache); edge compute is in the table above. Cloud CPU is the cloud "
+                  "process's own CPU seconds (from /proc), divided by the requests it served.", "",
+                  "| mode | clients | requests | errors | requests/s | p50 s | p99 s | cloud CPU s / request |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in result["concurrency"]:
+            lines.append(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['rps']:.2f} | "
+                         f"{fmt(r['p50_s'])} | {fmt(r['p99_s'])} | {fmt(r['cloud_cpu_s_per_request'], '.4f')} |")
+        top = max(r["clients"] for r in result["concurrency"])
+        at_top = {r["mode"]: r["cloud_cpu_s_per_request"] for r in result["concurrency"] if r["clients"] == top}
+        if at_top.get("cloud-only") and at_top.get("ce-lslm"):
+            lines += ["", f"At {top} clients the cloud spends {at_top['cloud-only'] / at_top['ce-lslm']:.0f}x fewer CPU "
+                      f"seconds per request with CE-LSLM ({at_top['ce-lslm']:.4f} s) than cloud-only "
+                      f"({at_top['cloud-only']:.3f} s); the context's one-off prefill is in the cloud prep column."]
+        lines += ["", "![capacity](capacity.png)"]
     lines += ["", "![latency split](latency.png)", "", "![quality vs bytes](quality.png)", "",
               "Rows are every mode run, including where CE-LSLM loses. Tasks, outputs and scores are in "
               "`suite.json`; `celslm bench report --from suite.json --out DIR` re-renders (and re-scores) them.", ""]
@@ -195,6 +223,31 @@ def _plot_quality(rows: list[dict], result: dict, path: Path) -> None:
     ax.set_xlabel("bytes on the link per request (log)")
     ax.set_ylabel("quality: mean of edit similarity and QA accuracy")
     ax.set_title("Quality vs bytes on the link", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_capacity(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in sorted({r["mode"] for r in rows}):
+        mine = [r for r in rows if r["mode"] == mode]
+        left.plot([r["clients"] for r in mine], [r["rps"] for r in mine], "o-", label=mode)
+        right.plot([r["clients"] for r in mine], [r["cloud_cpu_s_per_request"] or 0 for r in mine], "o-", label=mode)
+    left.set_xlabel("concurrent edge clients")
+    left.set_ylabel("requests / s (cloud side)")
+    right.set_xlabel("concurrent edge clients")
+    right.set_ylabel("cloud CPU seconds per request")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

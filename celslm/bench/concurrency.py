@@ -1,0 +1,188 @@
+"""Concurrent capacity: 1..N edge clients against one cloud process on loopback, per mode.
+
+  cloud-only  the cloud process holds the LLM with the context prefilled; each request uploads a
+              prompt and waits for the generated text (requests are served one at a time: CPU bound)
+  ce-lslm     the cloud process is serve-cache holding the SLM's artifact; each request pulls it
+
+Only the cloud side is measured: requests per second, p50/p99 latency, and the cloud process's CPU
+seconds per request (from /proc). Edge compute is reported separately by the suite: edges and cloud
+share this machine's cores here, so wall-clock capacity alone would mislead. Each level is bounded:
+every client makes `requests` requests, and the level stops at `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+CLIENT_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cloud process exited: {proc.stderr.read().decode()[-1500:]}")
+        try:
+            urllib.request.urlopen(url + "/v1/health", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"cloud process at {url} did not start in {seconds:.0f} s")
+
+
+class CloudProcess:
+    """A subprocess serving one mode on loopback; stopped on exit."""
+
+    def __init__(self, args: list[str], port: int):
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+        try:
+            _wait_healthy(self.url, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def llm_server(model: str, context_file: str, new_tokens: int) -> CloudProcess:
+    port = _free_port()
+    return CloudProcess([sys.executable, "-m", "celslm.bench.cloud_server", "--model", model, "--context", context_file,
+                         "--port", str(port), "--new-tokens", str(new_tokens)], port)
+
+
+def cache_server(root: str) -> CloudProcess:
+    port = _free_port()
+    return CloudProcess([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
+                         "--root", root, "--port", str(port)], port)
+
+
+def level(request, clients: int, requests: int, pid: int, timeout_s: float) -> dict:
+    """Run `clients` threads making `requests` requests each; latency percentiles, rps, cloud CPU per request."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + timeout_s
+
+    def client():
+        for _ in range(requests):
+            if time.monotonic() > deadline:
+                return
+            begun = time.perf_counter()
+            try:
+                request()
+            except Exception as exc:  # counted and reported, never hidden
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - begun)
+
+    cpu_before, started = cpu_seconds(pid), time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()) + CLIENT_TIMEOUT_S)
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu_before
+    done = sorted(latencies)
+
+    def pct(p):
+        return done[min(len(done) - 1, int(p * len(done)))] if done else None
+
+    return {"clients": clients, "requests": len(done), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "rps": len(done) / elapsed if elapsed else 0.0, "p50_s": pct(0.5), "p99_s": pct(0.99),
+            "cloud_cpu_s_per_request": cpu / len(done) if done else None, "seconds": elapsed}
+
+
+def generate_request(url: str, prompt: str):
+    body = json.dumps({"prompt": prompt}).encode()
+
+    def request():
+        req = urllib.request.Request(url + "/v1/generate", data=body, headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=CLIENT_TIMEOUT_S).read())
+
+    return request
+
+
+def pull_request(url: str, artifact_id: str):
+    from celslm.artifact import Manifest
+    from celslm.store.http import CacheClient
+
+    def request():
+        client = CacheClient(url)
+        try:
+            manifest = Manifest.from_bytes(client.get_manifest(artifact_id), url)
+            for ref in manifest.blob_refs():
+                if client.get_blob(ref.digest) is None:  # verified against its digest
+                    raise RuntimeError(f"blob {ref.digest} missing on {url}")
+        finally:
+            client.close()
+
+    return request
+
+
+def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[int, ...] = (1, 8, 32),
+        requests: int = 2, new_tokens: int = 8, timeout_s: float = 240.0, codec: str = "balanced",
+        workdir: Path, progress=None) -> list[dict]:
+    """Both modes at every level; one cloud process per mode, started fresh and stopped after."""
+    from celslm.artifact import MemoryReader, recode
+    from celslm.codecs import parse_codec
+    from celslm.prefill import prefill
+    from celslm.prompting import context_ids, default_framing
+    from celslm.store.http import CacheClient
+    from celslm.store.tiers import push
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    context_file = workdir / "context.txt"
+    context_file.write_text(context_text)
+    rows = []
+    framing = default_framing(slm.tokenizer)
+    artifact = recode(MemoryReader(prefill(slm, context_ids(slm.tokenizer, context_text, framing), framing=framing)),
+                      parse_codec(codec))
+    with cache_server(str(workdir / "store")) as cloud:
+        push(MemoryReader(artifact), CacheClient(cloud.url))
+        for clients in levels:
+            if progress:
+                progress(f"concurrency: ce-lslm, {clients} clients", 0, None)
+            rows.append({"mode": "ce-lslm", **level(pull_request(cloud.url, artifact.id), clients, requests,
+                                                    cloud.proc.pid, timeout_s)})
+    with llm_server(llm_model, str(context_file), new_tokens) as cloud:
+        for clients in levels:
+            if progress:
+                progress(f"concurrency: cloud-only, {clients} clients", 0, None)
+            rows.append({"mode": "cloud-only", **level(generate_request(cloud.url, prompt), clients, requests,
+                                                       cloud.proc.pid, timeout_s)})
+    return rows
