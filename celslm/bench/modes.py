@@ -95,7 +95,8 @@ def cloud_only(llm: LoadedModel, context: str, prompt: str, sampling: Sampling, 
     # tokens stream back behind generation: the last arrives one one-way trip after it was made
     return Outcome("cloud-only", _text(llm, tokens), private=False, ttft_s=up_s + first + token_s,
                    total_s=up_s + total + token_s, t_com_c_s=total, t_comm_s=up_s + token_s, cloud_prep_s=prep_s,
-                   bytes_up=up, bytes_down=TOKEN_MESSAGE_BYTES * len(tokens), prompt_bytes_sent=up)
+                   bytes_up=up, bytes_down=TOKEN_MESSAGE_BYTES * len(tokens), prompt_bytes_sent=up,
+                   edge_token_share=0.0)
 
 
 def ce_lslm(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, link: Link,
