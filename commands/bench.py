@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -157,14 +158,14 @@ def report_(
         if not (llm and slm):
             raise UsageError("give --llm and --slm (or --from a saved suite.json)")
         preset = report_bench.QUICK if quick else report_bench.FULL
-        with progress_bar() as progress:
+        with progress_bar() as progress, tempfile.TemporaryDirectory(prefix="celslm-report-") as scratch:
             large, small = load_model(llm, progress), load_model(slm, progress)
             result = report_bench.run_suite(
                 large, small, tasks_per_kind=tasks_per_kind or preset["tasks_per_kind"],
                 context_chars=context_chars or preset["context_chars"], new_tokens=new_tokens or preset["new_tokens"],
                 link=link, threshold=threshold, codec=codec,
                 levels=() if no_concurrency else tuple(clients or preset["levels"]), requests=preset["requests"],
-                workdir=out / "work", progress=progress)
+                workdir=Path(scratch), progress=progress)
     path = report_bench.render(result, out)
     if json_:
         print_json({"report": str(path), "summary": report_bench.summary(result)})

@@ -93,6 +93,7 @@ def test_bench_report_has_every_mode_and_re_renders_from_its_saved_suite(models,
     assert all(r["errors"] == 0 and r["requests"] == 2 * r["clients"] and r["cloud_cpu_s_per_request"] >= 0
                for r in capacity)
     assert "Concurrent capacity" in report
+    assert sorted(p.name for p in out.iterdir()) == ["capacity.png", "latency.png", "quality.png", "report.md", "suite.json"]
     again = tmp_path / "again"
     run_cli("bench", "report", "--from", str(out / "suite.json"), "--out", str(again), check=True)
     assert (again / "report.md").read_text().split("## Quality")[1] == report.split("## Quality")[1]
