@@ -32,7 +32,7 @@ from safetensors.torch import load as load_tensors, save as save_tensors
 from celslm.errors import IntegrityError, UsageError
 from celslm.models import LoadedModel
 from celslm.decode import context_from_layers
-from celslm.prefill import FEATURES, LayerFeatures, cross_layers, layer_features, native_layers
+from celslm.prefill import FEATURES, LayerFeatures, cross_layers, layer_features, native_layers, to_heads
 from celslm.score import continuation_logits
 
 FORMAT = "celslm-alignment/1"
@@ -180,7 +180,7 @@ class Alignment:
             out = []
             for part in ("key", "value"):
                 y = x @ self.maps[f"{s}.{part}.weight"] + self.maps[f"{s}.{part}.bias"]  # [T, H*D]
-                out.append(y.reshape(y.shape[0], kv_heads, -1).permute(1, 0, 2).contiguous())
+                out.append(to_heads(y, kv_heads).contiguous())
             layers.append((out[0], out[1]))
         return layers
 
@@ -582,8 +582,8 @@ def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], t
             weight, bias = alignment.maps[f"{s}.{part}.weight"], alignment.maps[f"{s}.{part}.bias"]
             params[part] = (weight * std[:, None]).clone().requires_grad_(), (bias + mean @ weight).clone().requires_grad_()
 
-        def heads(flat):  # [T, H*D] -> [H, T, D]
-            return flat.reshape(flat.shape[0], kv_heads, -1).permute(1, 0, 2)
+        def heads(rows):
+            return to_heads(rows, kv_heads)
 
         def loss(window: FullWindow, positions: torch.Tensor) -> torch.Tensor:
             x = (window.regressor[l] - mean) / std

@@ -65,6 +65,16 @@ class LayerFeatures:
         return LayerFeatures(*[[torch.cat(ts) for ts in zip(*[getattr(p, f) for p in parts])] for f in FEATURES])
 
 
+def to_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per-head `[H, T, D]` -> one row per token `[T, H*D]` (how features are kept)."""
+    return t.permute(1, 0, 2).reshape(t.shape[1], -1)
+
+
+def to_heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `to_rows`: `[T, H*D]` -> `[H, T, D]`."""
+    return rows.reshape(rows.shape[0], heads, -1).permute(1, 0, 2)
+
+
 @torch.inference_mode()
 def layer_features(loaded: LoadedModel, token_ids: list[int], step: int = 256, queries: bool = False) -> LayerFeatures:
     """Run the model over `token_ids` at positions 0..T-1 and keep every layer's features (and with
@@ -84,10 +94,7 @@ def layer_features(loaded: LoadedModel, token_ids: list[int], step: int = 256, q
             hook.remove()
     kv = pre_rope_layers(loaded, cache)
 
-    def flat(t: torch.Tensor) -> torch.Tensor:  # [H, T, D] -> [T, H*D]
-        return t.permute(1, 0, 2).reshape(t.shape[1], -1)
-
-    return LayerFeatures([torch.cat(parts) for parts in normed], [flat(k) for k, _ in kv], [flat(v) for _, v in kv],
+    return LayerFeatures([torch.cat(parts) for parts in normed], [to_rows(k) for k, _ in kv], [to_rows(v) for _, v in kv],
                          [torch.cat(parts) for parts in query_parts] if queries else [])
 
 

@@ -35,7 +35,7 @@ from celslm.codecs import parse_codec
 from celslm.corpus import eval_cases
 from celslm.decode import context_from_artifact, context_from_layers, context_from_prefix
 from celslm.models import LoadedModel
-from celslm.prefill import cross_layers, layer_features, native_layers
+from celslm.prefill import cross_layers, layer_features, native_layers, to_heads
 from celslm.score import continuation_logits
 
 Progress = Callable[[str, int, int | None], None]
@@ -50,10 +50,6 @@ class Mode:
     link_bytes: float = 0.0  # mean bytes on the link per context
     nll: list[float] = field(default_factory=list)
     top1: list[float] = field(default_factory=list)
-
-
-def _flat_to_heads(flat: torch.Tensor, heads: int) -> torch.Tensor:  # [T, H*D] -> [H, T, D]
-    return flat.reshape(flat.shape[0], heads, -1).permute(1, 0, 2)
 
 
 def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int = 20, context: int = 1024,
@@ -115,7 +111,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
                 modes[f"split{k}"].edge_avoided += (1 - tail / len(ctx)) / len(cases)
                 record(f"split{k}", continuation_logits(slm, split, cont)[0],
                        sum(ref.size for ref in cross.manifest.blob_refs(kept_chunks)))
-            llm_kv = [(_flat_to_heads(k, llm_heads), _flat_to_heads(v, llm_heads)) for k, v in zip(features.keys, features.values)]
+            llm_kv = [(to_heads(k, llm_heads), to_heads(v, llm_heads)) for k, v in zip(features.keys, features.values)]
             llm_logits, _ = continuation_logits(llm, context_from_layers(llm, ctx, llm_kv), cont)
             modes["llm"].nll.append(torch.nn.functional.cross_entropy(llm_logits, targets).item())
     if progress:
