@@ -19,6 +19,7 @@ from celslm.bench import report as report_bench
 from celslm.bench import ttft as ttft_bench
 from celslm.errors import UsageError
 from celslm.models import load_model
+from celslm.stream import Link
 from .common import JsonOpt, ModelOpt, examples, log, out_console, print_json, progress_bar
 
 app = typer.Typer(help="Benchmarks that print their figures (ratios measured in one run).",
@@ -131,6 +132,8 @@ def quality_(
 
 @app.command("report", epilog=examples(
     "celslm bench report --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --quick --out report",
+    "celslm bench report --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --align coder.align --quick --out report",
+    "celslm bench report --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --link 100mbit:20ms --no-concurrency --out report",
     "celslm bench report --from report/suite.json --out report"))
 def report_(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, its PNGs and suite.json.")],
@@ -141,14 +144,15 @@ def report_(
     tasks_per_kind: Annotated[int | None, typer.Option("--tasks", min=1, help="Tasks of each kind (completion, QA); overrides the preset.")] = None,
     context_chars: Annotated[int | None, typer.Option("--context-chars", min=200, help="Context size in characters; overrides the preset.")] = None,
     new_tokens: Annotated[int | None, typer.Option("--new-tokens", min=1, help="Tokens generated per request; overrides the preset.")] = None,
-    link: Annotated[str, typer.Option("--link", help="Emulated link RATE[:RTT] between edge and cloud.")] = "100mbit:20ms",
+    link: Annotated[list[str] | None, typer.Option("--link", help="Emulated link RATE[:RTT] between edge and cloud (repeatable); default 10mbit:40ms, 100mbit:20ms, 1gbit:5ms.")] = None,
+    align: Annotated[str | None, typer.Option("--align", help="Alignment directory (celslm align) from --llm to --slm: adds the cross-model and hybrid CE-LSLM modes.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="CE-CoLLM: defer a token to the cloud below this top probability.")] = 0.5,
     codec: Annotated[str, typer.Option("--codec", help="CE-LSLM artifact codec.")] = "balanced",
     clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=64, help="Concurrency levels (repeatable); default 1, 8, 32 (--quick) or 1..32.")] = None,
     no_concurrency: Annotated[bool, typer.Option("--no-concurrency", help="Skip the concurrent-capacity part.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM) on the same tasks: report.md + figures."""
+    """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM native/pipelined/cross/hybrid) on the same tasks and links: report.md + figures."""
     if from_ is not None:
         try:
             result = report_bench.rescore(json.loads(from_.read_text()))
@@ -158,12 +162,16 @@ def report_(
         if not (llm and slm):
             raise UsageError("give --llm and --slm (or --from a saved suite.json)")
         preset = report_bench.QUICK if quick else report_bench.FULL
+        for spec in link or ():
+            Link.parse(spec)  # a bad --link fails before any model loads
         with progress_bar() as progress, tempfile.TemporaryDirectory(prefix="celslm-report-") as scratch:
-            large, small = load_model(llm, progress), load_model(slm, progress)
+            alignment = load_alignment(align) if align else None
+            large = load_model(llm, progress)
+            small = load_aligned_models(alignment, large, slm, progress) if alignment else load_model(slm, progress)
             result = report_bench.run_suite(
                 large, small, tasks_per_kind=tasks_per_kind or preset["tasks_per_kind"],
                 context_chars=context_chars or preset["context_chars"], new_tokens=new_tokens or preset["new_tokens"],
-                link=link, threshold=threshold, codec=codec,
+                links=tuple(link or report_bench.DEFAULT_LINKS), threshold=threshold, codec=codec, alignment=alignment,
                 levels=() if no_concurrency else tuple(clients or preset["levels"]), requests=preset["requests"],
                 workdir=Path(scratch), progress=progress)
     path = report_bench.render(result, out)

@@ -14,24 +14,9 @@ from celslm.align import fit_ridge, monotone_map, proportional_map
 from celslm.artifact import open_artifact
 from tests.conftest import CONTEXT, run_cli, save_tiny_model
 
-# Two tiny Qwen2 models sharing the byte tokenizer: different depths (5 vs 3) and head dims (24 vs 16).
-LARGE = dict(hidden_size=96, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)
-
-
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    large = save_tiny_model(root / "large", "qwen2", seed=3, **LARGE)
-    small = save_tiny_model(root / "small", "qwen2", seed=4)
-    calib = root / "calib"
-    calib.mkdir()
-    for index in range(5):  # distinct texts, each long enough for one 160-byte window
-        (calib / f"c{index}.txt").write_text((CONTEXT.replace("name", f"name{index}") + f"# file {index}\n") * 2)
-    out = root / "pair.align"
-    run_cli("align", "--llm", str(large), "--slm", str(small), "--out", str(out), "--calib", str(calib),
-            "--windows", "5", "--window", "160", "--heldout", "1", "--continuation", "32", "--rows", "64",
-            "--plots", str(root / "plots"), check=True)
-    return {"large": large, "small": small, "align": out, "root": root}
+def pair(aligned_pair):
+    return aligned_pair
 
 
 def test_monotone_map_is_the_best_non_decreasing_map():

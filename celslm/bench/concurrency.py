@@ -2,6 +2,10 @@
 
   cloud-only  the cloud process holds the LLM with the context prefilled; each request uploads a
               prompt and waits for the generated text (requests are served one at a time: CPU bound)
+  ce-collm    the same LLM process; each request sends one request's deferral messages (those the
+              suite's run on this context sent) and gets the LLM's token for each
+  pice        a process serving the context's sketch (written once, ahead of requests); each request
+              pulls it
   ce-lslm     the cloud process is serve-cache holding the SLM's artifact; each request pulls it
 
 Only the cloud side is measured: requests per second, p50/p99 latency, and the cloud process's CPU
@@ -83,6 +87,12 @@ def llm_server(model: str, context_file: str, new_tokens: int) -> CloudProcess:
                          "--port", str(port), "--new-tokens", str(new_tokens)], port)
 
 
+def sketch_server(sketch_file: str) -> CloudProcess:
+    port = _free_port()
+    return CloudProcess([sys.executable, "-m", "celslm.bench.cloud_server", "--sketch", sketch_file,
+                         "--port", str(port)], port)
+
+
 def cache_server(root: str) -> CloudProcess:
     port = _free_port()
     return CloudProcess([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
@@ -137,6 +147,26 @@ def generate_request(url: str, prompt: str):
     return request
 
 
+def defer_request(url: str, messages: list[list[int]]):
+    body = json.dumps({"messages": messages}).encode()
+
+    def request():
+        req = urllib.request.Request(url + "/v1/defer", data=body, headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=CLIENT_TIMEOUT_S).read())
+        if len(reply["tokens"]) != len(messages):
+            raise RuntimeError(f"{len(reply['tokens'])} tokens for {len(messages)} deferrals")
+
+    return request
+
+
+def sketch_request(url: str, sketch: str):
+    def request():
+        if urllib.request.urlopen(url + "/v1/sketch", timeout=CLIENT_TIMEOUT_S).read().decode() != sketch:
+            raise RuntimeError("the sketch came back changed")
+
+    return request
+
+
 def pull_request(url: str, artifact_id: str):
     from celslm.artifact import Manifest
     from celslm.store.http import CacheClient
@@ -156,8 +186,10 @@ def pull_request(url: str, artifact_id: str):
 
 def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[int, ...] = (1, 8, 32),
         requests: int = 2, new_tokens: int = 8, timeout_s: float = 240.0, codec: str = "balanced",
-        workdir: Path, progress=None) -> list[dict]:
-    """Both modes at every level; one cloud process per mode, started fresh and stopped after."""
+        deferrals: list[list[int]] | None = None, sketch: str | None = None, workdir: Path,
+        progress=None) -> list[dict]:
+    """Every mode at every level; one cloud process per kind, started fresh and stopped after. CE-CoLLM
+    runs when `deferrals` (one request's messages) are given, PICE when `sketch` is."""
     from celslm.artifact import MemoryReader, recode
     from celslm.codecs import parse_codec
     from celslm.prefill import prefill
@@ -167,22 +199,28 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
 
     workdir.mkdir(parents=True, exist_ok=True)
     context_file = workdir / "context.txt"
-    context_file.write_text(context_text)
+    context_file.write_text(context_text, encoding="utf-8")
     rows = []
+
+    def levels_of(mode: str, cloud: CloudProcess, request) -> None:
+        for clients in levels:
+            if progress:
+                progress(f"concurrency: {mode}, {clients} clients", 0, None)
+            rows.append({"mode": mode, **level(request, clients, requests, cloud.proc.pid, timeout_s)})
+
     framing = default_framing(slm.tokenizer)
     artifact = recode(MemoryReader(prefill(slm, context_ids(slm.tokenizer, context_text, framing), framing=framing)),
                       parse_codec(codec))
     with cache_server(str(workdir / "store")) as cloud:
         push(MemoryReader(artifact), CacheClient(cloud.url))
-        for clients in levels:
-            if progress:
-                progress(f"concurrency: ce-lslm, {clients} clients", 0, None)
-            rows.append({"mode": "ce-lslm", **level(pull_request(cloud.url, artifact.id), clients, requests,
-                                                    cloud.proc.pid, timeout_s)})
+        levels_of("ce-lslm", cloud, pull_request(cloud.url, artifact.id))
+    if sketch is not None:
+        sketch_file = workdir / "sketch.txt"
+        sketch_file.write_text(sketch, encoding="utf-8")
+        with sketch_server(str(sketch_file)) as cloud:
+            levels_of("pice", cloud, sketch_request(cloud.url, sketch))
     with llm_server(llm_model, str(context_file), new_tokens) as cloud:
-        for clients in levels:
-            if progress:
-                progress(f"concurrency: cloud-only, {clients} clients", 0, None)
-            rows.append({"mode": "cloud-only", **level(generate_request(cloud.url, prompt), clients, requests,
-                                                       cloud.proc.pid, timeout_s)})
+        levels_of("cloud-only", cloud, generate_request(cloud.url, prompt))
+        if deferrals:
+            levels_of("ce-collm", cloud, defer_request(cloud.url, deferrals))
     return rows

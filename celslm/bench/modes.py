@@ -1,19 +1,31 @@
 """Ways to split one request between a cloud LLM and an edge SLM, run on the same task and link.
 
-Everything runs in this process; compute is measured, the link is emulated: each transfer costs
-RTT/2 + bytes / rate one way (a request and its reply: one RTT), and every figure that includes it is
-labelled emulated. The shared context is prepared in the cloud ahead of requests (its prefill, an
-artifact, a sketch) and reported as `cloud_prep_s`; per-request work is what the figures compare.
+Everything runs in this process; compute is measured, the link is emulated. Each mode records the
+one-way messages on its critical path (bytes each); `Outcome.on(link)` prices them at RTT/2 + bytes /
+rate apiece, so one run is priced on every link, and every figure that includes them is labelled
+emulated. The pipelined mode overlaps transfer and compute, so it is measured live through each link
+instead (`celslm.stream.Link` paces the bytes in real time). The shared context is prepared in the
+cloud ahead of requests (its prefill, an artifact, a sketch) and reported as `cloud_prep_s`;
+per-request work is what the figures compare.
 
-  edge-only   the SLM prefills the context and decodes (nothing on the link)
-  cloud-only  the prompt goes up, the LLM (holding the context's cache) decodes, tokens come back
-              one message each (not private)
-  ce-collm    early-exit deferral (arXiv 2411.02829): the SLM (own prefill) decodes; a token whose
-              top probability is below the threshold is made by the LLM, which holds the context: the
-              tokens it has not seen go up (the prompt included: not private), one token comes back
-  pice        sketch-and-expand (arXiv 2501.09367): the LLM wrote a short sketch of the context ahead
-              of time; the sketch comes down, the SLM expands it with the private prompt
-  ce-lslm     the SLM's KV artifact (codec applied) comes down and the SLM decodes (private)
+  edge-only          the SLM prefills the context and decodes (nothing on the link)
+  cloud-only         the prompt goes up, the LLM (holding the context's cache) decodes, tokens come
+                     back one message each (not private)
+  ce-collm           early-exit deferral (arXiv 2411.02829): the SLM (own prefill) decodes; a token
+                     whose top probability is below the threshold is made by the LLM, which holds the
+                     context: the tokens it has not seen go up (the prompt included: not private), one
+                     token comes back
+  pice               sketch-and-expand (arXiv 2501.09367): the LLM wrote a short sketch of the context
+                     ahead of time; the sketch comes down, the SLM expands it with the private prompt
+  ce-lslm            the SLM's own KV artifact (codec applied) comes down whole, then the SLM decodes
+  ce-lslm-pipelined  the same artifact, the prompt's layer l running as soon as layer l has arrived
+  ce-lslm-cross      an artifact the LLM computed, projected into the SLM's space by an alignment
+  ce-lslm-hybrid     token split: the cross artifact's older chunks come down and the SLM prefills the
+                     rest of the context (its most recent tokens) itself over them
+
+With an `answer` (code completion), each mode also scores the real continuation teacher-forced: the
+mean NLL of the answer's tokens after the context and prompt, under the model(s) that would produce
+them (CE-CoLLM: the SLM where its confidence reaches the threshold, else the LLM).
 """
 
 from __future__ import annotations
@@ -24,15 +36,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from celslm import kvcache, prompting
+from celslm.align import Alignment
 from celslm.artifact import MemoryReader, recode
 from celslm.codecs import parse_codec
-from celslm.decode import Sampling, context_from_artifact, context_from_ids, eos_ids, generate
+from celslm.decode import Context, Sampling, context_from_artifact, context_from_ids, context_from_prefix, eos_ids, generate
 from celslm.models import LoadedModel
-from celslm.prefill import prefill
+from celslm.prefill import prefill, prefill_cross
+from celslm.score import continuation_logits
 from celslm.stream import Link
 
-MODES = ("edge-only", "cloud-only", "ce-collm", "pice", "ce-lslm")
+MODES = ("edge-only", "cloud-only", "ce-collm", "pice", "ce-lslm", "ce-lslm-pipelined", "ce-lslm-cross",
+         "ce-lslm-hybrid")
+CROSS_MODES = ("ce-lslm-cross", "ce-lslm-hybrid")  # need an alignment
 TOKEN_MESSAGE_BYTES = 16  # one streamed token id with its framing
+SPLIT_CHUNK = 64  # tokens per chunk of a hybrid's artifact: the granularity of the token split
 
 
 @dataclass
@@ -40,20 +57,33 @@ class Outcome:
     mode: str
     text: str = ""
     private: bool = True  # the prompt never left the edge
-    ttft_s: float = 0.0  # includes emulated link time
-    total_s: float = 0.0  # includes emulated link time
+    compute_first_s: float = 0.0  # compute on the critical path to the first token (cloud + edge)
+    compute_s: float = 0.0  # compute on the critical path to the last token
+    messages_first: list[int] = field(default_factory=list)  # one-way messages (bytes) before the first token
+    messages: list[int] = field(default_factory=list)  # every one-way message on the critical path
     t_com_c_s: float = 0.0  # cloud compute per request
-    t_comm_s: float = 0.0  # emulated link time
     t_com_e_s: float = 0.0  # edge compute
     cloud_prep_s: float = 0.0  # per context, ahead of requests
     bytes_up: int = 0
     bytes_down: int = 0
     prompt_bytes_sent: int = 0
     edge_token_share: float = 1.0
+    nll: float | None = None  # mean NLL of the real continuation (completion tasks)
+    links: dict = field(default_factory=dict)  # link label -> {ttft_s, total_s, t_comm_s}; measured live if set
     notes: dict = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+    def on(self, link: Link) -> dict:
+        """Time to first token, total time and link time on `link` (emulated)."""
+        if link.label in self.links:
+            return self.links[link.label]
+        first = sum(one_way_s(link, n) for n in self.messages_first)
+        comm = sum(one_way_s(link, n) for n in self.messages)
+        return {"ttft_s": self.compute_first_s + first, "total_s": self.compute_s + comm, "t_comm_s": comm}
+
+    def to_json(self, links: list[Link]) -> dict:
+        data = asdict(self)
+        data["links"] = {link.label: {k: round(v, 4) for k, v in self.on(link).items()} for link in links}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in data.items()}
 
 
 def one_way_s(link: Link, nbytes: int) -> float:
@@ -74,70 +104,171 @@ def _text(loaded: LoadedModel, tokens: list[int]) -> str:
     return loaded.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def edge_only(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool) -> Outcome:
+@torch.inference_mode()
+def answer_logits(loaded: LoadedModel, ctx: Context, prompt_ids: list[int], answer_ids: list[int]) -> torch.Tensor:
+    """Logits `[A, V]` predicting each answer token after the context and the prompt (the cache is
+    cropped back to the context first, so this may follow a generation over the same context)."""
+    kvcache.crop(ctx.cache, len(ctx.token_ids))
+    logits, _ = continuation_logits(loaded, ctx, prompt_ids + answer_ids)
+    return logits[-len(answer_ids):]
+
+
+def _nll(logits: torch.Tensor, answer_ids: list[int]) -> float:
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids)).item()
+
+
+def _answer_ids(loaded: LoadedModel, answer: str | None) -> list[int]:
+    return loaded.tokenizer.encode(answer, add_special_tokens=False) if answer else []
+
+
+def _scored(loaded: LoadedModel, ctx: Context, prompt_ids: list[int], answer: str | None) -> float | None:
+    ids = _answer_ids(loaded, answer)
+    return _nll(answer_logits(loaded, ctx, prompt_ids, ids), ids) if ids else None
+
+
+def edge_only(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool,
+              answer: str | None = None) -> Outcome:
     framing = "raw" if raw else prompting.default_framing(slm.tokenizer)
     started = time.perf_counter()
     ctx = context_from_ids(slm, prompting.context_ids(slm.tokenizer, context, framing), framing=framing)
     prefill_s = time.perf_counter() - started
-    tokens, first, total = _decode(slm, ctx, prompting.prompt_ids(slm.tokenizer, prompt, framing, raw), sampling)
-    return Outcome("edge-only", _text(slm, tokens), ttft_s=prefill_s + first, total_s=prefill_s + total,
-                   t_com_e_s=prefill_s + total)
+    prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
+    tokens, first, total = _decode(slm, ctx, prompt_ids, sampling)
+    return Outcome("edge-only", _text(slm, tokens), compute_first_s=prefill_s + first, compute_s=prefill_s + total,
+                   t_com_e_s=prefill_s + total, nll=_scored(slm, ctx, prompt_ids, answer))
 
 
-def cloud_only(llm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, link: Link) -> Outcome:
+def cloud_only(llm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool,
+               answer: str | None = None) -> Outcome:
     framing = "raw" if raw else prompting.default_framing(llm.tokenizer)
     started = time.perf_counter()
     ctx = context_from_ids(llm, prompting.context_ids(llm.tokenizer, context, framing), framing=framing)
     prep_s = time.perf_counter() - started
     up = len(prompt.encode())
-    tokens, first, total = _decode(llm, ctx, prompting.prompt_ids(llm.tokenizer, prompt, framing, raw), sampling)
-    up_s, token_s = one_way_s(link, up), one_way_s(link, TOKEN_MESSAGE_BYTES)
-    # tokens stream back behind generation: the last arrives one one-way trip after it was made
-    return Outcome("cloud-only", _text(llm, tokens), private=False, ttft_s=up_s + first + token_s,
-                   total_s=up_s + total + token_s, t_com_c_s=total, t_comm_s=up_s + token_s, cloud_prep_s=prep_s,
-                   bytes_up=up, bytes_down=TOKEN_MESSAGE_BYTES * len(tokens), prompt_bytes_sent=up,
-                   edge_token_share=0.0)
+    prompt_ids = prompting.prompt_ids(llm.tokenizer, prompt, framing, raw)
+    tokens, first, total = _decode(llm, ctx, prompt_ids, sampling)
+    # the prompt goes up; tokens stream back behind generation: the last arrives one one-way trip after it was made
+    trip = [up, TOKEN_MESSAGE_BYTES]
+    return Outcome("cloud-only", _text(llm, tokens), private=False, compute_first_s=first, compute_s=total,
+                   messages_first=trip, messages=trip, t_com_c_s=total, cloud_prep_s=prep_s, bytes_up=up,
+                   bytes_down=TOKEN_MESSAGE_BYTES * len(tokens), prompt_bytes_sent=up, edge_token_share=0.0,
+                   nll=_scored(llm, ctx, prompt_ids, answer))
 
 
-def ce_lslm(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, link: Link,
-            codec: str = "balanced") -> Outcome:
+def _artifact_mode(name: str, slm: LoadedModel, artifact, prep_s: float, prompt: str, sampling: Sampling, raw: bool,
+                   answer: str | None, chunks: int | None = None, notes: dict | None = None) -> Outcome:
+    """The edge's side of every KV-sharing mode: `artifact` (or its first `chunks` chunks, the rest of
+    the context prefilled here) comes down, then the SLM decodes."""
+    framing = artifact.manifest.framing
+    started = time.perf_counter()
+    if chunks is None:
+        ctx = context_from_artifact(slm, MemoryReader(artifact))
+        down = artifact.manifest.blob_bytes()
+    else:
+        ctx = context_from_prefix(slm, None, framing, MemoryReader(artifact), chunks)
+        down = sum(ref.size for ref in artifact.manifest.blob_refs(chunks))
+    load_s = time.perf_counter() - started
+    prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
+    tokens, first, total = _decode(slm, ctx, prompt_ids, sampling)
+    trip = [0, down]  # the request up, the artifact down
+    return Outcome(name, _text(slm, tokens), compute_first_s=load_s + first, compute_s=load_s + total,
+                   messages_first=trip, messages=trip, t_com_e_s=load_s + total, cloud_prep_s=prep_s,
+                   bytes_down=down, nll=_scored(slm, ctx, prompt_ids, answer),
+                   notes={"codec": artifact.manifest.codec, **(notes or {})})
+
+
+def native_artifact(slm: LoadedModel, context: str, raw: bool, codec: str = "balanced"):
+    """(artifact, seconds): the SLM's own KV over the context, prefilled in the cloud, codec applied."""
     framing = "raw" if raw else prompting.default_framing(slm.tokenizer)
     started = time.perf_counter()
     artifact = prefill(slm, prompting.context_ids(slm.tokenizer, context, framing), framing=framing)
-    artifact = recode(MemoryReader(artifact), parse_codec(codec))
-    prep_s = time.perf_counter() - started
-    down = artifact.manifest.blob_bytes()
-    comm_s = link.rtt_s + down * 8 / link.rate_bps  # request up, artifact down
+    return recode(MemoryReader(artifact), parse_codec(codec)), time.perf_counter() - started
+
+
+def cross_artifact(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, context: str, raw: bool,
+                   codec: str = "balanced"):
+    """(artifact, seconds): the SLM-space KV the LLM computed and the alignment projected, codec applied."""
+    framing = "raw" if raw else prompting.default_framing(slm.tokenizer)
     started = time.perf_counter()
-    ctx = context_from_artifact(slm, MemoryReader(artifact))
-    load_s = time.perf_counter() - started
-    tokens, first, total = _decode(slm, ctx, prompting.prompt_ids(slm.tokenizer, prompt, framing, raw), sampling)
-    return Outcome("ce-lslm", _text(slm, tokens), ttft_s=comm_s + load_s + first, total_s=comm_s + load_s + total,
-                   t_comm_s=comm_s, t_com_e_s=load_s + total, cloud_prep_s=prep_s, bytes_down=down,
-                   notes={"codec": artifact.manifest.codec, "pipelined": False})
+    artifact = prefill_cross(llm, slm, alignment, prompting.context_ids(slm.tokenizer, context, framing),
+                             framing=framing, chunk_size=SPLIT_CHUNK)
+    return recode(MemoryReader(artifact), parse_codec(codec)), time.perf_counter() - started
 
 
-def pice(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, link: Link,
-         sketch_tokens: int = 96) -> Outcome:
+def ce_lslm(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, codec: str = "balanced",
+            answer: str | None = None) -> Outcome:
+    artifact, prep_s = native_artifact(slm, context, raw, codec)
+    return _artifact_mode("ce-lslm", slm, artifact, prep_s, prompt, sampling, raw, answer)
+
+
+def ce_lslm_pipelined(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, links: list[Link],
+                      codec: str = "balanced", answer: str | None = None) -> Outcome:
+    """The native artifact streamed through each link live; layer l of the prompt runs once layer l is in."""
+    artifact, prep_s = native_artifact(slm, context, raw, codec)
+    framing = artifact.manifest.framing
+    prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
+    measured, text, nll, edge_s = {}, "", None, 0.0
+    for link in links:
+        paced = Link(link.rate_bps, link.rtt_s)  # a fresh, idle link per run
+        ctx = context_from_artifact(slm, MemoryReader(artifact), link=paced, pipeline=True)
+        tokens = list(generate(slm, ctx, prompt_ids, sampling))
+        s = ctx.stats
+        measured[link.label] = {"ttft_s": s.ttft_s, "total_s": s.total_s, "t_comm_s": s.t_comm_s,
+                                "hidden_share": s.hidden_share}
+        if not text:
+            text, edge_s = _text(slm, tokens), s.t_com_e_s
+            nll = _scored(slm, ctx, prompt_ids, answer)
+    down = artifact.manifest.blob_bytes()
+    return Outcome("ce-lslm-pipelined", text, t_com_e_s=edge_s, cloud_prep_s=prep_s, bytes_down=down,
+                   messages_first=[0, down], messages=[0, down], nll=nll, links=measured,
+                   notes={"codec": artifact.manifest.codec, "measured_live": True})
+
+
+def ce_lslm_cross(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, context: str, prompt: str,
+                  sampling: Sampling, raw: bool, codec: str = "balanced", answer: str | None = None) -> Outcome:
+    artifact, prep_s = cross_artifact(llm, slm, alignment, context, raw, codec)
+    return _artifact_mode("ce-lslm-cross", slm, artifact, prep_s, prompt, sampling, raw, answer,
+                          notes={"alignment": alignment.digest[:12]})
+
+
+def ce_lslm_hybrid(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, context: str, prompt: str,
+                   sampling: Sampling, raw: bool, codec: str = "balanced", recompute_share: float = 0.5,
+                   answer: str | None = None) -> Outcome:
+    """Token split: the cross artifact's chunks before the context's last `recompute_share` come down; the
+    SLM prefills the rest itself over them (`celslm decode --recompute-last N`)."""
+    artifact, prep_s = cross_artifact(llm, slm, alignment, context, raw, codec)
+    tokens = artifact.manifest.token_count
+    chunks = max(0, tokens - round(tokens * recompute_share)) // SPLIT_CHUNK
+    return _artifact_mode("ce-lslm-hybrid", slm, artifact, prep_s, prompt, sampling, raw, answer, chunks,
+                          notes={"alignment": alignment.digest[:12], "edge_prefilled_tokens": tokens - chunks * SPLIT_CHUNK,
+                                 "context_tokens": tokens})
+
+
+def pice(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool,
+         sketch_tokens: int = 96, answer: str | None = None) -> Outcome:
+    sketch, prep_s, made = write_sketch(llm, context, sketch_tokens)
+    down = len(sketch.encode())
+    outcome = edge_only(slm, sketch, prompt, sampling, raw, answer)
+    trip = [0, down]
+    return Outcome("pice", outcome.text, compute_first_s=outcome.compute_first_s, compute_s=outcome.compute_s,
+                   messages_first=trip, messages=trip, t_com_e_s=outcome.t_com_e_s, cloud_prep_s=prep_s,
+                   bytes_down=down, nll=outcome.nll, notes={"sketch_tokens": made, "sketch": sketch})
+
+
+def write_sketch(llm: LoadedModel, context: str, sketch_tokens: int = 96) -> tuple[str, float, int]:
+    """(sketch, seconds, tokens): the LLM's short notes on the context, written once per context."""
     framing = prompting.default_framing(llm.tokenizer)
     started = time.perf_counter()
     ctx = context_from_ids(llm, prompting.context_ids(llm.tokenizer, context, framing), framing=framing)
     ask = "Write a dense sketch of the text above: its key names, definitions and facts, as short notes."
-    sketch_ids, _, _ = _decode(llm, ctx, prompting.prompt_ids(llm.tokenizer, ask, framing, False),
-                               Sampling(max_new_tokens=sketch_tokens))
-    sketch = _text(llm, sketch_ids)
-    prep_s = time.perf_counter() - started
-    down = len(sketch.encode())
-    comm_s = link.rtt_s + down * 8 / link.rate_bps
-    outcome = edge_only(slm, sketch, prompt, sampling, raw)
-    return Outcome("pice", outcome.text, ttft_s=comm_s + outcome.ttft_s, total_s=comm_s + outcome.total_s,
-                   t_comm_s=comm_s, t_com_e_s=outcome.t_com_e_s, cloud_prep_s=prep_s, bytes_down=down,
-                   notes={"sketch_tokens": len(sketch_ids)})
+    ids, _, _ = _decode(llm, ctx, prompting.prompt_ids(llm.tokenizer, ask, framing, False),
+                        Sampling(max_new_tokens=sketch_tokens))
+    return _text(llm, ids), time.perf_counter() - started, len(ids)
 
 
 @torch.inference_mode()
 def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool,
-             link: Link, threshold: float = 0.5) -> Outcome:
+             threshold: float = 0.5, answer: str | None = None) -> Outcome:
     """Greedy: the SLM's token when its top probability reaches `threshold`, else the LLM's."""
     framing = "raw" if raw else prompting.default_framing(slm.tokenizer)
     context_ids = prompting.context_ids(slm.tokenizer, context, framing)
@@ -147,13 +278,15 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
     started = time.perf_counter()
     edge = context_from_ids(slm, context_ids, framing=framing)
     edge_s = time.perf_counter() - started
-    pending = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
+    prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
+    pending = list(prompt_ids)
     edge_position = cloud_position = len(context_ids)
     unseen = list(pending)  # tokens the cloud has not processed yet
-    cloud_s = comm_s = 0.0
-    ttft = None
-    up = prompt_up = 0
-    tokens, deferred = [], 0
+    cloud_s = 0.0
+    compute_first = None
+    messages, deferrals, messages_first = [], [], None
+    prompt_up = 0
+    tokens, deferred_at = [], []
     stop = eos_ids(slm)
     clock = time.perf_counter()
     for _ in range(sampling.max_new_tokens):
@@ -161,28 +294,39 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
         edge_position += len(pending)
         probs = torch.softmax(logits, -1)
         token = int(probs.argmax())
-        if probs[token] < threshold:  # defer: send what the cloud has not seen, get its token back
+        deferred = probs[token] < threshold
+        if deferred:  # defer: send what the cloud has not seen, get its token back
             sent = len(_text(slm, unseen).encode()) + 8
-            up += sent
             prompt_up = prompt_up or sent  # the first message up carries the private prompt
             begun = time.perf_counter()
             cloud_logits = kvcache.forward(llm.model, unseen, cloud.cache, cloud_position)[-1]
             cloud_s += time.perf_counter() - begun
             cloud_position += len(unseen)
             token = int(cloud_logits.argmax())
-            comm_s += one_way_s(link, sent) + one_way_s(link, TOKEN_MESSAGE_BYTES)
-            deferred += 1
+            messages += [sent, TOKEN_MESSAGE_BYTES]
+            deferrals.append(list(unseen))
             unseen = [token]
         else:
             unseen.append(token)
         tokens.append(token)
-        ttft = ttft if ttft is not None else edge_s + (time.perf_counter() - clock) + comm_s
+        deferred_at.append(bool(deferred))
+        if compute_first is None:
+            compute_first, messages_first = edge_s + time.perf_counter() - clock, list(messages)
         pending = [token]
         if token in stop:
             break
-    total = edge_s + (time.perf_counter() - clock) + comm_s
-    return Outcome("ce-collm", _text(slm, tokens), private=deferred == 0, ttft_s=ttft or 0.0, total_s=total,
-                   t_com_c_s=cloud_s, t_comm_s=comm_s, t_com_e_s=total - comm_s - cloud_s, cloud_prep_s=prep_s,
-                   bytes_up=up, bytes_down=TOKEN_MESSAGE_BYTES * deferred, prompt_bytes_sent=prompt_up,
-                   edge_token_share=1 - deferred / max(len(tokens), 1), notes={"threshold": threshold})
-
+    compute = edge_s + time.perf_counter() - clock
+    nll = None
+    if answer_ids := _answer_ids(slm, answer):
+        small = answer_logits(slm, edge, prompt_ids, answer_ids)
+        large = answer_logits(llm, cloud, prompt_ids, answer_ids)
+        confident = torch.softmax(small, -1).max(-1).values >= threshold
+        nll = _nll(torch.where(confident[:, None], torch.log_softmax(small, -1), torch.log_softmax(large, -1)),
+                   answer_ids)
+    return Outcome("ce-collm", _text(slm, tokens), private=not deferrals, compute_first_s=compute_first or 0.0,
+                   compute_s=compute, messages_first=messages_first or [], messages=messages, t_com_c_s=cloud_s,
+                   t_com_e_s=compute - cloud_s, cloud_prep_s=prep_s, bytes_up=sum(messages[::2]),
+                   bytes_down=TOKEN_MESSAGE_BYTES * len(deferrals), prompt_bytes_sent=prompt_up,
+                   edge_token_share=1 - len(deferrals) / max(len(tokens), 1), nll=nll,
+                   notes={"threshold": threshold, "deferrals": deferrals,
+                          "deferred_tokens": [t for t, d in zip(tokens, deferred_at) if d]})
