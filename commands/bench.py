@@ -148,7 +148,7 @@ def report_(
     align: Annotated[str | None, typer.Option("--align", help="Alignment directory (celslm align) from --llm to --slm: adds the cross-model and hybrid CE-LSLM modes.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="CE-CoLLM: defer a token to the cloud below this top probability.")] = 0.5,
     codec: Annotated[str, typer.Option("--codec", help="CE-LSLM artifact codec.")] = "balanced",
-    clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=64, help="Concurrency levels (repeatable); default 1, 8, 32 (--quick) or 1..32.")] = None,
+    clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=64, help="Concurrency levels (repeatable); default 1 and 32 (--quick) or 1, 2, 4, 8, 16, 32.")] = None,
     no_concurrency: Annotated[bool, typer.Option("--no-concurrency", help="Skip the concurrent-capacity part.")] = False,
     json_: JsonOpt = False,
 ) -> None:

@@ -196,15 +196,16 @@ def cross_artifact(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, con
 
 
 def ce_lslm(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, codec: str = "balanced",
-            answer: str | None = None) -> Outcome:
-    artifact, prep_s = native_artifact(slm, context, raw, codec)
+            answer: str | None = None, prepared: tuple | None = None) -> Outcome:
+    """`prepared`: (artifact, seconds) from `native_artifact`, when another mode already made it."""
+    artifact, prep_s = prepared or native_artifact(slm, context, raw, codec)
     return _artifact_mode("ce-lslm", slm, artifact, prep_s, prompt, sampling, raw, answer)
 
 
 def ce_lslm_pipelined(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, links: list[Link],
-                      codec: str = "balanced", answer: str | None = None) -> Outcome:
+                      codec: str = "balanced", answer: str | None = None, prepared: tuple | None = None) -> Outcome:
     """The native artifact streamed through each link live; layer l of the prompt runs once layer l is in."""
-    artifact, prep_s = native_artifact(slm, context, raw, codec)
+    artifact, prep_s = prepared or native_artifact(slm, context, raw, codec)
     framing = artifact.manifest.framing
     prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
     measured, text, nll, edge_s = {}, "", None, 0.0
@@ -225,18 +226,20 @@ def ce_lslm_pipelined(slm: LoadedModel, context: str, prompt: str, sampling: Sam
 
 
 def ce_lslm_cross(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, context: str, prompt: str,
-                  sampling: Sampling, raw: bool, codec: str = "balanced", answer: str | None = None) -> Outcome:
-    artifact, prep_s = cross_artifact(llm, slm, alignment, context, raw, codec)
+                  sampling: Sampling, raw: bool, codec: str = "balanced", answer: str | None = None,
+                  prepared: tuple | None = None) -> Outcome:
+    """`prepared`: (artifact, seconds) from `cross_artifact`, when another mode already made it."""
+    artifact, prep_s = prepared or cross_artifact(llm, slm, alignment, context, raw, codec)
     return _artifact_mode("ce-lslm-cross", slm, artifact, prep_s, prompt, sampling, raw, answer,
                           notes={"alignment": alignment.digest[:12]})
 
 
 def ce_lslm_hybrid(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, context: str, prompt: str,
                    sampling: Sampling, raw: bool, codec: str = "balanced", recompute_share: float = 0.5,
-                   answer: str | None = None) -> Outcome:
+                   answer: str | None = None, prepared: tuple | None = None) -> Outcome:
     """Token split: the cross artifact's chunks before the context's last `recompute_share` come down; the
     SLM prefills the rest itself over them (`celslm decode --recompute-last N`)."""
-    artifact, prep_s = cross_artifact(llm, slm, alignment, context, raw, codec)
+    artifact, prep_s = prepared or cross_artifact(llm, slm, alignment, context, raw, codec)
     tokens = artifact.manifest.token_count
     chunks = max(0, tokens - round(tokens * recompute_share)) // SPLIT_CHUNK
     return _artifact_mode("ce-lslm-hybrid", slm, artifact, prep_s, prompt, sampling, raw, answer, chunks,

@@ -21,7 +21,7 @@ from celslm.models import LoadedModel
 from celslm.stream import Link
 
 Progress = Callable[[str, int, int | None], None]
-QUICK = {"tasks_per_kind": 2, "context_chars": 2500, "new_tokens": 24, "levels": (1, 8, 32), "requests": 1}
+QUICK = {"tasks_per_kind": 2, "context_chars": 2500, "new_tokens": 24, "levels": (1, 32), "requests": 1}
 FULL = {"tasks_per_kind": 8, "context_chars": 5000, "new_tokens": 48, "levels": (1, 2, 4, 8, 16, 32), "requests": 2}
 
 
@@ -59,26 +59,36 @@ def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, contex
     shaped = [Link.parse(spec) for spec in links]
     sampling = Sampling(max_new_tokens=new_tokens)
     suite = build_tasks(tasks_per_kind, context_chars)
+    prepared: dict = {}  # per task: the artifacts two modes share, made once (their cloud prep time counted in each)
+
+    def artifact(kind: str, t: tasks.Task, raw: bool) -> tuple:
+        if kind not in prepared:
+            prepared[kind] = (modes.native_artifact(slm, t.context, raw, codec) if kind == "native" else
+                              modes.cross_artifact(llm, slm, alignment, t.context, raw, codec))
+        return prepared[kind]
+
     runners = {
         "edge-only": lambda t, raw, a: modes.edge_only(slm, t.context, t.prompt, sampling, raw, a),
         "cloud-only": lambda t, raw, a: modes.cloud_only(llm, t.context, t.prompt, sampling, raw, a),
         "ce-collm": lambda t, raw, a: modes.ce_collm(llm, slm, t.context, t.prompt, sampling, raw, threshold, a),
         "pice": lambda t, raw, a: modes.pice(llm, slm, t.context, t.prompt, sampling, raw, answer=a),
-        "ce-lslm": lambda t, raw, a: modes.ce_lslm(slm, t.context, t.prompt, sampling, raw, codec, a),
+        "ce-lslm": lambda t, raw, a: modes.ce_lslm(slm, t.context, t.prompt, sampling, raw, codec, a,
+                                                   artifact("native", t, raw)),
         "ce-lslm-pipelined": lambda t, raw, a: modes.ce_lslm_pipelined(slm, t.context, t.prompt, sampling, raw,
-                                                                      shaped, codec, a),
+                                                                      shaped, codec, a, artifact("native", t, raw)),
     }
     if alignment is not None:
-        runners["ce-lslm-cross"] = lambda t, raw, a: modes.ce_lslm_cross(llm, slm, alignment, t.context, t.prompt,
-                                                                          sampling, raw, codec, a)
-        runners["ce-lslm-hybrid"] = lambda t, raw, a: modes.ce_lslm_hybrid(llm, slm, alignment, t.context, t.prompt,
-                                                                            sampling, raw, codec, answer=a)
+        runners["ce-lslm-cross"] = lambda t, raw, a: modes.ce_lslm_cross(
+            llm, slm, alignment, t.context, t.prompt, sampling, raw, codec, a, artifact("cross", t, raw))
+        runners["ce-lslm-hybrid"] = lambda t, raw, a: modes.ce_lslm_hybrid(
+            llm, slm, alignment, t.context, t.prompt, sampling, raw, codec, answer=a, prepared=artifact("cross", t, raw))
     results = []
     started = time.perf_counter()
     total = len(suite) * len(runners)
     for index, task in enumerate(suite):
         raw = task.kind == "complete"  # code completion continues the file; questions use the chat template
         answer = task.answer if raw else None  # the real continuation, scored teacher-forced
+        prepared.clear()
         for name, runner in runners.items():
             if progress:
                 progress("suite (task x mode)", len(results), total)
