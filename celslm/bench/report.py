@@ -214,7 +214,9 @@ def render(result: dict, out: Path) -> Path:
             lines.append(f"| {r['mode']} | {label.removeprefix('emulated ')} | {fmt(t['ttft_s'])} | {fmt(t['total_s'])} | "
                          f"{fmt(r['t_com_c_s'])} | {fmt(t['t_comm_s'])} | {fmt(r['t_com_e_s'])} | "
                          f"{fmt(r['bytes_up'], ',.0f')} | {fmt(r['bytes_down'], ',.0f')} | {fmt(r['cloud_prep_s'])} |")
-    lines.append("")
+    lines += ["", "ce-lslm-pipelined overlaps the link and the edge's compute, so its T_comm and T_com_E add up to more "
+              "than its total; T_com_C is the cloud's compute inside a request, cloud prep its work per context, "
+              "ahead of requests.", ""]
     for label in labels:
         if (h := headline(rows, label)) is not None:
             q = h["quality"]
