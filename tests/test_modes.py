@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from celslm.align import load_alignment
 from celslm.bench import modes, tasks
 from celslm.corpus import stdlib_modules
 from celslm.decode import Sampling
-from celslm.align import load_alignment
 from celslm.models import load_model
 from celslm.stream import Link
 from tests.conftest import CONTEXT
@@ -81,6 +81,27 @@ def test_the_real_continuation_is_scored_under_the_model_that_would_produce_it(m
     assert modes.edge_only(slm, CONTEXT, PROMPT, SAMPLING, raw=False).nll is None  # no answer, no score
 
 
+def test_the_answer_is_scored_on_the_rows_that_predict_it(models):
+    import torch
+
+    from celslm import kvcache, prompting
+    from celslm.decode import context_from_ids
+
+    _, slm = models
+    prompt, answer = "def greet(name):\n", "    return 'Hi, ' + name"
+    context_ids = prompting.context_ids(slm.tokenizer, CONTEXT, "raw")
+    prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, "raw", True)
+    answer_ids = slm.tokenizer.encode(answer, add_special_tokens=False)
+    whole = context_ids + prompt_ids + answer_ids
+    logits = kvcache.forward(slm.model, whole, kvcache.new_cache(slm.model), 0, logits_to_keep=len(whole))
+    start = len(context_ids) + len(prompt_ids) - 1  # the row predicting the answer's first token
+    expected = torch.nn.functional.cross_entropy(logits[start : start + len(answer_ids)], torch.tensor(answer_ids)).item()
+    ctx = context_from_ids(slm, context_ids, framing="raw")
+    got = modes.answer_logits(slm, ctx, prompt_ids, answer_ids)
+    assert torch.nn.functional.cross_entropy(got, torch.tensor(answer_ids)).item() == pytest.approx(expected, abs=1e-4)
+    assert modes.edge_only(slm, CONTEXT, prompt, SAMPLING, raw=True, answer=answer).nll == pytest.approx(expected, abs=1e-4)
+
+
 def test_pipelined_is_measured_live_on_each_link_and_answers_as_the_whole_artifact(models):
     _, slm = models
     links = [Link.parse("1gbit:1ms"), Link.parse("5mbit:30ms")]
@@ -100,7 +121,8 @@ def test_cross_and_hybrid_modes_decode_privately_and_the_hybrid_ships_fewer_byte
     whole = modes.ce_lslm_hybrid(llm, slm, alignment, CONTEXT, PROMPT, SAMPLING, raw=False, codec="lossless",
                                  recompute_share=1.0)
     assert cross.private and half.private and cross.prompt_bytes_sent == half.prompt_bytes_sent == 0
-    assert 0 < half.bytes_down < cross.bytes_down and half.notes["edge_prefilled_tokens"] >= half.notes["context_tokens"] // 2
+    assert 0 < half.bytes_down < cross.bytes_down
+    assert half.notes["context_tokens"] // 2 <= half.notes["edge_prefilled_tokens"] < half.notes["context_tokens"]
     assert whole.text == edge.text and whole.notes["edge_prefilled_tokens"] == whole.notes["context_tokens"]
 
 
@@ -124,11 +146,13 @@ def test_the_cloud_process_replays_deferrals_into_the_same_tokens(models, tmp_pa
         body = json.dumps({"messages": run.notes["deferrals"]}).encode()
         req = urllib.request.Request(cloud.url + "/v1/defer", data=body, headers={"Content-Type": "application/json"})
         assert json.loads(urllib.request.urlopen(req, timeout=60).read())["tokens"] == run.notes["deferred_tokens"]
-        bad = urllib.request.Request(cloud.url + "/v1/defer", data=b'{"messages": [[]]}',
-                                     headers={"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(bad, timeout=60)
-        assert refused.value.code == 400
+        for bad_body in (b'{"messages": [[]]}', b'{"messages": [[true]]}', b'{"messages": [[999999]]}', b"[1]", b"{"):
+            bad = urllib.request.Request(cloud.url + "/v1/defer", data=bad_body, headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(bad, timeout=60)
+            assert refused.value.code == 400, bad_body
+        # and the cloud still answers the same afterwards
+        assert json.loads(urllib.request.urlopen(req, timeout=60).read())["tokens"] == run.notes["deferred_tokens"]
 
 
 def test_tasks_have_ground_truth_from_the_files_and_score_it():
@@ -186,6 +210,7 @@ def test_bench_report_has_every_mode_and_re_renders_from_its_saved_suite(aligned
 def test_bench_report_refuses_a_bad_link_before_loading_models(tmp_path):
     from tests.conftest import run_cli
 
-    result = run_cli("bench", "report", "--llm", "no-such-model", "--slm", "no-such-model", "--link", "fast",
-                     "--out", str(tmp_path / "r"))
-    assert result.returncode == 2 and b"bad --link" in result.stderr and not (tmp_path / "r").exists()
+    for spec in ("fast", "0mbit:20ms"):
+        result = run_cli("bench", "report", "--llm", "no-such-model", "--slm", "no-such-model", "--link", spec,
+                         "--out", str(tmp_path / "r"))
+        assert result.returncode == 2 and b"bad --link" in result.stderr and not (tmp_path / "r").exists()

@@ -22,6 +22,8 @@ from celslm import kvcache, prompting
 from celslm.decode import Sampling, context_from_ids, generate
 from celslm.models import load_model
 
+MAX_DEFER_TOKENS = 4096  # per request: the single lock is held while they run
+
 
 def _model_routes(app: web.Application, model: str, context_file: str, new_tokens: int) -> None:
     loaded = load_model(model)
@@ -57,12 +59,18 @@ def _model_routes(app: web.Application, model: str, context_file: str, new_token
         body = await request.json()
         return web.json_response(await asyncio.to_thread(run, str(body["prompt"])))
 
+    vocab = loaded.model.config.vocab_size
+
     async def defer_handler(request: web.Request) -> web.Response:
-        body = await request.json()
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, list) and m and all(isinstance(t, int) for t in m)
-                                                      for m in messages):
-            raise web.HTTPBadRequest(text="messages: a list of non-empty token id lists")
+        try:
+            messages = (await request.json()).get("messages")
+        except (ValueError, AttributeError):
+            raise web.HTTPBadRequest(text="the body must be a JSON object") from None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, list) and m and all(type(t) is int and 0 <= t < vocab for t in m) for m in messages):
+            raise web.HTTPBadRequest(text=f"messages: a list of non-empty lists of token ids in 0..{vocab - 1}")
+        if sum(map(len, messages)) > MAX_DEFER_TOKENS:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_DEFER_TOKENS, actual_size=sum(map(len, messages)))
         return web.json_response(await asyncio.to_thread(defer, messages))
 
     app.router.add_post("/v1/generate", generate_handler)

@@ -76,6 +76,8 @@ class Outcome:
         """Time to first token, total time and link time on `link` (emulated)."""
         if link.label in self.links:
             return self.links[link.label]
+        if self.notes.get("measured_live"):
+            raise ValueError(f"{self.mode} was measured live and not on {link.label}")
         first = sum(one_way_s(link, n) for n in self.messages_first)
         comm = sum(one_way_s(link, n) for n in self.messages)
         return {"ttft_s": self.compute_first_s + first, "total_s": self.compute_s + comm, "t_comm_s": comm}
@@ -209,14 +211,14 @@ def ce_lslm_pipelined(slm: LoadedModel, context: str, prompt: str, sampling: Sam
     framing = artifact.manifest.framing
     prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
     measured, text, nll, edge_s = {}, "", None, 0.0
-    for link in links:
+    for index, link in enumerate(links):
         paced = Link(link.rate_bps, link.rtt_s)  # a fresh, idle link per run
         ctx = context_from_artifact(slm, MemoryReader(artifact), link=paced, pipeline=True)
         tokens = list(generate(slm, ctx, prompt_ids, sampling))
         s = ctx.stats
         measured[link.label] = {"ttft_s": s.ttft_s, "total_s": s.total_s, "t_comm_s": s.t_comm_s,
                                 "hidden_share": s.hidden_share}
-        if not text:
+        if index == 0:
             text, edge_s = _text(slm, tokens), s.t_com_e_s
             nll = _scored(slm, ctx, prompt_ids, answer)
     down = artifact.manifest.blob_bytes()
@@ -241,9 +243,10 @@ def ce_lslm_hybrid(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, con
     SLM prefills the rest itself over them (`celslm decode --recompute-last N`)."""
     artifact, prep_s = prepared or cross_artifact(llm, slm, alignment, context, raw, codec)
     tokens = artifact.manifest.token_count
-    chunks = max(0, tokens - round(tokens * recompute_share)) // SPLIT_CHUNK
+    size = artifact.manifest.chunk_size
+    chunks = max(0, tokens - round(tokens * recompute_share)) // size
     return _artifact_mode("ce-lslm-hybrid", slm, artifact, prep_s, prompt, sampling, raw, answer, chunks,
-                          notes={"alignment": alignment.digest[:12], "edge_prefilled_tokens": tokens - chunks * SPLIT_CHUNK,
+                          notes={"alignment": alignment.digest[:12], "edge_prefilled_tokens": tokens - chunks * size,
                                  "context_tokens": tokens})
 
 
@@ -323,6 +326,8 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
     if answer_ids := _answer_ids(slm, answer):
         small = answer_logits(slm, edge, prompt_ids, answer_ids)
         large = answer_logits(llm, cloud, prompt_ids, answer_ids)
+        vocab = min(small.shape[-1], large.shape[-1])  # same tokenizer; the embedding tables may be padded differently
+        small, large = small[:, :vocab], large[:, :vocab]
         confident = torch.softmax(small, -1).max(-1).values >= threshold
         nll = _nll(torch.where(confident[:, None], torch.log_softmax(small, -1), torch.log_softmax(large, -1)),
                    answer_ids)

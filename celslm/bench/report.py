@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from celslm.align import Alignment
+from celslm.align import Alignment, check_tokenizers
 from celslm.bench import modes, tasks
 from celslm.corpus import calibration_files, stdlib_modules
 from celslm.decode import Sampling
@@ -56,7 +56,8 @@ def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, contex
               links: tuple[str, ...] = DEFAULT_LINKS, threshold: float = 0.5, codec: str = "balanced",
               alignment: Alignment | None = None, levels: tuple[int, ...] = (), requests: int = 1,
               workdir: Path | None = None, progress: Progress | None = None) -> dict:
-    shaped = [Link.parse(spec) for spec in links]
+    shaped = list({link.label: link for link in map(Link.parse, links)}.values())  # one per distinct link
+    check_tokenizers(llm, slm)  # CE-CoLLM exchanges token ids; the cross modes share them
     sampling = Sampling(max_new_tokens=new_tokens)
     suite = build_tasks(tasks_per_kind, context_chars)
     prepared: dict = {}  # per task: the artifacts two modes share, made once (their cloud prep time counted in each)
@@ -214,9 +215,9 @@ def render(result: dict, out: Path) -> Path:
             lines.append(f"| {r['mode']} | {label.removeprefix('emulated ')} | {fmt(t['ttft_s'])} | {fmt(t['total_s'])} | "
                          f"{fmt(r['t_com_c_s'])} | {fmt(t['t_comm_s'])} | {fmt(r['t_com_e_s'])} | "
                          f"{fmt(r['bytes_up'], ',.0f')} | {fmt(r['bytes_down'], ',.0f')} | {fmt(r['cloud_prep_s'])} |")
-    lines += ["", "ce-lslm-pipelined overlaps the link and the edge's compute, so its T_comm and T_com_E add up to more "
-              "than its total; T_com_C is the cloud's compute inside a request, cloud prep its work per context, "
-              "ahead of requests.", ""]
+    lines += ["", "T_com_C is the cloud's compute inside a request, cloud prep its work per context, ahead of requests."
+              + (" ce-lslm-pipelined overlaps the link and the edge's compute, so its T_comm and T_com_E add up to more "
+                 "than its total." if any(r["mode"] == "ce-lslm-pipelined" for r in rows) else ""), ""]
     for label in labels:
         if (h := headline(rows, label)) is not None:
             q = h["quality"]
@@ -229,15 +230,20 @@ def render(result: dict, out: Path) -> Path:
         _plot_capacity(result["concurrency"], out / "capacity.png")
         lines += ["", "## Concurrent capacity: edge clients against one cloud process (loopback)", "",
                   "Only the cloud's side of a request is timed: cloud-only, the prompt in and the text out; CE-CoLLM, "
-                  "one request's deferral messages (as the suite's run on this context sent them) in, the cloud's tokens "
-                  "out; PICE, the context's sketch pulled; CE-LSLM, the artifact pulled from serve-cache. Edge compute is "
+                  "one request's deferral messages (as the suite's run on this context sent them) in one call, the cloud's "
+                  "tokens out (their round trips are in the latency table); PICE, the context's sketch pulled; CE-LSLM, the artifact pulled from serve-cache. Edge compute is "
                   "in the table above. Cloud CPU is the cloud process's own CPU seconds (from /proc), divided by the "
                   "requests it served.", "",
                   "| mode | clients | requests | errors | requests/s | p50 s | p99 s | cloud CPU s / request |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in result["concurrency"]:
+            cpu = r["cloud_cpu_s_per_request"]
+            cpu = "< 0.01 in all (below /proc's resolution)" if cpu == 0 else fmt(cpu, ".4f")
             lines.append(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['rps']:.2f} | "
-                         f"{fmt(r['p50_s'])} | {fmt(r['p99_s'])} | {fmt(r['cloud_cpu_s_per_request'], '.4f')} |")
+                         f"{fmt(r['p50_s'])} | {fmt(r['p99_s'])} | {cpu} |")
+        if any(r["mode"] == "ce-collm" for r in result["results"]) and not any(
+                r["mode"] == "ce-collm" for r in result["concurrency"]):
+            lines += ["", "ce-collm has no row: on this context its request deferred no token, so it cost the cloud nothing."]
         top = max(r["clients"] for r in result["concurrency"])
         at_top = {r["mode"]: r["cloud_cpu_s_per_request"] for r in result["concurrency"] if r["clients"] == top}
         if at_top.get("cloud-only") and at_top.get("ce-lslm"):
