@@ -214,3 +214,20 @@ def test_bench_report_refuses_a_bad_link_before_loading_models(tmp_path):
         result = run_cli("bench", "report", "--llm", "no-such-model", "--slm", "no-such-model", "--link", spec,
                          "--out", str(tmp_path / "r"))
         assert result.returncode == 2 and b"bad --link" in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_suite_saved_with_one_link_still_renders(tmp_path):
+    from celslm.bench import report
+
+    task = tasks.Task("qa", "x.py", "def f():\n    return 42\n", "What does `f` return?", "42")
+    row = {"task": 0, "kind": "qa", "private": True, "ttft_s": 0.5, "total_s": 1.0, "t_com_c_s": 0.0, "t_comm_s": 0.2,
+           "t_com_e_s": 0.8, "cloud_prep_s": 1.0, "bytes_up": 0, "bytes_down": 1000, "prompt_bytes_sent": 0,
+           "edge_token_share": 1.0, "notes": {}, "scores": {}}
+    old = {"llm": "L", "slm": "S", "link": "emulated 100 Mbit/s, 20 ms RTT", "threshold": 0.5, "codec": "balanced",
+           "new_tokens": 4, "tasks": [task.to_json()], "concurrency": [], "seconds": 1.0,
+           "results": [{**row, "mode": "edge-only", "text": "it returns 42", "t_comm_s": 0.0},
+                       {**row, "mode": "ce-lslm", "text": "nothing"}]}
+    text = report.render(report.rescore(old), tmp_path).read_text()
+    assert "| edge-only | 100 Mbit/s, 20 ms RTT | 0.500 | 1.000 | 0.000 | 0.000 |" in text
+    assert "| ce-lslm | 100 Mbit/s, 20 ms RTT | 0.500 | 1.000 | 0.000 | 0.200 |" in text
+    assert {r["mode"]: r["qa_accuracy"] for r in report.summary(old)} == {"edge-only": 1.0, "ce-lslm": 0.0}

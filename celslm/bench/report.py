@@ -49,7 +49,6 @@ def _trimmed(task: tasks.Task, chars: int) -> tasks.Task:
 
 
 DEFAULT_LINKS = ("10mbit:40ms", "100mbit:20ms", "1gbit:5ms")
-TARGET_LINK = "100mbit:20ms"  # the time-to-first-token target is stated at 100 Mbit/s
 
 
 def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, context_chars: int, new_tokens: int,
