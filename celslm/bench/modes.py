@@ -128,12 +128,17 @@ def _scored(loaded: LoadedModel, ctx: Context, prompt_ids: list[int], answer: st
     return _nll(answer_logits(loaded, ctx, prompt_ids, ids), ids) if ids else None
 
 
+def _prefilled(loaded: LoadedModel, context: str, framing: str) -> tuple[Context, float]:
+    """(context, seconds): the model's own prefill of `context`."""
+    started = time.perf_counter()
+    ctx = context_from_ids(loaded, prompting.context_ids(loaded.tokenizer, context, framing), framing=framing)
+    return ctx, time.perf_counter() - started
+
+
 def edge_only(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool,
               answer: str | None = None) -> Outcome:
     framing = "raw" if raw else prompting.default_framing(slm.tokenizer)
-    started = time.perf_counter()
-    ctx = context_from_ids(slm, prompting.context_ids(slm.tokenizer, context, framing), framing=framing)
-    prefill_s = time.perf_counter() - started
+    ctx, prefill_s = _prefilled(slm, context, framing)
     prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
     tokens, first, total = _decode(slm, ctx, prompt_ids, sampling)
     return Outcome("edge-only", _text(slm, tokens), compute_first_s=prefill_s + first, compute_s=prefill_s + total,
@@ -143,9 +148,7 @@ def edge_only(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, r
 def cloud_only(llm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool,
                answer: str | None = None) -> Outcome:
     framing = "raw" if raw else prompting.default_framing(llm.tokenizer)
-    started = time.perf_counter()
-    ctx = context_from_ids(llm, prompting.context_ids(llm.tokenizer, context, framing), framing=framing)
-    prep_s = time.perf_counter() - started
+    ctx, prep_s = _prefilled(llm, context, framing)
     up = len(prompt.encode())
     prompt_ids = prompting.prompt_ids(llm.tokenizer, prompt, framing, raw)
     tokens, first, total = _decode(llm, ctx, prompt_ids, sampling)
@@ -263,9 +266,9 @@ def pice(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, sampling
 
 def write_sketch(llm: LoadedModel, context: str, sketch_tokens: int = 96) -> tuple[str, float, int]:
     """(sketch, seconds, tokens): the LLM's short notes on the context, written once per context."""
-    framing = prompting.default_framing(llm.tokenizer)
     started = time.perf_counter()
-    ctx = context_from_ids(llm, prompting.context_ids(llm.tokenizer, context, framing), framing=framing)
+    framing = prompting.default_framing(llm.tokenizer)
+    ctx, _ = _prefilled(llm, context, framing)
     ask = "Write a dense sketch of the text above: its key names, definitions and facts, as short notes."
     ids, _, _ = _decode(llm, ctx, prompting.prompt_ids(llm.tokenizer, ask, framing, False),
                         Sampling(max_new_tokens=sketch_tokens))
@@ -277,16 +280,11 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
              threshold: float = 0.5, answer: str | None = None) -> Outcome:
     """Greedy: the SLM's token when its top probability reaches `threshold`, else the LLM's."""
     framing = "raw" if raw else prompting.default_framing(slm.tokenizer)
-    context_ids = prompting.context_ids(slm.tokenizer, context, framing)
-    started = time.perf_counter()
-    cloud = context_from_ids(llm, context_ids, framing=framing)
-    prep_s = time.perf_counter() - started
-    started = time.perf_counter()
-    edge = context_from_ids(slm, context_ids, framing=framing)
-    edge_s = time.perf_counter() - started
+    cloud, prep_s = _prefilled(llm, context, framing)
+    edge, edge_s = _prefilled(slm, context, framing)
     prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
     pending = list(prompt_ids)
-    edge_position = cloud_position = len(context_ids)
+    edge_position = cloud_position = len(edge.token_ids)
     unseen = list(pending)  # tokens the cloud has not processed yet
     cloud_s = 0.0
     compute_first = None

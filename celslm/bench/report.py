@@ -259,11 +259,7 @@ def render(result: dict, out: Path) -> Path:
 
 
 def _plot_latency(rows: list[dict], labels: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels) + 1, 5), sharey=True, squeeze=False)
     names = [r["mode"] for r in rows]
     for ax, label in zip(axes[0], labels):
@@ -281,17 +277,11 @@ def _plot_latency(rows: list[dict], labels: list[str], path: Path) -> None:
     axes[0][0].set_ylabel("seconds per request (mean)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Where a request's time goes (link times emulated)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_quality(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in rows:
         moved = (r["bytes_up"] or 0) + (r["bytes_down"] or 0)
@@ -304,17 +294,11 @@ def _plot_quality(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("bytes on the link per request (log)")
     ax.set_ylabel("quality: mean of edit similarity and QA accuracy")
     ax.set_title("Quality vs bytes on the link", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_capacity(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for mode in sorted({r["mode"] for r in rows}):
         mine = [r for r in rows if r["mode"] == mode]
@@ -329,6 +313,19 @@ def _plot_capacity(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     right.set_yscale("log")
+    _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
