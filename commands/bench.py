@@ -134,6 +134,7 @@ def quality_(
     "celslm bench report --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --quick --out report",
     "celslm bench report --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --align coder.align --quick --out report",
     "celslm bench report --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --link 100mbit:20ms --no-concurrency --out report",
+    "celslm bench report --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --mode edge-only --mode ce-lslm-pipelined --quick --out report",
     "celslm bench report --from report/suite.json --out report"))
 def report_(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, its PNGs and suite.json.")],
@@ -145,6 +146,7 @@ def report_(
     context_chars: Annotated[int | None, typer.Option("--context-chars", min=200, help="Context size in characters; overrides the preset.")] = None,
     new_tokens: Annotated[int | None, typer.Option("--new-tokens", min=1, help="Tokens generated per request; overrides the preset.")] = None,
     link: Annotated[list[str] | None, typer.Option("--link", help="Emulated link RATE[:RTT] between edge and cloud (repeatable); default 10mbit:40ms, 100mbit:20ms, 1gbit:5ms.")] = None,
+    mode: Annotated[list[str] | None, typer.Option("--mode", help="Run only this mode (repeatable): edge-only, cloud-only, ce-collm, pice, ce-lslm, ce-lslm-pipelined, ce-lslm-cross, ce-lslm-hybrid.")] = None,
     align: Annotated[str | None, typer.Option("--align", help="Alignment directory (celslm align) from --llm to --slm: adds the cross-model and hybrid CE-LSLM modes.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="CE-CoLLM: defer a token to the cloud below this top probability.")] = 0.5,
     codec: Annotated[str, typer.Option("--codec", help="CE-LSLM artifact codec.")] = "balanced",
@@ -163,7 +165,8 @@ def report_(
             raise UsageError("give --llm and --slm (or --from a saved suite.json)")
         preset = report_bench.QUICK if quick else report_bench.FULL
         for spec in link or ():
-            Link.parse(spec)  # a bad --link fails before any model loads
+            Link.parse(spec)  # a bad --link or --mode fails before any model loads
+        report_bench.check_modes(tuple(mode or ()), align is not None)
         with progress_bar() as progress, tempfile.TemporaryDirectory(prefix="celslm-report-") as scratch:
             alignment = load_alignment(align) if align else None
             large = load_model(llm, progress)
@@ -172,6 +175,7 @@ def report_(
                 large, small, tasks_per_kind=tasks_per_kind or preset["tasks_per_kind"],
                 context_chars=context_chars or preset["context_chars"], new_tokens=new_tokens or preset["new_tokens"],
                 links=tuple(link or report_bench.DEFAULT_LINKS), threshold=threshold, codec=codec, alignment=alignment,
+                only=tuple(mode or ()),
                 levels=() if no_concurrency else tuple(clients or preset["levels"]), requests=preset["requests"],
                 workdir=Path(scratch), progress=progress)
     path = report_bench.render(result, out)

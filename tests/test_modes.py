@@ -231,3 +231,21 @@ def test_a_suite_saved_with_one_link_still_renders(tmp_path):
     assert "| edge-only | 100 Mbit/s, 20 ms RTT | 0.500 | 1.000 | 0.000 | 0.000 |" in text
     assert "| ce-lslm | 100 Mbit/s, 20 ms RTT | 0.500 | 1.000 | 0.000 | 0.200 |" in text
     assert {r["mode"]: r["qa_accuracy"] for r in report.summary(old)} == {"edge-only": 1.0, "ce-lslm": 0.0}
+
+
+def test_bench_report_runs_only_the_modes_asked_for(aligned_pair, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "some"
+    result = run_cli("bench", "report", "--llm", str(aligned_pair["large"]), "--slm", str(aligned_pair["small"]),
+                     "--mode", "edge-only", "--mode", "ce-lslm", "--out", str(out), "--tasks", "1",
+                     "--context-chars", "600", "--new-tokens", "4", "--clients", "1", "--json", check=True)
+    assert [row["mode"] for row in json.loads(result.stdout)["summary"]] == ["edge-only", "ce-lslm"]
+    assert {r["mode"] for r in json.loads((out / "suite.json").read_text())["concurrency"]} == {"ce-lslm"}
+    for args, message in ((("--mode", "nope"), b"unknown --mode nope"),
+                          (("--mode", "ce-lslm-hybrid"), b"needs --align")):
+        refused = run_cli("bench", "report", "--llm", "no-such-model", "--slm", "no-such-model", *args,
+                          "--out", str(tmp_path / "r"))
+        assert refused.returncode == 2 and message in refused.stderr and not (tmp_path / "r").exists()

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 CLIENT_TIMEOUT_S = 600
+CLOUD_MODES = ("ce-lslm", "pice", "cloud-only", "ce-collm")  # the modes with a cloud process to load
 
 
 def _free_port() -> int:
@@ -186,10 +187,10 @@ def pull_request(url: str, artifact_id: str):
 
 def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[int, ...] = (1, 8, 32),
         requests: int = 2, new_tokens: int = 8, timeout_s: float = 240.0, codec: str = "balanced",
-        deferrals: list[list[int]] | None = None, sketch: str | None = None, workdir: Path,
-        progress=None) -> list[dict]:
-    """Every mode at every level; one cloud process per kind, started fresh and stopped after. CE-CoLLM
-    runs when `deferrals` (one request's messages) are given, PICE when `sketch` is."""
+        deferrals: list[list[int]] | None = None, sketch: str | None = None, which: tuple[str, ...] = CLOUD_MODES,
+        workdir: Path, progress=None) -> list[dict]:
+    """The modes in `which` at every level; one cloud process per kind, started fresh and stopped after.
+    CE-CoLLM runs when `deferrals` (one request's messages) are given, PICE when `sketch` is."""
     from celslm.artifact import MemoryReader, recode
     from celslm.codecs import parse_codec
     from celslm.prefill import prefill
@@ -209,18 +210,21 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
             rows.append({"mode": mode, **level(request, clients, requests, cloud.proc.pid, timeout_s)})
 
     framing = default_framing(slm.tokenizer)
-    artifact = recode(MemoryReader(prefill(slm, context_ids(slm.tokenizer, context_text, framing), framing=framing)),
+    artifact = None if "ce-lslm" not in which else recode(MemoryReader(prefill(slm, context_ids(slm.tokenizer, context_text, framing), framing=framing)),
                       parse_codec(codec))
-    with cache_server(str(workdir / "store")) as cloud:
-        push(MemoryReader(artifact), CacheClient(cloud.url))
-        levels_of("ce-lslm", cloud, pull_request(cloud.url, artifact.id))
-    if sketch is not None:
+    if "ce-lslm" in which:
+        with cache_server(str(workdir / "store")) as cloud:
+            push(MemoryReader(artifact), CacheClient(cloud.url))
+            levels_of("ce-lslm", cloud, pull_request(cloud.url, artifact.id))
+    if "pice" in which and sketch is not None:
         sketch_file = workdir / "sketch.txt"
         sketch_file.write_text(sketch, encoding="utf-8")
         with sketch_server(str(sketch_file)) as cloud:
             levels_of("pice", cloud, sketch_request(cloud.url, sketch))
-    with llm_server(llm_model, str(context_file), new_tokens) as cloud:
-        levels_of("cloud-only", cloud, generate_request(cloud.url, prompt))
-        if deferrals:
-            levels_of("ce-collm", cloud, defer_request(cloud.url, deferrals))
+    if "cloud-only" in which or ("ce-collm" in which and deferrals):
+        with llm_server(llm_model, str(context_file), new_tokens) as cloud:
+            if "cloud-only" in which:
+                levels_of("cloud-only", cloud, generate_request(cloud.url, prompt))
+            if "ce-collm" in which and deferrals:
+                levels_of("ce-collm", cloud, defer_request(cloud.url, deferrals))
     return rows

@@ -15,8 +15,10 @@ from typing import Callable
 
 from celslm.align import Alignment, check_tokenizers
 from celslm.bench import modes, tasks
+from celslm.bench.concurrency import CLOUD_MODES
 from celslm.corpus import calibration_files, stdlib_modules
 from celslm.decode import Sampling
+from celslm.errors import UsageError
 from celslm.models import LoadedModel
 from celslm.stream import Link
 
@@ -53,8 +55,10 @@ DEFAULT_LINKS = ("10mbit:40ms", "100mbit:20ms", "1gbit:5ms")
 
 def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, context_chars: int, new_tokens: int,
               links: tuple[str, ...] = DEFAULT_LINKS, threshold: float = 0.5, codec: str = "balanced",
-              alignment: Alignment | None = None, levels: tuple[int, ...] = (), requests: int = 1,
-              workdir: Path | None = None, progress: Progress | None = None) -> dict:
+              alignment: Alignment | None = None, only: tuple[str, ...] = (), levels: tuple[int, ...] = (),
+              requests: int = 1, workdir: Path | None = None, progress: Progress | None = None) -> dict:
+    """Every mode (or those in `only`) on the same tasks; with `levels`, the concurrency part for them."""
+    check_modes(only, alignment is not None)
     shaped = list({link.label: link for link in map(Link.parse, links)}.values())  # one per distinct link
     check_tokenizers(llm, slm)  # CE-CoLLM exchanges token ids; the cross modes share them
     sampling = Sampling(max_new_tokens=new_tokens)
@@ -82,6 +86,7 @@ def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, contex
             llm, slm, alignment, t.context, t.prompt, sampling, raw, codec, a, artifact("cross", t, raw))
         runners["ce-lslm-hybrid"] = lambda t, raw, a: modes.ce_lslm_hybrid(
             llm, slm, alignment, t.context, t.prompt, sampling, raw, codec, answer=a, prepared=artifact("cross", t, raw))
+    runners = {name: run for name, run in runners.items() if not only or name in only}
     results = []
     started = time.perf_counter()
     total = len(suite) * len(runners)
@@ -98,22 +103,31 @@ def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, contex
     if progress:
         progress("suite (task x mode)", total, total)
     capacity = []
-    if levels:
+    which = tuple({"ce-lslm" if name.startswith("ce-lslm") else name for name in runners} & {*CLOUD_MODES})
+    if levels and which:
         from celslm.bench import concurrency
 
         qa_index = next((i for i, t in enumerate(suite) if t.kind == "qa"), 0)
         qa = suite[qa_index]
-        ran = {r["mode"]: r for r in results if r["task"] == qa_index}
+        notes = {r["mode"]: r["notes"] for r in results if r["task"] == qa_index}
         capacity = concurrency.run(str(llm.folder), slm, qa.context, qa.prompt, levels=levels, requests=requests,
                                    new_tokens=min(new_tokens, 8), codec=codec, workdir=workdir or Path("."),
-                                   deferrals=ran["ce-collm"]["notes"]["deferrals"],
-                                   sketch=ran["pice"]["notes"]["sketch"], progress=progress)
+                                   deferrals=notes.get("ce-collm", {}).get("deferrals"),
+                                   sketch=notes.get("pice", {}).get("sketch"), which=which, progress=progress)
     return {
         "llm": llm.name, "slm": slm.name, "links": [link.label for link in shaped], "threshold": threshold,
         "codec": codec, "alignment": alignment.digest if alignment else None, "new_tokens": new_tokens,
         "tasks": [t.to_json() for t in suite], "results": results, "concurrency": capacity,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def check_modes(only: tuple[str, ...], aligned: bool) -> None:
+    """Refuse unknown mode names, and the cross-model modes without an alignment."""
+    if unknown := [m for m in only if m not in modes.MODES]:
+        raise UsageError(f"unknown --mode {', '.join(unknown)}; choose from {', '.join(modes.MODES)}")
+    if not aligned and (cross := [m for m in only if m in modes.CROSS_MODES]):
+        raise UsageError(f"--mode {', '.join(cross)} needs --align (an alignment from `celslm align`)")
 
 
 def rescore(result: dict) -> dict:
