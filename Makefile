@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.celslm-installed
 
-.PHONY: setup test demo completions bench clean
+.PHONY: setup test wheel-check demo completions bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,22 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory wheel-check
+
+# Install the built wheel (not -e) into a fresh venv and run a round trip from it: a module missing
+# from the wheel, or an undeclared dependency, fails here. The wheel is built from a copy of the files
+# a clone would have (plus new, unignored ones): the tree's own celslm.egg-info (from -e) and build/lib
+# would add files the declared packages miss.
+WHEEL_VENV := build/wheel-venv
+wheel-check: $(STAMP)
+	rm -rf build
+	mkdir -p build/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - | tar -xf - -C build/src
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps -w build/dist ./build/src
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(WHEEL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check build/dist/celslm-*.whl
+	$(WHEEL_VENV)/bin/python tests/wheel_roundtrip.py
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash samples/demo.sh
@@ -34,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/celslm bench ttft -m qwen2.5-coder-0.5b --tokens 2048
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -10,55 +10,27 @@ monotone layer map by dynamic programming, and fits per SLM layer a ridge map fr
 layer's features to the SLM's keys and values. The first `sink` tokens of a context are never
 projected: attention sinks project badly, and one token of the SLM's own prefill costs nothing.
 
-The alignment is a directory: `alignment.json` (fingerprints, layer map, similarities, held-out R²,
-per-layer sensitivity, the measured hybrid curve, the maps' digest) and `maps.safetensors`.
-Its digest is the sha256 of `alignment.json`, which names the maps file's sha256.
+The result is an `Alignment` (`projection.py`: the maps, their file format, and how prefill uses them).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from safetensors.torch import load as load_tensors, save as save_tensors
 
-from celslm.errors import IntegrityError, UsageError
-from celslm.models import LoadedModel
+from celslm import kvcache
 from celslm.decode import context_from_layers
-from celslm.prefill import FEATURES, LayerFeatures, cross_layers, layer_features, native_layers, to_heads
+from celslm.errors import UsageError
+from celslm.features import FEATURES, LayerFeatures, layer_features, native_layers, to_heads
+from celslm.models import LoadedModel, Progress, check_tokenizers
+from celslm.projection import SOURCES, Alignment, cross_layers, regressor
 from celslm.score import continuation_logits
 
-FORMAT = "celslm-alignment/1"
-SOURCES = ("hidden", "kv")  # what a projection reads from the mapped LLM layer
 MAP_METHODS = ("cka", "rsa", "proportional")
 LAMBDAS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # ridge strengths, times the Gram's mean eigenvalue
-
-Progress = Callable[[str, int, int | None], None]
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # (pre-RoPE key [H, T, D], value [H, T, D])
-
-
-# ---------------------------------------------------------------- features
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """Two models can share a cache only if their token ids mean the same text."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-
-
-def check_tokenizers(llm: LoadedModel, slm: LoadedModel) -> str:
-    digest = tokenizer_digest(llm.tokenizer)
-    if tokenizer_digest(slm.tokenizer) != digest:
-        raise UsageError(f"{llm.name} and {slm.name} have different tokenizers (vocabularies differ); "
-                         "cross-model KV needs two models that share one tokenizer")
-    return digest
 
 
 # ---------------------------------------------------------------- similarity and the layer map
@@ -149,121 +121,6 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: to
     weight = (evecs @ coef) / std[:, None]
     bias = y_mean - mean @ weight
     return RidgeFit(weight.float(), bias.float(), lam, float(1 - error / total))
-
-
-# ---------------------------------------------------------------- the alignment
-
-
-@dataclass
-class Alignment:
-    meta: dict  # everything in alignment.json but the maps
-    maps: dict[str, torch.Tensor]  # "{layer}.{key|value}.{weight|bias}"
-    digest: str = ""
-
-    @property
-    def layer_map(self) -> list[int]:
-        return self.meta["layer_map"]
-
-    @property
-    def source(self) -> str:
-        return self.meta["source"]
-
-    @property
-    def sink_tokens(self) -> int:
-        return self.meta["sink_tokens"]
-
-    def project(self, llm_features: LayerFeatures, kv_heads: int) -> list[LayerKV]:
-        """The SLM's pre-RoPE keys and values `[H, T, D]` per layer, from the LLM's features."""
-        layers = []
-        for s, l in enumerate(self.layer_map):
-            x = _regressor(llm_features, l, self.source)
-            out = []
-            for part in ("key", "value"):
-                y = x @ self.maps[f"{s}.{part}.weight"] + self.maps[f"{s}.{part}.bias"]  # [T, H*D]
-                out.append(to_heads(y, kv_heads).contiguous())
-            layers.append((out[0], out[1]))
-        return layers
-
-    def budget_native_layers(self, budget: float) -> int | None:
-        """The fewest leading native layers whose measured perplexity is within `budget` (0.02 = 2%) of
-        the SLM's own prefill on held-out calibration text; None if no hybrid is."""
-        own = self.meta["heldout"]["own_nll"]
-        for k, nll in enumerate(self.meta["heldout"]["hybrid_nll"]):
-            if math.exp(nll - own) - 1 <= budget:
-                return k
-        return None
-
-
-def load_aligned_models(alignment: Alignment, llm: LoadedModel, slm_spec: str | None = None,
-                        progress: Progress | None = None) -> LoadedModel:
-    """Check `llm` is the alignment's large model; load and check its small model."""
-    from celslm.models import load_model
-
-    meta = alignment.meta
-    if llm.fingerprint != meta["llm"]["fingerprint"]:
-        raise UsageError(f"the alignment maps from {meta['llm']['name']} ({meta['llm']['fingerprint'][:12]}), "
-                         f"but --model is {llm.name} ({llm.fingerprint[:12]})")
-    folder = meta["slm"].get("folder")
-    spec = slm_spec or (folder if folder and Path(folder).is_dir() else meta["slm"]["name"])
-    slm = load_model(spec, progress)
-    if slm.fingerprint != meta["slm"]["fingerprint"]:
-        raise UsageError(f"the alignment maps to {meta['slm']['name']} ({meta['slm']['fingerprint'][:12]}), "
-                         f"but {spec} loads {slm.fingerprint[:12]}; pass --slm with that model")
-    return slm
-
-
-def _regressor(features: LayerFeatures, layer: int, source: str) -> torch.Tensor:
-    if source == "hidden":
-        return features.hidden[layer]
-    return torch.cat([features.keys[layer], features.values[layer]], dim=1)
-
-
-def save_alignment(alignment: Alignment, out: Path, force: bool = False) -> str:
-    """Write the directory atomically (temp dir + rename); returns the alignment's digest."""
-    out = Path(out)
-    if out.exists():
-        if not (out / "alignment.json").is_file():
-            raise UsageError(f"{out} exists and is not an alignment; choose another --out")
-        if not force:
-            raise UsageError(f"{out} exists; pass --force to replace it")
-    maps_bytes = save_tensors(alignment.maps)
-    meta = dict(alignment.meta, format=FORMAT,
-                maps={"file": "maps.safetensors", "sha256": hashlib.sha256(maps_bytes).hexdigest()})
-    meta_bytes = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
-    staging = out.with_name(f".{out.name}.tmp-{random.getrandbits(32):08x}")
-    staging.mkdir(parents=True)
-    (staging / "maps.safetensors").write_bytes(maps_bytes)
-    (staging / "alignment.json").write_bytes(meta_bytes)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{random.getrandbits(32):08x}")
-        out.rename(old)
-        staging.rename(out)
-        for child in old.iterdir():
-            child.unlink()
-        old.rmdir()
-    else:
-        staging.rename(out)
-    alignment.meta, alignment.digest = meta, hashlib.sha256(meta_bytes).hexdigest()
-    return alignment.digest
-
-
-def load_alignment(path: str | Path) -> Alignment:
-    """Read an alignment directory, checking the maps against the digest the JSON names."""
-    path = Path(path)
-    try:
-        meta_bytes = (path / "alignment.json").read_bytes()
-    except OSError as exc:
-        raise UsageError(f"--align {path}: not an alignment directory (no alignment.json); make one with celslm align") from exc
-    meta = json.loads(meta_bytes)
-    if meta.get("format") != FORMAT:
-        raise UsageError(f"--align {path}: format {meta.get('format')!r}, expected {FORMAT}")
-    try:
-        maps_bytes = (path / meta["maps"]["file"]).read_bytes()
-    except OSError as exc:
-        raise IntegrityError(f"--align {path}: maps file missing ({exc.strerror})") from exc
-    if hashlib.sha256(maps_bytes).hexdigest() != meta["maps"]["sha256"]:
-        raise IntegrityError(f"--align {path}: maps.safetensors does not match the digest in alignment.json")
-    return Alignment(meta, load_tensors(maps_bytes), hashlib.sha256(meta_bytes).hexdigest())
 
 
 # ---------------------------------------------------------------- calibration
@@ -366,7 +223,7 @@ def fit_maps(cal: Calibration, layer_map: list[int], source: str, progress: Prog
     for s, l in enumerate(layer_map):
         if progress:
             progress("fitting maps (layers)", s, len(layer_map))
-        x, x_test = _regressor(cal.llm_fit, l, source), _regressor(cal.llm_test, l, source)
+        x, x_test = regressor(cal.llm_fit, l, source), regressor(cal.llm_test, l, source)
         for part, feature in (("key", "keys"), ("value", "values")):
             fit = fit_ridge(x, getattr(cal.slm_fit, feature)[s], x_test, getattr(cal.slm_test, feature)[s])
             maps[f"{s}.{part}.weight"], maps[f"{s}.{part}.bias"] = fit.weight.contiguous(), fit.bias.contiguous()
@@ -464,8 +321,8 @@ def align(llm: LoadedModel, slm: LoadedModel, paths: list[Path], options: AlignO
     layer_map = choose_map(options.map_method, sims, small, large)
     maps, fit_report = fit_maps(cal, layer_map, options.source, progress)
     meta = {
-        "llm": {**llm.space, "layers": large},
-        "slm": {**slm.space, "layers": small, "folder": str(Path(slm.folder).resolve())},
+        "llm": {**llm.space.to_json(), "layers": large},
+        "slm": {**slm.space.to_json(), "layers": small, "folder": str(Path(slm.folder).resolve())},
         "tokenizer": tokenizer,
         "source": options.source,
         "map_method": options.map_method,
@@ -535,26 +392,9 @@ class FullWindow:
     @staticmethod
     def of(large: LayerFeatures, small: LayerFeatures, source: str) -> "FullWindow":
         # clones: features come out of inference mode, and autograd may not save inference tensors
-        return FullWindow([_regressor(large, l, source).clone() for l in range(len(large.hidden))],
+        return FullWindow([regressor(large, l, source).clone() for l in range(len(large.hidden))],
                           [t.clone() for t in small.keys], [t.clone() for t in small.values],
                           [t.clone() for t in small.queries])
-
-
-def attention_output(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The SLM layer's attention output after `o_proj` `[P, hidden]`, for pre-RoPE queries `[T, Hq*D]` at
-    `positions` `[P]` over pre-RoPE keys and values `[Hk, T, D]` (causal)."""
-    from celslm import kvcache
-
-    head_dim = attn.head_dim
-    q = query[positions].reshape(len(positions), -1, head_dim).transpose(0, 1)  # [Hq, P, D]
-    q = kvcache.apply_rope(q, cos[positions], sin[positions])
-    groups = q.shape[0] // key.shape[0]
-    k = kvcache.apply_rope(key, cos[: key.shape[1]], sin[: key.shape[1]]).repeat_interleave(groups, 0)  # [Hq, T, D]
-    v = value.repeat_interleave(groups, 0)
-    mask = torch.arange(key.shape[1])[None, :] <= positions[:, None]  # [P, T]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-    return out.transpose(0, 1).reshape(len(positions), -1) @ attn.o_proj.weight.T
 
 
 def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], test: list[FullWindow], *,
@@ -563,8 +403,6 @@ def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], t
     """Tune each layer's maps (from the ridge fit) by Adam so that the SLM's own queries, attending over
     the projected keys and values, give the attention output they give over its own (after `o_proj`,
     relative squared error). A layer keeps the tuned maps only if its held-out error falls."""
-    from celslm import kvcache
-
     sink = alignment.sink_tokens
     generator = torch.Generator().manual_seed(seed)
     longest = max(w.keys[0].shape[0] for w in fit + test)
@@ -574,7 +412,6 @@ def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], t
     for s, l in enumerate(alignment.layer_map):
         if progress:
             progress("refining maps (layers)", s, len(alignment.layer_map))
-        attn = slm.model.model.layers[s].self_attn
         rows = torch.cat([w.regressor[l][sink:] for w in fit])
         mean, std = rows.mean(0), rows.std(0).clamp_min(1e-6)
         params = {}
@@ -592,9 +429,9 @@ def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], t
                 weight, bias = params[part]
                 kv.append(heads(torch.cat([own[:sink], x[sink:] @ weight + bias])))
             with torch.no_grad():
-                target = attention_output(attn, window.queries[s], heads(window.keys[s]), heads(window.values[s]),
-                                          cos, sin, positions)
-            out = attention_output(attn, window.queries[s], kv[0], kv[1], cos, sin, positions)
+                target = kvcache.attention_output(slm.model, s, window.queries[s], heads(window.keys[s]),
+                                                  heads(window.values[s]), cos, sin, positions)
+            out = kvcache.attention_output(slm.model, s, window.queries[s], kv[0], kv[1], cos, sin, positions)
             return ((out - target) ** 2).mean() / (target ** 2).mean()
 
         def held_out() -> float:

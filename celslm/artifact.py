@@ -8,6 +8,10 @@ An artifact is a manifest plus content-addressed blobs, like an OCI image:
 Blocks hold keys pre-RoPE and values, each `[kv_heads, tokens, head_dim]`. On a pipe the same
 artifact is one tar stream: manifest first, then the token blob, then the blocks layer-major, so a
 reader can start on layer 0 before the rest arrives. Every blob read is checked against its digest.
+
+Everything else sees typed objects (`Manifest`, `ModelSpace`, `Producer`, `Timings`, `Geometry`).
+This module imports no torch: verify, inspect, push, pull and serve-cache only move bytes. The
+tensor side (KV layers <-> blocks) is `blocks.py`.
 """
 
 from __future__ import annotations
@@ -16,30 +20,41 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import tarfile
 import tempfile
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
-from celslm.codecs import MEDIA_BASIS, BlockShape, Codec, parse_codec
+from celslm.codecs import MEDIA_BASIS, MEDIA_BLOCK, parse_codec
 from celslm.errors import IntegrityError, UsageError
 
 SCHEMA = "celslm.kv/1"
+MEDIA_MANIFEST = "application/vnd.celslm.kv.manifest.v1+json"
 MEDIA_TOKENS = "application/vnd.celslm.kv.tokens.v1+safetensors"
+MEDIA_TYPES = (MEDIA_MANIFEST, MEDIA_TOKENS, MEDIA_BLOCK, MEDIA_BASIS)  # blocks add +lz4 or +zstd when framed
 MANIFEST_NAME = "manifest.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # how uncompressed blocks store their tensors
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
 
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def check_digest(digest: str) -> str:
+    """A well-formed `sha256:<64 hex>` digest's hex part; anything else is refused."""
+    if not isinstance(digest, str) or not DIGEST.match(digest):
+        raise UsageError(f"malformed digest {str(digest)[:80]!r}; expected sha256:<64 hex>")
+    return digest.removeprefix("sha256:")
 
 
 def canonical_json(obj) -> bytes:
@@ -74,27 +89,125 @@ class BlobRef:
     @classmethod
     def from_json(cls, obj: dict) -> BlobRef:
         digest = obj["digest"]
-        hex_part = digest.removeprefix("sha256:")
-        if not digest.startswith("sha256:") or len(hex_part) != 64 or any(c not in "0123456789abcdef" for c in hex_part):
-            raise ValueError(f"malformed digest {digest!r}")
+        if not isinstance(digest, str) or not DIGEST.match(digest):
+            raise ValueError(f"malformed digest {str(digest)[:80]!r}")
         return cls(digest, int(obj["size"]), str(obj["media_type"]))
+
+
+def _fingerprint(value) -> str:
+    if not isinstance(value, str) or not FINGERPRINT.match(value):
+        raise ValueError(f"malformed fingerprint {str(value)[:80]!r} (expected 64 hex digits)")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpace:
+    """The model whose attention consumes a KV cache: a name for people, a fingerprint for machines."""
+
+    name: str
+    fingerprint: str  # sha256 hex over config, weights and tokenizer (models.model_fingerprint)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> ModelSpace:
+        return cls(str(obj["name"]), _fingerprint(obj["fingerprint"]))
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Who computed the KV: the model that ran, and for a cross-model artifact the alignment's digest,
+    which of the small model's layers are its own (`native_layers`) and how many sink tokens."""
+
+    model: str
+    fingerprint: str
+    alignment: str | None = None
+    native_layers: tuple[int, ...] | None = None  # cross-model only
+    sink_tokens: int | None = None  # cross-model only
+
+    @classmethod
+    def native(cls, space: ModelSpace) -> Producer:
+        return cls(space.name, space.fingerprint)
+
+    def to_json(self) -> dict:
+        obj = {"model": self.model, "fingerprint": self.fingerprint, "alignment": self.alignment}
+        if self.native_layers is not None:
+            obj["native_layers"] = list(self.native_layers)
+        if self.sink_tokens is not None:
+            obj["sink_tokens"] = self.sink_tokens
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Producer:
+        alignment = obj.get("alignment")
+        native = obj.get("native_layers")
+        sink = obj.get("sink_tokens")
+        return cls(str(obj["model"]), _fingerprint(obj["fingerprint"]), None if alignment is None else str(alignment),
+                   None if native is None else tuple(int(i) for i in native), None if sink is None else int(sink))
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Cloud-side seconds, recorded by the producer: T_com_C is their sum."""
+
+    prefill_s: float | None = None
+    projection_s: float | None = None
+    compress_s: float | None = None
+
+    @property
+    def cloud_s(self) -> float:
+        return sum(t for t in (self.prefill_s, self.projection_s, self.compress_s) if t is not None)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in (("prefill_s", self.prefill_s), ("projection_s", self.projection_s),
+                                   ("compress_s", self.compress_s)) if v is not None}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Timings:
+        unknown = set(obj) - {"prefill_s", "projection_s", "compress_s"}
+        if unknown:
+            raise ValueError(f"unknown timings {sorted(unknown)}")
+        values = {k: float(v) for k, v in obj.items()}
+        if any(not 0 <= v < float("inf") for v in values.values()):
+            raise ValueError("timings must be finite and non-negative")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The attention cache's shape: per layer, `kv_heads` heads of `head_dim` channels."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def to_json(self) -> dict:
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Geometry:
+        geometry = cls(int(obj["layers"]), int(obj["kv_heads"]), int(obj["head_dim"]))
+        if min(geometry.layers, geometry.kv_heads, geometry.head_dim) <= 0:
+            raise ValueError(f"geometry must be positive, got {obj}")
+        return geometry
 
 
 @dataclass(frozen=True)
 class Manifest:
-    space: dict  # {"name", "fingerprint"}: the model whose attention consumes this KV
-    producer: dict  # {"model", "fingerprint", "alignment"}: who computed it (alignment digest for cross-model)
+    space: ModelSpace  # the model whose attention consumes this KV
+    producer: Producer  # who computed it (alignment digest for cross-model)
     token_count: int
     chunk_size: int
     tokens: BlobRef  # the token-id blob; its digest is the token-id digest
     prefix_hashes: tuple[str, ...]
-    geometry: dict  # {"layers", "kv_heads", "head_dim"}
+    geometry: Geometry
     dtype: str
     codec: str
     framing: str  # "chat": the context opens a chat-template user turn; "raw": plain text
     blocks: tuple[tuple[BlobRef, ...], ...]  # [layer][chunk], layer-major
     provenance: tuple[str, ...]  # per layer: "native" or "projected"
-    timings: dict = field(default_factory=dict)  # cloud-side seconds, e.g. {"prefill_s": 1.2}
+    timings: Timings = Timings()
     keys: str = "pre-rope"
     bases: tuple[BlobRef | None, ...] = ()  # per layer: the codec's auxiliary blob (PCA bases), if any
 
@@ -145,18 +258,18 @@ class Manifest:
     def to_json(self) -> dict:
         return {
             "schema": SCHEMA,
-            "space": self.space,
-            "producer": self.producer,
+            "space": self.space.to_json(),
+            "producer": self.producer.to_json(),
             "tokens": {"count": self.token_count, "chunk_size": self.chunk_size, **self.tokens.to_json()},
             "prefix_hashes": list(self.prefix_hashes),
-            "geometry": self.geometry,
+            "geometry": self.geometry.to_json(),
             "keys": self.keys,
             "dtype": self.dtype,
             "codec": self.codec,
             "framing": self.framing,
             "blocks": [[ref.to_json() for ref in layer] for layer in self.blocks],
             "provenance": list(self.provenance),
-            "timings": self.timings,
+            "timings": self.timings.to_json(),
             **({"bases": [ref.to_json() if ref else None for ref in self.bases]} if any(self.bases) else {}),
         }
 
@@ -179,25 +292,27 @@ class Manifest:
         try:
             tokens = obj["tokens"]
             manifest = cls(
-                space=dict(obj["space"]),
-                producer=dict(obj["producer"]),
+                space=ModelSpace.from_json(obj["space"]),
+                producer=Producer.from_json(obj["producer"]),
                 token_count=int(tokens["count"]),
                 chunk_size=int(tokens["chunk_size"]),
                 tokens=BlobRef.from_json(tokens),
                 prefix_hashes=tuple(obj["prefix_hashes"]),
-                geometry=dict(obj["geometry"]),
+                geometry=Geometry.from_json(obj["geometry"]),
                 dtype=str(obj["dtype"]),
                 codec=str(obj["codec"]),
                 framing=str(obj["framing"]),
                 blocks=tuple(tuple(BlobRef.from_json(b) for b in layer) for layer in obj["blocks"]),
                 provenance=tuple(obj["provenance"]),
-                timings=dict(obj.get("timings", {})),
+                timings=Timings.from_json(obj.get("timings", {})),
                 keys=str(obj["keys"]),
                 bases=tuple(BlobRef.from_json(b) if b else None for b in obj.get("bases", [])),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
         manifest._check_shape(source)
+        if manifest.canonical_bytes() != canonical_json(obj):  # the id must name exactly these bytes
+            raise IntegrityError(f"{source}: manifest has fields or values this version of celslm does not write")
         return manifest
 
     def _check_shape(self, source: str) -> None:
@@ -205,9 +320,11 @@ class Manifest:
             raise IntegrityError(f"{source}: {self.chunks} prefix hashes for {self.token_count} tokens")
         if any(len(layer) != self.chunks for layer in self.blocks) or len(self.provenance) != self.layers:
             raise IntegrityError(f"{source}: block table does not match {self.chunks} chunks x {self.layers} layers")
-        if self.layers != self.geometry.get("layers"):
-            raise IntegrityError(f"{source}: {self.layers} layers of blocks, geometry says {self.geometry.get('layers')}")
-        if self.keys != "pre-rope" or self.dtype not in DTYPES:
+        if self.layers != self.geometry.layers:
+            raise IntegrityError(f"{source}: {self.layers} layers of blocks, geometry says {self.geometry.layers}")
+        if any(not FINGERPRINT.match(str(h)) for h in self.prefix_hashes):
+            raise IntegrityError(f"{source}: malformed prefix hash")
+        if self.keys != "pre-rope" or self.dtype not in DTYPE_NAMES:
             raise UsageError(f"{source}: unsupported key layout {self.keys!r} or dtype {self.dtype!r}")
         if self.bases and len(self.bases) != self.layers:
             raise IntegrityError(f"{source}: {len(self.bases)} basis entries for {self.layers} layers")
@@ -218,11 +335,17 @@ class Manifest:
 
 
 def encode_tokens(token_ids: list[int]) -> bytes:
-    return st_save({"token_ids": torch.tensor(token_ids, dtype=torch.int64)})
+    return st_save({"token_ids": np.asarray(token_ids, dtype=np.int64)})
 
 
-def decode_tokens(data: bytes) -> list[int]:
-    return st_load(data)["token_ids"].tolist()
+def decode_tokens(data: bytes, source: str = "token ids blob") -> list[int]:
+    try:
+        ids = st_load(data)["token_ids"]
+    except Exception as exc:  # the digest matched: a writer's bug or a forged blob, not ours to crash on
+        raise IntegrityError(f"{source} does not decode as token ids ({exc})") from exc
+    if ids.ndim != 1 or ids.dtype != np.int64:
+        raise IntegrityError(f"{source} holds {ids.dtype} of shape {ids.shape}, not a list of int64 token ids")
+    return ids.tolist()
 
 
 def check_blob(ref: BlobRef, data: bytes, manifest: Manifest) -> str | None:
@@ -246,88 +369,6 @@ class Artifact:
     @property
     def id(self) -> str:
         return self.manifest.id
-
-
-def build_artifact(
-    *,
-    space: dict,
-    producer: dict,
-    token_ids: list[int],
-    layers: list[tuple[torch.Tensor, torch.Tensor]],
-    chunk_size: int,
-    dtype: str,
-    framing: str,
-    provenance: list[str],
-    timings: dict,
-    codec: Codec | None = None,
-) -> Artifact:
-    """Cut per-layer pre-RoPE keys and values `[H, T, D]` into blocks of `chunk_size` tokens, encoded by `codec`."""
-    if chunk_size <= 0:
-        raise UsageError(f"chunk size must be positive, got {chunk_size}")
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    codec = codec or parse_codec("none")
-    blobs: dict[str, bytes] = {}
-
-    def add(data: bytes, media_type: str) -> BlobRef:
-        ref = BlobRef(sha256_digest(data), len(data), media_type)
-        blobs[ref.digest] = data
-        return ref
-
-    token_ref = add(encode_tokens(token_ids), MEDIA_TOKENS)
-    total = len(token_ids)
-    blocks, bases = [], []
-    for key, value in layers:
-        aux = codec.fit_layer(key, value)
-        bases.append(add(aux, MEDIA_BASIS) if aux is not None else None)
-        layer_bases = codec.load_layer(aux)
-        refs = []
-        for start in range(0, total, chunk_size):
-            span = slice(start, start + chunk_size)
-            where = BlockShape(start=start, tokens=min(chunk_size, total - start), total=total)
-            data = codec.encode_block(key[:, span], value[:, span], layer_bases, where, DTYPES[dtype])
-            refs.append(add(data, codec.media_type))
-        blocks.append(tuple(refs))
-    kv_heads, _, head_dim = layers[0][0].shape  # [H, T, D]
-    manifest = Manifest(
-        space=space,
-        producer=producer,
-        token_count=total,
-        chunk_size=chunk_size,
-        tokens=token_ref,
-        prefix_hashes=tuple(prefix_hashes(token_ids, space["fingerprint"], chunk_size)),
-        geometry={"layers": len(layers), "kv_heads": kv_heads, "head_dim": head_dim},
-        dtype=dtype,
-        codec=codec.spec,
-        framing=framing,
-        blocks=tuple(blocks),
-        provenance=tuple(provenance),
-        timings=timings,
-        bases=tuple(bases) if any(b is not None for b in bases) else (),
-    )
-    return Artifact(manifest, blobs)
-
-
-def recode(reader: ArtifactReader, codec: Codec) -> Artifact:
-    """Re-encode every block of an artifact with another codec.
-
-    A lossy source is refused: decoding it and quantizing again compounds the error, silently. Compress
-    from the uncompressed (or losslessly compressed) artifact instead.
-    """
-    source = reader.manifest
-    if not parse_codec(source.codec).lossless:
-        raise UsageError(f"{reader.source} is already compressed with lossy codec {source.codec}; "
-                         "compress the uncompressed artifact instead (losses would compound)")
-    started = time.perf_counter()
-    token_ids, layer_iter = reader.open_context()
-    layers = [(key, value) for _, key, value in layer_iter]
-    artifact = build_artifact(
-        space=source.space, producer=source.producer, token_ids=token_ids, layers=layers,
-        chunk_size=source.chunk_size, dtype=source.dtype, framing=source.framing,
-        provenance=list(source.provenance), timings=dict(source.timings), codec=codec,
-    )
-    timings = {**source.timings, "compress_s": round(time.perf_counter() - started, 6)}
-    return Artifact(replace(artifact.manifest, timings=timings), artifact.blobs)
 
 
 def write_artifact(artifact: Artifact, out: str, force: bool = False, stdout: BinaryIO | None = None) -> None:
@@ -425,47 +466,9 @@ class ArtifactReader:
             m = self.manifest
             if len(token_ids) != m.token_count:
                 found.append(f"token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
-            elif tuple(prefix_hashes(token_ids, m.space["fingerprint"], m.chunk_size)) != m.prefix_hashes:
+            elif tuple(prefix_hashes(token_ids, m.space.fingerprint, m.chunk_size)) != m.prefix_hashes:
                 found.append("prefix hashes do not match the token ids and model space")
         return found
-
-    def open_context(self, chunks: int | None = None) -> tuple[list[int], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
-        """The context's token ids, and an iterator over its layers as they are read and verified:
-        (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), in fp32. With `chunks`, only that prefix
-        of the context (all its token ids are still returned)."""
-        m = self.manifest
-        blobs = self.blobs(chunks)
-        _, data = next(blobs)
-        token_ids = decode_tokens(data)
-        if len(token_ids) != m.token_count:
-            raise IntegrityError(f"{self.source}: token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
-        return token_ids, self._layers(blobs, m.chunks if chunks is None else min(chunks, m.chunks))
-
-    def _layers(self, blobs, chunks: int):
-        m = self.manifest
-        codec = parse_codec(m.codec)
-        lengths = m.chunk_lengths()
-        for layer in range(m.layers):
-            layer_bases = codec.load_layer(next(blobs)[1] if m.layer_aux(layer) else None)
-            keys, values = [], []
-            for chunk in range(chunks):
-                ref, data = next(blobs)
-                shape = (m.geometry["kv_heads"], lengths[chunk], m.geometry["head_dim"])
-                try:
-                    key, value = codec.decode_block(data, ref.media_type, layer_bases, shape)
-                except IntegrityError as exc:
-                    raise IntegrityError(f"{self.source}: {m.describe(ref)}: {exc}") from exc
-                except Exception as exc:  # digest matched, content does not fit the manifest
-                    raise IntegrityError(f"{self.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
-                if tuple(key.shape) != shape or tuple(value.shape) != shape:
-                    raise IntegrityError(f"{self.source}: {m.describe(ref)} has shape {tuple(key.shape)}, expected {shape}")
-                keys.append(key)
-                values.append(value)
-            if not keys:  # a prefix of no chunks: nothing cached, everything is prefilled by the caller
-                empty = torch.zeros(m.geometry["kv_heads"], 0, m.geometry["head_dim"])
-                keys, values = [empty], [empty]
-            yield layer, torch.cat(keys, dim=1), torch.cat(values, dim=1)
-
 
 class DirectoryReader(ArtifactReader):
     def __init__(self, path: Path):

@@ -13,10 +13,10 @@ from typing import Iterator
 import torch
 
 from celslm import kvcache, prompting
+from celslm.kvcache import TokenProgress
 from celslm.artifact import ArtifactReader
 from celslm.errors import IntegrityError, ModelSpaceMismatch, UsageError
 from celslm.models import LoadedModel
-from celslm.prefill import TokenProgress, prefill_cache
 from celslm.stream import LayerFeed, Link, StreamedReader, Timeline
 
 
@@ -51,6 +51,25 @@ class DecodeStats:
     bytes_by_source: dict = field(default_factory=dict)  # bytes fetched from local cache, each peer, the cloud
     fallback: str | None = None  # why the artifact was abandoned and (part of) the context recomputed
 
+    def to_json(self) -> dict:
+        """The stable schema of `decode --json` (besides "text" and "artifact")."""
+        seconds = ("t_com_c_s", "t_comm_s", "t_com_e_s", "ttft_s", "total_s", "load_s", "context_prefill_s",
+                   "prompt_prefill_s", "generate_s")
+        return {
+            "path": self.path,
+            "pipelined": self.pipelined,
+            "link": self.link,
+            **{name: round(getattr(self, name), 6) for name in seconds},
+            "hidden_share": round(self.hidden_share, 4),
+            "bytes_by_source": self.bytes_by_source,
+            "context_tokens": self.context_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "artifact_bytes": self.artifact_bytes,
+            "cloud_prefill_s": self.cloud_prefill_s,
+            "fallback": self.fallback,
+        }
+
 
 @dataclass
 class Context:
@@ -67,9 +86,9 @@ class Context:
 
 def check_space(reader: ArtifactReader, loaded: LoadedModel) -> None:
     space = reader.manifest.space
-    if space.get("fingerprint") != loaded.fingerprint:
+    if space.fingerprint != loaded.fingerprint:
         raise ModelSpaceMismatch(
-            f"{reader.source} belongs to model space {space.get('name')} ({str(space.get('fingerprint'))[:12]}), "
+            f"{reader.source} belongs to model space {space.name} ({space.fingerprint[:12]}), "
             f"but --model is {loaded.name} ({loaded.fingerprint[:12]}); decode it with the model that produced it"
         )
 
@@ -113,7 +132,7 @@ def context_from_prefix(loaded: LoadedModel, token_ids: list[int] | None, framin
     _drain_feed(loaded, context)
     stats.load_s = time.perf_counter() - started
     begun = time.perf_counter()
-    prefill_cache(loaded, token_ids, step, progress, cache=context.cache, begin=prefix)
+    kvcache.fill(loaded.model, token_ids, step, progress, cache=context.cache, begin=prefix)
     stats.context_prefill_s = time.perf_counter() - begun
     return context
 
@@ -121,16 +140,14 @@ def context_from_prefix(loaded: LoadedModel, token_ids: list[int] | None, framin
 def _drain_feed(loaded: LoadedModel, context: Context) -> None:
     """Inject every layer now (no pipelining)."""
     for index in range(loaded.model.config.num_hidden_layers):
-        key, value = context.feed.wait(index)
-        context.cache.update(key.unsqueeze(0), value.unsqueeze(0), index)
+        kvcache.inject(context.cache, index, *context.feed.wait(index))
     context.feed = None
 
 
 def _artifact_stats(reader: ArtifactReader, tokens: int) -> DecodeStats:
     timings = reader.manifest.timings
-    return DecodeStats(path="artifact", context_tokens=tokens, cloud_prefill_s=timings.get("prefill_s"),
-                       artifact_bytes=reader.manifest.blob_bytes(),
-                       t_com_c_s=sum(timings.get(k, 0.0) for k in ("prefill_s", "projection_s", "compress_s")))
+    return DecodeStats(path="artifact", context_tokens=tokens, cloud_prefill_s=timings.prefill_s,
+                       artifact_bytes=reader.manifest.blob_bytes(), t_com_c_s=timings.cloud_s)
 
 
 def context_from_text(loaded: LoadedModel, text: str, *, framing: str | None = None, step: int = 256,
@@ -147,7 +164,7 @@ def context_from_ids(loaded: LoadedModel, token_ids: list[int], *, framing: str,
     if not token_ids:
         raise UsageError("the context is empty")
     started = time.perf_counter()
-    cache = prefill_cache(loaded, token_ids, step, progress)
+    cache = kvcache.fill(loaded.model, token_ids, step, progress)
     stats = DecodeStats(path="edge-only", context_tokens=len(token_ids),
                         context_prefill_s=time.perf_counter() - started)
     return Context(token_ids, cache, framing, stats, started)

@@ -1,4 +1,5 @@
-"""The only module that touches transformers' Cache API (it changes between releases), plus RoPE.
+"""The only module that touches transformers' internals: its Cache API (it changes between releases),
+the decoder's layer list, hooks on layer inputs and projections, and RoPE.
 
 Tensors handed in and out are per layer, without the batch dimension: keys and values `[H, T, D]`
 (H = KV heads, T = tokens, D = head dim). Artifacts hold keys *pre-RoPE*; a cache holds them rotated
@@ -8,11 +9,13 @@ to their positions, as the model's attention expects.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key [H, T, D], value [H, T, D])
+TokenProgress = Callable[[int, int], None]  # called with (tokens done, tokens total)
 
 
 def new_cache(model) -> DynamicCache:
@@ -20,11 +23,16 @@ def new_cache(model) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
+def inject(cache: DynamicCache, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Put layer `index`'s post-RoPE key and value `[H, T, D]` into the cache (layers go in order)."""
+    cache.update(key.unsqueeze(0), value.unsqueeze(0), index)
+
+
 def cache_from_layers(model, layers: list[LayerKV]) -> DynamicCache:
     """Inject post-RoPE keys and values, one entry per layer, into a fresh cache."""
     cache = new_cache(model)
     for index, (key, value) in enumerate(layers):
-        cache.update(key.unsqueeze(0), value.unsqueeze(0), index)
+        inject(cache, index, key, value)
     return cache
 
 
@@ -54,6 +62,77 @@ def forward(model, token_ids: list[int], cache: DynamicCache, start: int, logits
     return out.logits[0].float()
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+@torch.inference_mode()
+def fill(model, token_ids: list[int], step: int = 256, progress: TokenProgress | None = None,
+         cache: DynamicCache | None = None, begin: int = 0, depth: int | None = None) -> DynamicCache:
+    """Run the context through the model `step` tokens at a time; return the filled cache.
+
+    With `cache` holding the first `begin` tokens already, only the rest is run (a cached prefix).
+    With `depth`, only the first `depth` decoder layers run: a layer's KV depends on the layers below
+    it alone, so their KV is exact and the rest is never computed."""
+    cache = cache if cache is not None else new_cache(model)
+    decoder = model.model
+    every = decoder.layers
+    if depth is not None:
+        decoder.layers = torch.nn.ModuleList(every[:depth])
+    try:
+        for start in range(begin, len(token_ids), step):
+            forward(model, token_ids[start : start + step], cache, start)
+            if progress:
+                progress(min(start + step, len(token_ids)), len(token_ids))
+    finally:
+        decoder.layers = every
+    return cache
+
+
+def pre_rope_layers(model, cache: DynamicCache, count: int | None = None) -> list[LayerKV]:
+    """Per layer (key pre-RoPE `[H, T, D]`, value `[H, T, D]`) from a filled cache (its first `count` layers)."""
+    layers = cache_layers(cache, count)
+    cos, sin = rope_tables(model, 0, layers[0][0].shape[1])
+    return [(unapply_rope(key, cos, sin), value) for key, value in layers]
+
+
+@torch.inference_mode()
+def fill_capturing(model, token_ids: list[int], step: int = 256, queries: bool = False
+                   ) -> tuple[DynamicCache, list[torch.Tensor], list[torch.Tensor]]:
+    """`fill`, keeping each decoder layer's normed input `[T, hidden]` and, with `queries`, its pre-RoPE
+    attention queries `[T, Hq*D]` (empty lists otherwise)."""
+    layers = decoder_layers(model)
+    normed: list[list[torch.Tensor]] = [[] for _ in layers]
+    query_parts: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.input_layernorm.register_forward_hook(lambda m, args, out, i=i: normed[i].append(out[0].float()))
+             for i, layer in enumerate(layers)]
+    if queries:
+        hooks += [layer.self_attn.q_proj.register_forward_hook(lambda m, args, out, i=i: query_parts[i].append(out[0].float()))
+                  for i, layer in enumerate(layers)]
+    try:
+        cache = fill(model, token_ids, step)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return cache, [torch.cat(parts) for parts in normed], [torch.cat(parts) for parts in query_parts] if queries else []
+
+
+def attention_output(model, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s attention output after `o_proj` `[P, hidden]`, for pre-RoPE queries `[T, Hq*D]` at
+    `positions` `[P]` over pre-RoPE keys and values `[Hk, T, D]` (causal). Differentiable in key and value."""
+    attn = decoder_layers(model)[layer].self_attn
+    head_dim = attn.head_dim
+    q = query[positions].reshape(len(positions), -1, head_dim).transpose(0, 1)  # [Hq, P, D]
+    q = apply_rope(q, cos[positions], sin[positions])
+    groups = q.shape[0] // key.shape[0]
+    k = apply_rope(key, cos[: key.shape[1]], sin[: key.shape[1]]).repeat_interleave(groups, 0)  # [Hq, T, D]
+    v = value.repeat_interleave(groups, 0)
+    mask = torch.arange(key.shape[1])[None, :] <= positions[:, None]  # [P, T]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+    return out.transpose(0, 1).reshape(len(positions), -1) @ attn.o_proj.weight.T
+
+
 class LayerGate:
     """While active, each decoder layer l first pulls its context KV from `fetch(l)` into the cache.
 
@@ -71,11 +150,11 @@ class LayerGate:
         if self.on_compute and self._resumed:
             self.on_compute(self._resumed, paused)
         key, value = self.fetch(index)  # [H, T, D] each, post-RoPE
-        self.cache.update(key.unsqueeze(0), value.unsqueeze(0), index)
+        inject(self.cache, index, key, value)
         self._resumed = time.perf_counter()
 
     def __enter__(self) -> "LayerGate":
-        layers = self.model.model.layers
+        layers = decoder_layers(self.model)
         self._inject(0)
         for index in range(1, len(layers)):
             self._handles.append(layers[index].register_forward_pre_hook(lambda module, args, i=index: self._inject(i)))

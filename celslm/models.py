@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from celslm.artifact import ModelSpace
 from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
 
 # Called with (what is happening, bytes done, bytes total or None).
@@ -330,8 +331,8 @@ class LoadedModel:
     tokenizer: object
 
     @property
-    def space(self) -> dict:
-        return {"name": self.name, "fingerprint": self.fingerprint}
+    def space(self) -> ModelSpace:
+        return ModelSpace(self.name, self.fingerprint)
 
 
 def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
@@ -351,3 +352,17 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
     model.eval()
     name = spec if spec in bundled_models() else Path(spec).name
     return LoadedModel(name=name, folder=folder, fingerprint=fingerprint, model=model, tokenizer=tokenizer)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Two models can share a cache only if their token ids mean the same text."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_tokenizers(llm: LoadedModel, slm: LoadedModel) -> str:
+    digest = tokenizer_digest(llm.tokenizer)
+    if tokenizer_digest(slm.tokenizer) != digest:
+        raise UsageError(f"{llm.name} and {slm.name} have different tokenizers (vocabularies differ); "
+                         "cross-model KV needs two models that share one tokenizer")
+    return digest

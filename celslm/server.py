@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from celslm.artifact import MEDIA_MANIFEST, Manifest
 from celslm.errors import CelslmError, IntegrityError, UsageError
-from celslm.store.local import LocalStore, Store
+from celslm.store import Store, open_store
 
 DIGEST_ROUTE = r"{digest:sha256:[0-9a-f]{64}}"
 SMALL_BLOB_BYTES = 4 << 20  # blobs up to this size are sent from memory; bigger ones stream with sendfile
@@ -32,8 +31,7 @@ SMALL_BLOB_BYTES = 4 << 20  # blobs up to this size are sent from memory; bigger
 
 @dataclass(frozen=True)
 class ServerConfig:
-    root: Path
-    backend: str | None = None  # redis://HOST:PORT/DB: share one store between servers; default: --root
+    store: str  # a directory (or file://PATH), or redis://HOST:PORT/DB to share one store between servers
     capacity_bytes: int | None = None
     write_token: str | None = None
     read_token: str | None = None
@@ -66,7 +64,8 @@ def _authorized(request: web.Request, token: str | None) -> None:
 
 
 def make_app(config: ServerConfig) -> web.Application:
-    store = open_store(config)
+    store = open_store(config.store, config.capacity_bytes)
+    store.stale_tmp()
     metrics = Metrics(store)
 
     @web.middleware
@@ -162,7 +161,7 @@ def make_app(config: ServerConfig) -> web.Application:
             metrics.misses.inc()
             raise web.HTTPNotFound(text="no such artifact\n")
         metrics.hits.inc()
-        return web.Response(body=data, content_type="application/vnd.celslm.kv.manifest.v1+json")
+        return web.Response(body=data, content_type=MEDIA_MANIFEST)
 
     async def put_artifact(request):
         data = await _read_small(request, config.max_manifest_bytes, config)
@@ -194,8 +193,8 @@ def make_app(config: ServerConfig) -> web.Application:
         metrics.hits.inc()
         artifact_id, chunks = found
         space = request.query.get("space")
-        manifest = json.loads(await asyncio.to_thread(store.get_manifest, artifact_id))
-        if space and manifest["space"]["fingerprint"] != space:
+        manifest = Manifest.from_bytes(await asyncio.to_thread(store.get_manifest, artifact_id), artifact_id)
+        if space and manifest.space.fingerprint != space:
             return web.json_response({"artifact": None, "chunks": 0})
         return web.json_response({"artifact": artifact_id, "chunks": chunks})
 
@@ -211,18 +210,6 @@ def make_app(config: ServerConfig) -> web.Application:
     app.router.add_put(r"/v1/tags/{name:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}}", put_tag)
     app.router.add_get("/v1/lookup", lookup)
     return app
-
-
-def open_store(config: ServerConfig) -> Store:
-    if config.backend:
-        if not config.backend.startswith("redis://"):
-            raise UsageError(f"--backend {config.backend}: expected redis://HOST:PORT/DB")
-        from celslm.store.redis import RedisStore
-
-        return RedisStore(config.backend)
-    store = LocalStore(config.root, config.capacity_bytes)
-    store.stale_tmp()
-    return store
 
 
 async def _read_small(request: web.Request, limit: int, config: ServerConfig) -> bytes:

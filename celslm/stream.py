@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from celslm import kvcache
 from celslm.artifact import ArtifactReader
+from celslm.blocks import open_context
 from celslm.errors import UsageError
 
 _UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
@@ -125,7 +126,7 @@ class LayerFeed:
 
     def __init__(self, model, reader: ArtifactReader, timeline: Timeline, chunks: int | None = None):
         self.timeline = timeline
-        self.token_ids, layers = reader.open_context(chunks)
+        self.token_ids, layers = open_context(reader, chunks)
         count = reader.manifest.layers
         self._slots: list = [None] * count
         self._events = [threading.Event() for _ in range(count)]

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm import align as alignment_lib
 from celslm.corpus import calibration_files
 from celslm.errors import UsageError
 from celslm.models import load_model
@@ -55,6 +54,9 @@ def align(
     json_: JsonOpt = False,
 ) -> None:
     """Align a large and a small model: layer map (CKA/RSA), ridge maps to the small model's KV, measured quality."""
+    from celslm import align as alignment_lib  # torch and transformers: not for --help
+    from celslm.projection import save_alignment
+
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it")
     options = alignment_lib.AlignOptions(map_method=map_method, source=source, window=window, windows=windows,
@@ -65,7 +67,7 @@ def align(
         large = load_model(llm, progress)
         small = load_model(slm, progress)
         result = alignment_lib.align(large, small, paths, options, progress)
-    digest = alignment_lib.save_alignment(result, out, force=force)
+    digest = save_alignment(result, out, force=force)
     written = alignment_lib.plot_similarity(result, plots) if plots else []
     meta = result.meta
     held = meta["heldout"]

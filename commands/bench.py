@@ -12,15 +12,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm.align import load_aligned_models, load_alignment
-from celslm.bench import compress as compress_bench
-from celslm.bench import quality as quality_bench
-from celslm.bench import report as report_bench
-from celslm.bench import ttft as ttft_bench
 from celslm.errors import UsageError
 from celslm.models import load_model
-from celslm.stream import Link
-from .common import JsonOpt, ModelOpt, examples, log, out_console, print_json, progress_bar
+from .common import JsonOpt, ModelOpt, examples, log, out_console, parse_budget, print_json, progress_bar
 
 app = typer.Typer(help="Benchmarks that print their figures (ratios measured in one run).",
                   no_args_is_help=True, rich_markup_mode="rich")
@@ -35,6 +29,8 @@ def ttft(
     json_: JsonOpt = False,
 ) -> None:
     """Time to first token from an artifact vs after the model's own prefill."""
+    from celslm.bench import ttft as ttft_bench  # torch and transformers: not for --help
+
     with progress_bar() as progress:
         loaded = load_model(model, progress)
     result = ttft_bench.run(loaded, context_tokens=tokens, chunk_size=chunk_size)
@@ -66,6 +62,8 @@ def compress_(
     json_: JsonOpt = False,
 ) -> None:
     """Bytes vs quality per codec on held-out stdlib files, beside transformers' quantized cache."""
+    from celslm.bench import compress as compress_bench  # torch and transformers: not for --help
+
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         result = compress_bench.run(loaded, codecs=tuple(codec) if codec else compress_bench.DEFAULT_CODECS,
@@ -105,7 +103,9 @@ def quality_(
     json_: JsonOpt = False,
 ) -> None:
     """The small model's quality from a large model's KV: cross, hybrid, equal-compute baselines, held out."""
-    from .prefill import parse_budget
+    from celslm.bench import quality as quality_bench  # torch and transformers: not for --help
+    from celslm.projection import load_aligned_models, load_alignment
+
 
     alignment = load_alignment(align)
     with progress_bar() as progress:
@@ -155,6 +155,10 @@ def report_(
     json_: JsonOpt = False,
 ) -> None:
     """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM native/pipelined/cross/hybrid) on the same tasks and links: report.md + figures."""
+    from celslm.bench import report as report_bench  # torch and transformers: not for --help
+    from celslm.projection import load_aligned_models, load_alignment
+    from celslm.stream import Link
+
     if from_ is not None:
         try:
             result = report_bench.rescore(json.loads(from_.read_text()))

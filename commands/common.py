@@ -56,6 +56,17 @@ def read_file_or_stdin(value: str, what: str) -> str:
         raise UsageError(f"{what} {value}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
+def parse_budget(value: str) -> float:
+    """`2%` or `0.02`."""
+    try:
+        budget = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError as exc:
+        raise UsageError(f"--budget {value!r}: give a perplexity budget like 2% or 0.02") from exc
+    if budget < 0:
+        raise UsageError("--budget must not be negative")
+    return budget
+
+
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm.artifact import open_artifact, recode, write_artifact
+from celslm.artifact import open_artifact, write_artifact
 from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
 from .common import ForceOpt, JsonOpt, examples, log, out_console, print_json
@@ -40,6 +40,8 @@ def compress(
         raise UsageError("--json needs --out PATH: with --out - stdout carries the artifact")
     if out == "-" and sys.stdout.isatty():
         raise UsageError("--out - writes a binary tar stream; redirect stdout to a file or a pipe")
+    from celslm.blocks import recode  # torch: only when blocks are re-encoded
+
     parsed = parse_codec(codec)
     started = time.perf_counter()
     reader = open_artifact(artifact, stdin=sys.stdin.buffer)
@@ -49,7 +51,7 @@ def compress(
     m = result.manifest
     kv_in = source.blob_bytes() - source.tokens.size
     kv_out = m.blob_bytes() - m.tokens.size
-    fp16 = 2 * 2 * m.layers * m.geometry["kv_heads"] * m.geometry["head_dim"] * m.token_count
+    fp16 = 2 * 2 * m.layers * m.geometry.kv_heads * m.geometry.head_dim * m.token_count
     summary = {"id": result.id, "out": out, "codec": m.codec, "bytes_in": source.blob_bytes(), "bytes": m.blob_bytes(),
                "ratio": round(kv_in / kv_out, 3), "ratio_vs_fp16": round(fp16 / kv_out, 3),
                "seconds": round(time.perf_counter() - started, 3)}

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from celslm import prompting
-from celslm.artifact import prefix_hashes
-from celslm.decode import (DecodeStats, Sampling, TextStream, context_from_artifact, context_from_ids, context_from_prefix,
-                           eos_ids, generate)
-from celslm.store.tiers import BlobSourceReader, make_tiers, open_ref
-from celslm.stream import Link
-from celslm.errors import IntegrityError, UnavailableError, UsageError
+from celslm.errors import UsageError
 from celslm.models import load_model
 from .common import (CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
                      read_file_or_stdin, read_text)
+
+if TYPE_CHECKING:
+    from celslm.decode import DecodeStats
 
 EPILOG = examples(
     "celslm decode -m qwen2.5-coder-0.5b --kv fnmatch.kv --prompt 'What does fnmatch.filter return?'",
@@ -51,6 +47,10 @@ def decode(
     json_: JsonOpt = False,
 ) -> None:
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""
+    from celslm.decode import Sampling, TextStream, eos_ids  # torch and transformers: not for --help
+    from celslm.edge import Sources, answer
+    from celslm.stream import Link
+
     if kv is None and context is None:
         raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
     if recompute_last and kv is None:
@@ -63,49 +63,15 @@ def decode(
     context_text = read_file_or_stdin(context, "--context") if context is not None else None
     with progress_bar() as progress:
         loaded = load_model(model, progress)
-        prefill_progress = lambda done, total: progress("prefill (tokens)", done, total)  # noqa: E731
-        tiers, reader = None, None
-        try:
-            if kv is not None:
-                reader, tiers = open_ref(kv, peer or [], cloud, token, stdin=sys.stdin.buffer)
-                if recompute_last:
-                    m = reader.manifest
-                    keep = max(0, m.token_count - recompute_last) // m.chunk_size
-                    ctx = context_from_prefix(loaded, None, m.framing, reader, keep, m.chunk_size, prefill_progress,
-                                              link=shaped)
-                else:
-                    ctx = context_from_artifact(loaded, reader, link=shaped, pipeline=pipeline)
-            else:
-                framing = prompting.default_framing(loaded.tokenizer)
-                token_ids = prompting.context_ids(loaded.tokenizer, context_text, framing)
-                found = None
-                if peer or cloud:  # ask for the longest cached prefix; prefill only the rest here
-                    tiers = make_tiers(peer or [], cloud, token)
-                    found = tiers.lookup(loaded.fingerprint, prefix_hashes(token_ids, loaded.fingerprint, chunk_size))
-                if found:
-                    reader = tiers.reader(found[0])
-                    ctx = context_from_prefix(loaded, token_ids, framing, reader, found[1], chunk_size,
-                                              prefill_progress, link=shaped)
-                else:
-                    ctx = context_from_ids(loaded, token_ids, framing=framing, step=chunk_size, progress=prefill_progress)
-            ids = prompting.prompt_ids(loaded.tokenizer, prompt_text, ctx.framing, raw)
-            tokens = generate(loaded, ctx, ids, sampling)
-            first = next(tokens)  # with pipelining, the artifact is still arriving until here
-        except (IntegrityError, UnavailableError) as exc:
-            if context_text is None or kv is None:
-                raise
-            log(f"warning: {exc}; recomputing what could not be fetched from --context")
-            ctx = fallback_context(loaded, context_text, reader, tiers, chunk_size, prefill_progress)
-            ctx.stats.fallback = str(exc)
-            ids = prompting.prompt_ids(loaded.tokenizer, prompt_text, ctx.framing, raw)
-            tokens = generate(loaded, ctx, ids, sampling)
-            first = next(tokens)
-        if tiers:
-            ctx.stats.bytes_by_source = dict(tiers.bytes_by_source)
-    artifact_id = reader.id if reader is not None and ctx.stats.path != "edge-only" else None
+        result = answer(loaded, prompt_text, kv=kv, context_text=context_text,
+                        sources=Sources(tuple(peer or ()), cloud, token, chunk_size), recompute_last=recompute_last,
+                        link=shaped, pipeline=pipeline, raw=raw, sampling=sampling,
+                        progress=lambda done, total: progress("prefill (tokens)", done, total),
+                        stdin=sys.stdin.buffer, warn=log)
+    ctx = result.context
     stream = TextStream(loaded.tokenizer, skip=eos_ids(loaded))
     pieces = []
-    for token in itertools.chain([first], tokens):
+    for token in result.tokens:
         piece = stream.push(token)
         pieces.append(piece)
         if not json_ and piece:
@@ -119,40 +85,7 @@ def decode(
     if stats:
         err_console.print(stats_table(ctx.stats))
     if json_:
-        print_json({"text": "".join(pieces), "artifact": artifact_id, **stats_json(ctx.stats)})
-
-
-def fallback_context(loaded, text: str, reader, tiers, chunk_size: int, progress):
-    """The artifact could not be had whole: reuse the chunks every tier can still give, prefill the rest."""
-    framing = reader.manifest.framing if reader is not None else prompting.default_framing(loaded.tokenizer)
-    token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
-    chunks = tiers.available_prefix(reader.manifest) if tiers is not None and reader is not None else 0
-    if chunks:
-        source = BlobSourceReader(reader.manifest, reader.source, tiers)
-        try:
-            return context_from_prefix(loaded, token_ids, framing, source, chunks, chunk_size, progress)
-        except IntegrityError:
-            pass  # the artifact holds another context than --context: recompute it all
-    return context_from_ids(loaded, token_ids, framing=framing, step=chunk_size, progress=progress)
-
-
-def stats_json(s: DecodeStats) -> dict:
-    seconds = ("t_com_c_s", "t_comm_s", "t_com_e_s", "ttft_s", "total_s", "load_s", "context_prefill_s",
-               "prompt_prefill_s", "generate_s")
-    return {
-        "path": s.path,
-        "pipelined": s.pipelined,
-        "link": s.link,
-        **{name: round(getattr(s, name), 6) for name in seconds},
-        "hidden_share": round(s.hidden_share, 4),
-        "bytes_by_source": s.bytes_by_source,
-        "context_tokens": s.context_tokens,
-        "prompt_tokens": s.prompt_tokens,
-        "new_tokens": s.new_tokens,
-        "artifact_bytes": s.artifact_bytes,
-        "cloud_prefill_s": s.cloud_prefill_s,
-        "fallback": s.fallback,
-    }
+        print_json({"text": "".join(pieces), "artifact": result.artifact_id, **ctx.stats.to_json()})
 
 
 def stats_table(s: DecodeStats) -> Table:

@@ -17,8 +17,8 @@ EPILOG = examples("celslm inspect fnmatch.kv", "celslm inspect fnmatch.kv --json
 def describe(manifest: Manifest) -> dict:
     return {
         "id": manifest.id,
-        "space": manifest.space,
-        "producer": manifest.producer,
+        "space": manifest.space.to_json(),
+        "producer": manifest.producer.to_json(),
         "tokens": manifest.token_count,
         "layers": manifest.layers,
         "chunks": manifest.chunks,
@@ -27,11 +27,11 @@ def describe(manifest: Manifest) -> dict:
         "dtype": manifest.dtype,
         "keys": manifest.keys,
         "framing": manifest.framing,
-        "geometry": manifest.geometry,
+        "geometry": manifest.geometry.to_json(),
         "bytes": manifest.blob_bytes(),
         "bytes_per_layer": [manifest.layer_bytes(layer) for layer in range(manifest.layers)],
         "provenance": list(manifest.provenance),
-        "timings": manifest.timings,
+        "timings": manifest.timings.to_json(),
     }
 
 

@@ -9,14 +9,13 @@ from typing import Annotated
 import typer
 
 from celslm import prompting
-from celslm.artifact import DTYPES, MemoryReader, write_artifact
+from celslm.artifact import DTYPE_NAMES, MemoryReader, write_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push as push_artifact
 from celslm.errors import UsageError
-from celslm.align import load_alignment, load_aligned_models
 from celslm.models import load_model
-from celslm.prefill import prefill as run_prefill, prefill_cross
-from .common import ForceOpt, JsonOpt, ModelOpt, TokenOpt, examples, log, print_json, progress_bar, read_file_or_stdin
+from .common import (ForceOpt, JsonOpt, ModelOpt, TokenOpt, examples, log, parse_budget, print_json, progress_bar,
+                     read_file_or_stdin)
 
 EPILOG = examples(
     "celslm prefill -m qwen2.5-coder-0.5b --context samples/context/fnmatch.py --out fnmatch.kv",
@@ -40,23 +39,12 @@ def parse_native_layers(value: str | None) -> tuple[int, ...]:
         raise UsageError(f"--native-layers {value!r}: give a count K (the first K layers) or a list like 0,1,2") from exc
 
 
-def parse_budget(value: str) -> float:
-    """`2%` or `0.02`."""
-    try:
-        budget = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-    except ValueError as exc:
-        raise UsageError(f"--budget {value!r}: give a perplexity budget like 2% or 0.02") from exc
-    if budget < 0:
-        raise UsageError("--budget must not be negative")
-    return budget
-
-
 def prefill(
     model: ModelOpt,
     context: Annotated[str, typer.Option("--context", "-c", help="Context text file, or - for stdin.")],
     out: Annotated[str | None, typer.Option("--out", "-o", help="Artifact directory to write (NAME.kv), or - for a tar stream on stdout.")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Tokens per chunk (one block per chunk and layer).")] = 256,
-    dtype: Annotated[str, typer.Option("--dtype", help=f"Storage dtype of the blocks: {', '.join(DTYPES)}. float32 is exact.")] = "float32",
+    dtype: Annotated[str, typer.Option("--dtype", help=f"Storage dtype of the blocks: {', '.join(DTYPE_NAMES)}. float32 is exact.")] = "float32",
     raw: Annotated[bool, typer.Option("--raw", help="Prefill the context as plain text, not as the opening of a chat turn.")] = False,
     align: Annotated[str | None, typer.Option("--align", help="Alignment directory (celslm align): --model is the large model; the artifact is in the small model's space.")] = None,
     slm: Annotated[str | None, typer.Option("--slm", help="With --align: where to load the small model from (default: as the alignment names it).")] = None,
@@ -70,12 +58,15 @@ def prefill(
     json_: JsonOpt = False,
 ) -> None:
     """Compute a context's KV cache and write it as an artifact (directory, tar stream, or a server)."""
+    from celslm.prefill import prefill as run_prefill, prefill_cross  # torch and transformers: not for --help
+    from celslm.projection import load_aligned_models, load_alignment
+
     if out is None and push is None:
         raise UsageError("give --out PATH (or -) and/or --push URL")
     if tag and not push:
         raise UsageError("--tag goes with --push")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     if out == "-" and sys.stdout.isatty():
         raise UsageError("--out - writes a binary tar stream; redirect stdout to a file or a pipe")
     if out == "-" and json_:
@@ -113,13 +104,13 @@ def prefill(
     summary = {
         "id": artifact.id,
         "out": out,
-        "space": m.space,
+        "space": m.space.to_json(),
         "tokens": m.token_count,
         "chunks": m.chunks,
         "layers": m.layers,
         "bytes": m.blob_bytes(),
-        "prefill_s": m.timings["prefill_s"],
-        **({"producer": m.producer, "provenance": m.provenance} if alignment else {}),
+        "prefill_s": m.timings.prefill_s,
+        **({"producer": m.producer.to_json(), "provenance": m.provenance} if alignment else {}),
         "seconds": round(time.perf_counter() - started, 3),
         **({"push": pushed} if pushed else {}),
     }
@@ -127,7 +118,7 @@ def prefill(
         print_json(summary)
     else:
         if alignment:
-            log(f"cross-model: {m.producer['model']} -> {m.space['name']}, native layers "
+            log(f"cross-model: {m.producer.model} -> {m.space.name}, native layers "
                 f"{list(native) or 'none'} (+ own KV of the first {alignment.sink_tokens} token(s)), the rest projected")
         log(f"wrote {artifact.id} to {out or push}: {m.token_count} tokens, {m.layers} layers x {m.chunks} chunks, "
-            f"{m.blob_bytes() / 2**20:.1f} MiB, prefill {m.timings['prefill_s']:.2f} s")
+            f"{m.blob_bytes() / 2**20:.1f} MiB, prefill {m.timings.prefill_s:.2f} s")

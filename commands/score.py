@@ -8,10 +8,8 @@ from typing import Annotated
 import typer
 
 from celslm.artifact import open_artifact
-from celslm.decode import context_from_artifact
 from celslm.errors import UsageError
 from celslm.models import load_model
-from celslm.score import continuation_logits, score as score_logits
 from .common import JsonOpt, ModelOpt, examples, print_json, progress_bar, read_file_or_stdin
 
 EPILOG = examples(
@@ -29,6 +27,9 @@ def score(
     json_: JsonOpt = False,
 ) -> None:
     """Mean negative log-likelihood and perplexity of a continuation after an artifact's context."""
+    from celslm.decode import context_from_artifact  # torch and transformers: not for --help
+    from celslm.score import continuation_logits, score as score_logits
+
     if continuation == "-" and "-" in (kv, ref):
         raise UsageError("only one of --continuation, --kv and --ref can read stdin")
     text = read_file_or_stdin(continuation, "--continuation")

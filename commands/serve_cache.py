@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 
 from celslm.errors import UsageError
-from celslm.server import ServerConfig, make_app
-from celslm.store.local import parse_size
+from celslm.store.base import parse_size
 from .common import examples, log
 
 EPILOG = examples(
@@ -38,7 +37,9 @@ def serve_cache(
                                                 help="redis://HOST:PORT/DB: share one Redis store between servers (instead of --root).")] = None,
 ) -> None:
     """Serve KV artifacts over HTTP: blobs, manifests, tags, prefix lookup, metrics."""
-    from aiohttp import web
+    from aiohttp import web  # the server's imports are for serving, not for --help
+
+    from celslm.server import ServerConfig, make_app
 
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
@@ -48,7 +49,7 @@ def serve_cache(
         context.load_cert_chain(tls_cert, tls_key)
     if backend and capacity:
         raise UsageError("--capacity applies to --root; with Redis set maxmemory and maxmemory-policy allkeys-lru")
-    config = ServerConfig(root=root, backend=backend, capacity_bytes=parse_size(capacity) if capacity else None,
+    config = ServerConfig(store=backend or str(root), capacity_bytes=parse_size(capacity) if capacity else None,
                           write_token=write_token, read_token=read_token, max_blob_bytes=parse_size(max_blob),
                           read_timeout_s=read_timeout)
     app = make_app(config)

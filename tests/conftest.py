@@ -1,4 +1,4 @@
-"""Tiny random models built from a config in a second: no downloads, no real weights."""
+"""Shared fixtures: tiny random models (tests/tiny.py), the real CLI in a subprocess, a home of our own."""
 
 from __future__ import annotations
 
@@ -8,55 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tests.tiny import save_tiny_model
+
 CLI = [sys.executable, "-c", "from celslm.commands.main import run; run()"]
-
-
-def byte_tokenizer(chat: bool = True, extra_special: tuple[str, ...] = ()):
-    """A byte-level tokenizer (256 byte tokens + 2 specials, + `extra_special`), with a tiny chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
-                                        additional_special_tokens=["<|im_start|>", *extra_special])
-    if chat:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_config(arch: str, **overrides):
-    from transformers import LlamaConfig, Qwen2Config
-
-    common = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  eos_token_id=257, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
-    common.update(overrides)
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    return LlamaConfig(**common, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
-
-
-def save_tiny_model(folder: Path, arch: str, seed: int = 0, chat: bool = True, extra_special: tuple[str, ...] = (),
-                    **overrides) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
-    # Random init leaves logits nearly flat; scale them up so greedy choices are well separated.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(folder)
-    byte_tokenizer(chat, extra_special).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -69,12 +24,23 @@ def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=2)
 
 
+# Real-model tests read the models installed here; everything else gets a home of its own.
+USER_HOME = Path(os.environ.get("CELSLM_HOME") or Path.home() / ".cache" / "celslm")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory):
+    """Session fixtures (the tiny models' artifacts, the aligned pair) run the CLI too: not in the user's home."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CELSLM_HOME", str(tmp_path_factory.mktemp("celslm-home")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def celslm_home(request, tmp_path, monkeypatch) -> Path:
     """Keep every test's models and caches out of the user's home (real-model tests read the installed ones)."""
-    if request.node.get_closest_marker("realmodel"):
-        return Path(os.environ.get("CELSLM_HOME") or Path.home() / ".cache" / "celslm")
-    home = tmp_path / "celslm-home"
+    home = USER_HOME if request.node.get_closest_marker("realmodel") else tmp_path / "celslm-home"
     monkeypatch.setenv("CELSLM_HOME", str(home))
     return home
 

@@ -21,11 +21,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, root, *args: str, scheme: str = "http", cafile=None):
+    def __init__(self, root, *args: str, scheme: str = "http", cafile=None, cli: list[str] = CLI):
         self.port = free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
-        self.proc = subprocess.Popen(CLI + ["serve-cache", "--root", str(root), "--port", str(self.port), *args],
+        self.proc = subprocess.Popen(cli + ["serve-cache", "--root", str(root), "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from celslm.align import fit_ridge, monotone_map, proportional_map
+from celslm.projection import load_alignment
+from celslm.blocks import open_context
 from celslm.artifact import open_artifact
 from tests.conftest import CONTEXT, run_cli, save_tiny_model
 
@@ -66,7 +68,7 @@ def test_alignment_records_a_monotone_map_fits_and_measured_quality(pair):
 
 def _layers(path):
     reader = open_artifact(str(path))
-    _, layers = reader.open_context()
+    _, layers = open_context(reader)
     return reader.manifest, [(key, value) for _, key, value in layers]
 
 
@@ -79,7 +81,7 @@ def test_projected_artifact_is_in_the_small_models_space_and_decodes(pair, tmp_p
     manifest, layers = _layers(tmp_path / "x.kv")
     own_manifest, own = _layers(tmp_path / "own.kv")
     assert manifest.space == own_manifest.space
-    assert manifest.producer["alignment"] == hashlib.sha256((pair["align"] / "alignment.json").read_bytes()).hexdigest()
+    assert manifest.producer.alignment == hashlib.sha256((pair["align"] / "alignment.json").read_bytes()).hexdigest()
     assert list(manifest.provenance) == ["projected"] * 3
     for (key, value), (own_key, own_value) in zip(layers, own):
         assert key.shape == own_key.shape and value.shape == own_value.shape  # the small model's geometry
@@ -168,7 +170,7 @@ def test_bench_quality_reports_every_mode_on_held_out_files(pair):
 
 def test_calibration_files_are_never_evaluation_files():
     from celslm.corpus import calibration_files, eval_cases
-    from tests.conftest import byte_tokenizer
+    from tests.tiny import byte_tokenizer
 
     evaluated = {case.name for case in eval_cases(byte_tokenizer(), files=20, min_context=64, max_context=64, continuation=8)}
     assert len(evaluated) == 20
@@ -203,7 +205,7 @@ def test_refinement_repairs_maps_whose_attention_output_is_off(pair):
     from celslm.models import load_model
 
     large, small = load_model(str(pair["large"])), load_model(str(pair["small"]))
-    alignment = A.load_alignment(pair["align"])
+    alignment = load_alignment(pair["align"])
     paths = sorted((pair["root"] / "calib").iterdir())
     windows, names = A.calibration_windows(small.tokenizer, paths, 160, 5)
     cal = A.calibrate(large, small, windows, names, heldout=1, continuation=32, rows_per_window=64, sink=1,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from celslm import kvcache, prompting
+from celslm.blocks import open_context
 from celslm.artifact import (MANIFEST_NAME, DirectoryReader, TarStreamReader, open_artifact, prefix_hashes,
                              write_dir, write_tar)
 from celslm.decode import context_from_artifact
@@ -52,7 +53,7 @@ def test_blobs_are_named_by_their_digest_and_laid_out_layer_major(artifact, tmp_
 
 def test_keys_are_stored_pre_rope_as_k_proj_computes_them(loaded, artifact, tmp_path):
     write_dir(artifact, tmp_path / "a.kv")
-    token_ids, layers = DirectoryReader(tmp_path / "a.kv").open_context()
+    token_ids, layers = open_context(DirectoryReader(tmp_path / "a.kv"))
     _, key0, _ = next(layers)  # [H, T, D]
     model = loaded.model
     with torch.inference_mode():
@@ -74,8 +75,8 @@ def test_tar_stream_round_trip_gives_the_same_artifact(artifact, tmp_path):
     write_tar(artifact, buffer)
     reader = TarStreamReader(io.BytesIO(buffer.getvalue()), "<test>")
     assert reader.id == artifact.id
-    tar_ids, tar_layers = reader.open_context()
-    dir_ids, dir_layers = DirectoryReader(tmp_path / "a.kv").open_context()
+    tar_ids, tar_layers = open_context(reader)
+    dir_ids, dir_layers = open_context(DirectoryReader(tmp_path / "a.kv"))
     assert tar_ids == dir_ids
     for (_, k1, v1), (_, k2, v2) in zip(tar_layers, dir_layers):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
@@ -86,7 +87,7 @@ def test_truncated_stream_is_refused(artifact):
     write_tar(artifact, buffer)
     cut = buffer.getvalue()[: len(buffer.getvalue()) // 2]
     reader = TarStreamReader(io.BytesIO(cut), "<test>")
-    token_ids, layers = reader.open_context()
+    token_ids, layers = open_context(reader)
     with pytest.raises(IntegrityError, match="truncated"):
         list(layers)
 

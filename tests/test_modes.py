@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from celslm.align import load_alignment
+from celslm.projection import load_alignment
 from celslm.bench import modes, tasks
 from celslm.corpus import stdlib_modules
 from celslm.decode import Sampling

@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 
 from celslm import kvcache
-from celslm.artifact import MemoryReader, build_artifact
+from celslm.artifact import MemoryReader, Producer
+from celslm.blocks import build_artifact
 from celslm.codecs import PRESETS, parse_codec
 from celslm.corpus import Case, eval_cases
 from celslm.decode import context_from_artifact
 from celslm.models import LoadedModel
-from celslm.prefill import pre_rope_layers, prefill_cache
 from celslm.score import continuation_logits
 
 DEFAULT_CODECS = (
@@ -89,18 +89,17 @@ def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: in
     quanto_rows = {bits: Row(codec=f"quanto int{bits} g=64", system="transformers QuantizedCache (quanto)")
                    for bits in (QUANTO_BITS if peers and _has_quanto() else ())}
     space = loaded.space
-    producer = {"model": loaded.name, "fingerprint": loaded.fingerprint, "alignment": None}
+    producer = Producer.native(space)
     for index, case in enumerate(cases):
         if progress:
             progress("files", index, len(cases))
         with torch.inference_mode():
-            layers = pre_rope_layers(loaded, prefill_cache(loaded, case.context))
+            layers = kvcache.pre_rope_layers(loaded.model, kvcache.fill(loaded.model, case.context))
         fp16_bytes = 2 * sum(k.numel() + v.numel() for k, v in layers)
 
         def build(codec):
             return build_artifact(space=space, producer=producer, token_ids=case.context, layers=layers, chunk_size=256,
-                                  dtype="float32", framing="raw", provenance=["native"] * len(layers), timings={},
-                                  codec=codec)
+                                  dtype="float32", framing="raw", provenance=["native"] * len(layers), codec=codec)
 
         reference = context_from_artifact(loaded, MemoryReader(build(parse_codec("none"))))
         ref_logits, targets = continuation_logits(loaded, reference, case.continuation)

@@ -191,7 +191,8 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
         workdir: Path, progress=None) -> list[dict]:
     """The modes in `which` at every level; one cloud process per kind, started fresh and stopped after.
     CE-CoLLM runs when `deferrals` (one request's messages) are given, PICE when `sketch` is."""
-    from celslm.artifact import MemoryReader, recode
+    from celslm.artifact import MemoryReader
+    from celslm.blocks import recode
     from celslm.codecs import parse_codec
     from celslm.prefill import prefill
     from celslm.prompting import context_ids, default_framing

@@ -13,13 +13,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from celslm import prompting
-from celslm.artifact import Artifact, MemoryReader, build_artifact
+from celslm import kvcache, prompting
+from celslm.artifact import Artifact, MemoryReader, Producer, Timings
+from celslm.blocks import build_artifact
 from celslm.bench.ttft import stdlib_context
 from celslm.codecs import parse_codec
 from celslm.decode import DecodeStats, Sampling, context_from_artifact, context_from_ids, generate
 from celslm.models import LoadedModel
-from celslm.prefill import pre_rope_layers
 from celslm.stream import Link
 
 PROMPT = "What does this code do? Answer briefly."
@@ -59,17 +59,16 @@ def run(loaded: LoadedModel, contexts=(512, 1024, 2048, 4096), links=("10mbit:20
             progress(f"{length} tokens: edge-only")
         edge = context_from_ids(loaded, token_ids, framing=framing)
         cloud_started = time.perf_counter()
-        layers = pre_rope_layers(loaded, edge.cache)  # the cloud's KV: the same prefill, before the prompt
+        layers = kvcache.pre_rope_layers(loaded.model, edge.cache)  # the cloud's KV: the same prefill, before the prompt
         prefill_s = edge.stats.context_prefill_s + (time.perf_counter() - cloud_started)
         runs.append(_run(loaded, edge, prompt_ids, new_tokens, "edge-only", None, None, 0))
         for spec in codecs:
             codec = parse_codec(spec)
             encode_started = time.perf_counter()
-            artifact = build_artifact(space=loaded.space, producer={"model": loaded.name, "fingerprint": loaded.fingerprint,
-                                                                     "alignment": None},
+            artifact = build_artifact(space=loaded.space, producer=Producer.native(loaded.space),
                                       token_ids=token_ids, layers=layers, chunk_size=256, dtype="float32",
-                                      framing=framing, provenance=["native"] * len(layers), timings={}, codec=codec)
-            timings = {"prefill_s": prefill_s, "compress_s": time.perf_counter() - encode_started}
+                                      framing=framing, provenance=["native"] * len(layers), codec=codec)
+            timings = Timings(prefill_s=prefill_s, compress_s=time.perf_counter() - encode_started)
             artifact = Artifact(replace(artifact.manifest, timings=timings), artifact.blobs)
             size = artifact.manifest.blob_bytes()
             for link_spec, pipeline in itertools.product(links, (False, True)):

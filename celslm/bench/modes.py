@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from celslm import kvcache, prompting
-from celslm.align import Alignment
-from celslm.artifact import MemoryReader, recode
+from celslm.projection import Alignment
+from celslm.artifact import MemoryReader
+from celslm.blocks import recode
 from celslm.codecs import parse_codec
 from celslm.decode import Context, Sampling, context_from_artifact, context_from_ids, context_from_prefix, eos_ids, generate
 from celslm.models import LoadedModel

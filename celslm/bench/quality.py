@@ -29,13 +29,15 @@ from typing import Callable
 import torch
 
 from celslm import kvcache
-from celslm.align import Alignment, gain_kept
-from celslm.artifact import MemoryReader, build_artifact
+from celslm.align import gain_kept
+from celslm.artifact import MemoryReader, Producer
+from celslm.blocks import build_artifact
 from celslm.codecs import parse_codec
 from celslm.corpus import eval_cases
 from celslm.decode import context_from_artifact, context_from_layers, context_from_prefix
 from celslm.models import LoadedModel
-from celslm.prefill import cross_layers, layer_features, native_layers, to_heads
+from celslm.features import layer_features, native_layers, to_heads
+from celslm.projection import Alignment, cross_layers
 from celslm.score import continuation_logits
 
 Progress = Callable[[str, int, int | None], None]
@@ -88,9 +90,9 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
                 mode.link_bytes += link_bytes / len(cases)
 
             def shipped(key: str, layers, provenance):
-                artifact = build_artifact(space=slm.space, producer={"model": llm.name, "alignment": alignment.digest},
+                artifact = build_artifact(space=slm.space, producer=Producer(llm.name, llm.fingerprint, alignment.digest),
                                           token_ids=ctx, layers=layers, chunk_size=CHUNK, dtype="float32",
-                                          framing="raw", provenance=provenance, timings={}, codec=spec)
+                                          framing="raw", provenance=provenance, codec=spec)
                 logits, _ = continuation_logits(slm, context_from_artifact(slm, MemoryReader(artifact)), cont)
                 record(key, logits, artifact.manifest.blob_bytes())
                 return artifact

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from celslm.align import Alignment, check_tokenizers
+from celslm.models import LoadedModel, check_tokenizers
+from celslm.projection import Alignment
 from celslm.bench import modes, tasks
 from celslm.bench.concurrency import CLOUD_MODES
 from celslm.corpus import calibration_files, stdlib_modules
 from celslm.decode import Sampling
 from celslm.errors import UsageError
-from celslm.models import LoadedModel
 from celslm.stream import Link
 
 Progress = Callable[[str, int, int | None], None]

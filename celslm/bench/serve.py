@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from celslm.artifact import Artifact, Manifest, MemoryReader, build_artifact
+from celslm.artifact import Artifact, Manifest, MemoryReader, ModelSpace, Producer
+from celslm.blocks import build_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push
 
@@ -70,10 +71,10 @@ def synthetic_artifact(tokens: int = 2048, layers: int = 24, kv_heads: int = 2, 
     generator = torch.Generator().manual_seed(0)
     kv = [(torch.randn(kv_heads, tokens, head_dim, generator=generator),
            torch.randn(kv_heads, tokens, head_dim, generator=generator)) for _ in range(layers)]
-    return build_artifact(space={"name": "synthetic", "fingerprint": "00" * 32},
-                          producer={"model": "synthetic", "fingerprint": "00" * 32, "alignment": None},
+    space = ModelSpace("synthetic", "00" * 32)
+    return build_artifact(space=space, producer=Producer.native(space),
                           token_ids=list(range(tokens)), layers=kv, chunk_size=256, dtype="float16", framing="raw",
-                          provenance=["native"] * layers, timings={})
+                          provenance=["native"] * layers)
 
 
 def _free_port() -> int:

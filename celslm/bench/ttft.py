@@ -16,7 +16,8 @@ from celslm.artifact import open_artifact, write_dir
 from celslm.decode import Sampling, context_from_artifact, context_from_ids, generate
 from celslm.errors import UsageError
 from celslm.models import LoadedModel
-from celslm.prefill import prefill, prefill_cache
+from celslm import kvcache
+from celslm.prefill import prefill
 
 DEFAULT_FILES = ("textwrap.py", "fnmatch.py", "shlex.py", "string.py")
 
@@ -55,7 +56,7 @@ def run(loaded: LoadedModel, context_tokens: int = 2048, prompt: str = "What doe
     token_ids = prompting.context_ids(loaded.tokenizer, text, framing)[:context_tokens]
     prompt_ids = prompting.prompt_ids(loaded.tokenizer, prompt, framing, raw=False)
     one = Sampling(max_new_tokens=1)
-    prefill_cache(loaded, token_ids[:64], 64)  # warm-up: first-call allocation should not count
+    kvcache.fill(loaded.model, token_ids[:64], 64)  # warm-up: first-call allocation should not count
     artifact = prefill(loaded, token_ids, framing=framing, chunk_size=chunk_size)
     with tempfile.TemporaryDirectory(prefix="celslm-bench-") as tmp:
         path = Path(tmp) / "context.kv"
@@ -69,7 +70,7 @@ def run(loaded: LoadedModel, context_tokens: int = 2048, prompt: str = "What doe
         model=loaded.name,
         context_tokens=len(token_ids),
         prompt_tokens=len(prompt_ids),
-        prefill_s=artifact.manifest.timings["prefill_s"],
+        prefill_s=artifact.manifest.timings.prefill_s,
         artifact_bytes=artifact.manifest.blob_bytes(),
         artifact_ttft_s=artifact_stats.ttft_s,
         artifact_load_s=artifact_stats.load_s,

@@ -1,2 +1,35 @@
-"""Where artifacts live besides a plain directory: a local store (the server's and the edge's cache),
-an HTTP client for serve-cache, and the tiered lookup local -> peers -> cloud."""
+"""Where artifacts live besides a plain directory: stores behind one interface (`base.Store`), chosen
+by URL scheme as LMCache does, an HTTP client for serve-cache, and the tiered lookup local -> peers
+-> cloud.
+
+    open_store("/srv/celslm")               a directory (local.py); also file:///srv/celslm
+    open_store("redis://127.0.0.1:6379/0")  one Redis shared by many servers (redis.py)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from celslm.errors import UsageError
+from celslm.store.base import Store
+
+SCHEMES = ("file", "redis")
+
+
+def open_store(url: str | Path, capacity_bytes: int | None = None) -> Store:
+    """The store a URL names: a plain path or file:// (a directory, with an optional capacity), or redis://."""
+    text = str(url)
+    scheme = urlsplit(text).scheme if "://" in text else "file"
+    if scheme == "file":
+        from celslm.store.local import LocalStore
+
+        return LocalStore(Path(text.removeprefix("file://")), capacity_bytes)
+    if scheme == "redis":
+        if capacity_bytes is not None:
+            raise UsageError("a capacity applies to a directory store; give Redis maxmemory and "
+                             "maxmemory-policy allkeys-lru instead")
+        from celslm.store.redis import RedisStore  # the redis client loads only for a Redis store
+
+        return RedisStore(text)
+    raise UsageError(f"store {text}: unknown scheme {scheme!r}; use a path, file://PATH or redis://HOST:PORT/DB")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -11,6 +10,7 @@ import threading
 import time
 from urllib.parse import quote, urlsplit
 
+from celslm.artifact import sha256_digest
 from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
 
 
@@ -112,7 +112,7 @@ class CacheClient:
                 received = data
             else:
                 continue  # 5xx or an unexpected answer: try again
-            actual = "sha256:" + hashlib.sha256(received).hexdigest()
+            actual = sha256_digest(received)
             if actual != digest:
                 raise IntegrityError(f"{self.url} sent corrupt bytes for blob {digest} (they hash to {actual})")
             return received
@@ -136,7 +136,7 @@ class CacheClient:
 
     def get_manifest(self, artifact_id: str) -> bytes | None:
         data = self._get(f"/v1/artifacts/{artifact_id}", f"artifact {artifact_id}")
-        if data is not None and "sha256:" + hashlib.sha256(data).hexdigest() != artifact_id:
+        if data is not None and sha256_digest(data) != artifact_id:
             raise IntegrityError(f"{self.url} sent a manifest that does not hash to {artifact_id}")
         return data
 

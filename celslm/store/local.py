@@ -12,9 +12,7 @@ being read; blobs still referenced by another artifact stay.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import tempfile
 import threading
 import time
@@ -22,65 +20,8 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from celslm.artifact import Manifest
-from celslm.errors import IntegrityError, UsageError
-
-DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'10GB', '512MiB', '1000' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in UNITS:
-        raise UsageError(f"bad size {text!r}; use e.g. 10GB, 512MiB or a byte count")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
-
-
-def check_digest(digest: str) -> str:
-    if not DIGEST.match(digest):
-        raise UsageError(f"malformed digest {digest!r}; expected sha256:<64 hex>")
-    return digest.removeprefix("sha256:")
-
-
-def check_tag(name: str) -> str:
-    if not TAG.match(name):
-        raise UsageError(f"bad tag name {name!r}; letters, digits and . _ : - (up to 128)")
-    return name
-
-
-class HashingWriter:
-    """Receives one blob in chunks, hashing as it goes; `verify` refuses bytes that are not `digest`.
-
-    Backends say where the bytes go (`_put`) and how a verified blob is kept (`_keep`)."""
-
-    def __init__(self, digest: str):
-        self.digest = digest
-        self._hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, chunk: bytes) -> None:
-        self._hash.update(chunk)
-        self._put(chunk)
-        self.size += len(chunk)
-
-    def commit(self) -> None:
-        actual = "sha256:" + self._hash.hexdigest()
-        if actual != self.digest:
-            self.abort()
-            raise IntegrityError(f"blob bytes hash to {actual}, not {self.digest}")
-        self._keep()
-
-    def _put(self, chunk: bytes) -> None:
-        raise NotImplementedError
-
-    def _keep(self) -> None:
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        raise NotImplementedError
+from celslm.artifact import Manifest, check_digest
+from celslm.store.base import HashingWriter, Store
 
 
 class BlobWriter(HashingWriter):
@@ -103,102 +44,6 @@ class BlobWriter(HashingWriter):
     def abort(self) -> None:
         self._file.close()
         self._tmp.unlink(missing_ok=True)
-
-
-class Store:
-    """What every backend shares: manifests, tags and the prefix index over a few primitives."""
-
-    capacity_bytes: int | None = None
-    evictions = 0
-
-    def _read(self, kind: str, name: str) -> bytes | None:  # kind: blobs, manifests, tags, prefixes
-        raise NotImplementedError
-
-    def _write(self, kind: str, name: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def _touch(self, artifact_hex: str) -> None:
-        """Mark an artifact as just used (LRU)."""
-
-    def has_blob(self, digest: str) -> bool:
-        raise NotImplementedError
-
-    def blob_writer(self, digest: str):
-        raise NotImplementedError
-
-    def blob_file(self, digest: str) -> Path | None:
-        """A file holding the blob, for stores on local disk (the server then streams it with sendfile)."""
-        return None
-
-    def evict(self) -> int:
-        return 0
-
-    def usage_bytes(self) -> int:
-        raise NotImplementedError
-
-    @contextmanager
-    def reading(self, digest: str):
-        yield
-
-    def read_blob(self, digest: str) -> bytes | None:
-        return self._read("blobs", check_digest(digest))
-
-    def put_blob(self, digest: str, data: bytes) -> None:
-        if self.has_blob(digest):
-            return
-        writer = self.blob_writer(digest)
-        try:
-            writer.write(data)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-
-    def get_manifest(self, artifact_id: str) -> bytes | None:
-        hex_id = check_digest(artifact_id)
-        data = self._read("manifests", hex_id)
-        if data is not None:
-            self._touch(hex_id)
-        return data
-
-    def put_manifest(self, artifact_id: str, data: bytes) -> list[str]:
-        """Store a manifest whose blobs are all present; otherwise store nothing and return the missing digests."""
-        hex_id = check_digest(artifact_id)
-        if "sha256:" + hashlib.sha256(data).hexdigest() != artifact_id:
-            raise IntegrityError(f"manifest bytes do not hash to {artifact_id}")
-        manifest = Manifest.from_bytes(data, artifact_id)
-        missing = [ref.digest for ref in manifest.blob_refs() if not self.has_blob(ref.digest)]
-        if missing:
-            return missing
-        self._write("manifests", hex_id, data)
-        self._touch(hex_id)
-        for count, prefix in enumerate(manifest.prefix_hashes, start=1):
-            self._write("prefixes", prefix, f"{artifact_id} {count}".encode())
-        self.evict()
-        return []
-
-    def get_tag(self, name: str) -> str | None:
-        data = self._read("tags", check_tag(name))
-        return data.decode().strip() if data is not None else None
-
-    def put_tag(self, name: str, artifact_id: str) -> None:
-        if self._read("manifests", check_digest(artifact_id)) is None:
-            raise UsageError(f"tag {name}: artifact {artifact_id} is not stored here")
-        self._write("tags", check_tag(name), artifact_id.encode())
-
-    def lookup(self, prefix_hashes: list[str]) -> tuple[str, int] | None:
-        """The stored artifact holding the longest prefix of these chunk hashes: (artifact id, chunks)."""
-        for prefix in prefix_hashes:
-            if not re.fullmatch(r"[0-9a-f]{64}", prefix):
-                raise UsageError(f"malformed prefix hash {prefix[:80]!r}")
-        for count in range(len(prefix_hashes), 0, -1):
-            entry = self._read("prefixes", prefix_hashes[count - 1])
-            if entry is None:
-                continue
-            artifact_id, stored_count = entry.decode().split()
-            if int(stored_count) == count and self._read("manifests", artifact_id.removeprefix("sha256:")) is not None:
-                return artifact_id, count
-        return None
 
 
 class LocalStore(Store):

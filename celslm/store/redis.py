@@ -6,8 +6,9 @@ Capacity is Redis's own business here: run it with `maxmemory` and `maxmemory-po
 
 from __future__ import annotations
 
+from celslm.artifact import check_digest
 from celslm.errors import UnavailableError
-from celslm.store.local import HashingWriter, Store, check_digest
+from celslm.store.base import HashingWriter, Store
 
 
 class RedisBlobWriter(HashingWriter):

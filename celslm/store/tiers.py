@@ -7,17 +7,17 @@ prefix hashes of the shared context are sent.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from celslm.artifact import ArtifactReader, Manifest
+from celslm.artifact import DIGEST, ArtifactReader, Manifest, open_artifact, sha256_digest
 from celslm.errors import IntegrityError, UnavailableError, UsageError
+from celslm.models import celslm_home
 from celslm.store.http import CacheClient
-from celslm.store.local import DIGEST, LocalStore
+from celslm.store.local import LocalStore
 
 
 class BlobSourceReader(ArtifactReader):
@@ -66,7 +66,7 @@ class Tiers:
 
     def blob(self, digest: str) -> bytes | None:
         data = self.local.read_blob(digest)
-        if data is not None and "sha256:" + hashlib.sha256(data).hexdigest() == digest:
+        if data is not None and sha256_digest(data) == digest:
             self._count("local", data)
             return data
         for name, client in self.remotes:
@@ -153,8 +153,6 @@ def split_url_ref(ref: str) -> tuple[str, str] | None:
 
 
 def edge_cache() -> LocalStore:
-    from celslm.models import celslm_home
-
     return LocalStore(Path(celslm_home()) / "store")
 
 
@@ -183,8 +181,6 @@ def make_tiers(peers: list[str], cloud: str | None, token: str | None) -> Tiers:
 
 def open_ref(ref: str, peers: list[str], cloud: str | None, token: str | None, stdin=None) -> tuple[ArtifactReader, Tiers | None]:
     """A path, '-', a .tar file, an artifact id, a tag, or a server URL -> a reader (and the tiers it uses)."""
-    from celslm.artifact import open_artifact
-
     if ref == "-" or Path(ref).exists():
         return open_artifact(ref, stdin=stdin), None
     url = split_url_ref(ref)

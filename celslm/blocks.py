@@ -1,0 +1,353 @@
+"""A context's KV tensors <-> an artifact's blocks, through a codec: the tensor side of the format.
+
+`artifact.py` owns the format (manifest, blobs, streams, digests) and imports no torch; `codecs.py`
+parses codec specs. This module runs the tensor stages (`fp16`, `pca`, `intN`) on blocks of
+`[H, t, D]` keys (pre-RoPE) and values, cuts per-layer KV into blocks to build an artifact, and reads
+an artifact's verified blocks back into per-layer tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from celslm.artifact import (MEDIA_TOKENS, Artifact, ArtifactReader, BlobRef, Geometry, Manifest, ModelSpace, Producer,
+                             Timings, decode_tokens, encode_tokens, prefix_hashes, sha256_digest)
+from celslm.codecs import KINDS, MEDIA_BASIS, BlockShape, Codec, parse_codec
+from celslm.errors import IntegrityError, UsageError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key pre-RoPE [H, T, D], value [H, T, D])
+
+
+# ---------------------------------------------------------------- bit packing
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers in [0, 2**bits) into bytes: 8 values per `bits` bytes.
+
+    2 and 4 bits share bytes lane by lane, 1 bit uses numpy's packbits, and 3 bits are a 2-bit plane
+    followed by a 1-bit plane. numpy, not torch: blocks are small and torch's per-op cost dominates."""
+    flat = values.reshape(-1).to(torch.uint8).numpy()
+    pad = (-flat.size) % 8
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint8)])
+    return torch.from_numpy(_pack(flat, bits))
+
+
+def _pack(flat: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return flat
+    if bits == 1:
+        return np.packbits(flat, bitorder="little")
+    if bits == 3:
+        return np.concatenate([_pack(flat & 3, 2), _pack(flat >> 2, 1)])
+    lanes = flat.reshape(-1, 8 // bits)
+    out = lanes[:, 0].copy()
+    for i in range(1, 8 // bits):
+        out |= lanes[:, i] << (bits * i)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    padded = count + (-count) % 8
+    return torch.from_numpy(_unpack(packed.numpy(), bits, padded)[:count])
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[:count]
+    if bits == 1:
+        return np.unpackbits(packed, bitorder="little", count=count)
+    if bits == 3:
+        return _unpack(packed[: count // 4], 2, count) | (_unpack(packed[count // 4 :], 1, count) << 2)
+    mask = (1 << bits) - 1
+    return np.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], axis=1).reshape(-1)[:count]
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def _grouped(x: torch.Tensor, group: int, along_tokens: bool) -> torch.Tensor:
+    """`[H, t, W]` -> groups without a transposing copy: `[H, n, g, W]` along tokens, `[H, t, n, g]` along channels.
+
+    A short last group is padded by repeating the last token (or channel), which changes no range."""
+    axis = 1 if along_tokens else 2
+    pad = (-x.shape[axis]) % group
+    if pad:
+        edge = x.narrow(axis, x.shape[axis] - 1, 1)
+        x = torch.cat([x, edge.expand(*(pad if i == axis else n for i, n in enumerate(x.shape)))], dim=axis)
+    heads, tokens, width = x.shape
+    return x.view(heads, -1, group, width) if along_tokens else x.view(heads, tokens, -1, group)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int, along_tokens: bool) -> dict[str, torch.Tensor]:
+    """Asymmetric quantization of `x` `[H, t, W]`, in groups along tokens (keys) or channels (values).
+
+    scale and zero are fp16, `[H, n, W]` along tokens or `[H, t, n]` along channels."""
+    group = min(group, x.shape[1] if along_tokens else x.shape[2])
+    grouped = _grouped(x.float(), group, along_tokens)
+    reduce = 2 if along_tokens else 3
+    low, high = torch.aminmax(grouped, dim=reduce, keepdim=True)
+    levels = (1 << bits) - 1
+    scale = ((high - low) / levels).clamp_min_(1e-8).half()
+    zero = low.half()
+    q = (grouped - zero.float()).mul_(1.0 / scale.float()).round_().clamp_(0, levels)
+    return {"q": pack_bits(q, bits), "scale": scale.squeeze(reduce), "zero": zero.squeeze(reduce)}
+
+
+def dequantize(parts: dict[str, torch.Tensor], bits: int, group: int, shape: tuple[int, int, int],
+               along_tokens: bool) -> torch.Tensor:
+    """Inverse of `quantize` for a tensor of `shape` `[H, t, W]`."""
+    heads, tokens, width = shape
+    group = min(group, tokens if along_tokens else width)
+    reduce = 2 if along_tokens else 3
+    scale = parts["scale"].float().unsqueeze(reduce)
+    zero = parts["zero"].float().unsqueeze(reduce)
+    grouped_shape = list(scale.shape)
+    grouped_shape[reduce] = group
+    count = math.prod(grouped_shape)
+    q = unpack_bits(parts["q"], bits, count).view(grouped_shape).float()
+    x = q.mul_(scale).add_(zero)
+    x = x.reshape(heads, -1, width) if along_tokens else x.reshape(heads, tokens, -1)
+    return (x[:, :tokens] if along_tokens else x[..., :width]).contiguous()
+
+
+# ---------------------------------------------------------------- PCA
+
+
+def fit_basis(x: torch.Tensor, rank: int | None, energy: float | None) -> dict[str, torch.Tensor]:
+    """Per-head PCA of `x` `[H, T, D]`: mean `[H, D]` and basis `[H, D, r]` (one r for all heads)."""
+    x = x.float()
+    mean = x.mean(dim=1)
+    centered = x - mean.unsqueeze(1)
+    cov = centered.transpose(1, 2) @ centered  # [H, D, D]
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    eigvals, eigvecs = eigvals.flip(-1).clamp_min(0), eigvecs.flip(-1)
+    if rank is None:
+        share = eigvals.cumsum(-1) / eigvals.sum(-1, keepdim=True).clamp_min(1e-12)  # [H, D]
+        rank = int((share < energy).sum(-1).max().item()) + 1
+    rank = max(1, min(rank, x.shape[-1]))
+    return {"mean": mean.half(), "basis": eigvecs[..., :rank].contiguous().half()}
+
+
+def project(x: torch.Tensor, basis: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (x.float() - basis["mean"].float().unsqueeze(1)) @ basis["basis"].float()  # [H, t, r]
+
+
+def reconstruct(coeffs: torch.Tensor, basis: dict[str, torch.Tensor]) -> torch.Tensor:
+    return coeffs @ basis["basis"].float().transpose(1, 2) + basis["mean"].float().unsqueeze(1)
+
+
+# ---------------------------------------------------------------- a codec's tensor stages, per layer and per block
+
+
+def fit_layer(codec: Codec, key: torch.Tensor, value: torch.Tensor) -> bytes | None:
+    """The layer's auxiliary blob (PCA bases) fitted on all its tokens, or None if the codec needs none."""
+    if not codec.pca:
+        return None
+    rank = int(codec.pca.params["r"]) if "r" in codec.pca.params else None
+    energy = float(codec.pca.params["e"]) if "e" in codec.pca.params else None
+    tensors = {}
+    for kind, x in zip(KINDS, (key, value)):
+        if codec.reduces(kind):
+            fit_on = x[:, codec.sink:] if x.shape[1] > codec.sink else x  # sinks stay fp16 and would skew the basis
+            for name, t in fit_basis(fit_on, rank, energy).items():
+                tensors[f"{kind}.{name}"] = t
+    return st_save(tensors)
+
+
+def load_layer(data: bytes | None) -> dict[str, dict[str, torch.Tensor]]:
+    if data is None:
+        return {}
+    tensors = st_load(data)
+    return {kind: {n: tensors[f"{kind}.{n}"] for n in ("mean", "basis")} for kind in KINDS if f"{kind}.basis" in tensors}
+
+
+def encode_block(codec: Codec, key: torch.Tensor, value: torch.Tensor, bases: dict, where: BlockShape,
+                 store_dtype: torch.dtype = torch.float32) -> bytes:
+    """One block's bytes; `bases` is `load_layer` of the layer's auxiliary blob (parsed once per layer)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for kind, x in zip(KINDS, (key, value)):
+        tensors.update(_encode_tensor(codec, kind, x, bases.get(kind), where, store_dtype))
+    return codec.wrap(st_save(tensors))
+
+
+def _encode_tensor(codec: Codec, kind, x, basis, where, store_dtype):
+    if codec.quant is None:
+        cast = torch.float16 if codec.fp16 else store_dtype
+        return {kind: (project(x, basis) if basis else x).to(cast).contiguous()}
+    low, high = codec.body(where)
+    out = {}
+    if low:
+        out[f"{kind}.head"] = x[:, :low].half().contiguous()
+    if high < where.tokens:
+        out[f"{kind}.tail"] = x[:, high:].half().contiguous()
+    if high > low:
+        body = project(x[:, low:high], basis) if basis else x[:, low:high]
+        parts = quantize(body, codec.bits(kind), codec.group(kind), along_tokens=(kind == "key"))
+        out.update({f"{kind}.{n}": t.contiguous() for n, t in parts.items()})
+    return out
+
+
+def decode_block(codec: Codec, data: bytes, media_type: str, bases: dict,
+                 shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key, value), each `[H, t, D]` in fp32; `shape` is what the manifest says the block holds."""
+    if media_type != codec.media_type:
+        raise IntegrityError(f"media type {media_type} does not match codec {codec.spec}")
+    tensors = st_load(codec.unwrap(data))
+    return tuple(_decode_tensor(codec, kind, tensors, bases.get(kind), shape) for kind in KINDS)
+
+
+def _decode_tensor(codec: Codec, kind, tensors, basis, shape):
+    if kind in tensors:
+        x = tensors[kind].float()
+        return reconstruct(x, basis) if basis else x
+    heads, tokens, width = shape
+    head, tail = tensors.get(f"{kind}.head"), tensors.get(f"{kind}.tail")
+    pieces = [head.float()] if head is not None else []
+    if f"{kind}.q" in tensors:
+        kept = sum(t.shape[1] for t in (head, tail) if t is not None)
+        body_shape = (heads, tokens - kept, basis["basis"].shape[-1] if basis else width)
+        parts = {n: tensors[f"{kind}.{n}"] for n in ("q", "scale", "zero")}
+        body = dequantize(parts, codec.bits(kind), codec.group(kind), body_shape, along_tokens=(kind == "key"))
+        pieces.append(reconstruct(body, basis) if basis else body)
+    if tail is not None:
+        pieces.append(tail.float())
+    return torch.cat(pieces, dim=1)
+
+
+# ---------------------------------------------------------------- layers -> artifact
+
+
+def build_artifact(
+    *,
+    space: ModelSpace,
+    producer: Producer,
+    token_ids: list[int],
+    layers: list[LayerKV],
+    chunk_size: int,
+    dtype: str,
+    framing: str,
+    provenance: list[str],
+    timings: Timings = Timings(),
+    codec: Codec | None = None,
+) -> Artifact:
+    """Cut per-layer pre-RoPE keys and values `[H, T, D]` into blocks of `chunk_size` tokens, encoded by `codec`."""
+    if chunk_size <= 0:
+        raise UsageError(f"chunk size must be positive, got {chunk_size}")
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    codec = codec or parse_codec("none")
+    blobs: dict[str, bytes] = {}
+
+    def add(data: bytes, media_type: str) -> BlobRef:
+        ref = BlobRef(sha256_digest(data), len(data), media_type)
+        blobs[ref.digest] = data
+        return ref
+
+    token_ref = add(encode_tokens(token_ids), MEDIA_TOKENS)
+    total = len(token_ids)
+    blocks, bases = [], []
+    for key, value in layers:
+        aux = fit_layer(codec, key, value)
+        bases.append(add(aux, MEDIA_BASIS) if aux is not None else None)
+        layer_bases = load_layer(aux)
+        refs = []
+        for start in range(0, total, chunk_size):
+            span = slice(start, start + chunk_size)
+            where = BlockShape(start=start, tokens=min(chunk_size, total - start), total=total)
+            data = encode_block(codec, key[:, span], value[:, span], layer_bases, where, DTYPES[dtype])
+            refs.append(add(data, codec.media_type))
+        blocks.append(tuple(refs))
+    kv_heads, _, head_dim = layers[0][0].shape  # [H, T, D]
+    manifest = Manifest(
+        space=space,
+        producer=producer,
+        token_count=total,
+        chunk_size=chunk_size,
+        tokens=token_ref,
+        prefix_hashes=tuple(prefix_hashes(token_ids, space.fingerprint, chunk_size)),
+        geometry=Geometry(len(layers), kv_heads, head_dim),
+        dtype=dtype,
+        codec=codec.spec,
+        framing=framing,
+        blocks=tuple(blocks),
+        provenance=tuple(provenance),
+        timings=timings,
+        bases=tuple(bases) if any(b is not None for b in bases) else (),
+    )
+    return Artifact(manifest, blobs)
+
+
+def recode(reader: ArtifactReader, codec: Codec) -> Artifact:
+    """Re-encode every block of an artifact with another codec.
+
+    A lossy source is refused: decoding it and quantizing again compounds the error, silently. Compress
+    from the uncompressed (or losslessly compressed) artifact instead.
+    """
+    source = reader.manifest
+    if not parse_codec(source.codec).lossless:
+        raise UsageError(f"{reader.source} is already compressed with lossy codec {source.codec}; "
+                         "compress the uncompressed artifact instead (losses would compound)")
+    started = time.perf_counter()
+    token_ids, layer_iter = open_context(reader)
+    layers = [(key, value) for _, key, value in layer_iter]
+    artifact = build_artifact(
+        space=source.space, producer=source.producer, token_ids=token_ids, layers=layers,
+        chunk_size=source.chunk_size, dtype=source.dtype, framing=source.framing,
+        provenance=list(source.provenance), timings=source.timings, codec=codec,
+    )
+    timings = replace(source.timings, compress_s=round(time.perf_counter() - started, 6))
+    return Artifact(replace(artifact.manifest, timings=timings), artifact.blobs)
+
+
+# ---------------------------------------------------------------- artifact -> layers
+
+
+def open_context(reader: ArtifactReader, chunks: int | None = None
+                 ) -> tuple[list[int], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """The context's token ids, and an iterator over its layers as they are read and verified:
+    (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), in fp32. With `chunks`, only that prefix
+    of the context (all its token ids are still returned)."""
+    m = reader.manifest
+    blobs = reader.blobs(chunks)
+    _, data = next(blobs)
+    token_ids = decode_tokens(data, f"{reader.source}: token ids blob")
+    if len(token_ids) != m.token_count:
+        raise IntegrityError(f"{reader.source}: token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
+    return token_ids, _layers(reader, blobs, m.chunks if chunks is None else min(chunks, m.chunks))
+
+
+def _layers(reader: ArtifactReader, blobs, chunks: int):
+    m = reader.manifest
+    codec = parse_codec(m.codec)
+    lengths = m.chunk_lengths()
+    heads, width = m.geometry.kv_heads, m.geometry.head_dim
+    for layer in range(m.layers):
+        layer_bases = load_layer(next(blobs)[1] if m.layer_aux(layer) else None)
+        keys, values = [], []
+        for chunk in range(chunks):
+            ref, data = next(blobs)
+            shape = (heads, lengths[chunk], width)
+            try:
+                key, value = decode_block(codec, data, ref.media_type, layer_bases, shape)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{reader.source}: {m.describe(ref)}: {exc}") from exc
+            except Exception as exc:  # digest matched, content does not fit the manifest
+                raise IntegrityError(f"{reader.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
+            if tuple(key.shape) != shape or tuple(value.shape) != shape:
+                raise IntegrityError(f"{reader.source}: {m.describe(ref)} has shape {tuple(key.shape)}, expected {shape}")
+            keys.append(key)
+            values.append(value)
+        if not keys:  # a prefix of no chunks: nothing cached, everything is prefilled by the caller
+            empty = torch.zeros(heads, 0, width)
+            keys, values = [empty], [empty]
+        yield layer, torch.cat(keys, dim=1), torch.cat(values, dim=1)

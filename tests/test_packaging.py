@@ -1,0 +1,159 @@
+"""The house: every package ships, imports point down (no cycles, the library never imports commands),
+and the command line starts without torch or transformers."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.netutil import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers")
+# The real CLI, reporting at exit which heavy modules it loaded (on stderr, after everything else).
+PROBED_CLI = [sys.executable, "-c",
+              "import atexit, sys\n"
+              f"atexit.register(lambda: sys.stderr.write('\\nheavy:' + ','.join(m for m in {HEAVY!r} if m in sys.modules) + '\\n'))\n"
+              "from celslm.commands.main import run\nrun()"]
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the installed package by dotted name (commands/ installs as celslm.commands)."""
+    found = {}
+    for base, package in ((ROOT / "celslm", "celslm"), (ROOT / "commands", "celslm.commands")):
+        for path in base.rglob("*.py"):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The celslm modules `name` imports anywhere in its file (functions and TYPE_CHECKING blocks included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:  # `from celslm import kvcache` imports a module; `from x import y` a name
+                targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {t for t in targets if t in modules and t != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_files()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_every_package_folder_is_declared_in_pyproject():
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {name for name, path in module_files().items() if path.name == "__init__.py"}
+    assert on_disk - declared == set(), "package folders missing from [tool.setuptools] packages"
+
+
+def test_the_package_has_no_import_cycle():
+    assert find_cycle(import_graph()) is None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+
+
+def test_the_library_never_imports_the_command_line():
+    offenders = {name: sorted(t for t in targets if t.startswith("celslm.commands"))
+                 for name, targets in import_graph().items() if not name.startswith("celslm.commands")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_command_module_imports_another_command():
+    shared = {"celslm.commands", "celslm.commands.common"}
+    graph = import_graph()
+    crossing = {name: sorted(t for t in targets if t.startswith("celslm.commands") and t not in shared)
+                for name, targets in graph.items() if name.startswith("celslm.commands") and name != "celslm.commands.main"}
+    assert {k: v for k, v in crossing.items() if v} == {}
+
+
+def heavy_loaded(stderr: str) -> list[str]:
+    line = [part for part in stderr.splitlines() if part.startswith("heavy:")][-1]
+    return [m for m in line.removeprefix("heavy:").split(",") if m]
+
+
+def subcommands() -> list[list[str]]:
+    from typer.main import get_command
+
+    from celslm.commands.main import app
+
+    found = []
+    root = get_command(app)
+    for name, command in root.commands.items():
+        children = getattr(command, "commands", None)
+        found += [[name, child] for child in children] if children else [[name]]
+    return found
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], *[[*c, "--help"] for c in subcommands()]],
+                         ids=lambda args: " ".join(args))
+def test_help_and_version_load_neither_torch_nor_transformers(args):
+    result = subprocess.run(PROBED_CLI + args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert heavy_loaded(result.stderr) == []
+
+
+def test_the_probe_sees_torch_when_a_command_loads_it(tiny_qwen, tmp_path):
+    """The check above can fail: a command that runs a model is seen loading torch."""
+    (tmp_path / "c.txt").write_text("some context")
+    result = subprocess.run(PROBED_CLI + ["prefill", "-m", str(tiny_qwen), "-c", str(tmp_path / "c.txt"), "-o",
+                                          str(tmp_path / "c.kv")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "torch" in heavy_loaded(result.stderr)
+
+
+def test_sharing_commands_never_load_torch(prefilled, tmp_path):
+    """serve-cache, push, pull, verify and inspect move and check bytes; they never need a tensor."""
+    artifact = str(prefilled / "a.kv")
+    server = Server(tmp_path / "store", cli=PROBED_CLI)
+    try:
+        commands = {"verify": ["verify", artifact], "inspect": ["inspect", artifact, "--json"],
+                    "push": ["push", artifact, server.url, "--tag", "ctx:latest"],
+                    "pull": ["pull", f"{server.url}/v1/tags/ctx:latest", "--out", str(tmp_path / "p.kv")]}
+        for name, args in commands.items():
+            result = subprocess.run(PROBED_CLI + args, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0 and heavy_loaded(result.stderr) == [], (name, result.stderr)
+    finally:
+        assert server.stop() == 0
+    assert heavy_loaded(server.proc.stderr.read().decode()) == []
+    assert (tmp_path / "p.kv" / "manifest.json").read_bytes() == (prefilled / "a.kv" / "manifest.json").read_bytes()
