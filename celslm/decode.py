@@ -1,7 +1,8 @@
 """Generation over a context (from a KV artifact, or prefilled here) plus a private prompt.
 
 The prompt's KV is computed locally and attends over context + prompt; its positions continue after
-the context. Time is accounted per phase so every run can say where its seconds went.
+the context. Time is accounted per phase so every run can say where its seconds went. Every forward
+pass goes through the model's `Engine` (`engine.py`); this module never touches a cache itself.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Iterator
 
 import torch
 
-from celslm import kvcache, prompting
-from celslm.kvcache import TokenProgress
+from celslm import prompting
+from celslm.engine import Sequence
+from celslm.engine import LayerKV, TokenProgress
 from celslm.artifact import ArtifactReader
 from celslm.errors import IntegrityError, ModelSpaceMismatch, UsageError
 from celslm.models import LoadedModel
@@ -73,10 +75,11 @@ class DecodeStats:
 
 @dataclass
 class Context:
-    """A context ready to decode over: its token ids and a cache (still filling, when `feed` is set)."""
+    """A context ready to decode over: its token ids and their KV on the engine (still filling, when
+    `feed` is set)."""
 
     token_ids: list[int]
-    cache: object
+    sequence: Sequence
     framing: str
     stats: DecodeStats = field(default_factory=DecodeStats)
     started: float = field(default_factory=time.perf_counter)  # when work on this context began
@@ -89,7 +92,7 @@ def check_space(reader: ArtifactReader, loaded: LoadedModel) -> None:
     if space.fingerprint != loaded.fingerprint:
         raise ModelSpaceMismatch(
             f"{reader.source} belongs to model space {space.name} ({space.fingerprint[:12]}), "
-            f"but --model is {loaded.name} ({loaded.fingerprint[:12]}); decode it with the model that produced it"
+            f"not of {loaded.name} ({loaded.fingerprint[:12]}); decode it with the model that produced it"
         )
 
 
@@ -102,11 +105,11 @@ def context_from_artifact(loaded: LoadedModel, reader: ArtifactReader, *, link: 
     check_space(reader, loaded)
     started = time.perf_counter()
     timeline = Timeline()
-    feed = LayerFeed(loaded.model, StreamedReader(reader, timeline, link), timeline)
+    feed = LayerFeed(loaded.engine, StreamedReader(reader, timeline, link), timeline)
     stats = _artifact_stats(reader, len(feed.token_ids))
+    pipeline = pipeline and loaded.engine.pipelines
     stats.pipelined, stats.link = pipeline, link.label if link else None
-    context = Context(feed.token_ids, kvcache.new_cache(loaded.model), reader.manifest.framing, stats, started,
-                      feed, timeline)
+    context = Context(feed.token_ids, loaded.engine.sequence(), reader.manifest.framing, stats, started, feed, timeline)
     if not pipeline:
         _drain_feed(loaded, context)
         stats.load_s = time.perf_counter() - started
@@ -121,27 +124,32 @@ def context_from_prefix(loaded: LoadedModel, token_ids: list[int] | None, framin
     check_space(reader, loaded)
     started = time.perf_counter()
     timeline = Timeline()
-    feed = LayerFeed(loaded.model, StreamedReader(reader, timeline, link), timeline, chunks)
+    feed = LayerFeed(loaded.engine, StreamedReader(reader, timeline, link), timeline, chunks)
     token_ids = feed.token_ids if token_ids is None else token_ids
     prefix = min(len(token_ids), chunks * reader.manifest.chunk_size)
     if feed.token_ids[:prefix] != token_ids[:prefix]:
         raise IntegrityError(f"{reader.source}: its first {chunks} chunks hold other tokens than this context")
     stats = _artifact_stats(reader, len(token_ids))
     stats.path, stats.link = ("partial" if prefix < len(token_ids) else "artifact"), link.label if link else None
-    context = Context(token_ids, kvcache.new_cache(loaded.model), framing, stats, started, feed, timeline)
+    context = Context(token_ids, loaded.engine.sequence(), framing, stats, started, feed, timeline)
     _drain_feed(loaded, context)
     stats.load_s = time.perf_counter() - started
     begun = time.perf_counter()
-    kvcache.fill(loaded.model, token_ids, step, progress, cache=context.cache, begin=prefix)
+    loaded.engine.prefill(context.sequence, token_ids[prefix:], step, _offset(progress, prefix, len(token_ids)))
     stats.context_prefill_s = time.perf_counter() - begun
     return context
 
 
 def _drain_feed(loaded: LoadedModel, context: Context) -> None:
     """Inject every layer now (no pipelining)."""
-    for index in range(loaded.model.config.num_hidden_layers):
-        kvcache.inject(context.cache, index, *context.feed.wait(index))
+    for index in range(loaded.engine.geometry.layers):
+        loaded.engine.inject(context.sequence, index, context.feed.wait(index))
     context.feed = None
+
+
+def _offset(progress: TokenProgress | None, done: int, total: int) -> TokenProgress | None:
+    """Progress over the whole context while only its tail (after `done` tokens) is prefilled."""
+    return (lambda count, _: progress(done + count, total)) if progress else None
 
 
 def _artifact_stats(reader: ArtifactReader, tokens: int) -> DecodeStats:
@@ -164,18 +172,20 @@ def context_from_ids(loaded: LoadedModel, token_ids: list[int], *, framing: str,
     if not token_ids:
         raise UsageError("the context is empty")
     started = time.perf_counter()
-    cache = kvcache.fill(loaded.model, token_ids, step, progress)
+    sequence = loaded.engine.sequence()
+    loaded.engine.prefill(sequence, token_ids, step, progress)
     stats = DecodeStats(path="edge-only", context_tokens=len(token_ids),
                         context_prefill_s=time.perf_counter() - started)
-    return Context(token_ids, cache, framing, stats, started)
+    return Context(token_ids, sequence, framing, stats, started)
 
 
-def context_from_layers(loaded: LoadedModel, token_ids: list[int], layers: list[kvcache.LayerKV],
+def context_from_layers(loaded: LoadedModel, token_ids: list[int], layers: list[LayerKV],
                         framing: str = "raw") -> Context:
     """A context from pre-RoPE keys and values already in memory (exact: no codec, no artifact)."""
-    cos, sin = kvcache.rope_tables(loaded.model, 0, len(token_ids))
-    cache = kvcache.cache_from_layers(loaded.model, [(kvcache.apply_rope(k, cos, sin), v) for k, v in layers])
-    return Context(token_ids, cache, framing, DecodeStats(path="artifact", context_tokens=len(token_ids)))
+    sequence = loaded.engine.sequence()
+    for index, (key, value) in enumerate(layers):
+        loaded.engine.inject(sequence, index, loaded.engine.place(key, value))
+    return Context(token_ids, sequence, framing, DecodeStats(path="artifact", context_tokens=len(token_ids)))
 
 
 def eos_ids(loaded: LoadedModel) -> set[int]:
@@ -207,19 +217,18 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
     stats.prompt_tokens = len(prompt_ids)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     stop = eos_ids(loaded)
-    position = len(context.token_ids)
+    engine, sequence = loaded.engine, context.sequence
     started = time.perf_counter()
     timeline = context.timeline
     if context.feed is not None:  # pipelined: layer l of the prompt runs as soon as layer l's KV is in
         record = timeline.compute.append if timeline else None
-        with kvcache.LayerGate(loaded.model, context.cache, context.feed.wait, on_compute=lambda a, b: record((a, b))):
-            logits = kvcache.forward(loaded.model, prompt_ids, context.cache, position)[-1]  # [V]
+        with engine.gated(sequence, context.feed.wait, on_compute=lambda a, b: record((a, b))):
+            logits = engine.evaluate(sequence, prompt_ids)[-1]  # [V]
         context.feed = None
     else:
-        logits = kvcache.forward(loaded.model, prompt_ids, context.cache, position)[-1]  # [V]
+        logits = engine.evaluate(sequence, prompt_ids)[-1]  # [V]
         if timeline is not None:
             timeline.compute.append((started, time.perf_counter()))
-    position += len(prompt_ids)
     stats.prompt_prefill_s = time.perf_counter() - started
     first_at = None
     for _ in range(sampling.max_new_tokens):
@@ -233,8 +242,7 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
         yield token
         if token in stop:
             break
-        logits = kvcache.forward(loaded.model, [token], context.cache, position)[-1]
-        position += 1
+        logits = engine.evaluate(sequence, [token])[-1]
     finished = time.perf_counter()
     stats.generate_s = finished - (first_at or finished)
     stats.total_s = finished - context.started

@@ -20,7 +20,7 @@ from celslm.artifact import ArtifactReader, Manifest, prefix_hashes
 from celslm.decode import (Context, Sampling, context_from_artifact, context_from_ids, context_from_prefix,
                            generate)
 from celslm.errors import IntegrityError, UnavailableError, UsageError
-from celslm.kvcache import TokenProgress
+from celslm.engine import TokenProgress
 from celslm.models import LoadedModel
 from celslm.store.tiers import BlobSourceReader, Tiers, make_tiers, open_ref
 from celslm.stream import Link

@@ -9,13 +9,12 @@ to their positions, as the model's attention expects.
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key [H, T, D], value [H, T, D])
-TokenProgress = Callable[[int, int], None]  # called with (tokens done, tokens total)
+from celslm.artifact import Geometry
+from celslm.engine import ComputeSpan, Engine, LayerFetch, LayerKV, Sequence, TokenProgress
 
 
 def new_cache(model) -> DynamicCache:
@@ -68,10 +67,10 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 @torch.inference_mode()
 def fill(model, token_ids: list[int], step: int = 256, progress: TokenProgress | None = None,
-         cache: DynamicCache | None = None, begin: int = 0, depth: int | None = None) -> DynamicCache:
-    """Run the context through the model `step` tokens at a time; return the filled cache.
+         cache: DynamicCache | None = None, depth: int | None = None) -> DynamicCache:
+    """Run `token_ids` through the model `step` tokens at a time, after what `cache` holds (positions
+    continue from its length); return the filled cache.
 
-    With `cache` holding the first `begin` tokens already, only the rest is run (a cached prefix).
     With `depth`, only the first `depth` decoder layers run: a layer's KV depends on the layers below
     it alone, so their KV is exact and the rest is never computed."""
     cache = cache if cache is not None else new_cache(model)
@@ -79,9 +78,10 @@ def fill(model, token_ids: list[int], step: int = 256, progress: TokenProgress |
     every = decoder.layers
     if depth is not None:
         decoder.layers = torch.nn.ModuleList(every[:depth])
+    begin = cache_length(cache)
     try:
-        for start in range(begin, len(token_ids), step):
-            forward(model, token_ids[start : start + step], cache, start)
+        for start in range(0, len(token_ids), step):
+            forward(model, token_ids[start : start + step], cache, begin + start)
             if progress:
                 progress(min(start + step, len(token_ids)), len(token_ids))
     finally:
@@ -237,3 +237,64 @@ def quantized_cache_bytes(cache) -> int:
             if part is not None:
                 total += nbytes(part)
     return total
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class TransformersSequence(Sequence):
+    def __init__(self, cache):
+        self.cache = cache
+
+    @property
+    def length(self) -> int:
+        return cache_length(self.cache)
+
+
+class TransformersEngine(Engine):
+    """A transformers causal LM in fp32: the reference engine."""
+
+    name = "transformers"
+    pipelines = True
+
+    def __init__(self, model):
+        self.model = model
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # context length -> (cos, sin) `[T, D]`
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(*kv_geometry(self.model))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def sequence(self) -> TransformersSequence:
+        return TransformersSequence(new_cache(self.model))
+
+    def prefill(self, seq: TransformersSequence, token_ids: list[int], step: int = 256,
+                progress: TokenProgress | None = None) -> None:
+        fill(self.model, token_ids, step, progress, cache=seq.cache)
+
+    def evaluate(self, seq: TransformersSequence, token_ids: list[int], logits_to_keep: int = 1) -> torch.Tensor:
+        return forward(self.model, token_ids, seq.cache, seq.length, logits_to_keep)
+
+    def place(self, key: torch.Tensor, value: torch.Tensor) -> LayerKV:
+        length = key.shape[1]
+        if length not in self._rope:  # every layer of a context shares its tables
+            self._rope = {length: rope_tables(self.model, 0, length)}
+        cos, sin = self._rope[length]
+        return apply_rope(key, cos, sin), value
+
+    def inject(self, seq: TransformersSequence, layer: int, placed: LayerKV) -> None:
+        inject(seq.cache, layer, *placed)
+
+    def gated(self, seq: TransformersSequence, fetch: LayerFetch, on_compute: ComputeSpan | None = None
+              ) -> LayerGate:
+        return LayerGate(self.model, seq.cache, fetch, on_compute)
+
+    def crop(self, seq: TransformersSequence, length: int) -> None:
+        crop(seq.cache, length)
+
+    def context_layers(self, seq: TransformersSequence) -> list[LayerKV]:
+        return pre_rope_layers(self.model, seq.cache)

@@ -18,10 +18,13 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from celslm.artifact import ModelSpace
 from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
+
+if TYPE_CHECKING:
+    from celslm.engine import Engine
 
 # Called with (what is happening, bytes done, bytes total or None).
 Progress = Callable[[str, int, int | None], None]
@@ -329,6 +332,7 @@ class LoadedModel:
     fingerprint: str
     model: object  # a transformers causal LM, fp32, eval mode
     tokenizer: object
+    engine: Engine  # the forward pass decode, score, prefill and bench run through
 
     @property
     def space(self) -> ModelSpace:
@@ -336,8 +340,10 @@ class LoadedModel:
 
 
 def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
-    import torch
+    import torch  # torch and transformers load only when a model does (celslm --help stays fast)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from celslm.kvcache import TransformersEngine
 
     _quiet_transformers()
     folder = resolve_model(spec, progress)
@@ -351,7 +357,8 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
         raise CelslmError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     name = spec if spec in bundled_models() else Path(spec).name
-    return LoadedModel(name=name, folder=folder, fingerprint=fingerprint, model=model, tokenizer=tokenizer)
+    return LoadedModel(name=name, folder=folder, fingerprint=fingerprint, model=model, tokenizer=tokenizer,
+                       engine=TransformersEngine(model))
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -11,12 +11,11 @@ import time
 
 import torch
 
-from celslm import kvcache
 from celslm.artifact import Artifact, Producer, Timings
 from celslm.blocks import build_artifact
 from celslm.errors import UsageError
 from celslm.features import layer_features
-from celslm.kvcache import TokenProgress
+from celslm.engine import TokenProgress
 from celslm.models import LoadedModel
 from celslm.projection import Alignment, cross_layers
 
@@ -76,8 +75,9 @@ def prefill(
         raise UsageError("the context is empty; nothing to prefill")
     started = time.perf_counter()
     with torch.inference_mode():
-        cache = kvcache.fill(loaded.model, token_ids, chunk_size, progress)
-        layers = kvcache.pre_rope_layers(loaded.model, cache)
+        sequence = loaded.engine.sequence()
+        loaded.engine.prefill(sequence, token_ids, chunk_size, progress)
+        layers = loaded.engine.context_layers(sequence)
     prefill_s = time.perf_counter() - started
     return build_artifact(
         space=loaded.space,

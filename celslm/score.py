@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from celslm import kvcache
 from celslm.decode import Context
 from celslm.errors import UsageError
 from celslm.models import LoadedModel
@@ -31,15 +30,14 @@ def continuation_logits(loaded: LoadedModel, context: Context | None, continuati
     if context is None:  # no context: the first token has nothing to be predicted from
         if len(continuation) < 2:
             raise UsageError("a continuation without context needs at least 2 tokens")
-        cache = kvcache.new_cache(loaded.model)
-        logits = kvcache.forward(loaded.model, continuation[:-1], cache, 0, logits_to_keep=len(continuation) - 1)
+        logits = loaded.engine.evaluate(loaded.engine.sequence(), continuation[:-1], logits_to_keep=len(continuation) - 1)
         return logits, torch.tensor(continuation[1:])
     if not continuation:
         raise UsageError("the continuation is empty")
     last = len(context.token_ids) - 1
-    kvcache.crop(context.cache, last)
+    loaded.engine.crop(context.sequence, last)
     ids = [context.token_ids[last]] + continuation[:-1]
-    logits = kvcache.forward(loaded.model, ids, context.cache, last, logits_to_keep=len(ids))
+    logits = loaded.engine.evaluate(context.sequence, ids, logits_to_keep=len(ids))
     return logits, torch.tensor(continuation)
 
 

@@ -15,9 +15,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from celslm import kvcache
 from celslm.artifact import ArtifactReader
 from celslm.blocks import open_context
+from celslm.engine import Engine
 from celslm.errors import UsageError
 
 _UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
@@ -122,30 +122,27 @@ class StreamedReader(ArtifactReader):
 
 
 class LayerFeed:
-    """Layer l's post-RoPE (key, value) `[H, T, D]` becomes available as soon as its blocks are decoded."""
+    """Layer l, placed in the engine's form (`Engine.place`), becomes available as soon as its blocks are decoded."""
 
-    def __init__(self, model, reader: ArtifactReader, timeline: Timeline, chunks: int | None = None):
+    def __init__(self, engine: Engine, reader: ArtifactReader, timeline: Timeline, chunks: int | None = None):
         self.timeline = timeline
         self.token_ids, layers = open_context(reader, chunks)
         count = reader.manifest.layers
         self._slots: list = [None] * count
         self._events = [threading.Event() for _ in range(count)]
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(model, layers), name="celslm-feed", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(engine, layers), name="celslm-feed", daemon=True)
         self._thread.start()
 
-    def _run(self, model, layers) -> None:
+    def _run(self, engine: Engine, layers) -> None:
         try:
-            cos = sin = None
             while True:
                 begun, waited = time.perf_counter(), self.timeline.consumer_wait_s
                 item = next(layers, None)  # waits for bytes and decodes blocks, interleaved
                 if item is None:
                     break
                 index, key, value = item
-                if cos is None:
-                    cos, sin = kvcache.rope_tables(model, 0, key.shape[1])
-                self._slots[index] = (kvcache.apply_rope(key, cos, sin), value)
+                self._slots[index] = engine.place(key, value)
                 ended = time.perf_counter()
                 busy = (ended - begun) - (self.timeline.consumer_wait_s - waited)  # decoding, not waiting
                 self.timeline.compute.append((ended - max(busy, 0.0), ended))

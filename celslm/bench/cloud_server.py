@@ -18,7 +18,7 @@ import threading
 
 from aiohttp import web
 
-from celslm import kvcache, prompting
+from celslm import prompting
 from celslm.decode import Sampling, context_from_ids, generate
 from celslm.models import load_model
 
@@ -39,27 +39,24 @@ def _model_routes(app: web.Application, model: str, context_file: str, new_token
             try:
                 tokens = list(generate(loaded, ctx, ids, Sampling(max_new_tokens=new_tokens)))
             finally:
-                kvcache.crop(ctx.cache, len(context_ids))
+                loaded.engine.crop(ctx.sequence, len(context_ids))
         return {"text": loaded.tokenizer.decode(tokens, skip_special_tokens=True), "tokens": len(tokens)}
 
     def defer(messages: list[list[int]]) -> dict:
         tokens = []
         with lock:
-            position = len(context_ids)
             try:
                 for message in messages:
-                    logits = kvcache.forward(loaded.model, message, ctx.cache, position)[-1]
-                    position += len(message)
-                    tokens.append(int(logits.argmax()))
+                    tokens.append(int(loaded.engine.evaluate(ctx.sequence, message)[-1].argmax()))
             finally:
-                kvcache.crop(ctx.cache, len(context_ids))
+                loaded.engine.crop(ctx.sequence, len(context_ids))
         return {"tokens": tokens}
 
     async def generate_handler(request: web.Request) -> web.Response:
         body = await request.json()
         return web.json_response(await asyncio.to_thread(run, str(body["prompt"])))
 
-    vocab = loaded.model.config.vocab_size
+    vocab = loaded.engine.vocab_size
 
     async def defer_handler(request: web.Request) -> web.Response:
         try:

@@ -94,7 +94,9 @@ def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: in
         if progress:
             progress("files", index, len(cases))
         with torch.inference_mode():
-            layers = kvcache.pre_rope_layers(loaded.model, kvcache.fill(loaded.model, case.context))
+            sequence = loaded.engine.sequence()
+            loaded.engine.prefill(sequence, case.context)
+            layers = loaded.engine.context_layers(sequence)
         fp16_bytes = 2 * sum(k.numel() + v.numel() for k, v in layers)
 
         def build(codec):

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from celslm import kvcache, prompting
+from celslm import prompting
 from celslm.artifact import Artifact, MemoryReader, Producer, Timings
 from celslm.blocks import build_artifact
 from celslm.bench.ttft import stdlib_context
@@ -59,7 +59,7 @@ def run(loaded: LoadedModel, contexts=(512, 1024, 2048, 4096), links=("10mbit:20
             progress(f"{length} tokens: edge-only")
         edge = context_from_ids(loaded, token_ids, framing=framing)
         cloud_started = time.perf_counter()
-        layers = kvcache.pre_rope_layers(loaded.model, edge.cache)  # the cloud's KV: the same prefill, before the prompt
+        layers = loaded.engine.context_layers(edge.sequence)  # the cloud's KV: the same prefill, before the prompt
         prefill_s = edge.stats.context_prefill_s + (time.perf_counter() - cloud_started)
         runs.append(_run(loaded, edge, prompt_ids, new_tokens, "edge-only", None, None, 0))
         for spec in codecs:

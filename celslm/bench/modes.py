@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from celslm import kvcache, prompting
+from celslm import prompting
 from celslm.projection import Alignment
 from celslm.artifact import MemoryReader
 from celslm.blocks import recode
@@ -111,7 +111,7 @@ def _text(loaded: LoadedModel, tokens: list[int]) -> str:
 def answer_logits(loaded: LoadedModel, ctx: Context, prompt_ids: list[int], answer_ids: list[int]) -> torch.Tensor:
     """Logits `[A, V]` predicting each answer token after the context and the prompt (the cache is
     cropped back to the context first, so this may follow a generation over the same context)."""
-    kvcache.crop(ctx.cache, len(ctx.token_ids))
+    loaded.engine.crop(ctx.sequence, len(ctx.token_ids))
     logits, _ = continuation_logits(loaded, ctx, prompt_ids + answer_ids)
     return logits[-len(answer_ids):]
 
@@ -285,7 +285,6 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
     edge, edge_s = _prefilled(slm, context, framing)
     prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
     pending = list(prompt_ids)
-    edge_position = cloud_position = len(edge.token_ids)
     unseen = list(pending)  # tokens the cloud has not processed yet
     cloud_s = 0.0
     compute_first = None
@@ -295,8 +294,7 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
     stop = eos_ids(slm)
     clock = time.perf_counter()
     for _ in range(sampling.max_new_tokens):
-        logits = kvcache.forward(slm.model, pending, edge.cache, edge_position)[-1]
-        edge_position += len(pending)
+        logits = slm.engine.evaluate(edge.sequence, pending)[-1]
         probs = torch.softmax(logits, -1)
         token = int(probs.argmax())
         deferred = probs[token] < threshold
@@ -304,9 +302,8 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
             sent = len(_text(slm, unseen).encode()) + 8
             prompt_up = prompt_up or sent  # the first message up carries the private prompt
             begun = time.perf_counter()
-            cloud_logits = kvcache.forward(llm.model, unseen, cloud.cache, cloud_position)[-1]
+            cloud_logits = llm.engine.evaluate(cloud.sequence, unseen)[-1]
             cloud_s += time.perf_counter() - begun
-            cloud_position += len(unseen)
             token = int(cloud_logits.argmax())
             messages += [sent, TOKEN_MESSAGE_BYTES]
             deferrals.append(list(unseen))

@@ -28,7 +28,6 @@ from typing import Callable
 
 import torch
 
-from celslm import kvcache
 from celslm.align import gain_kept
 from celslm.artifact import MemoryReader, Producer
 from celslm.blocks import build_artifact
@@ -57,7 +56,7 @@ class Mode:
 def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int = 20, context: int = 1024,
         continuation: int = 128, native_counts: tuple[int, ...] = (4, 8, 12, 16), budget: float = 0.02,
         codec: str = "balanced", progress: Progress | None = None) -> dict:
-    layers_total = slm.model.config.num_hidden_layers
+    layers_total = slm.engine.geometry.layers
     sink = alignment.sink_tokens
     calibration = set(alignment.meta["calibration"]["files"])
     cases = eval_cases(slm.tokenizer, files, context, context, continuation, exclude=calibration)
@@ -72,7 +71,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
         modes[f"last{k}"] = Mode(f"own last N, compute of k={k}", "baseline")
         modes[f"split{k}"] = Mode(f"cross + own last N, compute of k={k} ({codec})", "celslm")
     modes["llm"] = Mode(f"{llm.name} alone", "llm", 1.0)
-    _, llm_heads, _ = kvcache.kv_geometry(llm.model)
+    llm_heads = llm.engine.geometry.kv_heads
     for index, case in enumerate(cases):
         if progress:
             progress("quality (files)", index, len(cases))

@@ -16,7 +16,6 @@ from celslm.artifact import open_artifact, write_dir
 from celslm.decode import Sampling, context_from_artifact, context_from_ids, generate
 from celslm.errors import UsageError
 from celslm.models import LoadedModel
-from celslm import kvcache
 from celslm.prefill import prefill
 
 DEFAULT_FILES = ("textwrap.py", "fnmatch.py", "shlex.py", "string.py")
@@ -56,7 +55,7 @@ def run(loaded: LoadedModel, context_tokens: int = 2048, prompt: str = "What doe
     token_ids = prompting.context_ids(loaded.tokenizer, text, framing)[:context_tokens]
     prompt_ids = prompting.prompt_ids(loaded.tokenizer, prompt, framing, raw=False)
     one = Sampling(max_new_tokens=1)
-    kvcache.fill(loaded.model, token_ids[:64], 64)  # warm-up: first-call allocation should not count
+    loaded.engine.prefill(loaded.engine.sequence(), token_ids[:64], 64)  # warm-up: first-call allocation should not count
     artifact = prefill(loaded, token_ids, framing=framing, chunk_size=chunk_size)
     with tempfile.TemporaryDirectory(prefix="celslm-bench-") as tmp:
         path = Path(tmp) / "context.kv"
