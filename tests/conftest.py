@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -45,13 +46,41 @@ def celslm_home(request, tmp_path, monkeypatch) -> Path:
     return home
 
 
-def run_cli(*args: str, input: bytes | None = None, env: dict | None = None, check: bool = False):
-    """Run the real command line in a subprocess; returns CompletedProcess with bytes output."""
-    result = subprocess.run(CLI + list(args), input=input, capture_output=True,
-                            env={**os.environ, **(env or {})}, timeout=300)
+def run_cli(*args: str, input: bytes | None = None, env: dict | None = None, check: bool = False,
+            subprocess_: bool = False):
+    """Run the real command line (its entry point, `run`); returns a CompletedProcess with bytes output.
+
+    In this process by default: the same code path from argv to exit code, without paying a new
+    interpreter's torch import per call. `subprocess_=True` runs it as its own process, for what only
+    a process shows (signals, pipes between processes, import-time behaviour)."""
+    if subprocess_:
+        result = subprocess.run(CLI + list(args), input=input, capture_output=True,
+                                env={**os.environ, **(env or {})}, timeout=300)
+    else:
+        result = _run_in_process(list(args), input, env)
     if check and result.returncode != 0:
         raise AssertionError(f"celslm {' '.join(args)} exited {result.returncode}: {result.stderr.decode()[-2000:]}")
     return result
+
+
+def _run_in_process(args: list[str], input: bytes | None, env: dict | None) -> subprocess.CompletedProcess:
+    from celslm.commands.main import run
+
+    streams = [io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", write_through=True) for data in (input or b"", b"", b"")]
+    saved = sys.stdin, sys.stdout, sys.stderr, sys.argv, dict(os.environ)
+    os.environ.update(env or {})
+    sys.stdin, sys.stdout, sys.stderr = streams
+    sys.argv = ["celslm", *args]
+    code = 0
+    try:
+        run()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdin, sys.stdout, sys.stderr, sys.argv, environ = saved
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess(["celslm", *args], code, streams[1].buffer.getvalue(), streams[2].buffer.getvalue())
 
 
 CONTEXT = (
@@ -87,5 +116,5 @@ def aligned_pair(tmp_path_factory):
     out = root / "pair.align"
     run_cli("align", "--llm", str(large), "--slm", str(small), "--out", str(out), "--calib", str(calib),
             "--windows", "5", "--window", "160", "--heldout", "1", "--continuation", "32", "--rows", "64",
-            "--plots", str(root / "plots"), check=True)
+            "--refine-steps", "0", "--plots", str(root / "plots"), check=True)  # refinement has its own test
     return {"large": large, "small": small, "align": out, "root": root}

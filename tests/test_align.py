@@ -10,10 +10,12 @@ import math
 import pytest
 import torch
 
+from celslm import align as A
 from celslm.align import fit_ridge, monotone_map, proportional_map
-from celslm.projection import load_alignment
-from celslm.blocks import open_context
 from celslm.artifact import open_artifact
+from celslm.blocks import open_context
+from celslm.models import load_model
+from celslm.projection import load_alignment
 from tests.conftest import CONTEXT, run_cli, save_tiny_model
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,15 @@ def test_alignment_records_a_monotone_map_fits_and_measured_quality(pair):
     assert len(meta["r2"]["key"]) == len(meta["r2"]["value"]) == 3
     assert len(meta["similarity"]["cka"]["hidden"]) == 3 and len(meta["similarity"]["cka"]["hidden"][0]) == 5
     held = meta["heldout"]
-    assert len(held["hybrid_nll"]) == 4 and held["hybrid_nll"][3] == held["own_nll"]
-    assert len(held["sensitivity"]) == 3
+    assert len(held["hybrid_nll"]) == 4 and len(held["sensitivity"]) == 3
+    # own_nll is the small model's loss on the held-out continuation: one plain forward pass over the window agrees
+    small = load_model(str(pair["small"]))
+    windows, _ = A.calibration_windows(small.tokenizer, sorted((pair["root"] / "calib").iterdir()), 160, 5)
+    with torch.no_grad():
+        logits = small.model(torch.tensor([windows[-1]])).logits[0, -33:-1]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor(windows[-1][-32:])).item()
+    assert abs(held["own_nll"] - expected) < 1e-3
+    assert held["hybrid_nll"][0] != held["own_nll"]  # all projected: not the small model's own
     assert (pair["root"] / "plots" / "cka.png").stat().st_size > 0 and (pair["root"] / "plots" / "rsa.png").is_file()
 
 
@@ -201,9 +210,6 @@ def test_recompute_last_over_a_native_artifact_changes_nothing(pair, tmp_path):
 
 
 def test_refinement_repairs_maps_whose_attention_output_is_off(pair):
-    from celslm import align as A
-    from celslm.models import load_model
-
     large, small = load_model(str(pair["large"])), load_model(str(pair["small"]))
     alignment = load_alignment(pair["align"])
     paths = sorted((pair["root"] / "calib").iterdir())

@@ -118,7 +118,7 @@ def test_hub_id_offline_fails_with_one_line():
 
 
 def test_debug_env_shows_the_traceback():
-    result = run_cli("models", "pull", "gpt-9", env={"CELSLM_DEBUG": "1"})
+    result = run_cli("models", "pull", "gpt-9", env={"CELSLM_DEBUG": "1"}, subprocess_=True)  # the traceback ends the process
     assert result.returncode != 0 and b"Traceback" in result.stderr
 
 
