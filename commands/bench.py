@@ -14,7 +14,7 @@ from rich.table import Table
 
 from celslm.errors import UsageError
 from celslm.models import load_model
-from .common import JsonOpt, ModelOpt, examples, log, out_console, parse_budget, print_json, progress_bar
+from .common import FLAG, JsonOpt, ModelOpt, examples, log, out_console, parse_budget, print_json, progress_bar
 
 app = typer.Typer(help="Benchmarks that print their figures (ratios measured in one run).",
                   no_args_is_help=True, rich_markup_mode="rich")
@@ -57,7 +57,7 @@ def compress_(
     min_context: Annotated[int, typer.Option("--min-context", min=2, help="Shortest context in tokens.")] = 1024,
     max_context: Annotated[int, typer.Option("--max-context", min=2, help="Longest context in tokens.")] = 2048,
     continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
-    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also run transformers' QuantizedCache and plain lz4/zstd over fp16.")] = True,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", metavar=FLAG, help="Also run transformers' QuantizedCache and plain lz4/zstd over fp16.")] = True,
     plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of compression ratio vs perplexity increase.")] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -140,7 +140,7 @@ def report_(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md, its PNGs and suite.json.")],
     llm: Annotated[str | None, typer.Option("--llm", help="The cloud's large model.")] = None,
     slm: Annotated[str | None, typer.Option("--slm", help="The edge's small model.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Few, short tasks (minutes); without it, the full suite.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", metavar=FLAG, help="Few, short tasks (minutes); without it, the full suite.")] = False,
     from_: Annotated[Path | None, typer.Option("--from", help="Re-score and re-render a saved suite.json instead of running models.")] = None,
     tasks_per_kind: Annotated[int | None, typer.Option("--tasks", min=1, help="Tasks of each kind (completion, QA); overrides the preset.")] = None,
     context_chars: Annotated[int | None, typer.Option("--context-chars", min=200, help="Context size in characters; overrides the preset.")] = None,
@@ -151,7 +151,7 @@ def report_(
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="CE-CoLLM: defer a token to the cloud below this top probability.")] = 0.5,
     codec: Annotated[str, typer.Option("--codec", help="CE-LSLM artifact codec.")] = "balanced",
     clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=64, help="Concurrency levels (repeatable); default 1 and 32 (--quick) or 1, 2, 4, 8, 16, 32.")] = None,
-    no_concurrency: Annotated[bool, typer.Option("--no-concurrency", help="Skip the concurrent-capacity part.")] = False,
+    no_concurrency: Annotated[bool, typer.Option("--no-concurrency", metavar=FLAG, help="Skip the concurrent-capacity part.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM native/pipelined/cross/hybrid) on the same tasks and links: report.md + figures."""
@@ -224,7 +224,7 @@ def latency_(
     link: Annotated[list[str] | None, typer.Option("--link", help="Emulated link RATE[:RTT] (repeatable); default 10, 50, 100 Mbit/s and 1 Gbit/s.")] = None,
     codec: Annotated[list[str] | None, typer.Option("--codec", help="Artifact codec (repeatable); default fp16 and balanced.")] = None,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per run.")] = 64,
-    quick: Annotated[bool, typer.Option("--quick", help="Only 512 and 2048 tokens over 10 and 100 Mbit/s.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", metavar=FLAG, help="Only 512 and 2048 tokens over 10 and 100 Mbit/s.")] = False,
     plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of TTFT vs link rate.")] = None,
     json_: JsonOpt = False,
 ) -> None:

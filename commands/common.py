@@ -18,11 +18,12 @@ err_console = Console(stderr=True)
 # Piped output is not cut to 80 columns: wide tables (benchmarks) stay readable in files and logs.
 out_console = Console() if Console().is_terminal else Console(width=200)
 
+FLAG = ""  # the metavar of boolean flags: their help shows no value placeholder (Typer's default is <bool>)
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", envvar="CELSLM_MODEL", show_envvar=True,
     help="Model: a Hugging Face folder, a .gguf file, a bundled name (celslm models list) or a hub id.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print machine-readable JSON on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", metavar=FLAG, help="Replace the output if it exists.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CELSLM_TOKEN", show_envvar=True,
                                               help="Bearer token for serve-cache servers.")]
 PeerOpt = Annotated[list[str] | None, typer.Option("--peer", help="A peer's serve-cache URL, asked before the cloud (repeatable, in order).")]

@@ -12,7 +12,7 @@ from rich.table import Table
 from celslm.artifact import open_artifact, write_artifact
 from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
-from .common import ForceOpt, JsonOpt, examples, log, out_console, print_json
+from .common import FLAG, ForceOpt, JsonOpt, examples, log, out_console, print_json
 
 EPILOG = examples(
     "celslm compress sched.kv --out sched-small.kv --codec balanced",
@@ -26,7 +26,7 @@ def compress(
     artifact: Annotated[str | None, typer.Argument(help="Input artifact: directory, .tar stream file, or - for stdin.")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output artifact directory, or - for a tar stream on stdout.")] = None,
     codec: Annotated[str, typer.Option("--codec", help="Codec spec (stages joined by +) or preset: lossless, balanced, small.")] = "balanced",
-    list_: Annotated[bool, typer.Option("--list", help="Show the codec stages, their options and the presets.")] = False,
+    list_: Annotated[bool, typer.Option("--list", metavar=FLAG, help="Show the codec stages, their options and the presets.")] = False,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:

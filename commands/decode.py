@@ -10,15 +10,15 @@ from rich.table import Table
 
 from celslm.errors import UsageError
 from celslm.models import load_model
-from .common import (CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
+from .common import (FLAG, CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
                      read_file_or_stdin, read_text)
 
 if TYPE_CHECKING:
     from celslm.decode import DecodeStats
 
 EPILOG = examples(
-    "celslm decode -m qwen2.5-coder-0.5b --kv fnmatch.kv --prompt 'What does fnmatch.filter return?'",
-    "celslm decode -m qwen2.5-coder-0.5b --context samples/context/fnmatch.py --prompt 'What does filter return?' --stats",
+    "celslm decode -m qwen2.5-coder-0.5b --kv sched.kv --prompt 'What does scheduler.run return?'",
+    "celslm decode -m qwen2.5-coder-0.5b --context samples/context/sched.py --prompt 'What does run return?' --stats",
     "celslm prefill -m smollm2-135m -c doc.txt -o - | celslm decode -m smollm2-135m --kv - --prompt 'Summarize.' --json",
     "celslm decode -m qwen2.5-coder-0.5b --kv sched:latest --peer http://peer:8470 --cloud http://cloud:8470 -p 'Why?'",
     "celslm decode -m qwen2.5-coder-0.5b --context sched.py --cloud http://cloud:8470 -p 'Why?'   # cached prefix + local rest",
@@ -35,15 +35,15 @@ def decode(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling, for repeatable output.")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Do not apply the model's chat template to the prompt.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", metavar=FLAG, help="Do not apply the model's chat template to the prompt.")] = False,
     peer: PeerOpt = None,
     cloud: CloudOpt = None,
     token: TokenOpt = None,
     recompute_last: Annotated[int, typer.Option("--recompute-last", min=0, help="With --kv: prefill at least the context's last N tokens here, over the artifact's earlier chunks (trades edge compute for quality with cross-model artifacts).")] = 0,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
     link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
-    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Run the prompt's layer l as soon as layer l's KV is in (default), or wait for all of it.")] = True,
-    stats: Annotated[bool, typer.Option("--stats", help="Print the time split on stderr after generation.")] = False,
+    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", metavar=FLAG, help="Run the prompt's layer l as soon as layer l's KV is in (default), or wait for all of it.")] = True,
+    stats: Annotated[bool, typer.Option("--stats", metavar=FLAG, help="Print the time split on stderr after generation.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""

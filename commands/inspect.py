@@ -11,7 +11,7 @@ from rich.table import Table
 from celslm.artifact import Manifest, open_artifact
 from .common import JsonOpt, examples, out_console, print_json
 
-EPILOG = examples("celslm inspect fnmatch.kv", "celslm inspect fnmatch.kv --json | jq .bytes")
+EPILOG = examples("celslm inspect sched.kv", "celslm inspect sched.kv --json | jq .bytes")
 
 
 def describe(manifest: Manifest) -> dict:

@@ -15,7 +15,7 @@ from celslm import __version__  # noqa: E402
 from celslm.errors import EXIT_RUNTIME, CelslmError  # noqa: E402
 
 from . import align, bench, compress, decode, inspect, models, prefill, push, score, serve_cache, verify  # noqa: E402
-from .common import err_console  # noqa: E402
+from .common import FLAG, err_console  # noqa: E402
 
 app = typer.Typer(
     name="celslm",
@@ -48,7 +48,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+def main(version: bool = typer.Option(False, "--version", metavar=FLAG, callback=_version, is_eager=True, help="Show the version.")) -> None:
     """Cloud-edge collaborative LM inference over shared KV artifacts."""
 
 

@@ -14,11 +14,11 @@ from celslm.store.http import CacheClient
 from celslm.store.tiers import push as push_artifact
 from celslm.errors import UsageError
 from celslm.models import load_model
-from .common import (ForceOpt, JsonOpt, ModelOpt, TokenOpt, examples, log, parse_budget, print_json, progress_bar,
+from .common import (FLAG, ForceOpt, JsonOpt, ModelOpt, TokenOpt, examples, log, parse_budget, print_json, progress_bar,
                      read_file_or_stdin)
 
 EPILOG = examples(
-    "celslm prefill -m qwen2.5-coder-0.5b --context samples/context/fnmatch.py --out fnmatch.kv",
+    "celslm prefill -m qwen2.5-coder-0.5b --context samples/context/sched.py --out sched.kv",
     "cat notes.txt | celslm prefill -m ./my-model --context - --out notes.kv --json",
     "celslm prefill -m smollm2-135m -c doc.txt -o - | ssh edge celslm decode -m smollm2-135m --kv - --prompt 'Summarize.'",
     "celslm prefill -m qwen2.5-coder-0.5b -c sched.py --push http://cloud:8470 --tag sched:latest",
@@ -45,11 +45,11 @@ def prefill(
     out: Annotated[str | None, typer.Option("--out", "-o", help="Artifact directory to write (NAME.kv), or - for a tar stream on stdout.")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Tokens per chunk (one block per chunk and layer).")] = 256,
     dtype: Annotated[str, typer.Option("--dtype", help=f"Storage dtype of the blocks: {', '.join(DTYPE_NAMES)}. float32 is exact.")] = "float32",
-    raw: Annotated[bool, typer.Option("--raw", help="Prefill the context as plain text, not as the opening of a chat turn.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", metavar=FLAG, help="Prefill the context as plain text, not as the opening of a chat turn.")] = False,
     align: Annotated[str | None, typer.Option("--align", help="Alignment directory (celslm align): --model is the large model; the artifact is in the small model's space.")] = None,
     slm: Annotated[str | None, typer.Option("--slm", help="With --align: where to load the small model from (default: as the alignment names it).")] = None,
     native_layers: Annotated[str | None, typer.Option("--native-layers", help="With --align: K (the small model's own KV for its first K layers, the rest projected) or a list 0,1,5.")] = None,
-    auto: Annotated[bool, typer.Option("--auto", help="With --align: the fewest leading native layers whose perplexity, measured by align on held-out text, is within --budget.")] = False,
+    auto: Annotated[bool, typer.Option("--auto", metavar=FLAG, help="With --align: the fewest leading native layers whose perplexity, measured by align on held-out text, is within --budget.")] = False,
     budget: Annotated[str, typer.Option("--budget", help="With --auto: allowed perplexity increase over the small model's own prefill, e.g. 2%.")] = "2%",
     push: Annotated[str | None, typer.Option("--push", help="Upload the artifact to this serve-cache URL (only missing blobs).")] = None,
     tag: Annotated[str | None, typer.Option("--tag", help="With --push: point this tag at the artifact.")] = None,

@@ -11,7 +11,7 @@ from celslm.artifact import open_artifact
 from celslm.errors import EXIT_INTEGRITY
 from .common import JsonOpt, err_console, examples, print_json
 
-EPILOG = examples("celslm verify fnmatch.kv && echo intact", "celslm verify fnmatch.kv --json")
+EPILOG = examples("celslm verify sched.kv && echo intact", "celslm verify sched.kv --json")
 
 
 def verify(

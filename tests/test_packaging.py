@@ -4,6 +4,7 @@ and the command line starts without torch or transformers."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -131,6 +132,20 @@ def test_help_and_version_load_neither_torch_nor_transformers(args):
     result = subprocess.run(PROBED_CLI + args, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert heavy_loaded(result.stderr) == []
+    # flags take no value, so their help shows none (Typer's own -h and completion options still do)
+    typers_own = ("-h ", "--install-completion", "--show-completion")
+    assert [line for line in result.stdout.splitlines()
+            if "<bool>" in line and not any(name in line for name in typers_own)] == []
+
+
+def test_help_examples_name_files_that_ship():
+    """Every samples/ path an example in --help names exists."""
+    from celslm.commands import main
+
+    epilogs = "\n".join(getattr(module, name) for module in vars(main).values() if hasattr(module, "__file__")
+                        for name in dir(module) if name.endswith("EPILOG"))
+    named = set(re.findall(r"samples/[\w./-]+", epilogs))
+    assert named and all((ROOT / path).exists() for path in named), named
 
 
 def test_the_probe_sees_torch_when_a_command_loads_it(tiny_qwen, tmp_path):
