@@ -212,7 +212,7 @@ def choose_map(method: str, sims: dict, small: int, large: int) -> list[int]:
     if method == "proportional":
         return proportional_map(small, large)
     if method not in sims:
-        raise UsageError(f"--map {method!r} is not one of {', '.join(MAP_METHODS)}")
+        raise UsageError(f"layer map {method!r} is not one of {', '.join(MAP_METHODS)}")
     return monotone_map(torch.stack([sims[method][f] for f in FEATURES]).mean(0))
 
 
@@ -296,18 +296,22 @@ class AlignOptions:
     refine_windows: int = 12
     seed: int = 0
 
+    def check(self) -> None:
+        """Refuse settings that cannot work, before any model runs."""
+        if self.source not in SOURCES:
+            raise UsageError(f"map source {self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.map_method not in MAP_METHODS:
+            raise UsageError(f"layer map {self.map_method!r} is not one of {', '.join(MAP_METHODS)}")
+        if not 1 <= self.heldout < self.windows:
+            raise UsageError(f"held-out windows ({self.heldout}) must be at least 1 and fewer than all windows ({self.windows})")
+        if self.window <= self.continuation + self.sink_tokens + 1:
+            raise UsageError(f"a {self.window}-token window leaves no context before the {self.continuation}-token continuation")
+
 
 def align(llm: LoadedModel, slm: LoadedModel, paths: list[Path], options: AlignOptions = AlignOptions(),
           progress: Progress | None = None) -> Alignment:
     """Calibrate, compare layers, map, fit, and measure; the result is ready for `save_alignment`."""
-    if options.source not in SOURCES:
-        raise UsageError(f"--source {options.source!r} is not one of {', '.join(SOURCES)}")
-    if options.map_method not in MAP_METHODS:
-        raise UsageError(f"--map {options.map_method!r} is not one of {', '.join(MAP_METHODS)}")
-    if not 1 <= options.heldout < options.windows:
-        raise UsageError(f"--heldout must be at least 1 and fewer than --windows ({options.windows})")
-    if options.window <= options.continuation + options.sink_tokens + 1:
-        raise UsageError(f"--window {options.window} leaves no context before the {options.continuation}-token continuation")
+    options.check()
     tokenizer = check_tokenizers(llm, slm)
     started = time.perf_counter()
     windows, names = calibration_windows(slm.tokenizer, paths, options.window, options.windows)

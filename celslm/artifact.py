@@ -34,7 +34,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from celslm.codecs import MEDIA_BASIS, MEDIA_BLOCK, parse_codec
-from celslm.errors import IntegrityError, UsageError
+from celslm.errors import IntegrityError, OutputExists, UsageError
 
 SCHEMA = "celslm.kv/1"
 MEDIA_MANIFEST = "application/vnd.celslm.kv.manifest.v1+json"
@@ -381,7 +381,7 @@ def write_artifact(artifact: Artifact, out: str, force: bool = False, stdout: Bi
 
 def write_dir(artifact: Artifact, path: Path, force: bool = False) -> None:
     if path.exists() and not force:
-        raise UsageError(f"{path} already exists; choose another --out or pass --force to replace it")
+        raise OutputExists(f"{path} already exists")
     if path.exists() and not (path / MANIFEST_NAME).is_file():
         raise UsageError(f"{path} exists and is not a KV artifact; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,7 @@ def parse_codec(spec: str) -> Codec:
     for part in spec.split("+"):
         name, _, options = part.strip().partition(":")
         if name not in STAGES:
-            raise UsageError(f"unknown codec stage {name!r}; see celslm compress --list")
+            raise UsageError(f"unknown codec stage {name!r} (known: {', '.join(STAGES)}; presets: {', '.join(PRESETS)})")
         params = {}
         for option in filter(None, options.split(",")):
             key, eq, value = option.partition("=")

@@ -24,6 +24,14 @@ class ModelSpaceMismatch(UsageError):
     """An artifact computed for one model was given to another."""
 
 
+class OutputExists(UsageError):
+    """An output would replace something that exists (the command line says how to force it)."""
+
+
+class TokenRequired(UsageError):
+    """A server wants a bearer token (the command line says how to give one)."""
+
+
 class IntegrityError(CelslmError):
     exit_code = EXIT_INTEGRITY
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_tensors, save as save_tensors
 
 from celslm import kvcache
-from celslm.errors import IntegrityError, UsageError
+from celslm.errors import IntegrityError, OutputExists, UsageError
 from celslm.features import LayerFeatures, layer_features, native_layers, to_heads
 from celslm.models import LoadedModel, Progress, load_model
 
@@ -95,9 +95,9 @@ def save_alignment(alignment: Alignment, out: Path, force: bool = False) -> str:
     out = Path(out)
     if out.exists():
         if not (out / "alignment.json").is_file():
-            raise UsageError(f"{out} exists and is not an alignment; choose another --out")
+            raise UsageError(f"{out} exists and is not an alignment; refusing to replace it")
         if not force:
-            raise UsageError(f"{out} exists; pass --force to replace it")
+            raise OutputExists(f"{out} already exists")
     maps_bytes = save_tensors(alignment.maps)
     meta = dict(alignment.meta, format=FORMAT,
                 maps={"file": "maps.safetensors", "sha256": hashlib.sha256(maps_bytes).hexdigest()})

@@ -40,7 +40,7 @@ class Link:
     def parse(cls, spec: str) -> "Link":
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*(?::\s*(\d+(?:\.\d+)?)\s*(ms|s))?\s*", spec)
         if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-            raise UsageError(f"bad --link {spec!r}; use RATE[:RTT] such as 100mbit:20ms or 1gbit")
+            raise UsageError(f"bad link {spec!r}; use RATE[:RTT] such as 100mbit:20ms or 1gbit")
         rtt = float(match.group(3) or 0) / (1000 if (match.group(4) or "ms") == "ms" else 1)
         return cls(float(match.group(1)) * _UNITS[match.group(2).lower()], rtt)
 

@@ -62,6 +62,7 @@ def align(
     options = alignment_lib.AlignOptions(map_method=map_method, source=source, window=window, windows=windows,
                                          heldout=heldout, continuation=continuation,
                                          rows_per_window=rows, refine_steps=refine_steps, refine_windows=refine_windows)
+    options.check()
     paths = _calibration_paths(calib, windows)
     with progress_bar() as progress:
         large = load_model(llm, progress)

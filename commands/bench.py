@@ -14,7 +14,7 @@ from rich.table import Table
 
 from celslm.errors import UsageError
 from celslm.models import load_model
-from .common import FLAG, JsonOpt, ModelOpt, examples, log, out_console, parse_budget, print_json, progress_bar
+from .common import FLAG, for_option, JsonOpt, ModelOpt, examples, log, out_console, parse_budget, print_json, progress_bar
 
 app = typer.Typer(help="Benchmarks that print their figures (ratios measured in one run).",
                   no_args_is_help=True, rich_markup_mode="rich")
@@ -169,8 +169,10 @@ def report_(
             raise UsageError("give --llm and --slm (or --from a saved suite.json)")
         preset = report_bench.QUICK if quick else report_bench.FULL
         for spec in link or ():
-            Link.parse(spec)  # a bad --link or --mode fails before any model loads
-        report_bench.check_modes(tuple(mode or ()), align is not None)
+            with for_option("--link"):
+                Link.parse(spec)  # a bad --link or --mode fails before any model loads
+        with for_option("--mode"):
+            report_bench.check_modes(tuple(mode or ()), align is not None)
         with progress_bar() as progress, tempfile.TemporaryDirectory(prefix="celslm-report-") as scratch:
             alignment = load_alignment(align) if align else None
             large = load_model(llm, progress)
@@ -230,9 +232,15 @@ def latency_(
 ) -> None:
     """TTFT and total time: edge-only vs artifact, with and without pipelining, over emulated links."""
     from celslm.bench import latency as latency_bench
+    from celslm.codecs import parse_codec
+    from celslm.stream import Link
 
     contexts = tuple(context or ((512, 2048) if quick else (512, 1024, 2048, 4096)))
     links = tuple(link or (("10mbit:20ms", "100mbit:20ms") if quick else ("10mbit:20ms", "50mbit:20ms", "100mbit:20ms", "1gbit:5ms")))
+    with for_option("--link"):  # bad values fail before the model loads
+        [Link.parse(spec) for spec in links]
+    with for_option("--codec"):
+        [parse_codec(spec) for spec in codec or ()]
     with progress_bar() as progress:
         loaded = load_model(model, progress)
     result = latency_bench.run(loaded, contexts=contexts, links=links, codecs=tuple(codec or ("fp16", "balanced")),

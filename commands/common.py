@@ -68,6 +68,15 @@ def parse_budget(value: str) -> float:
     return budget
 
 
+@contextmanager
+def for_option(flag: str, hint: str = "") -> Iterator[None]:
+    """Library errors name the value that was wrong; the user typed a flag, so the message names it too."""
+    try:
+        yield
+    except UsageError as exc:
+        raise type(exc)(f"{flag}: {exc}{hint}") from exc
+
+
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()

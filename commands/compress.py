@@ -12,7 +12,7 @@ from rich.table import Table
 from celslm.artifact import open_artifact, write_artifact
 from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
-from .common import FLAG, ForceOpt, JsonOpt, examples, log, out_console, print_json
+from .common import FLAG, for_option, ForceOpt, JsonOpt, examples, log, out_console, print_json
 
 EPILOG = examples(
     "celslm compress sched.kv --out sched-small.kv --codec balanced",
@@ -42,7 +42,8 @@ def compress(
         raise UsageError("--out - writes a binary tar stream; redirect stdout to a file or a pipe")
     from celslm.blocks import recode  # torch: only when blocks are re-encoded
 
-    parsed = parse_codec(codec)
+    with for_option("--codec", "; see celslm compress --list"):
+        parsed = parse_codec(codec)
     started = time.perf_counter()
     reader = open_artifact(artifact, stdin=sys.stdin.buffer)
     source = reader.manifest

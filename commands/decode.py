@@ -10,7 +10,7 @@ from rich.table import Table
 
 from celslm.errors import UsageError
 from celslm.models import load_model
-from .common import (FLAG, CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
+from .common import (FLAG, for_option, CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
                      read_file_or_stdin, read_text)
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ def decode(
     if prompt == "-" and "-" in (kv, context):
         raise UsageError("only one of --prompt and --kv/--context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
-    shaped = Link.parse(link) if link else None
+    with for_option("--link"):
+        shaped = Link.parse(link) if link else None
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     context_text = read_file_or_stdin(context, "--context") if context is not None else None
     with progress_bar() as progress:

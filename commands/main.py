@@ -12,7 +12,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import typer  # noqa: E402
 
 from celslm import __version__  # noqa: E402
-from celslm.errors import EXIT_RUNTIME, CelslmError  # noqa: E402
+from celslm.errors import EXIT_RUNTIME, CelslmError, OutputExists, TokenRequired  # noqa: E402
 
 from . import align, bench, compress, decode, inspect, models, prefill, push, score, serve_cache, verify  # noqa: E402
 from .common import FLAG, err_console  # noqa: E402
@@ -52,6 +52,11 @@ def main(version: bool = typer.Option(False, "--version", metavar=FLAG, callback
     """Cloud-edge collaborative LM inference over shared KV artifacts."""
 
 
+# What the command line adds to library errors that only a flag can fix.
+HOW_TO = {OutputExists: "; choose another --out, or pass --force to replace it",
+          TokenRequired: "; give one with --token or CELSLM_TOKEN"}
+
+
 def run() -> None:
     """Console entry point: user errors become one line on stderr and a documented exit code."""
     try:
@@ -59,7 +64,7 @@ def run() -> None:
     except CelslmError as exc:
         if os.environ.get("CELSLM_DEBUG") == "1":
             raise
-        err_console.print(f"celslm: error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(f"celslm: error: {exc}{HOW_TO.get(type(exc), '')}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         # stdout closed early (e.g. piped into head): not an error worth a traceback

@@ -103,7 +103,18 @@ def test_bad_inputs_exit_2_with_one_line(tiny_qwen, tmp_path):
     assert_one_line_error(run_cli("decode", "-m", str(tiny_qwen), "-p", "hi"), EXIT_USAGE, "--kv")
     assert_one_line_error(run_cli("inspect", str(tmp_path / "nothing.kv")), EXIT_USAGE, "nothing.kv")
     assert_one_line_error(run_cli("models", "pull", "gpt-9"), EXIT_USAGE, "gpt-9")
+    assert_one_line_error(run_cli("decode", "-m", str(tiny_qwen), "-c", "-", "-p", "hi", "--link", "fast", input=b"x"),
+                          EXIT_USAGE, "--link: bad link 'fast'")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_existing_output_is_kept_and_the_error_says_how_to_replace_it(artifact_dir, tmp_path):
+    path, _ = artifact_dir
+    (tmp_path / "b.kv").mkdir()
+    (tmp_path / "b.kv" / "manifest.json").write_text("{}")
+    result = run_cli("compress", str(path), "-o", str(tmp_path / "b.kv"), "--codec", "int8")
+    assert_one_line_error(result, EXIT_USAGE, "already exists; choose another --out, or pass --force")
+    assert (tmp_path / "b.kv" / "manifest.json").read_text() == "{}"
 
 
 def test_bundled_model_not_installed_says_how_to_pull():

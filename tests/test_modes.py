@@ -213,7 +213,7 @@ def test_bench_report_refuses_a_bad_link_before_loading_models(tmp_path):
     for spec in ("fast", "0mbit:20ms"):
         result = run_cli("bench", "report", "--llm", "no-such-model", "--slm", "no-such-model", "--link", spec,
                          "--out", str(tmp_path / "r"))
-        assert result.returncode == 2 and b"bad --link" in result.stderr and not (tmp_path / "r").exists()
+        assert result.returncode == 2 and b"--link: bad link" in result.stderr and not (tmp_path / "r").exists()
 
 
 def test_a_suite_saved_with_one_link_still_renders(tmp_path):
@@ -244,8 +244,8 @@ def test_bench_report_runs_only_the_modes_asked_for(aligned_pair, tmp_path):
                      "--context-chars", "600", "--new-tokens", "4", "--clients", "1", "--json", check=True)
     assert [row["mode"] for row in json.loads(result.stdout)["summary"]] == ["edge-only", "ce-lslm"]
     assert {r["mode"] for r in json.loads((out / "suite.json").read_text())["concurrency"]} == {"ce-lslm"}
-    for args, message in ((("--mode", "nope"), b"unknown --mode nope"),
-                          (("--mode", "ce-lslm-hybrid"), b"needs --align")):
+    for args, message in ((("--mode", "nope"), b"--mode: unknown mode nope"),
+                          (("--mode", "ce-lslm-hybrid"), b"--mode: mode ce-lslm-hybrid needs an alignment")):
         refused = run_cli("bench", "report", "--llm", "no-such-model", "--slm", "no-such-model", *args,
                           "--out", str(tmp_path / "r"))
         assert refused.returncode == 2 and message in refused.stderr and not (tmp_path / "r").exists()

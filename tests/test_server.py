@@ -101,7 +101,7 @@ def test_tokens_guard_writes_and_reads(servers, artifact):
     assert call(cloud.url, "GET", f"/v1/blobs/{digest}")[0] == 401
     assert call(cloud.url, "GET", f"/v1/blobs/{digest}", token="r-secret") == (200, blob)
     refused = run_cli("push", str(folder / "a.kv"), cloud.url)
-    assert refused.returncode == EXIT_USAGE and b"needs a token" in refused.stderr
+    assert refused.returncode == EXIT_USAGE and b"needs a bearer token; give one with --token or CELSLM_TOKEN" in refused.stderr
 
 
 @pytest.mark.parametrize("path", ["/v1/blobs/sha256:xyz", "/v1/blobs/../../etc/passwd", "/v1/blobs/sha256:" + "A" * 64,

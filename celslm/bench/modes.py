@@ -36,13 +36,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from celslm import prompting
-from celslm.projection import Alignment
 from celslm.artifact import MemoryReader
 from celslm.blocks import recode
 from celslm.codecs import parse_codec
-from celslm.decode import Context, Sampling, context_from_artifact, context_from_ids, context_from_prefix, eos_ids, generate
+from celslm.decode import Context, Sampling, context_from_ids, eos_ids, generate
+from celslm.edge import context_from_reader, kept_chunks
 from celslm.models import LoadedModel
 from celslm.prefill import prefill, prefill_cross
+from celslm.projection import Alignment
 from celslm.score import continuation_logits
 from celslm.stream import Link
 
@@ -162,17 +163,15 @@ def cloud_only(llm: LoadedModel, context: str, prompt: str, sampling: Sampling, 
 
 
 def _artifact_mode(name: str, slm: LoadedModel, artifact, prep_s: float, prompt: str, sampling: Sampling, raw: bool,
-                   answer: str | None, chunks: int | None = None, notes: dict | None = None) -> Outcome:
-    """The edge's side of every KV-sharing mode: `artifact` (or its first `chunks` chunks, the rest of
-    the context prefilled here) comes down, then the SLM decodes."""
+                   answer: str | None, recompute_last: int = 0, notes: dict | None = None) -> Outcome:
+    """The edge's side of every KV-sharing mode, as `celslm decode --kv` runs it: `artifact` comes down
+    (with `recompute_last`, only its chunks before the context's last that many tokens, the rest prefilled
+    here), then the SLM decodes."""
     framing = artifact.manifest.framing
     started = time.perf_counter()
-    if chunks is None:
-        ctx = context_from_artifact(slm, MemoryReader(artifact))
-        down = artifact.manifest.blob_bytes()
-    else:
-        ctx = context_from_prefix(slm, None, framing, MemoryReader(artifact), chunks)
-        down = sum(ref.size for ref in artifact.manifest.blob_refs(chunks))
+    ctx = context_from_reader(slm, MemoryReader(artifact), recompute_last=recompute_last, pipeline=False)
+    down = sum(ref.size for ref in artifact.manifest.blob_refs(kept_chunks(artifact.manifest, recompute_last)
+                                                                if recompute_last else None))
     load_s = time.perf_counter() - started
     prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
     tokens, first, total = _decode(slm, ctx, prompt_ids, sampling)
@@ -217,7 +216,7 @@ def ce_lslm_pipelined(slm: LoadedModel, context: str, prompt: str, sampling: Sam
     measured, text, nll, edge_s = {}, "", None, 0.0
     for index, link in enumerate(links):
         paced = Link(link.rate_bps, link.rtt_s)  # a fresh, idle link per run
-        ctx = context_from_artifact(slm, MemoryReader(artifact), link=paced, pipeline=True)
+        ctx = context_from_reader(slm, MemoryReader(artifact), link=paced, pipeline=True)
         tokens = list(generate(slm, ctx, prompt_ids, sampling))
         s = ctx.stats
         measured[link.label] = {"ttft_s": s.ttft_s, "total_s": s.total_s, "t_comm_s": s.t_comm_s,
@@ -247,10 +246,10 @@ def ce_lslm_hybrid(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, con
     SLM prefills the rest itself over them (`celslm decode --recompute-last N`)."""
     artifact, prep_s = prepared or cross_artifact(llm, slm, alignment, context, raw, codec)
     tokens = artifact.manifest.token_count
-    size = artifact.manifest.chunk_size
-    chunks = max(0, tokens - round(tokens * recompute_share)) // size
-    return _artifact_mode("ce-lslm-hybrid", slm, artifact, prep_s, prompt, sampling, raw, answer, chunks,
-                          notes={"alignment": alignment.digest[:12], "edge_prefilled_tokens": tokens - chunks * size,
+    recompute = round(tokens * recompute_share)
+    kept = kept_chunks(artifact.manifest, recompute) * artifact.manifest.chunk_size
+    return _artifact_mode("ce-lslm-hybrid", slm, artifact, prep_s, prompt, sampling, raw, answer, recompute,
+                          notes={"alignment": alignment.digest[:12], "edge_prefilled_tokens": tokens - kept,
                                  "context_tokens": tokens})
 
 

@@ -33,7 +33,8 @@ from celslm.artifact import MemoryReader, Producer
 from celslm.blocks import build_artifact
 from celslm.codecs import parse_codec
 from celslm.corpus import eval_cases
-from celslm.decode import context_from_artifact, context_from_layers, context_from_prefix
+from celslm.decode import context_from_artifact, context_from_layers
+from celslm.edge import context_from_reader, kept_chunks
 from celslm.models import LoadedModel
 from celslm.features import layer_features, native_layers, to_heads
 from celslm.projection import Alignment, cross_layers
@@ -103,15 +104,16 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
             cross = shipped("cross", projected, ["projected"] * layers_total)
             for k in counts:
                 shipped(f"hybrid{k}", own[:k] + projected[k:], ["native"] * k + ["projected"] * (layers_total - k))
-                kept_chunks = (len(ctx) - round(len(ctx) * k / layers_total)) // CHUNK
-                tail = len(ctx) - kept_chunks * CHUNK
+                recompute = round(len(ctx) * k / layers_total)  # the same edge compute as k native layers
+                kept = kept_chunks(cross.manifest, recompute) if recompute else cross.manifest.chunks
+                tail = len(ctx) - min(len(ctx), kept * CHUNK)
                 short = ctx[:sink] + ctx[len(ctx) - tail :]
                 modes[f"last{k}"].edge_avoided += (1 - len(short) / len(ctx)) / len(cases)
                 record(f"last{k}", continuation_logits(slm, context_from_layers(slm, short, native_layers(slm, short, layers_total)), cont)[0])
-                split = context_from_prefix(slm, None, "raw", MemoryReader(cross), kept_chunks)
+                split = context_from_reader(slm, MemoryReader(cross), recompute_last=recompute, pipeline=False)
                 modes[f"split{k}"].edge_avoided += (1 - tail / len(ctx)) / len(cases)
                 record(f"split{k}", continuation_logits(slm, split, cont)[0],
-                       sum(ref.size for ref in cross.manifest.blob_refs(kept_chunks)))
+                       sum(ref.size for ref in cross.manifest.blob_refs(kept)))
             llm_kv = [(to_heads(k, llm_heads), to_heads(v, llm_heads)) for k, v in zip(features.keys, features.values)]
             llm_logits, _ = continuation_logits(llm, context_from_layers(llm, ctx, llm_kv), cont)
             modes["llm"].nll.append(torch.nn.functional.cross_entropy(llm_logits, targets).item())

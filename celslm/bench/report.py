@@ -125,9 +125,9 @@ def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, contex
 def check_modes(only: tuple[str, ...], aligned: bool) -> None:
     """Refuse unknown mode names, and the cross-model modes without an alignment."""
     if unknown := [m for m in only if m not in modes.MODES]:
-        raise UsageError(f"unknown --mode {', '.join(unknown)}; choose from {', '.join(modes.MODES)}")
+        raise UsageError(f"unknown mode {', '.join(unknown)}; choose from {', '.join(modes.MODES)}")
     if not aligned and (cross := [m for m in only if m in modes.CROSS_MODES]):
-        raise UsageError(f"--mode {', '.join(cross)} needs --align (an alignment from `celslm align`)")
+        raise UsageError(f"mode {', '.join(cross)} needs an alignment (from `celslm align`)")
 
 
 def rescore(result: dict) -> dict:

@@ -11,7 +11,7 @@ import time
 from urllib.parse import quote, urlsplit
 
 from celslm.artifact import sha256_digest
-from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
+from celslm.errors import CelslmError, IntegrityError, TokenRequired, UnavailableError, UsageError
 
 
 class PartialBody(Exception):
@@ -66,7 +66,7 @@ class CacheClient:
                 if attempt:
                     raise UnavailableError(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
         if response.status == 401:
-            raise UsageError(f"{self.url} needs a token (--token or CELSLM_TOKEN)")
+            raise TokenRequired(f"{self.url} needs a bearer token")
         if response.status == 403:
             raise UsageError(f"{self.url} refused the token")
         return response.status, data
