@@ -15,17 +15,24 @@ The result is an `Alignment` (`projection.py`: the maps, their file format, and 
 
 from __future__ import annotations
 
+import gc
+import shutil
+import tempfile
 import time
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from celslm import kvcache
 from celslm.decode import context_from_layers
 from celslm.errors import UsageError
 from celslm.features import FEATURES, LayerFeatures, layer_features, native_layers, to_heads
-from celslm.models import LoadedModel, Progress, check_tokenizers
+from celslm.models import LoadedModel, Progress, celslm_home, check_tokenizers, load_model, load_tokenizer
 from celslm.projection import SOURCES, Alignment, cross_layers, regressor
 from celslm.score import continuation_logits
 
@@ -126,20 +133,59 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: to
 # ---------------------------------------------------------------- calibration
 
 
+class SpilledLayers(SequenceABC):
+    """One feature's per-layer tensors, kept on disk (one safetensors file per window) and read back one
+    layer at a time, the windows' rows concatenated: `[N, dim]` for layer i is `self[i]`."""
+
+    def __init__(self, paths: list[Path], feature: str, count: int):
+        self.paths, self.feature, self.count = paths, feature, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if not 0 <= layer < self.count:
+            raise IndexError(layer)
+        parts = []
+        for path in self.paths:
+            with safe_open(path, "pt") as tensors:
+                parts.append(tensors.get_tensor(f"{self.feature}.{layer}"))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class Spill:
+    """A temporary folder that calibration writes features to as each window is computed, so that only
+    one model and one window's features are in memory at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def write(self, name: str, features: dict[str, list[torch.Tensor]]) -> Path:
+        path = self.folder / f"{name}.safetensors"
+        save_file({f"{feature}.{i}": t.contiguous() for feature, ts in features.items() for i, t in enumerate(ts)}, path)
+        return path
+
+    @staticmethod
+    def features(paths: list[Path], layers: int) -> LayerFeatures:
+        return LayerFeatures(*[SpilledLayers(paths, feature, layers) for feature in FEATURES])
+
+
 @dataclass
 class Calibration:
     """Sampled rows of both models' features, split by window into fitting and held-out rows, plus
-    whole held-out windows (with a continuation) for measuring quality."""
+    whole held-out windows (with a continuation) for measuring quality. The features live in a `Spill`."""
 
     llm_fit: LayerFeatures
     slm_fit: LayerFeatures
     llm_test: LayerFeatures
     slm_test: LayerFeatures
     heldout_windows: list[tuple[list[int], list[int]]]  # (context ids, continuation ids)
+    heldout_llm: list[LayerFeatures]  # the LLM's features over each held-out context, every position
     files: list[str]
     full_fit: list["FullWindow"]  # whole windows for `refine_maps`
     full_test: list["FullWindow"]
     tokens: int
+    llm: dict  # the LLM's model space and layer count, recorded while it was loaded
     seconds: dict = field(default_factory=dict)
 
 
@@ -159,40 +205,68 @@ def calibration_windows(tokenizer, paths: list[Path], window: int, count: int) -
     return windows, names
 
 
-def calibrate(llm: LoadedModel, slm: LoadedModel, windows: list[list[int]], names: list[str], *,
-              heldout: int, continuation: int, rows_per_window: int, sink: int, full_windows: int = 0,
-              source: str = "hidden", seed: int = 0, progress: Progress | None = None) -> Calibration:
-    """Run both models over the windows. The last `heldout` windows are held out: their rows score the
-    maps, and their first `len - continuation` tokens + the rest measure perplexity. The first
-    `full_windows` fitting windows and up to 2 held-out ones are also kept whole (for refinement)."""
+def calibrate(llm: Callable[[], LoadedModel], slm: Callable[[], LoadedModel], windows: list[list[int]],
+              names: list[str], spill: Spill, *, heldout: int, continuation: int, rows_per_window: int, sink: int,
+              full_windows: int = 0, source: str = "hidden", seed: int = 0, progress: Progress | None = None
+              ) -> tuple[Calibration, LoadedModel]:
+    """Run each model over the windows, the LLM first (`llm()` loads it; it is dropped before `slm()`
+    loads the SLM, so that the two never share memory), writing features to `spill` window by window.
+    The last `heldout` windows are held out: their rows score the maps, and their first
+    `len - continuation` tokens + the rest measure perplexity. The first `full_windows` fitting windows
+    and up to 2 held-out ones are also kept whole (for refinement). Returns the SLM, still loaded."""
     generator = torch.Generator().manual_seed(seed)
-    parts = {"llm_fit": [], "slm_fit": [], "llm_test": [], "slm_test": []}
-    seconds = {"llm": 0.0, "slm": 0.0}
-    heldout_windows, full = [], {"fit": [], "test": []}
+    plan = []  # per window: (held out?, usable tokens, sampled rows, kept whole?)
+    kept = {"fit": 0, "test": 0}
     for index, ids in enumerate(windows):
-        if progress:
-            progress("calibration (windows)", index, len(windows))
         is_test = index >= len(windows) - heldout
-        if is_test:
-            heldout_windows.append((ids[: len(ids) - continuation], ids[len(ids) - continuation :]))
         usable = len(ids) - (continuation if is_test else 0)
         # rows from the context part only, never the sink tokens
         rows = sink + torch.randperm(usable - sink, generator=generator)[:rows_per_window]
         split = "test" if is_test else "fit"
-        keep_whole = len(full[split]) < (min(2, heldout) if is_test else full_windows)
-        features = {}
-        for model, key in ((llm, "llm"), (slm, "slm")):
+        keep_whole = kept[split] < (min(2, heldout) if is_test else full_windows)
+        kept[split] += keep_whole
+        plan.append((is_test, usable, rows, keep_whole))
+    seconds = {"llm": 0.0, "slm": 0.0}
+    paths: dict[str, list[Path]] = {k: [] for k in ("llm_fit", "slm_fit", "llm_test", "slm_test", "heldout_llm",
+                                                    "whole_llm_fit", "whole_slm_fit", "whole_llm_test", "whole_slm_test")}
+    layers = {}
+    for key, load in (("llm", llm), ("slm", slm)):
+        model = load()
+        layers[key] = model.engine.geometry.layers
+        for index, (ids, (is_test, usable, rows, keep_whole)) in enumerate(zip(windows, plan)):
+            if progress:
+                progress(f"calibration, {model.name} (windows)", index, len(windows))
+            split = "test" if is_test else "fit"
             started = time.perf_counter()
-            features[key] = layer_features(model, ids[:usable], queries=keep_whole and key == "slm")
+            features = layer_features(model, ids[:usable], queries=keep_whole and key == "slm")
             seconds[key] += time.perf_counter() - started
-            parts[f"{key}_{split}"].append(features[key].rows(rows))
-        if keep_whole:
-            full[split].append(FullWindow.of(features["llm"], features["slm"], source))
-    if progress:
-        progress("calibration (windows)", len(windows), len(windows))
-    return Calibration(**{k: LayerFeatures.concat(v) for k, v in parts.items()}, heldout_windows=heldout_windows,
-                       files=names, full_fit=full["fit"], full_test=full["test"], tokens=sum(len(w) for w in windows),
-                       seconds={k: round(v, 2) for k, v in seconds.items()})
+            name = f"{key}-{index}"
+            paths[f"{key}_{split}"].append(spill.write(f"{name}-rows", {f: [t[rows] for t in getattr(features, f)]
+                                                                         for f in FEATURES}))
+            if key == "llm" and is_test:  # the held-out context, for measuring the projection
+                paths["heldout_llm"].append(spill.write(f"{name}-all", {f: getattr(features, f) for f in FEATURES}))
+            if keep_whole and key == "llm":
+                whole = {"regressor": [regressor(features, l, source) for l in range(layers[key])]}
+            elif keep_whole:
+                whole = {"keys": features.keys, "values": features.values, "queries": features.queries}
+            if keep_whole:
+                paths[f"whole_{key}_{split}"].append(spill.write(f"{name}-whole", whole))
+            del features
+        if progress:
+            progress(f"calibration, {model.name} (windows)", len(windows), len(windows))
+        if key == "llm":
+            llm_space = {**model.space.to_json(), "layers": layers[key]}
+            del model  # only the SLM is in memory from here on
+            gc.collect()
+    calibration = Calibration(
+        **{k: Spill.features(paths[k], layers[k[:3]]) for k in ("llm_fit", "slm_fit", "llm_test", "slm_test")},
+        heldout_windows=[(ids[:usable], ids[usable:]) for ids, (is_test, usable, _, _) in zip(windows, plan) if is_test],
+        heldout_llm=[Spill.features([path], layers["llm"]) for path in paths["heldout_llm"]],
+        files=names,
+        full_fit=[FullWindow.spilled(a, b, layers) for a, b in zip(paths["whole_llm_fit"], paths["whole_slm_fit"])],
+        full_test=[FullWindow.spilled(a, b, layers) for a, b in zip(paths["whole_llm_test"], paths["whole_slm_test"])],
+        tokens=sum(len(w) for w in windows), llm=llm_space, seconds={k: round(v, 2) for k, v in seconds.items()})
+    return calibration, model
 
 
 def similarities(cal: Calibration, sample: int = 1024, seed: int = 0) -> dict:
@@ -243,17 +317,19 @@ def continuation_nll(slm: LoadedModel, token_ids: list[int], layers, continuatio
     return torch.nn.functional.cross_entropy(logits, targets).item()
 
 
-def measure_heldout(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, windows, progress: Progress | None = None) -> dict:
+def measure_heldout(slm: LoadedModel, alignment: Alignment, windows, llm_features: list[LayerFeatures],
+                    progress: Progress | None = None) -> dict:
     """Mean NLL over held-out windows of: own prefill, sink tokens only (no context), every hybrid
-    (first k layers native, k = 0..L; k = 0 is fully cross-model), and each layer projected alone."""
+    (first k layers native, k = 0..L; k = 0 is fully cross-model), and each layer projected alone.
+    `llm_features` holds the LLM's features over each window's context (the LLM itself is not needed)."""
     count = slm.model.config.num_hidden_layers
     sink = alignment.sink_tokens
     totals = {"own": 0.0, "no_context": 0.0, "hybrid": [0.0] * (count + 1), "alone": [0.0] * count}
-    for index, (ctx, cont) in enumerate(windows):
+    for index, ((ctx, cont), features) in enumerate(zip(windows, llm_features)):
         if progress:
             progress("held-out quality (windows)", index, len(windows))
         own = native_layers(slm, ctx, count)
-        projected = cross_layers(llm, slm, alignment, ctx)
+        projected = cross_layers(None, slm, alignment, ctx, llm_features=features)
         nll_own = continuation_nll(slm, ctx, own, cont)
         totals["own"] += nll_own
         totals["no_context"] += continuation_nll(slm, ctx[:sink], [(k[:, :sink], v[:, :sink]) for k, v in own], cont)
@@ -308,45 +384,56 @@ class AlignOptions:
             raise UsageError(f"a {self.window}-token window leaves no context before the {self.continuation}-token continuation")
 
 
-def align(llm: LoadedModel, slm: LoadedModel, paths: list[Path], options: AlignOptions = AlignOptions(),
-          progress: Progress | None = None) -> Alignment:
-    """Calibrate, compare layers, map, fit, and measure; the result is ready for `save_alignment`."""
+def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOptions(),
+          progress: Progress | None = None, load: Callable[[str, Progress | None], LoadedModel] = load_model
+          ) -> Alignment:
+    """Calibrate, compare layers, map, fit, and measure; the result is ready for `save_alignment`.
+
+    The two models are named, not loaded: the LLM is loaded for its pass over the calibration windows
+    and dropped before the SLM loads, and features wait on disk, so memory holds one model at a time."""
     options.check()
-    tokenizer = check_tokenizers(llm, slm)
+    slm_tokenizer = load_tokenizer(slm, progress)
+    tokenizer = check_tokenizers(load_tokenizer(llm, progress), slm_tokenizer, llm, slm)
     started = time.perf_counter()
-    windows, names = calibration_windows(slm.tokenizer, paths, options.window, options.windows)
+    windows, names = calibration_windows(slm_tokenizer, paths, options.window, options.windows)
     heldout = min(options.heldout, len(windows) - 1)
-    cal = calibrate(llm, slm, windows, names, heldout=heldout, continuation=options.continuation,
-                    rows_per_window=options.rows_per_window, sink=options.sink_tokens,
-                    full_windows=options.refine_windows if options.refine_steps else 0, source=options.source,
-                    seed=options.seed, progress=progress)
-    sims = similarities(cal, seed=options.seed)
-    small, large = slm.model.config.num_hidden_layers, llm.model.config.num_hidden_layers
-    layer_map = choose_map(options.map_method, sims, small, large)
-    maps, fit_report = fit_maps(cal, layer_map, options.source, progress)
-    meta = {
-        "llm": {**llm.space.to_json(), "layers": large},
-        "slm": {**slm.space.to_json(), "layers": small, "folder": str(Path(slm.folder).resolve())},
-        "tokenizer": tokenizer,
-        "source": options.source,
-        "map_method": options.map_method,
-        "layer_map": layer_map,
-        "sink_tokens": options.sink_tokens,
-        "similarity": {m: {f: [[round(v, 4) for v in row] for row in t.tolist()] for f, t in by.items()}
-                       for m, by in sims.items()},
-        "r2": fit_report["r2"],
-        "lambda": fit_report["lambda"],
-        "calibration": {"files": cal.files, "fit_windows": len(windows) - heldout, "heldout_windows": heldout,
-                        "window_tokens": options.window, "tokens": cal.tokens,
-                        "rows": int(cal.llm_fit.hidden[0].shape[0]), "continuation_tokens": options.continuation,
-                        "forward_s": cal.seconds},
-    }
-    alignment = Alignment(meta, maps)
-    if options.refine_steps and cal.full_fit and cal.full_test:
-        alignment.meta["refine"] = {"steps": options.refine_steps, "windows": len(cal.full_fit),
-                                    **refine_maps(slm, alignment, cal.full_fit, cal.full_test,
-                                                  steps=options.refine_steps, seed=options.seed, progress=progress)}
-    alignment.meta["heldout"] = measure_heldout(llm, slm, alignment, cal.heldout_windows, progress)
+    (celslm_home() / "tmp").mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".align-", dir=celslm_home() / "tmp"))
+    try:
+        cal, small = calibrate(lambda: load(llm, progress), lambda: load(slm, progress), windows, names, Spill(folder),
+                               heldout=heldout, continuation=options.continuation,
+                               rows_per_window=options.rows_per_window, sink=options.sink_tokens,
+                               full_windows=options.refine_windows if options.refine_steps else 0,
+                               source=options.source, seed=options.seed, progress=progress)
+        sims = similarities(cal, seed=options.seed)
+        layer_map = choose_map(options.map_method, sims, small.engine.geometry.layers, cal.llm["layers"])
+        maps, fit_report = fit_maps(cal, layer_map, options.source, progress)
+        meta = {
+            "llm": cal.llm,
+            "slm": {**small.space.to_json(), "layers": small.engine.geometry.layers,
+                    "folder": str(Path(small.folder).resolve())},
+            "tokenizer": tokenizer,
+            "source": options.source,
+            "map_method": options.map_method,
+            "layer_map": layer_map,
+            "sink_tokens": options.sink_tokens,
+            "similarity": {m: {f: [[round(v, 4) for v in row] for row in t.tolist()] for f, t in by.items()}
+                           for m, by in sims.items()},
+            "r2": fit_report["r2"],
+            "lambda": fit_report["lambda"],
+            "calibration": {"files": cal.files, "fit_windows": len(windows) - heldout, "heldout_windows": heldout,
+                            "window_tokens": options.window, "tokens": cal.tokens,
+                            "rows": int(cal.llm_fit.hidden[0].shape[0]), "continuation_tokens": options.continuation,
+                            "forward_s": cal.seconds},
+        }
+        alignment = Alignment(meta, maps)
+        if options.refine_steps and cal.full_fit and cal.full_test:
+            alignment.meta["refine"] = {"steps": options.refine_steps, "windows": len(cal.full_fit),
+                                        **refine_maps(small, alignment, cal.full_fit, cal.full_test,
+                                                      steps=options.refine_steps, seed=options.seed, progress=progress)}
+        alignment.meta["heldout"] = measure_heldout(small, alignment, cal.heldout_windows, cal.heldout_llm, progress)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     alignment.meta["seconds"] = round(time.perf_counter() - started, 1)
     return alignment
 
@@ -385,20 +472,21 @@ def plot_similarity(alignment: Alignment, folder: Path) -> list[Path]:
 @dataclass
 class FullWindow:
     """One calibration window at every position: the LLM's regressor per layer, the SLM's own keys,
-    values and queries per layer (`[T, dim]` each)."""
+    values and queries per layer (`[T, dim]` each), read from disk a layer at a time."""
 
-    regressor: list[torch.Tensor]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    queries: list[torch.Tensor]
-
+    regressor: SequenceABC[torch.Tensor]
+    keys: SequenceABC[torch.Tensor]
+    values: SequenceABC[torch.Tensor]
+    queries: SequenceABC[torch.Tensor]
 
     @staticmethod
-    def of(large: LayerFeatures, small: LayerFeatures, source: str) -> "FullWindow":
-        # clones: features come out of inference mode, and autograd may not save inference tensors
-        return FullWindow([regressor(large, l, source).clone() for l in range(len(large.hidden))],
-                          [t.clone() for t in small.keys], [t.clone() for t in small.values],
-                          [t.clone() for t in small.queries])
+    def spilled(llm: Path, slm: Path, layers: dict[str, int]) -> "FullWindow":
+        return FullWindow(SpilledLayers([llm], "regressor", layers["llm"]),
+                          *[SpilledLayers([slm], feature, layers["slm"]) for feature in ("keys", "values", "queries")])
+
+    def layer(self, small: int, large: int) -> tuple[torch.Tensor, ...]:
+        """(regressor of LLM layer `large`, keys, values, queries of SLM layer `small`)."""
+        return self.regressor[large], self.keys[small], self.values[small], self.queries[small]
 
 
 def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], test: list[FullWindow], *,
@@ -409,14 +497,15 @@ def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], t
     relative squared error). A layer keeps the tuned maps only if its held-out error falls."""
     sink = alignment.sink_tokens
     generator = torch.Generator().manual_seed(seed)
-    longest = max(w.keys[0].shape[0] for w in fit + test)
+    longest = max(len(w.keys[0]) for w in fit + test)
     cos, sin = (t.clone() for t in kvcache.rope_tables(slm.model, 0, longest))
     _, kv_heads, _ = kvcache.kv_geometry(slm.model)
     report = {"before": [], "after": [], "kept": []}
     for s, l in enumerate(alignment.layer_map):
         if progress:
             progress("refining maps (layers)", s, len(alignment.layer_map))
-        rows = torch.cat([w.regressor[l][sink:] for w in fit])
+        fit_l, test_l = [w.layer(s, l) for w in fit], [w.layer(s, l) for w in test]  # this layer's part, read once
+        rows = torch.cat([regressor_rows[sink:] for regressor_rows, *_ in fit_l])
         mean, std = rows.mean(0), rows.std(0).clamp_min(1e-6)
         params = {}
         for part in ("key", "value"):
@@ -426,28 +515,29 @@ def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], t
         def heads(rows):
             return to_heads(rows, kv_heads)
 
-        def loss(window: FullWindow, positions: torch.Tensor) -> torch.Tensor:
-            x = (window.regressor[l] - mean) / std
+        def loss(window: tuple[torch.Tensor, ...], positions: torch.Tensor) -> torch.Tensor:
+            regressor_rows, own_keys, own_values, own_queries = window
+            x = (regressor_rows - mean) / std
             kv = []
-            for part, own in (("key", window.keys[s]), ("value", window.values[s])):
+            for part, own in (("key", own_keys), ("value", own_values)):
                 weight, bias = params[part]
                 kv.append(heads(torch.cat([own[:sink], x[sink:] @ weight + bias])))
             with torch.no_grad():
-                target = kvcache.attention_output(slm.model, s, window.queries[s], heads(window.keys[s]),
-                                                  heads(window.values[s]), cos, sin, positions)
-            out = kvcache.attention_output(slm.model, s, window.queries[s], kv[0], kv[1], cos, sin, positions)
+                target = kvcache.attention_output(slm.model, s, own_queries, heads(own_keys), heads(own_values),
+                                                  cos, sin, positions)
+            out = kvcache.attention_output(slm.model, s, own_queries, kv[0], kv[1], cos, sin, positions)
             return ((out - target) ** 2).mean() / (target ** 2).mean()
 
         def held_out() -> float:
             with torch.no_grad():
-                return sum(loss(w, torch.arange(sink, w.keys[0].shape[0])).item() for w in test) / len(test)
+                return sum(loss(w, torch.arange(sink, len(w[1]))).item() for w in test_l) / len(test_l)
 
         before = held_out()
         optimizer = torch.optim.Adam([{"params": [w], "lr": lr * w.detach().abs().mean().item()} for pair in params.values() for w in pair])
         with torch.enable_grad():
             for step in range(steps):
-                window = fit[step % len(fit)]
-                length = window.keys[0].shape[0]
+                window = fit_l[step % len(fit_l)]
+                length = len(window[1])
                 positions = sink + torch.randperm(length - sink, generator=generator)[:queries].sort().values
                 optimizer.zero_grad()
                 loss(window, positions).backward()

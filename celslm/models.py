@@ -367,9 +367,22 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
-def check_tokenizers(llm: LoadedModel, slm: LoadedModel) -> str:
-    digest = tokenizer_digest(llm.tokenizer)
-    if tokenizer_digest(slm.tokenizer) != digest:
-        raise UsageError(f"{llm.name} and {slm.name} have different tokenizers (vocabularies differ); "
+def check_tokenizers(llm_tokenizer, slm_tokenizer, llm_name: str, slm_name: str) -> str:
+    """The shared tokenizer's digest; two models with different vocabularies are refused."""
+    digest = tokenizer_digest(llm_tokenizer)
+    if tokenizer_digest(slm_tokenizer) != digest:
+        raise UsageError(f"{llm_name} and {slm_name} have different tokenizers (vocabularies differ); "
                          "cross-model KV needs two models that share one tokenizer")
     return digest
+
+
+def load_tokenizer(spec: str, progress: Progress | None = None):
+    """A model's tokenizer alone (seconds, not the weights)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    folder = resolve_model(spec, progress)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise CelslmError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from exc

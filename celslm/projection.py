@@ -139,7 +139,7 @@ def load_alignment(path: str | Path) -> Alignment:
 
 
 
-def cross_layers(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, token_ids: list[int],
+def cross_layers(llm: LoadedModel | None, slm: LoadedModel, alignment: Alignment, token_ids: list[int],
                  native: tuple[int, ...] = (), llm_features: LayerFeatures | None = None) -> list[kvcache.LayerKV]:
     """The SLM's KV over `token_ids`: projected from the LLM, except the sink tokens (always the SLM's own)
     and the layers in `native` (the SLM's own over the whole context)."""

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from celslm.corpus import calibration_files
 from celslm.errors import UsageError
-from celslm.models import load_model
 from .common import ForceOpt, JsonOpt, examples, log, out_console, print_json, progress_bar
 
 EPILOG = examples(
@@ -46,9 +45,9 @@ def align(
     window: Annotated[int, typer.Option("--window", min=64, help="Tokens per calibration window.")] = 1024,
     heldout: Annotated[int, typer.Option("--heldout", min=1, help="Windows held out to choose λ, report R² and measure perplexity.")] = 4,
     continuation: Annotated[int, typer.Option("--continuation", min=1, help="Tokens at the end of each held-out window scored for perplexity.")] = 128,
-    rows: Annotated[int, typer.Option("--rows", min=16, help="Tokens sampled per window for fitting (memory grows with it).")] = 512,
+    rows: Annotated[int, typer.Option("--rows", min=16, help="Tokens sampled per window for fitting (disk, not memory, grows with it).")] = 512,
     refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Adam steps per layer tuning the maps so the small model's attention output matches its own (0: plain ridge).")] = 300,
-    refine_windows: Annotated[int, typer.Option("--refine-windows", min=1, help="Calibration windows kept whole for refinement (memory grows with it).")] = 12,
+    refine_windows: Annotated[int, typer.Option("--refine-windows", min=1, help="Calibration windows kept whole for refinement (disk, not memory, grows with it).")] = 12,
     plots: Annotated[Path | None, typer.Option("--plots", help="Write cka.png and rsa.png (layer heatmaps with the map) here.")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
@@ -64,10 +63,8 @@ def align(
                                          rows_per_window=rows, refine_steps=refine_steps, refine_windows=refine_windows)
     options.check()
     paths = _calibration_paths(calib, windows)
-    with progress_bar() as progress:
-        large = load_model(llm, progress)
-        small = load_model(slm, progress)
-        result = alignment_lib.align(large, small, paths, options, progress)
+    with progress_bar() as progress:  # the library loads each model when its turn comes, one at a time
+        result = alignment_lib.align(llm, slm, paths, options, progress)
     digest = save_alignment(result, out, force=force)
     written = alignment_lib.plot_similarity(result, plots) if plots else []
     meta = result.meta

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -209,16 +210,35 @@ def test_recompute_last_over_a_native_artifact_changes_nothing(pair, tmp_path):
     assert split["text"] == plain["text"] and split["path"] == "partial"
 
 
-def test_refinement_repairs_maps_whose_attention_output_is_off(pair):
+def test_refinement_repairs_maps_whose_attention_output_is_off(pair, tmp_path):
     large, small = load_model(str(pair["large"])), load_model(str(pair["small"]))
     alignment = load_alignment(pair["align"])
     paths = sorted((pair["root"] / "calib").iterdir())
     windows, names = A.calibration_windows(small.tokenizer, paths, 160, 5)
-    cal = A.calibrate(large, small, windows, names, heldout=1, continuation=32, rows_per_window=64, sink=1,
-                      full_windows=3)
+    cal, _ = A.calibrate(lambda: large, lambda: small, windows, names, A.Spill(tmp_path), heldout=1, continuation=32,
+                         rows_per_window=64, sink=1, full_windows=3)
     for name in list(alignment.maps):
         if name.startswith(("0.value", "1.value", "2.value")):
             alignment.maps[name] = alignment.maps[name] * 0.3  # values far too small: attention outputs shrink
     report = A.refine_maps(small, alignment, cal.full_fit, cal.full_test, steps=60)
     assert all(report["kept"])
     assert all(after < 0.9 * before for before, after in zip(report["before"], report["after"]))
+
+
+def test_align_holds_one_model_at_a_time_and_cleans_its_spill(pair, celslm_home):
+    """The large model is gone before the small one loads (their weights never share memory), and the
+    features spilled to disk meanwhile are removed."""
+    loaded, alive_at_load = {}, []
+
+    def load(spec, progress=None):
+        alive_at_load.append(sorted(name for name, model in loaded.items() if model() is not None))
+        result = load_model(spec, progress)
+        loaded[spec] = weakref.ref(result.model)
+        return result
+
+    options = A.AlignOptions(windows=5, window=160, heldout=1, continuation=32, rows_per_window=64, refine_steps=0)
+    alignment = A.align(str(pair["large"]), str(pair["small"]), sorted((pair["root"] / "calib").iterdir()), options,
+                        load=load)
+    assert alive_at_load == [[], []]
+    assert len(alignment.meta["heldout"]["hybrid_nll"]) == 4
+    assert list((celslm_home / "tmp").iterdir()) == []

@@ -60,7 +60,7 @@ def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, contex
     """Every mode (or those in `only`) on the same tasks; with `levels`, the concurrency part for them."""
     check_modes(only, alignment is not None)
     shaped = list({link.label: link for link in map(Link.parse, links)}.values())  # one per distinct link
-    check_tokenizers(llm, slm)  # CE-CoLLM exchanges token ids; the cross modes share them
+    check_tokenizers(llm.tokenizer, slm.tokenizer, llm.name, slm.name)  # CE-CoLLM exchanges token ids; the cross modes share them
     sampling = Sampling(max_new_tokens=new_tokens)
     suite = build_tasks(tasks_per_kind, context_chars)
     prepared: dict = {}  # per task: the artifacts two modes share, made once (their cloud prep time counted in each)
