@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from celslm.decode import context_from_layers
 from celslm.errors import UsageError
 from celslm.features import FEATURES, LayerFeatures, layer_features, native_layers, to_heads
 from celslm.models import LoadedModel, Progress, celslm_home, check_tokenizers, load_model, load_tokenizer
-from celslm.projection import SOURCES, Alignment, cross_layers, regressor
+from celslm.projection import SOURCES, AlignedModel, Alignment, HeldOut, cross_layers, regressor
 from celslm.score import continuation_logits
 
 MAP_METHODS = ("cka", "rsa", "proportional")
@@ -185,7 +185,7 @@ class Calibration:
     full_fit: list["FullWindow"]  # whole windows for `refine_maps`
     full_test: list["FullWindow"]
     tokens: int
-    llm: dict  # the LLM's model space and layer count, recorded while it was loaded
+    llm: AlignedModel  # recorded while the LLM was loaded
     seconds: dict = field(default_factory=dict)
 
 
@@ -255,7 +255,7 @@ def calibrate(llm: Callable[[], LoadedModel], slm: Callable[[], LoadedModel], wi
         if progress:
             progress(f"calibration, {model.name} (windows)", len(windows), len(windows))
         if key == "llm":
-            llm_space = {**model.space.to_json(), "layers": layers[key]}
+            llm_model = AlignedModel(model.name, model.fingerprint, layers[key])
             del model  # only the SLM is in memory from here on
             gc.collect()
     calibration = Calibration(
@@ -265,7 +265,7 @@ def calibrate(llm: Callable[[], LoadedModel], slm: Callable[[], LoadedModel], wi
         files=names,
         full_fit=[FullWindow.spilled(a, b, layers) for a, b in zip(paths["whole_llm_fit"], paths["whole_slm_fit"])],
         full_test=[FullWindow.spilled(a, b, layers) for a, b in zip(paths["whole_llm_test"], paths["whole_slm_test"])],
-        tokens=sum(len(w) for w in windows), llm=llm_space, seconds={k: round(v, 2) for k, v in seconds.items()})
+        tokens=sum(len(w) for w in windows), llm=llm_model, seconds={k: round(v, 2) for k, v in seconds.items()})
     return calibration, model
 
 
@@ -318,7 +318,7 @@ def continuation_nll(slm: LoadedModel, token_ids: list[int], layers, continuatio
 
 
 def measure_heldout(slm: LoadedModel, alignment: Alignment, windows, llm_features: list[LayerFeatures],
-                    progress: Progress | None = None) -> dict:
+                    progress: Progress | None = None) -> HeldOut:
     """Mean NLL over held-out windows of: own prefill, sink tokens only (no context), every hybrid
     (first k layers native, k = 0..L; k = 0 is fully cross-model), and each layer projected alone.
     `llm_features` holds the LLM's features over each window's context (the LLM itself is not needed)."""
@@ -341,13 +341,8 @@ def measure_heldout(slm: LoadedModel, alignment: Alignment, windows, llm_feature
     if progress:
         progress("held-out quality (windows)", len(windows), len(windows))
     n = len(windows)
-    return {
-        "windows": n,
-        "own_nll": round(totals["own"] / n, 5),
-        "no_context_nll": round(totals["no_context"] / n, 5),
-        "hybrid_nll": [round(t / n, 5) for t in totals["hybrid"]],
-        "sensitivity": [round(t / n, 5) for t in totals["alone"]],
-    }
+    return HeldOut(n, round(totals["own"] / n, 5), round(totals["no_context"] / n, 5),
+                   tuple(round(t / n, 5) for t in totals["hybrid"]), tuple(round(t / n, 5) for t in totals["alone"]))
 
 
 def gain_kept(nll: float, own: float, no_context: float) -> float:
@@ -406,17 +401,9 @@ def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOp
                                full_windows=options.refine_windows if options.refine_steps else 0,
                                source=options.source, seed=options.seed, progress=progress)
         sims = similarities(cal, seed=options.seed)
-        layer_map = choose_map(options.map_method, sims, small.engine.geometry.layers, cal.llm["layers"])
+        layer_map = choose_map(options.map_method, sims, small.engine.geometry.layers, cal.llm.layers)
         maps, fit_report = fit_maps(cal, layer_map, options.source, progress)
-        meta = {
-            "llm": cal.llm,
-            "slm": {**small.space.to_json(), "layers": small.engine.geometry.layers,
-                    "folder": str(Path(small.folder).resolve())},
-            "tokenizer": tokenizer,
-            "source": options.source,
-            "map_method": options.map_method,
-            "layer_map": layer_map,
-            "sink_tokens": options.sink_tokens,
+        report = {
             "similarity": {m: {f: [[round(v, 4) for v in row] for row in t.tolist()] for f, t in by.items()}
                            for m, by in sims.items()},
             "r2": fit_report["r2"],
@@ -426,16 +413,20 @@ def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOp
                             "rows": int(cal.llm_fit.hidden[0].shape[0]), "continuation_tokens": options.continuation,
                             "forward_s": cal.seconds},
         }
-        alignment = Alignment(meta, maps)
+        slm_model = AlignedModel(small.name, small.fingerprint, small.engine.geometry.layers,
+                                 str(Path(small.folder).resolve()))
+        alignment = Alignment(cal.llm, slm_model, tokenizer, options.source, options.map_method, tuple(layer_map),
+                              options.sink_tokens, maps, report=report)
         if options.refine_steps and cal.full_fit and cal.full_test:
-            alignment.meta["refine"] = {"steps": options.refine_steps, "windows": len(cal.full_fit),
-                                        **refine_maps(small, alignment, cal.full_fit, cal.full_test,
-                                                      steps=options.refine_steps, seed=options.seed, progress=progress)}
-        alignment.meta["heldout"] = measure_heldout(small, alignment, cal.heldout_windows, cal.heldout_llm, progress)
+            tuned, refined = refine_maps(small, alignment, cal.full_fit, cal.full_test, steps=options.refine_steps,
+                                         seed=options.seed, progress=progress)
+            alignment = replace(alignment, maps=tuned, report={
+                **report, "refine": {"steps": options.refine_steps, "windows": len(cal.full_fit), **refined}})
+        heldout_nll = measure_heldout(small, alignment, cal.heldout_windows, cal.heldout_llm, progress)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    alignment.meta["seconds"] = round(time.perf_counter() - started, 1)
-    return alignment
+    return replace(alignment, heldout=heldout_nll,
+                   report={**alignment.report, "seconds": round(time.perf_counter() - started, 1)})
 
 
 def plot_similarity(alignment: Alignment, folder: Path) -> list[Path]:
@@ -447,17 +438,16 @@ def plot_similarity(alignment: Alignment, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    meta = alignment.meta
-    for method, by_feature in meta["similarity"].items():
+    for method, by_feature in alignment.report["similarity"].items():
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
         for ax, feature in zip(axes, FEATURES):
             image = ax.imshow(by_feature[feature], origin="lower", aspect="auto", cmap="viridis")
             ax.plot(alignment.layer_map, range(len(alignment.layer_map)), "w.-", linewidth=1, markersize=4)
             ax.set_title(f"{method.upper()} on {feature}")
-            ax.set_xlabel(f"{meta['llm']['name']} layer")
-            ax.set_ylabel(f"{meta['slm']['name']} layer")
+            ax.set_xlabel(f"{alignment.llm.name} layer")
+            ax.set_ylabel(f"{alignment.slm.name} layer")
             fig.colorbar(image, ax=ax, fraction=0.046)
-        fig.suptitle(f"{method.upper()} similarity; white: the {meta['map_method']} layer map")
+        fig.suptitle(f"{method.upper()} similarity; white: the {alignment.map_method} layer map")
         fig.tight_layout()
         path = folder / f"{method}.png"
         fig.savefig(path, dpi=110)
@@ -491,10 +481,12 @@ class FullWindow:
 
 def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], test: list[FullWindow], *,
                 steps: int = 300, queries: int = 256, lr: float = 0.01, seed: int = 0,
-                progress: Progress | None = None) -> dict:
+                progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Tune each layer's maps (from the ridge fit) by Adam so that the SLM's own queries, attending over
     the projected keys and values, give the attention output they give over its own (after `o_proj`,
-    relative squared error). A layer keeps the tuned maps only if its held-out error falls."""
+    relative squared error). A layer keeps the tuned maps only if its held-out error falls.
+    Returns the maps (tuned where kept) and the per-layer errors before and after."""
+    maps = dict(alignment.maps)
     sink = alignment.sink_tokens
     generator = torch.Generator().manual_seed(seed)
     longest = max(len(w.keys[0]) for w in fit + test)
@@ -509,7 +501,7 @@ def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], t
         mean, std = rows.mean(0), rows.std(0).clamp_min(1e-6)
         params = {}
         for part in ("key", "value"):
-            weight, bias = alignment.maps[f"{s}.{part}.weight"], alignment.maps[f"{s}.{part}.bias"]
+            weight, bias = maps[f"{s}.{part}.weight"], maps[f"{s}.{part}.bias"]
             params[part] = (weight * std[:, None]).clone().requires_grad_(), (bias + mean @ weight).clone().requires_grad_()
 
         def heads(rows):
@@ -547,11 +539,11 @@ def refine_maps(slm: LoadedModel, alignment: Alignment, fit: list[FullWindow], t
         if kept:
             for part, (weight, bias) in params.items():
                 raw = (weight.detach() / std[:, None]).contiguous()
-                alignment.maps[f"{s}.{part}.weight"] = raw
-                alignment.maps[f"{s}.{part}.bias"] = (bias.detach() - mean @ raw).contiguous()
+                maps[f"{s}.{part}.weight"] = raw
+                maps[f"{s}.{part}.bias"] = (bias.detach() - mean @ raw).contiguous()
         report["before"].append(round(before, 5))
         report["after"].append(round(after, 5))
         report["kept"].append(kept)
     if progress:
         progress("refining maps (layers)", len(alignment.layer_map), len(alignment.layer_map))
-    return report
+    return maps, report

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,23 +27,75 @@ FORMAT = "celslm-alignment/1"
 SOURCES = ("hidden", "kv")  # what a projection reads from the mapped LLM layer
 
 
-@dataclass
+@dataclass(frozen=True)
+class AlignedModel:
+    """One side of an alignment: which model, by fingerprint, and how deep it is."""
+
+    name: str
+    fingerprint: str
+    layers: int
+    folder: str | None = None  # where the small model was loaded from, to load it again
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint, "layers": self.layers,
+                **({"folder": self.folder} if self.folder is not None else {})}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> AlignedModel:
+        return cls(str(obj["name"]), str(obj["fingerprint"]), int(obj["layers"]),
+                   None if obj.get("folder") is None else str(obj["folder"]))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Mean NLL on the held-out calibration windows: the SLM's own prefill, no context (sink tokens
+    only), every hybrid (first k layers native, k = 0..L), and each layer projected alone (Δ NLL)."""
+
+    windows: int
+    own_nll: float
+    no_context_nll: float
+    hybrid_nll: tuple[float, ...]
+    sensitivity: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        return {"windows": self.windows, "own_nll": self.own_nll, "no_context_nll": self.no_context_nll,
+                "hybrid_nll": list(self.hybrid_nll), "sensitivity": list(self.sensitivity)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> HeldOut:
+        return cls(int(obj["windows"]), float(obj["own_nll"]), float(obj["no_context_nll"]),
+                   tuple(float(v) for v in obj["hybrid_nll"]), tuple(float(v) for v in obj["sensitivity"]))
+
+
+@dataclass(frozen=True)
 class Alignment:
-    meta: dict  # everything in alignment.json but the maps
+    llm: AlignedModel
+    slm: AlignedModel
+    tokenizer: str  # digest of the vocabulary both models share
+    source: str  # what the maps read from the mapped LLM layer: "hidden" or "kv"
+    map_method: str
+    layer_map: tuple[int, ...]  # per SLM layer, the LLM layer it reads
+    sink_tokens: int  # the first tokens of a context are always the SLM's own
     maps: dict[str, torch.Tensor]  # "{layer}.{key|value}.{weight|bias}"
-    digest: str = ""
+    heldout: HeldOut | None = None
+    # What alignment.json records for people and plots (similarity, r2, lambda, calibration, refine,
+    # seconds): measurements, never read to project.
+    report: dict = field(default_factory=dict)
+    digest: str = ""  # sha256 of alignment.json, once written or read
 
-    @property
-    def layer_map(self) -> list[int]:
-        return self.meta["layer_map"]
+    def to_json(self) -> dict:
+        """Everything alignment.json holds but the maps' file entry."""
+        return {**self.report, "llm": self.llm.to_json(), "slm": self.slm.to_json(), "tokenizer": self.tokenizer,
+                "source": self.source, "map_method": self.map_method, "layer_map": list(self.layer_map),
+                "sink_tokens": self.sink_tokens, **({"heldout": self.heldout.to_json()} if self.heldout else {})}
 
-    @property
-    def source(self) -> str:
-        return self.meta["source"]
-
-    @property
-    def sink_tokens(self) -> int:
-        return self.meta["sink_tokens"]
+    @classmethod
+    def from_json(cls, obj: dict, maps: dict[str, torch.Tensor], digest: str) -> Alignment:
+        known = {"llm", "slm", "tokenizer", "source", "map_method", "layer_map", "sink_tokens", "heldout", "format", "maps"}
+        return cls(AlignedModel.from_json(obj["llm"]), AlignedModel.from_json(obj["slm"]), str(obj["tokenizer"]),
+                   str(obj["source"]), str(obj["map_method"]), tuple(int(l) for l in obj["layer_map"]),
+                   int(obj["sink_tokens"]), maps, HeldOut.from_json(obj["heldout"]) if obj.get("heldout") else None,
+                   {k: v for k, v in obj.items() if k not in known}, digest)
 
     def project(self, llm_features: LayerFeatures, kv_heads: int) -> list[kvcache.LayerKV]:
         """The SLM's pre-RoPE keys and values `[H, T, D]` per layer, from the LLM's features."""
@@ -60,8 +112,10 @@ class Alignment:
     def budget_native_layers(self, budget: float) -> int | None:
         """The fewest leading native layers whose measured perplexity is within `budget` (0.02 = 2%) of
         the SLM's own prefill on held-out calibration text; None if no hybrid is."""
-        own = self.meta["heldout"]["own_nll"]
-        for k, nll in enumerate(self.meta["heldout"]["hybrid_nll"]):
+        if self.heldout is None:
+            return None
+        own = self.heldout.own_nll
+        for k, nll in enumerate(self.heldout.hybrid_nll):
             if math.exp(nll - own) - 1 <= budget:
                 return k
         return None
@@ -70,15 +124,14 @@ class Alignment:
 def load_aligned_models(alignment: Alignment, llm: LoadedModel, slm_spec: str | None = None,
                         progress: Progress | None = None) -> LoadedModel:
     """Check `llm` is the alignment's large model; load and check its small model."""
-    meta = alignment.meta
-    if llm.fingerprint != meta["llm"]["fingerprint"]:
-        raise UsageError(f"the alignment maps from {meta['llm']['name']} ({meta['llm']['fingerprint'][:12]}), "
+    large, small = alignment.llm, alignment.slm
+    if llm.fingerprint != large.fingerprint:
+        raise UsageError(f"the alignment maps from {large.name} ({large.fingerprint[:12]}), "
                          f"not from {llm.name} ({llm.fingerprint[:12]})")
-    folder = meta["slm"].get("folder")
-    spec = slm_spec or (folder if folder and Path(folder).is_dir() else meta["slm"]["name"])
+    spec = slm_spec or (small.folder if small.folder and Path(small.folder).is_dir() else small.name)
     slm = load_model(spec, progress)
-    if slm.fingerprint != meta["slm"]["fingerprint"]:
-        raise UsageError(f"the alignment maps to {meta['slm']['name']} ({meta['slm']['fingerprint'][:12]}), "
+    if slm.fingerprint != small.fingerprint:
+        raise UsageError(f"the alignment maps to {small.name} ({small.fingerprint[:12]}), "
                          f"but {spec} loads {slm.fingerprint[:12]}; load the small model it names")
     return slm
 
@@ -99,7 +152,7 @@ def save_alignment(alignment: Alignment, out: Path, force: bool = False) -> str:
         if not force:
             raise OutputExists(f"{out} already exists")
     maps_bytes = save_tensors(alignment.maps)
-    meta = dict(alignment.meta, format=FORMAT,
+    meta = dict(alignment.to_json(), format=FORMAT,
                 maps={"file": "maps.safetensors", "sha256": hashlib.sha256(maps_bytes).hexdigest()})
     meta_bytes = (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
     staging = out.with_name(f".{out.name}.tmp-{random.getrandbits(32):08x}")
@@ -115,8 +168,7 @@ def save_alignment(alignment: Alignment, out: Path, force: bool = False) -> str:
         old.rmdir()
     else:
         staging.rename(out)
-    alignment.meta, alignment.digest = meta, hashlib.sha256(meta_bytes).hexdigest()
-    return alignment.digest
+    return hashlib.sha256(meta_bytes).hexdigest()
 
 
 def load_alignment(path: str | Path) -> Alignment:
@@ -126,16 +178,22 @@ def load_alignment(path: str | Path) -> Alignment:
         meta_bytes = (path / "alignment.json").read_bytes()
     except OSError as exc:
         raise UsageError(f"{path}: not an alignment directory (no alignment.json); make one with celslm align") from exc
-    meta = json.loads(meta_bytes)
-    if meta.get("format") != FORMAT:
-        raise UsageError(f"{path}: alignment format {meta.get('format')!r}, expected {FORMAT}")
     try:
-        maps_bytes = (path / meta["maps"]["file"]).read_bytes()
+        meta = json.loads(meta_bytes)
+        found = meta.get("format") if isinstance(meta, dict) else None
+    except ValueError as exc:
+        raise IntegrityError(f"{path}: alignment.json is not valid JSON ({exc})") from exc
+    if found != FORMAT:
+        raise UsageError(f"{path}: alignment format {found!r}, expected {FORMAT}")
+    try:
+        maps_bytes = (path / Path(str(meta["maps"]["file"])).name).read_bytes()
+        if hashlib.sha256(maps_bytes).hexdigest() != meta["maps"]["sha256"]:
+            raise IntegrityError(f"{path}: maps.safetensors does not match the digest in alignment.json")
+        return Alignment.from_json(meta, load_tensors(maps_bytes), hashlib.sha256(meta_bytes).hexdigest())
     except OSError as exc:
         raise IntegrityError(f"{path}: alignment maps file missing ({exc.strerror})") from exc
-    if hashlib.sha256(maps_bytes).hexdigest() != meta["maps"]["sha256"]:
-        raise IntegrityError(f"{path}: maps.safetensors does not match the digest in alignment.json")
-    return Alignment(meta, load_tensors(maps_bytes), hashlib.sha256(meta_bytes).hexdigest())
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"{path}: malformed alignment ({type(exc).__name__}: {exc})") from exc
 
 
 

@@ -67,7 +67,7 @@ def align(
         result = alignment_lib.align(llm, slm, paths, options, progress)
     digest = save_alignment(result, out, force=force)
     written = alignment_lib.plot_similarity(result, plots) if plots else []
-    meta = result.meta
+    meta = result.to_json()  # rendered as alignment.json records it
     held = meta["heldout"]
     if json_:
         print_json({"digest": digest, "out": str(out), "plots": [str(p) for p in written],

@@ -59,7 +59,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
         codec: str = "balanced", progress: Progress | None = None) -> dict:
     layers_total = slm.engine.geometry.layers
     sink = alignment.sink_tokens
-    calibration = set(alignment.meta["calibration"]["files"])
+    calibration = set(alignment.report["calibration"]["files"])
     cases = eval_cases(slm.tokenizer, files, context, context, continuation, exclude=calibration)
     auto = alignment.budget_native_layers(budget)
     counts = sorted({k for k in native_counts if 0 < k < layers_total} | ({auto} if auto else set()))
@@ -132,7 +132,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
         })
     return {
         "llm": llm.name, "slm": slm.name, "alignment": alignment.digest, "source": alignment.source,
-        "map": alignment.meta["map_method"], "codec": spec.spec, "budget": budget, "auto_native_layers": auto,
+        "map": alignment.map_method, "codec": spec.spec, "budget": budget, "auto_native_layers": auto,
         "files": [c.name for c in cases], "context_tokens": context, "continuation_tokens": continuation,
         "rows": rows,
     }
