@@ -172,3 +172,21 @@ def test_sharing_commands_never_load_torch(prefilled, tmp_path):
         assert server.stop() == 0
     assert heavy_loaded(server.proc.stderr.read().decode()) == []
     assert (tmp_path / "p.kv" / "manifest.json").read_bytes() == (prefilled / "a.kv" / "manifest.json").read_bytes()
+
+
+def test_every_library_import_points_up_the_readme_layout():
+    """README's Layout lists the library so that each module imports only modules above it; keep it true."""
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    order = [line.split()[0] for line in layout.splitlines() if line.startswith("celslm/")]
+
+    def entry(module: str) -> int:
+        path = module.replace(".", "/")
+        matches = [i for i, name in enumerate(order) if path + ".py" == name or (path + "/").startswith(name)]
+        assert matches, f"{module} is not in README's Layout"
+        return matches[0]
+
+    upward = {(name, target) for name, targets in import_graph().items() if not name.startswith("celslm.commands")
+              and name != "celslm" for target in targets
+              if entry(target) > entry(name)}
+    assert upward == set()
