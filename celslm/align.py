@@ -392,8 +392,12 @@ def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOp
     started = time.perf_counter()
     windows, names = calibration_windows(slm_tokenizer, paths, options.window, options.windows)
     heldout = min(options.heldout, len(windows) - 1)
-    (celslm_home() / "tmp").mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".align-", dir=celslm_home() / "tmp"))
+    scratch = celslm_home() / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for stale in scratch.glob(".align-*"):  # left by a killed run (a finished one removes its own)
+        if time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=".align-", dir=scratch))
     try:
         cal, small = calibrate(lambda: load(llm, progress), lambda: load(slm, progress), windows, names, Spill(folder),
                                heldout=heldout, continuation=options.continuation,

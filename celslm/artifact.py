@@ -157,7 +157,7 @@ class Timings:
 
     @property
     def cloud_s(self) -> float:
-        return sum(t for t in (self.prefill_s, self.projection_s, self.compress_s) if t is not None)
+        return sum((t for t in (self.prefill_s, self.projection_s, self.compress_s) if t is not None), 0.0)
 
     def to_json(self) -> dict:
         return {k: v for k, v in (("prefill_s", self.prefill_s), ("projection_s", self.projection_s),

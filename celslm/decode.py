@@ -92,7 +92,7 @@ def check_space(reader: ArtifactReader, loaded: LoadedModel) -> None:
     if space.fingerprint != loaded.fingerprint:
         raise ModelSpaceMismatch(
             f"{reader.source} belongs to model space {space.name} ({space.fingerprint[:12]}), "
-            f"not of {loaded.name} ({loaded.fingerprint[:12]}); decode it with the model that produced it"
+            f"but the model given is {loaded.name} ({loaded.fingerprint[:12]}); decode it with the model that produced it"
         )
 
 
@@ -133,6 +133,7 @@ def context_from_prefix(loaded: LoadedModel, token_ids: list[int] | None, framin
     stats.path, stats.link = ("partial" if prefix < len(token_ids) else "artifact"), link.label if link else None
     context = Context(token_ids, loaded.engine.sequence(), framing, stats, started, feed, timeline)
     _drain_feed(loaded, context)
+    loaded.engine.crop(context.sequence, prefix)  # the last chunk may hold tokens past a shorter context
     stats.load_s = time.perf_counter() - started
     begun = time.perf_counter()
     loaded.engine.prefill(context.sequence, token_ids[prefix:], step, _offset(progress, prefix, len(token_ids)))

@@ -281,9 +281,11 @@ class TransformersEngine(Engine):
 
     def place(self, key: torch.Tensor, value: torch.Tensor) -> LayerKV:
         length = key.shape[1]
-        if length not in self._rope:  # every layer of a context shares its tables
-            self._rope = {length: rope_tables(self.model, 0, length)}
-        cos, sin = self._rope[length]
+        tables = self._rope.get(length)  # every layer of a context shares its tables
+        if tables is None:
+            tables = rope_tables(self.model, 0, length)
+            self._rope = {length: tables}  # replaced whole, never mutated: safe beside another thread
+        cos, sin = tables
         return apply_rope(key, cos, sin), value
 
     def inject(self, seq: TransformersSequence, layer: int, placed: LayerKV) -> None:

@@ -47,6 +47,8 @@ def serve_cache(
     if tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls_cert, tls_key)
+    if backend and not backend.startswith("redis://"):
+        raise UsageError(f"--backend {backend}: expected redis://HOST:PORT/DB (a directory store is --root)")
     if backend and capacity:
         raise UsageError("--capacity applies to --root; with Redis set maxmemory and maxmemory-policy allkeys-lru")
     config = ServerConfig(store=backend or str(root), capacity_bytes=parse_size(capacity) if capacity else None,

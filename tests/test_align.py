@@ -236,9 +236,10 @@ def test_align_holds_one_model_at_a_time_and_cleans_its_spill(pair, celslm_home)
         loaded[spec] = weakref.ref(result.model)
         return result
 
-    options = A.AlignOptions(windows=5, window=160, heldout=1, continuation=32, rows_per_window=64, refine_steps=0)
+    options = A.AlignOptions(windows=5, window=160, heldout=1, continuation=32, rows_per_window=64, refine_steps=4,
+                             refine_windows=2)
     alignment = A.align(str(pair["large"]), str(pair["small"]), sorted((pair["root"] / "calib").iterdir()), options,
                         load=load)
     assert alive_at_load == [[], []]
-    assert len(alignment.heldout.hybrid_nll) == 4
+    assert len(alignment.heldout.hybrid_nll) == 4 and len(alignment.report["refine"]["kept"]) == 3
     assert list((celslm_home / "tmp").iterdir()) == []

@@ -105,6 +105,7 @@ def test_bad_inputs_exit_2_with_one_line(tiny_qwen, tmp_path):
     assert_one_line_error(run_cli("models", "pull", "gpt-9"), EXIT_USAGE, "gpt-9")
     assert_one_line_error(run_cli("decode", "-m", str(tiny_qwen), "-c", "-", "-p", "hi", "--link", "fast", input=b"x"),
                           EXIT_USAGE, "--link: bad link 'fast'")
+    assert_one_line_error(run_cli("serve-cache", "--backend", "localhost:6379"), EXIT_USAGE, "expected redis://")
     assert not (tmp_path / "o").exists()
 
 

@@ -146,3 +146,19 @@ def test_bench_latency_reports_every_mode_with_its_split(tiny_qwen):
         assert run["context_tokens"] == 96 and run["new_tokens"] == 3 and 0 < run["ttft_s"] <= run["total_s"]
         assert (run["t_comm_s"] > 0) == (run["mode"] != "edge-only")
         assert (run["link"] or "").startswith("emulated") == (run["mode"] != "edge-only")
+
+
+def test_a_shorter_context_over_longer_chunks_decodes_as_that_context_alone(tiny_qwen):
+    """A context that ends inside the artifact's last reused chunk: the KV past its end is dropped."""
+    from celslm.artifact import MemoryReader
+    from celslm.decode import context_from_prefix
+
+    loaded = load_model(str(tiny_qwen))
+    ids = prompting.context_ids(loaded.tokenizer, CONTEXT * 2, "raw")
+    artifact = prefill(loaded, ids, framing="raw", chunk_size=64)
+    short = ids[:150]  # chunks 0..2 cover 192 tokens
+    ctx = context_from_prefix(loaded, short, "raw", MemoryReader(artifact), chunks=3)
+    assert ctx.sequence.length == len(short)
+    prompt = prompting.prompt_ids(loaded.tokenizer, "Go on.", "raw", raw=True)
+    tokens = list(generate(loaded, ctx, prompt, Sampling(max_new_tokens=6)))
+    assert tokens == reference_greedy(loaded.model, short + prompt, 6, stop={257})[0]

@@ -10,9 +10,11 @@ edge-only decode of the same context. Any failure exits non-zero with what went 
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,6 +57,7 @@ def wait_healthy(url: str, server: subprocess.Popen) -> None:
 def main() -> None:
     os.environ["TQDM_DISABLE"] = "1"  # transformers' save bars
     work = Path(tempfile.mkdtemp(prefix="celslm-wheel-"))
+    atexit.register(shutil.rmtree, work, True)  # on success and on sys.exit alike
     os.chdir(work)  # never the source tree: `import celslm` must find the installed package
     spec = importlib.util.find_spec("celslm")
     if spec is None or Path(sys.prefix).resolve() not in Path(spec.origin).resolve().parents:

@@ -247,7 +247,8 @@ def ce_lslm_hybrid(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, con
     artifact, prep_s = prepared or cross_artifact(llm, slm, alignment, context, raw, codec)
     tokens = artifact.manifest.token_count
     recompute = round(tokens * recompute_share)
-    kept = kept_chunks(artifact.manifest, recompute) * artifact.manifest.chunk_size
+    kept = min(tokens, (kept_chunks(artifact.manifest, recompute) if recompute else artifact.manifest.chunks)
+               * artifact.manifest.chunk_size)
     return _artifact_mode("ce-lslm-hybrid", slm, artifact, prep_s, prompt, sampling, raw, answer, recompute,
                           notes={"alignment": alignment.digest[:12], "edge_prefilled_tokens": tokens - kept,
                                  "context_tokens": tokens})
