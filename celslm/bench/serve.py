@@ -8,7 +8,6 @@ sha256. Every loop is bounded by a duration and a count; only 127.0.0.1 is conta
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from celslm.artifact import Artifact, Manifest, MemoryReader, ModelSpace, Producer
+from celslm.artifact import Artifact, Manifest, MemoryReader, ModelSpace, Producer, sha256_digest
 from celslm.blocks import build_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push
@@ -107,7 +106,7 @@ async def _client(url: str, artifact_id: str, deadline: float, max_pulls: int, l
             try:
                 async with session.get(f"{url}/v1/artifacts/{artifact_id}") as response:
                     manifest = await response.read()
-                    if response.status != 200 or "sha256:" + hashlib.sha256(manifest).hexdigest() != artifact_id:
+                    if response.status != 200 or sha256_digest(manifest) != artifact_id:
                         counts["errors"] += 1
                         continue
                 refs = Manifest.from_bytes(manifest).blob_refs()
@@ -118,7 +117,7 @@ async def _client(url: str, artifact_id: str, deadline: float, max_pulls: int, l
                     if response.status != 200:
                         counts["errors"] += 1
                         break
-                    if "sha256:" + hashlib.sha256(data).hexdigest() != ref.digest:
+                    if sha256_digest(data) != ref.digest:
                         counts["corrupted"] += 1
                         break
                     size += len(data)
