@@ -352,13 +352,47 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
         progress(f"loading {spec}", 0, None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = _load_fp32(folder) or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise CelslmError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     name = spec if spec in bundled_models() else Path(spec).name
     return LoadedModel(name=name, folder=folder, fingerprint=fingerprint, model=model, tokenizer=tokenizer,
                        engine=TransformersEngine(model))
+
+
+def _load_fp32(folder: Path):
+    """The model in fp32, its weights read one tensor at a time (pread, not mmap) and upcast into place.
+
+    from_pretrained maps the 16-bit weight files and upcasts from the mapping, so its peak memory is the
+    fp32 model plus the whole mapped file (10.9 GB for the 1.5B model, 7.3 GB this way). None when the
+    folder's tensor names are not exactly the model's (from_pretrained knows how to rename them)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    names = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            names.update((name, path) for name in f.keys())
+    config = AutoConfig.from_pretrained(folder)
+    with no_init_weights():  # every parameter is overwritten below: random init would be wasted time
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = model.state_dict()
+    loaded = {state[name].data_ptr() for name in names if name in state}
+    if set(names) - set(state) or any(t.data_ptr() not in loaded for t in state.values()):
+        return None  # a name the model does not have, or a parameter (not tied to a loaded one) left out
+    for path in files:
+        with safe_open(path, "pt", backend="pread") as f:
+            for name in f.keys():
+                state[name].copy_(f.get_tensor(name))  # [same shape]; copy_ checks it and upcasts
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from celslm import models
@@ -105,3 +106,17 @@ def test_resolve_rejects_what_is_not_a_model(tmp_path):
         models.resolve_model(str(tmp_path / "notes.txt"))
     with pytest.raises(UsageError, match="config.json"):
         models.resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen", "tiny_llama"])
+def test_load_model_gives_the_logits_from_pretrained_gives(arch, request):
+    """celslm reads the weights itself (less memory than from_pretrained): the model must be the same."""
+    from transformers import AutoModelForCausalLM
+
+    folder = request.getfixturevalue(arch)
+    ours = models.load_model(str(folder)).model
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3, 70, 200, 255]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    assert ours.generation_config.eos_token_id == theirs.generation_config.eos_token_id
