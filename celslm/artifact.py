@@ -33,13 +33,12 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from celslm.codecs import MEDIA_BASIS, MEDIA_BLOCK, parse_codec
+from celslm.codecs import parse_codec
 from celslm.errors import IntegrityError, OutputExists, UsageError
 
 SCHEMA = "celslm.kv/1"
 MEDIA_MANIFEST = "application/vnd.celslm.kv.manifest.v1+json"
 MEDIA_TOKENS = "application/vnd.celslm.kv.tokens.v1+safetensors"
-MEDIA_TYPES = (MEDIA_MANIFEST, MEDIA_TOKENS, MEDIA_BLOCK, MEDIA_BASIS)  # blocks add +lz4 or +zstd when framed
 MANIFEST_NAME = "manifest.json"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # how uncompressed blocks store their tensors
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -27,14 +27,6 @@ def inject(cache: DynamicCache, index: int, key: torch.Tensor, value: torch.Tens
     cache.update(key.unsqueeze(0), value.unsqueeze(0), index)
 
 
-def cache_from_layers(model, layers: list[LayerKV]) -> DynamicCache:
-    """Inject post-RoPE keys and values, one entry per layer, into a fresh cache."""
-    cache = new_cache(model)
-    for index, (key, value) in enumerate(layers):
-        inject(cache, index, key, value)
-    return cache
-
-
 def cache_layers(cache: DynamicCache, count: int | None = None) -> list[LayerKV]:
     """The cache's post-RoPE keys and values per layer (its first `count`), batch dimension dropped."""
     return [(layer.keys[0], layer.values[0]) for layer in cache.layers[:count]]
