@@ -119,10 +119,8 @@ def _context_from_text(loaded: LoadedModel, text: str, sources: Sources, link: L
     """The longest cached prefix of the text any tier has, and the rest prefilled here (or all of it)."""
     framing = prompting.default_framing(loaded.tokenizer)
     token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
-    if not sources.remote:
-        return context_from_ids(loaded, token_ids, framing=framing, step=sources.chunk_size, progress=progress), None, None
-    tiers = sources.tiers()
-    found = tiers.lookup(loaded.fingerprint, prefix_hashes(token_ids, loaded.fingerprint, sources.chunk_size))
+    tiers = sources.tiers() if sources.remote else None
+    found = tiers and tiers.lookup(loaded.fingerprint, prefix_hashes(token_ids, loaded.fingerprint, sources.chunk_size))
     if not found:
         return context_from_ids(loaded, token_ids, framing=framing, step=sources.chunk_size, progress=progress), None, tiers
     reader = tiers.reader(found[0])
