@@ -34,7 +34,7 @@ from celslm.errors import UsageError
 from celslm.features import FEATURES, LayerFeatures, layer_features, native_layers, to_heads
 from celslm.models import LoadedModel, Progress, celslm_home, check_tokenizers, load_model, load_tokenizer
 from celslm.projection import SOURCES, AlignedModel, Alignment, HeldOut, cross_layers, regressor
-from celslm.score import continuation_logits
+from celslm.score import continuation_logits, nll
 
 MAP_METHODS = ("cka", "rsa", "proportional")
 LAMBDAS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # ridge strengths, times the Gram's mean eigenvalue
@@ -314,7 +314,7 @@ def fit_maps(cal: Calibration, layer_map: list[int], source: str, progress: Prog
 def continuation_nll(slm: LoadedModel, token_ids: list[int], layers, continuation: list[int]) -> float:
     """The SLM's mean NLL of `continuation` after a context held as pre-RoPE `layers`."""
     logits, targets = continuation_logits(slm, context_from_layers(slm, token_ids, layers), continuation)
-    return torch.nn.functional.cross_entropy(logits, targets).item()
+    return nll(logits, targets)
 
 
 def measure_heldout(slm: LoadedModel, alignment: Alignment, windows, llm_features: list[LayerFeatures],

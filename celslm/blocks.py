@@ -1,9 +1,9 @@
-"""A context's KV tensors <-> an artifact's blocks, through a codec: the tensor side of the format.
+"""A context's KV tensors -> an artifact's blocks, through a codec: the writing side of the format.
 
 `artifact.py` owns the format (manifest, blobs, streams, digests) and imports no torch; `codecs.py`
-parses codec specs. This module runs the tensor stages (`fp16`, `pca`, `intN`) on blocks of
-`[H, t, D]` keys (pre-RoPE) and values, cuts per-layer KV into blocks to build an artifact, and reads
-an artifact's verified blocks back into per-layer tensors.
+parses codec specs; `blockread.py` reads blocks back with numpy only. This module runs the tensor
+stages (`fp16`, `pca`, `intN`) on blocks of `[H, t, D]` keys (pre-RoPE) and values, and cuts
+per-layer KV into blocks to build an artifact.
 """
 
 from __future__ import annotations
@@ -11,20 +11,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from typing import Iterator
-
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from celslm.blockread import open_context
 from celslm.artifact import (MEDIA_TOKENS, Artifact, ArtifactReader, BlobRef, Geometry, Manifest, ModelSpace, Producer,
                              Timings, decode_tokens, encode_tokens, prefix_hashes, sha256_digest)
 from celslm.codecs import KINDS, MEDIA_BASIS, BlockShape, Codec, parse_codec
 from celslm.errors import IntegrityError, UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key pre-RoPE [H, T, D], value [H, T, D])
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key pre-RoPE [H, T, D], value [H, T, D]); numpy arrays do too
 
 
 # ---------------------------------------------------------------- bit packing
@@ -54,22 +53,6 @@ def _pack(flat: np.ndarray, bits: int) -> np.ndarray:
     for i in range(1, 8 // bits):
         out |= lanes[:, i] << (bits * i)
     return out
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    padded = count + (-count) % 8
-    return torch.from_numpy(_unpack(packed.numpy(), bits, padded)[:count])
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    if bits == 8:
-        return packed[:count]
-    if bits == 1:
-        return np.unpackbits(packed, bitorder="little", count=count)
-    if bits == 3:
-        return _unpack(packed[: count // 4], 2, count) | (_unpack(packed[count // 4 :], 1, count) << 2)
-    mask = (1 << bits) - 1
-    return np.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], axis=1).reshape(-1)[:count]
 
 
 # ---------------------------------------------------------------- quantization
@@ -103,23 +86,6 @@ def quantize(x: torch.Tensor, bits: int, group: int, along_tokens: bool) -> dict
     return {"q": pack_bits(q, bits), "scale": scale.squeeze(reduce), "zero": zero.squeeze(reduce)}
 
 
-def dequantize(parts: dict[str, torch.Tensor], bits: int, group: int, shape: tuple[int, int, int],
-               along_tokens: bool) -> torch.Tensor:
-    """Inverse of `quantize` for a tensor of `shape` `[H, t, W]`."""
-    heads, tokens, width = shape
-    group = min(group, tokens if along_tokens else width)
-    reduce = 2 if along_tokens else 3
-    scale = parts["scale"].float().unsqueeze(reduce)
-    zero = parts["zero"].float().unsqueeze(reduce)
-    grouped_shape = list(scale.shape)
-    grouped_shape[reduce] = group
-    count = math.prod(grouped_shape)
-    q = unpack_bits(parts["q"], bits, count).view(grouped_shape).float()
-    x = q.mul_(scale).add_(zero)
-    x = x.reshape(heads, -1, width) if along_tokens else x.reshape(heads, tokens, -1)
-    return (x[:, :tokens] if along_tokens else x[..., :width]).contiguous()
-
-
 # ---------------------------------------------------------------- PCA
 
 
@@ -140,10 +106,6 @@ def fit_basis(x: torch.Tensor, rank: int | None, energy: float | None) -> dict[s
 
 def project(x: torch.Tensor, basis: dict[str, torch.Tensor]) -> torch.Tensor:
     return (x.float() - basis["mean"].float().unsqueeze(1)) @ basis["basis"].float()  # [H, t, r]
-
-
-def reconstruct(coeffs: torch.Tensor, basis: dict[str, torch.Tensor]) -> torch.Tensor:
-    return coeffs @ basis["basis"].float().transpose(1, 2) + basis["mean"].float().unsqueeze(1)
 
 
 # ---------------------------------------------------------------- a codec's tensor stages, per layer and per block
@@ -197,33 +159,6 @@ def _encode_tensor(codec: Codec, kind, x, basis, where, store_dtype):
     return out
 
 
-def decode_block(codec: Codec, data: bytes, media_type: str, bases: dict,
-                 shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(key, value), each `[H, t, D]` in fp32; `shape` is what the manifest says the block holds."""
-    if media_type != codec.media_type:
-        raise IntegrityError(f"media type {media_type} does not match codec {codec.spec}")
-    tensors = st_load(codec.unwrap(data))
-    return tuple(_decode_tensor(codec, kind, tensors, bases.get(kind), shape) for kind in KINDS)
-
-
-def _decode_tensor(codec: Codec, kind, tensors, basis, shape):
-    if kind in tensors:
-        x = tensors[kind].float()
-        return reconstruct(x, basis) if basis else x
-    heads, tokens, width = shape
-    head, tail = tensors.get(f"{kind}.head"), tensors.get(f"{kind}.tail")
-    pieces = [head.float()] if head is not None else []
-    if f"{kind}.q" in tensors:
-        kept = sum(t.shape[1] for t in (head, tail) if t is not None)
-        body_shape = (heads, tokens - kept, basis["basis"].shape[-1] if basis else width)
-        parts = {n: tensors[f"{kind}.{n}"] for n in ("q", "scale", "zero")}
-        body = dequantize(parts, codec.bits(kind), codec.group(kind), body_shape, along_tokens=(kind == "key"))
-        pieces.append(reconstruct(body, basis) if basis else body)
-    if tail is not None:
-        pieces.append(tail.float())
-    return torch.cat(pieces, dim=1)
-
-
 # ---------------------------------------------------------------- layers -> artifact
 
 
@@ -257,6 +192,7 @@ def build_artifact(
     total = len(token_ids)
     blocks, bases = [], []
     for key, value in layers:
+        key, value = torch.as_tensor(key), torch.as_tensor(value)  # numpy arrays from blockread or llama.cpp
         aux = fit_layer(codec, key, value)
         bases.append(add(aux, MEDIA_BASIS) if aux is not None else None)
         layer_bases = load_layer(aux)
@@ -307,47 +243,3 @@ def recode(reader: ArtifactReader, codec: Codec) -> Artifact:
     )
     timings = replace(source.timings, compress_s=round(time.perf_counter() - started, 6))
     return Artifact(replace(artifact.manifest, timings=timings), artifact.blobs)
-
-
-# ---------------------------------------------------------------- artifact -> layers
-
-
-def open_context(reader: ArtifactReader, chunks: int | None = None
-                 ) -> tuple[list[int], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
-    """The context's token ids, and an iterator over its layers as they are read and verified:
-    (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), in fp32. With `chunks`, only that prefix
-    of the context (all its token ids are still returned)."""
-    m = reader.manifest
-    blobs = reader.blobs(chunks)
-    _, data = next(blobs)
-    token_ids = decode_tokens(data, f"{reader.source}: token ids blob")
-    if len(token_ids) != m.token_count:
-        raise IntegrityError(f"{reader.source}: token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
-    return token_ids, _layers(reader, blobs, m.chunks if chunks is None else min(chunks, m.chunks))
-
-
-def _layers(reader: ArtifactReader, blobs, chunks: int):
-    m = reader.manifest
-    codec = parse_codec(m.codec)
-    lengths = m.chunk_lengths()
-    heads, width = m.geometry.kv_heads, m.geometry.head_dim
-    for layer in range(m.layers):
-        layer_bases = load_layer(next(blobs)[1] if m.layer_aux(layer) else None)
-        keys, values = [], []
-        for chunk in range(chunks):
-            ref, data = next(blobs)
-            shape = (heads, lengths[chunk], width)
-            try:
-                key, value = decode_block(codec, data, ref.media_type, layer_bases, shape)
-            except IntegrityError as exc:
-                raise IntegrityError(f"{reader.source}: {m.describe(ref)}: {exc}") from exc
-            except Exception as exc:  # digest matched, content does not fit the manifest
-                raise IntegrityError(f"{reader.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
-            if tuple(key.shape) != shape or tuple(value.shape) != shape:
-                raise IntegrityError(f"{reader.source}: {m.describe(ref)} has shape {tuple(key.shape)}, expected {shape}")
-            keys.append(key)
-            values.append(value)
-        if not keys:  # a prefix of no chunks: nothing cached, everything is prefilled by the caller
-            empty = torch.zeros(heads, 0, width)
-            keys, values = [empty], [empty]
-        yield layer, torch.cat(keys, dim=1), torch.cat(values, dim=1)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
+import numpy as np
 
 from celslm import prompting
 from celslm.engine import Sequence
@@ -190,23 +190,26 @@ def context_from_layers(loaded: LoadedModel, token_ids: list[int], layers: list[
 
 
 def eos_ids(loaded: LoadedModel) -> set[int]:
-    ids = set()
-    for source in (getattr(loaded.model, "generation_config", None), loaded.tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
-    return ids
+    """Generation stops after any of these: the generation config's and the tokenizer's end token."""
+    extra = getattr(loaded.tokenizer, "eos_token_id", None)
+    return set(loaded.eos_ids) | ({extra} if extra is not None else set())
 
 
-def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """Pick a token from last-position logits `[V]`."""
     if sampling.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        return int(np.argmax(logits))
+    scaled = np.asarray(logits, dtype=np.float64) / sampling.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
     if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p  # always keeps the top one
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
+        keep = np.cumsum(sorted_probs) - sorted_probs < sampling.top_p  # always keeps the top one
+        probs = np.zeros_like(probs)
+        probs[order[keep]] = sorted_probs[keep]
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
 
 
 def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampling: Sampling,
@@ -216,7 +219,7 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
         raise UsageError("the prompt is empty")
     stats = context.stats
     stats.prompt_tokens = len(prompt_ids)
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    rng = np.random.default_rng(sampling.seed)
     stop = eos_ids(loaded)
     engine, sequence = loaded.engine, context.sequence
     started = time.perf_counter()
@@ -232,17 +235,17 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
             timeline.compute.append((started, time.perf_counter()))
     stats.prompt_prefill_s = time.perf_counter() - started
     first_at = None
-    for _ in range(sampling.max_new_tokens):
+    for index in range(sampling.max_new_tokens):
         if logits_out is not None:
             logits_out.append(logits)
-        token = next_token(logits, sampling, generator)
+        token = next_token(logits, sampling, rng)
         stats.new_tokens += 1
         if first_at is None:
             first_at = time.perf_counter()
             stats.ttft_s = first_at - context.started
         yield token
-        if token in stop:
-            break
+        if token in stop or index + 1 == sampling.max_new_tokens:
+            break  # no forward pass for a token nobody will read
         logits = engine.evaluate(sequence, [token])[-1]
     finished = time.perf_counter()
     stats.generate_s = finished - (first_at or finished)

@@ -2,24 +2,24 @@
 
 An `Engine` runs one model. A `Sequence` is one token sequence's KV cache on it, opaque to callers,
 filled from position 0 on by `prefill` (context tokens), `inject` (a context's KV from an artifact)
-and `evaluate` (prompt and generated tokens, returning logits). Keys cross this interface pre-RoPE
-`[H, T, D]`, values `[H, T, D]`, as artifacts hold them: `place` puts a layer into the engine's own
-form (rotated by its RoPE convention, cast to its cache type), so artifacts stay engine-neutral.
+and `evaluate` (prompt and generated tokens, returning logits, numpy float32). Keys cross this
+interface pre-RoPE `[H, T, D]`, values `[H, T, D]`, as artifacts hold them (numpy arrays or torch
+tensors): `place` puts a layer into the engine's own form (rotated by its RoPE convention, cast to
+its cache type), so artifacts stay engine-neutral.
 
-transformers is the engine today (`kvcache.TransformersEngine`, the reference); llama.cpp comes next
-behind the same calls. Alignment and its measurements stay on transformers (`kvcache`, `features`).
+Two engines: `kvcache.TransformersEngine` (fp32 transformers, the reference; alignment and its
+measurements stay there) and `llamacpp.LlamaEngine` (the GGUF as it is, through llama-cpp-python; the
+edge's default). This module imports neither torch nor numpy, so an edge on llama.cpp never loads torch.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Callable
-
-import torch
+from typing import Any, Callable
 
 from celslm.artifact import Geometry
 
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key [H, T, D], value [H, T, D])
+LayerKV = tuple[Any, Any]  # (key [H, T, D], value [H, T, D]): numpy arrays or torch tensors
 TokenProgress = Callable[[int, int], None]  # called with (tokens done, tokens total)
 # fetch(layer) -> that layer as `place` returned it; on_compute(start, end) records a stretch of compute
 LayerFetch = Callable[[int], object]
@@ -54,11 +54,11 @@ class Engine:
         """Append `token_ids` (no logits kept), `step` tokens at a time."""
         raise NotImplementedError
 
-    def evaluate(self, seq: Sequence, token_ids: list[int], logits_to_keep: int = 1) -> torch.Tensor:
-        """Append `token_ids` and return the logits of the last `logits_to_keep` of them, `[n, V]` fp32."""
+    def evaluate(self, seq: Sequence, token_ids: list[int], logits_to_keep: int = 1) -> Any:
+        """Append `token_ids` and return the logits of the last `logits_to_keep` of them: numpy `[n, V]` float32."""
         raise NotImplementedError
 
-    def place(self, key: torch.Tensor, value: torch.Tensor) -> object:
+    def place(self, key: Any, value: Any) -> object:
         """A context layer's pre-RoPE key and value `[H, T, D]` (positions 0..T-1) in this engine's form;
         thread-safe, so a feed thread can do it while the engine computes."""
         raise NotImplementedError
@@ -76,5 +76,5 @@ class Engine:
         raise NotImplementedError
 
     def context_layers(self, seq: Sequence) -> list[LayerKV]:
-        """The sequence's KV per layer, keys pre-RoPE, `[H, T, D]` fp32: what an artifact holds."""
+        """The sequence's KV per layer, keys pre-RoPE, `[H, T, D]` float32: what an artifact holds."""
         raise NotImplementedError

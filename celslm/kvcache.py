@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -268,10 +269,12 @@ class TransformersEngine(Engine):
                 progress: TokenProgress | None = None) -> None:
         fill(self.model, token_ids, step, progress, cache=seq.cache)
 
-    def evaluate(self, seq: TransformersSequence, token_ids: list[int], logits_to_keep: int = 1) -> torch.Tensor:
-        return forward(self.model, token_ids, seq.cache, seq.length, logits_to_keep)
+    def evaluate(self, seq: TransformersSequence, token_ids: list[int], logits_to_keep: int = 1) -> np.ndarray:
+        with torch.inference_mode():
+            return forward(self.model, token_ids, seq.cache, seq.length, logits_to_keep).numpy()
 
-    def place(self, key: torch.Tensor, value: torch.Tensor) -> LayerKV:
+    def place(self, key, value) -> LayerKV:
+        key, value = torch.as_tensor(key), torch.as_tensor(value)  # numpy arrays from blockread
         length = key.shape[1]
         tables = self._rope.get(length)  # every layer of a context shares its tables
         if tables is None:

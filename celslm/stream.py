@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from celslm.artifact import ArtifactReader
-from celslm.blocks import open_context
+from celslm.blockread import open_context
 from celslm.engine import Engine
 from celslm.errors import UsageError
 

@@ -217,6 +217,45 @@ def serve_(
         log(f"note: {result['note']}")
 
 
+@app.command("edge", epilog=examples(
+    "celslm bench edge -m qwen2.5-coder-0.5b",
+    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 1024 --new-tokens 32 --repeats 2 --no-transformers --json"))
+def edge_(
+    model: ModelOpt,
+    tokens: Annotated[int, typer.Option("--tokens", min=16, help="Context length in tokens (standard-library source).")] = 2048,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per run (greedy).")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, max=20, help="Interleaved repetitions of every row.")] = 3,
+    transformers: Annotated[bool, typer.Option("--transformers/--no-transformers", metavar=FLAG, help="Include celslm edge-only on transformers (the slowest row).")] = True,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Threads for every engine (default: all cores).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Whole processes on one GGUF: celslm decode from an artifact vs llama.cpp restoring its own state, and edge-only."""
+    from celslm.bench import edge as edge_bench
+
+    with progress_bar() as progress:
+        loaded = load_model(model, progress)
+        result = edge_bench.run(loaded, model, tokens=tokens, new_tokens=new_tokens, repeats=repeats,
+                                transformers=transformers, threads=threads, progress=progress)
+    if json_:
+        print_json(result)
+        return
+    table = Table("process", "first byte s", "total s", "decode tok/s", "peak MiB", "text = llama.cpp edge-only",
+                  title=f"{result['model']}: {result['context_tokens']}-token context, {result['new_tokens']} new tokens, "
+                        f"median of {result['repeats']} interleaved runs, {result['threads']} threads")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in result["rows"]:
+        table.add_row(r["label"], fmt(r["first_byte_s"], ".2f"), fmt(r["total_s"], ".2f"), fmt(r["decode_tok_s"], ".1f"),
+                      fmt(r["peak_rss_mib"], ".0f"), "yes" if r["same_text_as_llama_cpp_edge_only"] else "no")
+    out_console.print(table)
+    ratios = result["ratios"]
+    out_console.print(f"first byte, celslm --kv / llama.cpp state restore: {fmt(ratios['first_byte_kv_vs_peer'], '.2f')}x   "
+                      f"decode rate: {fmt(ratios['decode_rate_kv_vs_peer'], '.2f')}x   "
+                      f"peak memory: {fmt(ratios['peak_rss_kv_vs_peer'], '.2f')}x")
+    out_console.print(f"bytes: artifact {result['artifact_bytes']:,}, llama.cpp f16 state {result['llama_state_bytes']:,} "
+                      f"({fmt(ratios['state_bytes_vs_artifact'], '.1f')}x larger); llama.cpp edge-only first byte is "
+                      f"{fmt(ratios['first_byte_llama_edge_only_vs_kv'], '.1f')}x later than celslm --kv")
+
+
 @app.command("latency", epilog=examples(
     "celslm bench latency -m qwen2.5-coder-0.5b --plot latency.png",
     "celslm bench latency -m qwen2.5-coder-0.5b --quick --json"))

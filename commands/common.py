@@ -22,6 +22,9 @@ FLAG = ""  # the metavar of boolean flags: their help shows no value placeholder
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", envvar="CELSLM_MODEL", show_envvar=True,
     help="Model: a Hugging Face folder, a .gguf file, a bundled name (celslm models list) or a hub id.")]
+EngineOpt = Annotated[str | None, typer.Option(
+    "--engine", envvar="CELSLM_ENGINE", show_envvar=True,
+    help="llama.cpp (the GGUF as it is; default for a .gguf or bundled model) or transformers (fp32 reference).")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print machine-readable JSON on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", metavar=FLAG, help="Replace the output if it exists.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CELSLM_TOKEN", show_envvar=True,

@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from celslm.errors import UsageError
-from celslm.models import load_model
-from .common import (FLAG, for_option, CloudOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
+from celslm.models import default_engine, load_model
+from .common import (FLAG, for_option, CloudOpt, EngineOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
                      read_file_or_stdin, read_text)
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ EPILOG = examples(
     "celslm decode -m qwen2.5-coder-0.5b --kv sched:latest --peer http://peer:8470 --cloud http://cloud:8470 -p 'Why?'",
     "celslm decode -m qwen2.5-coder-0.5b --context sched.py --cloud http://cloud:8470 -p 'Why?'   # cached prefix + local rest",
     "celslm decode -m qwen2.5-coder-0.5b --kv sched-cross.kv --recompute-last 512 -p 'Why?'   # cross-model KV + own recent tokens",
+    "celslm decode -m qwen2.5-coder-0.5b --engine transformers --kv sched.kv -p 'Why?'   # the fp32 reference engine",
 )
 
 
@@ -44,6 +45,7 @@ def decode(
     link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", metavar=FLAG, help="Run the prompt's layer l as soon as layer l's KV is in (default), or wait for all of it.")] = True,
     stats: Annotated[bool, typer.Option("--stats", metavar=FLAG, help="Print the time split on stderr after generation.")] = False,
+    engine: EngineOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""
@@ -63,7 +65,9 @@ def decode(
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     context_text = read_file_or_stdin(context, "--context") if context is not None else None
     with progress_bar() as progress:
-        loaded = load_model(model, progress)
+        with for_option("--engine"):
+            engine = default_engine(model, engine)
+        loaded = load_model(model, progress, engine=engine)
         result = answer(loaded, prompt_text, kv=kv, context_text=context_text,
                         sources=Sources(tuple(peer or ()), cloud, token, chunk_size), recompute_last=recompute_last,
                         link=shaped, pipeline=pipeline, raw=raw, sampling=sampling,
@@ -86,7 +90,8 @@ def decode(
     if stats:
         err_console.print(stats_table(ctx.stats))
     if json_:
-        print_json({"text": "".join(pieces), "artifact": result.artifact_id, **ctx.stats.to_json()})
+        print_json({"text": "".join(pieces), "artifact": result.artifact_id, "engine": loaded.engine.name,
+                    **ctx.stats.to_json()})
 
 
 def stats_table(s: DecodeStats) -> Table:

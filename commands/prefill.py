@@ -13,8 +13,8 @@ from celslm.artifact import DTYPE_NAMES, MemoryReader, write_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push as push_artifact
 from celslm.errors import UsageError
-from celslm.models import load_model
-from .common import (FLAG, ForceOpt, JsonOpt, ModelOpt, TokenOpt, examples, log, parse_budget, print_json, progress_bar,
+from celslm.models import default_engine, load_model
+from .common import (FLAG, ForceOpt, for_option, JsonOpt, ModelOpt, TokenOpt, examples, log, parse_budget, print_json, progress_bar,
                      read_file_or_stdin)
 
 EPILOG = examples(
@@ -55,6 +55,7 @@ def prefill(
     tag: Annotated[str | None, typer.Option("--tag", help="With --push: point this tag at the artifact.")] = None,
     token: TokenOpt = None,
     force: ForceOpt = False,
+    engine: Annotated[str, typer.Option("--engine", help="transformers (fp32, the reference) or llama.cpp (the GGUF as it is; its KV read back, keys un-rotated).")] = "transformers",
     json_: JsonOpt = False,
 ) -> None:
     """Compute a context's KV cache and write it as an artifact (directory, tar stream, or a server)."""
@@ -73,6 +74,8 @@ def prefill(
         raise UsageError("--json needs --out PATH: with --out - stdout carries the artifact")
     if (native_layers or auto or slm) and not align:
         raise UsageError("--native-layers, --auto and --slm go with --align")
+    if align and engine != "transformers":
+        raise UsageError("--align runs on --engine transformers (alignment reads the models' hidden states)")
     if native_layers and auto:
         raise UsageError("give either --native-layers or --auto, not both")
     alignment = load_alignment(align) if align else None
@@ -86,7 +89,9 @@ def prefill(
     text = read_file_or_stdin(context, "--context")
     started = time.perf_counter()
     with progress_bar() as progress:
-        loaded = load_model(model, progress)
+        with for_option("--engine"):
+            engine = default_engine(model, engine)
+        loaded = load_model(model, progress, engine=engine)
         small = load_aligned_models(alignment, loaded, slm, progress) if alignment else None
         framing = "raw" if raw else prompting.default_framing(loaded.tokenizer)
         token_ids = prompting.context_ids(loaded.tokenizer, text, framing)

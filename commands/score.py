@@ -9,8 +9,8 @@ import typer
 
 from celslm.artifact import open_artifact
 from celslm.errors import UsageError
-from celslm.models import load_model
-from .common import JsonOpt, ModelOpt, examples, print_json, progress_bar, read_file_or_stdin
+from celslm.models import default_engine, load_model
+from .common import EngineOpt, JsonOpt, for_option, ModelOpt, examples, print_json, progress_bar, read_file_or_stdin
 
 EPILOG = examples(
     "celslm score -m qwen2.5-coder-0.5b --kv sched.kv --continuation next.py",
@@ -24,6 +24,7 @@ def score(
     continuation: Annotated[str, typer.Option("--continuation", help="Text that follows the context: a file, or - for stdin.")],
     kv: Annotated[str | None, typer.Option("--kv", help="Context artifact; without it the continuation is scored alone.")] = None,
     ref: Annotated[str | None, typer.Option("--ref", help="Reference artifact: adds top-1 next-token agreement with decoding from it.")] = None,
+    engine: EngineOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Mean negative log-likelihood and perplexity of a continuation after an artifact's context."""
@@ -34,7 +35,9 @@ def score(
         raise UsageError("only one of --continuation, --kv and --ref can read stdin")
     text = read_file_or_stdin(continuation, "--continuation")
     with progress_bar() as progress:
-        loaded = load_model(model, progress)
+        with for_option("--engine"):
+            engine = default_engine(model, engine)
+        loaded = load_model(model, progress, engine=engine)
     ids = loaded.tokenizer(text, add_special_tokens=kv is None)["input_ids"]
 
     def logits_after(artifact: str | None):
@@ -47,7 +50,7 @@ def score(
         raise UsageError("--ref scores a different number of tokens (give --kv too, or neither)")
     result = score_logits(logits, targets, reference)
     if json_:
-        print_json({"nll": round(result.nll, 6), "ppl": round(result.ppl, 4), "tokens": result.tokens,
+        print_json({"nll": round(result.nll, 6), "ppl": round(result.ppl, 4), "tokens": result.tokens, "engine": loaded.engine.name,
                     **({"top1_agreement": round(result.top1_agreement, 6)} if ref else {})})
     else:
         line = f"nll {result.nll:.4f}  ppl {result.ppl:.3f}  tokens {result.tokens}"

@@ -14,7 +14,7 @@ import torch
 from celslm import align as A
 from celslm.align import fit_ridge, monotone_map, proportional_map
 from celslm.artifact import open_artifact
-from celslm.blocks import open_context
+from celslm.blockread import open_context
 from celslm.models import load_model
 from celslm.projection import load_alignment
 from tests.conftest import CONTEXT, run_cli, save_tiny_model
@@ -79,7 +79,7 @@ def test_alignment_records_a_monotone_map_fits_and_measured_quality(pair):
 def _layers(path):
     reader = open_artifact(str(path))
     _, layers = open_context(reader)
-    return reader.manifest, [(key, value) for _, key, value in layers]
+    return reader.manifest, [(torch.from_numpy(key), torch.from_numpy(value)) for _, key, value in layers]
 
 
 def test_projected_artifact_is_in_the_small_models_space_and_decodes(pair, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from celslm import prompting
-from celslm import blocks
+from celslm import blockread, blocks
 from celslm.artifact import DirectoryReader, MemoryReader, open_artifact, write_dir
 from celslm.blocks import quantize, recode
 from celslm.codecs import PRESETS, BlockShape, parse_codec
@@ -23,9 +23,10 @@ WHERE = BlockShape(start=0, tokens=96, total=96)
 
 def roundtrip(spec: str, key: torch.Tensor, value: torch.Tensor, where: BlockShape = WHERE):
     codec = parse_codec(spec)
-    bases = blocks.load_layer(blocks.fit_layer(codec, key, value))
-    data = blocks.encode_block(codec, key, value, bases, where)
-    return blocks.decode_block(codec, data, codec.media_type, bases, tuple(key.shape)), data
+    aux = blocks.fit_layer(codec, key, value)
+    data = blocks.encode_block(codec, key, value, blocks.load_layer(aux), where)
+    decoded = blockread.decode_block(codec, data, codec.media_type, blockread.load_bases(aux), tuple(key.shape))
+    return tuple(torch.from_numpy(x) for x in decoded), data
 
 
 @pytest.fixture()

@@ -98,7 +98,7 @@ def test_the_answer_is_scored_on_the_rows_that_predict_it(models):
     expected = torch.nn.functional.cross_entropy(logits[start : start + len(answer_ids)], torch.tensor(answer_ids)).item()
     ctx = context_from_ids(slm, context_ids, framing="raw")
     got = modes.answer_logits(slm, ctx, prompt_ids, answer_ids)
-    assert torch.nn.functional.cross_entropy(got, torch.tensor(answer_ids)).item() == pytest.approx(expected, abs=1e-4)
+    assert torch.nn.functional.cross_entropy(torch.from_numpy(got), torch.tensor(answer_ids)).item() == pytest.approx(expected, abs=1e-4)
     assert modes.edge_only(slm, CONTEXT, prompt, SAMPLING, raw=True, answer=answer).nll == pytest.approx(expected, abs=1e-4)
 
 

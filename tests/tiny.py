@@ -55,3 +55,88 @@ def save_tiny_model(folder: Path, arch: str, seed: int = 0, chat: bool = True, e
     model.save_pretrained(folder)
     byte_tokenizer(chat, extra_special).save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------- tiny GGUF files (both engines load them)
+
+GGUF_SPECIALS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
+
+
+def _hf_to_gguf_name(name: str) -> str | None:
+    table = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if name in table:
+        return table[name]
+    parts = name.split(".")  # model.layers.{i}.{module}.{proj}.{weight|bias}
+    blk = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    module = ".".join(parts[3:-1])
+    return f"blk.{parts[2]}.{blk[module]}.{parts[-1]}" if module in blk else None
+
+
+def _permute(weight, heads: int):
+    """convert_hf_to_gguf's Q/K row permutation for NORM-RoPE architectures (llama)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def save_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0, layers: int = 3, context: int = 1024) -> Path:
+    """A tiny random model as a GGUF file (fp32 weights, a byte-level BPE vocabulary plus chat specials, a
+    chat template) written the way convert_hf_to_gguf writes `arch` (llama or qwen2)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    vocab = len(GGUF_SPECIALS) + 257
+    config = tiny_config(arch, vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=context,
+                         eos_token_id=GGUF_SPECIALS.index("<|im_end|>"), bos_token_id=1)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(context)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # byte-level BPE, one token per byte and one merge (llama.cpp wants one), pre-tokenized as the
+    # bundled models of this architecture are (SmolLM2 for llama, Qwen2.5 for qwen2)
+    from tokenizers import pre_tokenizers
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
+    pieces, kind = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["ĠĠ"], gguf.TokenType.NORMAL
+    tokens = [*GGUF_SPECIALS[:3], *pieces, *GGUF_SPECIALS[3:]]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+             *([kind] * len(pieces)), gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types(types)
+    writer.add_token_merges(["Ġ Ġ"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for name, tensor in model.state_dict().items():
+        target = _hf_to_gguf_name(name)
+        if target is None:
+            continue
+        array = tensor.detach().float().numpy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            array = _permute(array, heads if "q_proj" in name else kv_heads)
+        writer.add_tensor(target, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from celslm import kvcache
@@ -23,7 +24,7 @@ from celslm.codecs import PRESETS, parse_codec
 from celslm.corpus import Case, eval_cases
 from celslm.decode import context_from_artifact
 from celslm.models import LoadedModel
-from celslm.score import continuation_logits
+from celslm.score import continuation_logits, nll, top1
 
 DEFAULT_CODECS = (
     "lossless", "balanced", "small",
@@ -105,7 +106,7 @@ def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: in
 
         reference = context_from_artifact(loaded, MemoryReader(build(parse_codec("none"))))
         ref_logits, targets = continuation_logits(loaded, reference, case.continuation)
-        ref_nll = torch.nn.functional.cross_entropy(ref_logits, targets).item()
+        ref_nll = nll(ref_logits, targets)
         for spec, row in rows.items():
             artifact, encode_s = _one_thread(lambda: build(parse_codec(spec)))
             ctx, decode_s = _one_thread(lambda: context_from_artifact(loaded, MemoryReader(artifact)))
@@ -129,16 +130,16 @@ def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: in
 
 
 def _accumulate(row: Row, logits, targets, ref_logits, ref_nll, fp16_bytes, kv_bytes, encode_s, decode_s, name):
-    nll = torch.nn.functional.cross_entropy(logits, targets).item()
-    row.nll += nll
+    value = nll(logits, targets)
+    row.nll += value
     row.ref_nll += ref_nll
-    row.top1 += (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    row.top1 += top1(logits, ref_logits)
     row.kv_bytes += kv_bytes
     row.fp16_bytes += fp16_bytes
     row.encode_s = None if encode_s is None else row.encode_s + encode_s
     row.decode_s = None if decode_s is None else row.decode_s + decode_s
     row.cases += 1
-    row.per_case.append({"file": name, "nll": nll, "ref_nll": ref_nll})
+    row.per_case.append({"file": name, "nll": value, "ref_nll": ref_nll})
 
 
 def _has_quanto() -> bool:
@@ -149,7 +150,7 @@ def _has_quanto() -> bool:
     return True
 
 
-def _quanto_logits(loaded: LoadedModel, case: Case, bits: int) -> tuple[torch.Tensor, int]:
+def _quanto_logits(loaded: LoadedModel, case: Case, bits: int) -> tuple[np.ndarray, int]:
     """transformers' own quantized cache on the same context: prefill all but the last context token
     into it, then score the continuation exactly as `continuation_logits` does."""
     cache = kvcache.quantized_cache(loaded.model, backend="quanto", nbits=bits, group=64)
@@ -158,7 +159,7 @@ def _quanto_logits(loaded: LoadedModel, case: Case, bits: int) -> tuple[torch.Te
     kv_bytes = kvcache.quantized_cache_bytes(cache)
     ids = [case.context[last]] + case.continuation[:-1]
     logits = kvcache.forward(loaded.model, ids, cache, last, logits_to_keep=len(ids))
-    return logits, kv_bytes
+    return logits.numpy(), kv_bytes
 
 
 def plot(result: dict, path: str) -> None:

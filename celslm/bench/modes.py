@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from celslm import prompting
@@ -44,7 +45,7 @@ from celslm.edge import context_from_reader, kept_chunks
 from celslm.models import LoadedModel
 from celslm.prefill import prefill, prefill_cross
 from celslm.projection import Alignment
-from celslm.score import continuation_logits
+from celslm.score import continuation_logits, nll as mean_nll
 from celslm.stream import Link
 
 MODES = ("edge-only", "cloud-only", "ce-collm", "pice", "ce-lslm", "ce-lslm-pipelined", "ce-lslm-cross",
@@ -109,7 +110,7 @@ def _text(loaded: LoadedModel, tokens: list[int]) -> str:
 
 
 @torch.inference_mode()
-def answer_logits(loaded: LoadedModel, ctx: Context, prompt_ids: list[int], answer_ids: list[int]) -> torch.Tensor:
+def answer_logits(loaded: LoadedModel, ctx: Context, prompt_ids: list[int], answer_ids: list[int]) -> np.ndarray:
     """Logits `[A, V]` predicting each answer token after the context and the prompt (the cache is
     cropped back to the context first, so this may follow a generation over the same context)."""
     loaded.engine.crop(ctx.sequence, len(ctx.token_ids))
@@ -117,8 +118,8 @@ def answer_logits(loaded: LoadedModel, ctx: Context, prompt_ids: list[int], answ
     return logits[-len(answer_ids):]
 
 
-def _nll(logits: torch.Tensor, answer_ids: list[int]) -> float:
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids)).item()
+def _nll(logits: np.ndarray, answer_ids: list[int]) -> float:
+    return mean_nll(logits, answer_ids)
 
 
 def _answer_ids(loaded: LoadedModel, answer: str | None) -> list[int]:
@@ -294,7 +295,7 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
     stop = eos_ids(slm)
     clock = time.perf_counter()
     for _ in range(sampling.max_new_tokens):
-        logits = slm.engine.evaluate(edge.sequence, pending)[-1]
+        logits = torch.from_numpy(slm.engine.evaluate(edge.sequence, pending)[-1])
         probs = torch.softmax(logits, -1)
         token = int(probs.argmax())
         deferred = probs[token] < threshold
@@ -323,9 +324,9 @@ def ce_collm(llm: LoadedModel, slm: LoadedModel, context: str, prompt: str, samp
         small = answer_logits(slm, edge, prompt_ids, answer_ids)
         large = answer_logits(llm, cloud, prompt_ids, answer_ids)
         vocab = min(small.shape[-1], large.shape[-1])  # same tokenizer; the embedding tables may be padded differently
-        small, large = small[:, :vocab], large[:, :vocab]
+        small, large = torch.from_numpy(small[:, :vocab]), torch.from_numpy(large[:, :vocab])
         confident = torch.softmax(small, -1).max(-1).values >= threshold
-        nll = _nll(torch.where(confident[:, None], torch.log_softmax(small, -1), torch.log_softmax(large, -1)),
+        nll = _nll(torch.where(confident[:, None], torch.log_softmax(small, -1), torch.log_softmax(large, -1)).numpy(),
                    answer_ids)
     return Outcome("ce-collm", _text(slm, tokens), private=not deferrals, compute_first_s=compute_first or 0.0,
                    compute_s=compute, messages_first=messages_first or [], messages=messages, t_com_c_s=cloud_s,

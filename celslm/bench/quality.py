@@ -38,7 +38,7 @@ from celslm.edge import context_from_reader, kept_chunks
 from celslm.models import LoadedModel
 from celslm.features import layer_features, native_layers, to_heads
 from celslm.projection import Alignment, cross_layers
-from celslm.score import continuation_logits
+from celslm.score import continuation_logits, nll as mean_nll, top1
 
 Progress = Callable[[str, int, int | None], None]
 CHUNK = 64  # tokens per chunk of the shipped artifacts: the granularity of a token split
@@ -83,10 +83,10 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
             projected = cross_layers(llm, slm, alignment, ctx, (), features)
             ref_logits, targets = continuation_logits(slm, context_from_layers(slm, ctx, own), cont)
 
-            def record(key: str, logits: torch.Tensor, link_bytes: int = 0) -> None:
+            def record(key: str, logits, link_bytes: int = 0) -> None:
                 mode = modes[key]
-                mode.nll.append(torch.nn.functional.cross_entropy(logits, targets).item())
-                mode.top1.append((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item())
+                mode.nll.append(mean_nll(logits, targets))
+                mode.top1.append(top1(logits, ref_logits))
                 mode.link_bytes += link_bytes / len(cases)
 
             def shipped(key: str, layers, provenance):
@@ -116,7 +116,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
                        sum(ref.size for ref in cross.manifest.blob_refs(kept)))
             llm_kv = [(to_heads(k, llm_heads), to_heads(v, llm_heads)) for k, v in zip(features.keys, features.values)]
             llm_logits, _ = continuation_logits(llm, context_from_layers(llm, ctx, llm_kv), cont)
-            modes["llm"].nll.append(torch.nn.functional.cross_entropy(llm_logits, targets).item())
+            modes["llm"].nll.append(mean_nll(llm_logits, targets))
     if progress:
         progress("quality (files)", len(cases), len(cases))
     own_nll = _mean(modes["own"].nll)

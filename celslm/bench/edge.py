@@ -1,0 +1,180 @@
+"""bench edge: the edge as a user runs it, whole processes, against what a llama.cpp user runs instead.
+
+One context (standard-library source nobody here wrote, cut to `tokens` tokens), one prompt, greedy
+decoding of `new_tokens`, on the same GGUF. Each configuration is a fresh process, started by this
+benchmark and timed from spawn to its first byte on stdout and to its exit; peak memory is that
+process's own (wait4). Repetitions are interleaved (A B C ... A B C ...), so a busy machine slows
+every row alike: read the ratios.
+
+Rows:
+  celslm decode --kv          the artifact (balanced codec, local disk) on the llama.cpp engine
+  celslm edge-only            celslm decode --context, on llama.cpp and on transformers
+  llama.cpp state restore     a plain llama-cpp-python script restoring llama.cpp's own saved
+                              sequence state of the context (`llama_peer.py restore`): the peer
+  llama.cpp edge-only         the same script prefilling the context itself
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from celslm import prompting
+from celslm.artifact import MemoryReader, write_dir
+from celslm.blocks import recode
+from celslm.bench.ttft import stdlib_context
+from celslm.codecs import parse_codec
+from celslm.errors import CelslmError, UsageError
+from celslm.models import LoadedModel, model_gguf
+
+PROMPT = "What does this code do? Answer briefly."
+PEER = Path(__file__).with_name("llama_peer.py")
+CLI = [sys.executable, "-c", "from celslm.commands.main import run; run()"]
+_DECODE_ROW = re.compile(r"of which decode \((\d+) tokens\)\D*?([\d.]+)")
+# A fork of this process would count its pages (the benchmark holds a model) in the child's peak RSS
+# until exec; so a small interpreter forks, execs the command, and reports that child's own peak.
+_LAUNCH = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execv(sys.argv[2], sys.argv[2:])\n"
+           "_, status, usage = os.wait4(pid, 0)\nopen(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+           "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
+@dataclass
+class Run:
+    first_byte_s: float
+    total_s: float
+    peak_rss_mib: float
+    tokens: int
+    decode_tok_s: float | None
+    text: str
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        med = lambda values: round(statistics.median(values), 4) if values else None  # noqa: E731
+        return {"key": self.key, "label": self.label, "runs": len(self.runs),
+                "first_byte_s": med([r.first_byte_s for r in self.runs]),
+                "total_s": med([r.total_s for r in self.runs]),
+                "decode_tok_s": med([r.decode_tok_s for r in self.runs if r.decode_tok_s]),
+                "peak_rss_mib": round(max(r.peak_rss_mib for r in self.runs), 1) if self.runs else None,
+                "tokens": self.runs[-1].tokens if self.runs else 0}
+
+
+def timed(cmd: list[str], env: dict, decode_rate: Callable[[str], tuple[int, float | None]], work: Path) -> Run:
+    """Run `cmd`; seconds to its first stdout byte and to its exit, and its own peak RSS."""
+    rss_file = work / "peak-rss"
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCH, str(rss_file), *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.read(1)
+    first_at = time.perf_counter()
+    rest = proc.stdout.read()
+    stderr = proc.stderr.read().decode(errors="replace")
+    proc.wait()
+    ended = time.perf_counter()
+    if proc.returncode != 0:
+        raise CelslmError(f"{' '.join(cmd[-8:])} exited {proc.returncode}: {stderr.strip().splitlines()[-1:] or ''}")
+    tokens, rate = decode_rate(stderr)
+    return Run(first_byte_s=first_at - started, total_s=ended - started, peak_rss_mib=int(rss_file.read_text()) / 1024,
+               tokens=tokens, decode_tok_s=rate, text=(first + rest).decode(errors="replace").strip())
+
+
+def _celslm_rate(stderr: str) -> tuple[int, float | None]:
+    match = _DECODE_ROW.search(stderr)
+    if not match:
+        raise CelslmError("celslm decode --stats printed no decode row")
+    tokens, seconds = int(match.group(1)), float(match.group(2))
+    return tokens, (tokens - 1) / seconds if tokens > 1 and seconds > 0 else None
+
+
+def _peer_rate(stderr: str) -> tuple[int, float | None]:
+    report = json.loads(stderr.strip().splitlines()[-1])
+    tokens, seconds = report["tokens"], report["decode_s"]
+    return tokens, (tokens - 1) / seconds if tokens > 1 and seconds > 0 else None
+
+
+def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int = 64, repeats: int = 3,
+        transformers: bool = True, threads: int | None = None,
+        progress: Callable[[str, int, int | None], None] | None = None) -> dict:
+    """`loaded` is the model on transformers (it writes the artifact, as the cloud would); `spec` names
+    it for the processes measured."""
+    gguf = model_gguf(spec, loaded.folder)
+    if gguf is None:
+        raise UsageError(f"{spec}: bench edge needs the model's GGUF (a .gguf file or a bundled model)")
+    threads = threads or os.cpu_count() or 1
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "CELSLM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    framing = prompting.default_framing(loaded.tokenizer)
+    text = stdlib_context(loaded.tokenizer, tokens)
+    context_ids = prompting.context_ids(loaded.tokenizer, text, framing)
+    prompt_ids = prompting.prompt_ids(loaded.tokenizer, PROMPT, framing, raw=False)
+    with tempfile.TemporaryDirectory(prefix="celslm-bench-edge-") as tmp:
+        work = Path(tmp)
+        (work / "context.txt").write_text(text)
+        (work / "ids.json").write_text(json.dumps({"context": context_ids, "prompt": prompt_ids, "eos": sorted(loaded.eos_ids)}))
+        if progress:
+            progress("prefill (the cloud's artifact, transformers)", 0, None)
+        from celslm.prefill import prefill
+
+        exact = prefill(loaded, context_ids, framing=framing)
+        balanced = recode(MemoryReader(exact), parse_codec("balanced"))
+        write_dir(balanced, work / "context.kv")
+        if progress:
+            progress("llama.cpp saves its own state of the context", 0, None)
+        peer = [sys.executable, str(PEER)]
+        subprocess.run(peer + ["save", str(gguf), str(work / "context.state"), str(work / "ids.json"), "0", str(threads)],
+                       check=True, env=env, capture_output=True)
+        decode = CLI + ["decode", "-m", spec, "-p", PROMPT, "-n", str(new_tokens), "--stats"]
+        configs = [
+            ("kv", "celslm decode --kv (llama.cpp, balanced, local disk)", decode + ["--kv", str(work / "context.kv")], _celslm_rate),
+            ("peer", "llama.cpp restoring its own saved state (plain llama-cpp-python)",
+             peer + ["restore", str(gguf), str(work / "context.state"), str(work / "ids.json"), str(new_tokens), str(threads)],
+             _peer_rate),
+            ("edge-llama", "celslm edge-only (llama.cpp)", decode + ["--context", str(work / "context.txt")], _celslm_rate),
+            ("peer-edge", "llama.cpp edge-only (plain llama-cpp-python)",
+             peer + ["prefill", str(gguf), str(work / "context.state"), str(work / "ids.json"), str(new_tokens), str(threads)],
+             _peer_rate),
+        ]
+        if transformers:
+            configs.append(("edge-transformers", "celslm edge-only (transformers, fp32)",
+                            decode + ["--engine", "transformers", "--context", str(work / "context.txt")], _celslm_rate))
+        rows = {key: Row(key, label) for key, label, _, _ in configs}
+        total = repeats * len(configs)
+        for rep in range(repeats):
+            for index, (key, label, cmd, rate) in enumerate(configs):
+                if progress:
+                    progress(f"run {rep + 1}/{repeats}: {label}", rep * len(configs) + index, total)
+                rows[key].runs.append(timed(cmd, env, rate, work))
+        state_bytes = (work / "context.state").stat().st_size
+    summaries = {key: row.summary() for key, row in rows.items()}
+    reference = rows["peer-edge"].runs[-1].text
+    for key, row in rows.items():
+        summaries[key]["same_text_as_llama_cpp_edge_only"] = all(r.text == reference for r in row.runs)
+    kv, peer_row = summaries["kv"], summaries["peer"]
+    ratio = lambda a, b: round(a / b, 3) if a and b else None  # noqa: E731
+    return {
+        "model": spec, "gguf": str(gguf), "context_tokens": len(context_ids), "prompt_tokens": len(prompt_ids),
+        "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
+        "artifact_bytes": balanced.manifest.blob_bytes(), "llama_state_bytes": state_bytes,
+        "rows": list(summaries.values()),
+        "ratios": {
+            "first_byte_kv_vs_peer": ratio(kv["first_byte_s"], peer_row["first_byte_s"]),
+            "decode_rate_kv_vs_peer": ratio(kv["decode_tok_s"], peer_row["decode_tok_s"]),
+            "peak_rss_kv_vs_peer": ratio(kv["peak_rss_mib"], peer_row["peak_rss_mib"]),
+            "state_bytes_vs_artifact": ratio(state_bytes, balanced.manifest.blob_bytes()),
+            "first_byte_llama_edge_only_vs_kv": ratio(summaries["peer-edge"]["first_byte_s"], kv["first_byte_s"]),
+        },
+    }
+

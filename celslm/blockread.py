@@ -1,0 +1,173 @@
+"""An artifact's verified blocks back into per-layer arrays, with numpy only.
+
+The read side of `blocks.py`: an edge running llama.cpp decodes artifacts without importing torch
+(4 s and 220 MB on this machine), so unpacking, dequantization and PCA reconstruction are numpy here.
+Blocks are safetensors; they are parsed here too, bfloat16 included (safetensors.numpy has no bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Iterator
+
+import numpy as np
+
+from celslm.artifact import ArtifactReader, decode_tokens
+from celslm.codecs import KINDS, Codec, parse_codec
+from celslm.errors import IntegrityError
+
+# (key pre-RoPE [H, T, D], value [H, T, D]), float32
+LayerArrays = tuple[np.ndarray, np.ndarray]
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
+              "U8": np.uint8, "I8": np.int8}
+
+
+def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes into arrays (views of `data`; bfloat16 widened to float32), checking
+    every offset and shape against the buffer before anything is allocated."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (size,) = struct.unpack_from("<Q", data)
+    if size > len(data) - 8:
+        raise ValueError(f"header of {size} bytes in a buffer of {len(data)}")
+    header = json.loads(bytes(data[8 : 8 + size]))
+    body = memoryview(data)[8 + size :]
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{name}: unsupported dtype {entry['dtype']}")
+        shape = tuple(int(n) for n in entry["shape"])
+        begin, end = (int(n) for n in entry["data_offsets"])
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if not 0 <= begin <= end <= len(body) or end - begin != count * np.dtype(dtype).itemsize or min(shape, default=0) < 0:
+            raise ValueError(f"{name}: offsets {begin}..{end} do not hold {entry['dtype']} {list(shape)}")
+        array = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        if entry["dtype"] == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        out[name] = array
+    return out
+
+
+# ---------------------------------------------------------------- bit unpacking
+
+
+def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """`count` integers in [0, 2**bits) from bytes packed by `blocks.pack_bits` (`count` a multiple of 8)."""
+    if bits == 8:
+        return packed[:count]
+    if bits == 1:
+        return np.unpackbits(packed, bitorder="little", count=count)
+    if bits == 3:
+        return unpack(packed[: count // 4], 2, count) | (unpack(packed[count // 4 :], 1, count) << 2)
+    mask = (1 << bits) - 1
+    return np.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], axis=1).reshape(-1)[:count]
+
+
+def dequantize(parts: dict[str, np.ndarray], bits: int, group: int, shape: tuple[int, int, int],
+               along_tokens: bool) -> np.ndarray:
+    """Inverse of `blocks.quantize` for a tensor of `shape` `[H, t, W]`, in float32."""
+    heads, tokens, width = shape
+    group = min(group, tokens if along_tokens else width)
+    reduce = 2 if along_tokens else 3
+    scale = np.expand_dims(parts["scale"].astype(np.float32), reduce)
+    zero = np.expand_dims(parts["zero"].astype(np.float32), reduce)
+    grouped_shape = list(scale.shape)
+    grouped_shape[reduce] = group
+    count = int(np.prod(grouped_shape))
+    q = unpack(parts["q"], bits, count + (-count) % 8)[:count].reshape(grouped_shape).astype(np.float32)
+    x = q * scale + zero
+    x = x.reshape(heads, -1, width) if along_tokens else x.reshape(heads, tokens, -1)
+    return np.ascontiguousarray(x[:, :tokens] if along_tokens else x[..., :width])
+
+
+def load_bases(data: bytes | None) -> dict[str, dict[str, np.ndarray]]:
+    """A layer's auxiliary blob (PCA bases per kind: mean `[H, D]`, basis `[H, D, r]`)."""
+    if data is None:
+        return {}
+    tensors = read_safetensors(data)
+    return {kind: {n: tensors[f"{kind}.{n}"].astype(np.float32) for n in ("mean", "basis")}
+            for kind in KINDS if f"{kind}.basis" in tensors}
+
+
+def reconstruct(coeffs: np.ndarray, basis: dict[str, np.ndarray]) -> np.ndarray:
+    return coeffs @ basis["basis"].transpose(0, 2, 1) + basis["mean"][:, None, :]
+
+
+def decode_block(codec: Codec, data: bytes, media_type: str, bases: dict,
+                 shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(key, value), each `[H, t, D]` float32; `shape` is what the manifest says the block holds."""
+    if media_type != codec.media_type:
+        raise IntegrityError(f"media type {media_type} does not match codec {codec.spec}")
+    tensors = read_safetensors(codec.unwrap(data))
+    return tuple(_decode_tensor(codec, kind, tensors, bases.get(kind), shape) for kind in KINDS)
+
+
+def _decode_tensor(codec: Codec, kind, tensors, basis, shape):
+    if kind in tensors:
+        x = tensors[kind].astype(np.float32)
+        return reconstruct(x, basis) if basis else x
+    heads, tokens, width = shape
+    head, tail = tensors.get(f"{kind}.head"), tensors.get(f"{kind}.tail")
+    pieces = [head.astype(np.float32)] if head is not None else []
+    if f"{kind}.q" in tensors:
+        kept = sum(t.shape[1] for t in (head, tail) if t is not None)
+        body_shape = (heads, tokens - kept, basis["basis"].shape[-1] if basis else width)
+        parts = {n: tensors[f"{kind}.{n}"] for n in ("q", "scale", "zero")}
+        body = dequantize(parts, codec.bits(kind), codec.group(kind), body_shape, along_tokens=(kind == "key"))
+        pieces.append(reconstruct(body, basis) if basis else body)
+    if tail is not None:
+        pieces.append(tail.astype(np.float32))
+    return np.concatenate(pieces, axis=1)
+
+
+# ---------------------------------------------------------------- artifact -> layers
+
+
+def open_context(reader: ArtifactReader, chunks: int | None = None
+                 ) -> tuple[list[int], Iterator[tuple[int, np.ndarray, np.ndarray]]]:
+    """The context's token ids, and an iterator over its layers as they are read and verified:
+    (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), float32. With `chunks`, only that prefix
+    of the context (all its token ids are still returned)."""
+    m = reader.manifest
+    blobs = reader.blobs(chunks)
+    _, data = next(blobs)
+    token_ids = decode_tokens(data, f"{reader.source}: token ids blob")
+    if len(token_ids) != m.token_count:
+        raise IntegrityError(f"{reader.source}: token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
+    return token_ids, _layers(reader, blobs, m.chunks if chunks is None else min(chunks, m.chunks))
+
+
+def _layers(reader: ArtifactReader, blobs, chunks: int):
+    m = reader.manifest
+    codec = parse_codec(m.codec)
+    lengths = m.chunk_lengths()
+    heads, width = m.geometry.kv_heads, m.geometry.head_dim
+    for layer in range(m.layers):
+        try:
+            layer_bases = load_bases(next(blobs)[1] if m.layer_aux(layer) else None)
+        except Exception as exc:  # digest matched, content does not fit the manifest
+            raise IntegrityError(f"{reader.source}: layer {layer}'s basis blob does not decode: {exc}") from exc
+        keys, values = [], []
+        for chunk in range(chunks):
+            ref, data = next(blobs)
+            shape = (heads, lengths[chunk], width)
+            try:
+                key, value = decode_block(codec, data, ref.media_type, layer_bases, shape)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{reader.source}: {m.describe(ref)}: {exc}") from exc
+            except Exception as exc:  # digest matched, content does not fit the manifest
+                raise IntegrityError(f"{reader.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
+            if tuple(key.shape) != shape or tuple(value.shape) != shape:
+                raise IntegrityError(f"{reader.source}: {m.describe(ref)} has shape {tuple(key.shape)}, expected {shape}")
+            keys.append(key)
+            values.append(value)
+        if not keys:  # a prefix of no chunks: nothing cached, everything is prefilled by the caller
+            empty = np.zeros((heads, 0, width), dtype=np.float32)
+            keys, values = [empty], [empty]
+        key = keys[0] if len(keys) == 1 else np.concatenate(keys, axis=1)
+        value = values[0] if len(values) == 1 else np.concatenate(values, axis=1)
+        yield layer, key.astype(np.float32, copy=False), value.astype(np.float32, copy=False)

@@ -1,0 +1,419 @@
+"""The llama.cpp engine: a GGUF file run as it is (quantized weights, f16 KV), through llama-cpp-python.
+
+It implements `engine.Engine` with numpy only (no torch), so an edge decoding an artifact loads
+llama.cpp, numpy and a tokenizer, nothing more. Artifacts hold pre-RoPE keys in Hugging Face's
+channel order; `place` rotates them as llama.cpp would have (its own float32 angle recurrence, its
+convention for the architecture) and casts them to the cache type, and `inject` hands the whole
+context to llama.cpp through its public sequence-state API (`llamastate` knows the bytes).
+
+Conventions (`llama_model_rope_type`):
+  NEOX (Qwen2 and others): pairs (j, j + n/2), Hugging Face's channel order.
+  NORM (Llama): pairs (2j, 2j + 1); converters permute Q and K rows so that llama.cpp's channel 2j + h
+  is Hugging Face's channel h * n/2 + j, and the rotation is the same. Keys are permuted on the way in
+  and back on the way out.
+
+llama.cpp cannot run a layer before the next one is in, so the prompt waits for the whole context
+(`pipelines = False`); fetching, verifying and decoding blocks still overlap with each other and
+with loading the model, which starts in a thread as soon as the engine is made.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from celslm import llamastate
+from celslm.artifact import Geometry
+from celslm.engine import Engine, Sequence, TokenProgress
+from celslm.errors import CelslmError, UsageError
+from celslm.tokenizer import ChatTemplate
+
+ROPE_NORM, ROPE_NEOX = 0, 2
+DEFAULT_CONTEXT = 4096  # cells allocated at first; a longer sequence moves to a bigger context
+BATCH = 512
+_errors: list[str] = []  # llama.cpp's last error lines, quoted in our messages
+
+
+def _library():
+    """llama_cpp, imported once with OpenMP told not to spin (decode collapses on a busy 2-core machine
+    otherwise) and llama.cpp's log kept to its errors."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise UsageError(f"the llama.cpp engine needs llama-cpp-python=={llamastate.LLAMA_CPP_PYTHON} "
+                         f"({exc}); install it, or use --engine transformers") from exc
+    llamastate.check_version(llama_cpp)
+    if not getattr(_library, "logging", None):
+        llama_cpp.llama_backend_init()
+        @llama_cpp.llama_log_callback
+        def log(level, text, _):
+            if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h of this llama.cpp)
+                _errors.append(text.decode(errors="replace").strip().rpartition(": ")[2])
+                del _errors[:-4]
+
+        _library.logging = log  # kept alive: llama.cpp holds the pointer
+        llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    return llama_cpp
+
+
+def _last_error() -> str:
+    return f" ({_errors[-1]})" if _errors else ""
+
+
+@dataclass(frozen=True)
+class Rope:
+    """How llama.cpp rotates keys for one model."""
+
+    kind: int  # ROPE_NORM or ROPE_NEOX
+    dims: int  # rotated dimensions per head (from the start)
+    base: float
+    freq_scale: float
+
+    def tables(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin `[T, dims/2]` for positions 0..T-1, computed as ggml's CPU rope does
+        (ggml_rope_cache_init): theta = p, then theta *= base^(-2/dims) per pair, in float32."""
+        theta = np.arange(length, dtype=np.float32)
+        scale = np.float32(self.base) ** (np.float32(-2.0) / np.float32(self.dims))
+        cos = np.empty((length, self.dims // 2), dtype=np.float32)
+        sin = np.empty_like(cos)
+        for j in range(self.dims // 2):
+            angle = np.float32(self.freq_scale) * theta
+            cos[:, j], sin[:, j] = np.cos(angle), np.sin(angle)
+            theta = theta * scale
+        return cos, sin
+
+
+def rotate(key: np.ndarray, rope: Rope, tables, inverse: bool = False) -> np.ndarray:
+    """Keys `[H, T, D]` in Hugging Face's channel order, rotated (or un-rotated) at positions 0..T-1."""
+    cos, sin = tables
+    half = rope.dims // 2
+    x = key.astype(np.float64)
+    x0, x1 = x[..., :half], x[..., half : rope.dims]
+    c, s = cos.astype(np.float64)[None], sin.astype(np.float64)[None]
+    if inverse:
+        s = -s
+    out = x.copy()
+    out[..., :half] = x0 * c - x1 * s
+    out[..., half : rope.dims] = x0 * s + x1 * c
+    return out.astype(np.float32)
+
+
+def to_llama_order(key: np.ndarray, rope: Rope) -> np.ndarray:
+    """`[H, T, D]` in Hugging Face's order -> llama.cpp's for this convention (same shape)."""
+    if rope.kind == ROPE_NEOX:
+        return key
+    heads, tokens, dim = key.shape
+    return key.reshape(heads, tokens, 2, dim // 2).swapaxes(2, 3).reshape(heads, tokens, dim)
+
+
+def from_llama_order(key: np.ndarray, rope: Rope) -> np.ndarray:
+    if rope.kind == ROPE_NEOX:
+        return key
+    heads, tokens, dim = key.shape
+    return key.reshape(heads, tokens, dim // 2, 2).swapaxes(2, 3).reshape(heads, tokens, dim)
+
+
+class LlamaSequence(Sequence):
+    def __init__(self, engine: "LlamaEngine"):
+        self.engine = engine
+        self._length = 0
+        self.pending: list | None = None  # placed layers waiting for the last one (inject)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+
+class LlamaEngine(Engine):
+    """One GGUF model and one llama.cpp context holding one sequence at a time."""
+
+    name = "llama.cpp"
+    pipelines = False
+
+    def __init__(self, path: str, threads: int | None = None, context: int = DEFAULT_CONTEXT):
+        self.path = path
+        self.threads = threads or int(os.environ.get("CELSLM_THREADS", 0)) or os.cpu_count() or 1
+        self._want = context
+        self._lib = _library()
+        self._loaded: Future = Future()
+        self._lock = threading.Lock()  # one forward pass at a time on the context
+        self._ctx = None
+        self._active: LlamaSequence | None = None
+        threading.Thread(target=self._load, name="celslm-llama-load", daemon=True).start()
+
+    # -- loading (in a thread: ctypes releases the GIL, so artifact work goes on meanwhile)
+
+    def _load(self) -> None:
+        lib = self._lib
+        try:
+            params = lib.llama_model_default_params()
+            params.n_gpu_layers = 0
+            model = lib.llama_model_load_from_file(self.path.encode(), params)
+            if not model:
+                raise CelslmError(f"llama.cpp cannot load {self.path}{_last_error()}")
+            self._loaded.set_result(self._describe(model))
+        except BaseException as exc:
+            self._loaded.set_exception(exc)
+
+    def _describe(self, model) -> "_Model":
+        lib = self._lib
+
+        def meta(key: str) -> str | None:
+            buf = ctypes.create_string_buffer(256)
+            return buf.value.decode() if lib.llama_model_meta_val_str(model, key.encode(), buf, 256) >= 0 else None
+
+        arch = meta("general.architecture") or "?"
+        heads, kv_heads = lib.llama_model_n_head(model), lib.llama_model_n_head_kv(model)
+        head_dim = int(meta(f"{arch}.attention.key_length") or lib.llama_model_n_embd(model) // heads)
+        kind = lib.llama_model_rope_type(model)
+        dims = int(meta(f"{arch}.rope.dimension_count") or head_dim)
+        scaling = meta(f"{arch}.rope.scaling.type")
+        if kind not in (ROPE_NORM, ROPE_NEOX) or scaling not in (None, "none", "linear"):
+            raise UsageError(f"{self.path}: {arch} uses RoPE type {kind} (scaling {scaling}); the llama.cpp engine "
+                             "places keys for plain NORM and NEOX RoPE only: use --engine transformers")
+        if kind == ROPE_NORM and dims != head_dim:
+            raise UsageError(f"{self.path}: partial NORM RoPE ({dims} of {head_dim} dimensions) is not supported")
+        rope = Rope(kind, dims, float(meta(f"{arch}.rope.freq_base") or 10000.0),
+                    float(lib.llama_model_rope_freq_scale_train(model)))
+        vocab = lib.llama_model_get_vocab(model)
+        return _Model(model, arch, Geometry(lib.llama_model_n_layer(model), kv_heads, head_dim), rope,
+                      lib.llama_vocab_n_tokens(vocab), lib.llama_model_n_ctx_train(model), vocab)
+
+    @property
+    def model(self) -> "_Model":
+        return self._loaded.result()
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.model.geometry
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab
+
+    @property
+    def layout(self) -> llamastate.CacheLayout:
+        g = self.geometry
+        return llamastate.CacheLayout(g.layers, g.kv_heads, g.head_dim, type_k=1, type_v=1, v_trans=True)
+
+    # -- the context: made on first use, moved to a bigger one when a sequence outgrows it
+
+    def _context(self, needed: int):
+        lib, m = self._lib, self.model
+        if needed > m.n_ctx_train:
+            raise UsageError(f"{needed} positions are more than {os.path.basename(self.path)} was trained for ({m.n_ctx_train})")
+        if self._ctx is not None and lib.llama_n_ctx(self._ctx) >= needed:
+            return self._ctx
+        cells = min(m.n_ctx_train, max(self._want, -(-needed * 5 // 4 // 256) * 256))
+        saved = self._state() if self._ctx is not None and self._active and self._active.length else None
+        params = lib.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = cells, BATCH, BATCH, 1
+        params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # V transposed: the layout `llamastate` writes
+        params.type_k = params.type_v = 1  # GGML_TYPE_F16
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(m.handle, params)
+        if not ctx:
+            raise CelslmError(f"llama.cpp cannot make a {cells}-cell context{_last_error()}")
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+        self._ctx = ctx
+        if saved is not None:
+            self._restore(saved)
+        return ctx
+
+    def _state(self) -> bytes:
+        lib = self._lib
+        size = lib.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        return bytes(memoryview(buf)[:written])
+
+    def _restore(self, data: bytes) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self._lib.llama_state_seq_set_data(self._ctx, buf, len(data), 0) == 0:
+            raise CelslmError(f"llama.cpp refused the context's KV state{_last_error()}")
+
+    def _own(self, seq: LlamaSequence) -> None:
+        if seq is not self._active:
+            raise CelslmError("this llama.cpp sequence was replaced by a newer one on the same engine")
+
+    # -- Engine
+
+    def sequence(self) -> LlamaSequence:
+        with self._lock:
+            seq = LlamaSequence(self)
+            if self._ctx is not None:
+                self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+            self._active = seq
+            return seq
+
+    def prefill(self, seq: LlamaSequence, token_ids: list[int], step: int = 256,
+                progress: TokenProgress | None = None) -> None:
+        self._run(seq, token_ids, 0, progress)
+
+    def evaluate(self, seq: LlamaSequence, token_ids: list[int], logits_to_keep: int = 1) -> np.ndarray:
+        return self._run(seq, token_ids, logits_to_keep, None)
+
+    def _run(self, seq: LlamaSequence, token_ids: list[int], keep: int, progress: TokenProgress | None) -> np.ndarray:
+        lib = self._lib
+        vocab = self.vocab_size
+        with self._lock:
+            self._own(seq)
+            ctx = self._context(seq.length + len(token_ids))
+            out = np.empty((min(keep, len(token_ids)), vocab), dtype=np.float32)
+            first_kept = len(token_ids) - len(out)
+            batch = lib.llama_batch_init(BATCH, 0, 1)
+            try:
+                for begin in range(0, len(token_ids), BATCH):
+                    chunk = token_ids[begin : begin + BATCH]
+                    batch.n_tokens = len(chunk)
+                    for i, token in enumerate(chunk):
+                        batch.token[i], batch.pos[i] = token, seq.length + i
+                        batch.n_seq_id[i], batch.seq_id[i][0] = 1, 0
+                        batch.logits[i] = begin + i >= first_kept
+                    batch.logits[len(chunk) - 1] = True  # llama.cpp wants at least one output per batch
+                    if lib.llama_decode(ctx, batch) != 0:
+                        raise CelslmError(f"llama.cpp could not evaluate {len(chunk)} tokens at position {seq.length}{_last_error()}")
+                    for i in range(max(0, first_kept - begin), len(chunk)):
+                        row = lib.llama_get_logits_ith(ctx, i)
+                        out[begin + i - first_kept] = np.ctypeslib.as_array(row, shape=(vocab,))
+                    seq._length += len(chunk)
+                    if progress:
+                        progress(begin + len(chunk), len(token_ids))
+            finally:
+                lib.llama_batch_free(batch)
+            return out
+
+    def place(self, key, value) -> tuple:
+        """Pre-RoPE key and value `[H, T, D]` -> llama.cpp's rows `[T, H*D]` in f16, keys rotated.
+
+        The rotation needs the model's RoPE settings: while the model is still loading, the key is kept
+        as it is and rotated in `inject`, so that decoding blocks never waits for the load."""
+        key, value = np.asarray(key, dtype=np.float32), np.asarray(value, dtype=np.float32)
+        return (self._rows(self._rotated(key)) if self._loaded.done() else key), self._rows(value)
+
+    def _rotated(self, key: np.ndarray) -> np.ndarray:
+        rope = self.model.rope
+        return to_llama_order(rotate(key, rope, rope.tables(key.shape[1])), rope)
+
+    @staticmethod
+    def _rows(x: np.ndarray) -> np.ndarray:
+        heads, tokens, dim = x.shape
+        return np.ascontiguousarray(x.transpose(1, 0, 2).reshape(tokens, heads * dim), dtype=np.float16)
+
+    def inject(self, seq: LlamaSequence, layer: int, placed) -> None:
+        """Layers are held until the last one is in; then the whole context goes in as one state."""
+        self._own(seq)
+        if layer == 0:
+            seq.pending = []
+        if seq.pending is None or layer != len(seq.pending) or seq.length:
+            raise CelslmError(f"layer {layer} injected out of order, or into a sequence that is not empty")
+        key, value = placed
+        if key.ndim == 3:  # placed before the model had loaded: rotate now
+            key = self._rows(self._rotated(key))
+        seq.pending.append((key, value))
+        if len(seq.pending) < self.geometry.layers:
+            return
+        keys, values = zip(*seq.pending)
+        seq.pending = None
+        tokens = keys[0].shape[0]
+        if tokens == 0:
+            return
+        data = llamastate.encode(self.layout, list(keys), list(values))
+        with self._lock:
+            self._context(tokens)
+            self._restore(data)
+            seq._length = tokens
+
+    def crop(self, seq: LlamaSequence, length: int) -> None:
+        with self._lock:
+            self._own(seq)
+            if length < seq.length:
+                self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self._ctx), 0, length, -1)
+                seq._length = length
+
+    def context_layers(self, seq: LlamaSequence) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The sequence's KV read back from llama.cpp: keys un-rotated into Hugging Face's order."""
+        with self._lock:
+            self._own(seq)
+            positions, keys, values = llamastate.decode(self.layout, self._state())
+        if not np.array_equal(positions, np.arange(len(positions))):
+            raise CelslmError("llama.cpp's cache holds positions other than 0..T-1")
+        rope, g = self.model.rope, self.geometry
+        tables = rope.tables(len(positions))
+        heads = lambda rows: np.ascontiguousarray(rows.reshape(len(positions), g.kv_heads, g.head_dim).transpose(1, 0, 2))
+        return [(rotate(from_llama_order(heads(k), rope), rope, tables, inverse=True), heads(v)) for k, v in zip(keys, values)]
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+
+@dataclass(frozen=True)
+class _Model:
+    handle: object
+    arch: str
+    geometry: Geometry
+    rope: Rope
+    vocab: int
+    n_ctx_train: int
+    vocab_handle: object
+
+
+class LlamaTokenizer:
+    """Text <-> ids with the GGUF's own vocabulary, which llama.cpp loads with the weights (in the load
+    thread, so tokenizing costs no load time of its own), plus the model folder's chat template.
+
+    It offers the part of the transformers tokenizer interface celslm uses; tests check it gives
+    transformers' ids, chat frame and text (for qwen2.5-coder-0.5b: 240 standard-library files, no
+    difference). Special-token text in the input is read as those tokens, as transformers does."""
+
+    def __init__(self, engine: LlamaEngine, template: ChatTemplate):
+        self.engine = engine
+        self._template = template
+        self.chat_template = template.source
+
+    @functools.cached_property
+    def eos_token_id(self) -> int | None:
+        """The end-of-sequence token the folder's tokenizer config names (read when first needed: the
+        vocabulary comes with the model, which is still loading when this tokenizer is made)."""
+        text = self._template.special.get("eos_token")
+        ids = self(text, add_special_tokens=False)["input_ids"] if text else []
+        return ids[0] if len(ids) == 1 else None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        lib, vocab = self.engine._lib, self.engine.model.vocab_handle
+        data = text.encode()
+        size = len(data) + 16
+        while True:
+            buf = (lib.llama_token * size)()
+            count = lib.llama_tokenize(vocab, data, len(data), buf, size, add_special_tokens, True)
+            if count >= 0:
+                return {"input_ids": list(buf[:count])}
+            size = -count
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        lib, vocab = self.engine._lib, self.engine.model.vocab_handle
+        buf = ctypes.create_string_buffer(256)
+        pieces = []
+        for token in ids:
+            count = lib.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, not skip_special_tokens)
+            if count < 0:
+                buf = ctypes.create_string_buffer(-count)
+                count = lib.llama_token_to_piece(vocab, int(token), buf, len(buf), 0, not skip_special_tokens)
+            pieces.append(buf.raw[:count])
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False) -> str:
+        if tokenize:
+            raise ValueError("only text is rendered here")
+        return self._template.render(messages, add_generation_prompt)

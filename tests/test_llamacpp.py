@@ -1,0 +1,224 @@
+"""The llama.cpp engine: its KV state layout (pinned), keys placed as llama.cpp rotates them (NORM and
+NEOX), artifacts both ways between engines, exact decoding of its own artifacts, and a tokenizer
+that matches transformers'."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from celslm import llamastate
+from celslm.errors import EXIT_INTEGRITY, CelslmError, IntegrityError
+from celslm.models import load_model, resolve_model
+from tests.conftest import CONTEXT, run_cli
+from tests.tiny import save_tiny_gguf
+
+pytest.importorskip("llama_cpp")
+ARCHS = ("llama", "qwen2")  # NORM RoPE with permuted Q/K rows, and NEOX
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_gguf(request, tmp_path_factory):
+    return save_tiny_gguf(tmp_path_factory.mktemp(f"gguf-{request.param}") / f"tiny-{request.param}.gguf", request.param,
+                          seed=3)
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_gguf):
+    """The same GGUF on both engines (the transformers one reads the folder converted from it)."""
+    return load_model(str(tiny_gguf), engine="llama.cpp"), load_model(str(tiny_gguf), engine="transformers")
+
+
+def ids_of(loaded, text=CONTEXT):
+    return loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def test_state_bytes_round_trip_through_the_pinned_layout(engines):
+    """What llama.cpp writes, decoded and encoded again by `llamastate`, is byte for byte what it wrote:
+    a llama.cpp that changes its layout fails here, loudly."""
+    llama, _ = engines
+    engine = llama.engine
+    seq = engine.sequence()
+    engine.prefill(seq, ids_of(llama))
+    data = engine._state()
+    positions, keys, values = llamastate.decode(engine.layout, data)
+    assert positions.tolist() == list(range(seq.length))
+    assert llamastate.encode(engine.layout, keys, values) == data
+
+
+def test_keys_read_back_from_llama_cpp_are_transformers_pre_rope_keys(engines):
+    """llama.cpp's cache, un-rotated and put back in Hugging Face's channel order, is the reference's
+    pre-RoPE KV (to f16 precision): the RoPE convention and the row permutation are right."""
+    llama, reference = engines
+    ids = ids_of(llama)
+    layers = {}
+    for loaded in (llama, reference):
+        seq = loaded.engine.sequence()
+        loaded.engine.prefill(seq, ids)
+        layers[loaded.engine.name] = [(np.asarray(k), np.asarray(v)) for k, v in loaded.engine.context_layers(seq)]
+    for (k1, v1), (k2, v2) in zip(layers["llama.cpp"], layers["transformers"]):
+        assert k1.shape == k2.shape
+        assert np.abs(k1 - k2).max() <= 2e-3 * np.abs(k2).max() + 1e-3
+        assert np.abs(v1 - v2).max() <= 2e-3 * np.abs(v2).max() + 1e-3
+    # and the tolerance means something: a key left rotated, or in the other channel order, is far off
+    k1, k2 = layers["llama.cpp"][1][0], layers["transformers"][1][0]
+    assert np.abs(k1[..., ::-1] - k2).max() > 10 * (2e-3 * np.abs(k2).max() + 1e-3)
+
+
+def test_placed_keys_give_llama_cpps_own_logits(engines):
+    """A context injected from pre-RoPE layers continues exactly as llama.cpp's own prefill does."""
+    llama, _ = engines
+    engine, ids = llama.engine, ids_of(llama)
+    own = engine.sequence()
+    engine.prefill(own, ids)
+    layers = engine.context_layers(own)
+    expected = engine.evaluate(own, [ids[0], ids[1]], logits_to_keep=2)
+    injected = engine.sequence()
+    for index, (key, value) in enumerate(layers):
+        engine.inject(injected, index, engine.place(key, value))
+    assert injected.length == len(ids)
+    assert np.abs(engine.evaluate(injected, [ids[0], ids[1]], logits_to_keep=2) - expected).max() < 1e-3
+
+
+def test_a_llama_cpp_artifact_decodes_to_llama_cpps_edge_only_tokens(tiny_gguf, tmp_path):
+    """prefill --engine llama.cpp, then decode on llama.cpp: exactly the tokens of llama.cpp's own
+    prefill of the context (greedy)."""
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    run_cli("prefill", "-m", str(tiny_gguf), "--engine", "llama.cpp", "-c", str(ctx), "-o", str(tmp_path / "l.kv"),
+            check=True)
+    common = ["-m", str(tiny_gguf), "-p", "What next?", "-n", "12", "--json"]
+    from_artifact = json.loads(run_cli("decode", *common, "--kv", str(tmp_path / "l.kv"), check=True).stdout)
+    edge_only = json.loads(run_cli("decode", *common, "--context", str(ctx), check=True).stdout)
+    assert from_artifact["engine"] == edge_only["engine"] == "llama.cpp"
+    assert from_artifact["path"] == "artifact" and edge_only["path"] == "edge-only"
+    assert from_artifact["new_tokens"] == 12 and from_artifact["text"] == edge_only["text"]
+
+
+def test_artifacts_cross_between_engines_within_a_small_nll_difference(tiny_gguf, tmp_path):
+    """A transformers-made artifact scores on llama.cpp as llama.cpp's own does, and the reverse."""
+    ctx, cont = tmp_path / "ctx.txt", tmp_path / "cont.txt"
+    ctx.write_text(CONTEXT)
+    cont.write_text("The scheduler then returns the finished jobs in order.")
+    for engine in ("llama.cpp", "transformers"):
+        run_cli("prefill", "-m", str(tiny_gguf), "--engine", engine, "-c", str(ctx), "-o", str(tmp_path / f"{engine}.kv"),
+                check=True)
+    nll = {}
+    for reader in ("llama.cpp", "transformers"):
+        for maker in ("llama.cpp", "transformers"):
+            out = run_cli("score", "-m", str(tiny_gguf), "--engine", reader, "--kv", str(tmp_path / f"{maker}.kv"),
+                          "--continuation", str(cont), "--json", check=True)
+            nll[reader, maker] = json.loads(out.stdout)["nll"]
+    for reader in ("llama.cpp", "transformers"):
+        assert abs(nll[reader, "llama.cpp"] - nll[reader, "transformers"]) < 0.01, nll
+
+
+def test_compressed_artifact_and_recompute_last_run_on_llama_cpp(tiny_gguf, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    run_cli("prefill", "-m", str(tiny_gguf), "-c", str(ctx), "-o", str(tmp_path / "a.kv"), "--chunk-size", "32", check=True)
+    run_cli("compress", str(tmp_path / "a.kv"), "--codec", "balanced", "-o", str(tmp_path / "b.kv"), check=True)
+    common = ["-m", str(tiny_gguf), "-p", "What next?", "-n", "6", "--json"]
+    balanced = json.loads(run_cli("decode", *common, "--kv", str(tmp_path / "b.kv"), check=True).stdout)
+    assert balanced["engine"] == "llama.cpp" and balanced["new_tokens"] > 0
+    exact = json.loads(run_cli("decode", *common, "--kv", str(tmp_path / "a.kv"), check=True).stdout)
+    # recomputing at least as many tokens as the context holds is edge-only, whatever the artifact held
+    everything = json.loads(run_cli("decode", *common, "--kv", str(tmp_path / "b.kv"), "--recompute-last", "100000",
+                                    check=True).stdout)
+    edge_only = json.loads(run_cli("decode", *common, "--context", str(ctx), check=True).stdout)
+    assert everything["text"] == edge_only["text"] == exact["text"]
+
+
+def test_an_artifact_of_another_model_is_refused_before_llama_cpp_sees_it(tiny_gguf, tiny_qwen, tmp_path):
+    """llama.cpp's state checks only shapes; celslm checks the model space first."""
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    run_cli("prefill", "-m", str(tiny_qwen), "-c", str(ctx), "-o", str(tmp_path / "other.kv"), check=True)
+    result = run_cli("decode", "-m", str(tiny_gguf), "--kv", str(tmp_path / "other.kv"), "-p", "Hi", "--json")
+    assert result.returncode != 0 and b"model space" in result.stderr
+
+
+def test_state_decoding_refuses_bytes_that_do_not_fit(engines):
+    llama, _ = engines
+    engine = llama.engine
+    seq = engine.sequence()
+    engine.prefill(seq, ids_of(llama)[:20])
+    data = engine._state()
+    with pytest.raises(IntegrityError, match="ends at byte"):
+        llamastate.decode(engine.layout, data[:-3])
+    with pytest.raises(IntegrityError, match="after its last layer"):
+        llamastate.decode(engine.layout, data + b"\0")
+    other = llamastate.CacheLayout(engine.layout.layers + 1, engine.layout.kv_heads, engine.layout.head_dim, 1, 1, True)
+    with pytest.raises(IntegrityError, match="layers"):
+        llamastate.decode(other, data)
+
+
+def test_another_llama_cpp_python_version_is_refused():
+    with pytest.raises(CelslmError, match="pip install llama-cpp-python==0.3.36"):
+        llamastate.check_version(types.SimpleNamespace(__version__="0.3.37", LLAMA_STATE_SEQ_VERSION=3))
+    with pytest.raises(CelslmError):
+        llamastate.check_version(types.SimpleNamespace(__version__="0.3.36", LLAMA_STATE_SEQ_VERSION=4))
+
+
+def test_llama_cpp_vocabulary_tokenizes_as_transformers(engines):
+    """The llama.cpp edge tokenizes with the GGUF's vocabulary; the ids, the chat frame and the text are
+    transformers' (SentencePiece and byte-level BPE)."""
+    from celslm import prompting
+
+    light, reference = engines[0].tokenizer, engines[1].tokenizer
+    for text in (CONTEXT, "  leading spaces, ünïcödé, tabs\tand\nnew lines <|im_start|>", ""):
+        for special in (True, False):
+            assert light(text, add_special_tokens=special)["input_ids"] == reference(text, add_special_tokens=special)["input_ids"]
+    assert prompting.chat_frame(light) == prompting.chat_frame(reference) is not None
+    for framing in ("chat", "raw"):
+        assert prompting.context_ids(light, CONTEXT, framing) == prompting.context_ids(reference, CONTEXT, framing)
+        assert prompting.prompt_ids(light, "Why?", framing, False) == prompting.prompt_ids(reference, "Why?", framing, False)
+    ids = reference("héllo <|im_end|> wörld")["input_ids"]
+    for skip in (True, False):
+        assert light.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip)
+    from celslm.decode import eos_ids
+
+    assert eos_ids(engines[0]) == eos_ids(engines[1]) and eos_ids(engines[0])
+
+
+def test_decode_on_llama_cpp_never_imports_torch(tiny_gguf, tmp_path):
+    """The edge on llama.cpp loads llama.cpp, numpy and a tokenizer: not torch, not transformers."""
+    from tests.test_packaging import PROBED_CLI, heavy_loaded
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    resolve_model(str(tiny_gguf))  # the folder converted once (that needs transformers), as a first run would
+    run_cli("prefill", "-m", str(tiny_gguf), "-c", str(ctx), "-o", str(tmp_path / "a.kv"), check=True)
+    result = subprocess.run(PROBED_CLI + ["decode", "-m", str(tiny_gguf), "--kv", str(tmp_path / "a.kv"), "-p", "Hi",
+                                          "-n", "3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert heavy_loaded(result.stderr) == []
+
+
+@pytest.mark.realmodel
+def test_bundled_models_llama_cpp_vocabulary_tokenizes_as_transformers():
+    """On qwen2.5-coder-0.5b: the same ids for 40 standard-library files, the same chat frame and text."""
+    import sysconfig
+
+    from transformers import AutoTokenizer
+
+    from celslm import prompting
+    from celslm.models import installed_path, is_installed
+
+    folder = installed_path("qwen2.5-coder-0.5b")
+    if not is_installed(folder) or not (folder / "model.gguf").is_file():
+        pytest.skip("qwen2.5-coder-0.5b is not installed with its GGUF (celslm models pull qwen2.5-coder-0.5b)")
+    light, reference = load_model("qwen2.5-coder-0.5b", engine="llama.cpp").tokenizer, AutoTokenizer.from_pretrained(folder)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    for path in files:
+        text = path.read_text(errors="replace")[:20000]
+        ids = reference(text)["input_ids"]
+        assert light(text)["input_ids"] == ids, path.name
+        assert light.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True), path.name
+    assert prompting.chat_frame(light) == prompting.chat_frame(reference)
