@@ -24,6 +24,10 @@ class ModelSpaceMismatch(UsageError):
     """An artifact computed for one model was given to another."""
 
 
+class NotFound(UsageError):
+    """An artifact or tag that no tier holds (every tier answered)."""
+
+
 class OutputExists(UsageError):
     """An output would replace something that exists (the command line says how to force it)."""
 

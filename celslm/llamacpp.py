@@ -23,12 +23,11 @@ import ctypes
 import functools
 import os
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
-from celslm import llamastate
+from celslm import llamaload, llamastate
 from celslm.artifact import Geometry
 from celslm.engine import Engine, Sequence, TokenProgress
 from celslm.errors import CelslmError, UsageError
@@ -37,34 +36,29 @@ from celslm.tokenizer import ChatTemplate
 ROPE_NORM, ROPE_NEOX = 0, 2
 DEFAULT_CONTEXT = 4096  # cells allocated at first; a longer sequence moves to a bigger context
 BATCH = 512
-_errors: list[str] = []  # llama.cpp's last error lines, quoted in our messages
+def _describe(lib, path: str, model) -> "_Model":
+    """What the engine needs to know about a loaded model, from llama.cpp's API and the GGUF's metadata."""
 
+    def meta(key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        return buf.value.decode() if lib.llama_model_meta_val_str(model, key.encode(), buf, 256) >= 0 else None
 
-def _library():
-    """llama_cpp, imported once with OpenMP told not to spin (decode collapses on a busy 2-core machine
-    otherwise) and llama.cpp's log kept to its errors."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise UsageError(f"the llama.cpp engine needs llama-cpp-python=={llamastate.LLAMA_CPP_PYTHON} "
-                         f"({exc}); install it, or use --engine transformers") from exc
-    llamastate.check_version(llama_cpp)
-    if not getattr(_library, "logging", None):
-        llama_cpp.llama_backend_init()
-        @llama_cpp.llama_log_callback
-        def log(level, text, _):
-            if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h of this llama.cpp)
-                _errors.append(text.decode(errors="replace").strip().rpartition(": ")[2])
-                del _errors[:-4]
-
-        _library.logging = log  # kept alive: llama.cpp holds the pointer
-        llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    return llama_cpp
-
-
-def _last_error() -> str:
-    return f" ({_errors[-1]})" if _errors else ""
+    arch = meta("general.architecture") or "?"
+    heads, kv_heads = lib.llama_model_n_head(model), lib.llama_model_n_head_kv(model)
+    head_dim = int(meta(f"{arch}.attention.key_length") or lib.llama_model_n_embd(model) // heads)
+    kind = lib.llama_model_rope_type(model)
+    dims = int(meta(f"{arch}.rope.dimension_count") or head_dim)
+    scaling = meta(f"{arch}.rope.scaling.type")
+    if kind not in (ROPE_NORM, ROPE_NEOX) or scaling not in (None, "none", "linear"):
+        raise UsageError(f"{path}: {arch} uses RoPE type {kind} (scaling {scaling}); the llama.cpp engine "
+                         "places keys for plain NORM and NEOX RoPE only: use --engine transformers")
+    if kind == ROPE_NORM and dims != head_dim:
+        raise UsageError(f"{path}: partial NORM RoPE ({dims} of {head_dim} dimensions) is not supported")
+    rope = Rope(kind, dims, float(meta(f"{arch}.rope.freq_base") or 10000.0),
+                float(lib.llama_model_rope_freq_scale_train(model)))
+    vocab = lib.llama_model_get_vocab(model)
+    return _Model(model, arch, Geometry(lib.llama_model_n_layer(model), kv_heads, head_dim), rope,
+                  lib.llama_vocab_n_tokens(vocab), lib.llama_model_n_ctx_train(model), vocab)
 
 
 @dataclass(frozen=True)
@@ -88,6 +82,20 @@ class Rope:
             cos[:, j], sin[:, j] = np.cos(angle), np.sin(angle)
             theta = theta * scale
         return cos, sin
+
+
+_CONVENTIONS = {"qwen2": ROPE_NEOX, "llama": ROPE_NORM}  # model_type -> llama.cpp's RoPE for that architecture
+
+
+def rope_from_config(config: dict) -> Rope | None:
+    """The RoPE a Hugging Face config.json describes, as llama.cpp would apply it; None where unsure."""
+    parameters = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta"), "rope_type": "default"}
+    kind = _CONVENTIONS.get(config.get("model_type"))
+    if kind is None or parameters.get("rope_type", "default") != "default" or not parameters.get("rope_theta") \
+            or config.get("rope_scaling") or config.get("partial_rotary_factor", 1.0) != 1.0:
+        return None
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return Rope(kind, int(head_dim), float(parameters["rope_theta"]), 1.0)
 
 
 def rotate(key: np.ndarray, rope: Rope, tables, inverse: bool = False) -> np.ndarray:
@@ -137,58 +145,42 @@ class LlamaEngine(Engine):
     name = "llama.cpp"
     pipelines = False
 
-    def __init__(self, path: str, threads: int | None = None, context: int = DEFAULT_CONTEXT):
+    def __init__(self, path: str, threads: int | None = None, context: int = DEFAULT_CONTEXT,
+                 rope_hint: Rope | None = None):
+        """`rope_hint`: the RoPE the model folder's config describes, so that keys are rotated while the
+        model is still loading; checked against llama.cpp's own once it is in (a mismatch is redone)."""
         self.path = path
+        self.rope_hint = rope_hint
         self.threads = threads or int(os.environ.get("CELSLM_THREADS", 0)) or os.cpu_count() or 1
         self._want = context
-        self._lib = _library()
-        self._loaded: Future = Future()
+        self._lib = llamaload.library()
+        self._loaded = llamaload.load(path)  # a future of the raw handle; `model` describes it once
+        self._described: _Model | None = None
+        self._describing = threading.Lock()
         self._lock = threading.Lock()  # one forward pass at a time on the context
         self._ctx = None
         self._active: LlamaSequence | None = None
-        threading.Thread(target=self._load, name="celslm-llama-load", daemon=True).start()
+        threading.Thread(target=self._first_context, name="celslm-llama-context", daemon=True).start()
+
+    def _first_context(self) -> None:
+        """Make the context as soon as the model is in, while the artifact is still being decoded."""
+        try:
+            self.model
+            with self._lock:
+                self._context(1)
+        except BaseException:
+            pass  # the same error comes back, with its message, where the engine is used
 
     # -- loading (in a thread: ctypes releases the GIL, so artifact work goes on meanwhile)
 
-    def _load(self) -> None:
-        lib = self._lib
-        try:
-            params = lib.llama_model_default_params()
-            params.n_gpu_layers = 0
-            model = lib.llama_model_load_from_file(self.path.encode(), params)
-            if not model:
-                raise CelslmError(f"llama.cpp cannot load {self.path}{_last_error()}")
-            self._loaded.set_result(self._describe(model))
-        except BaseException as exc:
-            self._loaded.set_exception(exc)
-
-    def _describe(self, model) -> "_Model":
-        lib = self._lib
-
-        def meta(key: str) -> str | None:
-            buf = ctypes.create_string_buffer(256)
-            return buf.value.decode() if lib.llama_model_meta_val_str(model, key.encode(), buf, 256) >= 0 else None
-
-        arch = meta("general.architecture") or "?"
-        heads, kv_heads = lib.llama_model_n_head(model), lib.llama_model_n_head_kv(model)
-        head_dim = int(meta(f"{arch}.attention.key_length") or lib.llama_model_n_embd(model) // heads)
-        kind = lib.llama_model_rope_type(model)
-        dims = int(meta(f"{arch}.rope.dimension_count") or head_dim)
-        scaling = meta(f"{arch}.rope.scaling.type")
-        if kind not in (ROPE_NORM, ROPE_NEOX) or scaling not in (None, "none", "linear"):
-            raise UsageError(f"{self.path}: {arch} uses RoPE type {kind} (scaling {scaling}); the llama.cpp engine "
-                             "places keys for plain NORM and NEOX RoPE only: use --engine transformers")
-        if kind == ROPE_NORM and dims != head_dim:
-            raise UsageError(f"{self.path}: partial NORM RoPE ({dims} of {head_dim} dimensions) is not supported")
-        rope = Rope(kind, dims, float(meta(f"{arch}.rope.freq_base") or 10000.0),
-                    float(lib.llama_model_rope_freq_scale_train(model)))
-        vocab = lib.llama_model_get_vocab(model)
-        return _Model(model, arch, Geometry(lib.llama_model_n_layer(model), kv_heads, head_dim), rope,
-                      lib.llama_vocab_n_tokens(vocab), lib.llama_model_n_ctx_train(model), vocab)
-
     @property
     def model(self) -> "_Model":
-        return self._loaded.result()
+        if self._described is None:
+            handle = self._loaded.result()
+            with self._describing:
+                if self._described is None:
+                    self._described = _describe(self._lib, self.path, handle)
+        return self._described
 
     @property
     def geometry(self) -> Geometry:
@@ -221,7 +213,7 @@ class LlamaEngine(Engine):
         params.no_perf = True
         ctx = lib.llama_init_from_model(m.handle, params)
         if not ctx:
-            raise CelslmError(f"llama.cpp cannot make a {cells}-cell context{_last_error()}")
+            raise CelslmError(f"llama.cpp cannot make a {cells}-cell context{llamaload.last_error()}")
         if self._ctx is not None:
             lib.llama_free(self._ctx)
         self._ctx = ctx
@@ -237,9 +229,9 @@ class LlamaEngine(Engine):
         return bytes(memoryview(buf)[:written])
 
     def _restore(self, data: bytes) -> None:
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))  # no copy: llama.cpp only reads it
         if self._lib.llama_state_seq_set_data(self._ctx, buf, len(data), 0) == 0:
-            raise CelslmError(f"llama.cpp refused the context's KV state{_last_error()}")
+            raise CelslmError(f"llama.cpp refused the context's KV state{llamaload.last_error()}")
 
     def _own(self, seq: LlamaSequence) -> None:
         if seq is not self._active:
@@ -281,7 +273,7 @@ class LlamaEngine(Engine):
                         batch.logits[i] = begin + i >= first_kept
                     batch.logits[len(chunk) - 1] = True  # llama.cpp wants at least one output per batch
                     if lib.llama_decode(ctx, batch) != 0:
-                        raise CelslmError(f"llama.cpp could not evaluate {len(chunk)} tokens at position {seq.length}{_last_error()}")
+                        raise CelslmError(f"llama.cpp could not evaluate {len(chunk)} tokens at position {seq.length}{llamaload.last_error()}")
                     for i in range(max(0, first_kept - begin), len(chunk)):
                         row = lib.llama_get_logits_ith(ctx, i)
                         out[begin + i - first_kept] = np.ctypeslib.as_array(row, shape=(vocab,))
@@ -293,15 +285,18 @@ class LlamaEngine(Engine):
             return out
 
     def place(self, key, value) -> tuple:
-        """Pre-RoPE key and value `[H, T, D]` -> llama.cpp's rows `[T, H*D]` in f16, keys rotated.
+        """Pre-RoPE key and value `[H, T, D]` -> llama.cpp's rows `[T, H*D]` in f16, keys rotated, and
+        the RoPE they were rotated with.
 
-        The rotation needs the model's RoPE settings: while the model is still loading, the key is kept
-        as it is and rotated in `inject`, so that decoding blocks never waits for the load."""
+        Rotating needs the model's RoPE: while the model is still loading, the folder's (`rope_hint`)
+        is used, or, without one, the key is kept as it is and rotated in `inject`; decoding blocks
+        never waits for the load."""
         key, value = np.asarray(key, dtype=np.float32), np.asarray(value, dtype=np.float32)
-        return (self._rows(self._rotated(key)) if self._loaded.done() else key), self._rows(value)
+        rope = self.model.rope if self._loaded.done() else self.rope_hint
+        return (self._rows(self._rotated(key, rope)) if rope else key), self._rows(value), rope
 
-    def _rotated(self, key: np.ndarray) -> np.ndarray:
-        rope = self.model.rope
+    @staticmethod
+    def _rotated(key: np.ndarray, rope: Rope) -> np.ndarray:
         return to_llama_order(rotate(key, rope, rope.tables(key.shape[1])), rope)
 
     @staticmethod
@@ -316,9 +311,13 @@ class LlamaEngine(Engine):
             seq.pending = []
         if seq.pending is None or layer != len(seq.pending) or seq.length:
             raise CelslmError(f"layer {layer} injected out of order, or into a sequence that is not empty")
-        key, value = placed
-        if key.ndim == 3:  # placed before the model had loaded: rotate now
-            key = self._rows(self._rotated(key))
+        key, value, rope = placed
+        if rope != self.model.rope:  # placed before the model had loaded, by no hint or a wrong one
+            heads, dim = self.geometry.kv_heads, self.geometry.head_dim
+            if rope is not None:
+                rows = key.astype(np.float32).reshape(-1, heads, dim).transpose(1, 0, 2)
+                key = rotate(from_llama_order(rows, rope), rope, rope.tables(rows.shape[1]), inverse=True)
+            key = self._rows(self._rotated(key, self.model.rope))
         seq.pending.append((key, value))
         if len(seq.pending) < self.geometry.layers:
             return
@@ -351,6 +350,21 @@ class LlamaEngine(Engine):
         tables = rope.tables(len(positions))
         heads = lambda rows: np.ascontiguousarray(rows.reshape(len(positions), g.kv_heads, g.head_dim).transpose(1, 0, 2))
         return [(rotate(from_llama_order(heads(k), rope), rope, tables, inverse=True), heads(v)) for k, v in zip(keys, values)]
+
+    def snapshot(self, seq: LlamaSequence) -> bytes:
+        """The sequence's KV as llama.cpp state bytes (kept by the warm service, restored in milliseconds)."""
+        with self._lock:
+            self._own(seq)
+            return self._state()
+
+    def restore(self, data: bytes, length: int) -> LlamaSequence:
+        """A new sequence holding a snapshot of `length` positions."""
+        seq = self.sequence()
+        with self._lock:
+            self._context(length)
+            self._restore(data)
+            seq._length = length
+        return seq
 
     def close(self) -> None:
         if self._ctx is not None:

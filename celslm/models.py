@@ -331,7 +331,7 @@ def model_fingerprint(folder: Path) -> str:
     identity = {
         "config": config,
         "weights": {p.name: _cached_file_digest(p) for p in weights},
-        "tokenizer": {p.name: sha256_file(p) for p in tokenizer},
+        "tokenizer": {p.name: _cached_file_digest(p) for p in tokenizer},
     }
     return hashlib.sha256(_canonical(identity)).hexdigest()
 
@@ -397,7 +397,7 @@ def load_model(spec: str, progress: Progress | None = None, engine: str = "trans
 def _load_llama(spec: str, progress: Progress | None) -> LoadedModel:
     """The GGUF on llama.cpp (loading starts in a thread at once), with the folder's fingerprint and
     tokenizer: no torch, no transformers."""
-    from celslm.llamacpp import LlamaEngine, LlamaTokenizer
+    from celslm.llamacpp import LlamaEngine, LlamaTokenizer, rope_from_config
     from celslm.tokenizer import ChatTemplate
 
     folder = resolve_model(spec, progress)
@@ -405,7 +405,7 @@ def _load_llama(spec: str, progress: Progress | None) -> LoadedModel:
     if gguf is None:
         hint = f"celslm models pull {spec}" if spec in bundled_models() else "give the .gguf file, or --engine transformers"
         raise UsageError(f"{spec}: no GGUF file for the llama.cpp engine; {hint}")
-    engine = LlamaEngine(str(gguf))
+    engine = LlamaEngine(str(gguf), rope_hint=rope_from_config(json.loads((folder / "config.json").read_text())))
     record = json.loads((folder / MODEL_RECORD).read_text()) if is_installed(folder) else {}
     expected = record.get("source", {}).get("gguf_sha256")
     if expected and _cached_file_digest(gguf) != expected:

@@ -21,23 +21,29 @@ app = typer.Typer(help="Benchmarks that print their figures (ratios measured in 
 
 
 @app.command(epilog=examples("celslm bench ttft -m qwen2.5-coder-0.5b --tokens 2048",
+                             "celslm bench ttft -m qwen2.5-coder-0.5b --tokens 2048 --engine llama.cpp",
                              "celslm bench ttft -m smollm2-135m --tokens 512 --json"))
 def ttft(
     model: ModelOpt,
     tokens: Annotated[int, typer.Option("--tokens", min=1, help="Context length in tokens (standard-library source).")] = 2048,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1)] = 256,
+    engine: Annotated[str, typer.Option("--engine", help="transformers or llama.cpp (the model's GGUF).")] = "transformers",
     json_: JsonOpt = False,
 ) -> None:
     """Time to first token from an artifact vs after the model's own prefill."""
     from celslm.bench import ttft as ttft_bench  # torch and transformers: not for --help
+    from celslm.models import default_engine
 
+    with for_option("--engine"):
+        engine = default_engine(model, engine)
     with progress_bar() as progress:
-        loaded = load_model(model, progress)
+        loaded = load_model(model, progress, engine=engine)
     result = ttft_bench.run(loaded, context_tokens=tokens, chunk_size=chunk_size)
     if json_:
         print_json({**dataclasses.asdict(result), "speedup": round(result.speedup, 3)})
         return
-    table = Table("measure", "value", title=f"time to first token, {result.model}, {result.context_tokens}-token context")
+    table = Table("measure", "value", title=f"time to first token, {result.model} on {loaded.engine.name}, "
+                                           f"{result.context_tokens}-token context")
     table.add_row("cloud prefill (s)", f"{result.prefill_s:.3f}")
     table.add_row("artifact bytes", f"{result.artifact_bytes:,} ({result.artifact_bytes / 2**20:.1f} MiB)")
     table.add_row("TTFT from artifact (s)", f"{result.artifact_ttft_s:.3f}  (of which load {result.artifact_load_s:.3f})")
@@ -253,7 +259,8 @@ def edge_(
                       f"peak memory: {fmt(ratios['peak_rss_kv_vs_peer'], '.2f')}x")
     out_console.print(f"bytes: artifact {result['artifact_bytes']:,}, llama.cpp f16 state {result['llama_state_bytes']:,} "
                       f"({fmt(ratios['state_bytes_vs_artifact'], '.1f')}x larger); llama.cpp edge-only first byte is "
-                      f"{fmt(ratios['first_byte_llama_edge_only_vs_kv'], '.1f')}x later than celslm --kv")
+                      f"{fmt(ratios['first_byte_llama_edge_only_vs_kv'], '.1f')}x later than celslm --kv, "
+                      f"{fmt(ratios['first_byte_llama_edge_only_vs_warm'], '.1f')}x later than the warm service")
 
 
 @app.command("latency", epilog=examples(
@@ -267,6 +274,7 @@ def latency_(
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per run.")] = 64,
     quick: Annotated[bool, typer.Option("--quick", metavar=FLAG, help="Only 512 and 2048 tokens over 10 and 100 Mbit/s.")] = False,
     plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of TTFT vs link rate.")] = None,
+    llama: Annotated[bool, typer.Option("--llama/--no-llama", metavar=FLAG, help="Add edge-only on llama.cpp (the same GGUF) as a baseline row, when the model has a GGUF.")] = True,
     json_: JsonOpt = False,
 ) -> None:
     """TTFT and total time: edge-only vs artifact, with and without pipelining, over emulated links."""
@@ -280,10 +288,13 @@ def latency_(
         [Link.parse(spec) for spec in links]
     with for_option("--codec"):
         [parse_codec(spec) for spec in codec or ()]
+    from celslm.models import model_gguf
+
     with progress_bar() as progress:
         loaded = load_model(model, progress)
+        baseline = load_model(model, progress, engine="llama.cpp") if llama and model_gguf(model, loaded.folder) else None
     result = latency_bench.run(loaded, contexts=contexts, links=links, codecs=tuple(codec or ("fp16", "balanced")),
-                               new_tokens=new_tokens, progress=lambda what: log(f"bench latency: {what}"))
+                               new_tokens=new_tokens, progress=lambda what: log(f"bench latency: {what}"), llama=baseline)
     if plot:
         latency_bench.plot(result, plot)
     if json_:
@@ -298,7 +309,7 @@ def latency_(
         table.add_row(str(r["context_tokens"]), r["mode"].replace("artifact+pipeline", "pipelined"), r["codec"] or "-", link,
                       f"{r['artifact_bytes'] / 2**20:.1f}", f"{r['ttft_s']:.2f}", f"{r['total_s']:.2f}",
                       f"{r['t_com_c_s']:.2f}", f"{r['t_comm_s']:.2f}", f"{r['t_com_e_s']:.2f}",
-                      f"{r['hidden_share']:.0%}" if r["mode"] != "edge-only" else "-",
+                      f"{r['hidden_share']:.0%}" if not r["mode"].startswith("edge-only") else "-",
                       f"{edge[r['context_tokens']] / r['ttft_s']:.1f}x")
     out_console.print(table)
 

@@ -24,6 +24,7 @@ EPILOG = examples(
     "celslm decode -m qwen2.5-coder-0.5b --context sched.py --cloud http://cloud:8470 -p 'Why?'   # cached prefix + local rest",
     "celslm decode -m qwen2.5-coder-0.5b --kv sched-cross.kv --recompute-last 512 -p 'Why?'   # cross-model KV + own recent tokens",
     "celslm decode -m qwen2.5-coder-0.5b --engine transformers --kv sched.kv -p 'Why?'   # the fp32 reference engine",
+    "celslm decode -m qwen2.5-coder-0.5b --server http://127.0.0.1:8480 --kv sched:latest -p 'Why?'   # a warm celslm serve",
 )
 
 
@@ -46,6 +47,7 @@ def decode(
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", metavar=FLAG, help="Run the prompt's layer l as soon as layer l's KV is in (default), or wait for all of it.")] = True,
     stats: Annotated[bool, typer.Option("--stats", metavar=FLAG, help="Print the time split on stderr after generation.")] = False,
     engine: EngineOpt = None,
+    server: Annotated[str | None, typer.Option("--server", envvar="CELSLM_SERVER", show_envvar=True, help="Answer through a running `celslm serve` (URL): the model is already loaded, recent contexts already decoded. The context is --kv.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""
@@ -53,6 +55,11 @@ def decode(
     from celslm.edge import Sources, answer
     from celslm.stream import Link
 
+    if server:
+        if kv is None or context or recompute_last or link or engine or peer or cloud:
+            raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); "
+                             "--context, --recompute-last, --link, --engine, --peer and --cloud are the service's own settings")
+        return _through_server(server, kv, read_text(prompt, "--prompt"), max_new_tokens, temperature, top_p, seed, raw, json_)
     if kv is None and context is None:
         raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
     if recompute_last and kv is None:
@@ -92,6 +99,64 @@ def decode(
     if json_:
         print_json({"text": "".join(pieces), "artifact": result.artifact_id, "engine": loaded.engine.name,
                     **ctx.stats.to_json()})
+
+
+def _through_server(server: str, kv: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                    seed: int | None, raw: bool, json_: bool) -> None:
+    """Stream the answer from a `celslm serve` (its OpenAI-style API), printing text as it comes."""
+    import json
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from celslm.errors import UnavailableError
+
+    if raw:
+        path, body = "/v1/completions", {"prompt": prompt}
+    else:
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
+    body.update(context=kv, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=True,
+                **({"seed": seed} if seed is not None else {}))
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("CELSLM_API_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['CELSLM_API_TOKEN']}"
+    host = urllib.parse.urlsplit(server).hostname or ""
+    if host not in ("localhost", "127.0.0.1", "::1"):
+        log(f"note: the prompt goes to {server}, the service that answers it")
+    request = urllib.request.Request(server.rstrip("/") + path, json.dumps(body).encode(), headers)
+    pieces, final = [], {}
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                line = line.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise UnavailableError(f"{server}: {event['error']['message']}")
+                choice = event["choices"][0]
+                piece = choice.get("text") if raw else choice.get("delta", {}).get("content")
+                if piece:
+                    pieces.append(piece)
+                    if not json_:
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                if "celslm" in event:
+                    final = event
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = str(exc)
+        raise (UsageError if exc.code in (400, 404) else UnavailableError)(f"{server}: {message}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise UnavailableError(f"{server}: {getattr(exc, 'reason', exc)}") from exc
+    if json_:
+        print_json({"text": "".join(pieces), "artifact": final.get("celslm", {}).get("context"), "server": server,
+                    "usage": final.get("usage"), "celslm": final.get("celslm")})
+    else:
+        sys.stdout.write("\n")
 
 
 def stats_table(s: DecodeStats) -> Table:

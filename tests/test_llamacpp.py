@@ -222,3 +222,60 @@ def test_bundled_models_llama_cpp_vocabulary_tokenizes_as_transformers():
         assert light(text)["input_ids"] == ids, path.name
         assert light.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True), path.name
     assert prompting.chat_frame(light) == prompting.chat_frame(reference)
+
+
+def test_bench_latency_adds_llama_cpps_own_edge_only_as_a_baseline(engines):
+    from celslm.bench import latency
+
+    llama, reference = engines
+    result = latency.run(reference, contexts=(96,), links=("1gbit:1ms",), codecs=("fp16",), new_tokens=3, llama=llama)
+    modes = [r["mode"] for r in result["runs"]]
+    assert modes == ["edge-only", "edge-only (llama.cpp)", "artifact", "artifact+pipeline"]
+    baseline = result["runs"][1]
+    assert baseline["context_tokens"] == 96 and 1 <= baseline["new_tokens"] <= 3 and baseline["link"] is None
+
+
+def test_bench_edge_measures_every_process_it_names(tiny_gguf):
+    """Whole processes, interleaved: every row has its figures, and the peer restores llama.cpp's own state."""
+    out = run_cli("bench", "edge", "-m", str(tiny_gguf), "--tokens", "64", "--new-tokens", "4", "--repeats", "1",
+                  "--no-transformers", "--json", check=True)
+    result = json.loads(out.stdout)
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {"kv", "warm", "peer", "edge-llama", "peer-edge"}
+    for row in rows.values():
+        assert row["runs"] == 1 and 0 < row["first_byte_s"] <= row["total_s"] and row["peak_rss_mib"] > 10
+    # the same model, the same context, greedy: llama.cpp restoring its state answers as its own prefill does
+    assert rows["peer"]["same_text_as_llama_cpp_edge_only"] and rows["edge-llama"]["same_text_as_llama_cpp_edge_only"]
+    assert result["llama_state_bytes"] > 0 and result["artifact_bytes"] > 0
+
+
+def test_keys_rotated_before_the_model_loads_use_the_folders_rope_and_a_wrong_one_is_redone(engines, tiny_gguf):
+    """Keys are rotated while the model loads, with the RoPE the folder's config describes; it must be
+    llama.cpp's own, and a wrong one is undone and redone at injection."""
+    import dataclasses
+
+    from celslm.llamacpp import LlamaEngine
+
+    llama, _ = engines
+    engine = llama.engine
+    assert engine.rope_hint == engine.model.rope
+    ids = ids_of(llama)
+    own = engine.sequence()
+    engine.prefill(own, ids)
+    layers = engine.context_layers(own)
+    expected = engine.evaluate(own, [ids[0]])
+    bad = dataclasses.replace(engine.model.rope, base=engine.model.rope.base / 100)
+    other = LlamaEngine(str(tiny_gguf), rope_hint=bad)
+    # what `place` gives while the model is loading: odd layers rotated with the (wrong) hint, even ones not at all
+    placed = [(LlamaEngine._rows(LlamaEngine._rotated(k, bad)), LlamaEngine._rows(v), bad) if i % 2 else
+              (np.asarray(k), LlamaEngine._rows(v), None) for i, (k, v) in enumerate(layers)]
+    seq = other.sequence()
+    for index, item in enumerate(placed):
+        other.inject(seq, index, item)
+    fixed = np.abs(other.evaluate(seq, [ids[0]]) - expected).max()
+    assert fixed < 5e-2
+    # and the tolerance means something: injected as rotated by the wrong RoPE, the logits are far off
+    unfixed = other.sequence()
+    for index, (key, value) in enumerate(layers):
+        other.inject(unfixed, index, (LlamaEngine._rows(LlamaEngine._rotated(key, bad)), LlamaEngine._rows(value), engine.model.rope))
+    assert np.abs(other.evaluate(unfixed, [ids[0]]) - expected).max() > max(5e-2, 10 * fixed)

@@ -8,6 +8,8 @@ every row alike: read the ratios.
 
 Rows:
   celslm decode --kv          the artifact (balanced codec, local disk) on the llama.cpp engine
+  celslm serve (warm)         curl streaming a chat completion from a running `celslm serve` that has
+                              the context in memory already (peak memory: the service's)
   celslm edge-only            celslm decode --context, on llama.cpp and on transformers
   llama.cpp state restore     a plain llama-cpp-python script restoring llama.cpp's own saved
                               sequence state of the context (`llama_peer.py restore`): the peer
@@ -19,11 +21,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,7 +47,7 @@ CLI = [sys.executable, "-c", "from celslm.commands.main import run; run()"]
 _DECODE_ROW = re.compile(r"of which decode \((\d+) tokens\)\D*?([\d.]+)")
 # A fork of this process would count its pages (the benchmark holds a model) in the child's peak RSS
 # until exec; so a small interpreter forks, execs the command, and reports that child's own peak.
-_LAUNCH = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execv(sys.argv[2], sys.argv[2:])\n"
+_LAUNCH = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execvp(sys.argv[2], sys.argv[2:])\n"
            "_, status, usage = os.wait4(pid, 0)\nopen(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
            "sys.exit(os.waitstatus_to_exitcode(status))\n")
 
@@ -73,7 +78,7 @@ class Row:
                 "tokens": self.runs[-1].tokens if self.runs else 0}
 
 
-def timed(cmd: list[str], env: dict, decode_rate: Callable[[str], tuple[int, float | None]], work: Path) -> Run:
+def timed(cmd: list[str], env: dict, decode_rate: Callable[[str, str], tuple[int, float | None, str]], work: Path) -> Run:
     """Run `cmd`; seconds to its first stdout byte and to its exit, and its own peak RSS."""
     rss_file = work / "peak-rss"
     started = time.perf_counter()
@@ -87,23 +92,35 @@ def timed(cmd: list[str], env: dict, decode_rate: Callable[[str], tuple[int, flo
     ended = time.perf_counter()
     if proc.returncode != 0:
         raise CelslmError(f"{' '.join(cmd[-8:])} exited {proc.returncode}: {stderr.strip().splitlines()[-1:] or ''}")
-    tokens, rate = decode_rate(stderr)
+    tokens, rate, text = decode_rate(stderr, (first + rest).decode(errors="replace"))
     return Run(first_byte_s=first_at - started, total_s=ended - started, peak_rss_mib=int(rss_file.read_text()) / 1024,
-               tokens=tokens, decode_tok_s=rate, text=(first + rest).decode(errors="replace").strip())
+               tokens=tokens, decode_tok_s=rate, text=text.strip())
 
 
-def _celslm_rate(stderr: str) -> tuple[int, float | None]:
+def _rate(tokens: int, seconds: float) -> float | None:
+    return (tokens - 1) / seconds if tokens > 1 and seconds > 0 else None
+
+
+def _celslm_rate(stderr: str, stdout: str) -> tuple[int, float | None, str]:
     match = _DECODE_ROW.search(stderr)
     if not match:
         raise CelslmError("celslm decode --stats printed no decode row")
-    tokens, seconds = int(match.group(1)), float(match.group(2))
-    return tokens, (tokens - 1) / seconds if tokens > 1 and seconds > 0 else None
+    tokens = int(match.group(1))
+    return tokens, _rate(tokens, float(match.group(2))), stdout
 
 
-def _peer_rate(stderr: str) -> tuple[int, float | None]:
+def _peer_rate(stderr: str, stdout: str) -> tuple[int, float | None, str]:
     report = json.loads(stderr.strip().splitlines()[-1])
-    tokens, seconds = report["tokens"], report["decode_s"]
-    return tokens, (tokens - 1) / seconds if tokens > 1 and seconds > 0 else None
+    return report["tokens"], _rate(report["tokens"], report["decode_s"]), stdout
+
+
+def _sse_rate(stderr: str, stdout: str) -> tuple[int, float | None, str]:
+    """A streamed chat completion: the text of its deltas; tokens and decode time from its last event."""
+    events = [json.loads(line[6:]) for line in stdout.splitlines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    last = events[-1]
+    tokens, timing = last["usage"]["completion_tokens"], last["celslm"]
+    return tokens, _rate(tokens, timing["total_s"] - timing["ttft_s"]), text
 
 
 def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int = 64, repeats: int = 3,
@@ -147,22 +164,36 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
              peer + ["prefill", str(gguf), str(work / "context.state"), str(work / "ids.json"), str(new_tokens), str(threads)],
              _peer_rate),
         ]
+        service = _Warm(spec, env, work / "context.kv") if shutil.which("curl") else None
+        if service:
+            body = json.dumps({"context": str(work / "context.kv"), "messages": [{"role": "user", "content": PROMPT}],
+                               "max_tokens": new_tokens, "temperature": 0, "stream": True})
+            configs.insert(1, ("warm", "celslm serve, context in memory (curl, streamed)",
+                               ["curl", "-sSN", "-H", "Content-Type: application/json", "-d", body,
+                                f"{service.url}/v1/chat/completions"], _sse_rate))
         if transformers:
             configs.append(("edge-transformers", "celslm edge-only (transformers, fp32)",
                             decode + ["--engine", "transformers", "--context", str(work / "context.txt")], _celslm_rate))
         rows = {key: Row(key, label) for key, label, _, _ in configs}
         total = repeats * len(configs)
-        for rep in range(repeats):
-            for index, (key, label, cmd, rate) in enumerate(configs):
-                if progress:
-                    progress(f"run {rep + 1}/{repeats}: {label}", rep * len(configs) + index, total)
-                rows[key].runs.append(timed(cmd, env, rate, work))
+        try:
+            for rep in range(repeats):
+                for index, (key, label, cmd, rate) in enumerate(configs):
+                    if progress:
+                        progress(f"run {rep + 1}/{repeats}: {label}", rep * len(configs) + index, total)
+                    rows[key].runs.append(timed(cmd, env, rate, work))
+            if service:  # the client is curl; the memory is the service's
+                for one in rows["warm"].runs:
+                    one.peak_rss_mib = service.peak_rss_mib()
+        finally:
+            if service:
+                service.stop()
         state_bytes = (work / "context.state").stat().st_size
     summaries = {key: row.summary() for key, row in rows.items()}
     reference = rows["peer-edge"].runs[-1].text
     for key, row in rows.items():
         summaries[key]["same_text_as_llama_cpp_edge_only"] = all(r.text == reference for r in row.runs)
-    kv, peer_row = summaries["kv"], summaries["peer"]
+    kv, peer_row, warm = summaries["kv"], summaries["peer"], summaries.get("warm", {})
     ratio = lambda a, b: round(a / b, 3) if a and b else None  # noqa: E731
     return {
         "model": spec, "gguf": str(gguf), "context_tokens": len(context_ids), "prompt_tokens": len(prompt_ids),
@@ -175,6 +206,45 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
             "peak_rss_kv_vs_peer": ratio(kv["peak_rss_mib"], peer_row["peak_rss_mib"]),
             "state_bytes_vs_artifact": ratio(state_bytes, balanced.manifest.blob_bytes()),
             "first_byte_llama_edge_only_vs_kv": ratio(summaries["peer-edge"]["first_byte_s"], kv["first_byte_s"]),
+            "first_byte_llama_edge_only_vs_warm": ratio(summaries["peer-edge"]["first_byte_s"], warm.get("first_byte_s")),
         },
     }
 
+
+class _Warm:
+    """A `celslm serve` on loopback with the context already in memory (one request served)."""
+
+    def __init__(self, spec: str, env: dict, context: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(CLI + ["serve", "-m", spec, "--port", str(port)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/v1/health", timeout=2).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise CelslmError(f"celslm serve did not start: {self.proc.stderr.read().decode()[-500:]}")
+                time.sleep(0.2)
+        body = json.dumps({"context": str(context), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1})
+        request = urllib.request.Request(self.url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=300).read()
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

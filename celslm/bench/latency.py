@@ -49,7 +49,10 @@ def _run(loaded: LoadedModel, context, prompt_ids: list[int], new_tokens: int, m
 
 
 def run(loaded: LoadedModel, contexts=(512, 1024, 2048, 4096), links=("10mbit:20ms", "50mbit:20ms", "100mbit:20ms", "1gbit:5ms"),
-        codecs=("fp16", "balanced"), new_tokens: int = 64, progress: Callable[[str], None] | None = None) -> dict:
+        codecs=("fp16", "balanced"), new_tokens: int = 64, progress: Callable[[str], None] | None = None,
+        llama: LoadedModel | None = None) -> dict:
+    """`llama`, the same model on the llama.cpp engine, adds the baseline an edge user has without celslm:
+    llama.cpp prefilling the context itself ("edge-only (llama.cpp)")."""
     runs: list[Run] = []
     for length in contexts:
         framing = prompting.default_framing(loaded.tokenizer)
@@ -62,6 +65,11 @@ def run(loaded: LoadedModel, contexts=(512, 1024, 2048, 4096), links=("10mbit:20
         layers = loaded.engine.context_layers(edge.sequence)  # the cloud's KV: the same prefill, before the prompt
         prefill_s = edge.stats.context_prefill_s + (time.perf_counter() - cloud_started)
         runs.append(_run(loaded, edge, prompt_ids, new_tokens, "edge-only", None, None, 0))
+        if llama is not None:
+            if progress:
+                progress(f"{length} tokens: edge-only on llama.cpp")
+            baseline = context_from_ids(llama, token_ids, framing=framing)
+            runs.append(_run(llama, baseline, prompt_ids, new_tokens, "edge-only (llama.cpp)", None, None, 0))
         for spec in codecs:
             codec = parse_codec(spec)
             encode_started = time.perf_counter()
@@ -94,13 +102,15 @@ def plot(result: dict, path: str) -> None:
     for ax, length in zip(axes[0], lengths):
         runs = [r for r in result["runs"] if r["context_tokens"] == length]
         edge = next(r for r in runs if r["mode"] == "edge-only")
-        series = sorted({(r["mode"], r["codec"]) for r in runs if r["mode"] != "edge-only"})
+        series = sorted({(r["mode"], r["codec"]) for r in runs if not r["mode"].startswith("edge-only")})
         for mode, codec in series:
             points = sorted((r for r in runs if (r["mode"], r["codec"]) == (mode, codec)), key=lambda r: r["link"])
             rates = [float(r["link"].split()[1]) for r in points]
             order = sorted(range(len(rates)), key=rates.__getitem__)
             ax.plot([rates[i] for i in order], [points[i]["ttft_s"] for i in order], marker="o", label=f"{mode}, {codec}")
-        ax.axhline(edge["ttft_s"], color="black", linestyle="--", label="edge-only")
+        ax.axhline(edge["ttft_s"], color="black", linestyle="--", label="edge-only (transformers)")
+        for baseline in (r for r in runs if r["mode"] == "edge-only (llama.cpp)"):
+            ax.axhline(baseline["ttft_s"], color="gray", linestyle=":", label="edge-only (llama.cpp)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{length}-token context")

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from celslm.artifact import DIGEST, ArtifactReader, Manifest, open_artifact, sha256_digest
-from celslm.errors import IntegrityError, UnavailableError, UsageError
+from celslm.errors import IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.models import celslm_home
 from celslm.store.http import CacheClient
 from celslm.store.local import LocalStore
@@ -95,7 +95,7 @@ class Tiers:
         if data is None:
             where = f"artifact {artifact_id} not found locally{' or at ' if self.remotes else ''}" \
                     f"{', '.join(n for n, _ in self.remotes)}"
-            raise UnavailableError(f"{where} ({self.why_down()})") if self.down else UsageError(where)
+            raise UnavailableError(f"{where} ({self.why_down()})") if self.down else NotFound(where)
         return Manifest.from_bytes(data, artifact_id)
 
     def resolve(self, ref: str) -> str:
@@ -109,7 +109,7 @@ class Tiers:
             found = self._ask(name, lambda: client.get_tag(ref))
         if not found:
             where = f"no tag {ref!r} locally{' or at ' if self.remotes else ''}{', '.join(n for n, _ in self.remotes)}"
-            raise UnavailableError(f"{where} ({self.why_down()})") if self.down else UsageError(where)
+            raise UnavailableError(f"{where} ({self.why_down()})") if self.down else NotFound(where)
         return found
 
     def reader(self, ref: str) -> BlobSourceReader:

@@ -1,0 +1,161 @@
+"""celslm serve: the warm edge service, driven by the official openai client and by curl, on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import CLI, CONTEXT, run_cli
+from tests.netutil import RecordingProxy, Server, free_port
+from tests.tiny import save_tiny_gguf
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("llama_cpp")
+PROMPT = "What does greet return?"
+
+
+class Service:
+    def __init__(self, gguf, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(CLI + ["serve", "-m", str(gguf), "--port", str(self.port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                self.health = json.loads(urllib.request.urlopen(self.url + "/v1/health", timeout=1).read())
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"celslm serve exited: {self.proc.stderr.read().decode()[-2000:]}")
+                time.sleep(0.2)
+        raise RuntimeError("celslm serve did not start in 60 s")
+
+    def client(self, key: str = "none"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def get(self, path: str) -> dict:
+        return json.loads(urllib.request.urlopen(self.url + path, timeout=10).read())
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    gguf = save_tiny_gguf(root / "tiny.gguf", "llama", seed=4)
+    (root / "ctx.txt").write_text(CONTEXT)
+    run_cli("prefill", "-m", str(gguf), "-c", str(root / "ctx.txt"), "-o", str(root / "a.kv"), check=True)
+    service = Service(gguf, "--cache-bytes", "64MB")
+    yield {"root": root, "gguf": gguf, "service": service, "kv": str(root / "a.kv")}
+    assert service.stop() == 0
+
+
+def decoded(setup, *extra: str) -> str:
+    out = run_cli("decode", "-m", str(setup["gguf"]), "--kv", setup["kv"], "-p", PROMPT, "-n", "10", "--json", *extra,
+                  check=True)
+    return json.loads(out.stdout)["text"]
+
+
+def test_chat_completion_is_what_decode_gives_streamed_or_not(setup):
+    service = setup["service"]
+    client = service.client()
+    request = dict(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=10, temperature=0,
+                   extra_body={"context": setup["kv"]})
+    first = client.chat.completions.create(**request)
+    assert first.choices[0].message.content == decoded(setup)
+    assert first.choices[0].message.role == "assistant" and first.choices[0].finish_reason in ("stop", "length")
+    assert first.usage.completion_tokens >= 1
+    pieces, chunks = [], 0
+    for chunk in client.chat.completions.create(**request, stream=True):
+        chunks += 1
+        pieces.append(chunk.choices[0].delta.content or "")
+    assert "".join(pieces) == first.choices[0].message.content and chunks > 2
+    # the context was decoded once; the later requests restored it from memory
+    health = service.get("/v1/health")
+    assert health["cached_contexts"] == 1 and health["engine"] == "llama.cpp" and 0 < health["cached_bytes"] <= 64_000_000
+    again = client.chat.completions.create(**request)
+    assert again.model_extra["celslm"]["cache"] == "hit" and again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_text_completion_continues_the_context_as_plain_text(setup):
+    result = setup["service"].client().completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0,
+                                                          extra_body={"context": setup["kv"]})
+    assert result.choices[0].text == decoded(setup, "--raw")
+
+
+def test_models_and_curl(setup):
+    service = setup["service"]
+    assert [m.id for m in service.client().models.list().data] == ["tiny.gguf"]
+    body = json.dumps({"context": setup["kv"], "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10})
+    out = subprocess.run(["curl", "-sS", "-H", "Content-Type: application/json", "-d", body,
+                          service.url + "/v1/chat/completions"], capture_output=True, timeout=60, check=True)
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == decoded(setup)
+
+
+def test_errors_come_back_as_openai_errors(setup):
+    service = setup["service"]
+    client = service.client()
+    message = [{"role": "user", "content": PROMPT}]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="tiny", messages=message, extra_body={"context": "sha256:" + "0" * 64})
+    assert missing.value.body["code"] == "context_not_found"
+    with pytest.raises(openai.BadRequestError) as many:
+        client.chat.completions.create(model="tiny", messages=message, max_tokens=10**6, extra_body={"context": setup["kv"]})
+    assert many.value.body["code"] == "too_many_tokens"
+    with pytest.raises(openai.BadRequestError) as none:
+        client.chat.completions.create(model="tiny", messages=message)
+    assert none.value.body["code"] == "context_required"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=message, temperature=5, extra_body={"context": setup["kv"]})
+    out = subprocess.run(["curl", "-sS", "-w", "\\n%{http_code}", "-d", "{not json", service.url + "/v1/chat/completions"],
+                         capture_output=True, timeout=30, check=True, text=True)
+    body, status = out.stdout.rsplit("\n", 1)
+    assert status == "400" and json.loads(body)["error"]["code"] == "invalid_json"
+    assert service.proc.poll() is None  # still serving
+
+
+def test_decode_through_the_service_prints_what_decode_prints(setup):
+    out = run_cli("decode", "-m", str(setup["gguf"]), "--server", setup["service"].url, "--kv", setup["kv"], "-p", PROMPT,
+                  "-n", "10", "--json", check=True)
+    assert json.loads(out.stdout)["text"] == decoded(setup)
+
+
+def test_binding_beyond_loopback_needs_a_token_and_the_token_is_checked(setup):
+    refused = run_cli("serve", "-m", str(setup["gguf"]), "--host", "0.0.0.0", "--port", str(free_port()))
+    assert refused.returncode == 2 and b"--token" in refused.stderr
+    guarded = Service(setup["gguf"], "--token", "s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            guarded.client("wrong").models.list()
+        assert guarded.client("s3cret").models.list().data
+    finally:
+        assert guarded.stop() == 0
+
+
+def test_the_prompt_never_reaches_the_cloud(setup, tmp_path):
+    """The service fetches the context from the cloud by tag; what it sends there holds no prompt."""
+    cloud = Server(tmp_path / "store")
+    proxy = RecordingProxy(cloud.port)
+    service = Service(setup["gguf"], "--cloud", proxy.url)
+    try:
+        run_cli("push", setup["kv"], cloud.url, "--tag", "ctx:latest", check=True)
+        secret = "Is the launch code 7741 still valid?"
+        result = service.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": secret}],
+                                                          max_tokens=4, extra_body={"context": "ctx:latest"})
+        assert result.model_extra["celslm"]["cache"] == "miss" and proxy.connections > 0
+        assert b"7741" not in proxy.sent and b"launch" not in proxy.sent
+    finally:
+        assert service.stop() == 0
+        cloud.stop()
