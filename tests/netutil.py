@@ -20,6 +20,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, context=None) -> bytes:
+    """GET url/v1/health until it answers (the body), or fail with the process's last words."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            return urllib.request.urlopen(url + "/v1/health", timeout=1, context=context).read()
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start in 60 s")
+
+
+def stop_process(proc: subprocess.Popen) -> int:
+    """SIGTERM, then SIGKILL after 30 s; the exit code."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 class Server:
     def __init__(self, root, *args: str, scheme: str = "http", cafile=None, cli: list[str] = CLI):
         self.port = free_port()
@@ -27,24 +50,10 @@ class Server:
         context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
         self.proc = subprocess.Popen(cli + ["serve-cache", "--root", str(root), "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/v1/health", timeout=1, context=context).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"serve-cache exited: {self.proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.2)
-        raise RuntimeError("serve-cache did not start in 60 s")
+        wait_healthy(self.url, self.proc, "serve-cache", context)
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc)
 
 
 class RecordingProxy:

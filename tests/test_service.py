@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.request
 
 import pytest
 
 from tests.conftest import CLI, CONTEXT, run_cli
-from tests.netutil import RecordingProxy, Server, free_port
+from tests.netutil import RecordingProxy, Server, free_port, stop_process, wait_healthy
 from tests.tiny import save_tiny_gguf
 
 openai = pytest.importorskip("openai")
@@ -25,16 +24,7 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(CLI + ["serve", "-m", str(gguf), "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                self.health = json.loads(urllib.request.urlopen(self.url + "/v1/health", timeout=1).read())
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"celslm serve exited: {self.proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.2)
-        raise RuntimeError("celslm serve did not start in 60 s")
+        self.health = json.loads(wait_healthy(self.url, self.proc, "celslm serve"))
 
     def client(self, key: str = "none"):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
@@ -43,12 +33,7 @@ class Service:
         return json.loads(urllib.request.urlopen(self.url + path, timeout=10).read())
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from typing import Callable
 from celslm import prompting
 from celslm.artifact import MemoryReader, write_dir
 from celslm.blocks import recode
+from celslm.bench.concurrency import CloudProcess
 from celslm.bench.ttft import stdlib_context
 from celslm.codecs import parse_codec
 from celslm.errors import CelslmError, UsageError
@@ -164,7 +165,7 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
              peer + ["prefill", str(gguf), str(work / "context.state"), str(work / "ids.json"), str(new_tokens), str(threads)],
              _peer_rate),
         ]
-        service = _Warm(spec, env, work / "context.kv") if shutil.which("curl") else None
+        service = _warm_service(spec, work / "context.kv") if shutil.which("curl") else None
         if service:
             body = json.dumps({"context": str(work / "context.kv"), "messages": [{"role": "user", "content": PROMPT}],
                                "max_tokens": new_tokens, "temperature": 0, "stream": True})
@@ -184,7 +185,7 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
                     rows[key].runs.append(timed(cmd, env, rate, work))
             if service:  # the client is curl; the memory is the service's
                 for one in rows["warm"].runs:
-                    one.peak_rss_mib = service.peak_rss_mib()
+                    one.peak_rss_mib = _peak_rss_mib(service.proc.pid)
         finally:
             if service:
                 service.stop()
@@ -211,40 +212,24 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
     }
 
 
-class _Warm:
+def _warm_service(spec: str, context: Path) -> CloudProcess:
     """A `celslm serve` on loopback with the context already in memory (one request served)."""
-
-    def __init__(self, spec: str, env: dict, context: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(CLI + ["serve", "-m", spec, "--port", str(port)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(self.url + "/v1/health", timeout=2).read()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise CelslmError(f"celslm serve did not start: {self.proc.stderr.read().decode()[-500:]}")
-                time.sleep(0.2)
-        body = json.dumps({"context": str(context), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1})
-        request = urllib.request.Request(self.url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = CloudProcess(CLI + ["serve", "-m", spec, "--port", str(port)], port)
+    body = json.dumps({"context": str(context), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1})
+    request = urllib.request.Request(service.url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
+    try:
         urllib.request.urlopen(request, timeout=300).read()
+    except BaseException:
+        service.stop()
+        raise
+    return service
 
-    def peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
