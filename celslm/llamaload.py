@@ -19,18 +19,53 @@ _loading: dict[str, Future] = {}  # GGUF path -> its model handle, loading since
 _lock = threading.Lock()
 
 
+def _bindings():
+    """llama-cpp-python's ctypes bindings (`llama_cpp.llama_cpp`) and its version.
+
+    Importing the package runs its high-level API too (jinja2, diskcache, numpy...: 0.16 s, a third of
+    an answer's time to first byte), which celslm does not use. So, unless the package is imported
+    already, the bindings are imported under a bare stand-in for the package, which is then taken out
+    of sys.modules: a later `import llama_cpp` gets the real package, which reuses these bindings."""
+    import importlib
+    import importlib.util
+    import re
+    import sys
+    import types
+
+    if "llama_cpp.llama_cpp" in sys.modules and "llama_cpp" in sys.modules:
+        return sys.modules["llama_cpp.llama_cpp"], getattr(sys.modules["llama_cpp"], "__version__", "?")
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("No module named 'llama_cpp'")
+    folder = list(spec.submodule_search_locations)[0]
+    with open(os.path.join(folder, "__init__.py")) as f:
+        found = re.search(r'__version__\s*=\s*"([^"]+)"', f.read())
+    stand_in = types.ModuleType("llama_cpp")
+    stand_in.__path__ = [folder]
+    sys.modules["llama_cpp"] = stand_in
+    try:
+        bindings = importlib.import_module("llama_cpp.llama_cpp")
+    finally:
+        if sys.modules.get("llama_cpp") is stand_in:
+            del sys.modules["llama_cpp"]
+    return bindings, found.group(1) if found else "?"
+
+
 def library():
-    """llama_cpp, imported once, version checked, with OpenMP told not to spin (decode collapses on a busy
-    2-core machine otherwise) and llama.cpp's log kept to its errors."""
+    """llama.cpp's bindings, imported once, version checked, with OpenMP told not to spin (decode
+    collapses on a busy 2-core machine otherwise) and llama.cpp's log kept to its errors."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from celslm import llamastate
 
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise UsageError(f"the llama.cpp engine needs llama-cpp-python=={llamastate.LLAMA_CPP_PYTHON} "
-                         f"({exc}); install it, or use --engine transformers") from exc
-    llamastate.check_version(llama_cpp)
+    with _lock:
+        if getattr(library, "bound", None) is None:
+            try:
+                library.bound = _bindings()
+            except ImportError as exc:
+                raise UsageError(f"the llama.cpp engine needs llama-cpp-python=={llamastate.LLAMA_CPP_PYTHON} "
+                                 f"({exc}); install it, or use --engine transformers") from exc
+    llama_cpp, version = library.bound
+    llamastate.check_version(version, getattr(llama_cpp, "LLAMA_STATE_SEQ_VERSION", None))
     with _lock:
         if not getattr(library, "logging", None):
             llama_cpp.llama_backend_init()
@@ -52,11 +87,12 @@ def last_error() -> str:
 
 def load(path: str) -> Future:
     """The GGUF's llama_model handle, loading in a thread (or already loading since `preload`)."""
-    key = os.path.abspath(path)
     with _lock:
-        started = _loading.pop(key, None)
-    if started is not None:
-        return started
+        started = _loading.pop(os.path.abspath(path), None)
+    return started if started is not None else _start(path)
+
+
+def _start(path: str) -> Future:
     lib, future = library(), Future()
 
     def run() -> None:
@@ -74,8 +110,17 @@ def load(path: str) -> Future:
     return future
 
 
-def preload(path: str) -> None:
+def preload(path: str) -> Future:
     """Start loading `path` now; the engine this process makes for the same file takes it over."""
-    future = load(path)
-    with _lock:
-        _loading.setdefault(os.path.abspath(path), future)
+    future = Future()
+    with _lock:  # registered before the load starts, so that an engine made meanwhile waits for it
+        if _loading.setdefault(os.path.abspath(path), future) is not future:
+            return _loading[os.path.abspath(path)]
+    try:
+        started = _start(path)
+    except BaseException as exc:
+        future.set_exception(exc)
+        raise
+    started.add_done_callback(lambda done: future.set_exception(done.exception()) if done.exception()
+                              else future.set_result(done.result()))
+    return future

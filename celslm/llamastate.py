@@ -34,10 +34,8 @@ GGML_TYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}  # GGML_TYPE_F32, GGML_TYP
 _CELL = np.dtype([("pos", "<i4"), ("n_seq_id", "<u4"), ("seq_id", "<i4")])
 
 
-def check_version(module) -> None:
+def check_version(version: str, seq_version: int | None) -> None:
     """Refuse a llama-cpp-python other than the one this layout was read from."""
-    version = getattr(module, "__version__", "?")
-    seq_version = getattr(module, "LLAMA_STATE_SEQ_VERSION", None)
     if version != LLAMA_CPP_PYTHON or seq_version != STATE_SEQ_VERSION:
         raise CelslmError(f"llama-cpp-python {version} (state version {seq_version}) is installed; celslm reads "
                           f"llama.cpp's KV layout of {LLAMA_CPP_PYTHON} (state version {STATE_SEQ_VERSION}): "

@@ -263,6 +263,36 @@ def edge_(
                       f"{fmt(ratios['first_byte_llama_edge_only_vs_warm'], '.1f')}x later than the warm service")
 
 
+@app.command("engines", epilog=examples(
+    "celslm bench engines -m qwen2.5-coder-0.5b",
+    "celslm bench engines -m qwen2.5-coder-0.5b --files 4 --context 512 --json"))
+def engines_(
+    model: ModelOpt,
+    files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files.")] = 8,
+    context: Annotated[int, typer.Option("--context", min=16, help="Context tokens per file.")] = 1024,
+    continuation: Annotated[int, typer.Option("--continuation", min=2, help="Tokens scored after the context.")] = 256,
+    json_: JsonOpt = False,
+) -> None:
+    """NLL on held-out files: artifacts made by transformers and by llama.cpp, each scored by both engines."""
+    from celslm.bench import engines as engines_bench
+
+    with progress_bar() as progress:
+        loaded = [load_model(model, progress, engine="llama.cpp"), load_model(model, progress, engine="transformers")]
+        result = engines_bench.run(loaded, files=files, context=context, continuation=continuation, progress=progress)
+    if json_:
+        print_json(result)
+        return
+    table = Table("scored on", "artifact from", "mean NLL", title=f"{result['model']}: {len(result['files'])} held-out files, "
+                  f"{context}-token contexts, {continuation} tokens scored")
+    for row in result["nll"]:
+        table.add_row(row["engine"], row["artifact_from"].replace("own", "its own prefill"), f"{row['nll']:.4f}")
+    out_console.print(table)
+    for reader, cost in result["crossing_cost"].items():
+        out_console.print(f"on {reader}, the other engine's artifact costs {cost:+.4f} nats/token "
+                          f"(top-1 agreement with its own {result['top1_vs_own'][reader]:.1%})")
+    out_console.print(f"llama.cpp's own prefill vs transformers' own: {result['engine_gap']:+.4f} nats/token")
+
+
 @app.command("latency", epilog=examples(
     "celslm bench latency -m qwen2.5-coder-0.5b --plot latency.png",
     "celslm bench latency -m qwen2.5-coder-0.5b --quick --json"))

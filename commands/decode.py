@@ -112,6 +112,12 @@ def _through_server(server: str, kv: str, prompt: str, max_new_tokens: int, temp
 
     from celslm.errors import UnavailableError
 
+    from pathlib import Path
+
+    if kv != "-" and Path(kv).exists():
+        kv = str(Path(kv).resolve())  # the service resolves paths from its own directory
+    elif kv == "-":
+        raise UsageError("--server reads the context from an id, a tag or a path, not stdin")
     if raw:
         path, body = "/v1/completions", {"prompt": prompt}
     else:

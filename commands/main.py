@@ -38,10 +38,16 @@ def _preload_gguf(argv: list[str]) -> None:
             try:
                 from celslm import llamaload
 
-                llamaload.preload(path)
+                llamaload.preload(path).result()
             except Exception:  # noqa: BLE001 - the command reports any problem when it loads the model itself
                 pass
+            finally:
+                sys.setswitchinterval(interval)
 
+        # llama.cpp logs ~900 lines while loading, each through a Python callback that needs the GIL:
+        # switch threads more often than every 5 ms while the imports run beside the load
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0002)
         threading.Thread(target=start, name="celslm-preload", daemon=True).start()
 
 

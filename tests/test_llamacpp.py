@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
+
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +161,12 @@ def test_state_decoding_refuses_bytes_that_do_not_fit(engines):
 
 def test_another_llama_cpp_python_version_is_refused():
     with pytest.raises(CelslmError, match="pip install llama-cpp-python==0.3.36"):
-        llamastate.check_version(types.SimpleNamespace(__version__="0.3.37", LLAMA_STATE_SEQ_VERSION=3))
+        llamastate.check_version("0.3.37", 3)
     with pytest.raises(CelslmError):
-        llamastate.check_version(types.SimpleNamespace(__version__="0.3.36", LLAMA_STATE_SEQ_VERSION=4))
+        llamastate.check_version("0.3.36", 4)
+    import llama_cpp
+
+    llamastate.check_version(llama_cpp.__version__, llama_cpp.LLAMA_STATE_SEQ_VERSION)  # the one installed passes
 
 
 def test_llama_cpp_vocabulary_tokenizes_as_transformers(engines):
@@ -279,3 +282,14 @@ def test_keys_rotated_before_the_model_loads_use_the_folders_rope_and_a_wrong_on
     for index, (key, value) in enumerate(layers):
         other.inject(unfixed, index, (LlamaEngine._rows(LlamaEngine._rotated(key, bad)), LlamaEngine._rows(value), engine.model.rope))
     assert np.abs(other.evaluate(unfixed, [ids[0]]) - expected).max() > max(5e-2, 10 * fixed)
+
+
+def test_bench_engines_scores_each_engines_artifacts_on_both(engines):
+    from celslm.bench import engines as engines_bench
+
+    result = engines_bench.run(list(engines), files=2, context=64, continuation=16)
+    assert len(result["files"]) == 2 and len(result["nll"]) == 6
+    nll = {(r["engine"], r["artifact_from"]): r["nll"] for r in result["nll"]}
+    assert abs(nll["transformers", "transformers"] - nll["transformers", "own"]) < 1e-4  # the reference is exact
+    assert abs(nll["llama.cpp", "llama.cpp"] - nll["llama.cpp", "own"]) < 1e-2  # f16 -> float32 -> f16
+    assert set(result["crossing_cost"]) == {"llama.cpp", "transformers"} and result["engine_gap"] is not None
