@@ -98,19 +98,27 @@ def rope_from_config(config: dict) -> Rope | None:
     return Rope(kind, int(head_dim), float(parameters["rope_theta"]), 1.0)
 
 
-def rotate(key: np.ndarray, rope: Rope, tables, inverse: bool = False) -> np.ndarray:
-    """Keys `[H, T, D]` in Hugging Face's channel order, rotated (or un-rotated) at positions 0..T-1."""
+@functools.lru_cache(maxsize=4)
+def _tables(rope: Rope, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`rope.tables(length)`, computed once per context (every layer shares them)."""
+    return rope.tables(length)
+
+
+def rotate(key: np.ndarray, rope: Rope, tables, inverse: bool = False, dtype=np.float64) -> np.ndarray:
+    """Keys `[H, T, D]` in Hugging Face's channel order, rotated (or un-rotated) at positions 0..T-1,
+    computed in `dtype` (float32 is as exact as the f16 cache needs, and twice as fast)."""
     cos, sin = tables
     half = rope.dims // 2
-    x = key.astype(np.float64)
+    x = key.astype(dtype, copy=False)
     x0, x1 = x[..., :half], x[..., half : rope.dims]
-    c, s = cos.astype(np.float64)[None], sin.astype(np.float64)[None]
+    c, s = cos.astype(dtype, copy=False)[None], sin.astype(dtype, copy=False)[None]
     if inverse:
         s = -s
-    out = x.copy()
+    out = np.empty_like(x)
     out[..., :half] = x0 * c - x1 * s
     out[..., half : rope.dims] = x0 * s + x1 * c
-    return out.astype(np.float32)
+    out[..., rope.dims :] = x[..., rope.dims :]
+    return out.astype(np.float32, copy=False)
 
 
 def to_llama_order(key: np.ndarray, rope: Rope) -> np.ndarray:
@@ -132,7 +140,8 @@ class LlamaSequence(Sequence):
     def __init__(self, engine: "LlamaEngine"):
         self.engine = engine
         self._length = 0
-        self.pending: list | None = None  # placed layers waiting for the last one (inject)
+        self.pending: llamastate.StateWriter | None = None  # the state being written, layer by layer (inject)
+        self.injected = 0  # layers injected so far
 
     @property
     def length(self) -> int:
@@ -228,8 +237,12 @@ class LlamaEngine(Engine):
         written = lib.llama_state_seq_get_data(self._ctx, buf, size, 0)
         return bytes(memoryview(buf)[:written])
 
-    def _restore(self, data: bytes) -> None:
-        buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))  # no copy: llama.cpp only reads it
+    def _restore(self, data) -> None:
+        """Put a sequence state (bytes, or a numpy uint8 buffer) into llama.cpp; read, never copied."""
+        if isinstance(data, np.ndarray):
+            buf = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        else:
+            buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
         if self._lib.llama_state_seq_set_data(self._ctx, buf, len(data), 0) == 0:
             raise CelslmError(f"llama.cpp refused the context's KV state{llamaload.last_error()}")
 
@@ -297,7 +310,7 @@ class LlamaEngine(Engine):
 
     @staticmethod
     def _rotated(key: np.ndarray, rope: Rope) -> np.ndarray:
-        return to_llama_order(rotate(key, rope, rope.tables(key.shape[1])), rope)
+        return to_llama_order(rotate(key, rope, _tables(rope, key.shape[1]), dtype=np.float32), rope)
 
     @staticmethod
     def _rows(x: np.ndarray) -> np.ndarray:
@@ -305,32 +318,32 @@ class LlamaEngine(Engine):
         return np.ascontiguousarray(x.transpose(1, 0, 2).reshape(tokens, heads * dim), dtype=np.float16)
 
     def inject(self, seq: LlamaSequence, layer: int, placed) -> None:
-        """Layers are held until the last one is in; then the whole context goes in as one state."""
+        """Each layer is written into the sequence's state as it comes; after the last one, the whole
+        context goes into llama.cpp at once."""
         self._own(seq)
-        if layer == 0:
-            seq.pending = []
-        if seq.pending is None or layer != len(seq.pending) or seq.length:
-            raise CelslmError(f"layer {layer} injected out of order, or into a sequence that is not empty")
         key, value, rope = placed
+        if layer == 0:
+            seq.pending = llamastate.StateWriter(self.layout, value.shape[0]) if value.shape[0] else None
+            seq.injected = 0
+        if layer != getattr(seq, "injected", -1) or seq.length:
+            raise CelslmError(f"layer {layer} injected out of order, or into a sequence that is not empty")
+        seq.injected += 1
         if rope != self.model.rope:  # placed before the model had loaded, by no hint or a wrong one
             heads, dim = self.geometry.kv_heads, self.geometry.head_dim
             if rope is not None:
                 rows = key.astype(np.float32).reshape(-1, heads, dim).transpose(1, 0, 2)
                 key = rotate(from_llama_order(rows, rope), rope, rope.tables(rows.shape[1]), inverse=True)
             key = self._rows(self._rotated(key, self.model.rope))
-        seq.pending.append((key, value))
-        if len(seq.pending) < self.geometry.layers:
+        writer = seq.pending
+        if writer is not None:
+            writer.put(layer, key, value)
+        if seq.injected < self.geometry.layers or writer is None:
             return
-        keys, values = zip(*seq.pending)
         seq.pending = None
-        tokens = keys[0].shape[0]
-        if tokens == 0:
-            return
-        data = llamastate.encode(self.layout, list(keys), list(values))
         with self._lock:
-            self._context(tokens)
-            self._restore(data)
-            seq._length = tokens
+            self._context(writer.count)
+            self._restore(writer.buffer)
+            seq._length = writer.count
 
     def crop(self, seq: LlamaSequence, length: int) -> None:
         with self._lock:

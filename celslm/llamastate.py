@@ -63,33 +63,59 @@ class CacheLayout:
                 raise CelslmError(f"llama.cpp cache {name} {getattr(self, name)} is not f16 or f32; celslm injects only those")
 
 
+class StateWriter:
+    """A sequence's state written into one buffer layer by layer, as layers become ready (every offset
+    is known from the layout and the cell count), so that nothing is left to assemble at the end."""
+
+    def __init__(self, layout: CacheLayout, count: int, start: int = 0, seq_id: int = 0):
+        self.layout, self.count = layout, count
+        kt, vt = GGML_TYPES[layout.type_k], GGML_TYPES[layout.type_v]
+        cells = np.empty(count, dtype=_CELL)
+        cells["pos"] = np.arange(start, start + count, dtype=np.int32)
+        cells["n_seq_id"] = 1
+        cells["seq_id"] = seq_id
+        head = b"".join([np.array([MAGIC], dtype="<u4").tobytes(), np.array([seq_id], dtype="<i4").tobytes(),
+                         np.array([1, count], dtype="<u4").tobytes(), cells.tobytes(),
+                         np.array([int(layout.v_trans), layout.layers], dtype="<u4").tobytes()])
+        self._k_head = np.array([layout.type_k], dtype="<i4").tobytes() + np.array([layout.row * kt.itemsize], dtype="<u8").tobytes()
+        if layout.v_trans:
+            self._v_head = np.array([layout.type_v], dtype="<i4").tobytes() + np.array([vt.itemsize, layout.row], dtype="<u4").tobytes()
+        else:
+            self._v_head = np.array([layout.type_v], dtype="<i4").tobytes() + np.array([layout.row * vt.itemsize], dtype="<u8").tobytes()
+        self._k_size, self._v_size = len(self._k_head) + count * layout.row * kt.itemsize, len(self._v_head) + count * layout.row * vt.itemsize
+        self._k_at = len(head)
+        self._v_at = self._k_at + layout.layers * self._k_size
+        self.buffer = np.empty(self._v_at + layout.layers * self._v_size, dtype=np.uint8)
+        self.buffer[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+
+    def put(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
+        """Layer `layer`'s key and value rows `[T, H*D]` (keys already in llama.cpp's rotation and order)."""
+        layout, count = self.layout, self.count
+        for x in (key, value):
+            _check_rows(x, count, layout)
+        at = self._k_at + layer * self._k_size
+        self.buffer[at : at + len(self._k_head)] = np.frombuffer(self._k_head, dtype=np.uint8)
+        body = self.buffer[at + len(self._k_head) : at + self._k_size].view(GGML_TYPES[layout.type_k])
+        body.reshape(count, layout.row)[...] = key
+        at = self._v_at + layer * self._v_size
+        self.buffer[at : at + len(self._v_head)] = np.frombuffer(self._v_head, dtype=np.uint8)
+        body = self.buffer[at + len(self._v_head) : at + self._v_size].view(GGML_TYPES[layout.type_v])
+        if layout.v_trans:
+            body.reshape(layout.row, count)[...] = value.T
+        else:
+            body.reshape(count, layout.row)[...] = value
+
+
 def encode(layout: CacheLayout, keys: list[np.ndarray], values: list[np.ndarray], start: int = 0,
            seq_id: int = 0) -> bytes:
     """A sequence's state from per-layer keys (already in llama.cpp's rotation and channel order) and
     values, each `[T, H*D]`, at positions start..start+T-1."""
     if len(keys) != layout.layers or len(values) != layout.layers:
         raise ValueError(f"{len(keys)} key and {len(values)} value layers for a {layout.layers}-layer cache")
-    count = keys[0].shape[0]
-    kt, vt = GGML_TYPES[layout.type_k], GGML_TYPES[layout.type_v]
-    cells = np.empty(count, dtype=_CELL)
-    cells["pos"] = np.arange(start, start + count, dtype=np.int32)
-    cells["n_seq_id"] = 1
-    cells["seq_id"] = seq_id
-    parts = [np.array([MAGIC], dtype="<u4").tobytes(), np.array([seq_id], dtype="<i4").tobytes(),
-             np.array([1, count], dtype="<u4").tobytes(), cells.tobytes(),
-             np.array([int(layout.v_trans), layout.layers], dtype="<u4").tobytes()]
-    for key in keys:
-        _check_rows(key, count, layout)
-        parts += [np.array([layout.type_k], dtype="<i4").tobytes(), np.array([layout.row * kt.itemsize], dtype="<u8").tobytes(),
-                  np.ascontiguousarray(key, dtype=kt).tobytes()]
-    for value in values:
-        _check_rows(value, count, layout)
-        parts.append(np.array([layout.type_v], dtype="<i4").tobytes())
-        if layout.v_trans:
-            parts += [np.array([vt.itemsize, layout.row], dtype="<u4").tobytes(), np.ascontiguousarray(value.T, dtype=vt).tobytes()]
-        else:
-            parts += [np.array([layout.row * vt.itemsize], dtype="<u8").tobytes(), np.ascontiguousarray(value, dtype=vt).tobytes()]
-    return b"".join(parts)
+    writer = StateWriter(layout, keys[0].shape[0], start, seq_id)
+    for layer, (key, value) in enumerate(zip(keys, values)):
+        writer.put(layer, key, value)
+    return writer.buffer.tobytes()
 
 
 def _check_rows(x: np.ndarray, count: int, layout: CacheLayout) -> None:
