@@ -428,6 +428,9 @@ class LlamaTokenizer:
                 return {"input_ids": list(buf[:count])}
             size = -count
 
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self(text, add_special_tokens=add_special_tokens)["input_ids"]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         lib, vocab = self.engine._lib, self.engine.model.vocab_handle
         buf = ctypes.create_string_buffer(256)

@@ -152,16 +152,18 @@ def report_(
     context_chars: Annotated[int | None, typer.Option("--context-chars", min=200, help="Context size in characters; overrides the preset.")] = None,
     new_tokens: Annotated[int | None, typer.Option("--new-tokens", min=1, help="Tokens generated per request; overrides the preset.")] = None,
     link: Annotated[list[str] | None, typer.Option("--link", help="Emulated link RATE[:RTT] between edge and cloud (repeatable); default 10mbit:40ms, 100mbit:20ms, 1gbit:5ms.")] = None,
-    mode: Annotated[list[str] | None, typer.Option("--mode", help="Run only this mode (repeatable): edge-only, cloud-only, ce-collm, pice, ce-lslm, ce-lslm-pipelined, ce-lslm-cross, ce-lslm-hybrid.")] = None,
+    mode: Annotated[list[str] | None, typer.Option("--mode", help="Run only this mode (repeatable): edge-only, edge-only-llama.cpp, cloud-only, ce-collm, pice, ce-lslm, ce-lslm-pipelined, ce-lslm-cross, ce-lslm-hybrid.")] = None,
     align: Annotated[str | None, typer.Option("--align", help="Alignment directory (celslm align) from --llm to --slm: adds the cross-model and hybrid CE-LSLM modes.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="CE-CoLLM: defer a token to the cloud below this top probability.")] = 0.5,
     codec: Annotated[str, typer.Option("--codec", help="CE-LSLM artifact codec.")] = "balanced",
     clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=64, help="Concurrency levels (repeatable); default 1 and 32 (--quick) or 1, 2, 4, 8, 16, 32.")] = None,
     no_concurrency: Annotated[bool, typer.Option("--no-concurrency", metavar=FLAG, help="Skip the concurrent-capacity part.")] = False,
+    llama: Annotated[bool, typer.Option("--llama/--no-llama", metavar=FLAG, help="Add edge-only on llama.cpp (the SLM's GGUF) as a baseline row, when the SLM has a GGUF.")] = True,
     json_: JsonOpt = False,
 ) -> None:
     """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM native/pipelined/cross/hybrid) on the same tasks and links: report.md + figures."""
     from celslm.bench import report as report_bench  # torch and transformers: not for --help
+    from celslm.models import model_gguf
     from celslm.projection import load_aligned_models, load_alignment
     from celslm.stream import Link
 
@@ -183,13 +185,16 @@ def report_(
             alignment = load_alignment(align) if align else None
             large = load_model(llm, progress)
             small = load_aligned_models(alignment, large, slm, progress) if alignment else load_model(slm, progress)
+            wanted = not mode or "edge-only-llama.cpp" in mode
+            baseline = (load_model(slm, progress, engine="llama.cpp")
+                        if llama and wanted and model_gguf(slm, small.folder) else None)
             result = report_bench.run_suite(
                 large, small, tasks_per_kind=tasks_per_kind or preset["tasks_per_kind"],
                 context_chars=context_chars or preset["context_chars"], new_tokens=new_tokens or preset["new_tokens"],
                 links=tuple(link or report_bench.DEFAULT_LINKS), threshold=threshold, codec=codec, alignment=alignment,
                 only=tuple(mode or ()),
                 levels=() if no_concurrency else tuple(clients or preset["levels"]), requests=preset["requests"],
-                workdir=Path(scratch), progress=progress)
+                workdir=Path(scratch), progress=progress, slm_llama=baseline)
     path = report_bench.render(result, out)
     if json_:
         print_json({"report": str(path), "summary": report_bench.summary(result)})

@@ -293,3 +293,15 @@ def test_bench_engines_scores_each_engines_artifacts_on_both(engines):
     assert abs(nll["transformers", "transformers"] - nll["transformers", "own"]) < 1e-4  # the reference is exact
     assert abs(nll["llama.cpp", "llama.cpp"] - nll["llama.cpp", "own"]) < 1e-2  # f16 -> float32 -> f16
     assert set(result["crossing_cost"]) == {"llama.cpp", "transformers"} and result["engine_gap"] is not None
+
+
+def test_bench_report_adds_llama_cpps_own_edge_only_as_a_baseline(engines):
+    from celslm.bench import modes, report
+
+    llama, reference = engines
+    result = report.run_suite(reference, reference, tasks_per_kind=1, context_chars=400, new_tokens=3,
+                              links=("100mbit:20ms",), only=("edge-only", modes.LLAMA_EDGE), slm_llama=llama)
+    rows = {row["mode"]: row for row in report.summary(result)}
+    assert set(rows) == {"edge-only", modes.LLAMA_EDGE}
+    baseline = rows[modes.LLAMA_EDGE]
+    assert baseline["private"] and baseline["bytes_down"] == 0 and baseline["nll"] is not None

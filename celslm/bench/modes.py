@@ -9,6 +9,8 @@ cloud ahead of requests (its prefill, an artifact, a sketch) and reported as `cl
 per-request work is what the figures compare.
 
   edge-only          the SLM prefills the context and decodes (nothing on the link)
+  edge-only-llama.cpp  the same on llama.cpp running the SLM's GGUF (when it has one): what an edge
+                     user runs without celslm
   cloud-only         the prompt goes up, the LLM (holding the context's cache) decodes, tokens come
                      back one message each (not private)
   ce-collm           early-exit deferral (arXiv 2411.02829): the SLM (own prefill) decodes; a token
@@ -48,7 +50,8 @@ from celslm.projection import Alignment
 from celslm.score import continuation_logits, nll as mean_nll
 from celslm.stream import Link
 
-MODES = ("edge-only", "cloud-only", "ce-collm", "pice", "ce-lslm", "ce-lslm-pipelined", "ce-lslm-cross",
+LLAMA_EDGE = "edge-only-llama.cpp"  # the baseline an edge user has without celslm: llama.cpp prefilling itself
+MODES = ("edge-only", LLAMA_EDGE, "cloud-only", "ce-collm", "pice", "ce-lslm", "ce-lslm-pipelined", "ce-lslm-cross",
          "ce-lslm-hybrid")
 CROSS_MODES = ("ce-lslm-cross", "ce-lslm-hybrid")  # need an alignment
 TOKEN_MESSAGE_BYTES = 16  # one streamed token id with its framing
@@ -139,12 +142,12 @@ def _prefilled(loaded: LoadedModel, context: str, framing: str) -> tuple[Context
 
 
 def edge_only(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool,
-              answer: str | None = None) -> Outcome:
+              answer: str | None = None, name: str = "edge-only") -> Outcome:
     framing = "raw" if raw else prompting.default_framing(slm.tokenizer)
     ctx, prefill_s = _prefilled(slm, context, framing)
     prompt_ids = prompting.prompt_ids(slm.tokenizer, prompt, framing, raw)
     tokens, first, total = _decode(slm, ctx, prompt_ids, sampling)
-    return Outcome("edge-only", _text(slm, tokens), compute_first_s=prefill_s + first, compute_s=prefill_s + total,
+    return Outcome(name, _text(slm, tokens), compute_first_s=prefill_s + first, compute_s=prefill_s + total,
                    t_com_e_s=prefill_s + total, nll=_scored(slm, ctx, prompt_ids, answer))
 
 

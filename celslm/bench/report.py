@@ -56,8 +56,10 @@ DEFAULT_LINKS = ("10mbit:40ms", "100mbit:20ms", "1gbit:5ms")
 def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, context_chars: int, new_tokens: int,
               links: tuple[str, ...] = DEFAULT_LINKS, threshold: float = 0.5, codec: str = "balanced",
               alignment: Alignment | None = None, only: tuple[str, ...] = (), levels: tuple[int, ...] = (),
-              requests: int = 1, workdir: Path | None = None, progress: Progress | None = None) -> dict:
-    """Every mode (or those in `only`) on the same tasks; with `levels`, the concurrency part for them."""
+              requests: int = 1, workdir: Path | None = None, progress: Progress | None = None,
+              slm_llama: LoadedModel | None = None) -> dict:
+    """Every mode (or those in `only`) on the same tasks; with `levels`, the concurrency part for them.
+    `slm_llama`, the SLM on the llama.cpp engine, adds edge-only on llama.cpp as a baseline row."""
     check_modes(only, alignment is not None)
     shaped = list({link.label: link for link in map(Link.parse, links)}.values())  # one per distinct link
     check_tokenizers(llm.tokenizer, slm.tokenizer, llm.name, slm.name)  # CE-CoLLM exchanges token ids; the cross modes share them
@@ -81,6 +83,9 @@ def run_suite(llm: LoadedModel, slm: LoadedModel, *, tasks_per_kind: int, contex
         "ce-lslm-pipelined": lambda t, raw, a: modes.ce_lslm_pipelined(slm, t.context, t.prompt, sampling, raw,
                                                                       shaped, codec, a, artifact("native", t, raw)),
     }
+    if slm_llama is not None:
+        runners[modes.LLAMA_EDGE] = lambda t, raw, a: modes.edge_only(slm_llama, t.context, t.prompt, sampling, raw, a,
+                                                                     name=modes.LLAMA_EDGE)
     if alignment is not None:
         runners["ce-lslm-cross"] = lambda t, raw, a: modes.ce_lslm_cross(
             llm, slm, alignment, t.context, t.prompt, sampling, raw, codec, a, artifact("cross", t, raw))
