@@ -76,6 +76,10 @@ class ContextCache:
             self.bytes -= len(old.state)
 
 
+class ClientGone(Exception):
+    """A streaming client disconnected; its generation stops at the next token."""
+
+
 class ApiError(Exception):
     """An OpenAI-style error: HTTP status, message, type and code."""
 
@@ -250,9 +254,23 @@ def make_app(service: Service) -> web.Application:
             return web.json_response({"id": ident, "object": kind, "created": created, "model": name, "choices": [choice],
                                       "usage": _usage(result), "celslm": result["celslm"]})
         queue: asyncio.Queue = asyncio.Queue()
-        emit = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))  # noqa: E731
+        gone = threading.Event()  # the client went away: stop generating for it
+
+        def emit(piece: str) -> None:
+            if gone.is_set():
+                raise ClientGone()
+            loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+
         work = loop.run_in_executor(None, _guarded, service, parsed, emit)
         work.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, ("done", None)))
+        try:
+            return await _stream(request, queue, work, chat, ident, kind, created)
+        except (ConnectionError, asyncio.CancelledError):
+            gone.set()
+            work.add_done_callback(lambda done: done.exception())  # ClientGone, expected: retrieved, not logged
+            raise
+
+    async def _stream(request, queue, work, chat: bool, ident: str, kind: str, created: int):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         started = False
 
@@ -340,3 +358,7 @@ def _guarded(service: Service, request: Request, emit) -> dict:
         raise ApiError(400, str(exc), "invalid_request") from exc
     except CelslmError as exc:
         raise ApiError(500, str(exc), "engine_error", kind="server_error") from exc
+    except ClientGone:
+        raise
+    except Exception as exc:  # a bug of ours: one line to the client, not a traceback; the service goes on
+        raise ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error", kind="server_error") from exc

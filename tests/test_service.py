@@ -144,3 +144,16 @@ def test_the_prompt_never_reaches_the_cloud(setup, tmp_path):
     finally:
         assert service.stop() == 0
         cloud.stop()
+
+
+def test_a_client_that_leaves_mid_stream_does_not_hold_the_model(setup):
+    """The stream is dropped after its first chunk; the next request is answered as usual."""
+    client = setup["service"].client()
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=400,
+                                            stream=True, extra_body={"context": setup["kv"]})
+    next(iter(stream))
+    stream.close()
+    result = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=10,
+                                            extra_body={"context": setup["kv"]})
+    assert result.choices[0].message.content == decoded(setup)
+    assert setup["service"].proc.poll() is None
