@@ -84,6 +84,14 @@ class Rope:
         return cos, sin
 
 
+def _closed():
+    from concurrent.futures import Future
+
+    future = Future()
+    future.set_exception(CelslmError("this llama.cpp engine was closed"))
+    return future
+
+
 _CONVENTIONS = {"qwen2": ROPE_NEOX, "llama": ROPE_NORM}  # model_type -> llama.cpp's RoPE for that architecture
 
 
@@ -341,6 +349,7 @@ class LlamaEngine(Engine):
             return
         seq.pending = None
         with self._lock:
+            self._own(seq)  # again: a newer sequence may have taken the context meanwhile
             self._context(writer.count)
             self._restore(writer.buffer)
             seq._length = writer.count
@@ -380,9 +389,16 @@ class LlamaEngine(Engine):
         return seq
 
     def close(self) -> None:
-        if self._ctx is not None:
-            self._lib.llama_free(self._ctx)
-            self._ctx = None
+        """Free the context and the model (what a long-lived process that loads many models calls)."""
+        with self._lock:
+            self._active = None
+            if self._ctx is not None:
+                self._lib.llama_free(self._ctx)
+                self._ctx = None
+            if self._described is not None:
+                self._lib.llama_model_free(self._described.handle)
+                self._described = None
+                self._loaded = _closed()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from celslm.decode import Context, DecodeStats, Sampling, TextStream, eos_ids, g
 from celslm.edge import Sources, context_from_reader
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.models import LoadedModel
-from celslm.store.tiers import open_ref
+from celslm.store.tiers import open_ref, split_url_ref
 
 MAX_TOKENS_LIMIT = 4096  # the most tokens one request may ask for
 
@@ -115,6 +116,7 @@ class Service:
     def _context(self, ref: str) -> tuple[Context, str, bool]:
         """The context `ref` names, from the cache or fetched and decoded; (context, artifact id, hit)."""
         engine, sources = self.loaded.engine, self.config.sources
+        check_context_ref(ref, sources)
         entry = self.cache.get(ref) if DIGEST.match(ref) else None
         reader = None
         if entry is None:
@@ -162,6 +164,22 @@ class Service:
                                "engine": self.loaded.engine.name, "ttft_s": round(s.ttft_s, 6), "total_s": round(s.total_s, 6)}}
 
 
+def check_context_ref(ref: str, sources: Sources) -> None:
+    """A request may name an id, a tag, a path on this machine, or a URL of a server the service was
+    configured with: never another server (it would get the service's cache token, and the service
+    would fetch from wherever a client points it)."""
+    if ref == "-":
+        raise ApiError(400, "the context cannot be stdin here: give an id, a tag, a path or a server URL", "invalid_context",
+                       param="context")
+    try:
+        url = split_url_ref(ref)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "invalid_context", param="context") from exc
+    if url and url[0].rstrip("/") not in {s.rstrip("/") for s in (*sources.peers, sources.cloud) if s}:
+        raise ApiError(400, f"{url[0]} is not one of this service's --peer or --cloud servers", "context_server_refused",
+                       param="context")
+
+
 # ---------------------------------------------------------------- HTTP
 
 
@@ -179,7 +197,7 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     if value is None:
         return default
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high or not math.isfinite(float(value)):
         raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], got {value!r}",
                        "invalid_value", param=name)
     return value
@@ -218,7 +236,10 @@ def parse_request(body, chat: bool, config: ServiceConfig) -> Request:
     top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
     seed = _number(body, "seed", None, 0, 2**63 - 1, integer=True)
     sampling = Sampling(max_new_tokens=max_tokens or 256, temperature=float(temperature), top_p=float(top_p), seed=seed)
-    return Request(context, prompt, raw=not chat, sampling=sampling, stream=bool(body.get("stream")), chat=chat)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", "invalid_value", param="stream")
+    return Request(context, prompt, raw=not chat, sampling=sampling, stream=stream, chat=chat)
 
 
 def make_app(service: Service) -> web.Application:
@@ -238,10 +259,13 @@ def make_app(service: Service) -> web.Application:
             return ApiError(exc.status, exc.reason, "not_found" if exc.status == 404 else "http_error").response()
 
     async def completions(request: web.Request, chat: bool):
+        if request.content_type != "application/json":  # also keeps web pages from posting here (no CORS)
+            raise ApiError(415, f"send the request as application/json, not {request.content_type or 'nothing'}",
+                           "unsupported_media_type")
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not JSON: {exc}", "invalid_json") from exc
+        except (ValueError, UnicodeDecodeError, LookupError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise ApiError(400, f"the body is not JSON: {str(exc)[:200]}", "invalid_json") from exc
         parsed = parse_request(body, chat, service.config)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -352,6 +376,9 @@ def _guarded(service: Service, request: Request, emit) -> dict:
         raise ApiError(503, f"context {request.context!r} cannot be fetched: {exc}", "context_unavailable",
                        kind="server_error", param="context") from exc
     except IntegrityError as exc:
+        if os.path.exists(request.context):  # a file the client named: its mistake, not a server's
+            raise ApiError(400, f"context {request.context!r} is not a valid artifact: {exc}", "invalid_context",
+                           param="context") from exc
         raise ApiError(502, f"context {request.context!r} failed verification: {exc}", "context_corrupt",
                        kind="server_error", param="context") from exc
     except UsageError as exc:

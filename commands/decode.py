@@ -104,6 +104,7 @@ def decode(
 def _through_server(server: str, kv: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
                     seed: int | None, raw: bool, json_: bool) -> None:
     """Stream the answer from a `celslm serve` (its OpenAI-style API), printing text as it comes."""
+    import http.client
     import json
     import os
     import urllib.error
@@ -150,6 +151,8 @@ def _through_server(server: str, kv: str, prompt: str, max_new_tokens: int, temp
                         sys.stdout.flush()
                 if "celslm" in event:
                     final = event
+    except (ValueError, KeyError, IndexError, http.client.HTTPException) as exc:  # a cut or garbled stream
+        raise UnavailableError(f"{server}: the answer stream broke off ({type(exc).__name__}: {str(exc)[:120]})") from exc
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -158,6 +161,8 @@ def _through_server(server: str, kv: str, prompt: str, max_new_tokens: int, temp
         raise (UsageError if exc.code in (400, 404) else UnavailableError)(f"{server}: {message}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise UnavailableError(f"{server}: {getattr(exc, 'reason', exc)}") from exc
+    if not final:
+        raise UnavailableError(f"{server}: the answer stream ended before its last event (the text so far is incomplete)")
     if json_:
         print_json({"text": "".join(pieces), "artifact": final.get("celslm", {}).get("context"), "server": server,
                     "usage": final.get("usage"), "celslm": final.get("celslm")})

@@ -14,12 +14,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _preload_gguf(argv: list[str]) -> None:
+def _preload_gguf(argv: list[str], start: bool = True) -> str | None:
     """decode, score and serve on llama.cpp spend their first ~0.35 s loading the GGUF: start that in a
     thread now, while Python imports the command line (~0.3 s). A hint only: the command resolves and
-    checks the model itself, and takes the loaded model over only if it is the same file."""
-    if not argv or argv[0] not in ("decode", "score", "serve") or {"-h", "--help", "--server"} & set(argv):
-        return
+    checks the model itself, and takes the loaded model over only if it is the same file. Returns the
+    file it starts loading, if any."""
+    if not argv or argv[0] not in ("decode", "score", "serve") or {"-h", "--help"} & set(argv) \
+            or any(arg.startswith("--server") for arg in argv):
+        return None
     options = {}
     for index, arg in enumerate(argv[1:], 1):
         name, eq, value = arg.partition("=")
@@ -28,13 +30,18 @@ def _preload_gguf(argv: list[str]) -> None:
     engine = options.get("e") or os.environ.get("CELSLM_ENGINE")
     model = options.get("m") or os.environ.get("CELSLM_MODEL") or ""
     if engine == "transformers" or not model or os.environ.get("CELSLM_SERVER"):
-        return
+        return None
     home = os.environ.get("CELSLM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "celslm")
+    # the edge's default engine is llama.cpp for a .gguf file or a bundled model's name (never a folder path)
     path = model if model.lower().endswith(".gguf") else os.path.join(home, "models", model, "model.gguf")
-    if os.path.isfile(path):
+    if not model.lower().endswith(".gguf") and (os.sep in model or model.startswith(".")):
+        return None
+    if not os.path.isfile(path):
+        return None
+    if start:
         import threading
 
-        def start() -> None:
+        def begin() -> None:
             try:
                 from celslm import llamaload
 
@@ -48,7 +55,8 @@ def _preload_gguf(argv: list[str]) -> None:
         # switch threads more often than every 5 ms while the imports run beside the load
         interval = sys.getswitchinterval()
         sys.setswitchinterval(0.0002)
-        threading.Thread(target=start, name="celslm-preload", daemon=True).start()
+        threading.Thread(target=begin, name="celslm-preload", daemon=True).start()
+    return path
 
 
 _preload_gguf(sys.argv[1:])

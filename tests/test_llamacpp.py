@@ -5,6 +5,7 @@ that matches transformers'."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -244,7 +245,8 @@ def test_bench_edge_measures_every_process_it_names(tiny_gguf):
                   "--no-transformers", "--json", check=True)
     result = json.loads(out.stdout)
     rows = {r["key"]: r for r in result["rows"]}
-    assert set(rows) == {"kv", "warm", "peer", "edge-llama", "peer-edge"}
+    warm = {"warm"} if shutil.which("curl") else set()  # the warm service's client is curl
+    assert set(rows) == {"kv", "peer", "edge-llama", "peer-edge"} | warm
     for row in rows.values():
         assert row["runs"] == 1 and 0 < row["first_byte_s"] <= row["total_s"] and row["peak_rss_mib"] > 10
     # the same model, the same context, greedy: llama.cpp restoring its state answers as its own prefill does
@@ -305,3 +307,28 @@ def test_bench_report_adds_llama_cpps_own_edge_only_as_a_baseline(engines):
     assert set(rows) == {"edge-only", modes.LLAMA_EDGE}
     baseline = rows[modes.LLAMA_EDGE]
     assert baseline["private"] and baseline["bytes_down"] == 0 and baseline["nll"] is not None
+
+
+def test_the_command_line_starts_loading_the_gguf_only_where_decode_would_run_it(tiny_gguf, tmp_path, monkeypatch):
+    """The preload is a guess made before anything is parsed: it must not load a model the command
+    will not run on llama.cpp (help, --server, --engine transformers, a Hugging Face folder)."""
+    from celslm.commands.main import _preload_gguf
+
+    home = tmp_path / "home"
+    (home / "models" / "tiny").mkdir(parents=True)
+    (home / "models" / "tiny" / "model.gguf").write_bytes(b"GGUF")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("CELSLM_HOME", str(home))
+    monkeypatch.delenv("CELSLM_ENGINE", raising=False)
+    monkeypatch.delenv("CELSLM_SERVER", raising=False)
+    monkeypatch.delenv("CELSLM_MODEL", raising=False)
+    guess = lambda *argv: _preload_gguf(list(argv), start=False)  # noqa: E731
+    assert guess("decode", "-m", str(tiny_gguf), "--kv", "a.kv", "-p", "x") == str(tiny_gguf)
+    assert guess("serve", "--model=tiny") == str(home / "models" / "tiny" / "model.gguf")
+    assert guess("score", "-m", "tiny", "--engine", "llama.cpp", "--continuation", "c") is not None
+    for argv in (("decode", "-m", str(tiny_gguf), "--help"), ("decode", "-m", "tiny", "--server=http://x", "-p", "x"),
+                 ("decode", "-m", "tiny", "--engine", "transformers"), ("decode", "-m", str(folder), "-p", "x"),
+                 ("prefill", "-m", str(tiny_gguf)), ("decode", "-m", "absent"), ()):
+        assert guess(*argv) is None, argv

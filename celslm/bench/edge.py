@@ -26,7 +26,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import signal
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -79,18 +81,33 @@ class Row:
                 "tokens": self.runs[-1].tokens if self.runs else 0}
 
 
-def timed(cmd: list[str], env: dict, decode_rate: Callable[[str, str], tuple[int, float | None, str]], work: Path) -> Run:
-    """Run `cmd`; seconds to its first stdout byte and to its exit, and its own peak RSS."""
+def timed(cmd: list[str], env: dict, decode_rate: Callable[[str, str], tuple[int, float | None, str]], work: Path,
+          limit_s: float = 900) -> Run:
+    """Run `cmd`; seconds to its first stdout byte and to its exit, and its own peak RSS. A run past
+    `limit_s`, or one this benchmark stops waiting for, is killed with everything it started."""
     rss_file = work / "peak-rss"
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCH, str(rss_file), *cmd], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
-    first = proc.stdout.read(1)
-    first_at = time.perf_counter()
-    rest = proc.stdout.read()
-    stderr = proc.stderr.read().decode(errors="replace")
-    proc.wait()
-    ended = time.perf_counter()
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    kill = lambda: os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None  # noqa: E731
+    watchdog = threading.Timer(limit_s, kill)
+    watchdog.start()
+    try:
+        errors: list[bytes] = []
+        reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+        reader.start()  # stderr drained beside stdout, so a chatty child never blocks on a full pipe
+        first = proc.stdout.read(1)
+        first_at = time.perf_counter()
+        rest = proc.stdout.read()
+        proc.wait()
+        reader.join()
+        ended = time.perf_counter()
+    finally:
+        watchdog.cancel()
+        kill()
+    stderr = b"".join(errors).decode(errors="replace")
+    if ended - started >= limit_s:
+        raise CelslmError(f"{' '.join(cmd[-8:])} ran past {limit_s:.0f} s and was stopped")
     if proc.returncode != 0:
         raise CelslmError(f"{' '.join(cmd[-8:])} exited {proc.returncode}: {stderr.strip().splitlines()[-1:] or ''}")
     tokens, rate, text = decode_rate(stderr, (first + rest).decode(errors="replace"))
