@@ -8,19 +8,19 @@ per-layer KV into blocks to build an artifact.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
+
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from celslm.blockread import open_context
 from celslm.artifact import (MEDIA_TOKENS, Artifact, ArtifactReader, BlobRef, Geometry, Manifest, ModelSpace, Producer,
-                             Timings, decode_tokens, encode_tokens, prefix_hashes, sha256_digest)
+                             Timings, encode_tokens, prefix_hashes, sha256_digest)
+from celslm.blockread import open_context
 from celslm.codecs import KINDS, MEDIA_BASIS, BlockShape, Codec, parse_codec
-from celslm.errors import IntegrityError, UsageError
+from celslm.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key pre-RoPE [H, T, D], value [H, T, D]); numpy arrays do too

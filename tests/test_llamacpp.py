@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from celslm import llamastate
-from celslm.errors import EXIT_INTEGRITY, CelslmError, IntegrityError
+from celslm.errors import CelslmError, IntegrityError
 from celslm.models import load_model, resolve_model
 from tests.conftest import CONTEXT, run_cli
 from tests.tiny import save_tiny_gguf
