@@ -7,6 +7,7 @@ pass goes through the model's `Engine` (`engine.py`); this module never touches 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -28,6 +29,14 @@ class Sampling:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self):
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UsageError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top-p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
 
 
 @dataclass

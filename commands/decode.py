@@ -55,6 +55,8 @@ def decode(
     from celslm.edge import Sources, answer
     from celslm.stream import Link
 
+    with for_option("--temperature/--top-p"):
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if server:
         if kv is None or context or recompute_last or link or engine or peer or cloud:
             raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); "
@@ -69,7 +71,6 @@ def decode(
     prompt_text = read_text(prompt, "--prompt")
     with for_option("--link"):
         shaped = Link.parse(link) if link else None
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     context_text = read_file_or_stdin(context, "--context") if context is not None else None
     with progress_bar() as progress:
         with for_option("--engine"):

@@ -106,6 +106,9 @@ def test_bad_inputs_exit_2_with_one_line(tiny_qwen, tmp_path):
     assert_one_line_error(run_cli("decode", "-m", str(tiny_qwen), "-c", "-", "-p", "hi", "--link", "fast", input=b"x"),
                           EXIT_USAGE, "--link: bad link 'fast'")
     assert_one_line_error(run_cli("serve-cache", "--backend", "localhost:6379"), EXIT_USAGE, "expected redis://")
+    for flag, value, says in (("--top-p", "0", "top-p must be in (0, 1]"), ("--temperature", "inf", "finite")):
+        assert_one_line_error(run_cli("decode", "-m", str(tiny_qwen), "-c", "-", "-p", "hi", flag, value, input=b"x"),
+                              EXIT_USAGE, says)
     assert not (tmp_path / "o").exists()
 
 
