@@ -133,7 +133,8 @@ class Service:
         return ctx, reader.id, False
 
     def run(self, request: Request, emit=None) -> dict:
-        """Answer one request; `emit(piece)` gets the text as it is generated."""
+        """Answer one request; `emit(piece)` gets the text as it is generated, once per token (the piece
+        may be empty), and may raise `ClientGone` to stop it."""
         with self.lock:
             ctx, artifact, hit = self._context(request.context)
             tokenizer = self.loaded.tokenizer
@@ -149,8 +150,8 @@ class Service:
                 piece = stream.push(token)
                 if piece:
                     pieces.append(piece)
-                    if emit:
-                        emit(piece)
+                if emit:
+                    emit(piece)
             tail = stream.flush()
             if tail:
                 pieces.append(tail)
@@ -272,7 +273,20 @@ def make_app(service: Service) -> web.Application:
         kind = "chat.completion" if chat else "text_completion"
         loop = asyncio.get_running_loop()
         if not parsed.stream:
-            result = await loop.run_in_executor(None, _guarded, service, parsed, None)
+            gone = threading.Event()
+
+            def check(_piece: str) -> None:  # a client that left gets no more tokens
+                if gone.is_set():
+                    raise ClientGone()
+
+            work = loop.run_in_executor(None, _guarded, service, parsed, check)
+            watcher = asyncio.ensure_future(_watch(request, gone, work))
+            try:
+                result = await work
+            except ClientGone:
+                return web.Response(status=499)  # nobody is there to read it
+            finally:
+                watcher.cancel()
             choice = ({"index": 0, "message": {"role": "assistant", "content": result["text"]}, "finish_reason": result["finish"]}
                       if chat else {"index": 0, "text": result["text"], "finish_reason": result["finish"], "logprobs": None})
             return web.json_response({"id": ident, "object": kind, "created": created, "model": name, "choices": [choice],
@@ -283,7 +297,8 @@ def make_app(service: Service) -> web.Application:
         def emit(piece: str) -> None:
             if gone.is_set():
                 raise ClientGone()
-            loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+            if piece:
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
 
         work = loop.run_in_executor(None, _guarded, service, parsed, emit)
         work.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, ("done", None)))
@@ -357,6 +372,16 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/health", health)
     return app
+
+
+async def _watch(request: web.Request, gone: threading.Event, work) -> None:
+    """Set `gone` when the client of a non-streamed request disconnects before its answer is ready."""
+    while not work.done():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            gone.set()
+            return
+        await asyncio.sleep(0.1)
 
 
 def _usage(result: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import urllib.request
 
 import pytest
@@ -181,3 +182,39 @@ def test_a_client_that_leaves_mid_stream_does_not_hold_the_model(setup):
                                             extra_body={"context": setup["kv"]})
     assert result.choices[0].message.content == decoded(setup)
     assert setup["service"].proc.poll() is None
+
+
+def test_a_request_whose_client_left_stops_at_the_next_token_and_frees_the_model(setup):
+    """In the service itself: the emit callback says the client is gone after the first token; generation
+    stops there, nothing is counted as served, and the model is free for the next request. And the
+    watcher of a non-streamed request notices a closed connection."""
+    import asyncio
+    import types
+
+    from celslm.decode import Sampling
+    from celslm.models import load_model
+    from celslm.service import ClientGone, Request, Service, ServiceConfig, _watch
+
+    service = Service(load_model(str(setup["gguf"]), engine="llama.cpp"), ServiceConfig())
+    tokens = []
+
+    def leave(piece: str) -> None:
+        tokens.append(piece)
+        raise ClientGone()
+
+    request = Request(setup["kv"], PROMPT, raw=False, sampling=Sampling(max_new_tokens=50), stream=True, chat=True)
+    with pytest.raises(ClientGone):
+        service.run(request, leave)
+    assert len(tokens) == 1 and service.served == 0
+    assert service.lock.acquire(blocking=False)
+    service.lock.release()
+    assert service.run(request)["completion_tokens"] > 1 and service.served == 1
+
+    async def watched() -> bool:
+        gone = threading.Event()
+        closing = types.SimpleNamespace(transport=types.SimpleNamespace(is_closing=lambda: True))
+        work = asyncio.get_running_loop().create_future()
+        await asyncio.wait_for(_watch(closing, gone, work), 5)
+        return gone.is_set()
+
+    assert asyncio.run(watched())
