@@ -30,7 +30,10 @@ CLIENT_TIMEOUT_S = 600
 CLOUD_MODES = ("ce-lslm", "pice", "cloud-only", "ce-collm")  # the modes with a cloud process to load
 
 
-def _free_port() -> int:
+CLI = [sys.executable, "-c", "from celslm.commands.main import run; run()"]  # celslm as its own process
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -83,21 +86,20 @@ class CloudProcess:
 
 
 def llm_server(model: str, context_file: str, new_tokens: int) -> CloudProcess:
-    port = _free_port()
+    port = free_port()
     return CloudProcess([sys.executable, "-m", "celslm.bench.cloud_server", "--model", model, "--context", context_file,
                          "--port", str(port), "--new-tokens", str(new_tokens)], port)
 
 
 def sketch_server(sketch_file: str) -> CloudProcess:
-    port = _free_port()
+    port = free_port()
     return CloudProcess([sys.executable, "-m", "celslm.bench.cloud_server", "--sketch", sketch_file,
                          "--port", str(port)], port)
 
 
 def cache_server(root: str) -> CloudProcess:
-    port = _free_port()
-    return CloudProcess([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
-                         "--root", root, "--port", str(port)], port)
+    port = free_port()
+    return CloudProcess(CLI + ["serve-cache", "--root", root, "--port", str(port)], port)
 
 
 def level(request, clients: int, requests: int, pid: int, timeout_s: float) -> dict:

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Callable
 from celslm import prompting
 from celslm.artifact import MemoryReader, write_dir
 from celslm.blocks import recode
-from celslm.bench.concurrency import CloudProcess
+from celslm.bench.concurrency import CLI, CloudProcess, free_port
 from celslm.bench.ttft import stdlib_context
 from celslm.codecs import parse_codec
 from celslm.errors import CelslmError, UsageError
@@ -46,7 +45,6 @@ from celslm.models import LoadedModel, model_gguf
 
 PROMPT = "What does this code do? Answer briefly."
 PEER = Path(__file__).with_name("llama_peer.py")
-CLI = [sys.executable, "-c", "from celslm.commands.main import run; run()"]
 _DECODE_ROW = re.compile(r"of which decode \((\d+) tokens\)\D*?([\d.]+)")
 # A fork of this process would count its pages (the benchmark holds a model) in the child's peak RSS
 # until exec; so a small interpreter forks, execs the command, and reports that child's own peak.
@@ -231,9 +229,7 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
 
 def _warm_service(spec: str, context: Path) -> CloudProcess:
     """A `celslm serve` on loopback with the context already in memory (one request served)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     service = CloudProcess(CLI + ["serve", "-m", spec, "--port", str(port)], port)
     body = json.dumps({"context": str(context), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1})
     request = urllib.request.Request(service.url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})

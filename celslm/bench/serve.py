@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from celslm.artifact import Artifact, Manifest, MemoryReader, ModelSpace, Producer, sha256_digest
+from celslm.bench.concurrency import free_port
 from celslm.blocks import build_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push
@@ -74,12 +74,6 @@ def synthetic_artifact(tokens: int = 2048, layers: int = 24, kv_heads: int = 2, 
     return build_artifact(space=space, producer=Producer.native(space),
                           token_ids=list(range(tokens)), layers=kv, chunk_size=256, dtype="float16", framing="raw",
                           provenance=["native"] * layers)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_up(url: str, proc: subprocess.Popen, what: str) -> None:
@@ -155,7 +149,7 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
     tmp = Path(tempfile.mkdtemp(prefix="celslm-bench-serve-"))
     procs = []
     try:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         cache = subprocess.Popen([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
                                   "--root", str(tmp / "store"), "--port", str(port)],
@@ -167,7 +161,7 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
         note = None
         if nginx:
-            nginx_port = _free_port()
+            nginx_port = free_port()
             (tmp / "nginx").mkdir()
             conf = tmp / "nginx" / "nginx.conf"
             user = "user root;\n" if os.geteuid() == 0 else ""  # the store's files are private to this user
