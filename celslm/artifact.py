@@ -2,12 +2,20 @@
 
 An artifact is a manifest plus content-addressed blobs, like an OCI image:
 
-    NAME.kv/manifest.json          schema celslm.kv/1, canonical JSON; the artifact id is its sha256
+    NAME.kv/manifest.json          schema celslm.kv/2, canonical JSON; the artifact id is its sha256
     NAME.kv/blobs/<sha256-hex>     one safetensors file per block (layer x chunk), plus the token ids
+    NAME.kv/signatures.json        producers' detached signatures over the id (trust.py), if signed
+    NAME.kv/timings.json           the cloud's seconds: a side record, outside the id and unsigned
 
-Blocks hold keys pre-RoPE and values, each `[kv_heads, tokens, head_dim]`. On a pipe the same
-artifact is one tar stream: manifest first, then the token blob, then the blocks layer-major, so a
-reader can start on layer 0 before the rest arrives. Every blob read is checked against its digest.
+The id-bearing bytes hold only what the context, the model, the chunking and the codec decide, so
+the same work gives the same id on every run and machine. Blocks hold keys pre-RoPE and values,
+each `[kv_heads, tokens, head_dim]`. On a pipe the same artifact is one tar stream: manifest first,
+then the side records, then the token blob, then the blocks layer-major, so a reader can start on
+layer 0 before the rest arrives. Every blob read is checked against its digest.
+
+Every count and size a manifest declares is checked against its geometry and sane limits before
+anything is allocated from it, and no blob is read past its declared size: a manifest may come
+from an untrusted peer.
 
 Everything else sees typed objects (`Manifest`, `ModelSpace`, `Producer`, `Timings`, `Geometry`).
 This module imports no torch: verify, inspect, push, pull and serve-cache only move bytes. The
@@ -35,11 +43,22 @@ from safetensors.numpy import save as st_save
 
 from celslm.codecs import parse_codec
 from celslm.errors import IntegrityError, OutputExists, UsageError
+from celslm.trust import Signature, parse_signatures
 
-SCHEMA = "celslm.kv/1"
+SCHEMA = "celslm.kv/2"
+OLD_SCHEMAS = ("celslm.kv/1",)  # its timings were inside the id; such artifacts are made again with prefill
 MEDIA_MANIFEST = "application/vnd.celslm.kv.manifest.v1+json"
 MEDIA_TOKENS = "application/vnd.celslm.kv.tokens.v1+safetensors"
 MANIFEST_NAME = "manifest.json"
+SIGNATURES_NAME = "signatures.json"
+TIMINGS_NAME = "timings.json"
+SIDE_RECORDS = (SIGNATURES_NAME, TIMINGS_NAME)
+# Limits on what a manifest may declare, far above any model this runs (checked before any allocation)
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_SIDE_RECORD_BYTES = 64 << 10
+MAX_TOKENS = 1 << 22
+MAX_LAYERS, MAX_KV_HEADS, MAX_HEAD_DIM = 1024, 1024, 1024
+BLOB_SLACK_BYTES = 1 << 20  # safetensors headers, codec scales, an lz4 frame's worst-case growth
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # how uncompressed blocks store their tensors
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
@@ -90,7 +109,10 @@ class BlobRef:
         digest = obj["digest"]
         if not isinstance(digest, str) or not DIGEST.match(digest):
             raise ValueError(f"malformed digest {str(digest)[:80]!r}")
-        return cls(digest, int(obj["size"]), str(obj["media_type"]))
+        size = obj["size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ValueError(f"blob size {str(size)[:40]} is not a positive integer")
+        return cls(digest, size, str(obj["media_type"]))
 
 
 def _fingerprint(value) -> str:
@@ -206,7 +228,6 @@ class Manifest:
     framing: str  # "chat": the context opens a chat-template user turn; "raw": plain text
     blocks: tuple[tuple[BlobRef, ...], ...]  # [layer][chunk], layer-major
     provenance: tuple[str, ...]  # per layer: "native" or "projected"
-    timings: Timings = Timings()
     keys: str = "pre-rope"
     bases: tuple[BlobRef | None, ...] = ()  # per layer: the codec's auxiliary blob (PCA bases), if any
 
@@ -268,7 +289,6 @@ class Manifest:
             "framing": self.framing,
             "blocks": [[ref.to_json() for ref in layer] for layer in self.blocks],
             "provenance": list(self.provenance),
-            "timings": self.timings.to_json(),
             **({"bases": [ref.to_json() if ref else None for ref in self.bases]} if any(self.bases) else {}),
         }
 
@@ -281,13 +301,19 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "manifest") -> Manifest:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"{source}: manifest of {len(data):,} bytes (the limit is {MAX_MANIFEST_BYTES:,})")
         try:
             obj = json.loads(data)
-        except ValueError as exc:
-            raise IntegrityError(f"{source}: manifest is not valid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:
+            raise IntegrityError(f"{source}: manifest is not valid JSON ({str(exc)[:120]})") from exc
         if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
             found = obj.get("schema") if isinstance(obj, dict) else None
-            raise UsageError(f"{source}: not a celslm KV artifact (schema {found!r}, expected {SCHEMA!r})")
+            if found in OLD_SCHEMAS:
+                raise UsageError(f"{source}: artifact format {found} (its id depends on timings); "
+                                 f"make it again with this celslm's prefill ({SCHEMA})")
+            raise UsageError(f"{source}: not a celslm KV artifact (schema {str(found)[:40]!r}, expected {SCHEMA!r})")
+        _check_counts(obj, source)
         try:
             tokens = obj["tokens"]
             manifest = cls(
@@ -303,19 +329,20 @@ class Manifest:
                 framing=str(obj["framing"]),
                 blocks=tuple(tuple(BlobRef.from_json(b) for b in layer) for layer in obj["blocks"]),
                 provenance=tuple(obj["provenance"]),
-                timings=Timings.from_json(obj.get("timings", {})),
                 keys=str(obj["keys"]),
                 bases=tuple(BlobRef.from_json(b) if b else None for b in obj.get("bases", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
         manifest._check_shape(source)
-        if manifest.canonical_bytes() != canonical_json(obj):  # the id must name exactly these bytes
-            raise IntegrityError(f"{source}: manifest has fields or values this version of celslm does not write")
+        if manifest.canonical_bytes() != data:  # the id names exactly these bytes, and one manifest has one id
+            what = "fields or values this version of celslm does not write" \
+                if manifest.canonical_bytes() != canonical_json(obj) else "bytes that are not its canonical JSON"
+            raise IntegrityError(f"{source}: manifest has {what}")
         return manifest
 
     def _check_shape(self, source: str) -> None:
-        if self.chunk_size <= 0 or self.chunks != len(self.chunk_lengths()):
+        if not 0 < self.chunk_size <= MAX_TOKENS or self.chunks != -(-self.token_count // self.chunk_size):
             raise IntegrityError(f"{source}: {self.chunks} prefix hashes for {self.token_count} tokens")
         if any(len(layer) != self.chunks for layer in self.blocks) or len(self.provenance) != self.layers:
             raise IntegrityError(f"{source}: block table does not match {self.chunks} chunks x {self.layers} layers")
@@ -328,6 +355,38 @@ class Manifest:
         if self.bases and len(self.bases) != self.layers:
             raise IntegrityError(f"{source}: {len(self.bases)} basis entries for {self.layers} layers")
         parse_codec(self.codec)  # an unknown codec is refused here, before any block is read
+        self._check_sizes(source)
+
+    def _check_sizes(self, source: str) -> None:
+        """No blob may declare more bytes than its tensors at float32 (plus slack): a reader trusts
+        these sizes to bound what it reads from a peer."""
+        g = self.geometry
+        if self.tokens.size > 8 * self.token_count + BLOB_SLACK_BYTES:
+            raise IntegrityError(f"{source}: token ids blob declares {self.tokens.size:,} bytes for {self.token_count} tokens")
+        basis_bound = 2 * 4 * g.kv_heads * g.head_dim * (g.head_dim + 1) + BLOB_SLACK_BYTES
+        if any(ref is not None and ref.size > basis_bound for ref in self.bases):
+            raise IntegrityError(f"{source}: a basis blob declares more than {basis_bound:,} bytes")
+        for chunk, tokens in enumerate(self.chunk_lengths()):
+            bound = 2 * 4 * g.kv_heads * tokens * g.head_dim + BLOB_SLACK_BYTES
+            for layer, refs in enumerate(self.blocks):
+                if refs[chunk].size > bound:
+                    raise IntegrityError(f"{source}: block (layer {layer}, chunk {chunk}) declares "
+                                         f"{refs[chunk].size:,} bytes; its tensors fit in {bound:,}")
+
+
+def _check_counts(obj: dict, source: str) -> None:
+    """Refuse counts past the limits while they are still numbers in parsed JSON, before any list or
+    object is built from them."""
+    try:
+        count, geometry = obj["tokens"]["count"], obj["geometry"]
+        values = {"tokens": count, "layers": geometry["layers"], "kv_heads": geometry["kv_heads"],
+                  "head_dim": geometry["head_dim"]}
+    except (KeyError, TypeError) as exc:
+        raise IntegrityError(f"{source}: malformed manifest (no {exc})") from exc
+    limits = {"tokens": MAX_TOKENS, "layers": MAX_LAYERS, "kv_heads": MAX_KV_HEADS, "head_dim": MAX_HEAD_DIM}
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limits[name]:
+            raise IntegrityError(f"{source}: manifest declares {name} {str(value)[:40]} (must be 1 to {limits[name]:,})")
 
 
 # ---------------------------------------------------------------- blob encoding
@@ -364,10 +423,33 @@ class Artifact:
 
     manifest: Manifest
     blobs: dict[str, bytes]  # digest -> bytes
+    timings: Timings = Timings()  # side record: not part of the id
+    signatures: tuple[Signature, ...] = ()  # over the id, so they stay valid whatever the side records say
 
     @property
     def id(self) -> str:
         return self.manifest.id
+
+    def side_records(self) -> list[tuple[str, bytes]]:
+        """(file name, bytes) of the side records this artifact has, in stream order."""
+        records = []
+        if self.signatures:
+            records.append((SIGNATURES_NAME, canonical_json([sig.to_json() for sig in self.signatures])))
+        if self.timings.to_json():
+            records.append((TIMINGS_NAME, canonical_json(self.timings.to_json())))
+        return records
+
+
+def read_side_record(name: str, data: bytes, source: str) -> tuple[Signature, ...] | Timings:
+    """A side record's contents: the signatures or the timings."""
+    if len(data) > MAX_SIDE_RECORD_BYTES:
+        raise IntegrityError(f"{source}: {name} of {len(data):,} bytes (the limit is {MAX_SIDE_RECORD_BYTES:,})")
+    if name == SIGNATURES_NAME:
+        return parse_signatures(data, f"{source}: {name}")
+    try:
+        return Timings.from_json(json.loads(data))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{source}: {name} is malformed ({str(exc)[:120]})") from exc
 
 
 def write_artifact(artifact: Artifact, out: str, force: bool = False, stdout: BinaryIO | None = None) -> None:
@@ -389,6 +471,8 @@ def write_dir(artifact: Artifact, path: Path, force: bool = False) -> None:
         (staging / "blobs").mkdir()
         for ref in artifact.manifest.blob_refs():
             (staging / "blobs" / ref.hex).write_bytes(artifact.blobs[ref.digest])
+        for name, data in artifact.side_records():
+            (staging / name).write_bytes(data)
         (staging / MANIFEST_NAME).write_bytes(artifact.manifest.canonical_bytes())
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -405,6 +489,8 @@ def write_dir(artifact: Artifact, path: Path, force: bool = False) -> None:
 def write_tar(artifact: Artifact, stream: BinaryIO) -> None:
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _add_member(tar, MANIFEST_NAME, artifact.manifest.canonical_bytes())
+        for name, data in artifact.side_records():
+            _add_member(tar, name, data)
         for ref in artifact.manifest.blob_refs():
             _add_member(tar, f"blobs/{ref.hex}", artifact.blobs[ref.digest])
     stream.flush()
@@ -423,9 +509,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ArtifactReader:
     """Reads an artifact from a directory or a tar stream; blobs come out verified, in stream order."""
 
-    def __init__(self, manifest: Manifest, source: str):
+    def __init__(self, manifest: Manifest, source: str, timings: Timings = Timings(),
+                 signatures: tuple[Signature, ...] = ()):
         self.manifest = manifest
         self.source = source
+        self.timings = timings  # side records: unsigned, not part of the id
+        self.signatures = signatures
 
     @property
     def id(self) -> str:
@@ -471,19 +560,32 @@ class ArtifactReader:
 
 class DirectoryReader(ArtifactReader):
     def __init__(self, path: Path):
-        try:
-            data = (path / MANIFEST_NAME).read_bytes()
-        except FileNotFoundError as exc:
-            raise UsageError(f"{path}: no {MANIFEST_NAME}; not a KV artifact directory") from exc
-        super().__init__(Manifest.from_bytes(data, str(path)), str(path))
+        manifest = _read_file(path / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        if manifest is None:
+            raise UsageError(f"{path}: no {MANIFEST_NAME}; not a KV artifact directory")
+        records = {}
+        for name in SIDE_RECORDS:
+            data = _read_file(path / name, MAX_SIDE_RECORD_BYTES)
+            if data is not None:
+                records[name] = read_side_record(name, data, str(path))
+        super().__init__(Manifest.from_bytes(manifest, str(path)), str(path), records.get(TIMINGS_NAME, Timings()),
+                         records.get(SIGNATURES_NAME, ()))
         self.path = path
 
     def raw_blobs(self, chunks=None):
         for ref in self.manifest.blob_refs(chunks):
-            try:
-                yield ref, (self.path / "blobs" / ref.hex).read_bytes()
-            except FileNotFoundError:
-                yield ref, None
+            # a file of another size is corrupt: it is not read (it could be any size)
+            yield ref, _read_file(self.path / "blobs" / ref.hex, ref.size)
+
+
+def _read_file(path: Path, limit: int) -> bytes | None:
+    """A file's bytes, None if absent; a file over `limit` bytes reads as its first `limit + 1`, which
+    no digest or parser accepts."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except FileNotFoundError:
+        return None
 
 
 class TarStreamReader(ArtifactReader):
@@ -497,24 +599,41 @@ class TarStreamReader(ArtifactReader):
             raise IntegrityError(f"{source}: not a KV artifact stream or truncated ({exc})") from exc
         if first is None or first.name != MANIFEST_NAME:
             raise IntegrityError(f"{source}: stream does not start with {MANIFEST_NAME}")
-        super().__init__(Manifest.from_bytes(self._read(first, source), source), source)
+        manifest = Manifest.from_bytes(self._read(first, source, MAX_MANIFEST_BYTES), source)
+        records = {}
+        try:
+            member = self._tar.next()
+            while member is not None and member.name in SIDE_RECORDS:  # before the first blob
+                records[member.name] = read_side_record(member.name, self._read(member, source, MAX_SIDE_RECORD_BYTES), source)
+                member = self._tar.next()
+        except (tarfile.TarError, EOFError) as exc:
+            raise IntegrityError(f"{source}: truncated artifact stream ({exc})") from exc
+        super().__init__(manifest, source, records.get(TIMINGS_NAME, Timings()), records.get(SIGNATURES_NAME, ()))
 
-    def _read(self, member: tarfile.TarInfo, source: str) -> bytes:
-        handle = self._tar.extractfile(member)
-        data = handle.read() if handle else b""
+    def _read(self, member: tarfile.TarInfo, source: str, limit: int) -> bytes:
+        """A member's bytes; one declaring more than `limit` is refused unread."""
+        if member.size > limit:
+            raise IntegrityError(f"{source}: {member.name} declares {member.size:,} bytes (at most {limit:,} expected)")
+        try:
+            handle = self._tar.extractfile(member)
+            data = handle.read() if handle else b""
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise IntegrityError(f"{source}: truncated stream inside {member.name} ({exc})") from exc
         if len(data) != member.size:
             raise IntegrityError(f"{source}: truncated stream inside {member.name}")
         return data
 
     def raw_blobs(self, chunks=None):
         wanted = self.manifest.blob_refs(chunks)
+        sizes = {ref.digest: ref.size for ref in self.manifest.blob_refs()}
         arrived: dict[str, bytes] = {}
         position = 0
         try:
             for member in self._tar:
-                if not member.name.startswith("blobs/"):
-                    continue
-                arrived["sha256:" + member.name.removeprefix("blobs/")] = self._read(member, self.source)
+                digest = "sha256:" + member.name.removeprefix("blobs/")
+                if not member.name.startswith("blobs/") or digest not in sizes:
+                    continue  # side records, and blobs this manifest does not list, are skipped unread
+                arrived[digest] = self._read(member, self.source, sizes[digest])
                 while position < len(wanted) and wanted[position].digest in arrived:
                     yield wanted[position], arrived[wanted[position].digest]
                     position += 1
@@ -532,7 +651,7 @@ class MemoryReader(ArtifactReader):
     """Reads an in-memory artifact the same way (digests checked), e.g. to measure a codec round trip."""
 
     def __init__(self, artifact: Artifact, source: str = "<memory>"):
-        super().__init__(artifact.manifest, source)
+        super().__init__(artifact.manifest, source, artifact.timings, artifact.signatures)
         self._blobs = artifact.blobs
 
     def raw_blobs(self, chunks=None):

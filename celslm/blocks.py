@@ -217,10 +217,9 @@ def build_artifact(
         framing=framing,
         blocks=tuple(blocks),
         provenance=tuple(provenance),
-        timings=timings,
         bases=tuple(bases) if any(b is not None for b in bases) else (),
     )
-    return Artifact(manifest, blobs)
+    return Artifact(manifest, blobs, timings)
 
 
 def recode(reader: ArtifactReader, codec: Codec) -> Artifact:
@@ -239,7 +238,6 @@ def recode(reader: ArtifactReader, codec: Codec) -> Artifact:
     artifact = build_artifact(
         space=source.space, producer=source.producer, token_ids=token_ids, layers=layers,
         chunk_size=source.chunk_size, dtype=source.dtype, framing=source.framing,
-        provenance=list(source.provenance), timings=source.timings, codec=codec,
+        provenance=list(source.provenance), codec=codec,
     )
-    timings = replace(source.timings, compress_s=round(time.perf_counter() - started, 6))
-    return Artifact(replace(artifact.manifest, timings=timings), artifact.blobs)
+    return replace(artifact, timings=replace(reader.timings, compress_s=round(time.perf_counter() - started, 6)))

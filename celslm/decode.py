@@ -163,7 +163,7 @@ def _offset(progress: TokenProgress | None, done: int, total: int) -> TokenProgr
 
 
 def _artifact_stats(reader: ArtifactReader, tokens: int) -> DecodeStats:
-    timings = reader.manifest.timings
+    timings = reader.timings
     return DecodeStats(path="artifact", context_tokens=tokens, cloud_prefill_s=timings.prefill_s,
                        artifact_bytes=reader.manifest.blob_bytes(), t_com_c_s=timings.cloud_s)
 

@@ -22,25 +22,8 @@ from celslm.decode import (Context, Sampling, context_from_artifact, context_fro
 from celslm.errors import IntegrityError, UnavailableError, UsageError
 from celslm.engine import TokenProgress
 from celslm.models import LoadedModel
-from celslm.store.tiers import BlobSourceReader, Tiers, make_tiers, open_ref
+from celslm.store.tiers import BlobSourceReader, Sources, Tiers, open_ref
 from celslm.stream import Link
-
-
-@dataclass(frozen=True)
-class Sources:
-    """Where artifacts may come from besides local paths: peers in order, then the cloud."""
-
-    peers: tuple[str, ...] = ()
-    cloud: str | None = None
-    token: str | None = None
-    chunk_size: int = 256  # chunk size of the prefix lookup for a context given as text
-
-    @property
-    def remote(self) -> bool:
-        return bool(self.peers or self.cloud)
-
-    def tiers(self) -> Tiers:
-        return make_tiers(list(self.peers), self.cloud, self.token)
 
 
 @dataclass
@@ -80,11 +63,11 @@ def answer(loaded: LoadedModel, prompt: str, *, kv: str | None = None, context_t
     tiers, reader = None, None
     try:
         if kv is not None:
-            reader, tiers = open_ref(kv, list(sources.peers), sources.cloud, sources.token, stdin=stdin)
+            reader, tiers = open_ref(kv, sources, stdin=stdin, warn=warn)
             ctx = context_from_reader(loaded, reader, recompute_last=recompute_last, link=link, pipeline=pipeline,
                                       progress=progress)
         else:
-            ctx, reader, tiers = _context_from_text(loaded, context_text, sources, link, progress)
+            ctx, reader, tiers = _context_from_text(loaded, context_text, sources, link, progress, warn)
         tokens = _started(loaded, ctx, prompt, raw, sampling)
     except (IntegrityError, UnavailableError) as exc:
         if context_text is None or kv is None:
@@ -115,11 +98,12 @@ def _started(loaded: LoadedModel, ctx: Context, prompt: str, raw: bool, sampling
 
 
 def _context_from_text(loaded: LoadedModel, text: str, sources: Sources, link: Link | None,
-                       progress: TokenProgress | None) -> tuple[Context, ArtifactReader | None, Tiers | None]:
+                       progress: TokenProgress | None, warn: Callable[[str], None] | None,
+                       ) -> tuple[Context, ArtifactReader | None, Tiers | None]:
     """The longest cached prefix of the text any tier has, and the rest prefilled here (or all of it)."""
     framing = prompting.default_framing(loaded.tokenizer)
     token_ids = prompting.context_ids(loaded.tokenizer, text, framing)
-    tiers = sources.tiers() if sources.remote else None
+    tiers = sources.tiers(warn) if sources.remote else None
     found = tiers and tiers.lookup(loaded.fingerprint, prefix_hashes(token_ids, loaded.fingerprint, sources.chunk_size))
     if not found:
         return context_from_ids(loaded, token_ids, framing=framing, step=sources.chunk_size, progress=progress), None, tiers

@@ -5,7 +5,10 @@
     HEAD|GET /v1/blobs/sha256:<hex>         a blob (Range supported), streamed from disk
     PUT  /v1/blobs/sha256:<hex>             upload, streamed; digest checked on arrival; idempotent
     PUT|GET /v1/artifacts/sha256:<hex>      a manifest; a PUT whose blobs are missing gets 409 listing them
-    PUT|GET /v1/tags/<name>                 a mutable name -> artifact id
+    PUT|GET /v1/artifacts/sha256:<hex>/signatures   producers' signatures over the id (a PUT adds)
+    PUT|GET /v1/artifacts/sha256:<hex>/timings      the cloud's seconds (side record, unsigned)
+    PUT|GET /v1/tags/<name>                 a mutable name -> artifact id; a PUT may carry a signed statement
+    GET  /v1/tags/<name>/statement          the tag's signed statement (404 if it has none)
     GET  /v1/lookup?space=<fp>&prefix=h1,…  the longest cached prefix: artifact id and chunk count
 
 A write token guards PUT; an optional read token guards GET and HEAD (constant-time comparison);
@@ -21,11 +24,13 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from celslm.artifact import MEDIA_MANIFEST, Manifest
-from celslm.errors import CelslmError, IntegrityError, UsageError
+from celslm.artifact import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, Manifest, read_side_record
+from celslm.errors import CelslmError, IntegrityError, NotFound, UsageError
+from celslm.trust import SignedTag
 from celslm.store import Store, open_store
 
 DIGEST_ROUTE = r"{digest:sha256:[0-9a-f]{64}}"
+TAG_ROUTE = r"{name:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}}"
 SMALL_BLOB_BYTES = 4 << 20  # blobs up to this size are sent from memory; bigger ones stream with sendfile
 
 
@@ -77,6 +82,8 @@ def make_app(config: ServerConfig) -> web.Application:
             return await handler(request)
         except IntegrityError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from exc
+        except NotFound as exc:
+            raise web.HTTPNotFound(text=f"{exc}\n") from exc
         except CelslmError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from exc
 
@@ -171,15 +178,48 @@ def make_app(config: ServerConfig) -> web.Application:
         metrics.bytes_in.inc(len(data))
         return web.Response(status=201, text="created\n")
 
+    async def get_signatures(request):
+        signatures = await asyncio.to_thread(store.get_signatures, request.match_info["digest"])
+        return web.json_response([sig.to_json() for sig in signatures])
+
+    async def put_signatures(request):
+        digest = request.match_info["digest"]
+        signatures = read_side_record(SIGNATURES_NAME, await _read_small(request, 64 << 10, config), digest)
+        await asyncio.to_thread(store.put_signatures, digest, signatures)
+        return web.Response(status=201, text="signed\n")
+
+    async def get_timings(request):
+        timings = await asyncio.to_thread(store.get_timings, request.match_info["digest"])
+        return web.json_response(timings.to_json())
+
+    async def put_timings(request):
+        digest = request.match_info["digest"]
+        timings = read_side_record(TIMINGS_NAME, await _read_small(request, 4096, config), digest)
+        await asyncio.to_thread(store.put_timings, digest, timings)
+        return web.Response(status=201, text="stored\n")
+
     async def get_tag(request):
         artifact_id = await asyncio.to_thread(store.get_tag, request.match_info["name"])
         if artifact_id is None:
             raise web.HTTPNotFound(text="no such tag\n")
         return web.Response(text=artifact_id)
 
+    async def get_tag_statement(request):
+        signed = await asyncio.to_thread(store.get_signed_tag, request.match_info["name"])
+        if signed is None:
+            raise web.HTTPNotFound(text="no signed statement for this tag\n")
+        return web.Response(body=signed.to_bytes(), content_type="application/json")
+
     async def put_tag(request):
-        artifact_id = (await _read_small(request, 1024, config)).decode(errors="replace").strip()
-        await asyncio.to_thread(store.put_tag, request.match_info["name"], artifact_id)
+        """The body is an artifact id (an unsigned tag) or a signed statement {statement, signatures}."""
+        name = request.match_info["name"]
+        body = (await _read_small(request, 64 << 10, config)).strip()
+        if DIGEST.match(body.decode(errors="replace")):
+            artifact_id, signed = body.decode(), None
+        else:
+            signed = SignedTag.from_bytes(body, f"tag {name}")
+            artifact_id = signed.statement.artifact
+        await asyncio.to_thread(store.put_tag, name, artifact_id, signed)
         return web.Response(status=201, text="tagged\n")
 
     async def lookup(request):
@@ -206,8 +246,13 @@ def make_app(config: ServerConfig) -> web.Application:
     app.router.add_put(f"/v1/blobs/{DIGEST_ROUTE}", put_blob)
     app.router.add_get(f"/v1/artifacts/{DIGEST_ROUTE}", get_artifact)
     app.router.add_put(f"/v1/artifacts/{DIGEST_ROUTE}", put_artifact)
-    app.router.add_get(r"/v1/tags/{name:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}}", get_tag)
-    app.router.add_put(r"/v1/tags/{name:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}}", put_tag)
+    app.router.add_get(f"/v1/artifacts/{DIGEST_ROUTE}/signatures", get_signatures)
+    app.router.add_put(f"/v1/artifacts/{DIGEST_ROUTE}/signatures", put_signatures)
+    app.router.add_get(f"/v1/artifacts/{DIGEST_ROUTE}/timings", get_timings)
+    app.router.add_put(f"/v1/artifacts/{DIGEST_ROUTE}/timings", put_timings)
+    app.router.add_get(f"/v1/tags/{TAG_ROUTE}", get_tag)
+    app.router.add_put(f"/v1/tags/{TAG_ROUTE}", put_tag)
+    app.router.add_get(f"/v1/tags/{TAG_ROUTE}/statement", get_tag_statement)
     app.router.add_get("/v1/lookup", lookup)
     return app
 

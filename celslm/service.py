@@ -28,10 +28,11 @@ from aiohttp import web
 from celslm import prompting
 from celslm.artifact import DIGEST
 from celslm.decode import Context, DecodeStats, Sampling, TextStream, eos_ids, generate
-from celslm.edge import Sources, context_from_reader
+from celslm.edge import context_from_reader
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.models import LoadedModel
-from celslm.store.tiers import open_ref, split_url_ref
+from celslm.store.tiers import Sources, open_ref, split_url_ref
+from celslm.trust import Untrusted
 
 MAX_TOKENS_LIMIT = 4096  # the most tokens one request may ask for
 
@@ -104,8 +105,9 @@ class Request:
 
 
 class Service:
-    def __init__(self, loaded: LoadedModel, config: ServiceConfig):
+    def __init__(self, loaded: LoadedModel, config: ServiceConfig, warn=None):
         self.loaded, self.config = loaded, config
+        self.warn = warn  # where warnings about unchecked tags and lookups go (the service's log)
         self.cache = ContextCache(config.cache_bytes)
         self.cacheable = hasattr(loaded.engine, "snapshot")
         self.lock = threading.Lock()  # one sequence on the engine at a time
@@ -120,7 +122,7 @@ class Service:
         entry = self.cache.get(ref) if DIGEST.match(ref) else None
         reader = None
         if entry is None:
-            reader, _ = open_ref(ref, list(sources.peers), sources.cloud, sources.token)
+            reader, _ = open_ref(ref, sources, warn=self.warn)
             entry = self.cache.get(reader.id)
         if entry is not None:
             started = time.perf_counter()
@@ -400,6 +402,9 @@ def _guarded(service: Service, request: Request, emit) -> dict:
     except UnavailableError as exc:
         raise ApiError(503, f"context {request.context!r} cannot be fetched: {exc}", "context_unavailable",
                        kind="server_error", param="context") from exc
+    except Untrusted as exc:
+        raise ApiError(403, f"context {request.context!r} refused by the trust policy: {exc}", "context_untrusted",
+                       param="context") from exc
     except IntegrityError as exc:
         if os.path.exists(request.context):  # a file the client named: its mistake, not a server's
             raise ApiError(400, f"context {request.context!r} is not a valid artifact: {exc}", "invalid_context",

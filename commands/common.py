@@ -32,6 +32,43 @@ TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CELSLM_TOKEN", 
 PeerOpt = Annotated[list[str] | None, typer.Option("--peer", help="A peer's serve-cache URL, asked before the cloud (repeatable, in order).")]
 CloudOpt = Annotated[str | None, typer.Option("--cloud", envvar="CELSLM_CLOUD", show_envvar=True,
                                               help="The cloud's serve-cache URL, asked last.")]
+TrustOpt = Annotated[list[str] | None, typer.Option(
+    "--trust", envvar="CELSLM_TRUST", show_envvar=True,
+    help="A producer's public key (PEM, from celslm keys generate): only artifacts and tags it signed are used, "
+         "anything else is refused (exit 3). Repeatable; the variable takes space-separated paths.")]
+SignOpt = Annotated[str | None, typer.Option(
+    "--sign", envvar="CELSLM_SIGN_KEY", show_envvar=True,
+    help="Sign the artifact id (and a --tag) with this private key (PEM, from celslm keys generate).")]
+TagValidOpt = Annotated[str, typer.Option(
+    "--tag-valid", help="With --tag and --sign: how long the signed tag statement holds, e.g. 7d, 12h, 3600s; "
+                        "edges refuse it after that.")]
+
+
+def parse_duration(value: str, flag: str) -> int:
+    """`7d`, `12h`, `30m`, `3600s` or `3600` -> seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    text = value.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not number.isdigit() or int(number) <= 0:
+        raise UsageError(f"{flag} {value!r}: give a positive duration like 7d, 12h, 30m or 3600s")
+    return int(number) * units[unit]
+
+
+def trust_policy(paths: list[str] | None):
+    """The policy `--trust` names (None without one); the key files are read now, so a bad one fails first."""
+    from celslm.trust import TrustPolicy
+
+    with for_option("--trust"):
+        return TrustPolicy.load(path for value in paths or () for path in value.split())
+
+
+def signing_key(path: str | None):
+    from celslm.trust import load_private_key
+
+    if path is None:
+        return None
+    with for_option("--sign"):
+        return load_private_key(path)
 
 
 def examples(*lines: str) -> str:
@@ -108,4 +145,4 @@ def progress_bar(bytes_: bool = False) -> Iterator:
 
 
 def log(message: str) -> None:
-    err_console.print(message, highlight=False)
+    err_console.print(message, highlight=False, soft_wrap=True)  # one message, one line: logs are grepped

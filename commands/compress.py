@@ -12,10 +12,11 @@ from rich.table import Table
 from celslm.artifact import open_artifact, write_artifact
 from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
-from .common import FLAG, for_option, ForceOpt, JsonOpt, examples, log, out_console, print_json
+from celslm.trust import sign_artifact
+from .common import FLAG, for_option, ForceOpt, JsonOpt, SignOpt, examples, log, out_console, print_json, signing_key
 
 EPILOG = examples(
-    "celslm compress sched.kv --out sched-small.kv --codec balanced",
+    "celslm compress sched.kv --out sched-small.kv --codec balanced --sign cloud.key",
     "celslm compress sched.kv --out sched-i4.kv --codec 'pca:r=32+int4:g=64+lz4' --json",
     "celslm prefill -m qwen2.5-coder-0.5b -c doc.txt -o - | celslm compress - -o - --codec small > doc.tar",
     "celslm compress --list",
@@ -27,6 +28,7 @@ def compress(
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output artifact directory, or - for a tar stream on stdout.")] = None,
     codec: Annotated[str, typer.Option("--codec", help="Codec spec (stages joined by +) or preset: lossless, balanced, small.")] = "balanced",
     list_: Annotated[bool, typer.Option("--list", metavar=FLAG, help="Show the codec stages, their options and the presets.")] = False,
+    sign: SignOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -44,10 +46,13 @@ def compress(
 
     with for_option("--codec", "; see celslm compress --list"):
         parsed = parse_codec(codec)
+    key = signing_key(sign)
     started = time.perf_counter()
     reader = open_artifact(artifact, stdin=sys.stdin.buffer)
     source = reader.manifest
     result = recode(reader, parsed)
+    if key is not None:  # a new id: the input's signatures do not carry over
+        result.signatures = (sign_artifact(key, result.id),)
     write_artifact(result, out, force=force, stdout=sys.stdout.buffer)
     m = result.manifest
     kv_in = source.blob_bytes() - source.tokens.size
@@ -55,7 +60,7 @@ def compress(
     fp16 = 2 * 2 * m.layers * m.geometry.kv_heads * m.geometry.head_dim * m.token_count
     summary = {"id": result.id, "out": out, "codec": m.codec, "bytes_in": source.blob_bytes(), "bytes": m.blob_bytes(),
                "ratio": round(kv_in / kv_out, 3), "ratio_vs_fp16": round(fp16 / kv_out, 3),
-               "seconds": round(time.perf_counter() - started, 3)}
+               "signed_by": [sig.key_id for sig in result.signatures], "seconds": round(time.perf_counter() - started, 3)}
     if json_:
         print_json(summary)
     else:

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
-from .common import (FLAG, for_option, CloudOpt, EngineOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, err_console, examples, log, print_json, progress_bar,
-                     read_file_or_stdin, read_text)
+from .common import (FLAG, for_option, CloudOpt, EngineOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, TrustOpt, err_console,
+                     examples, log, print_json, progress_bar, read_file_or_stdin, read_text, trust_policy)
 
 if TYPE_CHECKING:
     from celslm.decode import DecodeStats
@@ -20,7 +20,7 @@ EPILOG = examples(
     "celslm decode -m qwen2.5-coder-0.5b --kv sched.kv --prompt 'What does scheduler.run return?'",
     "celslm decode -m qwen2.5-coder-0.5b --context samples/context/sched.py --prompt 'What does run return?' --stats",
     "celslm prefill -m smollm2-135m -c doc.txt -o - | celslm decode -m smollm2-135m --kv - --prompt 'Summarize.' --json",
-    "celslm decode -m qwen2.5-coder-0.5b --kv sched:latest --peer http://peer:8470 --cloud http://cloud:8470 -p 'Why?'",
+    "celslm decode -m qwen2.5-coder-0.5b --kv sched:latest --peer http://peer:8470 --cloud http://cloud:8470 --trust cloud.pub -p 'Why?'",
     "celslm decode -m qwen2.5-coder-0.5b --context sched.py --cloud http://cloud:8470 -p 'Why?'   # cached prefix + local rest",
     "celslm decode -m qwen2.5-coder-0.5b --kv sched-cross.kv --recompute-last 512 -p 'Why?'   # cross-model KV + own recent tokens",
     "celslm decode -m qwen2.5-coder-0.5b --engine transformers --kv sched.kv -p 'Why?'   # the fp32 reference engine",
@@ -41,6 +41,7 @@ def decode(
     peer: PeerOpt = None,
     cloud: CloudOpt = None,
     token: TokenOpt = None,
+    trust: TrustOpt = None,
     recompute_last: Annotated[int, typer.Option("--recompute-last", min=0, help="With --kv: prefill at least the context's last N tokens here, over the artifact's earlier chunks (trades edge compute for quality with cross-model artifacts).")] = 0,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
     link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
@@ -52,15 +53,16 @@ def decode(
 ) -> None:
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""
     from celslm.decode import Sampling, TextStream, eos_ids  # torch and transformers: not for --help
-    from celslm.edge import Sources, answer
+    from celslm.edge import answer
+    from celslm.store.tiers import Sources
     from celslm.stream import Link
 
     with for_option("--temperature/--top-p"):
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if server:
-        if kv is None or context or recompute_last or link or engine or peer or cloud:
+        if kv is None or context or recompute_last or link or engine or peer or cloud or trust:
             raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); "
-                             "--context, --recompute-last, --link, --engine, --peer and --cloud are the service's own settings")
+                             "--context, --recompute-last, --link, --engine, --peer, --cloud and --trust are the service's own settings")
         return _through_server(server, kv, read_text(prompt, "--prompt"), max_new_tokens, temperature, top_p, seed, raw, json_)
     if kv is None and context is None:
         raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
@@ -69,6 +71,7 @@ def decode(
     if prompt == "-" and "-" in (kv, context):
         raise UsageError("only one of --prompt and --kv/--context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
+    policy = trust_policy(trust)
     with for_option("--link"):
         shaped = Link.parse(link) if link else None
     context_text = read_file_or_stdin(context, "--context") if context is not None else None
@@ -77,7 +80,7 @@ def decode(
             engine = default_engine(model, engine)
         loaded = load_model(model, progress, engine=engine)
         result = answer(loaded, prompt_text, kv=kv, context_text=context_text,
-                        sources=Sources(tuple(peer or ()), cloud, token, chunk_size), recompute_last=recompute_last,
+                        sources=Sources(tuple(peer or ()), cloud, token, chunk_size, policy), recompute_last=recompute_last,
                         link=shaped, pipeline=pipeline, raw=raw, sampling=sampling,
                         progress=lambda done, total: progress("prefill (tokens)", done, total),
                         stdin=sys.stdin.buffer, warn=log)

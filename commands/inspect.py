@@ -8,13 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm.artifact import Manifest, open_artifact
+from celslm.artifact import ArtifactReader, open_artifact
 from .common import JsonOpt, examples, out_console, print_json
 
 EPILOG = examples("celslm inspect sched.kv", "celslm inspect sched.kv --json | jq .bytes")
 
 
-def describe(manifest: Manifest) -> dict:
+def describe(reader: ArtifactReader) -> dict:
+    manifest = reader.manifest
     return {
         "id": manifest.id,
         "space": manifest.space.to_json(),
@@ -31,7 +32,8 @@ def describe(manifest: Manifest) -> dict:
         "bytes": manifest.blob_bytes(),
         "bytes_per_layer": [manifest.layer_bytes(layer) for layer in range(manifest.layers)],
         "provenance": list(manifest.provenance),
-        "timings": manifest.timings.to_json(),
+        "timings": reader.timings.to_json(),  # a side record: unsigned
+        "signatures": [sig.key_id for sig in reader.signatures],  # unchecked here: celslm verify --trust checks
     }
 
 
@@ -40,7 +42,7 @@ def inspect(
     json_: JsonOpt = False,
 ) -> None:
     """Describe an artifact: model space, producer, tokens, layers, codec and bytes."""
-    info = describe(open_artifact(artifact, stdin=sys.stdin.buffer).manifest)
+    info = describe(open_artifact(artifact, stdin=sys.stdin.buffer))
     if json_:
         print_json(info)
         return
@@ -58,7 +60,8 @@ def inspect(
         ("keys / dtype / codec", f"{info['keys']} / {info['dtype']} / {info['codec']}"),
         ("framing", info["framing"]),
         ("bytes", f"{info['bytes']:,} ({info['bytes'] / 2**20:.2f} MiB)"),
-        ("cloud prefill", f"{info['timings'].get('prefill_s', float('nan')):.3f} s"),
+        ("cloud prefill", f"{info['timings'].get('prefill_s', float('nan')):.3f} s (side record, unsigned)"),
+        ("signatures", ", ".join(info["signatures"]) or "none (celslm verify --trust checks them)"),
     ]
     for field, value in rows:
         table.add_row(field, str(value))

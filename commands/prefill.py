@@ -14,14 +14,15 @@ from celslm.store.http import CacheClient
 from celslm.store.tiers import push as push_artifact
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
-from .common import (FLAG, ForceOpt, for_option, JsonOpt, ModelOpt, TokenOpt, examples, log, parse_budget, print_json, progress_bar,
-                     read_file_or_stdin)
+from celslm.trust import sign_artifact, sign_tag
+from .common import (FLAG, ForceOpt, for_option, JsonOpt, ModelOpt, SignOpt, TagValidOpt, TokenOpt, examples, log,
+                     parse_budget, parse_duration, print_json, progress_bar, read_file_or_stdin, signing_key)
 
 EPILOG = examples(
     "celslm prefill -m qwen2.5-coder-0.5b --context samples/context/sched.py --out sched.kv",
     "cat notes.txt | celslm prefill -m ./my-model --context - --out notes.kv --json",
     "celslm prefill -m smollm2-135m -c doc.txt -o - | ssh edge celslm decode -m smollm2-135m --kv - --prompt 'Summarize.'",
-    "celslm prefill -m qwen2.5-coder-0.5b -c sched.py --push http://cloud:8470 --tag sched:latest",
+    "celslm prefill -m qwen2.5-coder-0.5b -c sched.py --push http://cloud:8470 --tag sched:latest --sign cloud.key",
     "celslm prefill -m qwen2.5-coder-1.5b --align coder.align -c sched.py -o sched-cross.kv",
     "celslm prefill -m qwen2.5-coder-1.5b --align coder.align --auto --budget 2% -c sched.py -o sched-hybrid.kv",
 )
@@ -54,6 +55,8 @@ def prefill(
     push: Annotated[str | None, typer.Option("--push", help="Upload the artifact to this serve-cache URL (only missing blobs).")] = None,
     tag: Annotated[str | None, typer.Option("--tag", help="With --push: point this tag at the artifact.")] = None,
     token: TokenOpt = None,
+    sign: SignOpt = None,
+    tag_valid: TagValidOpt = "7d",
     force: ForceOpt = False,
     engine: Annotated[str, typer.Option("--engine", help="transformers (fp32, the reference) or llama.cpp (the GGUF as it is; its KV read back, keys un-rotated).")] = "transformers",
     json_: JsonOpt = False,
@@ -78,6 +81,8 @@ def prefill(
         raise UsageError("--align runs on --engine transformers (alignment reads the models' hidden states)")
     if native_layers and auto:
         raise UsageError("give either --native-layers or --auto, not both")
+    key = signing_key(sign)
+    valid_s = parse_duration(tag_valid, "--tag-valid")
     alignment = load_alignment(align) if align else None
     native = parse_native_layers(native_layers)
     if auto:
@@ -102,9 +107,12 @@ def prefill(
         else:
             artifact = run_prefill(loaded, token_ids, framing=framing, chunk_size=chunk_size, dtype=dtype,
                                    progress=report)
+    if key is not None:
+        artifact.signatures = (sign_artifact(key, artifact.id),)
     if out is not None:
         write_artifact(artifact, out, force=force, stdout=sys.stdout.buffer)
-    pushed = push_artifact(MemoryReader(artifact), CacheClient(push, token), tag) if push else None
+    signed_tag = sign_tag(key, tag, artifact.id, valid_s) if key is not None and tag else None
+    pushed = push_artifact(MemoryReader(artifact), CacheClient(push, token), tag, signed_tag=signed_tag) if push else None
     m = artifact.manifest
     summary = {
         "id": artifact.id,
@@ -114,7 +122,8 @@ def prefill(
         "chunks": m.chunks,
         "layers": m.layers,
         "bytes": m.blob_bytes(),
-        "prefill_s": m.timings.prefill_s,
+        "prefill_s": artifact.timings.prefill_s,
+        "signed_by": [sig.key_id for sig in artifact.signatures],
         **({"producer": m.producer.to_json(), "provenance": m.provenance} if alignment else {}),
         "seconds": round(time.perf_counter() - started, 3),
         **({"push": pushed} if pushed else {}),
@@ -126,4 +135,4 @@ def prefill(
             log(f"cross-model: {m.producer.model} -> {m.space.name}, native layers "
                 f"{list(native) or 'none'} (+ own KV of the first {alignment.sink_tokens} token(s)), the rest projected")
         log(f"wrote {artifact.id} to {out or push}: {m.token_count} tokens, {m.layers} layers x {m.chunks} chunks, "
-            f"{m.blob_bytes() / 2**20:.1f} MiB, prefill {m.timings.prefill_s:.2f} s")
+            f"{m.blob_bytes() / 2**20:.1f} MiB, prefill {artifact.timings.prefill_s:.2f} s")

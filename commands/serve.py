@@ -10,10 +10,10 @@ import typer
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
 from celslm.store.base import parse_size
-from .common import CloudOpt, EngineOpt, ModelOpt, PeerOpt, examples, for_option, log, progress_bar
+from .common import CloudOpt, EngineOpt, ModelOpt, PeerOpt, TrustOpt, examples, for_option, log, progress_bar, trust_policy
 
 EPILOG = examples(
-    "celslm serve -m qwen2.5-coder-0.5b --cloud http://cloud:8470",
+    "celslm serve -m qwen2.5-coder-0.5b --cloud http://cloud:8470 --trust cloud.pub",
     "celslm serve -m qwen2.5-coder-0.5b --port 8480 --cache-bytes 512MB --peer http://peer:8470",
     "curl -s localhost:8480/v1/chat/completions -d '{\"context\": \"sched:latest\", \"messages\": [{\"role\": \"user\", \"content\": \"What does run return?\"}]}'",
     "celslm decode --server http://127.0.0.1:8480 --kv sched:latest -p 'What does run return?'",
@@ -32,26 +32,28 @@ def serve(
     cloud: CloudOpt = None,
     cache_token: Annotated[str | None, typer.Option("--cache-token", envvar="CELSLM_TOKEN", show_envvar=True,
                                                     help="Bearer token for the peers' and cloud's serve-cache.")] = None,
+    trust: TrustOpt = None,
     engine: EngineOpt = None,
 ) -> None:
     """Keep a model loaded and answer OpenAI-style requests over shared contexts; the prompt stays here."""
     from aiohttp import web  # serving imports: not for --help
 
-    from celslm.edge import Sources
     from celslm.service import Service, ServiceConfig, make_app
+    from celslm.store.tiers import Sources
 
     if not _loopback(host) and not token:
         raise UsageError(f"--host {host} is not loopback: give --token so that only your clients can use the model")
     with for_option("--cache-bytes"):
         capacity = parse_size(cache_bytes)
+    policy = trust_policy(trust)
     with for_option("--engine"):
         engine = default_engine(model, engine)
     with progress_bar() as progress:
         loaded = load_model(model, progress, engine=engine)
         loaded.engine.geometry  # the model is loaded before the port opens  # noqa: B018
-    config = ServiceConfig(sources=Sources(tuple(peer or ()), cloud, cache_token), cache_bytes=capacity, token=token,
-                           max_tokens=max_tokens)
-    app = make_app(Service(loaded, config))
+    config = ServiceConfig(sources=Sources(tuple(peer or ()), cloud, cache_token, trust=policy), cache_bytes=capacity,
+                           token=token, max_tokens=max_tokens)
+    app = make_app(Service(loaded, config, warn=log))
     log(f"serve: http://{host}:{port}/v1 model {loaded.name} on {loaded.engine.name}, contexts cached in "
         f"{cache_bytes}{', token required' if token else ''}")
     web.run_app(app, host=host, port=port, print=None, shutdown_timeout=10, access_log=None)

@@ -9,26 +9,37 @@ import typer
 
 from celslm.artifact import open_artifact
 from celslm.errors import EXIT_INTEGRITY
-from .common import JsonOpt, err_console, examples, print_json
+from celslm.trust import artifact_message
+from .common import JsonOpt, TrustOpt, err_console, examples, print_json, trust_policy
 
-EPILOG = examples("celslm verify sched.kv && echo intact", "celslm verify sched.kv --json")
+EPILOG = examples("celslm verify sched.kv && echo intact", "celslm verify sched.kv --json",
+                  "celslm verify sched.kv --trust cloud.pub   # and signed by the cloud's key")
 
 
 def verify(
     artifact: Annotated[str, typer.Argument(help="Artifact directory, .tar stream file, or - for stdin.")],
+    trust: TrustOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Check every blob against its digest; exit 3 if any is missing or corrupt."""
+    """Check every blob against its digest (and, with --trust, the producer's signature); exit 3 if anything is wrong."""
+    policy = trust_policy(trust)
     reader = open_artifact(artifact, stdin=sys.stdin.buffer)
-    problems = reader.problems()
+    signed_by = [sig.key_id for sig in reader.signatures if sig.valid_for(artifact_message(reader.id))]
+    problems = [f"signature by {sig.key_id} does not verify" for sig in reader.signatures if sig.key_id not in signed_by]
+    if policy is not None:
+        trusted = [key for key in signed_by if key in policy.keys]
+        if not trusted:
+            problems.append(f"not signed by a trusted key ({'signed by ' + ', '.join(signed_by) if signed_by else 'no valid signature'})")
+    problems += reader.problems()
     blobs = len(reader.manifest.blob_refs())
     if json_:
-        print_json({"id": reader.id, "ok": not problems, "blobs": blobs, "problems": problems})
+        print_json({"id": reader.id, "ok": not problems, "blobs": blobs, "signed_by": signed_by, "problems": problems})
     elif problems:
         for problem in problems:
             err_console.print(f"[red]bad[/red] {problem}", highlight=False)
-        err_console.print(f"{artifact}: {len(problems)} of {blobs} blobs bad", highlight=False)
+        err_console.print(f"{artifact}: {len(problems)} problem(s), {blobs} blobs", highlight=False)
     else:
-        print(f"ok {reader.id} ({blobs} blobs, {reader.manifest.blob_bytes():,} bytes)")
+        signed = f", signed by {', '.join(signed_by)}" if signed_by else ", unsigned"
+        print(f"ok {reader.id} ({blobs} blobs, {reader.manifest.blob_bytes():,} bytes{signed})")
     if problems:
         raise typer.Exit(EXIT_INTEGRITY)

@@ -76,8 +76,7 @@ def run(loaded: LoadedModel, contexts=(512, 1024, 2048, 4096), links=("10mbit:20
             artifact = build_artifact(space=loaded.space, producer=Producer.native(loaded.space),
                                       token_ids=token_ids, layers=layers, chunk_size=256, dtype="float32",
                                       framing=framing, provenance=["native"] * len(layers), codec=codec)
-            timings = Timings(prefill_s=prefill_s, compress_s=time.perf_counter() - encode_started)
-            artifact = Artifact(replace(artifact.manifest, timings=timings), artifact.blobs)
+            artifact.timings = Timings(prefill_s=prefill_s, compress_s=time.perf_counter() - encode_started)
             size = artifact.manifest.blob_bytes()
             for link_spec, pipeline in itertools.product(links, (False, True)):
                 link = Link.parse(link_spec)

@@ -69,7 +69,7 @@ def run(loaded: LoadedModel, context_tokens: int = 2048, prompt: str = "What doe
         model=loaded.name,
         context_tokens=len(token_ids),
         prompt_tokens=len(prompt_ids),
-        prefill_s=artifact.manifest.timings.prefill_s,
+        prefill_s=artifact.timings.prefill_s,
         artifact_bytes=artifact.manifest.blob_bytes(),
         artifact_ttft_s=artifact_stats.ttft_s,
         artifact_load_s=artifact_stats.load_s,

@@ -1,6 +1,11 @@
-"""What every store shares: the interface (`put_blob`/`read_blob`/`has_blob`, manifests, tags,
-prefix lookup) over a few primitives each backend supplies, and the hashing writer that refuses a
-blob whose bytes are not its digest."""
+"""What every store shares: the interface (`put_blob`/`read_blob`/`has_blob`, manifests, their
+signatures and timings, tags, prefix lookup) over a few primitives each backend supplies, and the
+hashing writer that refuses a blob whose bytes are not its digest.
+
+A store keeps what it is given and checks what it can without trusting anyone: blob digests,
+canonical manifests whose blobs are all present, signatures valid for their own public keys, tag
+statements about this tag. Whose signatures count is the reader's policy (trust.py), not the store's.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,12 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from celslm.artifact import Manifest, check_digest, sha256_digest
-from celslm.errors import IntegrityError, UsageError
+import json
+
+from celslm.artifact import DIGEST, Manifest, Timings, canonical_json, check_digest, read_side_record, sha256_digest
+from celslm.artifact import SIGNATURES_NAME, TIMINGS_NAME
+from celslm.errors import IntegrityError, NotFound, UsageError
+from celslm.trust import Signature, SignedTag, artifact_message, merge_signatures
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -69,7 +78,7 @@ class Store:
     capacity_bytes: int | None = None
     evictions = 0
 
-    def _read(self, kind: str, name: str) -> bytes | None:  # kind: blobs, manifests, tags, prefixes
+    def _read(self, kind: str, name: str) -> bytes | None:  # kind: blobs, manifests, signatures, timings, tags, prefixes
         raise NotImplementedError
 
     def _write(self, kind: str, name: str, data: bytes) -> None:
@@ -102,7 +111,17 @@ class Store:
         yield
 
     def read_blob(self, digest: str) -> bytes | None:
-        return self._read("blobs", check_digest(digest))
+        """The blob's bytes, verified; a stored copy that no longer matches its digest is quarantined
+        (so a new push or fetch can replace it) and reads as absent."""
+        data = self._read("blobs", check_digest(digest))
+        if data is not None and sha256_digest(data) != digest:
+            self.quarantine(digest)
+            return None
+        return data
+
+    def quarantine(self, digest: str) -> None:
+        """Take a corrupt blob out of service (kept aside where the backend can, for a look)."""
+        raise NotImplementedError
 
     def put_blob(self, digest: str, data: bytes) -> None:
         if self.has_blob(digest):
@@ -138,14 +157,63 @@ class Store:
         self.evict()
         return []
 
-    def get_tag(self, name: str) -> str | None:
-        data = self._read("tags", check_tag(name))
-        return data.decode().strip() if data is not None else None
+    def get_signatures(self, artifact_id: str) -> tuple[Signature, ...]:
+        data = self._read("signatures", check_digest(artifact_id))
+        return read_side_record(SIGNATURES_NAME, data, artifact_id) if data is not None else ()
 
-    def put_tag(self, name: str, artifact_id: str) -> None:
+    def put_signatures(self, artifact_id: str, signatures: tuple[Signature, ...]) -> None:
+        """Add signatures over a stored artifact's id; one that does not verify is refused (all of them)."""
+        hex_id = check_digest(artifact_id)
+        if self._read("manifests", hex_id) is None:
+            raise NotFound(f"artifact {artifact_id} is not stored here; push it before its signatures")
+        if not all(sig.valid_for(artifact_message(artifact_id)) for sig in signatures):
+            raise IntegrityError(f"a signature over {artifact_id} does not verify with its own public key")
+        merged = merge_signatures(self.get_signatures(artifact_id), signatures)
+        self._write("signatures", hex_id, canonical_json([sig.to_json() for sig in merged]))
+
+    def get_timings(self, artifact_id: str) -> Timings:
+        data = self._read("timings", check_digest(artifact_id))
+        return read_side_record(TIMINGS_NAME, data, artifact_id) if data is not None else Timings()
+
+    def put_timings(self, artifact_id: str, timings: Timings) -> None:
+        hex_id = check_digest(artifact_id)
+        if self._read("manifests", hex_id) is None:
+            raise NotFound(f"artifact {artifact_id} is not stored here; push it before its timings")
+        self._write("timings", hex_id, canonical_json(timings.to_json()))
+
+    def get_tag(self, name: str) -> str | None:
+        record = self._tag_record(name)
+        return record[0] if record else None
+
+    def get_signed_tag(self, name: str) -> SignedTag | None:
+        record = self._tag_record(name)
+        return record[1] if record else None
+
+    def _tag_record(self, name: str) -> tuple[str, SignedTag | None] | None:
+        """(artifact id, signed statement or None). Stored as {"artifact", "signed"}; a bare id is an
+        unsigned tag written before statements existed."""
+        data = self._read("tags", check_tag(name))
+        if data is None:
+            return None
+        if DIGEST.match(data.decode(errors="replace").strip()):
+            return data.decode().strip(), None
+        try:
+            obj = json.loads(data)
+            signed = obj["signed"] and SignedTag.from_bytes(canonical_json(obj["signed"]), f"tag {name}")
+            return str(obj["artifact"]), signed or None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"tag {name}: stored record is malformed ({str(exc)[:80]})") from exc
+
+    def put_tag(self, name: str, artifact_id: str, signed: SignedTag | None = None) -> None:
+        """Point a tag at a stored artifact; a signed statement must be about this tag and artifact."""
+        check_tag(name)
         if self._read("manifests", check_digest(artifact_id)) is None:
             raise UsageError(f"tag {name}: artifact {artifact_id} is not stored here")
-        self._write("tags", check_tag(name), artifact_id.encode())
+        if signed is not None and (signed.statement.tag, signed.statement.artifact) != (name, artifact_id):
+            raise UsageError(f"tag {name}: the statement names tag {signed.statement.tag!r} and "
+                             f"{signed.statement.artifact}, not this tag and {artifact_id}")
+        record = {"artifact": artifact_id, "signed": signed.to_json() if signed else None}
+        self._write("tags", name, canonical_json(record))
 
     def lookup(self, prefix_hashes: list[str]) -> tuple[str, int] | None:
         """The stored artifact holding the longest prefix of these chunk hashes: (artifact id, chunks)."""

@@ -10,8 +10,9 @@ import threading
 import time
 from urllib.parse import quote, urlsplit
 
-from celslm.artifact import sha256_digest
+from celslm.artifact import SIGNATURES_NAME, TIMINGS_NAME, Timings, canonical_json, read_side_record, sha256_digest
 from celslm.errors import CelslmError, IntegrityError, TokenRequired, UnavailableError, UsageError
+from celslm.trust import Signature, SignedTag
 
 
 class PartialBody(Exception):
@@ -148,14 +149,38 @@ class CacheClient:
             raise self._fail(status, body, f"PUT artifact {artifact_id}")
         return []
 
+    def get_signatures(self, artifact_id: str) -> tuple[Signature, ...]:
+        data = self._get(f"/v1/artifacts/{artifact_id}/signatures", f"signatures of {artifact_id}")
+        return read_side_record(SIGNATURES_NAME, data, self.url) if data is not None else ()
+
+    def put_signatures(self, artifact_id: str, signatures: tuple[Signature, ...]) -> None:
+        body = canonical_json([sig.to_json() for sig in signatures])
+        status, answer = self.request("PUT", f"/v1/artifacts/{artifact_id}/signatures", body)
+        if status not in (200, 201):
+            raise self._fail(status, answer, f"PUT signatures of {artifact_id}")
+
+    def get_timings(self, artifact_id: str) -> Timings:
+        data = self._get(f"/v1/artifacts/{artifact_id}/timings", f"timings of {artifact_id}")
+        return read_side_record(TIMINGS_NAME, data, self.url) if data is not None else Timings()
+
+    def put_timings(self, artifact_id: str, timings: Timings) -> None:
+        status, answer = self.request("PUT", f"/v1/artifacts/{artifact_id}/timings", canonical_json(timings.to_json()))
+        if status not in (200, 201):
+            raise self._fail(status, answer, f"PUT timings of {artifact_id}")
+
     def get_tag(self, name: str) -> str | None:
         data = self._get(f"/v1/tags/{quote(name, safe=':')}", f"tag {name}")
-        return data.decode().strip() if data is not None else None
+        return data.decode(errors="replace").strip() if data is not None else None
 
-    def put_tag(self, name: str, artifact_id: str) -> None:
-        status, body = self.request("PUT", f"/v1/tags/{quote(name, safe=':')}", artifact_id.encode())
+    def get_signed_tag(self, name: str) -> SignedTag | None:
+        data = self._get(f"/v1/tags/{quote(name, safe=':')}/statement", f"statement of tag {name}")
+        return SignedTag.from_bytes(data, f"{self.url} tag {name}") if data is not None else None
+
+    def put_tag(self, name: str, artifact_id: str, signed: SignedTag | None = None) -> None:
+        body = signed.to_bytes() if signed else artifact_id.encode()
+        status, answer = self.request("PUT", f"/v1/tags/{quote(name, safe=':')}", body)
         if status not in (200, 201):
-            raise self._fail(status, body, f"PUT tag {name}")
+            raise self._fail(status, answer, f"PUT tag {name}")
 
     def lookup(self, space: str, prefixes: list[str]) -> tuple[str, int] | None:
         status, data = self.request("GET", f"/v1/lookup?space={space}&prefix={','.join(prefixes)}")

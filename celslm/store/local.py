@@ -2,7 +2,11 @@
 
     ROOT/blobs/<hex>        blob bytes, named by sha256
     ROOT/manifests/<hex>    manifest bytes, named by the artifact id; mtime = last use (for LRU)
-    ROOT/tags/<name>        an artifact id
+    ROOT/signatures/<hex>   producers' signatures over the artifact id (JSON list)
+    ROOT/timings/<hex>      the cloud's seconds for the artifact (side record)
+    ROOT/tags/<name>        {"artifact": id, "signed": statement or null}
+    ROOT/seen/<name>        the newest tag statement this edge accepted (the floor against replays)
+    ROOT/quarantine/<hex>   blobs found corrupt on read, kept aside; a new copy can then be stored
     ROOT/prefixes/<hash>    "artifact-id chunk-count" for each chunk prefix hash of every stored artifact
 
 Every write goes to ROOT/tmp first and is renamed into place, so a reader never sees half an object.
@@ -21,7 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from celslm.artifact import Manifest, check_digest
-from celslm.store.base import HashingWriter, Store
+from celslm.errors import IntegrityError
+from celslm.store.base import HashingWriter, Store, check_tag
+from celslm.trust import SignedTag
 
 
 class BlobWriter(HashingWriter):
@@ -50,7 +56,7 @@ class LocalStore(Store):
     def __init__(self, root: Path, capacity_bytes: int | None = None):
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
-        for sub in ("blobs", "manifests", "tags", "prefixes", "tmp"):
+        for sub in ("blobs", "manifests", "signatures", "timings", "tags", "seen", "prefixes", "quarantine", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._reading: Counter[str] = Counter()  # blob digests with a read in flight
         self._lock = threading.Lock()
@@ -83,6 +89,23 @@ class LocalStore(Store):
 
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
+
+    def get_seen_tag(self, name: str) -> SignedTag | None:
+        """The newest statement for this tag this edge accepted (a damaged record sets no floor)."""
+        data = self._read("seen", check_tag(name))
+        try:
+            return SignedTag.from_bytes(data, f"seen tag {name}") if data is not None else None
+        except IntegrityError:
+            return None
+
+    def put_seen_tag(self, name: str, signed: SignedTag) -> None:
+        self._write("seen", check_tag(name), signed.to_bytes())
+
+    def quarantine(self, digest: str) -> None:
+        try:
+            os.replace(self.blob_path(digest), self.root / "quarantine" / check_digest(digest))
+        except FileNotFoundError:
+            pass
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)

@@ -58,5 +58,11 @@ class RedisStore(Store):
         check_digest(digest)
         return RedisBlobWriter(self, digest)
 
+    def quarantine(self, digest: str) -> None:
+        key = self.key("blobs", check_digest(digest))
+        size = self.redis.strlen(key)
+        if self.redis.delete(key):
+            self.redis.decrby(self.key("usage"), size)
+
     def usage_bytes(self) -> int:
         return int(self.redis.get(self.key("usage")) or 0)

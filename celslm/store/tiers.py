@@ -3,6 +3,12 @@
 Each blob comes from the first place that has it and is kept in the local cache; every byte is
 verified before use. The private prompt is never part of any request: only digests, tags and chunk
 prefix hashes of the shared context are sent.
+
+Blobs are content-addressed, so any tier may serve them. Which artifact a tag or a prefix lookup
+names is another matter: under a trust policy (`Sources.trust`) an artifact counts only if a trusted
+key signed its id, and a tag only through a signed, unexpired statement no older than one already
+accepted. A peer's unsigned answer is passed over for the next tier; without a policy, an answer
+from a peer is used with a warning.
 """
 
 from __future__ import annotations
@@ -10,21 +16,47 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
-from celslm.artifact import DIGEST, ArtifactReader, Manifest, open_artifact, sha256_digest
-from celslm.errors import IntegrityError, NotFound, UnavailableError, UsageError
+from celslm.artifact import DIGEST, ArtifactReader, Manifest, Timings, open_artifact, sha256_digest
+from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.models import celslm_home
 from celslm.store.http import CacheClient
 from celslm.store.local import LocalStore
+from celslm.trust import SignedTag, TrustPolicy, Untrusted, merge_signatures
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where artifacts may come from besides local paths (peers in order, then the cloud), and whose
+    signatures count."""
+
+    peers: tuple[str, ...] = ()
+    cloud: str | None = None
+    token: str | None = None
+    chunk_size: int = 256  # chunk size of the prefix lookup for a context given as text
+    trust: TrustPolicy | None = None
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.peers or self.cloud)
+
+    def tiers(self, warn: Warn | None = None) -> Tiers:
+        return Tiers(edge_cache(), [CacheClient(p, self.token) for p in self.peers],
+                     CacheClient(self.cloud, self.token) if self.cloud else None, policy=self.trust, warn=warn)
 
 
 class BlobSourceReader(ArtifactReader):
     """An artifact whose blobs are fetched through the tiers as the reader reaches them."""
 
-    def __init__(self, manifest: Manifest, source: str, tiers: "Tiers"):
-        super().__init__(manifest, source)
+    def __init__(self, manifest: Manifest, source: str, tiers: "Tiers", timings: Timings = Timings(),
+                 signatures=()):
+        super().__init__(manifest, source, timings, signatures)
         self._tiers = tiers
 
     def raw_blobs(self, chunks: int | None = None):
@@ -43,11 +75,14 @@ class BlobSourceReader(ArtifactReader):
 
 class Tiers:
     def __init__(self, local: LocalStore, peers: list[CacheClient] = (), cloud: CacheClient | None = None,
-                 parallel: int = 4):
+                 parallel: int = 4, policy: TrustPolicy | None = None, warn: Warn | None = None):
         self.local = local
         self.parallel = parallel  # blob requests in flight at once
+        self.policy = policy
+        self.warn = warn or (lambda message: None)
         self._lock = threading.Lock()  # the counters below are updated from several fetching threads
         self.remotes = [("peer " + p.url, p) for p in peers] + ([("cloud " + cloud.url, cloud)] if cloud else [])
+        self.peer_names = {"peer " + p.url for p in peers}
         self.bytes_by_source: Counter[str] = Counter()
         self.requests_by_source: Counter[str] = Counter()
         self.down: dict[str, str] = {}  # tiers that failed this session, with why
@@ -77,9 +112,19 @@ class Tiers:
                 continue
             if data is not None:
                 self._count(name, data)
-                self.local.put_blob(digest, data)
+                self._keep(digest, data)
                 return data
         return None
+
+    def _keep(self, digest: str, data: bytes) -> None:
+        """Cache a fetched blob locally; a cache that cannot take it (a full disk) costs only the copy."""
+        try:
+            self.local.put_blob(digest, data)
+        except OSError as exc:
+            if "cache" not in self.down:
+                self.down["cache"] = str(exc)
+                self.warn(f"warning: the edge cache {self.local.root} cannot keep blobs ({exc.strerror or exc}); "
+                          "going on without caching")
 
     def _count(self, source: str, data: bytes) -> None:
         with self._lock:
@@ -98,24 +143,98 @@ class Tiers:
             raise UnavailableError(f"{where} ({self.why_down()})") if self.down else NotFound(where)
         return Manifest.from_bytes(data, artifact_id)
 
+    def _answers(self, call):
+        """(tier name, answer) from the local store, then each tier in order; a tier that cannot be
+        reached, or answers with something malformed, is passed over."""
+        yield "local", call(self.local)
+        for name, client in self.remotes:
+            try:
+                yield name, self._ask(name, lambda: call(client))
+            except IntegrityError as exc:
+                self.warn(f"warning: {name}: {exc}")
+
     def resolve(self, ref: str) -> str:
         """An artifact id for a ref: an id, or a tag (asked locally, then at each tier)."""
         if DIGEST.match(ref):
             return ref
-        found = self.local.get_tag(ref)
-        for name, client in self.remotes:
+        if self.policy is not None:
+            return self._resolve_signed(ref)
+        for name, found in self._answers(lambda store: store.get_tag(ref)):
             if found:
+                if not DIGEST.match(found):
+                    raise IntegrityError(f"{name}: tag {ref!r} names {found[:80]!r}, not an artifact id")
+                if name in self.peer_names:
+                    self.warn(f"warning: tag {ref!r} answered by {name}, unchecked; "
+                              "give --trust PRODUCER.pub to accept only tags the producer signed")
+                return found
+        raise self._not_found(f"no tag {ref!r}")
+
+    def _resolve_signed(self, ref: str) -> str:
+        """The artifact a tag names, through the first statement the policy accepts."""
+        seen = self.local.get_seen_tag(ref)
+        floor = seen.statement.issued if seen else None
+        refused = []
+        for name, signed in self._answers(lambda store: store.get_signed_tag(ref)):
+            if signed is None and name != "local":
+                refused.append(f"{name}: unsigned")
+                self.warn(f"warning: {name} has no signed statement for tag {ref!r}; passed over")
+                continue
+            if signed is None:
+                continue
+            try:
+                artifact_id = self.policy.check_tag(ref, signed, name, floor)
+            except Untrusted as exc:
+                refused.append(str(exc))
+                self.warn(f"warning: {exc}; passed over")
+                continue
+            if not DIGEST.match(artifact_id):
+                refused.append(f"{name}: the statement names {artifact_id[:80]!r}, not an artifact id")
+                continue
+            self._remember(ref, signed)
+            return artifact_id
+        if refused:
+            raise Untrusted(f"tag {ref!r}: no statement signed by a trusted key ({'; '.join(refused)})")
+        raise self._not_found(f"no tag {ref!r}")
+
+    def _remember(self, tag: str, signed: SignedTag) -> None:
+        try:
+            self.local.put_seen_tag(tag, signed)
+        except OSError as exc:  # the replay floor is not kept; the statement itself was checked
+            self.warn(f"warning: cannot record tag {tag!r} as seen ({exc.strerror or exc})")
+
+    def _not_found(self, what: str) -> CelslmError:
+        where = f"{what} locally{' or at ' if self.remotes else ''}{', '.join(n for n, _ in self.remotes)}"
+        return UnavailableError(f"{where} ({self.why_down()})") if self.down else NotFound(where)
+
+    def signatures(self, artifact_id: str):
+        """Every signature over the id the tiers hold; under a policy, asking stops at a trusted one."""
+        found = ()
+        for _, signatures in self._answers(lambda store: store.get_signatures(artifact_id)):
+            found = merge_signatures(found, signatures or ())
+            if self._trusted(artifact_id, found) if self.policy is not None else found:
                 break
-            found = self._ask(name, lambda: client.get_tag(ref))
-        if not found:
-            where = f"no tag {ref!r} locally{' or at ' if self.remotes else ''}{', '.join(n for n, _ in self.remotes)}"
-            raise UnavailableError(f"{where} ({self.why_down()})") if self.down else NotFound(where)
         return found
+
+    def _trusted(self, artifact_id: str, signatures) -> bool:
+        try:
+            self.policy.check_artifact(artifact_id, signatures, "")
+            return True
+        except Untrusted:
+            return False
+
+    def timings(self, artifact_id: str) -> Timings:
+        for _, timings in self._answers(lambda store: store.get_timings(artifact_id)):
+            if timings and timings.to_json():
+                return timings
+        return Timings()
 
     def reader(self, ref: str) -> BlobSourceReader:
         artifact_id = self.resolve(ref)
+        signatures = self.signatures(artifact_id) if self.policy is not None else ()
+        if self.policy is not None:  # before the manifest is parsed or any blob fetched
+            self.policy.check_artifact(artifact_id, signatures, ref)
         manifest = self.manifest(artifact_id)
-        return BlobSourceReader(manifest, artifact_id, self)
+        return BlobSourceReader(manifest, artifact_id, self, self.timings(artifact_id), signatures)
 
     def why_down(self) -> str:
         return "; ".join(f"{name}: {reason}" for name, reason in self.down.items())
@@ -130,14 +249,25 @@ class Tiers:
         return manifest.chunks
 
     def lookup(self, space: str, prefixes: list[str]) -> tuple[str, int] | None:
-        """The longest cached prefix among all tiers (local first; a longer remote hit wins)."""
-        best = self.local.lookup(prefixes)
-        for name, client in self.remotes:
-            if best and best[1] == len(prefixes):
+        """The longest cached prefix among all tiers (local first; a longer remote hit wins). Under a
+        policy an answer whose artifact no trusted key signed is passed over (a miss, with a warning)."""
+        best, best_from = None, None
+        for name, found in self._answers(lambda store: store.lookup(prefixes) if store is self.local
+                                         else store.lookup(space, prefixes)):
+            if not found or not DIGEST.match(found[0]) or not 0 < found[1] <= len(prefixes):
+                continue
+            if best is not None and found[1] <= best[1]:
+                continue
+            if self.policy is not None and not self._trusted(found[0], self.signatures(found[0])):
+                self.warn(f"warning: {name} answered the prefix lookup with {found[0]}, which no trusted key signed; "
+                          "passed over")
+                continue
+            best, best_from = found, name
+            if best[1] == len(prefixes):
                 break
-            found = self._ask(name, lambda: client.lookup(space, prefixes))
-            if found and (best is None or found[1] > best[1]):
-                best = found
+        if best and self.policy is None and best_from in self.peer_names:
+            self.warn(f"warning: cached prefix {best[0]} found at {best_from}, unchecked; "
+                      "give --trust PRODUCER.pub to accept only artifacts the producer signed")
         return best
 
 
@@ -156,8 +286,17 @@ def edge_cache() -> LocalStore:
     return LocalStore(Path(celslm_home()) / "store")
 
 
-def push(reader: ArtifactReader, client: CacheClient, tag: str | None = None) -> dict:
-    """Upload only the blobs the server lacks, then the manifest, then the tag."""
+def check_reader(reader: ArtifactReader, policy: TrustPolicy | None) -> ArtifactReader:
+    """Under a policy, an artifact read from a path or a stream must carry a trusted signature."""
+    if policy is not None:
+        policy.check_artifact(reader.id, reader.signatures, reader.source)
+    return reader
+
+
+def push(reader: ArtifactReader, client: CacheClient, tag: str | None = None, signatures=(),
+         signed_tag: SignedTag | None = None) -> dict:
+    """Upload only the blobs the server lacks, then the manifest, its side records (the reader's
+    signatures and `signatures`, its timings), then the tag (with `signed_tag` if given)."""
     sent = skipped = bytes_sent = 0
     for ref, data in reader.blobs():
         if client.has_blob(ref.digest):
@@ -169,27 +308,32 @@ def push(reader: ArtifactReader, client: CacheClient, tag: str | None = None) ->
     missing = client.put_manifest(reader.id, reader.manifest.canonical_bytes())
     if missing:
         raise IntegrityError(f"{client.url} still lacks {len(missing)} blobs after upload, first {missing[0]}")
+    signatures = merge_signatures(reader.signatures, signatures)
+    if signatures:
+        client.put_signatures(reader.id, signatures)
+    if reader.timings.to_json():
+        client.put_timings(reader.id, reader.timings)
     if tag:
-        client.put_tag(tag, reader.id)
-    return {"id": reader.id, "url": client.url, "tag": tag, "blobs_sent": sent, "blobs_skipped": skipped,
+        client.put_tag(tag, reader.id, signed_tag)
+    return {"id": reader.id, "url": client.url, "tag": tag, "tag_signed": signed_tag is not None,
+            "signatures": [sig.key_id for sig in signatures], "blobs_sent": sent, "blobs_skipped": skipped,
             "bytes_sent": bytes_sent}
 
 
-def make_tiers(peers: list[str], cloud: str | None, token: str | None) -> Tiers:
-    return Tiers(edge_cache(), [CacheClient(p, token) for p in peers], CacheClient(cloud, token) if cloud else None)
-
-
-def open_ref(ref: str, peers: list[str], cloud: str | None, token: str | None, stdin=None) -> tuple[ArtifactReader, Tiers | None]:
-    """A path, '-', a .tar file, an artifact id, a tag, or a server URL -> a reader (and the tiers it uses)."""
+def open_ref(ref: str, sources: Sources, stdin=None, warn: Warn | None = None) -> tuple[ArtifactReader, Tiers | None]:
+    """A path, '-', a .tar file, an artifact id, a tag, or a server URL -> a reader (and the tiers it
+    uses), checked against the sources' trust policy before any blob is read."""
     if ref == "-" or Path(ref).exists():
-        return open_artifact(ref, stdin=stdin), None
+        return check_reader(open_artifact(ref, stdin=stdin), sources.trust), None
     url = split_url_ref(ref)
     if url:
         server, ref = url
+        peers, cloud = list(sources.peers), sources.cloud
         if server not in peers and server != cloud:
             peers = [*peers, server] if cloud else peers
             cloud = cloud or server
+        sources = Sources(tuple(peers), cloud, sources.token, sources.chunk_size, sources.trust)
     if not DIGEST.match(ref) and "/" in ref:
         raise UsageError(f"{ref}: no such file, and not an artifact id, tag or URL")
-    tiers = make_tiers(peers, cloud, token)
+    tiers = sources.tiers(warn)
     return tiers.reader(ref), tiers
