@@ -152,6 +152,7 @@ def context_from_prefix(loaded: LoadedModel, token_ids: list[int] | None, framin
 
 def _drain_feed(loaded: LoadedModel, context: Context) -> None:
     """Inject every layer now (no pipelining)."""
+    context.feed.check(loaded.engine)
     for index in range(loaded.engine.geometry.layers):
         loaded.engine.inject(context.sequence, index, context.feed.wait(index))
     context.feed = None
@@ -226,11 +227,17 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
     """Yield generated token ids; `context.stats` is filled as it goes. The cache grows in place."""
     if not prompt_ids:
         raise UsageError("the prompt is empty")
+    engine, sequence = loaded.engine, context.sequence
+    needed = len(context.token_ids) + len(prompt_ids)
+    if needed > engine.max_positions:  # past them a model answers plausible garbage: refuse
+        raise UsageError(f"context ({len(context.token_ids)} tokens) and prompt ({len(prompt_ids)}) need {needed} "
+                         f"positions; {loaded.name} was trained for {engine.max_positions}")
+    if context.feed is not None:
+        context.feed.check(engine)
     stats = context.stats
     stats.prompt_tokens = len(prompt_ids)
     rng = np.random.default_rng(sampling.seed)
     stop = eos_ids(loaded)
-    engine, sequence = loaded.engine, context.sequence
     started = time.perf_counter()
     timeline = context.timeline
     if context.feed is not None:  # pipelined: layer l of the prompt runs as soon as layer l's KV is in
@@ -253,8 +260,8 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
             first_at = time.perf_counter()
             stats.ttft_s = first_at - context.started
         yield token
-        if token in stop or index + 1 == sampling.max_new_tokens:
-            break  # no forward pass for a token nobody will read
+        if token in stop or index + 1 == sampling.max_new_tokens or needed + index + 1 >= engine.max_positions:
+            break  # no forward pass for a token nobody will read, nor past the model's positions
         logits = engine.evaluate(sequence, [token])[-1]
     finished = time.perf_counter()
     stats.generate_s = finished - (first_at or finished)

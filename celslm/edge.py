@@ -60,6 +60,8 @@ def answer(loaded: LoadedModel, prompt: str, *, kv: str | None = None, context_t
         raise UsageError("no context: give an artifact, a context text, or both")
     if recompute_last and kv is None:
         raise UsageError("recomputing the last tokens of a context needs an artifact")
+    if not prompting.prompt_ids(loaded.tokenizer, prompt, "chat", raw):  # before any thread starts on the context
+        raise UsageError("the prompt is empty")
     tiers, reader = None, None
     try:
         if kv is not None:
@@ -88,7 +90,12 @@ def _started(loaded: LoadedModel, ctx: Context, prompt: str, raw: bool, sampling
     so a fetch failure surfaces here, where the fallback can still catch it."""
     ids = prompting.prompt_ids(loaded.tokenizer, prompt, ctx.framing, raw)
     tokens = generate(loaded, ctx, ids, sampling)
-    first = next(tokens)
+    try:
+        first = next(tokens)
+    except BaseException:
+        if ctx.feed is not None:  # a feed thread left running would abort the process at exit
+            ctx.feed.close()
+        raise
 
     def rest() -> Iterator[int]:
         yield first

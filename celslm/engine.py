@@ -46,6 +46,11 @@ class Engine:
     def vocab_size(self) -> int:
         raise NotImplementedError
 
+    @property
+    def max_positions(self) -> int:
+        """The most positions (context + prompt + answer) the model was trained for."""
+        raise NotImplementedError
+
     def sequence(self) -> Sequence:
         """An empty sequence."""
         raise NotImplementedError

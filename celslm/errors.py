@@ -42,3 +42,7 @@ class IntegrityError(CelslmError):
 
 class UnavailableError(CelslmError):
     exit_code = EXIT_UNAVAILABLE
+
+
+class InsufficientStorage(UnavailableError):
+    """A store cannot take an artifact without losing it (serve-cache answers 507)."""

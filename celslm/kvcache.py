@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from celslm.artifact import Geometry
+from celslm.errors import UsageError
 from celslm.engine import ComputeSpan, Engine, LayerFetch, LayerKV, Sequence, TokenProgress
 
 
@@ -262,14 +263,25 @@ class TransformersEngine(Engine):
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
+    @property
+    def max_positions(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", None) or 1 << 31
+
+    def _check_positions(self, needed: int) -> None:
+        if needed > self.max_positions:  # past them a model answers plausible garbage, so refuse
+            raise UsageError(f"{needed} positions are more than {self.model.config.model_type} was trained for "
+                             f"({self.max_positions})")
+
     def sequence(self) -> TransformersSequence:
         return TransformersSequence(new_cache(self.model))
 
     def prefill(self, seq: TransformersSequence, token_ids: list[int], step: int = 256,
                 progress: TokenProgress | None = None) -> None:
+        self._check_positions(seq.length + len(token_ids))
         fill(self.model, token_ids, step, progress, cache=seq.cache)
 
     def evaluate(self, seq: TransformersSequence, token_ids: list[int], logits_to_keep: int = 1) -> np.ndarray:
+        self._check_positions(seq.length + len(token_ids))
         with torch.inference_mode():
             return forward(self.model, token_ids, seq.cache, seq.length, logits_to_keep).numpy()
 

@@ -208,6 +208,10 @@ class LlamaEngine(Engine):
         return self.model.vocab
 
     @property
+    def max_positions(self) -> int:
+        return self.model.n_ctx_train
+
+    @property
     def layout(self) -> llamastate.CacheLayout:
         g = self.geometry
         return llamastate.CacheLayout(g.layers, g.kv_heads, g.head_dim, type_k=1, type_v=1, v_trans=True)

@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from celslm.artifact import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, Manifest, read_side_record
-from celslm.errors import CelslmError, IntegrityError, NotFound, UsageError
+from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, NotFound, UsageError
 from celslm.trust import SignedTag
 from celslm.store import Store, open_store
 
@@ -84,6 +84,8 @@ def make_app(config: ServerConfig) -> web.Application:
             raise web.HTTPBadRequest(text=f"{exc}\n") from exc
         except NotFound as exc:
             raise web.HTTPNotFound(text=f"{exc}\n") from exc
+        except InsufficientStorage as exc:
+            raise web.HTTPInsufficientStorage(text=f"{exc}\n") from exc
         except CelslmError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from exc
 
@@ -94,28 +96,26 @@ def make_app(config: ServerConfig) -> web.Application:
         return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
 
     async def get_blob(request):
+        """Every blob sent is verified first: a stored copy gone bad is quarantined and answered 404,
+        so the client asks its next tier and a new push can replace it."""
         digest = request.match_info["digest"]
         path = store.blob_file(digest)
-        if path is not None and request.method == "GET" and "Range" not in request.headers:
-            try:
-                size = path.stat().st_size
-                if size <= SMALL_BLOB_BYTES:  # a KV block: one read from the page cache beats a sendfile round trip
-                    data = path.read_bytes()
-                    metrics.hits.inc()
-                    metrics.bytes_out.inc(len(data))
-                    return web.Response(body=data, content_type="application/octet-stream",
-                                        headers={"Docker-Content-Digest": digest})
-            except FileNotFoundError:
-                path = None
-        if path is not None:  # on local disk: sendfile, Range and HEAD handled by aiohttp
-            metrics.hits.inc()
+        try:
+            large = path is not None and path.stat().st_size > SMALL_BLOB_BYTES
+        except FileNotFoundError:
+            large = False
+        if large:  # streamed from disk with sendfile (Range and HEAD handled by aiohttp) once its hash is checked
             with store.reading(digest):
-                response = web.FileResponse(path, headers={"Docker-Content-Digest": digest})
+                if not await asyncio.to_thread(store.check_blob, digest):
+                    metrics.misses.inc()
+                    raise web.HTTPNotFound(text=f"no blob {digest}\n")
+                metrics.hits.inc()
+                response = _BlobFile(path, headers={"Docker-Content-Digest": digest})
                 await response.prepare(request)
                 if request.method == "GET":
                     metrics.bytes_out.inc(response.content_length or 0)
                 return response
-        data = await asyncio.to_thread(store.read_blob, digest)
+        data = await asyncio.to_thread(store.read_blob, digest)  # a KV block: one read, verified
         if data is None:
             metrics.misses.inc()
             raise web.HTTPNotFound(text=f"no blob {digest}\n")
@@ -123,8 +123,10 @@ def make_app(config: ServerConfig) -> web.Application:
         headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
         status, body = 200, data
         if "Range" in request.headers:
-            span = request.http_range  # a slice; raises 400 on a malformed header
-            start, stop, _ = span.indices(len(data))
+            try:
+                start, stop, _ = request.http_range.indices(len(data))
+            except ValueError:  # a malformed header: nothing of it can be satisfied
+                start, stop = 0, 0
             if start >= stop:
                 raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{len(data)}"})
             status, body = 206, data[start:stop]
@@ -138,7 +140,10 @@ def make_app(config: ServerConfig) -> web.Application:
         digest = request.match_info["digest"]
         if request.content_length is not None and request.content_length > config.max_blob_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=request.content_length)
-        if await asyncio.to_thread(store.has_blob, digest):
+        if store.capacity_bytes is not None and (request.content_length or 0) > store.capacity_bytes:
+            raise web.HTTPInsufficientStorage(text=f"a blob of {request.content_length:,} bytes; the store holds "
+                                                   f"{store.capacity_bytes:,}\n")
+        if await asyncio.to_thread(store.check_blob, digest):  # a corrupt copy is quarantined and replaced
             await _drain(request, config)
             return web.Response(status=200, text="exists\n")
         writer = store.blob_writer(digest)
@@ -255,6 +260,14 @@ def make_app(config: ServerConfig) -> web.Application:
     app.router.add_get(f"/v1/tags/{TAG_ROUTE}/statement", get_tag_statement)
     app.router.add_get("/v1/lookup", lookup)
     return app
+
+
+class _BlobFile(web.FileResponse):
+    """A FileResponse prepared inside the handler (so the blob stays pinned while it is sent); aiohttp
+    prepares it again when the handler returns, which FileResponse does not expect."""
+
+    async def prepare(self, request):
+        return None if self.prepared else await super().prepare(request)
 
 
 async def _read_small(request: web.Request, limit: int, config: ServerConfig) -> bytes:

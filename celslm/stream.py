@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from celslm.artifact import ArtifactReader
 from celslm.blockread import open_context
 from celslm.engine import Engine
-from celslm.errors import UsageError
+from celslm.errors import CelslmError, IntegrityError, UsageError
 
 _UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
 
@@ -126,17 +126,36 @@ class LayerFeed:
 
     def __init__(self, engine: Engine, reader: ArtifactReader, timeline: Timeline, chunks: int | None = None):
         self.timeline = timeline
+        self.geometry = reader.manifest.geometry
+        self.source = reader.source
         self.token_ids, layers = open_context(reader, chunks)
         count = reader.manifest.layers
         self._slots: list = [None] * count
         self._events = [threading.Event() for _ in range(count)]
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(engine, layers), name="celslm-feed", daemon=True)
         self._thread.start()
 
+    def check(self, engine: Engine) -> None:
+        """The artifact's KV must have the engine's shape: a manifest can claim a model's fingerprint
+        and still hold fewer layers or other heads (a forgery or a bug), which no layer index survives."""
+        if self.geometry != engine.geometry:
+            self.close()
+            raise IntegrityError(f"{self.source}: its KV is {self.geometry.layers} layers x {self.geometry.kv_heads} heads "
+                                 f"x {self.geometry.head_dim}, the model's {engine.geometry.layers} x "
+                                 f"{engine.geometry.kv_heads} x {engine.geometry.head_dim}")
+
+    def close(self) -> None:
+        """Stop decoding layers and wait for the thread: one still running torch or llama.cpp when the
+        process exits aborts it."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+
     def _run(self, engine: Engine, layers) -> None:
         try:
-            while True:
+            while not self._stop.is_set():
                 begun, waited = time.perf_counter(), self.timeline.consumer_wait_s
                 item = next(layers, None)  # waits for bytes and decodes blocks, interleaved
                 if item is None:
@@ -147,12 +166,16 @@ class LayerFeed:
                 busy = (ended - begun) - (self.timeline.consumer_wait_s - waited)  # decoding, not waiting
                 self.timeline.compute.append((ended - max(busy, 0.0), ended))
                 self._events[index].set()
+            if self._stop.is_set():
+                raise CelslmError(f"{self.source}: stopped before every layer was in")
         except BaseException as exc:
             self._error = exc
             for event in self._events:
                 event.set()
 
     def wait(self, layer: int):
+        if layer >= len(self._events):
+            raise IntegrityError(f"{self.source}: the model asks for layer {layer}; the artifact has {len(self._events)}")
         self._events[layer].wait()
         if self._error is not None:
             raise self._error

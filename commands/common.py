@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from celslm.errors import UsageError
+from celslm.errors import CelslmError, UsageError
 
 err_console = Console(stderr=True)
 # Piped output is not cut to 80 columns: wide tables (benchmarks) stay readable in files and logs.
@@ -142,6 +143,15 @@ def progress_bar(bytes_: bool = False) -> Iterator:
 
     with progress:
         yield update
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound and listening on host:port, or one line saying why not (a busy port, a bad host)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise CelslmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def log(message: str) -> None:

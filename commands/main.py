@@ -124,5 +124,11 @@ def run() -> None:
         # stdout closed early (e.g. piped into head): not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_RUNTIME)
+    except OSError as exc:  # a full or read-only disk, a vanished file: the system's words, on one line
+        if os.environ.get("CELSLM_DEBUG") == "1":
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        err_console.print(f"celslm: error: {where}{exc.strerror or exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(EXIT_RUNTIME)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -10,7 +10,8 @@ import typer
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
 from celslm.store.base import parse_size
-from .common import CloudOpt, EngineOpt, ModelOpt, PeerOpt, TrustOpt, examples, for_option, log, progress_bar, trust_policy
+from .common import (CloudOpt, EngineOpt, ModelOpt, PeerOpt, TrustOpt, examples, for_option, listening_socket, log,
+                     progress_bar, trust_policy)
 
 EPILOG = examples(
     "celslm serve -m qwen2.5-coder-0.5b --cloud http://cloud:8470 --trust cloud.pub",
@@ -54,9 +55,10 @@ def serve(
     config = ServiceConfig(sources=Sources(tuple(peer or ()), cloud, cache_token, trust=policy), cache_bytes=capacity,
                            token=token, max_tokens=max_tokens)
     app = make_app(Service(loaded, config, warn=log))
+    sock = listening_socket(host, port)
     log(f"serve: http://{host}:{port}/v1 model {loaded.name} on {loaded.engine.name}, contexts cached in "
         f"{cache_bytes}{', token required' if token else ''}")
-    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=10, access_log=None)
+    web.run_app(app, sock=sock, print=None, shutdown_timeout=10, access_log=None)
 
 
 def _loopback(host: str) -> bool:

@@ -10,7 +10,7 @@ import typer
 
 from celslm.errors import UsageError
 from celslm.store.base import parse_size
-from .common import examples, log
+from .common import examples, listening_socket, log
 
 EPILOG = examples(
     "celslm serve-cache --root /srv/celslm --port 8470 --write-token \"$TOKEN\"",
@@ -46,7 +46,11 @@ def serve_cache(
     context = None
     if tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(tls_cert, tls_key)
+        try:
+            context.load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--tls-cert {tls_cert} / --tls-key {tls_key}: cannot load them "
+                             f"({getattr(exc, 'strerror', None) or exc})") from exc
     if backend and not backend.startswith("redis://"):
         raise UsageError(f"--backend {backend}: expected redis://HOST:PORT/DB (a directory store is --root)")
     if backend and capacity:
@@ -54,9 +58,13 @@ def serve_cache(
     config = ServerConfig(store=backend or str(root), capacity_bytes=parse_size(capacity) if capacity else None,
                           write_token=write_token, read_token=read_token, max_blob_bytes=parse_size(max_blob),
                           read_timeout_s=read_timeout)
-    app = make_app(config)
+    try:
+        app = make_app(config)
+    except OSError as exc:
+        raise UsageError(f"--root {root}: cannot use it as a store ({exc.strerror or exc})") from exc
+    sock = listening_socket(host, port)  # before the banner: a busy port is an error, not a server
     scheme = "https" if context else "http"
     log(f"serve-cache: {scheme}://{host}:{port} store {backend or root} "
         f"(writes {'need a token' if write_token else 'open'}, reads {'need a token' if read_token else 'open'})")
     # run_app handles SIGTERM/SIGINT: it stops accepting and lets in-flight requests finish.
-    web.run_app(app, host=host, port=port, ssl_context=context, print=None, shutdown_timeout=30, access_log=None)
+    web.run_app(app, sock=sock, ssl_context=context, print=None, shutdown_timeout=30, access_log=None)

@@ -25,6 +25,8 @@ class FaultServer:
 
     def __init__(self, root: Path, mode: str = "ok", corrupt: set[str] = frozenset()):
         self.root, self.mode, self.corrupt = root, mode, corrupt
+        self.manifests: dict[str, bytes] = {}  # id -> bytes served instead of the store's
+        self.tags: dict[str, str] = {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.range_requests = 0
@@ -43,6 +45,16 @@ class FaultServer:
         data = path.read_bytes()
         if self.mode == "stall":
             await asyncio.sleep(20)
+        if self.mode in ("huge", "trickle"):  # a hostile peer: endless zeros, or one byte a second
+            response = web.StreamResponse()
+            await response.prepare(request)
+            for _ in range(2000 if self.mode == "huge" else 60):  # bounded: 2 GB, or a minute
+                await response.write(bytes(1 << 20) if self.mode == "huge" else b"\0")
+                if self.mode == "trickle":
+                    await asyncio.sleep(1)
+            return response
+        if self.mode == "huge-declared":
+            return web.Response(body=b"", headers={"Content-Length": str(10**10)})
         if digest in self.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
         if self.mode == "drop":
@@ -60,11 +72,11 @@ class FaultServer:
         return web.Response(body=data)
 
     async def manifest(self, request):
-        data = LocalStore(self.root).get_manifest(request.match_info["digest"])
+        data = self.manifests.get(request.match_info["digest"]) or LocalStore(self.root).get_manifest(request.match_info["digest"])
         return web.Response(body=data) if data else web.Response(status=404)
 
     async def tag(self, request):
-        found = LocalStore(self.root).get_tag(request.match_info["name"])
+        found = self.tags.get(request.match_info["name"]) or LocalStore(self.root).get_tag(request.match_info["name"])
         return web.Response(text=found) if found else web.Response(status=404)
 
     def _run(self, ready):

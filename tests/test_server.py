@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from celslm.errors import EXIT_USAGE, IntegrityError
+from celslm.errors import EXIT_USAGE
 from celslm.store.http import CacheClient
 from tests.conftest import CONTEXT, run_cli
 from tests.netutil import RecordingProxy, Server
@@ -157,15 +157,19 @@ def test_silent_client_times_out(servers, tmp_path):
     assert list((tmp_path / "cloud" / "tmp").iterdir()) == []
 
 
-def test_client_refuses_a_corrupt_blob_from_a_server(servers, artifact, tmp_path):
+def test_a_corrupt_stored_blob_is_quarantined_and_a_new_push_repairs_it(servers, artifact, tmp_path):
     folder, manifest = artifact
     cloud = servers("cloud")
     run_cli("push", str(folder / "a.kv"), cloud.url, check=True)
     digest = first_block(manifest)
-    stored = tmp_path / "cloud" / "blobs" / digest.removeprefix("sha256:")
+    hex_ = digest.removeprefix("sha256:")
+    stored = tmp_path / "cloud" / "blobs" / hex_
     stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(IntegrityError, match="corrupt bytes"):
-        CacheClient(cloud.url).get_blob(digest)
+    assert CacheClient(cloud.url).get_blob(digest, manifest["blocks"][0][0]["size"]) is None  # not served: 404
+    assert (tmp_path / "cloud" / "quarantine" / hex_).is_file() and not stored.exists()
+    again = json.loads(run_cli("push", str(folder / "a.kv"), cloud.url, "--json", check=True).stdout)
+    assert again["blobs_sent"] == 1 and stored.read_bytes() == (folder / "a.kv" / "blobs" / hex_).read_bytes()
+    run_cli("pull", f"{cloud.url}/v1/artifacts/{again['id']}", "--out", str(tmp_path / "back.kv"), check=True)
 
 
 def test_decode_from_a_peer_that_has_everything_never_asks_the_cloud(servers, artifact, tiny_qwen):

@@ -179,7 +179,7 @@ def pull_request(url: str, artifact_id: str):
         try:
             manifest = Manifest.from_bytes(client.get_manifest(artifact_id), url)
             for ref in manifest.blob_refs():
-                if client.get_blob(ref.digest) is None:  # verified against its digest
+                if client.get_blob(ref.digest, ref.size) is None:  # verified against its digest
                     raise RuntimeError(f"blob {ref.digest} missing on {url}")
         finally:
             client.close()

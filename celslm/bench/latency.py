@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from celslm import prompting
-from celslm.artifact import Artifact, MemoryReader, Producer, Timings
+from celslm.artifact import MemoryReader, Producer, Timings
 from celslm.blocks import build_artifact
 from celslm.bench.ttft import stdlib_context
 from celslm.codecs import parse_codec

@@ -10,15 +10,14 @@ statements about this tag. Whose signatures count is the reader's policy (trust.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
 
-import json
-
 from celslm.artifact import DIGEST, Manifest, Timings, canonical_json, check_digest, read_side_record, sha256_digest
 from celslm.artifact import SIGNATURES_NAME, TIMINGS_NAME
-from celslm.errors import IntegrityError, NotFound, UsageError
+from celslm.errors import InsufficientStorage, IntegrityError, NotFound, UsageError
 from celslm.trust import Signature, SignedTag, artifact_message, merge_signatures
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -97,7 +96,7 @@ class Store:
         """A file holding the blob, for stores on local disk (the server then streams it with sendfile)."""
         return None
 
-    def evict(self) -> int:
+    def evict(self, keep: str | None = None) -> int:
         return 0
 
     def stale_tmp(self) -> None:
@@ -123,8 +122,12 @@ class Store:
         """Take a corrupt blob out of service (kept aside where the backend can, for a look)."""
         raise NotImplementedError
 
+    def check_blob(self, digest: str) -> bool:
+        """Whether a valid copy of the blob is stored (a corrupt one is quarantined, and so absent)."""
+        return self.read_blob(digest) is not None
+
     def put_blob(self, digest: str, data: bytes) -> None:
-        if self.has_blob(digest):
+        if self.check_blob(digest):
             return
         writer = self.blob_writer(digest)
         try:
@@ -147,6 +150,9 @@ class Store:
         if sha256_digest(data) != artifact_id:
             raise IntegrityError(f"manifest bytes do not hash to {artifact_id}")
         manifest = Manifest.from_bytes(data, artifact_id)
+        size = sum({ref.digest: ref.size for ref in manifest.blob_refs()}.values())
+        if self.capacity_bytes is not None and size > self.capacity_bytes:
+            raise InsufficientStorage(f"artifact {artifact_id} needs {size:,} bytes; the store holds {self.capacity_bytes:,}")
         missing = [ref.digest for ref in manifest.blob_refs() if not self.has_blob(ref.digest)]
         if missing:
             return missing
@@ -154,7 +160,7 @@ class Store:
         self._touch(hex_id)
         for count, prefix in enumerate(manifest.prefix_hashes, start=1):
             self._write("prefixes", prefix, f"{artifact_id} {count}".encode())
-        self.evict()
+        self.evict(keep=artifact_id)  # others make room; what was just accepted stays
         return []
 
     def get_signatures(self, artifact_id: str) -> tuple[Signature, ...]:

@@ -10,13 +10,18 @@
     ROOT/prefixes/<hash>    "artifact-id chunk-count" for each chunk prefix hash of every stored artifact
 
 Every write goes to ROOT/tmp first and is renamed into place, so a reader never sees half an object.
-With a capacity, whole artifacts are evicted least recently used first, never one whose blobs are
-being read; blobs still referenced by another artifact stay.
+With a capacity, an artifact larger than the whole store is refused; otherwise, once an artifact is
+complete, whole artifacts are evicted least recently used first until the store fits, never the one
+just stored and never one whose blobs are being read. An evicted artifact takes its tags, signatures
+and timings with it (a tag never points at nothing, so a publisher sees it is gone). Blobs still
+referenced by another artifact stay; blobs no manifest names (an interrupted push) are collected
+once they are older than `orphan_grace_s`, the time a push in progress gets to finish.
 """
 
 from __future__ import annotations
 
 import os
+import hashlib
 import tempfile
 import threading
 import time
@@ -25,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from celslm.artifact import Manifest, check_digest
-from celslm.errors import IntegrityError
+from celslm.errors import CelslmError, IntegrityError
 from celslm.store.base import HashingWriter, Store, check_tag
 from celslm.trust import SignedTag
 
@@ -53,9 +58,12 @@ class BlobWriter(HashingWriter):
 
 
 class LocalStore(Store):
+    orphan_grace_s = 600.0
+
     def __init__(self, root: Path, capacity_bytes: int | None = None):
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
+        self._evicting = threading.Lock()  # one eviction at a time: two would race over the same files
         for sub in ("blobs", "manifests", "signatures", "timings", "tags", "seen", "prefixes", "quarantine", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._reading: Counter[str] = Counter()  # blob digests with a read in flight
@@ -128,35 +136,94 @@ class LocalStore(Store):
     def usage_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / "blobs").iterdir())
 
-    def evict(self) -> int:
-        """Drop least recently used artifacts until the store fits its capacity; returns how many."""
+    def check_blob(self, digest: str) -> bool:
+        """Whether a valid copy is stored, hashing the file in pieces; a corrupt one is quarantined."""
+        digester = hashlib.sha256()
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digester.update(chunk)
+        except FileNotFoundError:
+            return False
+        if "sha256:" + digester.hexdigest() != digest:
+            self.quarantine(digest)
+            return False
+        return True
+
+    def evict(self, keep: str | None = None) -> int:
+        """Collect orphan blobs, then drop least recently used artifacts (never `keep`, never one being
+        read) until the store fits its capacity; returns how many artifacts went."""
         if self.capacity_bytes is None:
             return 0
-        evicted = 0
+        with self._evicting:
+            return self._evict(keep)
+
+    def _evict(self, keep: str | None) -> int:
         with self._lock:
             pinned = set(self._reading)
-        manifests = sorted((self.root / "manifests").iterdir(), key=lambda p: p.stat().st_mtime)
-        refs = {p.name: {r.digest for r in Manifest.from_bytes(p.read_bytes(), p.name).blob_refs()} for p in manifests}
+        manifests = sorted(self._entries("manifests"), key=lambda p: p[1])
+        refs = {path.name: self._refs(path) for path, _ in manifests}
+        self._collect_orphans(set().union(*refs.values()) | pinned if refs else pinned)
         usage = self.usage_bytes()
-        for path in manifests:
+        gone = []
+        for path, _ in manifests:
             if usage <= self.capacity_bytes:
                 break
             mine = refs.pop(path.name)
-            if mine & pinned:
+            if "sha256:" + path.name == keep or mine & pinned:
                 refs[path.name] = mine
                 continue
-            path.unlink(missing_ok=True)
+            for kind in ("manifests", "signatures", "timings"):
+                (self.root / kind / path.name).unlink(missing_ok=True)
             still_used = set().union(*refs.values()) if refs else set()
             for digest in mine - still_used:
-                blob = self.blob_path(digest)
-                try:
-                    usage -= blob.stat().st_size
-                    blob.unlink()
-                except FileNotFoundError:
-                    pass
-            evicted += 1
-        self.evictions += evicted
-        return evicted
+                usage -= self._remove(self.blob_path(digest))
+            gone.append("sha256:" + path.name)
+        self._drop_tags(set(gone))
+        self.evictions += len(gone)
+        return len(gone)
+
+    def _entries(self, kind: str) -> list[tuple[Path, float]]:
+        """(path, mtime) of the files in a folder, skipping any that vanish while it is listed."""
+        found = []
+        for path in (self.root / kind).iterdir():
+            try:
+                found.append((path, path.stat().st_mtime))
+            except FileNotFoundError:
+                pass
+        return found
+
+    def _refs(self, path: Path) -> set[str]:
+        try:
+            return {ref.digest for ref in Manifest.from_bytes(path.read_bytes(), path.name).blob_refs()}
+        except (CelslmError, OSError):
+            return set()  # a damaged or vanished manifest holds no blob; it is evicted like any other
+
+    @staticmethod
+    def _remove(path: Path) -> int:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+            return size
+        except FileNotFoundError:
+            return 0
+
+    def _collect_orphans(self, named: set[str]) -> None:
+        cutoff = time.time() - self.orphan_grace_s
+        for path, mtime in self._entries("blobs"):
+            if "sha256:" + path.name not in named and mtime < cutoff:
+                self._remove(path)
+
+    def _drop_tags(self, gone: set[str]) -> None:
+        if not gone:
+            return
+        for path, _ in self._entries("tags"):
+            try:
+                record = self._tag_record(path.name)
+            except (CelslmError, OSError):
+                continue
+            if record and record[0] in gone:
+                path.unlink(missing_ok=True)
 
     def stale_tmp(self, older_than_s: float = 3600) -> None:
         """Remove temporary files left by a crash."""

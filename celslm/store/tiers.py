@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from celslm.artifact import DIGEST, ArtifactReader, Manifest, Timings, open_artifact, sha256_digest
+from celslm.artifact import DIGEST, ArtifactReader, BlobRef, Manifest, Timings, open_artifact
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.models import celslm_home
 from celslm.store.http import CacheClient
@@ -63,7 +63,7 @@ class BlobSourceReader(ArtifactReader):
         refs = self.manifest.blob_refs(chunks)
         pool = ThreadPoolExecutor(self._tiers.parallel, thread_name_prefix="celslm-get")
         try:  # up to `parallel` blobs in flight; results come back in stream order
-            for ref, data in zip(refs, pool.map(lambda r: self._tiers.blob(r.digest), refs)):
+            for ref, data in zip(refs, pool.map(self._tiers.blob, refs)):
                 if data is None and ref.digest in self._tiers.refused:
                     raise IntegrityError(f"{self.manifest.describe(ref)}: {self._tiers.refused[ref.digest]}")
                 if data is None and self._tiers.down:
@@ -99,14 +99,17 @@ class Tiers:
             self.down[name] = str(exc)  # skipped from now on; the next tier may have it
             return None
 
-    def blob(self, digest: str) -> bytes | None:
-        data = self.local.read_blob(digest)
-        if data is not None and sha256_digest(data) == digest:
+    def blob(self, ref: BlobRef) -> bytes | None:
+        """A blob's verified bytes from the first tier that has them (a peer's refused or late copy
+        sends the fetch on to the next tier), or None."""
+        digest = ref.digest
+        data = self.local.read_blob(digest)  # verified; a corrupt copy is quarantined, then replaced below
+        if data is not None:
             self._count("local", data)
             return data
         for name, client in self.remotes:
             try:
-                data = self._ask(name, lambda: client.get_blob(digest))
+                data = self._ask(name, lambda: client.get_blob(digest, ref.size))
             except IntegrityError as exc:
                 self.refused[digest] = str(exc)  # a corrupt copy is refused; try the next tier
                 continue
@@ -241,10 +244,10 @@ class Tiers:
 
     def available_prefix(self, manifest: Manifest) -> int:
         """How many leading chunks can be had, every layer's block of each, from any tier (fetching them)."""
-        if any(ref is not None and self.blob(ref.digest) is None for ref in (manifest.tokens, *manifest.bases)):
+        if any(ref is not None and self.blob(ref) is None for ref in (manifest.tokens, *manifest.bases)):
             return 0
         for chunk in range(manifest.chunks):
-            if any(self.blob(layer[chunk].digest) is None for layer in manifest.blocks):
+            if any(self.blob(layer[chunk]) is None for layer in manifest.blocks):
                 return chunk
         return manifest.chunks
 

@@ -4,7 +4,9 @@
 #   usage: refresh-context.sh CONTEXT_FILE TAG
 #   env:   CELSLM_CLOUD (required: the serve-cache URL), CELSLM_MODEL (default qwen2.5-coder-0.5b),
 #          CELSLM_TOKEN (write token, if the server wants one), CELSLM_HOME (state lives under it),
-#          CELSLM (the celslm command, default: celslm on PATH)
+#          CELSLM (the celslm command, default: celslm on PATH), CELSLM_SIGN_KEY (the producer's private
+#          key: the artifact and the tag statement are signed, and re-published after 3 days, well before
+#          the statement's 7-day validity ends, so trusting edges never see it expire)
 #
 # Cron-friendly: silent on success; on failure the captured output goes to stderr and the exit code is
 # non-zero (1 failed, 2 usage, 75 another run for the same tag still holds the lock). Idempotent: when
@@ -37,7 +39,11 @@ fi
 wanted=$( { printf '%s\n%s\n%s\n' "$model" "$tag" "$cloud"; cat "$context"; } | sha256sum | cut -d' ' -f1)
 auth=()
 [ -n "${CELSLM_TOKEN:-}" ] && auth=(-H "Authorization: Bearer $CELSLM_TOKEN")
-if [ "$(cat "$state_dir/$slug.done" 2>/dev/null)" = "$wanted" ] \
+fresh=yes
+if [ -n "${CELSLM_SIGN_KEY:-}" ] && [ -z "$(find "$state_dir/$slug.done" -mmin -4320 2>/dev/null)" ]; then
+    fresh=""  # the signed statement is 3 days old: sign a new one
+fi
+if [ -n "$fresh" ] && [ "$(cat "$state_dir/$slug.done" 2>/dev/null)" = "$wanted" ] \
         && curl -fsS -o /dev/null "${auth[@]}" "$cloud/v1/tags/$tag" 2>/dev/null; then
     exit 0  # unchanged and still published
 fi
