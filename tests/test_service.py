@@ -218,3 +218,20 @@ def test_a_request_whose_client_left_stops_at_the_next_token_and_frees_the_model
         return gone.is_set()
 
     assert asyncio.run(watched())
+
+
+def test_a_service_with_a_trust_policy_serves_signed_contexts_and_refuses_the_rest(setup, tmp_path):
+    root = setup["root"]
+    run_cli("keys", "generate", "--out", str(tmp_path / "producer"), check=True)
+    run_cli("prefill", "-m", str(setup["gguf"]), "-c", str(root / "ctx.txt"), "-o", str(tmp_path / "signed.kv"),
+            "--sign", str(tmp_path / "producer.key"), check=True)
+    service = Service(setup["gguf"], "--trust", str(tmp_path / "producer.pub"))
+    try:
+        ask = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
+        answer = service.client().chat.completions.create(model="celslm", extra_body={"context": str(tmp_path / "signed.kv")},
+                                                          **ask)
+        assert answer.choices[0].message.content is not None
+        with pytest.raises(openai.PermissionDeniedError, match="not signed by a trusted key"):
+            service.client().chat.completions.create(model="celslm", extra_body={"context": setup["kv"]}, **ask)
+    finally:
+        assert service.stop() == 0
