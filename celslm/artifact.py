@@ -7,8 +7,12 @@ An artifact is a manifest plus content-addressed blobs, like an OCI image:
     NAME.kv/signatures.json        producers' detached signatures over the id (trust.py), if signed
     NAME.kv/timings.json           the cloud's seconds: a side record, outside the id and unsigned
 
+An encrypted artifact (`seal_artifact`) lists its recipients in the manifest, and its blobs are
+ciphertext (confidential.py): digests are over the ciphertext, so stores verify it unread, and
+`plain_blobs` opens it with the reader's `identity`.
+
 The id-bearing bytes hold only what the context, the model, the chunking and the codec decide, so
-the same work gives the same id on every run and machine. Blocks hold keys pre-RoPE and values,
+the same work gives the same id on every run and machine (encryption, which is random, aside). Blocks hold keys pre-RoPE and values,
 each `[kv_heads, tokens, head_dim]`. On a pipe the same artifact is one tar stream: manifest first,
 then the side records, then the token blob, then the blocks layer-major, so a reader can start on
 layer 0 before the rest arrives. Every blob read is checked against its digest.
@@ -25,6 +29,7 @@ tensor side (KV layers <-> blocks) is `blocks.py`.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -33,7 +38,7 @@ import shutil
 import struct
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -43,7 +48,9 @@ from safetensors.numpy import save as st_save
 
 from celslm.codecs import parse_codec
 from celslm.errors import IntegrityError, OutputExists, UsageError
-from celslm.trust import Signature, parse_signatures
+from celslm.confidential import (Encryption, Identity, content_key, new_content_key, open_blob, prefix_key, seal_blob,
+                                 wrap)
+from celslm.trust import Signature, canonical_json, parse_signatures
 
 SCHEMA = "celslm.kv/2"
 OLD_SCHEMAS = ("celslm.kv/1",)  # its timings were inside the id; such artifacts are made again with prefill
@@ -75,18 +82,17 @@ def check_digest(digest: str) -> str:
     return digest.removeprefix("sha256:")
 
 
-def canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def prefix_hashes(token_ids: list[int], fingerprint: str, chunk_size: int) -> list[str]:
-    """h_i = sha256(h_{i-1} || fingerprint bytes || chunk i's ids as little-endian uint32); h_{-1} = 32 zero bytes."""
+def prefix_hashes(token_ids: list[int], fingerprint: str, chunk_size: int, key: bytes | None = None) -> list[str]:
+    """h_i = sha256(h_{i-1} || fingerprint bytes || chunk i's ids as little-endian uint32); h_{-1} = 32 zero bytes.
+    With `key` (an encrypted artifact's prefix key) every link is HMAC-SHA256 under it instead, so
+    that only a holder of the key can compute or test them."""
     space = bytes.fromhex(fingerprint)
     previous = bytes(32)
     hashes = []
     for start in range(0, len(token_ids), chunk_size):
         chunk = token_ids[start : start + chunk_size]
-        previous = hashlib.sha256(previous + space + struct.pack(f"<{len(chunk)}I", *chunk)).digest()
+        message = previous + space + struct.pack(f"<{len(chunk)}I", *chunk)
+        previous = hmac.digest(key, message, "sha256") if key else hashlib.sha256(message).digest()
         hashes.append(previous.hex())
     return hashes
 
@@ -230,6 +236,7 @@ class Manifest:
     provenance: tuple[str, ...]  # per layer: "native" or "projected"
     keys: str = "pre-rope"
     bases: tuple[BlobRef | None, ...] = ()  # per layer: the codec's auxiliary blob (PCA bases), if any
+    encryption: Encryption | None = None  # every blob encrypted for these recipients (confidential.py)
 
     def layer_aux(self, layer: int) -> BlobRef | None:
         return self.bases[layer] if self.bases else None
@@ -290,6 +297,7 @@ class Manifest:
             "blocks": [[ref.to_json() for ref in layer] for layer in self.blocks],
             "provenance": list(self.provenance),
             **({"bases": [ref.to_json() if ref else None for ref in self.bases]} if any(self.bases) else {}),
+            **({"encryption": self.encryption.to_json()} if self.encryption else {}),
         }
 
     def canonical_bytes(self) -> bytes:
@@ -331,6 +339,7 @@ class Manifest:
                 provenance=tuple(obj["provenance"]),
                 keys=str(obj["keys"]),
                 bases=tuple(BlobRef.from_json(b) if b else None for b in obj.get("bases", [])),
+                encryption=Encryption.from_json(obj["encryption"]) if "encryption" in obj else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
@@ -440,6 +449,30 @@ class Artifact:
         return records
 
 
+def seal_artifact(artifact: Artifact, recipients: list[bytes]) -> Artifact:
+    """The same context with every blob encrypted for `recipients` (32-byte X25519 public keys) and
+    its prefix hashes keyed (confidential.py): a new id, and no signatures (sign after sealing)."""
+    m = artifact.manifest
+    if m.encryption is not None:
+        raise UsageError("the artifact is already encrypted")
+    key = new_content_key()
+    blobs: dict[str, bytes] = {}
+
+    def sealed(ref: BlobRef | None) -> BlobRef | None:
+        if ref is None:
+            return None
+        data = seal_blob(key, artifact.blobs[ref.digest], ref.media_type)
+        out = BlobRef(sha256_digest(data), len(data), ref.media_type)
+        blobs[out.digest] = data
+        return out
+
+    token_ids = decode_tokens(artifact.blobs[m.tokens.digest])
+    manifest = replace(m, tokens=sealed(m.tokens), blocks=tuple(tuple(sealed(r) for r in layer) for layer in m.blocks),
+                       bases=tuple(sealed(r) for r in m.bases), encryption=wrap(key, recipients),
+                       prefix_hashes=tuple(prefix_hashes(token_ids, m.space.fingerprint, m.chunk_size, prefix_key(key))))
+    return Artifact(manifest, blobs, artifact.timings)
+
+
 def read_side_record(name: str, data: bytes, source: str) -> tuple[Signature, ...] | Timings:
     """A side record's contents: the signatures or the timings."""
     if len(data) > MAX_SIDE_RECORD_BYTES:
@@ -509,6 +542,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ArtifactReader:
     """Reads an artifact from a directory or a tar stream; blobs come out verified, in stream order."""
 
+    identity: Identity | None = None  # opens an encrypted artifact's blobs (`plain_blobs`)
+
     def __init__(self, manifest: Manifest, source: str, timings: Timings = Timings(),
                  signatures: tuple[Signature, ...] = ()):
         self.manifest = manifest
@@ -534,27 +569,40 @@ class ArtifactReader:
                 raise IntegrityError(f"{self.source}: {problem}")
             yield ref, data
 
+    def plain_blobs(self, chunks: int | None = None) -> Iterator[tuple[BlobRef, bytes]]:
+        """Verified blobs in stream order, decrypted when the artifact is encrypted: the content key is
+        unwrapped through `identity` before any blob is read (Sealed without one that opens it)."""
+        encryption = self.manifest.encryption
+        if encryption is None:
+            yield from self.blobs(chunks)
+            return
+        key = content_key(encryption, self.identity, self.source)
+        for ref, data in self.blobs(chunks):
+            yield ref, open_blob(key, data, ref.media_type, f"{self.source}: {self.manifest.describe(ref)}")
+
     def problems(self) -> list[str]:
-        """Everything wrong with the artifact, without stopping at the first problem."""
+        """Everything wrong with the artifact, without stopping at the first problem. The token ids of
+        an encrypted artifact are checked only with an `identity` that opens it."""
+        m = self.manifest
         found = []
         token_ids = None
+        key = content_key(m.encryption, self.identity, self.source) if m.encryption and self.identity else None
         try:
             for ref, data in self.raw_blobs():
                 if data is None:
-                    found.append(f"{self.manifest.describe(ref)} is missing")
+                    found.append(f"{m.describe(ref)} is missing")
                     continue
-                problem = check_blob(ref, data, self.manifest)
+                problem = check_blob(ref, data, m)
                 if problem:
                     found.append(problem)
-                elif ref.media_type == MEDIA_TOKENS:
-                    token_ids = decode_tokens(data)
-        except IntegrityError as exc:  # a truncated stream: nothing more can be read
+                elif ref.media_type == MEDIA_TOKENS and (m.encryption is None or key):
+                    token_ids = decode_tokens(open_blob(key, data, ref.media_type, m.describe(ref)) if key else data)
+        except IntegrityError as exc:  # a truncated stream or a blob that does not open: nothing more can be read
             found.append(str(exc).removeprefix(f"{self.source}: "))
         if token_ids is not None:
-            m = self.manifest
             if len(token_ids) != m.token_count:
                 found.append(f"token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
-            elif tuple(prefix_hashes(token_ids, m.space.fingerprint, m.chunk_size)) != m.prefix_hashes:
+            elif tuple(prefix_hashes(token_ids, m.space.fingerprint, m.chunk_size, key and prefix_key(key))) != m.prefix_hashes:
                 found.append("prefix hashes do not match the token ids and model space")
         return found
 

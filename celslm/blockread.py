@@ -133,7 +133,7 @@ def open_context(reader: ArtifactReader, chunks: int | None = None
     (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), float32. With `chunks`, only that prefix
     of the context (all its token ids are still returned)."""
     m = reader.manifest
-    blobs = reader.blobs(chunks)
+    blobs = reader.plain_blobs(chunks)
     _, data = next(blobs)
     token_ids = decode_tokens(data, f"{reader.source}: token ids blob")
     if len(token_ids) != m.token_count:

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from celslm import prompting
 from celslm.artifact import DIGEST
+from celslm.confidential import Sealed
 from celslm.decode import Context, DecodeStats, Sampling, TextStream, eos_ids, generate
 from celslm.edge import context_from_reader
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
@@ -404,6 +405,9 @@ def _guarded(service: Service, request: Request, emit) -> dict:
                        kind="server_error", param="context") from exc
     except Untrusted as exc:
         raise ApiError(403, f"context {request.context!r} refused by the trust policy: {exc}", "context_untrusted",
+                       param="context") from exc
+    except Sealed as exc:
+        raise ApiError(403, f"context {request.context!r} is encrypted for other keys: {exc}", "context_encrypted",
                        param="context") from exc
     except IntegrityError as exc:
         if os.path.exists(request.context):  # a file the client named: its mistake, not a server's

@@ -90,6 +90,7 @@ class StreamedReader(ArtifactReader):
 
     def __init__(self, inner: ArtifactReader, timeline: Timeline, link: Link | None = None, ahead: int = 64):
         super().__init__(inner.manifest, inner.source)
+        self.identity = inner.identity
         self.inner, self.link, self.timeline, self.ahead = inner, link, timeline, ahead
 
     def raw_blobs(self, chunks=None):

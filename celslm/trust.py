@@ -44,11 +44,11 @@ def key_id(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).hexdigest()[:32]
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(text, length: int, what: str) -> bytes:
+def unb64(text, length: int, what: str) -> bytes:
     try:
         data = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
     except ValueError:
@@ -58,7 +58,7 @@ def _unb64(text, length: int, what: str) -> bytes:
     return data
 
 
-def _canonical(obj) -> bytes:
+def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -84,13 +84,13 @@ class Signature:
             return False
 
     def to_json(self) -> dict:
-        return {"key": self.key_id, "public_key": _b64(self.public_key), "signature": _b64(self.signature)}
+        return {"key": self.key_id, "public_key": b64(self.public_key), "signature": b64(self.signature)}
 
     @classmethod
     def from_json(cls, obj) -> Signature:
         if not isinstance(obj, dict) or set(obj) != {"key", "public_key", "signature"}:
             raise ValueError("a signature is {key, public_key, signature}")
-        sig = cls(_unb64(obj["public_key"], 32, "public_key"), _unb64(obj["signature"], 64, "signature"))
+        sig = cls(unb64(obj["public_key"], 32, "public_key"), unb64(obj["signature"], 64, "signature"))
         if obj["key"] != sig.key_id:
             raise ValueError(f"key id {str(obj['key'])[:40]!r} does not name its public key")
         return sig
@@ -221,7 +221,7 @@ class TagStatement:
                 "expires": self.expires}
 
     def message(self) -> bytes:
-        return TAG_CONTEXT + _canonical(self.to_json())
+        return TAG_CONTEXT + canonical_json(self.to_json())
 
     @classmethod
     def from_json(cls, obj) -> TagStatement:
@@ -242,7 +242,7 @@ class SignedTag:
         return {"statement": self.statement.to_json(), "signatures": [sig.to_json() for sig in self.signatures]}
 
     def to_bytes(self) -> bytes:
-        return _canonical(self.to_json())
+        return canonical_json(self.to_json())
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str) -> SignedTag:

@@ -40,6 +40,13 @@ TrustOpt = Annotated[list[str] | None, typer.Option(
 SignOpt = Annotated[str | None, typer.Option(
     "--sign", envvar="CELSLM_SIGN_KEY", show_envvar=True,
     help="Sign the artifact id (and a --tag) with this private key (PEM, from celslm keys generate).")]
+IdentityOpt = Annotated[list[str] | None, typer.Option(
+    "--identity", envvar="CELSLM_IDENTITY", show_envvar=True,
+    help="Your X25519 private key (PEM, from celslm keys generate --for encryption): opens contexts encrypted "
+         "to it. Repeatable; the variable takes space-separated paths.")]
+EncryptToOpt = Annotated[list[str] | None, typer.Option(
+    "--encrypt-to", help="Encrypt every blob for this recipient's X25519 public key (PEM, from celslm keys generate "
+                         "--for encryption): stores and peers keep and serve it unread. Repeatable.")]
 TagValidOpt = Annotated[str, typer.Option(
     "--tag-valid", help="With --tag and --sign: how long the signed tag statement holds, e.g. 7d, 12h, 3600s; "
                         "edges refuse it after that.")]
@@ -61,6 +68,32 @@ def trust_policy(paths: list[str] | None):
 
     with for_option("--trust"):
         return TrustPolicy.load(path for value in paths or () for path in value.split())
+
+
+def identity(paths: list[str] | None):
+    """The keys `--identity` names (None without one), read now so that a bad file fails first."""
+    from celslm.confidential import Identity
+
+    with for_option("--identity"):
+        return Identity.load(path for value in paths or () for path in value.split())
+
+
+def recipients(paths: list[str] | None) -> list[bytes]:
+    from celslm.confidential import load_recipients
+
+    with for_option("--encrypt-to"):
+        return load_recipients(paths or ())
+
+
+@contextmanager
+def identity_hint() -> Iterator[None]:
+    """An encrypted context nobody could open: say which option opens it."""
+    from celslm.confidential import Sealed
+
+    try:
+        yield
+    except Sealed as exc:
+        raise Sealed(f"{exc}; give --identity KEY (or CELSLM_IDENTITY)") from exc
 
 
 def signing_key(path: str | None):

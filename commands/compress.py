@@ -9,16 +9,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm.artifact import open_artifact, write_artifact
+from celslm.artifact import open_artifact, seal_artifact, write_artifact
 from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
 from celslm.trust import sign_artifact
-from .common import FLAG, for_option, ForceOpt, JsonOpt, SignOpt, examples, log, out_console, print_json, signing_key
+from .common import (FLAG, EncryptToOpt, for_option, ForceOpt, IdentityOpt, JsonOpt, SignOpt, examples, identity,
+                     identity_hint, log, out_console, print_json, recipients, signing_key)
 
 EPILOG = examples(
     "celslm compress sched.kv --out sched-small.kv --codec balanced --sign cloud.key",
     "celslm compress sched.kv --out sched-i4.kv --codec 'pca:r=32+int4:g=64+lz4' --json",
     "celslm prefill -m qwen2.5-coder-0.5b -c doc.txt -o - | celslm compress - -o - --codec small > doc.tar",
+    "celslm compress notes.kv -o notes-small.kv --codec small --identity edge1.key --encrypt-to edge1.pub",
     "celslm compress --list",
 )
 
@@ -29,6 +31,8 @@ def compress(
     codec: Annotated[str, typer.Option("--codec", help="Codec spec (stages joined by +) or preset: lossless, balanced, small.")] = "balanced",
     list_: Annotated[bool, typer.Option("--list", metavar=FLAG, help="Show the codec stages, their options and the presets.")] = False,
     sign: SignOpt = None,
+    identity_: IdentityOpt = None,
+    encrypt_to: EncryptToOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -47,10 +51,19 @@ def compress(
     with for_option("--codec", "; see celslm compress --list"):
         parsed = parse_codec(codec)
     key = signing_key(sign)
+    sealed_for = recipients(encrypt_to)
+    keys = identity(identity_)
     started = time.perf_counter()
     reader = open_artifact(artifact, stdin=sys.stdin.buffer)
+    reader.identity = keys
     source = reader.manifest
-    result = recode(reader, parsed)
+    if source.encryption and not sealed_for:
+        raise UsageError(f"{artifact} is encrypted: give --encrypt-to RECIPIENT.pub for the output too "
+                         "(it would be written in the clear)")
+    with identity_hint():
+        result = recode(reader, parsed)
+    if sealed_for:
+        result = seal_artifact(result, sealed_for)
     if key is not None:  # a new id: the input's signatures do not carry over
         result.signatures = (sign_artifact(key, result.id),)
     write_artifact(result, out, force=force, stdout=sys.stdout.buffer)
@@ -60,7 +73,8 @@ def compress(
     fp16 = 2 * 2 * m.layers * m.geometry.kv_heads * m.geometry.head_dim * m.token_count
     summary = {"id": result.id, "out": out, "codec": m.codec, "bytes_in": source.blob_bytes(), "bytes": m.blob_bytes(),
                "ratio": round(kv_in / kv_out, 3), "ratio_vs_fp16": round(fp16 / kv_out, 3),
-               "signed_by": [sig.key_id for sig in result.signatures], "seconds": round(time.perf_counter() - started, 3)}
+               "signed_by": [sig.key_id for sig in result.signatures],
+               "encrypted_for": m.encryption.key_ids() if m.encryption else [], "seconds": round(time.perf_counter() - started, 3)}
     if json_:
         print_json(summary)
     else:

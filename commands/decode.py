@@ -10,8 +10,9 @@ from rich.table import Table
 
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
-from .common import (FLAG, for_option, CloudOpt, EngineOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, TrustOpt, err_console,
-                     examples, log, print_json, progress_bar, read_file_or_stdin, read_text, trust_policy)
+from .common import (FLAG, for_option, CloudOpt, EngineOpt, IdentityOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, TrustOpt,
+                     err_console, examples, identity, identity_hint, log, print_json, progress_bar, read_file_or_stdin,
+                     read_text, trust_policy)
 
 if TYPE_CHECKING:
     from celslm.decode import DecodeStats
@@ -25,6 +26,7 @@ EPILOG = examples(
     "celslm decode -m qwen2.5-coder-0.5b --kv sched-cross.kv --recompute-last 512 -p 'Why?'   # cross-model KV + own recent tokens",
     "celslm decode -m qwen2.5-coder-0.5b --engine transformers --kv sched.kv -p 'Why?'   # the fp32 reference engine",
     "celslm decode -m qwen2.5-coder-0.5b --server http://127.0.0.1:8480 --kv sched:latest -p 'Why?'   # a warm celslm serve",
+    "celslm decode -m qwen2.5-coder-0.5b --kv notes:latest --cloud http://cloud:8470 --identity edge1.key -p 'Why?'   # an encrypted context",
 )
 
 
@@ -42,6 +44,7 @@ def decode(
     cloud: CloudOpt = None,
     token: TokenOpt = None,
     trust: TrustOpt = None,
+    identity_: IdentityOpt = None,
     recompute_last: Annotated[int, typer.Option("--recompute-last", min=0, help="With --kv: prefill at least the context's last N tokens here, over the artifact's earlier chunks (trades edge compute for quality with cross-model artifacts).")] = 0,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
     link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
@@ -60,9 +63,9 @@ def decode(
     with for_option("--temperature/--top-p"):
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if server:
-        if kv is None or context or recompute_last or link or engine or peer or cloud or trust:
-            raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); "
-                             "--context, --recompute-last, --link, --engine, --peer, --cloud and --trust are the service's own settings")
+        if kv is None or context or recompute_last or link or engine or peer or cloud or trust or identity_:
+            raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); --context, "
+                             "--recompute-last, --link, --engine, --peer, --cloud, --trust and --identity are the service's own settings")
         return _through_server(server, kv, read_text(prompt, "--prompt"), max_new_tokens, temperature, top_p, seed, raw, json_)
     if kv is None and context is None:
         raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
@@ -72,15 +75,17 @@ def decode(
         raise UsageError("only one of --prompt and --kv/--context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
     policy = trust_policy(trust)
+    keys = identity(identity_)
     with for_option("--link"):
         shaped = Link.parse(link) if link else None
     context_text = read_file_or_stdin(context, "--context") if context is not None else None
-    with progress_bar() as progress:
+    with progress_bar() as progress, identity_hint():
         with for_option("--engine"):
             engine = default_engine(model, engine)
         loaded = load_model(model, progress, engine=engine)
         result = answer(loaded, prompt_text, kv=kv, context_text=context_text,
-                        sources=Sources(tuple(peer or ()), cloud, token, chunk_size, policy), recompute_last=recompute_last,
+                        sources=Sources(tuple(peer or ()), cloud, token, chunk_size, policy, keys),
+                        recompute_last=recompute_last,
                         link=shaped, pipeline=pipeline, raw=raw, sampling=sampling,
                         progress=lambda done, total: progress("prefill (tokens)", done, total),
                         stdin=sys.stdin.buffer, warn=log)

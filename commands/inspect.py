@@ -34,6 +34,7 @@ def describe(reader: ArtifactReader) -> dict:
         "provenance": list(manifest.provenance),
         "timings": reader.timings.to_json(),  # a side record: unsigned
         "signatures": [sig.key_id for sig in reader.signatures],  # unchecked here: celslm verify --trust checks
+        "encrypted_for": manifest.encryption.key_ids() if manifest.encryption else [],
     }
 
 
@@ -62,6 +63,7 @@ def inspect(
         ("bytes", f"{info['bytes']:,} ({info['bytes'] / 2**20:.2f} MiB)"),
         ("cloud prefill", f"{info['timings'].get('prefill_s', float('nan')):.3f} s (side record, unsigned)"),
         ("signatures", ", ".join(info["signatures"]) or "none (celslm verify --trust checks them)"),
+        ("encrypted for", ", ".join(info["encrypted_for"]) or "nobody: the blobs are in the clear"),
     ]
     for field, value in rows:
         table.add_row(field, str(value))

@@ -9,20 +9,22 @@ from typing import Annotated
 import typer
 
 from celslm import prompting
-from celslm.artifact import DTYPE_NAMES, MemoryReader, write_artifact
+from celslm.artifact import DTYPE_NAMES, MemoryReader, seal_artifact, write_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push as push_artifact
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
 from celslm.trust import sign_artifact, sign_tag
-from .common import (FLAG, ForceOpt, for_option, JsonOpt, ModelOpt, SignOpt, TagValidOpt, TokenOpt, examples, log,
-                     parse_budget, parse_duration, print_json, progress_bar, read_file_or_stdin, signing_key)
+from .common import (FLAG, EncryptToOpt, ForceOpt, for_option, JsonOpt, ModelOpt, SignOpt, TagValidOpt, TokenOpt, examples,
+                     log, parse_budget, parse_duration, print_json, progress_bar, read_file_or_stdin, recipients,
+                     signing_key)
 
 EPILOG = examples(
     "celslm prefill -m qwen2.5-coder-0.5b --context samples/context/sched.py --out sched.kv",
     "cat notes.txt | celslm prefill -m ./my-model --context - --out notes.kv --json",
     "celslm prefill -m smollm2-135m -c doc.txt -o - | ssh edge celslm decode -m smollm2-135m --kv - --prompt 'Summarize.'",
     "celslm prefill -m qwen2.5-coder-0.5b -c sched.py --push http://cloud:8470 --tag sched:latest --sign cloud.key",
+    "celslm prefill -m qwen2.5-coder-0.5b -c notes.txt -o notes.kv --encrypt-to edge1.pub --encrypt-to edge2.pub --sign cloud.key",
     "celslm prefill -m qwen2.5-coder-1.5b --align coder.align -c sched.py -o sched-cross.kv",
     "celslm prefill -m qwen2.5-coder-1.5b --align coder.align --auto --budget 2% -c sched.py -o sched-hybrid.kv",
 )
@@ -56,6 +58,7 @@ def prefill(
     tag: Annotated[str | None, typer.Option("--tag", help="With --push: point this tag at the artifact.")] = None,
     token: TokenOpt = None,
     sign: SignOpt = None,
+    encrypt_to: EncryptToOpt = None,
     tag_valid: TagValidOpt = "7d",
     force: ForceOpt = False,
     engine: Annotated[str, typer.Option("--engine", help="transformers (fp32, the reference) or llama.cpp (the GGUF as it is; its KV read back, keys un-rotated).")] = "transformers",
@@ -82,6 +85,7 @@ def prefill(
     if native_layers and auto:
         raise UsageError("give either --native-layers or --auto, not both")
     key = signing_key(sign)
+    sealed_for = recipients(encrypt_to)
     valid_s = parse_duration(tag_valid, "--tag-valid")
     alignment = load_alignment(align) if align else None
     native = parse_native_layers(native_layers)
@@ -107,6 +111,8 @@ def prefill(
         else:
             artifact = run_prefill(loaded, token_ids, framing=framing, chunk_size=chunk_size, dtype=dtype,
                                    progress=report)
+    if sealed_for:
+        artifact = seal_artifact(artifact, sealed_for)
     if key is not None:
         artifact.signatures = (sign_artifact(key, artifact.id),)
     if out is not None:
@@ -124,6 +130,7 @@ def prefill(
         "bytes": m.blob_bytes(),
         "prefill_s": artifact.timings.prefill_s,
         "signed_by": [sig.key_id for sig in artifact.signatures],
+        "encrypted_for": m.encryption.key_ids() if m.encryption else [],
         **({"producer": m.producer.to_json(), "provenance": m.provenance} if alignment else {}),
         "seconds": round(time.perf_counter() - started, 3),
         **({"push": pushed} if pushed else {}),
@@ -135,4 +142,5 @@ def prefill(
             log(f"cross-model: {m.producer.model} -> {m.space.name}, native layers "
                 f"{list(native) or 'none'} (+ own KV of the first {alignment.sink_tokens} token(s)), the rest projected")
         log(f"wrote {artifact.id} to {out or push}: {m.token_count} tokens, {m.layers} layers x {m.chunks} chunks, "
-            f"{m.blob_bytes() / 2**20:.1f} MiB, prefill {artifact.timings.prefill_s:.2f} s")
+            f"{m.blob_bytes() / 2**20:.1f} MiB, prefill {artifact.timings.prefill_s:.2f} s"
+            f"{', encrypted for ' + ', '.join(k[:12] for k in m.encryption.key_ids()) if m.encryption else ''}")

@@ -10,8 +10,8 @@ import typer
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
 from celslm.store.base import parse_size
-from .common import (CloudOpt, EngineOpt, ModelOpt, PeerOpt, TrustOpt, examples, for_option, listening_socket, log,
-                     progress_bar, trust_policy)
+from .common import (CloudOpt, EngineOpt, IdentityOpt, ModelOpt, PeerOpt, TrustOpt, examples, for_option, identity,
+                     listening_socket, log, progress_bar, trust_policy)
 
 EPILOG = examples(
     "celslm serve -m qwen2.5-coder-0.5b --cloud http://cloud:8470 --trust cloud.pub",
@@ -34,6 +34,7 @@ def serve(
     cache_token: Annotated[str | None, typer.Option("--cache-token", envvar="CELSLM_TOKEN", show_envvar=True,
                                                     help="Bearer token for the peers' and cloud's serve-cache.")] = None,
     trust: TrustOpt = None,
+    identity_: IdentityOpt = None,
     engine: EngineOpt = None,
 ) -> None:
     """Keep a model loaded and answer OpenAI-style requests over shared contexts; the prompt stays here."""
@@ -47,12 +48,13 @@ def serve(
     with for_option("--cache-bytes"):
         capacity = parse_size(cache_bytes)
     policy = trust_policy(trust)
+    keys = identity(identity_)
     with for_option("--engine"):
         engine = default_engine(model, engine)
     with progress_bar() as progress:
         loaded = load_model(model, progress, engine=engine)
         loaded.engine.geometry  # the model is loaded before the port opens  # noqa: B018
-    config = ServiceConfig(sources=Sources(tuple(peer or ()), cloud, cache_token, trust=policy), cache_bytes=capacity,
+    config = ServiceConfig(sources=Sources(tuple(peer or ()), cloud, cache_token, trust=policy, identity=keys), cache_bytes=capacity,
                            token=token, max_tokens=max_tokens)
     app = make_app(Service(loaded, config, warn=log))
     sock = listening_socket(host, port)

@@ -54,3 +54,18 @@ def test_a_manifest_declaring_a_billion_tokens_is_refused_before_anything_is_bui
         peer.close()
     assert result.returncode == EXIT_INTEGRITY and b"declares tokens 1000000000" in result.stderr
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 << 20
+
+
+def test_a_peer_sending_another_manifest_for_an_id_is_passed_over_for_the_cloud(published, tiny_qwen):  # noqa: F811
+    folder, manifest, expected = published
+    obj = json.loads(manifest.canonical_bytes())
+    obj["tokens"]["count"] = 10**9
+    peer, cloud = FaultServer(folder / "store"), FaultServer(folder / "store")
+    peer.manifests[manifest.id] = canonical_json(obj)  # served for the id it does not hash to
+    try:
+        result = decode(tiny_qwen, "--kv", manifest.id, "--peer", peer.url, "--cloud", cloud.url)
+    finally:
+        peer.close()
+        cloud.close()
+    assert json.loads(result.stdout)["text"] == expected["text"]
+    assert b"does not hash to" in result.stderr

@@ -235,3 +235,20 @@ def test_a_service_with_a_trust_policy_serves_signed_contexts_and_refuses_the_re
             service.client().chat.completions.create(model="celslm", extra_body={"context": setup["kv"]}, **ask)
     finally:
         assert service.stop() == 0
+
+
+def test_a_service_with_an_identity_answers_over_an_encrypted_context_and_one_without_refuses_it(setup, tmp_path):
+    root = setup["root"]
+    run_cli("keys", "generate", "--out", str(tmp_path / "edge"), "--for", "encryption", check=True)
+    run_cli("prefill", "-m", str(setup["gguf"]), "-c", str(root / "ctx.txt"), "-o", str(tmp_path / "sealed.kv"),
+            "--encrypt-to", str(tmp_path / "edge.pub"), check=True)
+    ask = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10, "temperature": 0}
+    context = {"context": str(tmp_path / "sealed.kv")}
+    with pytest.raises(openai.PermissionDeniedError, match="encrypted"):
+        setup["service"].client().chat.completions.create(model="celslm", extra_body=context, **ask)
+    service = Service(setup["gguf"], "--identity", str(tmp_path / "edge.key"))
+    try:
+        answer = service.client().chat.completions.create(model="celslm", extra_body=context, **ask)
+    finally:
+        assert service.stop() == 0
+    assert answer.choices[0].message.content == decoded(setup)

@@ -16,12 +16,13 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from celslm.artifact import DIGEST, ArtifactReader, BlobRef, Manifest, Timings, open_artifact
+from celslm.artifact import DIGEST, ArtifactReader, BlobRef, Manifest, Timings, open_artifact, sha256_digest
+from celslm.confidential import Identity
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.models import celslm_home
 from celslm.store.http import CacheClient
@@ -41,6 +42,7 @@ class Sources:
     token: str | None = None
     chunk_size: int = 256  # chunk size of the prefix lookup for a context given as text
     trust: TrustPolicy | None = None
+    identity: Identity | None = None  # opens encrypted artifacts
 
     @property
     def remote(self) -> bool:
@@ -48,7 +50,8 @@ class Sources:
 
     def tiers(self, warn: Warn | None = None) -> Tiers:
         return Tiers(edge_cache(), [CacheClient(p, self.token) for p in self.peers],
-                     CacheClient(self.cloud, self.token) if self.cloud else None, policy=self.trust, warn=warn)
+                     CacheClient(self.cloud, self.token) if self.cloud else None, policy=self.trust, warn=warn,
+                     identity=self.identity)
 
 
 class BlobSourceReader(ArtifactReader):
@@ -58,6 +61,7 @@ class BlobSourceReader(ArtifactReader):
                  signatures=()):
         super().__init__(manifest, source, timings, signatures)
         self._tiers = tiers
+        self.identity = tiers.identity
 
     def raw_blobs(self, chunks: int | None = None):
         refs = self.manifest.blob_refs(chunks)
@@ -75,8 +79,10 @@ class BlobSourceReader(ArtifactReader):
 
 class Tiers:
     def __init__(self, local: LocalStore, peers: list[CacheClient] = (), cloud: CacheClient | None = None,
-                 parallel: int = 4, policy: TrustPolicy | None = None, warn: Warn | None = None):
+                 parallel: int = 4, policy: TrustPolicy | None = None, warn: Warn | None = None,
+                 identity: Identity | None = None):
         self.local = local
+        self.identity = identity
         self.parallel = parallel  # blob requests in flight at once
         self.policy = policy
         self.warn = warn or (lambda message: None)
@@ -134,12 +140,14 @@ class Tiers:
             self.bytes_by_source[source] += len(data)
 
     def manifest(self, artifact_id: str) -> Manifest:
-        data = self.local.get_manifest(artifact_id)
-        if data is None:
-            for name, client in self.remotes:
-                data = self._ask(name, lambda: client.get_manifest(artifact_id))
-                if data is not None:
-                    break
+        """The manifest an id names, from the first tier that sends bytes hashing to it (a tier that
+        sends others is passed over for the next)."""
+        for name, data in self._answers(lambda store: store.get_manifest(artifact_id)):
+            if data is not None and sha256_digest(data) == artifact_id:
+                break
+            if data is not None:
+                self.warn(f"warning: {name} holds a manifest that does not hash to {artifact_id}; passed over")
+                data = None
         if data is None:
             where = f"artifact {artifact_id} not found locally{' or at ' if self.remotes else ''}" \
                     f"{', '.join(n for n, _ in self.remotes)}"
@@ -327,7 +335,9 @@ def open_ref(ref: str, sources: Sources, stdin=None, warn: Warn | None = None) -
     """A path, '-', a .tar file, an artifact id, a tag, or a server URL -> a reader (and the tiers it
     uses), checked against the sources' trust policy before any blob is read."""
     if ref == "-" or Path(ref).exists():
-        return check_reader(open_artifact(ref, stdin=stdin), sources.trust), None
+        reader = check_reader(open_artifact(ref, stdin=stdin), sources.trust)
+        reader.identity = sources.identity
+        return reader, None
     url = split_url_ref(ref)
     if url:
         server, ref = url
@@ -335,7 +345,7 @@ def open_ref(ref: str, sources: Sources, stdin=None, warn: Warn | None = None) -
         if server not in peers and server != cloud:
             peers = [*peers, server] if cloud else peers
             cloud = cloud or server
-        sources = Sources(tuple(peers), cloud, sources.token, sources.chunk_size, sources.trust)
+        sources = replace(sources, peers=tuple(peers), cloud=cloud)
     if not DIGEST.match(ref) and "/" in ref:
         raise UsageError(f"{ref}: no such file, and not an artifact id, tag or URL")
     tiers = sources.tiers(warn)
