@@ -18,16 +18,21 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server not installed (apt-get install redis-server; .ci/run does)")
 
 
-@pytest.fixture()
-def redis_url(tmp_path):
+def start_redis(tmp_path, *settings: str):
     port = free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+                             "--appendonly", "no", "--dir", str(tmp_path), *settings], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
         assert time.monotonic() < deadline, "redis-server did not start"
         time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0"
+    return f"redis://127.0.0.1:{port}/0", proc
+
+
+@pytest.fixture()
+def redis_url(tmp_path):
+    url, proc = start_redis(tmp_path)
+    yield url
     proc.terminate()
     proc.wait(timeout=20)
 
@@ -54,3 +59,29 @@ def test_two_servers_over_one_redis_share_everything(redis_url, tiny_qwen, tmp_p
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_full_redis_refuses_the_push_and_every_push_that_exited_0_can_be_pulled(tiny_qwen, tmp_path):
+    """maxmemory with noeviction, as the README says to run it: a push that does not fit gets 507 and
+    exits 4, and the artifacts pushed before it are still whole."""
+    url, proc = start_redis(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server = Server(tmp_path / "unused", "--backend", url)
+    try:
+        stored, refused = [], []
+        for index in range(6):  # ~0.6 MB each: Redis is full after two or three
+            (tmp_path / f"{index}.txt").write_text(CONTEXT * 3 + f"# context {index}\n")
+            run_cli("prefill", "-m", str(tiny_qwen), "-c", str(tmp_path / f"{index}.txt"), "-o", str(tmp_path / f"{index}.kv"),
+                    check=True)
+            result = run_cli("push", str(tmp_path / f"{index}.kv"), server.url, "--json")
+            (stored if result.returncode == 0 else refused).append((index, result))
+        assert stored and refused, "the store should take some and refuse some"
+        assert all(result.returncode == 4 and b"full" in result.stderr for _, result in refused), refused[0][1].stderr
+        for index, result in stored:
+            run_cli("pull", f"{server.url}/v1/artifacts/{json.loads(result.stdout)['id']}", "--out",
+                    str(tmp_path / f"back-{index}.kv"), check=True)
+            assert (tmp_path / f"back-{index}.kv" / "manifest.json").read_bytes() == \
+                (tmp_path / f"{index}.kv" / "manifest.json").read_bytes()
+    finally:
+        server.stop()
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,13 +1,15 @@
 """A Redis-backed store: many serve-cache processes (on one machine or several) sharing one store.
 
 Keys: `celslm:<kind>:<name>` for blobs, manifests, tags and prefixes, plus `celslm:usage` (blob bytes).
-Capacity is Redis's own business here: run it with `maxmemory` and `maxmemory-policy allkeys-lru`.
+Capacity is Redis's own business here. Run it with `maxmemory` and `maxmemory-policy noeviction`:
+a full Redis then refuses the write, and the push gets 507 and exits 4. An evicting policy
+(`allkeys-lru`) would drop single blobs of stored artifacts, losing them silently.
 """
 
 from __future__ import annotations
 
 from celslm.artifact import check_digest
-from celslm.errors import UnavailableError
+from celslm.errors import InsufficientStorage, UnavailableError
 from celslm.store.base import HashingWriter, Store
 
 
@@ -23,7 +25,8 @@ class RedisBlobWriter(HashingWriter):
         self._parts.append(chunk)
 
     def _keep(self) -> None:
-        if self.store.redis.set(self.store.key("blobs", check_digest(self.digest)), b"".join(self._parts), nx=True):
+        key = self.store.key("blobs", check_digest(self.digest))
+        if self.store.guarded(lambda: self.store.redis.set(key, b"".join(self._parts), nx=True)):
             self.store.redis.incrby(self.store.key("usage"), self.size)
 
     def abort(self) -> None:
@@ -49,7 +52,16 @@ class RedisStore(Store):
         return self.redis.get(self.key(kind, name))
 
     def _write(self, kind: str, name: str, data: bytes) -> None:
-        self.redis.set(self.key(kind, name), data)
+        self.guarded(lambda: self.redis.set(self.key(kind, name), data))
+
+    def guarded(self, write):
+        """A write; a Redis at its `maxmemory` refuses it (OOM), which is the store being full (507)."""
+        import redis
+
+        try:
+            return write()
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise InsufficientStorage(f"Redis at {self.url} is full (its maxmemory): {exc}") from exc
 
     def has_blob(self, digest: str) -> bool:
         return bool(self.redis.exists(self.key("blobs", check_digest(digest))))
