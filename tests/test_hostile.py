@@ -14,7 +14,7 @@ from tests.test_resilience import FaultServer, decode, published  # noqa: F401 -
 
 
 def test_a_peer_sending_an_endless_body_is_refused_and_the_cloud_answers(published, tiny_qwen):  # noqa: F811
-    folder, _, expected = published
+    folder, manifest, expected = published
     for mode in ("huge", "huge-declared"):
         peer, cloud = FaultServer(folder / "store", mode=mode), FaultServer(folder / "store")
         try:
@@ -24,6 +24,8 @@ def test_a_peer_sending_an_endless_body_is_refused_and_the_cloud_answers(publish
             cloud.close()
         assert out["text"] == expected["text"]
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 << 20  # KiB: never near the 2 GB sent
+        # the peer is asked no more after its first bad blob: only what was already in flight (4 at a time)
+        assert peer.blob_requests <= 8 < len(manifest.blob_refs()), peer.blob_requests
 
 
 def test_a_trickling_peer_is_abandoned_at_its_deadline(published, tiny_qwen):  # noqa: F811

@@ -106,8 +106,8 @@ class Tiers:
             return None
 
     def blob(self, ref: BlobRef) -> bytes | None:
-        """A blob's verified bytes from the first tier that has them (a peer's refused or late copy
-        sends the fetch on to the next tier), or None."""
+        """A blob's verified bytes from the first tier that has them, or None. A peer's refused or late
+        copy sends the fetch on to the next tier, and that peer is not asked again this session."""
         digest = ref.digest
         data = self.local.read_blob(digest)  # verified; a corrupt copy is quarantined, then replaced below
         if data is not None:
@@ -118,6 +118,9 @@ class Tiers:
                 data = self._ask(name, lambda: client.get_blob(digest, ref.size))
             except IntegrityError as exc:
                 self.refused[digest] = str(exc)  # a corrupt copy is refused; try the next tier
+                if name in self.peer_names and name not in self.down:  # and a peer that sent one is asked no more
+                    self.down[name] = f"sent a bad blob ({exc})"
+                    self.warn(f"warning: {name} sent a bad blob; not asked again ({exc})")
                 continue
             if data is not None:
                 self._count(name, data)
