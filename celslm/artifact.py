@@ -578,7 +578,13 @@ class ArtifactReader:
             return
         key = content_key(encryption, self.identity, self.source)
         for ref, data in self.blobs(chunks):
-            yield ref, open_blob(key, data, ref.media_type, f"{self.source}: {self.manifest.describe(ref)}")
+            yield ref, self._opened(key, ref, data)
+
+    def _opened(self, key: bytes, ref: BlobRef, data: bytes) -> bytes:
+        try:
+            return open_blob(key, data, ref.media_type)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{self.source}: {self.manifest.describe(ref)} {exc}") from exc
 
     def problems(self) -> list[str]:
         """Everything wrong with the artifact, without stopping at the first problem. The token ids of
@@ -596,7 +602,7 @@ class ArtifactReader:
                 if problem:
                     found.append(problem)
                 elif ref.media_type == MEDIA_TOKENS and (m.encryption is None or key):
-                    token_ids = decode_tokens(open_blob(key, data, ref.media_type, m.describe(ref)) if key else data)
+                    token_ids = decode_tokens(self._opened(key, ref, data) if key else data)
         except IntegrityError as exc:  # a truncated stream or a blob that does not open: nothing more can be read
             found.append(str(exc).removeprefix(f"{self.source}: "))
         if token_ids is not None:

@@ -131,16 +131,17 @@ def seal_blob(content_key: bytes, data: bytes, media_type: str) -> bytes:
     return nonce + _aead(content_key).encrypt(nonce, data, BLOB_AAD + media_type.encode())
 
 
-def open_blob(content_key: bytes, data: bytes, media_type: str, what: str) -> bytes:
-    """A blob's plaintext; IntegrityError if it does not open under the key (forged, or another artifact's)."""
+def open_blob(content_key: bytes, data: bytes, media_type: str) -> bytes:
+    """A blob's plaintext; IntegrityError (saying what is wrong, not naming the blob) if it does not
+    open under the key: forged, or another artifact's."""
     from cryptography.exceptions import InvalidTag
 
     if len(data) < OVERHEAD_BYTES:
-        raise IntegrityError(f"{what} is {len(data)} bytes, shorter than any encrypted blob")
+        raise IntegrityError(f"is {len(data)} bytes, shorter than any encrypted blob")
     try:
         return _aead(content_key).decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], BLOB_AAD + media_type.encode())
     except InvalidTag as exc:
-        raise IntegrityError(f"{what} does not decrypt with the artifact's key (forged, or from another artifact)") from exc
+        raise IntegrityError("does not decrypt with the artifact's key (forged, or from another artifact)") from exc
 
 
 def load_recipients(paths) -> list[bytes]:

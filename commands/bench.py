@@ -16,6 +16,12 @@ from celslm.errors import UsageError
 from celslm.models import load_model
 from .common import FLAG, for_option, JsonOpt, ModelOpt, examples, log, out_console, parse_budget, print_json, progress_bar
 
+# What the whole-process benchmarks (edge, hostile) share
+StdlibTokensOpt = Annotated[int, typer.Option("--tokens", min=16, help="Context length in tokens (standard-library source).")]
+RunTokensOpt = Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per run (greedy).")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, max=20, help="Interleaved repetitions of every row.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="Threads for every engine (default: all cores).")]
+
 app = typer.Typer(help="Benchmarks that print their figures (ratios measured in one run).",
                   no_args_is_help=True, rich_markup_mode="rich")
 
@@ -233,11 +239,11 @@ def serve_(
     "celslm bench edge -m qwen2.5-coder-0.5b --tokens 1024 --new-tokens 32 --repeats 2 --no-transformers --json"))
 def edge_(
     model: ModelOpt,
-    tokens: Annotated[int, typer.Option("--tokens", min=16, help="Context length in tokens (standard-library source).")] = 2048,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per run (greedy).")] = 64,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, max=20, help="Interleaved repetitions of every row.")] = 3,
+    tokens: StdlibTokensOpt = 2048,
+    new_tokens: RunTokensOpt = 64,
+    repeats: RepeatsOpt = 3,
     transformers: Annotated[bool, typer.Option("--transformers/--no-transformers", metavar=FLAG, help="Include celslm edge-only on transformers (the slowest row).")] = True,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Threads for every engine (default: all cores).")] = None,
+    threads: ThreadsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Whole processes on one GGUF: celslm decode from an artifact vs llama.cpp restoring its own state, and edge-only."""
@@ -266,6 +272,47 @@ def edge_(
                       f"({fmt(ratios['state_bytes_vs_artifact'], '.1f')}x larger); llama.cpp edge-only first byte is "
                       f"{fmt(ratios['first_byte_llama_edge_only_vs_kv'], '.1f')}x later than celslm --kv, "
                       f"{fmt(ratios['first_byte_llama_edge_only_vs_warm'], '.1f')}x later than the warm service")
+
+
+@app.command("hostile", epilog=examples(
+    "celslm bench hostile -m smollm2-135m",
+    "celslm bench hostile -m qwen2.5-coder-0.5b --tokens 2048 --repeats 3 --json"))
+def hostile_(
+    model: ModelOpt,
+    tokens: StdlibTokensOpt = 1024,
+    new_tokens: RunTokensOpt = 16,
+    repeats: RepeatsOpt = 2,
+    threads: ThreadsOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """A hostile peer against an edge under --trust (whole processes), and what signing and encryption cost."""
+    from celslm.bench import hostile as hostile_bench
+
+    with progress_bar() as progress:
+        loaded = load_model(model, progress, engine="transformers")
+        result = hostile_bench.run(loaded, model, tokens=tokens, new_tokens=new_tokens, repeats=repeats, threads=threads,
+                                   progress=progress)
+    if json_:
+        print_json(result)
+        return
+    table = Table("edge run (--trust cloud.pub)", "answer", "total s", "load s", "peak MiB", "peak / normal",
+                  title=f"{result['model']}: {result['context_tokens']}-token context (balanced, "
+                        f"{result['artifact_bytes']:,} bytes), {result['new_tokens']} new tokens, median of "
+                        f"{result['repeats']} interleaved runs")
+    for r in result["rows"]:
+        table.add_row(r["label"], "normal" if r["answered_normally"] else "OTHER", f"{r['total_s']:.2f}",
+                      f"{r['load_s']:.3f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_vs_normal']:.2f}")
+    out_console.print(table)
+    costs = result["costs_ms"]
+    out_console.print(f"hostile peers: every answer normal: {'yes' if result['every_hostile_row_answered_normally'] else 'NO'}; "
+                      f"worst peak memory {result['worst_peak_vs_normal']:.2f}x normal; the trickle cost "
+                      f"{result['trickle_extra_s']:+.1f} s")
+    out_console.print(f"signing (ms per call): sign artifact {costs['sign_artifact']:.3f}, verify artifact "
+                      f"{costs['verify_artifact']:.3f}, sign tag {costs['sign_tag']:.3f}, verify tag {costs['verify_tag']:.3f}")
+    out_console.print(f"encryption: load time encrypted / plain at {result['link']}: {result['decrypt_load_ratio']:.3f}x; "
+                      f"sealing {result['seal_s'] * 1000:.1f} ms, decrypting {result['decrypt_s'] * 1000:.1f} ms "
+                      f"({result['decrypt_mb_s']} MB/s) for {result['sealed_bytes']:,} bytes, unwrapping the key "
+                      f"{costs['unwrap_content_key']:.3f} ms")
 
 
 @app.command("engines", epilog=examples(

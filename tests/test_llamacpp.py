@@ -331,3 +331,19 @@ def test_the_command_line_starts_loading_the_gguf_only_where_decode_would_run_it
                  ("decode", "-m", "tiny", "--engine", "transformers"), ("decode", "-m", str(folder), "-p", "x"),
                  ("prefill", "-m", str(tiny_gguf)), ("decode", "-m", "absent"), ()):
         assert guess(*argv) is None, argv
+
+
+def test_bench_hostile_answers_every_hostile_peer_row_from_the_cloud(tmp_path, monkeypatch):
+    """Whole decode processes under --trust: each hostile peer (forged tag, huge body, huge declared size,
+    huge counts, trickle) leaves the answer and the artifact the normal run had."""
+    gguf = save_tiny_gguf(tmp_path / "tiny.gguf", "llama", seed=5)
+    out = run_cli("bench", "hostile", "-m", str(gguf), "--tokens", "96", "--new-tokens", "4", "--repeats", "1", "--json",
+                  env={"CELSLM_TIMEOUT": "2"}, check=True)  # the trickle is abandoned at a 2 s deadline
+    result = json.loads(out.stdout)
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {"normal", "forged", "huge", "declared", "counts", "trickle", "plain-link", "sealed-link"}
+    assert result["every_hostile_row_answered_normally"] and all(r["answered_normally"] for r in rows.values())
+    assert {r["artifact"] for key, r in rows.items() if not key.endswith("-link")} == {rows["normal"]["artifact"]}
+    assert rows["sealed-link"]["artifact"] != rows["plain-link"]["artifact"]
+    assert result["link"].startswith("emulated") and result["decrypt_load_ratio"] > 0
+    assert all(ms > 0 for ms in result["costs_ms"].values())

@@ -1,0 +1,190 @@
+"""bench hostile: what a hostile peer can do to an edge under a trust policy, and what trust and
+confidentiality cost, measured as a user runs the edge (whole `celslm decode` processes).
+
+Set up in a temporary folder: the cloud's signing key, a stranger's, and an edge's encryption key;
+a standard-library context prefilled here (as the cloud would) and compressed with `balanced`,
+signed, plain and encrypted for the edge; a second context (B) signed by the stranger. The cloud is
+a real serve-cache process holding both of the cloud's artifacts under signed tags.
+
+Rows, each `celslm decode --kv ctx:latest --cloud CLOUD --trust cloud.pub` with a fresh edge cache:
+  normal         no peer
+  forged tag     a real serve-cache peer whose ctx:latest (signed by the stranger) names context B
+  huge body      a peer answering every blob with an endless undeclared body (2 GB)
+  huge declared  a peer declaring 10 GB for every blob
+  huge counts    a peer answering every manifest with one declaring 10^9 tokens
+  trickle        a peer sending one byte a second
+Each says whether the answer is the normal one, its seconds and its own peak memory (wait4).
+
+Confidentiality: `decode --kv DIR --link 100mbit --no-pipeline`, plain vs encrypted (`--identity`),
+its `load_s`; the link is emulated and labelled so. Signing and verification: in-process, per call.
+Repetitions are interleaved (every row, then every row again): read the ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from celslm import prompting
+from celslm.artifact import MemoryReader, seal_artifact, write_dir
+from celslm.bench.concurrency import CLI, CloudProcess, free_port
+from celslm.bench.edge import timed
+from celslm.bench.ttft import stdlib_context
+from celslm.blocks import recode
+from celslm.codecs import parse_codec
+from celslm.confidential import Identity, open_blob
+from celslm.models import LoadedModel, celslm_home
+from celslm.store.http import CacheClient
+from celslm.store.tiers import push
+from celslm.trust import (TrustPolicy, generate_key, load_private_key, load_public_key, sign_artifact, sign_tag)
+
+PROMPT = "What does this code do? Answer briefly."
+HOSTILE_PEER = Path(__file__).with_name("hostile_peer.py")
+LINK = "100mbit"
+PEER_ROWS = (
+    ("forged", "forged tag (signed by a stranger, names context B)"),
+    ("huge", "huge body (2 GB, no length declared)"),
+    ("declared", "huge declared (10 GB Content-Length)"),
+    ("counts", "huge counts (manifest declaring 10^9 tokens)"),
+    ("trickle", "trickle (1 byte/s)"),
+)
+
+
+def _json_out(stderr: str, stdout: str) -> tuple[int, float | None, str]:
+    report = json.loads(stdout)
+    return report["new_tokens"], None, stdout
+
+
+def _per_call_ms(call: Callable[[], object], count: int = 200) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        call()
+    return round((time.perf_counter() - started) / count * 1000, 4)
+
+
+def _edge_home(work: Path, index: int) -> Path:
+    """A fresh CELSLM_HOME whose models are the user's: every run starts with an empty edge cache."""
+    home = work / f"home-{index}"
+    home.mkdir()
+    (home / "models").symlink_to(celslm_home() / "models", target_is_directory=True)
+    return home
+
+
+def run(loaded: LoadedModel, spec: str, *, tokens: int = 1024, new_tokens: int = 16, repeats: int = 2,
+        threads: int | None = None, progress: Callable[[str, int, int | None], None] | None = None) -> dict:
+    """`loaded` is the model on transformers (the cloud's prefill); `spec` names it for the edges."""
+    from celslm.prefill import prefill
+
+    threads = threads or os.cpu_count() or 1
+    base_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "CELSLM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    framing = prompting.default_framing(loaded.tokenizer)
+    text = stdlib_context(loaded.tokenizer, tokens)
+    with tempfile.TemporaryDirectory(prefix="celslm-bench-hostile-") as tmp:
+        work = Path(tmp)
+        keys = {name: generate_key(str(work / name), kind=kind)
+                for name, kind in (("cloud", "signing"), ("stranger", "signing"), ("edge", "encryption"))}
+        cloud_key, stranger_key = load_private_key(keys["cloud"][0]), load_private_key(keys["stranger"][0])
+        if progress:
+            progress("prefill (the cloud's artifacts, transformers)", 0, None)
+        codec = parse_codec("balanced")
+        plain = recode(MemoryReader(prefill(loaded, prompting.context_ids(loaded.tokenizer, text, framing), framing=framing)), codec)
+        other = recode(MemoryReader(prefill(loaded, prompting.context_ids(loaded.tokenizer, text + "\n# B\n", framing),
+                                            framing=framing)), codec)
+        started = time.perf_counter()
+        sealed = seal_artifact(plain, [load_public_key(keys["edge"][1], "encryption")])
+        seal_s = time.perf_counter() - started
+        for artifact, signer in ((plain, cloud_key), (sealed, cloud_key), (other, stranger_key)):
+            artifact.signatures = (sign_artifact(signer, artifact.id),)
+        write_dir(plain, work / "plain.kv")
+        write_dir(sealed, work / "sealed.kv")
+
+        cloud_port, peer_port = free_port(), free_port()
+        servers = [CloudProcess(CLI + ["serve-cache", "--root", str(work / "cloud-store"), "--port", str(cloud_port)], cloud_port)]
+        try:
+            servers.append(CloudProcess(CLI + ["serve-cache", "--root", str(work / "peer-store"), "--port", str(peer_port)], peer_port))
+            cloud, forger = (CacheClient(s.url) for s in servers)
+            push(MemoryReader(plain), cloud, "ctx:latest", signed_tag=sign_tag(cloud_key, "ctx:latest", plain.id, 3600))
+            push(MemoryReader(sealed), cloud, "ctx-enc:latest", signed_tag=sign_tag(cloud_key, "ctx-enc:latest", sealed.id, 3600))
+            push(MemoryReader(other), forger, "ctx:latest", signed_tag=sign_tag(stranger_key, "ctx:latest", other.id, 3600))
+            peers = {"forged": servers[1].url}
+            for mode in ("huge", "declared", "counts", "trickle"):
+                port = free_port()
+                servers.append(CloudProcess([sys.executable, str(HOSTILE_PEER), str(work / "cloud-store"), str(port), mode], port))
+                peers[mode] = servers[-1].url
+
+            decode = CLI + ["decode", "-m", spec, "-p", PROMPT, "-n", str(new_tokens), "--json"]
+            by_tag = decode + ["--kv", "ctx:latest", "--cloud", servers[0].url, "--trust", str(keys["cloud"][1])]
+            configs = [("normal", "normal (no peer)", by_tag)]
+            configs += [(key, label, by_tag + ["--peer", peers[key]]) for key, label in PEER_ROWS]
+            configs += [("plain-link", f"plain artifact, emulated {LINK}",
+                         decode + ["--kv", str(work / "plain.kv"), "--link", LINK, "--no-pipeline"]),
+                        ("sealed-link", f"encrypted artifact, emulated {LINK}",
+                         decode + ["--kv", str(work / "sealed.kv"), "--identity", str(keys["edge"][0]), "--link", LINK,
+                                   "--no-pipeline"])]
+            runs: dict[str, list] = {key: [] for key, _, _ in configs}
+            total, index = repeats * len(configs), 0
+            for rep in range(repeats):
+                for key, label, cmd in configs:
+                    if progress:
+                        progress(f"run {rep + 1}/{repeats}: {label}", index, total)
+                    env = {**base_env, "CELSLM_HOME": str(_edge_home(work, index))}
+                    runs[key].append(timed(cmd, env, _json_out, work, limit_s=300))
+                    index += 1
+        finally:
+            for server in servers:
+                server.stop()
+
+        identity = Identity.load([keys["edge"][0]])
+        content_key = identity.unwrap(sealed.manifest.encryption, "sealed")
+        refs = sealed.manifest.blob_refs()
+        started = time.perf_counter()
+        for ref in refs:
+            open_blob(content_key, sealed.blobs[ref.digest], ref.media_type)
+        decrypt_s = time.perf_counter() - started
+        policy = TrustPolicy.load([keys["cloud"][1]])
+        statement = sign_tag(cloud_key, "ctx:latest", plain.id, 3600)
+        costs_ms = {
+            "sign_artifact": _per_call_ms(lambda: sign_artifact(cloud_key, plain.id)),
+            "verify_artifact": _per_call_ms(lambda: policy.check_artifact(plain.id, plain.signatures, "")),
+            "sign_tag": _per_call_ms(lambda: sign_tag(cloud_key, "ctx:latest", plain.id, 3600)),
+            "verify_tag": _per_call_ms(lambda: policy.check_tag("ctx:latest", statement, "")),
+            "unwrap_content_key": _per_call_ms(lambda: identity.unwrap(sealed.manifest.encryption, "sealed"), 50),
+        }
+    return _summary(spec, runs, configs, plain, sealed, seal_s, decrypt_s, costs_ms, new_tokens, repeats, threads)
+
+
+def _summary(spec, runs, configs, plain, sealed, seal_s, decrypt_s, costs_ms, new_tokens, repeats, threads) -> dict:
+    med = lambda values: round(statistics.median(values), 4)  # noqa: E731
+    reports = {key: [json.loads(r.text) for r in rs] for key, rs in runs.items()}
+    normal_text = reports["normal"][0]["text"]
+    normal_peak = max(r.peak_rss_mib for r in runs["normal"])
+    rows = []
+    for key, label, _ in configs:
+        peak = max(r.peak_rss_mib for r in runs[key])
+        rows.append({"key": key, "label": label, "runs": len(runs[key]),
+                     "answered_normally": all(r["text"] == normal_text for r in reports[key]),
+                     "artifact": reports[key][-1]["artifact"], "total_s": med([r.total_s for r in runs[key]]),
+                     "load_s": med([r["load_s"] for r in reports[key]]), "peak_rss_mib": round(peak, 1),
+                     "peak_vs_normal": round(peak / normal_peak, 3),
+                     "bytes_by_source": reports[key][-1]["bytes_by_source"]})
+    by_key = {row["key"]: row for row in rows}
+    blob_bytes = sealed.manifest.blob_bytes()
+    return {
+        "model": spec, "context_tokens": plain.manifest.token_count, "new_tokens": new_tokens, "repeats": repeats,
+        "threads": threads, "artifact_bytes": plain.manifest.blob_bytes(), "sealed_bytes": blob_bytes,
+        "rows": rows,
+        "worst_peak_vs_normal": max(row["peak_vs_normal"] for row in rows if row["key"] in dict(PEER_ROWS)),
+        "every_hostile_row_answered_normally": all(by_key[k]["answered_normally"] for k in dict(PEER_ROWS)),
+        "trickle_extra_s": round(by_key["trickle"]["total_s"] - by_key["normal"]["total_s"], 3),
+        "link": f"emulated {LINK}",
+        "decrypt_load_ratio": round(by_key["sealed-link"]["load_s"] / by_key["plain-link"]["load_s"], 4),
+        "seal_s": round(seal_s, 4), "decrypt_s": round(decrypt_s, 4),
+        "decrypt_mb_s": round(blob_bytes / decrypt_s / 1e6, 1) if decrypt_s > 0 else None,
+        "costs_ms": costs_ms,
+    }
