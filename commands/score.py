@@ -10,7 +10,8 @@ import typer
 from celslm.artifact import open_artifact
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
-from .common import EngineOpt, JsonOpt, for_option, ModelOpt, examples, print_json, progress_bar, read_file_or_stdin
+from .common import (EngineOpt, IdentityOpt, JsonOpt, for_option, ModelOpt, examples, identity, identity_hint, print_json,
+                     progress_bar, read_file_or_stdin)
 
 EPILOG = examples(
     "celslm score -m qwen2.5-coder-0.5b --kv sched.kv --continuation next.py",
@@ -25,6 +26,7 @@ def score(
     kv: Annotated[str | None, typer.Option("--kv", help="Context artifact; without it the continuation is scored alone.")] = None,
     ref: Annotated[str | None, typer.Option("--ref", help="Reference artifact: adds top-1 next-token agreement with decoding from it.")] = None,
     engine: EngineOpt = None,
+    identity_: IdentityOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Mean negative log-likelihood and perplexity of a continuation after an artifact's context."""
@@ -34,6 +36,7 @@ def score(
     if continuation == "-" and "-" in (kv, ref):
         raise UsageError("only one of --continuation, --kv and --ref can read stdin")
     text = read_file_or_stdin(continuation, "--continuation")
+    keys = identity(identity_)
     with progress_bar() as progress:
         with for_option("--engine"):
             engine = default_engine(model, engine)
@@ -41,8 +44,12 @@ def score(
     ids = loaded.tokenizer(text, add_special_tokens=kv is None)["input_ids"]
 
     def logits_after(artifact: str | None):
-        ctx = context_from_artifact(loaded, open_artifact(artifact, stdin=sys.stdin.buffer)) if artifact else None
-        return continuation_logits(loaded, ctx, ids)
+        if artifact is None:
+            return continuation_logits(loaded, None, ids)
+        reader = open_artifact(artifact, stdin=sys.stdin.buffer)
+        reader.identity = keys
+        with identity_hint():
+            return continuation_logits(loaded, context_from_artifact(loaded, reader), ids)
 
     logits, targets = logits_after(kv)
     reference = logits_after(ref)[0] if ref else None

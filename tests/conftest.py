@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from celslm.artifact import DirectoryReader
+from celslm.store.local import LocalStore
 from tests.tiny import save_tiny_model
 
 CLI = [sys.executable, "-c", "from celslm.commands.main import run; run()"]
@@ -83,6 +86,7 @@ def _run_in_process(args: list[str], input: bytes | None, env: dict | None) -> s
     return subprocess.CompletedProcess(["celslm", *args], code, streams[1].buffer.getvalue(), streams[2].buffer.getvalue())
 
 
+GREET_PROMPT = "What does greet return?"
 CONTEXT = (
     "def greet(name):\n    \"\"\"Return a greeting for name.\"\"\"\n    return 'Hello, ' + name + '!'\n\n"
     "class Counter:\n    def __init__(self):\n        self.count = 0\n\n    def bump(self):\n        self.count += 1\n"
@@ -97,6 +101,22 @@ def prefilled(tiny_qwen, tmp_path_factory) -> Path:
     run_cli("prefill", "-m", str(tiny_qwen), "-c", str(folder / "ctx.txt"), "-o", str(folder / "a.kv"),
             "--chunk-size", "64", check=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def published(prefilled, tiny_qwen):
+    """What the resilience and hostile-peer tests' cloud holds: the prefilled artifact in a store
+    directory, tagged `ctx`; with its manifest and the answer decoded from it locally."""
+    folder = prefilled
+    reader = DirectoryReader(folder / "a.kv")
+    store = LocalStore(folder / "store")
+    for ref, data in reader.blobs():
+        store.put_blob(ref.digest, data)
+    assert store.put_manifest(reader.id, reader.manifest.canonical_bytes()) == []
+    store.put_tag("ctx", reader.id)
+    expected = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", str(folder / "a.kv"), "-p", GREET_PROMPT, "-n", "6",
+                                  "--json", check=True).stdout)
+    return folder, reader.manifest, expected
 
 
 # Two tiny Qwen2 models sharing the byte tokenizer: different depths (5 vs 3) and head dims (24 vs 16),

@@ -134,3 +134,14 @@ def test_an_encrypted_tar_stream_decodes_from_stdin(sealed, tiny_qwen):
     result = run_cli("decode", "-m", str(tiny_qwen), "--kv", "-", "-p", PROMPT, "-n", "8", "--json",
                      "--identity", str(sealed / "edge1.key"), input=stream, check=True)
     assert json.loads(result.stdout)["text"] == plain["text"]
+
+
+def test_score_reads_an_encrypted_artifact_with_its_identity(sealed, tiny_qwen, tmp_path):
+    (tmp_path / "next.txt").write_text("def main():\n    return greet('x')\n")
+    common = ["score", "-m", str(tiny_qwen), "--continuation", str(tmp_path / "next.txt"), "--json"]
+    plain = json.loads(run_cli(*common, "--kv", str(sealed / "plain.kv"), check=True).stdout)
+    opened = json.loads(run_cli(*common, "--kv", str(sealed / "e.kv"), "--identity", str(sealed / "edge1.key"),
+                                check=True).stdout)
+    assert opened["nll"] == plain["nll"] and opened["tokens"] == plain["tokens"]
+    refused = run_cli(*common, "--kv", str(sealed / "e.kv"))
+    assert refused.returncode == EXIT_USAGE and b"--identity" in refused.stderr

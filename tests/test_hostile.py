@@ -10,10 +10,10 @@ import time
 
 from celslm.artifact import canonical_json, sha256_digest
 from celslm.errors import EXIT_INTEGRITY
-from tests.test_resilience import FaultServer, decode, published  # noqa: F401 - the fixture
+from tests.test_resilience import FaultServer, decode
 
 
-def test_a_peer_sending_an_endless_body_is_refused_and_the_cloud_answers(published, tiny_qwen):  # noqa: F811
+def test_a_peer_sending_an_endless_body_is_refused_and_the_cloud_answers(published, tiny_qwen):
     folder, manifest, expected = published
     for mode in ("huge", "huge-declared"):
         peer, cloud = FaultServer(folder / "store", mode=mode), FaultServer(folder / "store")
@@ -28,7 +28,7 @@ def test_a_peer_sending_an_endless_body_is_refused_and_the_cloud_answers(publish
         assert peer.blob_requests <= 8 < len(manifest.blob_refs()), peer.blob_requests
 
 
-def test_a_trickling_peer_is_abandoned_at_its_deadline(published, tiny_qwen):  # noqa: F811
+def test_a_trickling_peer_is_abandoned_at_its_deadline(published, tiny_qwen):
     folder, _, expected = published
     peer, cloud = FaultServer(folder / "store", mode="trickle"), FaultServer(folder / "store")
     started = time.monotonic()
@@ -42,7 +42,7 @@ def test_a_trickling_peer_is_abandoned_at_its_deadline(published, tiny_qwen):  #
     assert time.monotonic() - started < 20  # the trickle would last a minute per blob
 
 
-def test_a_manifest_declaring_a_billion_tokens_is_refused_before_anything_is_built(published, tiny_qwen):  # noqa: F811
+def test_a_manifest_declaring_a_billion_tokens_is_refused_before_anything_is_built(published, tiny_qwen):
     folder, manifest, _ = published
     obj = json.loads(manifest.canonical_bytes())
     obj["tokens"]["count"] = 10**9
@@ -58,7 +58,7 @@ def test_a_manifest_declaring_a_billion_tokens_is_refused_before_anything_is_bui
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 << 20
 
 
-def test_a_peer_sending_another_manifest_for_an_id_is_passed_over_for_the_cloud(published, tiny_qwen):  # noqa: F811
+def test_a_peer_sending_another_manifest_for_an_id_is_passed_over_for_the_cloud(published, tiny_qwen):
     folder, manifest, expected = published
     obj = json.loads(manifest.canonical_bytes())
     obj["tokens"]["count"] = 10**9

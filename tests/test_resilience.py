@@ -8,16 +8,13 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from aiohttp import web
 
-from celslm.artifact import DirectoryReader
 from celslm.errors import EXIT_UNAVAILABLE
 from celslm.store.local import LocalStore
-from tests.conftest import run_cli
+from tests.conftest import GREET_PROMPT as PROMPT, run_cli
 from tests.netutil import free_port
 
-PROMPT = "What does greet return?"
 
 
 class FaultServer:
@@ -100,21 +97,6 @@ class FaultServer:
             self._loop.stop()
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop)
-
-
-@pytest.fixture(scope="module")
-def published(prefilled, tiny_qwen):
-    """An artifact in a store directory (what a cloud holds), plus the context it came from."""
-    folder = prefilled
-    reader = DirectoryReader(folder / "a.kv")
-    store = LocalStore(folder / "store")
-    for ref, data in reader.blobs():
-        store.put_blob(ref.digest, data)
-    assert store.put_manifest(reader.id, reader.manifest.canonical_bytes()) == []
-    store.put_tag("ctx", reader.id)
-    expected = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", str(folder / "a.kv"), "-p", PROMPT, "-n", "6",
-                                  "--json", check=True).stdout)
-    return folder, reader.manifest, expected
 
 
 def decode(model, *args, env=None, check=True):
