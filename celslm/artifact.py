@@ -48,8 +48,8 @@ from safetensors.numpy import save as st_save
 
 from celslm.codecs import parse_codec
 from celslm.errors import IntegrityError, OutputExists, UsageError
-from celslm.confidential import (Encryption, Identity, content_key, new_content_key, open_blob, prefix_key, seal_blob,
-                                 wrap)
+from celslm.confidential import (Encryption, Identity, blob_aad, blob_key, content_key, new_content_key, open_blob,
+                                 prefix_key, seal_blob, wrap)
 from celslm.trust import Signature, canonical_json, parse_signatures
 
 SCHEMA = "celslm.kv/2"
@@ -257,14 +257,30 @@ class Manifest:
         full, last = divmod(self.token_count, self.chunk_size)
         return [self.chunk_size] * full + ([last] if last else [])
 
-    def blob_refs(self, chunks: int | None = None) -> list[BlobRef]:
-        """Every blob in stream order: the token ids, then per layer its auxiliary blob (if any) and its
-        blocks; with `chunks`, only the blocks of the first `chunks` chunks (a cached prefix)."""
-        refs = [self.tokens]
+    def blob_places(self, chunks: int | None = None) -> list[tuple[BlobRef, str]]:
+        """Every blob in stream order with its place: the token ids ("tokens"), then per layer its
+        auxiliary blob ("basis L", if any) and its blocks ("block L C"); with `chunks`, only the blocks
+        of the first `chunks` chunks (a cached prefix)."""
+        places = [(self.tokens, "tokens")]
         for layer, blocks in enumerate(self.blocks):
             aux = self.layer_aux(layer)
-            refs += ([aux] if aux else []) + list(blocks[:chunks])
-        return refs
+            places += ([(aux, f"basis {layer}")] if aux else []) + \
+                [(ref, f"block {layer} {chunk}") for chunk, ref in enumerate(blocks[:chunks])]
+        return places
+
+    def blob_refs(self, chunks: int | None = None) -> list[BlobRef]:
+        """Every blob in stream order (see `blob_places`)."""
+        return [ref for ref, _ in self.blob_places(chunks)]
+
+    def header_digest(self) -> bytes:
+        """sha256 of every field but the blob references, prefix hashes and recipients: what an
+        encrypted artifact's blobs are sealed under (confidential.blob_aad), so that a manifest that
+        changes any of it, around the same ciphertext, fails to decrypt."""
+        obj = self.to_json()
+        for name in ("blocks", "bases", "prefix_hashes", "encryption"):
+            obj.pop(name, None)
+        obj["tokens"] = {"count": self.token_count, "chunk_size": self.chunk_size}
+        return hashlib.sha256(canonical_json(obj)).digest()
 
     def blob_bytes(self) -> int:
         return sum(ref.size for ref in self.blob_refs())
@@ -456,20 +472,24 @@ def seal_artifact(artifact: Artifact, recipients: list[bytes]) -> Artifact:
     if m.encryption is not None:
         raise UsageError("the artifact is already encrypted")
     key = new_content_key()
+    sealing, header = blob_key(key), m.header_digest()
     blobs: dict[str, bytes] = {}
 
-    def sealed(ref: BlobRef | None) -> BlobRef | None:
+    def sealed(ref: BlobRef | None, place: str) -> BlobRef | None:
         if ref is None:
             return None
-        data = seal_blob(key, artifact.blobs[ref.digest], ref.media_type)
+        data = seal_blob(sealing, artifact.blobs[ref.digest], blob_aad(header, place, ref.media_type))
         out = BlobRef(sha256_digest(data), len(data), ref.media_type)
         blobs[out.digest] = data
         return out
 
     token_ids = decode_tokens(artifact.blobs[m.tokens.digest])
-    manifest = replace(m, tokens=sealed(m.tokens), blocks=tuple(tuple(sealed(r) for r in layer) for layer in m.blocks),
-                       bases=tuple(sealed(r) for r in m.bases), encryption=wrap(key, recipients),
-                       prefix_hashes=tuple(prefix_hashes(token_ids, m.space.fingerprint, m.chunk_size, prefix_key(key))))
+    manifest = replace(
+        m, tokens=sealed(m.tokens, "tokens"), encryption=wrap(key, recipients),
+        blocks=tuple(tuple(sealed(ref, f"block {layer} {chunk}") for chunk, ref in enumerate(refs))
+                     for layer, refs in enumerate(m.blocks)),
+        bases=tuple(sealed(ref, f"basis {layer}") for layer, ref in enumerate(m.bases)),
+        prefix_hashes=tuple(prefix_hashes(token_ids, m.space.fingerprint, m.chunk_size, prefix_key(key))))
     return Artifact(manifest, blobs, artifact.timings)
 
 
@@ -576,39 +596,61 @@ class ArtifactReader:
         if encryption is None:
             yield from self.blobs(chunks)
             return
-        key = content_key(encryption, self.identity, self.source)
+        opened = self._opener(content_key(encryption, self.identity, self.source))
+        places = iter(self.manifest.blob_places(chunks))  # the same stream order as `blobs`
         for ref, data in self.blobs(chunks):
-            yield ref, self._opened(key, ref, data)
+            yield ref, opened(next(places)[1], ref, data)
 
-    def _opened(self, key: bytes, ref: BlobRef, data: bytes) -> bytes:
-        try:
-            return open_blob(key, data, ref.media_type)
-        except IntegrityError as exc:
-            raise IntegrityError(f"{self.source}: {self.manifest.describe(ref)} {exc}") from exc
+    def _opener(self, key: bytes):
+        """(place, ref, ciphertext) -> plaintext under the artifact's content `key`; IntegrityError names the blob."""
+        sealing, header = blob_key(key), self.manifest.header_digest()
+
+        def opened(place: str, ref: BlobRef, data: bytes) -> bytes:
+            try:
+                return open_blob(sealing, data, blob_aad(header, place, ref.media_type))
+            except IntegrityError as exc:
+                raise IntegrityError(f"{self.source}: {self.manifest.describe(ref)} {exc}") from exc
+
+        return opened
 
     def problems(self) -> list[str]:
-        """Everything wrong with the artifact, without stopping at the first problem. The token ids of
-        an encrypted artifact are checked only with an `identity` that opens it."""
+        """Everything wrong with the artifact, without stopping at the first problem. An encrypted
+        artifact's blobs are opened (and its token ids checked) only with an `identity` that opens it."""
         m = self.manifest
         found = []
-        token_ids = None
-        key = content_key(m.encryption, self.identity, self.source) if m.encryption and self.identity else None
+        token_ids, key, opened = None, None, None
+        if m.encryption and self.identity:
+            try:
+                key = content_key(m.encryption, self.identity, self.source)
+                opened = self._opener(key)
+            except IntegrityError as exc:  # a forged or corrupt wrapped key; the digests are still checked
+                found.append(str(exc).removeprefix(f"{self.source}: "))
+        places = iter(m.blob_places())
         try:
             for ref, data in self.raw_blobs():
+                place = next(places)[1]
                 if data is None:
                     found.append(f"{m.describe(ref)} is missing")
                     continue
                 problem = check_blob(ref, data, m)
                 if problem:
                     found.append(problem)
-                elif ref.media_type == MEDIA_TOKENS and (m.encryption is None or key):
-                    token_ids = decode_tokens(self._opened(key, ref, data) if key else data)
-        except IntegrityError as exc:  # a truncated stream or a blob that does not open: nothing more can be read
+                    continue
+                if opened is not None:
+                    try:
+                        data = opened(place, ref, data)
+                    except IntegrityError as exc:
+                        found.append(str(exc).removeprefix(f"{self.source}: "))
+                        continue
+                if ref.media_type == MEDIA_TOKENS and (m.encryption is None or key):
+                    token_ids = decode_tokens(data)
+        except IntegrityError as exc:  # a truncated stream: nothing more can be read
             found.append(str(exc).removeprefix(f"{self.source}: "))
         if token_ids is not None:
+            keyed = prefix_key(key) if key else None
             if len(token_ids) != m.token_count:
                 found.append(f"token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
-            elif tuple(prefix_hashes(token_ids, m.space.fingerprint, m.chunk_size, key and prefix_key(key))) != m.prefix_hashes:
+            elif tuple(prefix_hashes(token_ids, m.space.fingerprint, m.chunk_size, keyed)) != m.prefix_hashes:
                 found.append("prefix hashes do not match the token ids and model space")
         return found
 
@@ -713,13 +755,15 @@ class MemoryReader(ArtifactReader):
             yield ref, self._blobs.get(ref.digest)
 
 
-def open_artifact(ref: str, stdin: BinaryIO | None = None) -> ArtifactReader:
-    """Open a directory, a .tar file, or "-" (a tar stream on stdin)."""
+def open_artifact(ref: str, stdin: BinaryIO | None = None, identity: Identity | None = None) -> ArtifactReader:
+    """Open a directory, a .tar file, or "-" (a tar stream on stdin); `identity` opens it if it is encrypted."""
     if ref == "-":
-        return TarStreamReader(stdin, "<stdin>")
-    path = Path(ref)
-    if path.is_dir():
-        return DirectoryReader(path)
-    if path.is_file():
-        return TarStreamReader(open(path, "rb"), str(path))
-    raise UsageError(f"{ref}: no such KV artifact (a directory, a .tar stream file, or - for stdin)")
+        reader = TarStreamReader(stdin, "<stdin>")
+    elif Path(ref).is_dir():
+        reader = DirectoryReader(Path(ref))
+    elif Path(ref).is_file():
+        reader = TarStreamReader(open(ref, "rb"), ref)
+    else:
+        raise UsageError(f"{ref}: no such KV artifact (a directory, a .tar stream file, or - for stdin)")
+    reader.identity = identity
+    return reader

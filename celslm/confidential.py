@@ -1,19 +1,25 @@
 """Confidential contexts: an artifact whose blobs only its recipients can read.
 
-    content key   32 random bytes, one per artifact (AES-256-GCM)
-    blob          nonce (12 random bytes) || AES-GCM(content key, nonce, plaintext, aad = BLOB_AAD + media type)
+    content key   32 random bytes, one per artifact; it keys nothing itself: HKDF-SHA256 derives the
+                  blob key (info BLOB_INFO) and the prefix key (info PREFIX_INFO) from it
+    blob          nonce (12 random bytes) || AES-256-GCM(blob key, nonce, plaintext, aad), where aad binds
+                  the blob to its place and its manifest: BLOB_AAD || sha256(the manifest's header: every
+                  field but blob references, prefix hashes and recipients) || place ("tokens",
+                  "basis L", "block L C") || media type. Swapping blobs between places, or changing
+                  the token count, codec or model space a blob was sealed under, fails to decrypt.
     recipient     an X25519 key (`celslm keys generate --for encryption`), wrapped for as age does it:
                   an ephemeral X25519 pair; shared = X25519(ephemeral, recipient);
                   wrap key = HKDF-SHA256(shared, salt = ephemeral public || recipient public, info = WRAP_INFO);
                   wrapped = nonce || AES-GCM(wrap key, nonce, content key, aad = WRAP_INFO)
-    prefix key    HKDF-SHA256(content key, info = PREFIX_INFO): the chunk prefix hashes of an encrypted
-                  artifact are keyed with it (artifact.prefix_hashes), so nobody without a recipient's key
-                  can test a guess of the context against them
+    prefix key    keys the chunk prefix hashes of an encrypted artifact (artifact.prefix_hashes), so
+                  nobody without a recipient's key can test a guess of the context against them
 
 Digests are over the ciphertext, so stores, Redis and peers keep, verify and serve an encrypted
 artifact without reading it. The recipients are in the manifest, under its id and signatures. What
 stays readable: the model space, geometry, token and chunk counts, codec and blob sizes. Encryption
 is random, so the same context encrypted twice gives two ids: equal ids would say equal contexts.
+Every recipient holds the content key, so encryption says nothing of who made an artifact: sign it
+after sealing, and decode under `--trust`.
 
 A store answers a plain prefix lookup with no encrypted artifact (its hashes are keyed); an edge
 reaches one by id or tag. `cryptography` is imported only here and in trust.py, when used.
@@ -26,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from celslm.errors import IntegrityError, UsageError
-from celslm.trust import b64, key_id, load_private_key, load_public_key, unb64
+from celslm.trust import b64, key_id, load_private_key, raw_public, unb64
 
 SCHEME = "celslm.seal/1"  # X25519 + HKDF-SHA256 key wrap, AES-256-GCM blobs
 BLOB_AAD = b"celslm blob v1\n"
 WRAP_INFO = b"celslm seal v1 wrap"
+BLOB_INFO = b"celslm seal v1 blob"
 PREFIX_INFO = b"celslm seal v1 prefix"
 NONCE_BYTES, TAG_BYTES, KEY_BYTES = 12, 16, 32
 OVERHEAD_BYTES = NONCE_BYTES + TAG_BYTES  # what encryption adds to each blob
@@ -106,9 +113,17 @@ def prefix_key(content_key: bytes) -> bytes:
     return _hkdf(content_key, None, PREFIX_INFO)
 
 
+def blob_key(content_key: bytes) -> bytes:
+    return _hkdf(content_key, None, BLOB_INFO)
+
+
+def blob_aad(header_digest: bytes, place: str, media_type: str) -> bytes:
+    """What a blob is sealed under besides its key: its manifest's header digest, its place, its media type."""
+    return BLOB_AAD + header_digest + f"{place}\n{media_type}".encode()
+
+
 def wrap(content_key: bytes, recipients: list[bytes]) -> Encryption:
     """The content key wrapped for each recipient's 32-byte X25519 public key (each once)."""
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
     unique = list(dict.fromkeys(recipients))
@@ -117,7 +132,7 @@ def wrap(content_key: bytes, recipients: list[bytes]) -> Encryption:
     wrapped = []
     for public in unique:
         ephemeral = X25519PrivateKey.generate()
-        ephemeral_public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        ephemeral_public = raw_public(ephemeral)
         shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(public))
         nonce = os.urandom(NONCE_BYTES)
         wrap_key = _hkdf(shared, ephemeral_public + public, WRAP_INFO)
@@ -126,27 +141,24 @@ def wrap(content_key: bytes, recipients: list[bytes]) -> Encryption:
     return Encryption(tuple(wrapped))
 
 
-def seal_blob(content_key: bytes, data: bytes, media_type: str) -> bytes:
+def seal_blob(key: bytes, data: bytes, aad: bytes) -> bytes:
+    """`key` is the artifact's `blob_key`; `aad` its `blob_aad`."""
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + _aead(content_key).encrypt(nonce, data, BLOB_AAD + media_type.encode())
+    return nonce + _aead(key).encrypt(nonce, data, aad)
 
 
-def open_blob(content_key: bytes, data: bytes, media_type: str) -> bytes:
+def open_blob(key: bytes, data: bytes, aad: bytes) -> bytes:
     """A blob's plaintext; IntegrityError (saying what is wrong, not naming the blob) if it does not
-    open under the key: forged, or another artifact's."""
+    open under the key and `aad`: forged, moved from another place, or another artifact's."""
     from cryptography.exceptions import InvalidTag
 
     if len(data) < OVERHEAD_BYTES:
         raise IntegrityError(f"is {len(data)} bytes, shorter than any encrypted blob")
     try:
-        return _aead(content_key).decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], BLOB_AAD + media_type.encode())
+        return _aead(key).decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], aad)
     except InvalidTag as exc:
-        raise IntegrityError("does not decrypt with the artifact's key (forged, or from another artifact)") from exc
-
-
-def load_recipients(paths) -> list[bytes]:
-    """Recipients' X25519 public keys from PEM files."""
-    return [load_public_key(path, "encryption") for path in paths]
+        raise IntegrityError("does not decrypt with the artifact's key in its place (forged, moved, or from "
+                             "another artifact)") from exc
 
 
 @dataclass(frozen=True)
@@ -161,9 +173,7 @@ class Identity:
         return cls(tuple(load_private_key(Path(p), "encryption") for p in paths)) if paths else None
 
     def _publics(self) -> list[bytes]:
-        from cryptography.hazmat.primitives import serialization
-
-        return [k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) for k in self.keys]
+        return [raw_public(k) for k in self.keys]
 
     def key_ids(self) -> list[str]:
         return [key_id(public) for public in self._publics()]
@@ -178,11 +188,11 @@ class Identity:
             entry = by_id.get(key_id(public))
             if entry is None:
                 continue
-            shared = private.exchange(X25519PublicKey.from_public_bytes(entry.ephemeral))
-            wrap_key = _hkdf(shared, entry.ephemeral + public, WRAP_INFO)
-            try:
+            try:  # a low-order ephemeral key (a forgery) is a ValueError in the exchange
+                shared = private.exchange(X25519PublicKey.from_public_bytes(entry.ephemeral))
+                wrap_key = _hkdf(shared, entry.ephemeral + public, WRAP_INFO)
                 return _aead(wrap_key).decrypt(entry.wrapped[:NONCE_BYTES], entry.wrapped[NONCE_BYTES:], WRAP_INFO)
-            except InvalidTag as exc:
+            except (InvalidTag, ValueError) as exc:
                 raise IntegrityError(f"{source}: its content key for {entry.key[:12]} does not open (forged or corrupt)") from exc
         raise Sealed(f"{source}: encrypted for {', '.join(k[:12] for k in encryption.key_ids())}; "
                      f"no identity given is one of them ({', '.join(k[:12] for k in self.key_ids())})")

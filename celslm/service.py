@@ -407,7 +407,7 @@ def _guarded(service: Service, request: Request, emit) -> dict:
         raise ApiError(403, f"context {request.context!r} refused by the trust policy: {exc}", "context_untrusted",
                        param="context") from exc
     except Sealed as exc:
-        raise ApiError(403, f"context {request.context!r} is encrypted for other keys: {exc}", "context_encrypted",
+        raise ApiError(403, f"context {request.context!r} cannot be opened here: {exc}", "context_encrypted",
                        param="context") from exc
     except IntegrityError as exc:
         if os.path.exists(request.context):  # a file the client named: its mistake, not a server's

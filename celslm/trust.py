@@ -190,14 +190,19 @@ def load_public_key(path: str | Path, kind: str = "signing") -> bytes:
         raise UsageError(f"public key {path}: not a PEM public key ({str(exc)[:80]})") from exc
     if not isinstance(key, want):
         raise UsageError(f"public key {path}: not an {'Ed25519' if kind == 'signing' else 'X25519'} public key")
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw_public(key)
+
+
+def raw_public(key) -> bytes:
+    """The 32 raw bytes of an Ed25519 or X25519 key's public half (given the private or public key)."""
+    from cryptography.hazmat.primitives import serialization
+
+    public = key.public_key() if hasattr(key, "public_key") else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _sign(private_key, message: bytes) -> Signature:
-    from cryptography.hazmat.primitives import serialization
-
-    public = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return Signature(public, private_key.sign(message))
+    return Signature(raw_public(private_key), private_key.sign(message))
 
 
 def sign_artifact(private_key, artifact_id: str) -> Signature:

@@ -299,17 +299,22 @@ def hostile_(
                   title=f"{result['model']}: {result['context_tokens']}-token context (balanced, "
                         f"{result['artifact_bytes']:,} bytes), {result['new_tokens']} new tokens, median of "
                         f"{result['repeats']} interleaved runs")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in result["rows"]:
-        table.add_row(r["label"], "normal" if r["answered_normally"] else "OTHER", f"{r['total_s']:.2f}",
-                      f"{r['load_s']:.3f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_vs_normal']:.2f}")
+        answer = "normal" if r["answered_normally"] else f"FAILED {len(r['failed'])}x" if r["failed"] else "OTHER"
+        table.add_row(r["label"], answer, fmt(r["total_s"], ".2f"), fmt(r["load_s"], ".3f"), fmt(r["peak_rss_mib"], ".0f"),
+                      fmt(r["peak_vs_normal"], ".2f"))
     out_console.print(table)
+    for r in result["rows"]:
+        for failure in r["failed"][:1]:
+            log(f"{r['label']}: {failure}")
     costs = result["costs_ms"]
     out_console.print(f"hostile peers: every answer normal: {'yes' if result['every_hostile_row_answered_normally'] else 'NO'}; "
                       f"worst peak memory {result['worst_peak_vs_normal']:.2f}x normal; the trickle cost "
-                      f"{result['trickle_extra_s']:+.1f} s")
+                      f"{fmt(result['trickle_extra_s'], '+.1f')} s")
     out_console.print(f"signing (ms per call): sign artifact {costs['sign_artifact']:.3f}, verify artifact "
                       f"{costs['verify_artifact']:.3f}, sign tag {costs['sign_tag']:.3f}, verify tag {costs['verify_tag']:.3f}")
-    out_console.print(f"encryption: load time encrypted / plain at {result['link']}: {result['decrypt_load_ratio']:.3f}x; "
+    out_console.print(f"encryption: load time encrypted / plain at {result['link']}: {fmt(result['decrypt_load_ratio'], '.3f')}x; "
                       f"sealing {result['seal_s'] * 1000:.1f} ms, decrypting {result['decrypt_s'] * 1000:.1f} ms "
                       f"({result['decrypt_mb_s']} MB/s) for {result['sealed_bytes']:,} bytes, unwrapping the key "
                       f"{costs['unwrap_content_key']:.3f} ms")

@@ -79,10 +79,11 @@ def identity(paths: list[str] | None):
 
 
 def recipients(paths: list[str] | None) -> list[bytes]:
-    from celslm.confidential import load_recipients
+    """The X25519 public keys `--encrypt-to` names."""
+    from celslm.trust import load_public_key
 
     with for_option("--encrypt-to"):
-        return load_recipients(paths or ())
+        return [load_public_key(path, "encryption") for path in paths or ()]
 
 
 @contextmanager
@@ -93,7 +94,7 @@ def identity_hint() -> Iterator[None]:
     try:
         yield
     except Sealed as exc:
-        raise Sealed(f"{exc}; give --identity KEY (or CELSLM_IDENTITY)") from exc
+        raise Sealed(f"{exc}; give --identity with one of its recipients' private keys (or CELSLM_IDENTITY)") from exc
 
 
 def signing_key(path: str | None):

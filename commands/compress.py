@@ -54,8 +54,7 @@ def compress(
     sealed_for = recipients(encrypt_to)
     keys = identity(identity_)
     started = time.perf_counter()
-    reader = open_artifact(artifact, stdin=sys.stdin.buffer)
-    reader.identity = keys
+    reader = open_artifact(artifact, stdin=sys.stdin.buffer, identity=keys)
     source = reader.manifest
     if source.encryption and not sealed_for:
         raise UsageError(f"{artifact} is encrypted: give --encrypt-to RECIPIENT.pub for the output too "

@@ -46,8 +46,7 @@ def score(
     def logits_after(artifact: str | None):
         if artifact is None:
             return continuation_logits(loaded, None, ids)
-        reader = open_artifact(artifact, stdin=sys.stdin.buffer)
-        reader.identity = keys
+        reader = open_artifact(artifact, stdin=sys.stdin.buffer, identity=keys)
         with identity_hint():
             return continuation_logits(loaded, context_from_artifact(loaded, reader), ids)
 

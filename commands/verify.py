@@ -26,8 +26,7 @@ def verify(
     """Check every blob against its digest (and, with --trust, the producer's signature); exit 3 if anything is wrong."""
     policy = trust_policy(trust)
     keys = identity(identity_)
-    reader = open_artifact(artifact, stdin=sys.stdin.buffer)
-    reader.identity = keys
+    reader = open_artifact(artifact, stdin=sys.stdin.buffer, identity=keys)
     signed_by = [sig.key_id for sig in reader.signatures if sig.valid_for(artifact_message(reader.id))]
     problems = [f"signature by {sig.key_id} does not verify" for sig in reader.signatures if sig.key_id not in signed_by]
     if policy is not None:

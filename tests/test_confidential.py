@@ -88,7 +88,9 @@ def test_no_window_of_a_plaintext_blob_reaches_either_store(sealed, tiny_qwen, c
 
 def test_the_same_context_encrypted_twice_has_two_ids_and_keyed_prefix_hashes(sealed):
     plain, first, second = (manifest(sealed / f"{name}.kv") for name in ("plain", "e", "e2"))
-    assert first != second
+    digests = [{ref["digest"] for layer in m["blocks"] for ref in layer} for m in (first, second)]
+    assert sha256_digest(canonical_json(first)) != sha256_digest(canonical_json(second))
+    assert not digests[0] & digests[1]  # no block's ciphertext says two artifacts hold the same KV
     assert not set(first["prefix_hashes"]) & set(plain["prefix_hashes"])  # no plain lookup can find it
     assert not set(first["prefix_hashes"]) & set(second["prefix_hashes"])
 
@@ -113,6 +115,38 @@ def test_a_blob_from_another_encryption_of_the_same_context_does_not_decrypt(sea
     (forged / "manifest.json").write_bytes(canonical_json(ours))
     _, result = decode(tiny_qwen, forged, "--identity", str(sealed / "edge1.key"), check=False)
     assert result.returncode == EXIT_INTEGRITY and "does not decrypt" in result.stderr.decode(), result.stderr
+
+
+def forged(sealed, tmp_path, change) -> Path:
+    """e.kv with its manifest changed by `change` (and so unsigned): the same ciphertext, re-listed."""
+    out = tmp_path / "forged.kv"
+    shutil.copytree(sealed / "e.kv", out)
+    (out / "signatures.json").unlink()
+    obj = manifest(out)
+    change(obj)
+    (out / "manifest.json").write_bytes(canonical_json(obj))
+    return out
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["blocks"].__setitem__(slice(0, 2), m["blocks"][1::-1]),  # layers 0 and 1 swapped
+    lambda m: [layer.__setitem__(slice(0, 2), layer[1::-1]) for layer in m["blocks"]],  # chunks 0 and 1 swapped
+    lambda m: m.__setitem__("framing", "raw" if m["framing"] != "raw" else "chat"),  # the header, not a blob
+], ids=["layers-swapped", "chunks-swapped", "framing-changed"])
+def test_a_manifest_that_moves_sealed_blobs_or_changes_their_header_does_not_decrypt(sealed, tiny_qwen, tmp_path, change):
+    path = forged(sealed, tmp_path, change)
+    _, result = decode(tiny_qwen, path, "--identity", str(sealed / "edge1.key"), check=False)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == EXIT_INTEGRITY and len(lines) == 1 and "does not decrypt" in lines[0], result.stderr
+    verified = run_cli("verify", str(path), "--identity", str(sealed / "edge1.key"), "--json")
+    assert verified.returncode == EXIT_INTEGRITY and not json.loads(verified.stdout)["ok"]
+
+
+def test_a_low_order_ephemeral_key_is_one_line_and_exit_3(sealed, tiny_qwen, tmp_path):
+    path = forged(sealed, tmp_path, lambda m: m["encryption"]["recipients"][0].__setitem__("ephemeral", "A" * 43 + "="))
+    _, result = decode(tiny_qwen, path, "--identity", str(sealed / "edge1.key"), check=False)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == EXIT_INTEGRITY and len(lines) == 1 and "does not open" in lines[0], result.stderr
 
 
 def test_compress_keeps_a_context_encrypted(sealed, tiny_qwen, tmp_path):

@@ -15,9 +15,11 @@ Rows, each `celslm decode --kv ctx:latest --cloud CLOUD --trust cloud.pub` with 
   trickle        a peer sending one byte a second
 Each says whether the answer is the normal one, its seconds and its own peak memory (wait4).
 
-Confidentiality: `decode --kv DIR --link 100mbit --no-pipeline`, plain vs encrypted (`--identity`),
-its `load_s`; the link is emulated and labelled so. Signing and verification: in-process, per call.
-Repetitions are interleaved (every row, then every row again): read the ratios.
+Confidentiality: the same decode of the plain and of the encrypted artifact (`--identity`), both
+through the cloud with `--link 100mbit --no-pipeline`, and their `load_s`; the link is emulated and
+labelled so. Signing, verification and decryption: in-process, per call. Repetitions are
+interleaved (every row, then every row again): read the ratios. A run that fails is a row that did
+not answer normally, with its error; the benchmark goes on.
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ from pathlib import Path
 from typing import Callable
 
 from celslm import prompting
-from celslm.artifact import MemoryReader, seal_artifact, write_dir
+from celslm.artifact import MemoryReader, seal_artifact
 from celslm.bench.concurrency import CLI, CloudProcess, free_port
 from celslm.bench.edge import timed
 from celslm.bench.ttft import stdlib_context
 from celslm.blocks import recode
 from celslm.codecs import parse_codec
-from celslm.confidential import Identity, open_blob
+from celslm.confidential import Identity
+from celslm.errors import CelslmError
 from celslm.models import LoadedModel, celslm_home
+from celslm.prefill import prefill
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push
 from celslm.trust import (TrustPolicy, generate_key, load_private_key, load_public_key, sign_artifact, sign_tag)
@@ -79,8 +83,6 @@ def _edge_home(work: Path, index: int) -> Path:
 def run(loaded: LoadedModel, spec: str, *, tokens: int = 1024, new_tokens: int = 16, repeats: int = 2,
         threads: int | None = None, progress: Callable[[str, int, int | None], None] | None = None) -> dict:
     """`loaded` is the model on transformers (the cloud's prefill); `spec` names it for the edges."""
-    from celslm.prefill import prefill
-
     threads = threads or os.cpu_count() or 1
     base_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "CELSLM_THREADS": str(threads), "TQDM_DISABLE": "1"}
     framing = prompting.default_framing(loaded.tokenizer)
@@ -101,8 +103,6 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 1024, new_tokens: int =
         seal_s = time.perf_counter() - started
         for artifact, signer in ((plain, cloud_key), (sealed, cloud_key), (other, stranger_key)):
             artifact.signatures = (sign_artifact(signer, artifact.id),)
-        write_dir(plain, work / "plain.kv")
-        write_dir(sealed, work / "sealed.kv")
 
         cloud_port, peer_port = free_port(), free_port()
         servers = [CloudProcess(CLI + ["serve-cache", "--root", str(work / "cloud-store"), "--port", str(cloud_port)], cloud_port)]
@@ -118,35 +118,37 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 1024, new_tokens: int =
                 servers.append(CloudProcess([sys.executable, str(HOSTILE_PEER), str(work / "cloud-store"), str(port), mode], port))
                 peers[mode] = servers[-1].url
 
-            decode = CLI + ["decode", "-m", spec, "-p", PROMPT, "-n", str(new_tokens), "--json"]
-            by_tag = decode + ["--kv", "ctx:latest", "--cloud", servers[0].url, "--trust", str(keys["cloud"][1])]
+            decode = CLI + ["decode", "-m", spec, "-p", PROMPT, "-n", str(new_tokens), "--json", "--cloud", servers[0].url,
+                            "--trust", str(keys["cloud"][1])]
+            by_tag = decode + ["--kv", "ctx:latest"]
             configs = [("normal", "normal (no peer)", by_tag)]
             configs += [(key, label, by_tag + ["--peer", peers[key]]) for key, label in PEER_ROWS]
-            configs += [("plain-link", f"plain artifact, emulated {LINK}",
-                         decode + ["--kv", str(work / "plain.kv"), "--link", LINK, "--no-pipeline"]),
+            linked = ["--link", LINK, "--no-pipeline"]
+            configs += [("plain-link", f"plain artifact, emulated {LINK}", by_tag + linked),
                         ("sealed-link", f"encrypted artifact, emulated {LINK}",
-                         decode + ["--kv", str(work / "sealed.kv"), "--identity", str(keys["edge"][0]), "--link", LINK,
-                                   "--no-pipeline"])]
+                         decode + ["--kv", "ctx-enc:latest", "--identity", str(keys["edge"][0])] + linked)]
             runs: dict[str, list] = {key: [] for key, _, _ in configs}
+            failures: dict[str, list] = {key: [] for key, _, _ in configs}
             total, index = repeats * len(configs), 0
             for rep in range(repeats):
                 for key, label, cmd in configs:
                     if progress:
                         progress(f"run {rep + 1}/{repeats}: {label}", index, total)
                     env = {**base_env, "CELSLM_HOME": str(_edge_home(work, index))}
-                    runs[key].append(timed(cmd, env, _json_out, work, limit_s=300))
+                    try:
+                        runs[key].append(timed(cmd, env, _json_out, work, limit_s=300))
+                    except CelslmError as exc:  # the row did not answer: say so, and go on
+                        failures[key].append(str(exc))
                     index += 1
         finally:
             for server in servers:
                 server.stop()
 
         identity = Identity.load([keys["edge"][0]])
-        content_key = identity.unwrap(sealed.manifest.encryption, "sealed")
-        refs = sealed.manifest.blob_refs()
-        started = time.perf_counter()
-        for ref in refs:
-            open_blob(content_key, sealed.blobs[ref.digest], ref.media_type)
-        decrypt_s = time.perf_counter() - started
+        reader = MemoryReader(sealed)
+        reader.identity = identity
+        verify_s = _seconds(lambda: sum(1 for _ in reader.blobs()))
+        decrypt_s = _seconds(lambda: sum(1 for _ in reader.plain_blobs())) - verify_s
         policy = TrustPolicy.load([keys["cloud"][1]])
         statement = sign_tag(cloud_key, "ctx:latest", plain.id, 3600)
         costs_ms = {
@@ -156,34 +158,48 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 1024, new_tokens: int =
             "verify_tag": _per_call_ms(lambda: policy.check_tag("ctx:latest", statement, "")),
             "unwrap_content_key": _per_call_ms(lambda: identity.unwrap(sealed.manifest.encryption, "sealed"), 50),
         }
-    return _summary(spec, runs, configs, plain, sealed, seal_s, decrypt_s, costs_ms, new_tokens, repeats, threads)
+    return _summary(spec, runs, failures, configs, plain, sealed, seal_s, decrypt_s, costs_ms, new_tokens, repeats,
+                    threads)
 
 
-def _summary(spec, runs, configs, plain, sealed, seal_s, decrypt_s, costs_ms, new_tokens, repeats, threads) -> dict:
-    med = lambda values: round(statistics.median(values), 4)  # noqa: E731
+def _seconds(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def _summary(spec, runs, failures, configs, plain, sealed, seal_s, decrypt_s, costs_ms, new_tokens, repeats,
+             threads) -> dict:
+    if not runs["normal"]:
+        raise CelslmError(f"the normal decode failed, so there is nothing to compare with: {failures['normal'][0]}")
+    med = lambda values: round(statistics.median(values), 4) if values else None  # noqa: E731
     reports = {key: [json.loads(r.text) for r in rs] for key, rs in runs.items()}
     normal_text = reports["normal"][0]["text"]
     normal_peak = max(r.peak_rss_mib for r in runs["normal"])
     rows = []
     for key, label, _ in configs:
-        peak = max(r.peak_rss_mib for r in runs[key])
-        rows.append({"key": key, "label": label, "runs": len(runs[key]),
-                     "answered_normally": all(r["text"] == normal_text for r in reports[key]),
-                     "artifact": reports[key][-1]["artifact"], "total_s": med([r.total_s for r in runs[key]]),
-                     "load_s": med([r["load_s"] for r in reports[key]]), "peak_rss_mib": round(peak, 1),
-                     "peak_vs_normal": round(peak / normal_peak, 3),
-                     "bytes_by_source": reports[key][-1]["bytes_by_source"]})
+        peak = max((r.peak_rss_mib for r in runs[key]), default=None)
+        last = reports[key][-1] if reports[key] else {}
+        rows.append({"key": key, "label": label, "runs": len(runs[key]), "failed": failures[key],
+                     "answered_normally": not failures[key] and all(r["text"] == normal_text for r in reports[key]),
+                     "artifact": last.get("artifact"), "total_s": med([r.total_s for r in runs[key]]),
+                     "load_s": med([r["load_s"] for r in reports[key]]),
+                     "peak_rss_mib": None if peak is None else round(peak, 1),
+                     "peak_vs_normal": None if peak is None else round(peak / normal_peak, 3),
+                     "bytes_by_source": last.get("bytes_by_source")})
     by_key = {row["key"]: row for row in rows}
+    ratio = lambda a, b: round(a / b, 4) if a is not None and b else None  # noqa: E731
     blob_bytes = sealed.manifest.blob_bytes()
     return {
         "model": spec, "context_tokens": plain.manifest.token_count, "new_tokens": new_tokens, "repeats": repeats,
         "threads": threads, "artifact_bytes": plain.manifest.blob_bytes(), "sealed_bytes": blob_bytes,
         "rows": rows,
-        "worst_peak_vs_normal": max(row["peak_vs_normal"] for row in rows if row["key"] in dict(PEER_ROWS)),
+        "worst_peak_vs_normal": max((row["peak_vs_normal"] or 0 for row in rows if row["key"] in dict(PEER_ROWS))),
         "every_hostile_row_answered_normally": all(by_key[k]["answered_normally"] for k in dict(PEER_ROWS)),
-        "trickle_extra_s": round(by_key["trickle"]["total_s"] - by_key["normal"]["total_s"], 3),
+        "trickle_extra_s": None if by_key["trickle"]["total_s"] is None else
+        round(by_key["trickle"]["total_s"] - by_key["normal"]["total_s"], 3),
         "link": f"emulated {LINK}",
-        "decrypt_load_ratio": round(by_key["sealed-link"]["load_s"] / by_key["plain-link"]["load_s"], 4),
+        "decrypt_load_ratio": ratio(by_key["sealed-link"]["load_s"], by_key["plain-link"]["load_s"]),
         "seal_s": round(seal_s, 4), "decrypt_s": round(decrypt_s, 4),
         "decrypt_mb_s": round(blob_bytes / decrypt_s / 1e6, 1) if decrypt_s > 0 else None,
         "costs_ms": costs_ms,

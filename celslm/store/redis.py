@@ -27,7 +27,7 @@ class RedisBlobWriter(HashingWriter):
     def _keep(self) -> None:
         key = self.store.key("blobs", check_digest(self.digest))
         if self.store.guarded(lambda: self.store.redis.set(key, b"".join(self._parts), nx=True)):
-            self.store.redis.incrby(self.store.key("usage"), self.size)
+            self.store.guarded(lambda: self.store.redis.incrby(self.store.key("usage"), self.size))
 
     def abort(self) -> None:
         self._parts.clear()

@@ -159,13 +159,15 @@ class Tiers:
 
     def _answers(self, call):
         """(tier name, answer) from the local store, then each tier in order; a tier that cannot be
-        reached, or answers with something malformed, is passed over."""
+        reached, or answers with something malformed, is passed over (a peer, for the session)."""
         yield "local", call(self.local)
         for name, client in self.remotes:
             try:
                 yield name, self._ask(name, lambda: call(client))
             except IntegrityError as exc:
                 self.warn(f"warning: {name}: {exc}")
+                if name in self.peer_names:
+                    self.down.setdefault(name, f"sent a malformed answer ({exc})")
 
     def resolve(self, ref: str) -> str:
         """An artifact id for a ref: an id, or a tag (asked locally, then at each tier)."""
@@ -338,9 +340,7 @@ def open_ref(ref: str, sources: Sources, stdin=None, warn: Warn | None = None) -
     """A path, '-', a .tar file, an artifact id, a tag, or a server URL -> a reader (and the tiers it
     uses), checked against the sources' trust policy before any blob is read."""
     if ref == "-" or Path(ref).exists():
-        reader = check_reader(open_artifact(ref, stdin=stdin), sources.trust)
-        reader.identity = sources.identity
-        return reader, None
+        return check_reader(open_artifact(ref, stdin=stdin, identity=sources.identity), sources.trust), None
     url = split_url_ref(ref)
     if url:
         server, ref = url
