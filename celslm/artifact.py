@@ -4,6 +4,7 @@ An artifact is a manifest plus content-addressed blobs, like an OCI image:
 
     NAME.kv/manifest.json          schema celslm.kv/2, canonical JSON; the artifact id is its sha256
     NAME.kv/blobs/<sha256-hex>     one safetensors file per block (layer x chunk), plus the token ids
+                                   (and the model's codebook, for a `tc` codec)
     NAME.kv/signatures.json        producers' detached signatures over the id (trust.py), if signed
     NAME.kv/timings.json           the cloud's seconds: a side record, outside the id and unsigned
 
@@ -46,6 +47,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from celslm.codebook import MEDIA_CODEBOOK
 from celslm.codecs import parse_codec
 from celslm.errors import IntegrityError, OutputExists, UsageError
 from celslm.confidential import (Encryption, Identity, blob_aad, blob_key, content_key, new_content_key, open_blob,
@@ -237,6 +239,7 @@ class Manifest:
     keys: str = "pre-rope"
     bases: tuple[BlobRef | None, ...] = ()  # per layer: the codec's auxiliary blob (PCA bases), if any
     encryption: Encryption | None = None  # every blob encrypted for these recipients (confidential.py)
+    codebook: BlobRef | None = None  # the model's codebook (codebook.py), for a `tc` codec: never encrypted
 
     def layer_aux(self, layer: int) -> BlobRef | None:
         return self.bases[layer] if self.bases else None
@@ -258,10 +261,11 @@ class Manifest:
         return [self.chunk_size] * full + ([last] if last else [])
 
     def blob_places(self, chunks: int | None = None) -> list[tuple[BlobRef, str]]:
-        """Every blob in stream order with its place: the token ids ("tokens"), then per layer its
+        """Every blob in stream order with its place: the token ids ("tokens"), the model's codebook
+        ("codebook", if the codec uses one), then per layer its
         auxiliary blob ("basis L", if any) and its blocks ("block L C"); with `chunks`, only the blocks
         of the first `chunks` chunks (a cached prefix)."""
-        places = [(self.tokens, "tokens")]
+        places = [(self.tokens, "tokens")] + ([(self.codebook, "codebook")] if self.codebook else [])
         for layer, blocks in enumerate(self.blocks):
             aux = self.layer_aux(layer)
             places += ([(aux, f"basis {layer}")] if aux else []) + \
@@ -285,10 +289,22 @@ class Manifest:
     def blob_bytes(self) -> int:
         return sum(ref.size for ref in self.blob_refs())
 
+    def shipped_bytes(self) -> int:
+        """What fetching this context moves: its manifest and every blob but the model's codebook (which
+        every artifact of the model shares, so it is counted once per model, not per context)."""
+        return len(self.canonical_bytes()) + self.blob_bytes() - (self.codebook.size if self.codebook else 0)
+
+    def fp16_kv_bytes(self) -> int:
+        """The context's keys and values at float16: what compression ratios are measured against."""
+        g = self.geometry
+        return 2 * 2 * g.layers * g.kv_heads * g.head_dim * self.token_count
+
     def describe(self, ref: BlobRef) -> str:
         """Name a blob for an error message: which layer and chunk it holds."""
         if ref.digest == self.tokens.digest:
             return f"token ids blob {ref.digest}"
+        if self.codebook and ref.digest == self.codebook.digest:
+            return f"codebook blob {ref.digest}"
         for layer, aux in enumerate(self.bases):
             if aux and aux.digest == ref.digest:
                 return f"basis blob {ref.digest} (layer {layer})"
@@ -314,6 +330,7 @@ class Manifest:
             "provenance": list(self.provenance),
             **({"bases": [ref.to_json() if ref else None for ref in self.bases]} if any(self.bases) else {}),
             **({"encryption": self.encryption.to_json()} if self.encryption else {}),
+            **({"codebook": self.codebook.to_json()} if self.codebook else {}),
         }
 
     def canonical_bytes(self) -> bytes:
@@ -356,6 +373,7 @@ class Manifest:
                 keys=str(obj["keys"]),
                 bases=tuple(BlobRef.from_json(b) if b else None for b in obj.get("bases", [])),
                 encryption=Encryption.from_json(obj["encryption"]) if "encryption" in obj else None,
+                codebook=BlobRef.from_json(obj["codebook"]) if "codebook" in obj else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
@@ -379,7 +397,12 @@ class Manifest:
             raise UsageError(f"{source}: unsupported key layout {self.keys!r} or dtype {self.dtype!r}")
         if self.bases and len(self.bases) != self.layers:
             raise IntegrityError(f"{source}: {len(self.bases)} basis entries for {self.layers} layers")
-        parse_codec(self.codec)  # an unknown codec is refused here, before any block is read
+        codec = parse_codec(self.codec)  # an unknown codec is refused here, before any block is read
+        if bool(codec.transform) != (self.codebook is not None):
+            raise IntegrityError(f"{source}: codec {self.codec} " + ("names no codebook" if codec.transform else
+                                                                      "does not use the codebook the manifest names"))
+        if self.codebook and self.codebook.media_type != MEDIA_CODEBOOK:
+            raise IntegrityError(f"{source}: codebook blob has media type {self.codebook.media_type[:80]}")
         self._check_sizes(source)
 
     def _check_sizes(self, source: str) -> None:
@@ -389,6 +412,10 @@ class Manifest:
         if self.tokens.size > 8 * self.token_count + BLOB_SLACK_BYTES:
             raise IntegrityError(f"{source}: token ids blob declares {self.tokens.size:,} bytes for {self.token_count} tokens")
         basis_bound = 2 * 4 * g.kv_heads * g.head_dim * (g.head_dim + 1) + BLOB_SLACK_BYTES
+        width = g.kv_heads * g.head_dim  # a codebook: per layer and kind, a float16 [F, F] basis and three [F] rows
+        if self.codebook and self.codebook.size > g.layers * 2 * (2 * width * width + 16 * width + 256) + BLOB_SLACK_BYTES:
+            raise IntegrityError(f"{source}: the codebook blob declares {self.codebook.size:,} bytes, more than its "
+                                 f"geometry needs")
         if any(ref is not None and ref.size > basis_bound for ref in self.bases):
             raise IntegrityError(f"{source}: a basis blob declares more than {basis_bound:,} bytes")
         for chunk, tokens in enumerate(self.chunk_lengths()):
@@ -484,6 +511,8 @@ def seal_artifact(artifact: Artifact, recipients: list[bytes]) -> Artifact:
         return out
 
     token_ids = decode_tokens(artifact.blobs[m.tokens.digest])
+    if m.codebook:  # model-wide, made from public text, shared by every artifact of the model: not sealed
+        blobs[m.codebook.digest] = artifact.blobs[m.codebook.digest]
     manifest = replace(
         m, tokens=sealed(m.tokens, "tokens"), encryption=wrap(key, recipients),
         blocks=tuple(tuple(sealed(ref, f"block {layer} {chunk}") for chunk, ref in enumerate(refs))
@@ -599,7 +628,8 @@ class ArtifactReader:
         opened = self._opener(content_key(encryption, self.identity, self.source))
         places = iter(self.manifest.blob_places(chunks))  # the same stream order as `blobs`
         for ref, data in self.blobs(chunks):
-            yield ref, opened(next(places)[1], ref, data)
+            place = next(places)[1]
+            yield ref, data if place == "codebook" else opened(place, ref, data)
 
     def _opener(self, key: bytes):
         """(place, ref, ciphertext) -> plaintext under the artifact's content `key`; IntegrityError names the blob."""
@@ -636,7 +666,7 @@ class ArtifactReader:
                 if problem:
                     found.append(problem)
                     continue
-                if opened is not None:
+                if opened is not None and place != "codebook":
                     try:
                         data = opened(place, ref, data)
                     except IntegrityError as exc:

@@ -1,55 +1,25 @@
 """An artifact's verified blocks back into per-layer arrays, with numpy only.
 
 The read side of `blocks.py`: an edge running llama.cpp decodes artifacts without importing torch
-(4 s and 220 MB on this machine), so unpacking, dequantization and PCA reconstruction are numpy here.
-Blocks are safetensors; they are parsed here too, bfloat16 included (safetensors.numpy has no bf16).
+(4 s and 220 MB on this machine), so unpacking, dequantization, PCA reconstruction and the codebook's inverse
+transform are numpy here.
+Blocks are safetensors, parsed with every offset checked (`tensors.py`).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from typing import Iterator
 
 import numpy as np
 
 from celslm.artifact import ArtifactReader, decode_tokens
+from celslm.codebook import Codebook, Transform
 from celslm.codecs import KINDS, Codec, parse_codec
 from celslm.errors import IntegrityError
+from celslm.tensors import read_safetensors
 
 # (key pre-RoPE [H, T, D], value [H, T, D]), float32
 LayerArrays = tuple[np.ndarray, np.ndarray]
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
-              "U8": np.uint8, "I8": np.int8}
-
-
-def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
-    """Parse safetensors bytes into arrays (views of `data`; bfloat16 widened to float32), checking
-    every offset and shape against the buffer before anything is allocated."""
-    if len(data) < 8:
-        raise ValueError("shorter than a safetensors header")
-    (size,) = struct.unpack_from("<Q", data)
-    if size > len(data) - 8:
-        raise ValueError(f"header of {size} bytes in a buffer of {len(data)}")
-    header = json.loads(bytes(data[8 : 8 + size]))
-    body = memoryview(data)[8 + size :]
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(f"{name}: unsupported dtype {entry['dtype']}")
-        shape = tuple(int(n) for n in entry["shape"])
-        begin, end = (int(n) for n in entry["data_offsets"])
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if not 0 <= begin <= end <= len(body) or end - begin != count * np.dtype(dtype).itemsize or min(shape, default=0) < 0:
-            raise ValueError(f"{name}: offsets {begin}..{end} do not hold {entry['dtype']} {list(shape)}")
-        array = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
-        if entry["dtype"] == "BF16":
-            array = (array.astype(np.uint32) << 16).view(np.float32)
-        out[name] = array
-    return out
 
 
 # ---------------------------------------------------------------- bit unpacking
@@ -103,10 +73,33 @@ def decode_block(codec: Codec, data: bytes, media_type: str, bases: dict,
     if media_type != codec.media_type:
         raise IntegrityError(f"media type {media_type} does not match codec {codec.spec}")
     tensors = read_safetensors(codec.unwrap(data))
+    if codec.ans:
+        tensors = {**tensors, **_entropy_decode(codec, tensors, bases, shape)}
     return tuple(_decode_tensor(codec, kind, tensors, bases.get(kind), shape) for kind in KINDS)
 
 
+def _entropy_decode(codec: Codec, tensors: dict, bases: dict, shape) -> dict[str, np.ndarray]:
+    """The kinds' codes `[n, t]` from the block's one ANS stream (tc with ent=ans)."""
+    _, tokens, _ = shape
+    body = tokens - sum(tensors[f"key.{p}"].shape[1] for p in ("head", "tail") if f"key.{p}" in tensors)
+    kept = [bases[kind].kept(codec.q) for kind in KINDS]
+    if body <= 0 or not sum(kept):
+        return {}
+    words, escapes = tensors.get("ans"), tensors.get("escapes")
+    if words is None or escapes is None or words.dtype != np.int32 or escapes.dtype != np.int32:
+        raise IntegrityError("the block has no ANS stream")
+    entropy = bases["entropy"]
+    classes = np.concatenate([entropy.classes(bases[kind].spreads(codec.q)) for kind in KINDS])
+    try:
+        codes = entropy.decode(words.view(np.uint32), escapes, classes, body)
+    except Exception as exc:  # the digest matched: a writer's bug or a forged block
+        raise IntegrityError(f"ANS stream does not decode: {str(exc)[:160]}") from exc
+    return {"key.codes": codes[: kept[0]], "value.codes": codes[kept[0] :]}
+
+
 def _decode_tensor(codec: Codec, kind, tensors, basis, shape):
+    if codec.transform:
+        return _decode_transformed(codec, kind, tensors, basis, shape)
     if kind in tensors:
         x = tensors[kind].astype(np.float32)
         return reconstruct(x, basis) if basis else x
@@ -124,6 +117,35 @@ def _decode_tensor(codec: Codec, kind, tensors, basis, shape):
     return np.concatenate(pieces, axis=1)
 
 
+def _decode_transformed(codec: Codec, kind: str, tensors: dict, transform: Transform, shape) -> np.ndarray:
+    heads, tokens, width = shape
+    head, tail, codes = (tensors.get(f"{kind}.{part}") for part in ("head", "tail", "codes"))
+    pieces = [head.astype(np.float32)] if head is not None else []
+    body = tokens - sum(t.shape[1] for t in (head, tail) if t is not None)
+    if body > 0:
+        kept = transform.kept(codec.q)
+        if codes is None and kept == 0:  # every component under the step: the body is the mean
+            codes = np.zeros((0, body), dtype=np.int8)
+        if codes is None or codes.ndim != 2 or codes.shape != (kept, body) or codes.dtype.kind != "i":
+            found = "no codes" if codes is None else f"codes {codes.dtype} {list(codes.shape)}"
+            raise IntegrityError(f"{kind}: {found}; the codebook codes {kept} components x {body} tokens")
+        pieces.append(transform.decode(codes, codec.q, heads, width))
+    if tail is not None:
+        pieces.append(tail.astype(np.float32))
+    return np.concatenate(pieces, axis=1)
+
+
+def load_codebook(reader: ArtifactReader, blobs) -> Codebook | None:
+    """The artifact's codebook (the next blob, when the manifest names one), checked against its model space."""
+    m = reader.manifest
+    if m.codebook is None:
+        return None
+    _, data = next(blobs)
+    codebook = Codebook.from_bytes(data, f"{reader.source}: codebook {m.codebook.digest}")
+    codebook.check_for(m.space.fingerprint, (m.layers, m.geometry.kv_heads, m.geometry.head_dim), reader.source)
+    return codebook
+
+
 # ---------------------------------------------------------------- artifact -> layers
 
 
@@ -138,17 +160,19 @@ def open_context(reader: ArtifactReader, chunks: int | None = None
     token_ids = decode_tokens(data, f"{reader.source}: token ids blob")
     if len(token_ids) != m.token_count:
         raise IntegrityError(f"{reader.source}: token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
-    return token_ids, _layers(reader, blobs, m.chunks if chunks is None else min(chunks, m.chunks))
+    codebook = load_codebook(reader, blobs)
+    return token_ids, _layers(reader, blobs, m.chunks if chunks is None else min(chunks, m.chunks), codebook)
 
 
-def _layers(reader: ArtifactReader, blobs, chunks: int):
+def _layers(reader: ArtifactReader, blobs, chunks: int, codebook: Codebook | None):
     m = reader.manifest
     codec = parse_codec(m.codec)
     lengths = m.chunk_lengths()
     heads, width = m.geometry.kv_heads, m.geometry.head_dim
     for layer in range(m.layers):
         try:
-            layer_bases = load_bases(next(blobs)[1] if m.layer_aux(layer) else None)
+            layer_bases = codebook.layer(layer) if codebook else \
+                load_bases(next(blobs)[1] if m.layer_aux(layer) else None)
         except Exception as exc:  # digest matched, content does not fit the manifest
             raise IntegrityError(f"{reader.source}: layer {layer}'s basis blob does not decode: {exc}") from exc
         keys, values = [], []

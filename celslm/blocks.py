@@ -2,7 +2,7 @@
 
 `artifact.py` owns the format (manifest, blobs, streams, digests) and imports no torch; `codecs.py`
 parses codec specs; `blockread.py` reads blocks back with numpy only. This module runs the tensor
-stages (`fp16`, `pca`, `intN`) on blocks of `[H, t, D]` keys (pre-RoPE) and values, and cuts
+stages (`fp16`, `pca`, `intN`, `tc`) on blocks of `[H, t, D]` keys (pre-RoPE) and values, and cuts
 per-layer KV into blocks to build an artifact.
 """
 
@@ -19,6 +19,7 @@ from safetensors.torch import save as st_save
 from celslm.artifact import (MEDIA_TOKENS, Artifact, ArtifactReader, BlobRef, Geometry, Manifest, ModelSpace, Producer,
                              Timings, encode_tokens, prefix_hashes, sha256_digest)
 from celslm.blockread import open_context
+from celslm.codebook import MEDIA_CODEBOOK, Codebook
 from celslm.codecs import KINDS, MEDIA_BASIS, BlockShape, Codec, parse_codec
 from celslm.errors import UsageError
 
@@ -139,11 +140,19 @@ def encode_block(codec: Codec, key: torch.Tensor, value: torch.Tensor, bases: di
     tensors: dict[str, torch.Tensor] = {}
     for kind, x in zip(KINDS, (key, value)):
         tensors.update(_encode_tensor(codec, kind, x, bases.get(kind), where, store_dtype))
+    if codec.ans and "key.codes" in tensors:  # both kinds' codes (the same tokens) in one ANS stream
+        entropy = bases["entropy"]
+        codes = np.concatenate([tensors.pop(f"{kind}.codes").numpy().astype(np.int32) for kind in KINDS])
+        classes = np.concatenate([entropy.classes(bases[kind].spreads(codec.q)) for kind in KINDS])
+        words, escapes = entropy.encode(codes, classes)
+        tensors["ans"], tensors["escapes"] = torch.from_numpy(words.view(np.int32)), torch.from_numpy(escapes)
     return codec.wrap(st_save(tensors))
 
 
 def _encode_tensor(codec: Codec, kind, x, basis, where, store_dtype):
-    if codec.quant is None:
+    """One kind's tensors: whole (fp16 or the store dtype), or fp16 sinks and window around a coded body
+    (intN's packed codes and scales; tc's integer codes `[n, t]` under the codebook's transform)."""
+    if codec.lossy_stage is None:
         cast = torch.float16 if codec.fp16 else store_dtype
         return {kind: (project(x, basis) if basis else x).to(cast).contiguous()}
     low, high = codec.body(where)
@@ -152,7 +161,9 @@ def _encode_tensor(codec: Codec, kind, x, basis, where, store_dtype):
         out[f"{kind}.head"] = x[:, :low].half().contiguous()
     if high < where.tokens:
         out[f"{kind}.tail"] = x[:, high:].half().contiguous()
-    if high > low:
+    if high > low and codec.transform:
+        out[f"{kind}.codes"] = torch.from_numpy(basis.encode(x[:, low:high].float().numpy(), codec.q))
+    elif high > low:
         body = project(x[:, low:high], basis) if basis else x[:, low:high]
         parts = quantize(body, codec.bits(kind), codec.group(kind), along_tokens=(kind == "key"))
         out.update({f"{kind}.{n}": t.contiguous() for n, t in parts.items()})
@@ -174,13 +185,21 @@ def build_artifact(
     provenance: list[str],
     timings: Timings = Timings(),
     codec: Codec | None = None,
+    codebook: Codebook | None = None,
 ) -> Artifact:
-    """Cut per-layer pre-RoPE keys and values `[H, T, D]` into blocks of `chunk_size` tokens, encoded by `codec`."""
+    """Cut per-layer pre-RoPE keys and values `[H, T, D]` into blocks of `chunk_size` tokens, encoded by
+    `codec` (a `tc` codec needs the model's `codebook`, whose blob the artifact then carries)."""
     if chunk_size <= 0:
         raise UsageError(f"chunk size must be positive, got {chunk_size}")
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     codec = codec or parse_codec("none")
+    kv_heads, _, head_dim = layers[0][0].shape  # [H, T, D]
+    geometry = Geometry(len(layers), kv_heads, head_dim)
+    if codec.transform and codebook is None:
+        raise UsageError(f"codec {codec.spec} needs the model's codebook (celslm calibrate -m {space.name})")
+    if codec.transform:
+        codebook.check_for(space.fingerprint, (geometry.layers, kv_heads, head_dim), f"codec {codec.spec}")
     blobs: dict[str, bytes] = {}
 
     def add(data: bytes, media_type: str) -> BlobRef:
@@ -189,13 +208,14 @@ def build_artifact(
         return ref
 
     token_ref = add(encode_tokens(token_ids), MEDIA_TOKENS)
+    codebook_ref = add(codebook.to_bytes(), MEDIA_CODEBOOK) if codec.transform else None
     total = len(token_ids)
     blocks, bases = [], []
-    for key, value in layers:
+    for layer, (key, value) in enumerate(layers):
         key, value = torch.as_tensor(key), torch.as_tensor(value)  # numpy arrays from blockread or llama.cpp
         aux = fit_layer(codec, key, value)
         bases.append(add(aux, MEDIA_BASIS) if aux is not None else None)
-        layer_bases = load_layer(aux)
+        layer_bases = codebook.layer(layer) if codec.transform else load_layer(aux)
         refs = []
         for start in range(0, total, chunk_size):
             span = slice(start, start + chunk_size)
@@ -203,7 +223,6 @@ def build_artifact(
             data = encode_block(codec, key[:, span], value[:, span], layer_bases, where, DTYPES[dtype])
             refs.append(add(data, codec.media_type))
         blocks.append(tuple(refs))
-    kv_heads, _, head_dim = layers[0][0].shape  # [H, T, D]
     manifest = Manifest(
         space=space,
         producer=producer,
@@ -211,19 +230,20 @@ def build_artifact(
         chunk_size=chunk_size,
         tokens=token_ref,
         prefix_hashes=tuple(prefix_hashes(token_ids, space.fingerprint, chunk_size)),
-        geometry=Geometry(len(layers), kv_heads, head_dim),
+        geometry=geometry,
         dtype=dtype,
         codec=codec.spec,
         framing=framing,
         blocks=tuple(blocks),
         provenance=tuple(provenance),
         bases=tuple(bases) if any(b is not None for b in bases) else (),
+        codebook=codebook_ref,
     )
     return Artifact(manifest, blobs, timings)
 
 
-def recode(reader: ArtifactReader, codec: Codec) -> Artifact:
-    """Re-encode every block of an artifact with another codec.
+def recode(reader: ArtifactReader, codec: Codec, codebook: Codebook | None = None) -> Artifact:
+    """Re-encode every block of an artifact with another codec (`tc` codecs with the model's `codebook`).
 
     A lossy source is refused: decoding it and quantizing again compounds the error, silently. Compress
     from the uncompressed (or losslessly compressed) artifact instead.
@@ -238,6 +258,6 @@ def recode(reader: ArtifactReader, codec: Codec) -> Artifact:
     artifact = build_artifact(
         space=source.space, producer=source.producer, token_ids=token_ids, layers=layers,
         chunk_size=source.chunk_size, dtype=source.dtype, framing=source.framing,
-        provenance=list(source.provenance), codec=codec,
+        provenance=list(source.provenance), codec=codec, codebook=codebook,
     )
     return replace(artifact, timings=replace(reader.timings, compress_s=round(time.perf_counter() - started, 6)))

@@ -1,12 +1,17 @@
 """KV block codecs: stages joined by `+`, each `name[:key=value,...]`, applied left to right.
 
     pca:r=32+int4:g=64+lz4      project onto a per-layer PCA basis, quantize to 4 bits, wrap in lz4
+    tc:q=1.5                    transform-code with the model's calibrated codebook, then ANS
+    tc:q=1.5,ent=none+zstd      the same codes as plain integers, wrapped in zstd (faster, larger)
 
-Tensor stages (`fp16`, `pca`, `intN`) rewrite a block's key and value tensors `[H, t, D]`; a byte
+Tensor stages (`fp16`, `pca`, `intN`, `tc`) rewrite a block's key and value tensors `[H, t, D]`; a byte
 stage (`lz4`, `zstd`) wraps the block's safetensors bytes. Quantization is asymmetric with an fp16
 scale and zero per group: keys per channel (groups run along tokens; keys are pre-RoPE, where a
 channel's range is stable), values per token (groups run along channels), as KIVI does. Bit widths
-2, 3, 4 and 8 pack 8 values into N bytes.
+2, 3, 4 and 8 pack 8 values into N bytes. `tc` projects each token's channels, across heads, onto a
+basis calibrated once per model (`codebook.py`) and entropy-codes the integer codes with ANS under
+the codebook's static models (or stores them plainly, component by component, for a byte stage);
+the manifest names the codebook's digest.
 
 This module is the spec: parsing, presets, media types, the byte stages; it imports no torch, so
 reading a manifest (verify, inspect, serve-cache) never loads it. The tensor stages run in
@@ -45,6 +50,13 @@ STAGES: dict[str, StageInfo] = {
                                 "keep": "last N context tokens kept in float16 (default 0)",
                                 "sink": "first N context tokens (attention sinks) kept in float16 (default 0)"})
        for bits in (8, 4, 3, 2)},
+    "tc": StageInfo("transform coding with the model's calibrated codebook (celslm calibrate): a basis across "
+                    "heads, a step per layer from measured sensitivity, low-variance components dropped",
+                    {"q": "step multiplier: higher is smaller and lossier (default 1.0)",
+                     "ent": "ans (default: ANS under the codebook's static models) or none (plain integer codes, "
+                            "for a byte stage such as zstd)",
+                     "keep": "last N context tokens kept in float16 (default 0)",
+                     "sink": "first N context tokens (attention sinks) kept in float16 (default 4)"}),
     "lz4": StageInfo("lz4 frame with content checksum around the block bytes (lossless)", {}),
     "zstd": StageInfo("zstandard frame with checksum around the block bytes (lossless)", {"l": "level 1-22 (default 3)"}),
 }
@@ -89,6 +101,7 @@ class Codec:
         self.quant = self._stage(*(n for n in STAGES if n.startswith("int")))
         self.pca = self._stage("pca")
         self.fp16 = self._stage("fp16")
+        self.transform = self._stage("tc")
         self.wrapper = self._stage(*BYTE_STAGES)
         self._check()
 
@@ -108,13 +121,15 @@ class Codec:
         return MEDIA_BLOCK + (f"+{self.wrapper.name}" if self.wrapper else "")
 
     def _check(self) -> None:
-        order = {"pca": 0, "fp16": 1, **{n: 1 for n in STAGES if n.startswith("int")}, "lz4": 2, "zstd": 2}
+        order = {"pca": 0, "fp16": 1, "tc": 1, **{n: 1 for n in STAGES if n.startswith("int")}, "lz4": 2, "zstd": 2}
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names) or sum(n in order and order[n] == 1 for n in names) > 1 \
                 or sum(n in BYTE_STAGES for n in names) > 1:
-            raise UsageError(f"codec {self.spec}: each kind of stage at most once (one of fp16/intN, one of lz4/zstd)")
+            raise UsageError(f"codec {self.spec}: each kind of stage at most once (one of fp16/intN/tc, one of lz4/zstd)")
         if [order[n] for n in names] != sorted(order[n] for n in names):
             raise UsageError(f"codec {self.spec}: stages must run pca, then fp16 or intN, then lz4 or zstd")
+        if self.transform and self.pca:
+            raise UsageError(f"codec {self.spec}: tc brings its own calibrated basis; drop the pca stage")
         if self.pca and ("r" in self.pca.params) == ("e" in self.pca.params):
             raise UsageError(f"codec {self.spec}: pca needs exactly one of r=RANK or e=ENERGY")
         if self.pca and self.pca.params.get("on", "kv") not in ("k", "v", "kv"):
@@ -132,13 +147,28 @@ class Codec:
         return self.pca is not None and kind[0] in self.pca.params.get("on", "kv")
 
     @property
+    def lossy_stage(self) -> Stage | None:
+        """The stage that codes token by token with fp16 sinks and window: intN or tc."""
+        return self.quant or self.transform
+
+    @property
     def sink(self) -> int:
-        return int(self.quant.params.get("sink", 0)) if self.quant else 0
+        stage = self.lossy_stage
+        return int(stage.params.get("sink", 4 if stage is self.transform else 0)) if stage else 0
+
+    @property
+    def q(self) -> float:
+        return float(self.transform.params.get("q", 1.0))
+
+    @property
+    def ans(self) -> bool:
+        """A tc codec's codes are ANS-coded (the default), not stored as plain integers."""
+        return self.transform is not None and self.transform.params.get("ent", "ans") == "ans"
 
     def body(self, where: BlockShape) -> tuple[int, int]:
-        """The block's quantized token range [low, high): the context's first `sink` tokens (attention
+        """The block's coded token range [low, high): the context's first `sink` tokens (attention
         sinks, whose outsized keys would inflate their groups' scales) and last `keep` tokens stay fp16."""
-        keep = int(self.quant.params.get("keep", 0)) if self.quant else 0
+        keep = int(self.lossy_stage.params.get("keep", 0)) if self.lossy_stage else 0
         low = max(0, min(where.tokens, self.sink - where.start))
         high = max(low, min(where.tokens, where.total - keep - where.start))
         return low, high
@@ -187,14 +217,18 @@ def parse_codec(spec: str) -> Codec:
 
 
 def _number(stage: str, key: str, value: str):
+    if key == "ent":
+        if value not in ("ans", "none"):
+            raise UsageError(f"codec stage {stage}: ent= must be ans or none")
+        return value
     if key == "on":
         return value
     try:
-        number = float(value) if key == "e" else int(value)
+        number = float(value) if key in ("e", "q") else int(value)
     except ValueError:
         raise UsageError(f"codec stage {stage}: {key}={value!r} is not a number") from None
     valid = {"e": 0 < number <= 1, "kbits": number in (2, 3, 4, 8), "vbits": number in (2, 3, 4, 8),
-             "l": 1 <= number <= 22, "keep": number >= 0, "sink": number >= 0}.get(key, number >= 1)
+             "l": 1 <= number <= 22, "q": 0.01 <= number <= 100, "keep": number >= 0, "sink": number >= 0}.get(key, number >= 1)
     if not valid:
         raise UsageError(f"codec stage {stage}: {key}={value} is out of range")
     return number

@@ -36,6 +36,9 @@ from celslm.tokenizer import ChatTemplate
 ROPE_NORM, ROPE_NEOX = 0, 2
 DEFAULT_CONTEXT = 4096  # cells allocated at first; a longer sequence moves to a bigger context
 BATCH = 512
+CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # llama.cpp KV cache types (GGML_TYPE_*)
+
+
 def _describe(lib, path: str, model) -> "_Model":
     """What the engine needs to know about a loaded model, from llama.cpp's API and the GGUF's metadata."""
 
@@ -163,9 +166,14 @@ class LlamaEngine(Engine):
     pipelines = False
 
     def __init__(self, path: str, threads: int | None = None, context: int = DEFAULT_CONTEXT,
-                 rope_hint: Rope | None = None):
+                 rope_hint: Rope | None = None, cache_type: str = "f16"):
         """`rope_hint`: the RoPE the model folder's config describes, so that keys are rotated while the
-        model is still loading; checked against llama.cpp's own once it is in (a mismatch is redone)."""
+        model is still loading; checked against llama.cpp's own once it is in (a mismatch is redone).
+        `cache_type`: llama.cpp's KV cache type (f16; q8_0 or q4_0 as `--cache-type-k/v` give them, with
+        flash attention, for bench compress: such a cache cannot take an injected state)."""
+        if cache_type not in CACHE_TYPES:
+            raise UsageError(f"unknown llama.cpp cache type {cache_type!r}; choose one of {', '.join(CACHE_TYPES)}")
+        self.cache_type = cache_type
         self.path = path
         self.rope_hint = rope_hint
         self.threads = threads or int(os.environ.get("CELSLM_THREADS", 0)) or os.cpu_count() or 1
@@ -229,8 +237,11 @@ class LlamaEngine(Engine):
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = cells, BATCH, BATCH, 1
         params.n_threads = params.n_threads_batch = self.threads
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # V transposed: the layout `llamastate` writes
-        params.type_k = params.type_v = 1  # GGML_TYPE_F16
+        if self.cache_type == "f16":
+            params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # V transposed: the layout `llamastate` writes
+        else:  # llama.cpp quantizes V only under flash attention
+            params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.type_k = params.type_v = CACHE_TYPES[self.cache_type]
         params.no_perf = True
         ctx = lib.llama_init_from_model(m.handle, params)
         if not ctx:
@@ -241,6 +252,11 @@ class LlamaEngine(Engine):
         if saved is not None:
             self._restore(saved)
         return ctx
+
+    def state_bytes(self) -> int:
+        """The current sequence's state as llama.cpp saves it (its KV cache at the cache type, and cell metadata)."""
+        with self._lock:
+            return int(self._lib.llama_state_seq_get_size(self._ctx, 0)) if self._ctx is not None else 0
 
     def _state(self) -> bytes:
         lib = self._lib
@@ -332,6 +348,8 @@ class LlamaEngine(Engine):
     def inject(self, seq: LlamaSequence, layer: int, placed) -> None:
         """Each layer is written into the sequence's state as it comes; after the last one, the whole
         context goes into llama.cpp at once."""
+        if self.cache_type != "f16":
+            raise CelslmError(f"a {self.cache_type} llama.cpp cache cannot take an injected KV state")
         self._own(seq)
         key, value, rope = placed
         if layer == 0:

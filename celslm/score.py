@@ -51,6 +51,18 @@ def nll(logits: np.ndarray, targets) -> float:
     return float((log_z - picked).mean())
 
 
+def kl(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Mean KL(reference || logits) per position (nats), in float64: how far a perturbed cache moves
+    the model's predictions, token by token, whatever the targets."""
+    def log_softmax(x):
+        x = np.asarray(x, dtype=np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    ref, other = log_softmax(reference), log_softmax(logits)
+    return float((np.exp(ref) * (ref - other)).sum(axis=-1).mean())
+
+
 def top1(logits: np.ndarray, reference: np.ndarray) -> float:
     """Share of positions whose argmax matches the reference logits' argmax."""
     return float((np.asarray(logits).argmax(-1) == np.asarray(reference).argmax(-1)).mean())

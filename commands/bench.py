@@ -61,40 +61,51 @@ def ttft(
 
 @app.command("compress", epilog=examples(
     "celslm bench compress -m qwen2.5-coder-0.5b --plot compress.png",
-    "celslm bench compress -m qwen2.5-coder-0.5b --files 5 --codec int4:g=64+lz4 --codec balanced --json"))
+    "celslm bench compress -m qwen2.5-coder-0.5b --context 1024 --context 2048 --context 4096 --json",
+    "celslm bench compress -m qwen2.5-coder-0.5b --corpus third-party --codec balanced --no-peers",
+    "celslm bench compress -m qwen2.5-coder-0.5b --files 5 --codec 'tc:q=1.5' --codec balanced --json"))
 def compress_(
     model: ModelOpt,
     files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files to evaluate.")] = 20,
     codec: Annotated[list[str] | None, typer.Option("--codec", help="Codec spec or preset to evaluate (repeatable); default: a standard set.")] = None,
-    min_context: Annotated[int, typer.Option("--min-context", min=2, help="Shortest context in tokens.")] = 1024,
-    max_context: Annotated[int, typer.Option("--max-context", min=2, help="Longest context in tokens.")] = 2048,
+    context: Annotated[list[int] | None, typer.Option("--context", min=16, help="Context length in tokens (repeatable; "
+                                                                               "default 2048): every file gives one case per length.")] = None,
     continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
-    peers: Annotated[bool, typer.Option("--peers/--no-peers", metavar=FLAG, help="Also run transformers' QuantizedCache and plain lz4/zstd over fp16.")] = True,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", metavar=FLAG, help="Also run llama.cpp's q8_0/q4_0 cache types, transformers' QuantizedCache and plain lz4/zstd over fp16.")] = True,
+    corpus: Annotated[str, typer.Option("--corpus", help="Held-out text: stdlib (standard-library modules) or third-party (libraries installed beside celslm).")] = "stdlib",
     plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of compression ratio vs perplexity increase.")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Bytes vs quality per codec on held-out stdlib files, beside transformers' quantized cache."""
+    """Bytes vs quality per codec on held-out files, beside llama.cpp's and transformers' quantized caches."""
     from celslm.bench import compress as compress_bench  # torch and transformers: not for --help
+
+    if corpus not in ("stdlib", "third-party"):
+        raise UsageError(f"--corpus {corpus!r}: choose stdlib or third-party")
 
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         result = compress_bench.run(loaded, codecs=tuple(codec) if codec else compress_bench.DEFAULT_CODECS,
-                                    files=files, min_context=min_context, max_context=max_context,
-                                    continuation=continuation, peers=peers, progress=progress)
+                                    files=files, contexts=tuple(context or (2048,)),
+                                    continuation=continuation, peers=peers, progress=progress, corpus=corpus)
     if plot:
         compress_bench.plot(result, plot)
     if json_:
         print_json(result)
         return
-    table = Table("codec", "system", "vs fp16", "ratio", "ppl ratio", "top-1", "encode MB/s", "decode MB/s",
-                  title=f"KV compression, {result['model']}, {len(result['files'])} held-out stdlib files, "
-                        f"{min(result['context_tokens'])}-{max(result['context_tokens'])}-token contexts, "
+    cases = ", ".join(f"{n} at {length}" for length, n in result["cases"].items())
+    table = Table("context", "codec", "system", "ratio vs fp16", "ppl ratio", "top-1", "KL", "encode MB/s", "decode MB/s",
+                  title=f"KV compression, {result['model']}: held-out {result['corpus']} files ({cases} tokens), "
                         f"{result['continuation_tokens']}-token continuations (MB/s of fp16 KV, one core)")
     for row in result["rows"]:
         mbps = [f"{row[k]:.0f}" if row[k] else "n/a" for k in ("encode_mbps", "decode_mbps")]
-        table.add_row(row["codec"], row["system"], f"{row['bytes_vs_fp16']:.3f}", f"{row['ratio']:.2f}x",
-                      f"{row['ppl_ratio']:.4f}", f"{row['top1_agreement']:.3f}", *mbps)
+        table.add_row(str(row["context_tokens"]), row["codec"], row["system"], f"{row['ratio']:.2f}x",
+                      f"{row['ppl_ratio']:.4f}", f"{row['top1_agreement']:.3f}", f"{row['kl']:.4f}", *mbps)
     out_console.print(table)
+    out_console.print(f"bytes: {result['bytes']}", highlight=False)
+    if result["codebook"]:
+        book = result["codebook"]
+        out_console.print(f"codebook: {book['digest']}, {book['bytes'] / 2**20:.2f} MiB once per model, calibrated on "
+                          f"{len(book['calibration_files'] or [])} files none of which is evaluated", highlight=False)
     out_console.print(f"note: {result['notes']['quanto']}", highlight=False)
 
 

@@ -14,13 +14,14 @@ from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
 from celslm.trust import sign_artifact
 from .common import (FLAG, EncryptToOpt, for_option, ForceOpt, IdentityOpt, JsonOpt, SignOpt, examples, identity,
-                     identity_hint, log, out_console, print_json, recipients, signing_key)
+                     identity_hint, log, out_console, print_json, progress_bar, recipients, signing_key)
 
 EPILOG = examples(
     "celslm compress sched.kv --out sched-small.kv --codec balanced --sign cloud.key",
     "celslm compress sched.kv --out sched-i4.kv --codec 'pca:r=32+int4:g=64+lz4' --json",
     "celslm prefill -m qwen2.5-coder-0.5b -c doc.txt -o - | celslm compress - -o - --codec small > doc.tar",
     "celslm compress notes.kv -o notes-small.kv --codec small --identity edge1.key --encrypt-to edge1.pub",
+    "celslm compress sched.kv -o sched-tiny.kv --codec 'tc:q=2.0+zstd' --codebook coder.codebook",
     "celslm compress --list",
 )
 
@@ -28,7 +29,12 @@ EPILOG = examples(
 def compress(
     artifact: Annotated[str | None, typer.Argument(help="Input artifact: directory, .tar stream file, or - for stdin.")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output artifact directory, or - for a tar stream on stdout.")] = None,
-    codec: Annotated[str, typer.Option("--codec", help="Codec spec (stages joined by +) or preset: lossless, balanced, small.")] = "balanced",
+    codec: Annotated[str, typer.Option("--codec", help=f"Codec spec (stages joined by +) or preset: {', '.join(PRESETS)}.")] = "balanced",
+    codebook: Annotated[str | None, typer.Option("--codebook", help="For a tc codec: the model's codebook file (default: "
+                                                                  "this machine's, calibrated on first use).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="For a tc codec without a cached codebook: the "
+                                                                  "model to calibrate one with (default: the artifact's, "
+                                                                  "if bundled).")] = None,
     list_: Annotated[bool, typer.Option("--list", metavar=FLAG, help="Show the codec stages, their options and the presets.")] = False,
     sign: SignOpt = None,
     identity_: IdentityOpt = None,
@@ -59,26 +65,40 @@ def compress(
     if source.encryption and not sealed_for:
         raise UsageError(f"{artifact} is encrypted: give --encrypt-to RECIPIENT.pub for the output too "
                          "(it would be written in the clear)")
+    book = _codebook(source.space, codebook, model) if parsed.transform else None
     with identity_hint():
-        result = recode(reader, parsed)
+        result = recode(reader, parsed, book)
     if sealed_for:
         result = seal_artifact(result, sealed_for)
     if key is not None:  # a new id: the input's signatures do not carry over
         result.signatures = (sign_artifact(key, result.id),)
     write_artifact(result, out, force=force, stdout=sys.stdout.buffer)
     m = result.manifest
-    kv_in = source.blob_bytes() - source.tokens.size
-    kv_out = m.blob_bytes() - m.tokens.size
-    fp16 = 2 * 2 * m.layers * m.geometry.kv_heads * m.geometry.head_dim * m.token_count
-    summary = {"id": result.id, "out": out, "codec": m.codec, "bytes_in": source.blob_bytes(), "bytes": m.blob_bytes(),
-               "ratio": round(kv_in / kv_out, 3), "ratio_vs_fp16": round(fp16 / kv_out, 3),
+    summary = {"id": result.id, "out": out, "codec": m.codec, "bytes_in": source.shipped_bytes(), "bytes": m.shipped_bytes(),
+               "ratio": round(source.shipped_bytes() / m.shipped_bytes(), 3),
+               "ratio_vs_fp16": round(m.fp16_kv_bytes() / m.shipped_bytes(), 3),
+               "codebook": m.codebook.digest if m.codebook else None, "codebook_bytes": m.codebook.size if m.codebook else 0,
                "signed_by": [sig.key_id for sig in result.signatures],
                "encrypted_for": m.encryption.key_ids() if m.encryption else [], "seconds": round(time.perf_counter() - started, 3)}
     if json_:
         print_json(summary)
     else:
-        log(f"wrote {result.id} to {out}: codec {m.codec}, {kv_in / 2**20:.1f} -> {kv_out / 2**20:.2f} MiB of KV "
-            f"({summary['ratio']:.2f}x smaller, {summary['ratio_vs_fp16']:.2f}x vs fp16)")
+        shared = f"; the model's codebook ({m.codebook.size / 2**20:.2f} MiB) is shared by all its artifacts" if m.codebook else ""
+        log(f"wrote {result.id} to {out}: codec {m.codec}, {source.shipped_bytes() / 2**20:.1f} -> "
+            f"{m.shipped_bytes() / 2**20:.2f} MiB ({summary['ratio']:.2f}x smaller, {summary['ratio_vs_fp16']:.2f}x vs fp16, "
+            f"counting token ids and manifest){shared}")
+
+
+def _codebook(space, path: str | None, model: str | None):
+    """The codebook a tc codec codes with: the file given, or this machine's (calibrated on first use)."""
+    from pathlib import Path
+
+    from celslm.calibrate import codebook_for, read_codebook
+
+    if path:
+        return read_codebook(Path(path), space)
+    with progress_bar() as progress:
+        return codebook_for(space, model, progress=progress, announce=log)
 
 
 def show_stages(json_: bool) -> None:

@@ -66,7 +66,7 @@ import typer  # noqa: E402
 from celslm import __version__  # noqa: E402
 from celslm.errors import EXIT_RUNTIME, CelslmError, OutputExists, TokenRequired  # noqa: E402
 
-from . import align, bench, compress, decode, inspect, keys, models, prefill, push, score, serve, serve_cache, verify  # noqa: E402
+from . import align, bench, calibrate, compress, decode, inspect, keys, models, prefill, push, score, serve, serve_cache, verify  # noqa: E402
 from .common import FLAG, err_console  # noqa: E402
 
 app = typer.Typer(
@@ -84,6 +84,7 @@ app.command(epilog=prefill.EPILOG)(prefill.prefill)
 app.command(epilog=decode.EPILOG)(decode.decode)
 app.command(epilog=inspect.EPILOG)(inspect.inspect)
 app.command(epilog=verify.EPILOG)(verify.verify)
+app.command(epilog=calibrate.EPILOG)(calibrate.calibrate)
 app.command(epilog=compress.EPILOG)(compress.compress)
 app.command(epilog=score.EPILOG)(score.score)
 app.command(epilog=serve.EPILOG)(serve.serve)

@@ -238,6 +238,22 @@ def test_bench_latency_adds_llama_cpps_own_edge_only_as_a_baseline(engines):
     assert baseline["context_tokens"] == 96 and 1 <= baseline["new_tokens"] <= 3 and baseline["link"] is None
 
 
+def test_bench_compress_puts_llama_cpps_own_cache_types_beside_tc(tmp_path):
+    from celslm.bench import compress
+
+    # llama.cpp's q8_0/q4_0 blocks are 32 values: heads of 32 channels
+    gguf = save_tiny_gguf(tmp_path / "tiny-32.gguf", "qwen2", seed=4, hidden_size=128, num_attention_heads=4)
+    reference = load_model(str(gguf), engine="transformers")
+    result = compress.run(reference, codecs=("tc:q=1.0", "int8"), files=2, contexts=(64,), continuation=8, gguf=str(gguf),
+                          quanto=False)  # quanto's groups do not divide the tiny model's cache
+    rows = {r["codec"]: r for r in result["rows"]}
+    q8, q4 = rows["llama.cpp q8_0 KV cache"], rows["llama.cpp q4_0 KV cache"]
+    assert 1.4 < q8["ratio"] < 1.9 < q4["ratio"] < 3.6  # bytes as llama.cpp saves the state (cell metadata too)
+    assert q4["kl"] > q8["kl"] > 0 and q8["files"] == 2
+    assert rows["tc:q=1.0"]["ratio"] > 1 and rows["tc:q=1.0"]["decode_mbps"] > 0
+    assert result["codebook"]["disjoint_from_evaluation"] and not set(result["files"]) & set(result["codebook"]["calibration_files"])
+
+
 def test_bench_edge_measures_every_process_it_names(tiny_gguf):
     """Whole processes, interleaved: every row has its figures, and the peer restores llama.cpp's own state."""
     out = run_cli("bench", "edge", "-m", str(tiny_gguf), "--tokens", "64", "--new-tokens", "4", "--repeats", "1",

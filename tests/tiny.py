@@ -80,7 +80,8 @@ def _permute(weight, heads: int):
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def save_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0, layers: int = 3, context: int = 1024) -> Path:
+def save_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0, layers: int = 3, context: int = 1024,
+                   **overrides) -> Path:
     """A tiny random model as a GGUF file (fp32 weights, a byte-level BPE vocabulary plus chat specials, a
     chat template) written the way convert_hf_to_gguf writes `arch` (llama or qwen2)."""
     import gguf
@@ -88,7 +89,7 @@ def save_tiny_gguf(path: Path, arch: str = "llama", seed: int = 0, layers: int =
 
     vocab = len(GGUF_SPECIALS) + 257
     config = tiny_config(arch, vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=context,
-                         eos_token_id=GGUF_SPECIALS.index("<|im_end|>"), bos_token_id=1)
+                         eos_token_id=GGUF_SPECIALS.index("<|im_end|>"), bos_token_id=1, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

@@ -1,10 +1,17 @@
 """Compression vs quality, measured: bytes, perplexity ratio and top-1 agreement per codec.
 
-Data: held-out Python standard-library files (real text nobody here wrote). For each file, a context
-of 1,024-2,048 tokens and the following tokens as the continuation. The small model prefills each
-context once; every codec encodes that KV, decodes it (digests checked), and the continuation is
-scored teacher-forced against the uncompressed artifact. Peers run on the same data in the same run:
-transformers' QuantizedCache (quanto backend) and plain lz4 / zstd over fp16 bytes.
+Data: held-out Python standard-library files (real text nobody here wrote), or modules of
+third-party libraries installed beside celslm (`--corpus third-party`). For each file and each
+context length asked for, that many tokens of context and the following tokens as the continuation.
+The model prefills each context once; every codec encodes that KV, decodes it (digests checked), and
+the continuation is scored teacher-forced against the uncompressed artifact. Bytes are everything a
+fetch moves for the context (manifest, token ids, fp16 sinks, scales, framing); a `tc` codec's
+codebook is shared by every artifact of the model and reported once, beside the rows. It is
+calibrated on files disjoint from the evaluation files, and the run checks that it is.
+
+Peers run on the same data in the same run: llama.cpp's own q8_0 and q4_0 KV cache types (on the
+model's GGUF, bytes as llama.cpp saves the state, quality against its own f16 cache), transformers'
+QuantizedCache (quanto backend) and plain lz4 / zstd over fp16 bytes. Throughput is MB/s of fp16 KV on one core (torch and BLAS held to one thread).
 """
 
 from __future__ import annotations
@@ -20,19 +27,22 @@ import torch
 from celslm import kvcache
 from celslm.artifact import MemoryReader, Producer
 from celslm.blocks import build_artifact
+from celslm.calibrate import model_codebook
+from celslm.codebook import Codebook
 from celslm.codecs import PRESETS, parse_codec
 from celslm.corpus import Case, eval_cases
 from celslm.decode import context_from_artifact
+from celslm.errors import CelslmError
 from celslm.models import LoadedModel
-from celslm.score import continuation_logits, nll, top1
+from celslm.score import continuation_logits, kl, nll, top1
 
 DEFAULT_CODECS = (
-    "lossless", "balanced", "small",
-    "lz4", "int8:sink=4+lz4", "int4:g=64", "int4:sink=4+lz4", "int4:vbits=3,sink=4+lz4",
-    "int3:vbits=2,sink=4+lz4", "int2:g=64", "pca:e=0.99,on=kv+int4:sink=4+lz4",
+    "lossless", "balanced", "small", "tiny",
+    "int8:sink=4+lz4", "int4:sink=4+lz4", "int3:sink=4+lz4", "int2:kbits=3,kg=256,sink=4+lz4",
 )
 PEER_CODECS = ("fp16+lz4", "fp16+zstd")  # plain lz4 / zstd over fp16 bytes
 QUANTO_BITS = (4, 2)
+LLAMA_CACHE_TYPES = ("q8_0", "q4_0")
 
 Progress = Callable[[str, int, int], None]
 
@@ -41,11 +51,13 @@ Progress = Callable[[str, int, int], None]
 class Row:
     codec: str
     system: str  # "celslm" or the peer's name
+    context: int  # context tokens of every case in the row
     kv_bytes: int = 0
     fp16_bytes: int = 0
     nll: float = 0.0
     ref_nll: float = 0.0
     top1: float = 0.0
+    kl: float = 0.0
     encode_s: float | None = 0.0
     decode_s: float | None = 0.0
     cases: int = 0
@@ -57,11 +69,13 @@ class Row:
         return {
             "codec": self.codec,
             "system": self.system,
+            "context_tokens": self.context,
             "bytes_vs_fp16": round(self.kv_bytes / self.fp16_bytes, 4),
             "ratio": round(self.fp16_bytes / self.kv_bytes, 3),
             "ppl_ratio": round(math.exp((self.nll - self.ref_nll) / n), 5),
             "nll_delta": round((self.nll - self.ref_nll) / n, 5),
             "top1_agreement": round(self.top1 / n, 5),
+            "kl": round(self.kl / n, 6),
             "encode_mbps": round(mb / self.encode_s, 1) if self.encode_s else None,
             "decode_mbps": round(mb / self.decode_s, 1) if self.decode_s else None,
             "files": self.cases,
@@ -69,64 +83,106 @@ class Row:
 
 
 def _one_thread(fn):
-    """Codec throughput is measured on one core."""
+    """Codec throughput is measured on one core: torch's and BLAS's thread pools held to one thread."""
+    from threadpoolctl import threadpool_limits
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        started = time.perf_counter()
-        result = fn()
-        return result, time.perf_counter() - started
+        with threadpool_limits(limits=1):
+            started = time.perf_counter()
+            result = fn()
+            return result, time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
 
 
-def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: int = 20, min_context: int = 1024,
-        max_context: int = 2048, continuation: int = 128, peers: bool = True, progress: Progress | None = None) -> dict:
-    cases = eval_cases(loaded.tokenizer, files, min_context, max_context, continuation)
+def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: int = 20, contexts: tuple[int, ...] = (2048,),
+        continuation: int = 128, peers: bool = True, progress: Progress | None = None,
+        codebook: Codebook | None = None, gguf: str | None = None, quanto: bool = True, corpus: str = "stdlib") -> dict:
+    """Rows per (context length, codec); a `tc` codec codes with `codebook` (default: the model's, calibrated
+    once). llama.cpp's cache types run on `gguf` (default: the one kept beside a bundled model)."""
     all_codecs = tuple(codecs) + (PEER_CODECS if peers else ())
-    rows = {spec: Row(codec=f"{spec} ({PRESETS[spec]})" if spec in PRESETS else parse_codec(spec).spec,
-                      system="celslm" if spec not in PEER_CODECS else f"plain {spec.split('+')[1]} over fp16")
-            for spec in all_codecs}
-    quanto_rows = {bits: Row(codec=f"quanto int{bits} g=64", system="transformers QuantizedCache (quanto)")
-                   for bits in (QUANTO_BITS if peers and _has_quanto() else ())}
-    space = loaded.space
-    producer = Producer.native(space)
-    for index, case in enumerate(cases):
+    needs_codebook = any(parse_codec(spec).transform for spec in all_codecs)
+    if needs_codebook and codebook is None:
+        started = time.perf_counter()
+        codebook = model_codebook(loaded, progress=progress)
+        codebook_s = time.perf_counter() - started
+    else:
+        codebook_s = None
+    by_length = {length: eval_cases(loaded.tokenizer, files, length, length, continuation, source=corpus)
+                 for length in contexts}
+    names = {c.name for cases in by_length.values() for c in cases}
+    if codebook is not None and names & set(codebook.calibration.get("files_used", ())):
+        raise CelslmError(f"the codebook was calibrated on evaluation files {sorted(names & set(codebook.calibration['files_used']))}")
+    rows, quanto_rows = {}, {}
+    for length in contexts:
+        for spec in all_codecs:
+            rows[length, spec] = Row(codec=f"{spec} ({PRESETS[spec]})" if spec in PRESETS else parse_codec(spec).spec,
+                                     system="celslm" if spec not in PEER_CODECS else f"plain {spec.split('+')[1]} over fp16",
+                                     context=length)
+        for bits in (QUANTO_BITS if peers and quanto and _has_quanto() else ()):
+            quanto_rows[length, bits] = Row(codec=f"quanto int{bits} g=64", system="transformers QuantizedCache (quanto)",
+                                            context=length)
+    llama = _llama_engines(loaded, gguf) if peers else {}
+    llama_rows = {(length, kind): Row(codec=f"llama.cpp {kind} KV cache", system="llama.cpp (its own cache type, GGUF)",
+                                      context=length)
+                  for length in contexts for kind in llama if kind != "f16"}
+    work = [(length, case) for length, cases in by_length.items() for case in cases]
+    for index, (length, case) in enumerate(work):
+        _measure(loaded, case, {spec: rows[length, spec] for spec in all_codecs},
+                 {bits: row for (n, bits), row in quanto_rows.items() if n == length}, codebook)
+        if llama:
+            _measure_llama(llama, case, {kind: row for (n, kind), row in llama_rows.items() if n == length})
         if progress:
-            progress("files", index, len(cases))
-        with torch.inference_mode():
-            sequence = loaded.engine.sequence()
-            loaded.engine.prefill(sequence, case.context)
-            layers = loaded.engine.context_layers(sequence)
-        fp16_bytes = 2 * sum(k.numel() + v.numel() for k, v in layers)
-
-        def build(codec):
-            return build_artifact(space=space, producer=producer, token_ids=case.context, layers=layers, chunk_size=256,
-                                  dtype="float32", framing="raw", provenance=["native"] * len(layers), codec=codec)
-
-        reference = context_from_artifact(loaded, MemoryReader(build(parse_codec("none"))))
-        ref_logits, targets = continuation_logits(loaded, reference, case.continuation)
-        ref_nll = nll(ref_logits, targets)
-        for spec, row in rows.items():
-            artifact, encode_s = _one_thread(lambda: build(parse_codec(spec)))
-            ctx, decode_s = _one_thread(lambda: context_from_artifact(loaded, MemoryReader(artifact)))
-            logits, _ = continuation_logits(loaded, ctx, case.continuation)
-            _accumulate(row, logits, targets, ref_logits, ref_nll, fp16_bytes,
-                        artifact.manifest.blob_bytes() - artifact.manifest.tokens.size, encode_s, decode_s, case.name)
-        for bits, row in quanto_rows.items():
-            logits, kv_bytes = _quanto_logits(loaded, case, bits)
-            _accumulate(row, logits, targets, ref_logits, ref_nll, fp16_bytes, kv_bytes, None, None, case.name)
-    if progress:
-        progress("files", len(cases), len(cases))
+            progress("files", index + 1, len(work))
     return {
         "model": loaded.name,
-        "files": [c.name for c in cases],
-        "context_tokens": [len(c.context) for c in cases],
+        "corpus": corpus,
+        "files": sorted(names),
+        "contexts": list(contexts),
+        "cases": {str(length): len(cases) for length, cases in by_length.items()},
         "continuation_tokens": continuation,
-        "rows": [r.summary() for r in list(rows.values()) + list(quanto_rows.values())],
+        "rows": [r.summary() for r in list(rows.values()) + list(quanto_rows.values()) + list(llama_rows.values()) if r.cases],
+        "codebook": None if codebook is None else {
+            "digest": codebook.digest, "bytes": len(codebook.to_bytes()), "fitted_s": round(codebook_s, 1) if codebook_s else None,
+            "calibration_files": codebook.calibration.get("files_used"), "disjoint_from_evaluation": True,
+            "note": "shared by every artifact of the model: fetched once per edge, not counted in the rows"},
+        "bytes": "manifest + every blob of the context (token ids, sinks, scales, framing); codebook apart",
         "notes": {"quanto": "encode/decode throughput not separable from its prefill" if quanto_rows else
-                  "optimum-quanto not installed: transformers QuantizedCache peer skipped"},
+                  "optimum-quanto not installed: transformers QuantizedCache peer skipped",
+                  "llama.cpp": "its rows: bytes of the saved sequence state, quality against its own f16 cache on the "
+                               "GGUF" if llama else "no GGUF beside the model: llama.cpp cache-type peers skipped"},
     }
+
+
+def _measure(loaded: LoadedModel, case: Case, rows: dict, quanto_rows: dict, codebook: Codebook | None) -> None:
+    """One case through every codec (and the quanto peer), accumulated into the rows."""
+    space = loaded.space
+    producer = Producer.native(space)
+    with torch.inference_mode():
+        sequence = loaded.engine.sequence()
+        loaded.engine.prefill(sequence, case.context)
+        layers = loaded.engine.context_layers(sequence)
+    fp16_bytes = 2 * sum(k.numel() + v.numel() for k, v in layers)
+
+    def build(codec):
+        return build_artifact(space=space, producer=producer, token_ids=case.context, layers=layers, chunk_size=256,
+                              dtype="float32", framing="raw", provenance=["native"] * len(layers), codec=codec,
+                              codebook=codebook if codec.transform else None)
+
+    reference = context_from_artifact(loaded, MemoryReader(build(parse_codec("none"))))
+    ref_logits, targets = continuation_logits(loaded, reference, case.continuation)
+    ref_nll = nll(ref_logits, targets)
+    for spec, row in rows.items():
+        artifact, encode_s = _one_thread(lambda: build(parse_codec(spec)))
+        ctx, decode_s = _one_thread(lambda: context_from_artifact(loaded, MemoryReader(artifact)))
+        logits, _ = continuation_logits(loaded, ctx, case.continuation)
+        _accumulate(row, logits, targets, ref_logits, ref_nll, fp16_bytes,
+                    artifact.manifest.shipped_bytes(), encode_s, decode_s, case.name)
+    for bits, row in quanto_rows.items():
+        logits, kv_bytes = _quanto_logits(loaded, case, bits)
+        _accumulate(row, logits, targets, ref_logits, ref_nll, fp16_bytes, kv_bytes, None, None, case.name)
 
 
 def _accumulate(row: Row, logits, targets, ref_logits, ref_nll, fp16_bytes, kv_bytes, encode_s, decode_s, name):
@@ -134,12 +190,42 @@ def _accumulate(row: Row, logits, targets, ref_logits, ref_nll, fp16_bytes, kv_b
     row.nll += value
     row.ref_nll += ref_nll
     row.top1 += top1(logits, ref_logits)
+    row.kl += kl(logits, ref_logits)
     row.kv_bytes += kv_bytes
     row.fp16_bytes += fp16_bytes
     row.encode_s = None if encode_s is None else row.encode_s + encode_s
     row.decode_s = None if decode_s is None else row.decode_s + decode_s
     row.cases += 1
     row.per_case.append({"file": name, "nll": value, "ref_nll": ref_nll})
+
+
+def _llama_engines(loaded: LoadedModel, gguf: str | None) -> dict:
+    """llama.cpp on the model's GGUF at f16 and at each quantized cache type, or {} without a GGUF."""
+    from celslm.llamacpp import LlamaEngine
+    from celslm.models import model_gguf
+
+    gguf = gguf or model_gguf(loaded.name, loaded.folder)
+    if gguf is None:
+        return {}
+    return {kind: LlamaEngine(str(gguf), cache_type=kind) for kind in ("f16", *LLAMA_CACHE_TYPES)}
+
+
+def _measure_llama(engines: dict, case: Case, rows: dict) -> None:
+    """The case on llama.cpp at each cache type, scored against its f16 cache (the same GGUF)."""
+    results = {}
+    last = len(case.context) - 1
+    ids = [case.context[last]] + case.continuation[:-1]
+    for kind, engine in engines.items():
+        sequence = engine.sequence()
+        engine.prefill(sequence, case.context[:last])
+        state = engine.state_bytes()
+        results[kind] = engine.evaluate(sequence, ids, logits_to_keep=len(ids)), state
+    ref_logits, ref_state = results["f16"]
+    targets = np.asarray(case.continuation, dtype=np.int64)
+    ref_nll = nll(ref_logits, targets)
+    for kind, row in rows.items():
+        logits, state = results[kind]
+        _accumulate(row, logits, targets, ref_logits, ref_nll, ref_state, state, None, None, case.name)
 
 
 def _has_quanto() -> bool:
@@ -174,7 +260,8 @@ def plot(result: dict, path: str) -> None:
         loss = (row["ppl_ratio"] - 1) * 100
         marker = "o" if row["system"] == "celslm" else "s"
         ax.scatter(row["ratio"], max(loss, 1e-3), marker=marker, color="C0" if row["system"] == "celslm" else "C3")
-        ax.annotate(row["codec"], (row["ratio"], max(loss, 1e-3)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        label = row["codec"] + (f" @{row['context_tokens']}" if len(result["contexts"]) > 1 else "")
+        ax.annotate(label, (row["ratio"], max(loss, 1e-3)), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(1, color="gray", linestyle="--", linewidth=0.8)
     ax.axhline(5, color="gray", linestyle=":", linewidth=0.8)
     ax.set_yscale("log")

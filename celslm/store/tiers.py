@@ -257,7 +257,7 @@ class Tiers:
 
     def available_prefix(self, manifest: Manifest) -> int:
         """How many leading chunks can be had, every layer's block of each, from any tier (fetching them)."""
-        if any(ref is not None and self.blob(ref) is None for ref in (manifest.tokens, *manifest.bases)):
+        if any(ref is not None and self.blob(ref) is None for ref in (manifest.tokens, manifest.codebook, *manifest.bases)):
             return 0
         for chunk in range(manifest.chunks):
             if any(self.blob(layer[chunk]) is None for layer in manifest.blocks):

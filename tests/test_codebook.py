@@ -1,0 +1,281 @@
+"""The calibrated transform codec (tc): codebook fit and cache, round trips, and a missing or wrong codebook refused."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+
+from celslm.artifact import DirectoryReader, MemoryReader, open_artifact, seal_artifact, write_dir, write_tar
+from celslm.blockread import open_context
+from celslm.blocks import recode
+from celslm.calibrate import Calibration, allocate, calibrate, codebook_path, read_codebook
+from celslm.codebook import Codebook, EntropyModel, Transform
+from celslm.codecs import parse_codec
+from celslm.confidential import Identity
+from celslm.errors import EXIT_INTEGRITY, EXIT_USAGE, IntegrityError, UsageError
+from celslm.models import load_model
+from tests.conftest import run_cli
+
+FAST = Calibration(files=2, tokens=96, probe_files=1, probe_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen):
+    return load_model(str(tiny_qwen))
+
+
+@pytest.fixture(scope="module")
+def codebook(tiny) -> Codebook:
+    return calibrate(tiny, FAST)
+
+
+def exact_layers(reader):
+    _, layers = open_context(reader)
+    return [(k, v) for _, k, v in layers]
+
+
+def test_transform_codes_within_half_a_step_per_component():
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    t = Transform(np.zeros(8, np.float32), basis.astype(np.float32), np.full(8, 1.0, np.float32), 0.5)
+    x = rng.standard_normal((2, 40, 4)).astype(np.float32)  # [H, t, D]: 8 channels per token
+    codes = t.encode(x, q=1.0)
+    assert codes.shape == (8, 40) and codes.dtype == np.int8
+    back = t.decode(codes, 1.0, 2, 4)
+    # the basis is orthonormal: the coefficient error (at most half a step each) is the channel error's norm
+    err = np.linalg.norm((back - x).transpose(1, 0, 2).reshape(40, 8), axis=1)
+    assert err.max() <= 0.5 * 0.5 * np.sqrt(8) + 1e-5
+
+
+def test_components_under_the_drop_threshold_are_not_coded():
+    std = np.array([4.0, 2.0, 1.0, 0.1], np.float32)
+    t = Transform(np.zeros(4, np.float32), np.eye(4, dtype=np.float32), std, 1.0)
+    assert t.kept(1.0) == 3 and t.kept(8.0) == 2 and t.kept(100.0) == 0
+    assert t.encode(np.ones((1, 5, 4), np.float32), 8.0).shape == (2, 5)
+
+
+def test_ans_round_trip_is_exact_with_escapes():
+    entropy = EntropyModel.gaussian()
+    rng = np.random.default_rng(1)
+    spreads = np.array([40.0, 3.0, 1.0, 0.3, 3.0], np.float32)
+    codes = np.rint(rng.standard_normal((5, 50)) * spreads[:, None]).astype(np.int32)
+    codes[2, 7], codes[3, 0], codes[0, 1] = 90, -5000, 127  # far past their classes' alphabets: escapes
+    words, escapes = entropy.encode(codes, entropy.classes(spreads))
+    assert len(escapes) >= 2 and words.dtype == np.uint32
+    assert np.array_equal(entropy.decode(words, escapes, entropy.classes(spreads), 50), codes)
+    with pytest.raises(ValueError, match="escaped codes"):
+        entropy.decode(words, escapes[:-1], entropy.classes(spreads), 50)
+
+
+def test_ans_codes_gaussian_components_near_their_entropy():
+    """A class's table must match its spread: a component coded in the wrong class costs far more."""
+    entropy = EntropyModel.gaussian()
+    rng = np.random.default_rng(2)
+    spreads = np.array([0.4, 0.8, 1.5, 3.0, 9.0], np.float32)
+    codes = np.rint(rng.standard_normal((5, 4000)) * spreads[:, None]).astype(np.int32)
+    words, _ = entropy.encode(codes, entropy.classes(spreads))
+    ideal = 0.0
+    for row in codes:
+        _, counts = np.unique(row, return_counts=True)
+        ideal -= (counts * np.log2(counts / counts.sum())).sum()
+    assert words.size * 32 <= 1.05 * ideal + 64
+    shifted, _ = entropy.encode(codes, np.minimum(entropy.classes(spreads) + 8, len(entropy.sizes) - 1))
+    assert shifted.size > 1.1 * words.size
+
+
+def test_allocation_gives_a_more_sensitive_tensor_a_finer_step():
+    rms = np.ones((3, 2))
+    sensitivity = np.array([[1.0, 1.0], [4.0, 1.0], [1.0, 0.25]])
+    units = allocate(rms, sensitivity)
+    assert units[1, 0] == pytest.approx(units[0, 0] / 2)  # 4x the error per step^2: half the step
+    assert units[2, 1] == pytest.approx(units[0, 0] * 2)
+    assert allocate(rms, np.array([[1.0, 1e9], [1.0, 1.0], [1.0, 1.0]]))[0, 1] == pytest.approx(1 / 4)  # clipped at 4x finer
+
+
+def test_codebook_round_trips_through_its_bytes(codebook, tiny):
+    again = Codebook.from_bytes(codebook.to_bytes())
+    assert again.digest == codebook.digest and again.fingerprint == tiny.fingerprint
+    assert again.calibration["files_used"] and len(again.calibration["sensitivity_kl"]) == codebook.geometry[0]
+    for pair, other in zip(codebook.transforms, again.transforms):
+        for a, b in zip(pair, other):
+            assert np.array_equal(a.basis, b.basis) and a.unit == pytest.approx(b.unit)
+
+
+def test_corrupt_codebook_bytes_are_an_integrity_error(codebook):
+    data = bytearray(codebook.to_bytes())
+    data[-40:] = b"\xff" * 40  # NaNs in the last tensor
+    with pytest.raises(IntegrityError, match="codebook does not decode"):
+        Codebook.from_bytes(bytes(data))
+    with pytest.raises(UsageError, match="not a celslm codebook"):
+        Codebook.from_bytes(codebook.to_bytes().replace(b"celslm.codebook/1", b"celslm.codebook/9"))
+
+
+def test_tc_artifact_decodes_close_with_sinks_exact(prefilled, codebook):
+    reader = DirectoryReader(prefilled / "a.kv")
+    exact = exact_layers(reader)
+    coded = recode(reader, parse_codec("tc:q=0.5+zstd"), codebook)
+    assert coded.manifest.codebook.digest == codebook.digest
+    assert coded.blobs[codebook.digest] == codebook.to_bytes()
+    for (k, v), (k2, v2), pair in zip(exact, exact_layers(MemoryReader(coded)), codebook.transforms):
+        assert np.array_equal(k2[:, :4], k[:, :4].astype(np.float16).astype(np.float32))
+        for a, b, t in ((k, k2, pair[0]), (v, v2, pair[1])):
+            kept = t.kept(0.5)
+            assert kept > 0
+            # every coded component within half a step (plus the float16 basis's rounding)
+            coeffs = [t.basis[:, :kept].T @ (x[:, 4:].transpose(0, 2, 1).reshape(-1, x.shape[1] - 4) - t.mean[:, None])
+                      for x in (a, b)]
+            assert np.abs(coeffs[1] - coeffs[0]).max() <= 0.5 * t.step(0.5) + 0.01 * np.abs(coeffs[0]).max()
+    assert coded.manifest.shipped_bytes() < reader.manifest.shipped_bytes() / 3
+
+
+def test_coarser_q_is_smaller_and_lossier(prefilled, codebook):
+    reader = DirectoryReader(prefilled / "a.kv")
+    exact = exact_layers(reader)
+    sizes, errors = [], []
+    for q in (0.5, 2.0):
+        coded = recode(reader, parse_codec(f"tc:q={q}+zstd"), codebook)
+        sizes.append(coded.manifest.shipped_bytes())
+        errors.append(sum(np.abs(k2 - k).mean() for (k, _), (k2, _) in zip(exact, exact_layers(MemoryReader(coded)))))
+    assert sizes[1] < sizes[0] and errors[1] > errors[0]
+
+
+def test_a_tc_codec_without_a_codebook_is_refused(prefilled):
+    with pytest.raises(UsageError, match="needs the model's codebook"):
+        recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc"))
+
+
+def test_codebook_of_another_model_is_refused_at_encode(prefilled, tiny_llama):
+    other = calibrate(load_model(str(tiny_llama)), FAST)
+    with pytest.raises(IntegrityError, match="does not belong to this model space"):
+        recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc"), other)
+
+
+def test_tc_and_pca_do_not_combine():
+    with pytest.raises(UsageError, match="drop the pca stage"):
+        parse_codec("pca:r=4+tc")
+    with pytest.raises(UsageError, match="out of range"):
+        parse_codec("tc:q=0")
+
+
+@pytest.fixture()
+def coded_dir(prefilled, codebook, tmp_path):
+    path = tmp_path / "tc.kv"
+    write_dir(recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc"), codebook), path)
+    return path
+
+
+def test_missing_codebook_blob_is_an_integrity_error(coded_dir, tiny_qwen):
+    manifest = DirectoryReader(coded_dir).manifest
+    (coded_dir / "blobs" / manifest.codebook.hex).unlink()
+    result = run_cli("decode", "-m", str(tiny_qwen), "--kv", str(coded_dir), "-p", "hi", "-n", "2")
+    assert result.returncode == EXIT_INTEGRITY and b"codebook blob" in result.stderr and b"missing" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_swapped_codebook_bytes_fail_their_digest(coded_dir, tiny_qwen, tiny_llama):
+    manifest = DirectoryReader(coded_dir).manifest
+    other = calibrate(load_model(str(tiny_llama)), FAST)
+    (coded_dir / "blobs" / manifest.codebook.hex).write_bytes(other.to_bytes())
+    result = run_cli("decode", "-m", str(tiny_qwen), "--kv", str(coded_dir), "-p", "hi", "-n", "2")
+    assert result.returncode == EXIT_INTEGRITY and b"codebook blob" in result.stderr and b"corrupt" in result.stderr
+
+
+def test_a_forged_manifest_naming_another_models_codebook_is_refused(prefilled, codebook, tiny_llama):
+    """Digests all match (the blob is what the manifest names) but the codebook is another model's."""
+    coded = recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc"), codebook)
+    other = calibrate(load_model(str(tiny_llama)), FAST)
+    data = other.to_bytes()
+    ref = type(coded.manifest.codebook)(other.digest, len(data), coded.manifest.codebook.media_type)
+    forged = type(coded)(coded.manifest.__class__(**{**coded.manifest.__dict__, "codebook": ref}),
+                         {**coded.blobs, other.digest: data})
+    with pytest.raises(IntegrityError, match="does not belong to this model space"):
+        exact_layers(MemoryReader(forged))
+
+
+def test_encrypted_tc_artifact_keeps_one_clear_codebook(prefilled, codebook, tmp_path):
+    run_cli("keys", "generate", "--out", str(tmp_path / "edge"), "--for", "encryption", check=True)
+    identity = Identity.load([tmp_path / "edge.key"])
+    coded = recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc"), codebook)
+    sealed = seal_artifact(coded, identity._publics())
+    assert sealed.manifest.codebook == coded.manifest.codebook  # the same blob, shared with every artifact
+    write_dir(sealed, tmp_path / "sealed.kv")
+    reader = open_artifact(str(tmp_path / "sealed.kv"), identity=identity)
+    assert reader.problems() == []
+    for (k, v), (k2, v2) in zip(exact_layers(MemoryReader(coded)), exact_layers(reader)):
+        assert np.array_equal(k, k2) and np.array_equal(v, v2)
+
+
+def test_compress_calibrates_on_first_use_then_reuses_the_cache(prefilled, tiny_qwen, tmp_path, celslm_home):
+    args = ["compress", str(prefilled / "a.kv"), "--codec", "tc:q=1.0+zstd", "--model", str(tiny_qwen), "--json"]
+    first = run_cli(*args, "-o", str(tmp_path / "one.kv"), check=True)
+    assert b"calibrating the codebook" in first.stderr
+    cached = list((celslm_home / "codebooks").glob("*.codebook"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    second = run_cli(*args[:-3], "--json", "-o", str(tmp_path / "two.kv"), check=True)  # no --model: the cache
+    assert b"calibrating" not in second.stderr and cached[0].stat().st_mtime_ns == stamp
+    one, two = (json.loads(r.stdout) for r in (first, second))
+    assert one["id"] == two["id"] and one["codebook"] == read_codebook(cached[0]).digest
+    assert one["ratio_vs_fp16"] > 2 and one["codebook_bytes"] > 0
+
+
+def test_compress_without_a_codebook_or_a_model_says_how(prefilled, tmp_path):
+    result = run_cli("compress", str(prefilled / "a.kv"), "--codec", "tc", "-o", str(tmp_path / "x.kv"))
+    assert result.returncode == EXIT_USAGE and b"--model" in result.stderr and b"--codebook" in result.stderr
+    assert not (tmp_path / "x.kv").exists()
+
+
+def test_calibrate_command_writes_a_codebook_compress_can_use(prefilled, tiny_qwen, tmp_path, celslm_home):
+    out = tmp_path / "tiny.codebook"
+    args = ["calibrate", "-m", str(tiny_qwen), "--files", "2", "--tokens", "96", "--probe-files", "1", "--json"]
+    summary = json.loads(run_cli(*args, "--out", str(out), check=True).stdout)
+    assert summary["fitted"] and read_codebook(out).digest == summary["codebook"]
+    again = run_cli(*args, "--out", str(out))
+    assert again.returncode == EXIT_USAGE and b"already exists" in again.stderr
+    coded = json.loads(run_cli("compress", str(prefilled / "a.kv"), "--codec", "tc", "--codebook", str(out),
+                               "-o", str(tmp_path / "c.kv"), "--json", check=True).stdout)
+    assert coded["codebook"] == summary["codebook"]
+    assert not codebook_path(summary["fingerprint"]).exists()  # --out: the cache is untouched
+
+
+def test_verify_checks_the_codebook_blob(coded_dir):
+    assert run_cli("verify", str(coded_dir)).returncode == 0
+    manifest = DirectoryReader(coded_dir).manifest
+    path = coded_dir / "blobs" / manifest.codebook.hex
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    result = run_cli("verify", str(coded_dir))
+    assert result.returncode == EXIT_INTEGRITY and b"codebook blob" in result.stderr
+
+
+def test_tc_artifact_decodes_from_a_tar_stream_as_from_its_directory(prefilled, codebook, tiny_qwen, tmp_path):
+    coded = recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc"), codebook)
+    write_dir(coded, tmp_path / "tc.kv")
+    with (tmp_path / "tc.tar").open("wb") as stream:
+        write_tar(coded, stream)
+    decoded = [json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", str(tmp_path / name), "-p", "hi", "-n", "4",
+                                  "--json", check=True).stdout)["text"] for name in ("tc.kv", "tc.tar")]
+    assert decoded[0] == decoded[1]
+
+
+def test_the_codebook_travels_once_through_serve_cache_and_decodes_at_the_edge(prefilled, codebook, tiny_qwen, tmp_path):
+    from tests.netutil import Server
+
+    reader = DirectoryReader(prefilled / "a.kv")
+    for q in ("1.0", "2.0"):
+        write_dir(recode(reader, parse_codec(f"tc:q={q}"), codebook), tmp_path / f"q{q}.kv")
+    cloud = Server(tmp_path / "cloud")
+    try:
+        first = json.loads(run_cli("push", str(tmp_path / "q1.0.kv"), cloud.url, "--json", check=True).stdout)
+        second = json.loads(run_cli("push", str(tmp_path / "q2.0.kv"), cloud.url, "--tag", "ctx", "--json",
+                                    check=True).stdout)
+        blobs = len(DirectoryReader(tmp_path / "q2.0.kv").manifest.blob_refs())
+        assert second["blobs_skipped"] == 2 and second["blobs_sent"] == blobs - 2  # the token ids and the codebook
+        assert first["bytes_sent"] > second["bytes_sent"] + len(codebook.to_bytes()) // 2
+        remote = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", "ctx", "--cloud", cloud.url, "-p", "hi",
+                                    "-n", "4", "--json", env={"CELSLM_HOME": str(tmp_path / "edge")}, check=True).stdout)
+    finally:
+        cloud.stop()
+    local = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", str(tmp_path / "q2.0.kv"), "-p", "hi", "-n", "4",
+                               "--json", check=True).stdout)
+    assert remote["text"] == local["text"] and remote["new_tokens"] == local["new_tokens"]
