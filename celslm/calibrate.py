@@ -1,8 +1,12 @@
 """Fit a model's codebook (`codebook.py`) on calibration text that no evaluation uses, and cache it.
 
-1. Bases. The model prefills each calibration file; per layer and kind, the covariance of pre-RoPE
-   keys and of values across heads (the first `sink` tokens left out: they stay fp16, and their
-   outsized keys would skew it) and its eigendecomposition.
+1. Bases, in the metric that attention sees. The model prefills each calibration file; per layer and
+   kind, the covariance of pre-RoPE keys and of values across heads (the first `sink` tokens left out:
+   they stay fp16, and their outsized keys would skew it). An error in a key matters as much as the
+   queries read it: the metric weighs each key channel by the queries' energy in its RoPE pair (the
+   rotation averages a pair's two channels). An error in a value reaches the residual stream through
+   the output projection: the metric is the heads' W_o^T W_o. The basis is the eigendecomposition of
+   the covariance in that metric, so a uniform step spends error where the model looks least.
 2. Steps, by measured error. On the probe files, only one layer's keys (or values) are coded at a
    probe step, everything else exact, and the KL divergence of the continuation's predictions from
    the exact ones is that tensor's sensitivity s. The error a tensor adds is about s x step^2 while
@@ -10,6 +14,7 @@
    is the tensor's RMS spread x sqrt(G / s), G the geometric mean of every s (clipped to 1/4..4x).
 
 The cache is `$CELSLM_HOME/codebooks/<model fingerprint>.codebook`; `compress` calibrates on first use.
+torch is imported only to calibrate: reading and caching codebooks does not need it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +30,7 @@ import numpy as np
 
 from celslm.artifact import ModelSpace
 from celslm.codebook import KINDS, Codebook, Transform
+from celslm.codecs import Codec
 from celslm.corpus import calibration_files
 from celslm.decode import context_from_layers
 from celslm.errors import UsageError
@@ -46,25 +52,38 @@ class Calibration:
 
 
 def calibrate(loaded: LoadedModel, settings: Calibration = Calibration(), progress: Progress | None = None) -> Codebook:
+    import torch  # the torch side: the model's queries and output projections
+
+    from celslm import kvcache
+    from celslm.features import layer_features, to_heads
+
+    if loaded.model is None:
+        raise UsageError("calibration reads the model's queries and output projections: load it with --engine transformers")
     cases = _cases(loaded, settings)
-    sums = None
+    sums, energy = None, None
     probes = []
     for index, (name, context, continuation) in enumerate(cases):
         if progress:
             progress("prefill", index, len(cases))
-        sequence = loaded.engine.sequence()
-        loaded.engine.prefill(sequence, context)
-        layers = [(np.asarray(k, dtype=np.float32), np.asarray(v, dtype=np.float32))
-                  for k, v in loaded.engine.context_layers(sequence)]
+        with torch.inference_mode():
+            features = layer_features(loaded, context, queries=True)
+        heads = loaded.engine.geometry.kv_heads
+        layers = [(to_heads(k, heads).float().numpy(), to_heads(v, heads).float().numpy())
+                  for k, v in zip(features.keys, features.values)]
         sums = _accumulate(sums, layers, settings.sink)
+        energy = _query_energy(energy, [q.float().numpy() for q in features.queries], layers[0][0].shape, settings.sink)
         if len(probes) < settings.probe_files:
             probes.append((context, continuation, layers))
     if progress:
         progress("prefill", len(cases), len(cases))
-    transforms = [tuple(_fit(*moments) for moments in layer) for layer in sums]  # [layer] -> (key, value)
+    metrics = [(_key_metric(e), _value_metric(kvcache.output_projection(loaded.model, layer).detach().float().numpy(),
+                                              *layers[0][0].shape[::2]))
+               for layer, e in enumerate(energy)]
+    transforms = [tuple(_fit(*moments, metric) for moments, metric in zip(layer, pair))
+                  for layer, pair in zip(sums, metrics)]  # [layer] -> (key, value)
     sensitivity = _sensitivity(loaded, transforms, probes, settings, progress)
     units = allocate(np.array([[t.unit for t in pair] for pair in transforms]), sensitivity)
-    transforms = tuple(tuple(Transform(t.mean, t.basis, t.std, float(u)) for t, u in zip(pair, row))
+    transforms = tuple(tuple(replace(t, unit=float(u), _cache={}) for t, u in zip(pair, row))
                        for pair, row in zip(transforms, units))
     kv_heads, _, head_dim = probes[0][2][0][0].shape
     return Codebook(loaded.name, loaded.space.fingerprint, (len(transforms), kv_heads, head_dim), transforms,
@@ -110,14 +129,56 @@ def _accumulate(sums, layers, sink: int):
     return sums
 
 
-def _fit(count: int, total: np.ndarray, outer: np.ndarray) -> Transform:
+def _query_energy(energy, queries: list[np.ndarray], shape, sink: int):
+    """Per layer `[F]`: the summed energy of the queries that read each key channel, averaged over its RoPE
+    pair (channels d and d + D/2, as transformers rotates them), over the query heads sharing a kv head."""
+    heads, _, width = shape
+    out = []
+    for layer, q in enumerate(queries):  # [T, Hq*D]
+        q = q[sink:].reshape(q.shape[0] - sink, heads, -1, width)  # [T, H, G, D]: kv head h serves G query heads
+        e = (q.astype(np.float64) ** 2).sum(axis=(0, 2))  # [H, D]
+        half = width // 2
+        e[:, :half] = e[:, half:] = (e[:, :half] + e[:, half:]) / 2
+        out.append(e.reshape(-1) + (energy[layer] if energy is not None else 0))
+    return out
+
+
+def _key_metric(energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S, S^-1) for keys: diagonal, the square root of the query energy (relative to its mean, floored)."""
+    w = energy / max(float(energy.mean()), 1e-30)
+    root = np.sqrt(np.maximum(w, 1e-3))
+    return np.diag(root), np.diag(1 / root)
+
+
+def _value_metric(output: np.ndarray, heads: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S, S^-1) for values: block-diagonal, per kv head the square root of sum over its query heads of
+    W_o^T W_o (`output` `[hidden, Hq*D]`), relative to its mean eigenvalue (floored)."""
+    groups = output.shape[1] // (heads * width)
+    root, inverse = np.zeros((heads * width,) * 2), np.zeros((heads * width,) * 2)
+    for h in range(heads):
+        block = output[:, h * groups * width : (h + 1) * groups * width].astype(np.float64)
+        gram = sum(block[:, g * width : (g + 1) * width].T @ block[:, g * width : (g + 1) * width] for g in range(groups))
+        eigvals, eigvecs = np.linalg.eigh(gram)
+        eigvals = np.maximum(eigvals / max(float(eigvals.mean()), 1e-30), 1e-3)
+        span = slice(h * width, (h + 1) * width)
+        root[span, span] = (eigvecs * np.sqrt(eigvals)) @ eigvecs.T
+        inverse[span, span] = (eigvecs / np.sqrt(eigvals)) @ eigvecs.T
+    return root, inverse
+
+
+def _fit(count: int, total: np.ndarray, outer: np.ndarray, metric: tuple[np.ndarray, np.ndarray]) -> Transform:
+    """Principal components of x in the metric y = S x: read off with S B, rebuilt with S^-1 B."""
+    root, inverse = metric
     mean = total / count
-    cov = outer / count - np.outer(mean, mean)
+    cov = root @ (outer / count - np.outer(mean, mean)) @ root.T
     eigvals, eigvecs = np.linalg.eigh(cov)  # ascending
     eigvals, eigvecs = np.clip(eigvals[::-1], 0, None), eigvecs[:, ::-1]
-    basis = eigvecs.astype(np.float16).astype(np.float32)  # as the codebook stores it, so the probe codes as it will
+    # as the codebook stores them (float16), so the probes code as the codec will
+    analysis = (root.T @ eigvecs).astype(np.float16).astype(np.float32)
+    basis = (inverse @ eigvecs).astype(np.float16).astype(np.float32)
     rms = math.sqrt(max(float(eigvals.mean()), 1e-12))
-    return Transform(mean.astype(np.float32), basis, np.sqrt(eigvals).astype(np.float32), rms)
+    return Transform(mean=mean.astype(np.float32), basis=basis, std=np.sqrt(eigvals).astype(np.float32),
+                     analysis=analysis, unit=rms)
 
 
 def _sensitivity(loaded, transforms, probes, settings: Calibration, progress) -> np.ndarray:
@@ -218,3 +279,9 @@ def codebook_for(space: ModelSpace, model: str | None = None, settings: Calibrat
         raise UsageError(f"{spec} is not the model this artifact was made with ({space.name}, "
                          f"fingerprint {space.fingerprint[:12]}; {spec} has {loaded.fingerprint[:12]})")
     return model_codebook(loaded, settings, progress)
+
+
+def codec_codebook(codec: Codec, loaded: LoadedModel, progress: Progress | None = None) -> Codebook | None:
+    """What `build_artifact`/`recode` need for `codec` on `loaded`'s KV: the model's codebook (cached, or
+    calibrated now) for a tc codec, None for any other."""
+    return model_codebook(loaded, progress=progress) if codec.transform else None

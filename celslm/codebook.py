@@ -3,10 +3,14 @@
 Per layer and per kind (pre-RoPE keys, values), over the F = kv_heads x head_dim channels of a token
 (across heads: a layer's heads share structure that a per-head basis cannot use):
 
-    mean [F]       the calibration text's mean
-    basis [F, F]   principal directions, columns by variance, descending (stored float16)
-    std [F]        each component's spread on the calibration text
-    unit           the step at q=1, from the layer's measured sensitivity (`calibrate.py`)
+    mean [F]           the calibration text's mean
+    analysis [F, F]    column c reads component c off a token's channels (stored float16)
+    basis [F, F]       column c puts component c back into channels (stored float16)
+    std [F]            each component's spread on the calibration text, descending
+    unit               the step at q=1, from the layer's measured sensitivity (`calibrate.py`)
+
+The components are principal directions in the metric attention reads the cache with (query energy
+for keys, the output projection for values: `calibrate.py`), so analysis and basis differ by it.
 
 At quality q a component is coded with step q*unit; a component whose spread is under DROP steps gets
 no bits at all and reconstructs as the mean. That is reverse water-filling within a layer; the
@@ -53,8 +57,9 @@ class Transform:
     """One layer's transform for one kind of tensor."""
 
     mean: np.ndarray  # [F] float32
-    basis: np.ndarray  # [F, F] float32 (float16 values): columns are components
+    basis: np.ndarray  # [F, F] float32 (float16 values): column c rebuilds component c in channels
     std: np.ndarray  # [F] float32, descending
+    analysis: np.ndarray  # [F, F] float32 (float16 values): column c reads component c off the channels
     unit: float  # step at q=1
     _cache: dict = field(default_factory=dict, repr=False)  # the matrices at each q used
 
@@ -99,10 +104,9 @@ class Transform:
         q = float(q)
         if q not in self._cache:
             kept, step = self.kept(q), self.step(q)
-            basis = self.basis[:, :kept]
-            forward = np.ascontiguousarray(basis.T / np.float32(step), dtype=np.float32)
-            inverse = np.ascontiguousarray(np.concatenate([basis * np.float32(step), self.mean[:, None]], axis=1),
-                                           dtype=np.float32)
+            forward = np.ascontiguousarray(self.analysis[:, :kept].T / np.float32(step), dtype=np.float32)
+            inverse = np.ascontiguousarray(np.concatenate([self.basis[:, :kept] * np.float32(step), self.mean[:, None]],
+                                                          axis=1), dtype=np.float32)
             self._cache[q] = (forward, forward @ self.mean, inverse)
         return self._cache[q]
 
@@ -210,6 +214,7 @@ class Codebook:
             for kind, t in zip(KINDS, pair):
                 tensors[f"{layer}.{kind}.mean"] = t.mean.astype(np.float32)
                 tensors[f"{layer}.{kind}.basis"] = t.basis.astype(np.float16)
+                tensors[f"{layer}.{kind}.analysis"] = t.analysis.astype(np.float16)
                 tensors[f"{layer}.{kind}.std"] = t.std.astype(np.float32)
                 tensors[f"{layer}.{kind}.unit"] = np.array([t.unit], dtype=np.float32)
         tensors["ans.edges"], tensors["ans.sizes"], tensors["ans.tables"] = \
@@ -246,7 +251,7 @@ class Codebook:
             layers, heads, width = (int(n) for n in description["geometry"])
             if not 0 < layers <= 1024 or not 0 < heads * width <= 1 << 16:
                 raise ValueError(f"geometry {description['geometry']} out of range")
-            if len(tensors) != 4 * len(KINDS) * layers + 4:
+            if len(tensors) != 5 * len(KINDS) * layers + 4:
                 raise ValueError(f"{len(tensors)} tensors for {layers} layers")
             transforms = tuple(tuple(_transform(tensors, layer, kind, heads * width) for kind in KINDS)
                                for layer in range(layers))
@@ -272,11 +277,14 @@ def _entropy(tensors: dict) -> EntropyModel:
 
 def _transform(tensors: dict, layer: int, kind: str, width: int) -> Transform:
     name = f"{layer}.{kind}"
-    mean, basis, std, unit = (tensors[f"{name}.{part}"] for part in ("mean", "basis", "std", "unit"))
-    if mean.shape != (width,) or basis.shape != (width, width) or std.shape != (width,) or unit.shape != (1,):
+    mean, basis, std, unit, analysis = (tensors[f"{name}.{part}"] for part in ("mean", "basis", "std", "unit", "analysis"))
+    if mean.shape != (width,) or basis.shape != (width, width) or std.shape != (width,) or unit.shape != (1,) \
+            or analysis.shape != (width, width):
         raise ValueError(f"{name}: shapes {mean.shape}, {basis.shape}, {std.shape}, {unit.shape} do not fit {width} channels")
-    t = Transform(mean.astype(np.float32), basis.astype(np.float32), std.astype(np.float32), float(unit[0]))
-    if not (np.isfinite(t.mean).all() and np.isfinite(t.basis).all() and np.isfinite(t.std).all()
+    t = Transform(mean.astype(np.float32), basis.astype(np.float32), std.astype(np.float32), analysis.astype(np.float32),
+                  float(unit[0]))
+    if not (np.isfinite(t.mean).all() and np.isfinite(t.basis).all() and np.isfinite(t.analysis).all()
+            and np.isfinite(t.std).all()
             and np.isfinite(t.unit) and t.unit > 0 and (t.std >= 0).all() and (np.diff(t.std) <= 0).all()):
         raise ValueError(f"{name}: values out of range (non-finite, a non-positive unit, or spreads not descending)")
     return t

@@ -111,6 +111,12 @@ def fill_capturing(model, token_ids: list[int], step: int = 256, queries: bool =
     return cache, [torch.cat(parts) for parts in normed], [torch.cat(parts) for parts in query_parts] if queries else []
 
 
+def output_projection(model, layer: int) -> torch.Tensor:
+    """Layer `layer`'s attention output projection `[hidden, Hq*D]`: how each query head's output enters the
+    residual stream (calibrate.py weighs value errors by it)."""
+    return decoder_layers(model)[layer].self_attn.o_proj.weight
+
+
 def attention_output(model, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Layer `layer`'s attention output after `o_proj` `[P, hidden]`, for pre-RoPE queries `[T, Hq*D]` at

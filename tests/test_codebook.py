@@ -38,7 +38,8 @@ def exact_layers(reader):
 def test_transform_codes_within_half_a_step_per_component():
     rng = np.random.default_rng(0)
     basis, _ = np.linalg.qr(rng.standard_normal((8, 8)))
-    t = Transform(np.zeros(8, np.float32), basis.astype(np.float32), np.full(8, 1.0, np.float32), 0.5)
+    t = Transform(mean=np.zeros(8, np.float32), basis=basis.astype(np.float32), std=np.full(8, 1.0, np.float32),
+                  analysis=basis.astype(np.float32), unit=0.5)
     x = rng.standard_normal((2, 40, 4)).astype(np.float32)  # [H, t, D]: 8 channels per token
     codes = t.encode(x, q=1.0)
     assert codes.shape == (8, 40) and codes.dtype == np.int8
@@ -50,7 +51,8 @@ def test_transform_codes_within_half_a_step_per_component():
 
 def test_components_under_the_drop_threshold_are_not_coded():
     std = np.array([4.0, 2.0, 1.0, 0.1], np.float32)
-    t = Transform(np.zeros(4, np.float32), np.eye(4, dtype=np.float32), std, 1.0)
+    t = Transform(mean=np.zeros(4, np.float32), basis=np.eye(4, dtype=np.float32), std=std,
+                  analysis=np.eye(4, dtype=np.float32), unit=1.0)
     assert t.kept(1.0) == 3 and t.kept(8.0) == 2 and t.kept(100.0) == 0
     assert t.encode(np.ones((1, 5, 4), np.float32), 8.0).shape == (2, 5)
 
@@ -123,7 +125,7 @@ def test_tc_artifact_decodes_close_with_sinks_exact(prefilled, codebook):
             kept = t.kept(0.5)
             assert kept > 0
             # every coded component within half a step (plus the float16 basis's rounding)
-            coeffs = [t.basis[:, :kept].T @ (x[:, 4:].transpose(0, 2, 1).reshape(-1, x.shape[1] - 4) - t.mean[:, None])
+            coeffs = [t.analysis[:, :kept].T @ (x[:, 4:].transpose(0, 2, 1).reshape(-1, x.shape[1] - 4) - t.mean[:, None])
                       for x in (a, b)]
             assert np.abs(coeffs[1] - coeffs[0]).max() <= 0.5 * t.step(0.5) + 0.01 * np.abs(coeffs[0]).max()
     assert coded.manifest.shipped_bytes() < reader.manifest.shipped_bytes() / 3

@@ -195,6 +195,7 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
     CE-CoLLM runs when `deferrals` (one request's messages) are given, PICE when `sketch` is."""
     from celslm.artifact import MemoryReader
     from celslm.blocks import recode
+    from celslm.calibrate import codec_codebook
     from celslm.codecs import parse_codec
     from celslm.prefill import prefill
     from celslm.prompting import context_ids, default_framing
@@ -214,7 +215,7 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
 
     framing = default_framing(slm.tokenizer)
     artifact = None if "ce-lslm" not in which else recode(MemoryReader(prefill(slm, context_ids(slm.tokenizer, context_text, framing), framing=framing)),
-                      parse_codec(codec))
+                      parse_codec(codec), codec_codebook(parse_codec(codec), slm))
     if "ce-lslm" in which:
         with cache_server(str(workdir / "store")) as cloud:
             push(MemoryReader(artifact), CacheClient(cloud.url))

@@ -39,6 +39,7 @@ from celslm.artifact import MemoryReader, write_dir
 from celslm.blocks import recode
 from celslm.bench.concurrency import CLI, CloudProcess, free_port
 from celslm.bench.ttft import stdlib_context
+from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec
 from celslm.errors import CelslmError, UsageError
 from celslm.models import LoadedModel, model_gguf
@@ -162,7 +163,7 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
         from celslm.prefill import prefill
 
         exact = prefill(loaded, context_ids, framing=framing)
-        balanced = recode(MemoryReader(exact), parse_codec("balanced"))
+        balanced = recode(MemoryReader(exact), parse_codec("balanced"), codec_codebook(parse_codec("balanced"), loaded))
         write_dir(balanced, work / "context.kv")
         if progress:
             progress("llama.cpp saves its own state of the context", 0, None)

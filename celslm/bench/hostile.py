@@ -39,6 +39,7 @@ from celslm.bench.concurrency import CLI, CloudProcess, free_port
 from celslm.bench.edge import timed
 from celslm.bench.ttft import stdlib_context
 from celslm.blocks import recode
+from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec
 from celslm.confidential import Identity
 from celslm.errors import CelslmError
@@ -95,9 +96,11 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 1024, new_tokens: int =
         if progress:
             progress("prefill (the cloud's artifacts, transformers)", 0, None)
         codec = parse_codec("balanced")
-        plain = recode(MemoryReader(prefill(loaded, prompting.context_ids(loaded.tokenizer, text, framing), framing=framing)), codec)
+        codebook = codec_codebook(codec, loaded)
+        plain = recode(MemoryReader(prefill(loaded, prompting.context_ids(loaded.tokenizer, text, framing), framing=framing)),
+                       codec, codebook)
         other = recode(MemoryReader(prefill(loaded, prompting.context_ids(loaded.tokenizer, text + "\n# B\n", framing),
-                                            framing=framing)), codec)
+                                            framing=framing)), codec, codebook)
         started = time.perf_counter()
         sealed = seal_artifact(plain, [load_public_key(keys["edge"][1], "encryption")])
         seal_s = time.perf_counter() - started

@@ -17,6 +17,7 @@ from celslm import prompting
 from celslm.artifact import MemoryReader, Producer, Timings
 from celslm.blocks import build_artifact
 from celslm.bench.ttft import stdlib_context
+from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec
 from celslm.decode import DecodeStats, Sampling, context_from_artifact, context_from_ids, generate
 from celslm.models import LoadedModel
@@ -75,7 +76,8 @@ def run(loaded: LoadedModel, contexts=(512, 1024, 2048, 4096), links=("10mbit:20
             encode_started = time.perf_counter()
             artifact = build_artifact(space=loaded.space, producer=Producer.native(loaded.space),
                                       token_ids=token_ids, layers=layers, chunk_size=256, dtype="float32",
-                                      framing=framing, provenance=["native"] * len(layers), codec=codec)
+                                      framing=framing, provenance=["native"] * len(layers), codec=codec,
+                                      codebook=codec_codebook(codec, loaded))
             artifact.timings = Timings(prefill_s=prefill_s, compress_s=time.perf_counter() - encode_started)
             size = artifact.manifest.blob_bytes()
             for link_spec, pipeline in itertools.product(links, (False, True)):

@@ -41,6 +41,7 @@ import torch
 from celslm import prompting
 from celslm.artifact import MemoryReader
 from celslm.blocks import recode
+from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec
 from celslm.decode import Context, Sampling, context_from_ids, eos_ids, generate
 from celslm.edge import context_from_reader, kept_chunks
@@ -191,7 +192,8 @@ def native_artifact(slm: LoadedModel, context: str, raw: bool, codec: str = "bal
     framing = "raw" if raw else prompting.default_framing(slm.tokenizer)
     started = time.perf_counter()
     artifact = prefill(slm, prompting.context_ids(slm.tokenizer, context, framing), framing=framing)
-    return recode(MemoryReader(artifact), parse_codec(codec)), time.perf_counter() - started
+    return recode(MemoryReader(artifact), parse_codec(codec), codec_codebook(parse_codec(codec), slm)), \
+        time.perf_counter() - started
 
 
 def cross_artifact(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, context: str, raw: bool,
@@ -201,7 +203,8 @@ def cross_artifact(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, con
     started = time.perf_counter()
     artifact = prefill_cross(llm, slm, alignment, prompting.context_ids(slm.tokenizer, context, framing),
                              framing=framing, chunk_size=SPLIT_CHUNK)
-    return recode(MemoryReader(artifact), parse_codec(codec)), time.perf_counter() - started
+    return recode(MemoryReader(artifact), parse_codec(codec), codec_codebook(parse_codec(codec), slm)), \
+        time.perf_counter() - started
 
 
 def ce_lslm(slm: LoadedModel, context: str, prompt: str, sampling: Sampling, raw: bool, codec: str = "balanced",

@@ -31,6 +31,7 @@ import torch
 from celslm.align import gain_kept
 from celslm.artifact import MemoryReader, Producer
 from celslm.blocks import build_artifact
+from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec
 from celslm.corpus import eval_cases
 from celslm.decode import context_from_artifact, context_from_layers
@@ -64,6 +65,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
     auto = alignment.budget_native_layers(budget)
     counts = sorted({k for k in native_counts if 0 < k < layers_total} | ({auto} if auto else set()))
     spec = parse_codec(codec)
+    codebook = codec_codebook(spec, slm)
     modes = {"own": Mode("own prefill (exact)", "reference"), "none": Mode("no context (sink only)", "baseline", 1.0),
              "native": Mode(f"native artifact ({codec})", "celslm", 1.0), "cross": Mode(f"cross ({codec})", "celslm", 1.0)}
     for k in counts:
@@ -92,7 +94,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
             def shipped(key: str, layers, provenance):
                 artifact = build_artifact(space=slm.space, producer=Producer(llm.name, llm.fingerprint, alignment.digest),
                                           token_ids=ctx, layers=layers, chunk_size=CHUNK, dtype="float32",
-                                          framing="raw", provenance=provenance, codec=spec)
+                                          framing="raw", provenance=provenance, codec=spec, codebook=codebook)
                 logits, _ = continuation_logits(slm, context_from_artifact(slm, MemoryReader(artifact)), cont)
                 record(key, logits, artifact.manifest.blob_bytes())
                 return artifact
