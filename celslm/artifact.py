@@ -412,8 +412,7 @@ class Manifest:
         if self.tokens.size > 8 * self.token_count + BLOB_SLACK_BYTES:
             raise IntegrityError(f"{source}: token ids blob declares {self.tokens.size:,} bytes for {self.token_count} tokens")
         basis_bound = 2 * 4 * g.kv_heads * g.head_dim * (g.head_dim + 1) + BLOB_SLACK_BYTES
-        width = g.kv_heads * g.head_dim  # a codebook: per layer and kind, a float16 [F, F] basis and three [F] rows
-        if self.codebook and self.codebook.size > g.layers * 2 * (2 * width * width + 16 * width + 256) + BLOB_SLACK_BYTES:
+        if self.codebook and self.codebook.size > codebook_bound(g):
             raise IntegrityError(f"{source}: the codebook blob declares {self.codebook.size:,} bytes, more than its "
                                  f"geometry needs")
         if any(ref is not None and ref.size > basis_bound for ref in self.bases):
@@ -424,6 +423,13 @@ class Manifest:
                 if refs[chunk].size > bound:
                     raise IntegrityError(f"{source}: block (layer {layer}, chunk {chunk}) declares "
                                          f"{refs[chunk].size:,} bytes; its tensors fit in {bound:,}")
+
+
+def codebook_bound(g: Geometry) -> int:
+    """The most bytes a codebook for this geometry holds: per layer and kind, two float16 [F, F] matrices
+    (analysis and basis) and three [F] rows; its entropy tables and description fit in the slack."""
+    width = g.kv_heads * g.head_dim
+    return g.layers * 2 * (2 * 2 * width * width + 16 * width + 256) + BLOB_SLACK_BYTES
 
 
 def _check_counts(obj: dict, source: str) -> None:

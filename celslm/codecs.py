@@ -63,10 +63,12 @@ STAGES: dict[str, StageInfo] = {
 BYTE_STAGES = ("lz4", "zstd")
 
 # Presets stand for specs chosen from measurements (README, "Compression"): bench compress reproduces them.
+# Old artifacts keep the spec they were made with in their manifest, so they decode whatever a preset means now.
 PRESETS = {
     "lossless": "zstd:l=1",  # bit-exact; 9% smaller than the float32 source
-    "balanced": "int3:sink=4+lz4",  # smallest found within 1% perplexity: 4.6x vs fp16, +0.44%
-    "small": "int2:kbits=3,kg=256,sink=4+lz4",  # smallest found within 5%: 5.8x vs fp16, +3.3%
+    "balanced": "tc:q=0.5",  # the best ratio found within 0.5% perplexity: 7.5x vs fp16, -0.1%
+    "small": "tc:q=1.0",  # >= 10x within 1%: 11.8x, +0.65%
+    "tiny": "tc:q=1.6",  # >= 16x within 5%
 }
 
 

@@ -63,6 +63,7 @@ def ttft(
     "celslm bench compress -m qwen2.5-coder-0.5b --plot compress.png",
     "celslm bench compress -m qwen2.5-coder-0.5b --context 1024 --context 2048 --context 4096 --json",
     "celslm bench compress -m qwen2.5-coder-0.5b --corpus third-party --codec balanced --no-peers",
+    "celslm bench compress -m qwen2.5-coder-0.5b --files 4 --codec small --no-peers --tasks 8",
     "celslm bench compress -m qwen2.5-coder-0.5b --files 5 --codec 'tc:q=1.5' --codec balanced --json"))
 def compress_(
     model: ModelOpt,
@@ -72,6 +73,7 @@ def compress_(
                                                                                "default 2048): every file gives one case per length.")] = None,
     continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", metavar=FLAG, help="Also run llama.cpp's q8_0/q4_0 cache types, transformers' QuantizedCache and plain lz4/zstd over fp16.")] = True,
+    tasks: Annotated[int, typer.Option("--tasks", min=0, max=32, help="Also answer this many of the report's completion and QA tasks per kind from each preset's artifact (0: none).")] = 0,
     corpus: Annotated[str, typer.Option("--corpus", help="Held-out text: stdlib (standard-library modules) or third-party (libraries installed beside celslm).")] = "stdlib",
     plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of compression ratio vs perplexity increase.")] = None,
     json_: JsonOpt = False,
@@ -87,6 +89,10 @@ def compress_(
         result = compress_bench.run(loaded, codecs=tuple(codec) if codec else compress_bench.DEFAULT_CODECS,
                                     files=files, contexts=tuple(context or (2048,)),
                                     continuation=continuation, peers=peers, progress=progress, corpus=corpus)
+        if tasks:
+            book = compress_bench.model_codebook(loaded, progress=progress)
+            result["task_accuracy"] = compress_bench.task_accuracy(
+                loaded, tuple(c for c in (codec or ("balanced", "small", "tiny"))), tasks, book, progress=progress)
     if plot:
         compress_bench.plot(result, plot)
     if json_:
@@ -107,6 +113,15 @@ def compress_(
         out_console.print(f"codebook: {book['digest']}, {book['bytes'] / 2**20:.2f} MiB once per model, calibrated on "
                           f"{len(book['calibration_files'] or [])} files none of which is evaluated", highlight=False)
     out_console.print(f"note: {result['notes']['quanto']}", highlight=False)
+    if "task_accuracy" in result:
+        acc = result["task_accuracy"]
+        table = Table("codec", "QA correct", "completion exact", "completion edit similarity",
+                      title=f"the report's tasks answered from each artifact ({acc['tasks']['qa']} QA, "
+                            f"{acc['tasks']['complete']} completions, greedy, {acc['new_tokens']} tokens)")
+        for row in acc["rows"]:
+            table.add_row(row["codec"], *(f"{row[k]:.3f}" if row[k] is not None else "n/a"
+                                          for k in ("qa_correct", "complete_exact", "complete_edit_similarity")))
+        out_console.print(table)
 
 
 @app.command("quality", epilog=examples(

@@ -30,6 +30,9 @@ def describe(reader: ArtifactReader) -> dict:
         "framing": manifest.framing,
         "geometry": manifest.geometry.to_json(),
         "bytes": manifest.blob_bytes(),
+        "shipped_bytes": manifest.shipped_bytes(),  # manifest + blobs, less the model's shared codebook
+        "ratio_vs_fp16": round(manifest.fp16_kv_bytes() / manifest.shipped_bytes(), 3),
+        "codebook": manifest.codebook.to_json() if manifest.codebook else None,
         "bytes_per_layer": [manifest.layer_bytes(layer) for layer in range(manifest.layers)],
         "provenance": list(manifest.provenance),
         "timings": reader.timings.to_json(),  # a side record: unsigned
@@ -61,6 +64,10 @@ def inspect(
         ("keys / dtype / codec", f"{info['keys']} / {info['dtype']} / {info['codec']}"),
         ("framing", info["framing"]),
         ("bytes", f"{info['bytes']:,} ({info['bytes'] / 2**20:.2f} MiB)"),
+        ("shipped per context", f"{info['shipped_bytes']:,} with the manifest, {info['ratio_vs_fp16']:.2f}x smaller than "
+                                f"fp16 KV" + (" (the codebook aside)" if info["codebook"] else "")),
+        ("codebook", f"{info['codebook']['digest']}, {info['codebook']['size']:,} bytes, shared by the model's artifacts"
+         if info["codebook"] else "none"),
         ("cloud prefill", f"{info['timings'].get('prefill_s', float('nan')):.3f} s (side record, unsigned)"),
         ("signatures", ", ".join(info["signatures"]) or "none (celslm verify --trust checks them)"),
         ("encrypted for", ", ".join(info["encrypted_for"]) or "nobody: the blobs are in the clear"),

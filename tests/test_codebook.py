@@ -104,6 +104,19 @@ def test_codebook_round_trips_through_its_bytes(codebook, tiny):
             assert np.array_equal(a.basis, b.basis) and a.unit == pytest.approx(b.unit)
 
 
+def test_a_codebook_fits_the_size_a_manifest_may_declare_for_its_geometry():
+    from celslm.artifact import Geometry, codebook_bound
+
+    layers, heads, width = 3, 4, 128  # F = 512: the matrices dwarf the slack
+    rng = np.random.default_rng(3)
+    pair = tuple(Transform(mean=np.zeros(512, np.float32), basis=rng.standard_normal((512, 512)).astype(np.float32),
+                           std=np.sort(rng.random(512).astype(np.float32))[::-1].copy(),
+                           analysis=rng.standard_normal((512, 512)).astype(np.float32), unit=1.0) for _ in range(2))
+    size = len(Codebook("m", "0" * 64, (layers, heads, width), (pair,) * layers, {}).to_bytes())
+    bound = codebook_bound(Geometry(layers, heads, width))
+    assert size <= bound < size + (1 << 20) + (1 << 16)
+
+
 def test_corrupt_codebook_bytes_are_an_integrity_error(codebook):
     data = bytearray(codebook.to_bytes())
     data[-40:] = b"\xff" * 40  # NaNs in the last tensor
@@ -281,3 +294,26 @@ def test_the_codebook_travels_once_through_serve_cache_and_decodes_at_the_edge(p
     local = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", str(tmp_path / "q2.0.kv"), "-p", "hi", "-n", "4",
                                "--json", check=True).stdout)
     assert remote["text"] == local["text"] and remote["new_tokens"] == local["new_tokens"]
+
+
+def test_compress_with_a_missing_or_foreign_codebook_file_is_one_line_and_exit_2(prefilled, tiny_llama, tmp_path):
+    args = ["compress", str(prefilled / "a.kv"), "--codec", "small", "-o", str(tmp_path / "x.kv")]
+    missing = run_cli(*args, "--codebook", str(tmp_path / "nope.codebook"))
+    assert missing.returncode == EXIT_USAGE and b"cannot read codebook" in missing.stderr
+    foreign = tmp_path / "llama.codebook"
+    run_cli("calibrate", "-m", str(tiny_llama), "--files", "2", "--tokens", "96", "--probe-files", "1", "--out",
+            str(foreign), check=True)
+    refused = run_cli(*args, "--codebook", str(foreign))
+    assert refused.returncode == EXIT_USAGE and b"not for" in refused.stderr
+    assert len(refused.stderr.decode().strip().splitlines()) == 1 and not (tmp_path / "x.kv").exists()
+
+
+def test_bench_task_accuracy_scores_a_lossless_artifact_as_the_uncompressed_one(tiny, codebook):
+    from celslm.bench.compress import task_accuracy
+
+    # contexts short enough for the tiny model's 1,024 positions (one byte a token)
+    result = task_accuracy(tiny, ("lossless", "tc:q=4.0"), per_kind=1, codebook=codebook, context_chars=700, new_tokens=4)
+    rows = {r["codec"]: r for r in result["rows"]}
+    assert result["tasks"]["complete"] == 1 and set(rows) == {"none", "lossless", "tc:q=4.0"}
+    assert {k: v for k, v in rows["lossless"].items() if k != "codec"} == {k: v for k, v in rows["none"].items() if k != "codec"}
+    assert all(0 <= rows["tc:q=4.0"][k] <= 1 for k in ("complete_exact", "complete_edit_similarity"))

@@ -205,4 +205,4 @@ def test_compress_stream_form_and_corrupt_stream(tiny_qwen, tmp_path):
 def test_compress_list_names_every_stage():
     listing = json.loads(run_cli("compress", "--list", "--json", check=True).stdout)
     assert set(listing["stages"]) == {"fp16", "pca", "int8", "int4", "int3", "int2", "tc", "lz4", "zstd"}
-    assert set(listing["presets"]) == {"lossless", "balanced", "small"}
+    assert set(listing["presets"]) == {"lossless", "balanced", "small", "tiny"}

@@ -123,7 +123,8 @@ def test_compressed_artifact_and_recompute_last_run_on_llama_cpp(tiny_gguf, tmp_
     ctx = tmp_path / "ctx.txt"
     ctx.write_text(CONTEXT)
     run_cli("prefill", "-m", str(tiny_gguf), "-c", str(ctx), "-o", str(tmp_path / "a.kv"), "--chunk-size", "32", check=True)
-    run_cli("compress", str(tmp_path / "a.kv"), "--codec", "balanced", "-o", str(tmp_path / "b.kv"), check=True)
+    run_cli("compress", str(tmp_path / "a.kv"), "--codec", "balanced", "-o", str(tmp_path / "b.kv"), "--model", str(tiny_gguf),
+            check=True)  # a GGUF is not a bundled model: compress is told what to calibrate the codebook with
     common = ["-m", str(tiny_gguf), "-p", "What next?", "-n", "6", "--json"]
     balanced = json.loads(run_cli("decode", *common, "--kv", str(tmp_path / "b.kv"), check=True).stdout)
     assert balanced["engine"] == "llama.cpp" and balanced["new_tokens"] > 0

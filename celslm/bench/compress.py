@@ -37,7 +37,7 @@ from celslm.models import LoadedModel
 from celslm.score import continuation_logits, kl, nll, top1
 
 DEFAULT_CODECS = (
-    "lossless", "balanced", "small", "tiny",
+    "lossless", "balanced", "small", "tiny", "tc:q=1.0,ent=none+zstd", "tc:q=2.0",
     "int8:sink=4+lz4", "int4:sink=4+lz4", "int3:sink=4+lz4", "int2:kbits=3,kg=256,sink=4+lz4",
 )
 PEER_CODECS = ("fp16+lz4", "fp16+zstd")  # plain lz4 / zstd over fp16 bytes
@@ -197,6 +197,45 @@ def _accumulate(row: Row, logits, targets, ref_logits, ref_nll, fp16_bytes, kv_b
     row.decode_s = None if decode_s is None else row.decode_s + decode_s
     row.cases += 1
     row.per_case.append({"file": name, "nll": value, "ref_nll": ref_nll})
+
+
+def task_accuracy(loaded: LoadedModel, codecs: tuple[str, ...], per_kind: int, codebook: Codebook | None = None,
+                  context_chars: int = 5000, new_tokens: int = 32, progress: Progress | None = None) -> dict:
+    """The evaluation report's tasks (bench/tasks.py: completions and questions on held-out modules) answered
+    from each codec's artifact, greedy, on the same engine: what compression does to answers, not only to
+    perplexity. The uncompressed artifact ("none") is the reference row."""
+    from celslm.bench import modes
+    from celslm.bench.report import build_tasks
+    from celslm.bench.tasks import score
+    from celslm.blocks import recode
+    from celslm.decode import Sampling
+
+    suite = build_tasks(per_kind, context_chars)
+    sampling = Sampling(max_new_tokens=new_tokens)
+    specs = ("none",) + tuple(codecs)
+    scores: dict[str, list[dict]] = {spec: [] for spec in specs}
+    for index, task in enumerate(suite):
+        if progress:
+            progress("tasks", index, len(suite))
+        raw = task.kind == "complete"
+        exact, prep_s = modes.native_artifact(loaded, task.context, raw, "none")
+        for spec in specs:
+            codec = parse_codec(spec)
+            artifact = recode(MemoryReader(exact), codec, codebook if codec.transform else None)
+            outcome = modes.ce_lslm(loaded, task.context, task.prompt, sampling, raw, spec, prepared=(artifact, prep_s))
+            scores[spec].append({"kind": task.kind, **score(task, outcome.text)})
+    if progress:
+        progress("tasks", len(suite), len(suite))
+
+    def mean(rows, kind, key):
+        values = [r[key] for r in rows if r["kind"] == kind]
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {"tasks": {kind: sum(t.kind == kind for t in suite) for kind in ("complete", "qa")}, "new_tokens": new_tokens,
+            "rows": [{"codec": spec, "qa_correct": mean(rows, "qa", "correct"),
+                      "complete_exact": mean(rows, "complete", "exact"),
+                      "complete_edit_similarity": mean(rows, "complete", "edit_similarity")}
+                     for spec, rows in scores.items()]}
 
 
 def _llama_engines(loaded: LoadedModel, gguf: str | None) -> dict:
