@@ -60,6 +60,7 @@ def calibrate(loaded: LoadedModel, settings: Calibration = Calibration(), progre
     if loaded.model is None:
         raise UsageError("calibration reads the model's queries and output projections: load it with --engine transformers")
     cases = _cases(loaded, settings)
+    geometry = loaded.engine.geometry
     sums, energy = None, None
     probes = []
     for index, (name, context, continuation) in enumerate(cases):
@@ -67,17 +68,16 @@ def calibrate(loaded: LoadedModel, settings: Calibration = Calibration(), progre
             progress("prefill", index, len(cases))
         with torch.inference_mode():
             features = layer_features(loaded, context, queries=True)
-        heads = loaded.engine.geometry.kv_heads
-        layers = [(to_heads(k, heads).float().numpy(), to_heads(v, heads).float().numpy())
+        layers = [(to_heads(k, geometry.kv_heads).float().numpy(), to_heads(v, geometry.kv_heads).float().numpy())
                   for k, v in zip(features.keys, features.values)]
         sums = _accumulate(sums, layers, settings.sink)
-        energy = _query_energy(energy, [q.float().numpy() for q in features.queries], layers[0][0].shape, settings.sink)
+        energy = _query_energy(energy, [q.float().numpy() for q in features.queries], geometry, settings.sink)
         if len(probes) < settings.probe_files:
             probes.append((context, continuation, layers))
     if progress:
         progress("prefill", len(cases), len(cases))
     metrics = [(_key_metric(e), _value_metric(kvcache.output_projection(loaded.model, layer).detach().float().numpy(),
-                                              *layers[0][0].shape[::2]))
+                                              geometry.kv_heads, geometry.head_dim))
                for layer, e in enumerate(energy)]
     transforms = [tuple(_fit(*moments, metric) for moments, metric in zip(layer, pair))
                   for layer, pair in zip(sums, metrics)]  # [layer] -> (key, value)
@@ -85,8 +85,7 @@ def calibrate(loaded: LoadedModel, settings: Calibration = Calibration(), progre
     units = allocate(np.array([[t.unit for t in pair] for pair in transforms]), sensitivity)
     transforms = tuple(tuple(replace(t, unit=float(u), _cache={}) for t, u in zip(pair, row))
                        for pair, row in zip(transforms, units))
-    kv_heads, _, head_dim = probes[0][2][0][0].shape
-    return Codebook(loaded.name, loaded.space.fingerprint, (len(transforms), kv_heads, head_dim), transforms,
+    return Codebook(loaded.name, loaded.space.fingerprint, (geometry.layers, geometry.kv_heads, geometry.head_dim), transforms,
                     {**asdict(settings), "files_used": [name for name, _, _ in cases],
                      "sensitivity_kl": [[round(float(s), 8) for s in row] for row in sensitivity]})
 
@@ -129,10 +128,10 @@ def _accumulate(sums, layers, sink: int):
     return sums
 
 
-def _query_energy(energy, queries: list[np.ndarray], shape, sink: int):
+def _query_energy(energy, queries: list[np.ndarray], geometry, sink: int):
     """Per layer `[F]`: the summed energy of the queries that read each key channel, averaged over its RoPE
     pair (channels d and d + D/2, as transformers rotates them), over the query heads sharing a kv head."""
-    heads, _, width = shape
+    heads, width = geometry.kv_heads, geometry.head_dim
     out = []
     for layer, q in enumerate(queries):  # [T, Hq*D]
         q = q[sink:].reshape(q.shape[0] - sink, heads, -1, width)  # [T, H, G, D]: kv head h serves G query heads

@@ -90,9 +90,8 @@ def compress_(
                                     files=files, contexts=tuple(context or (2048,)),
                                     continuation=continuation, peers=peers, progress=progress, corpus=corpus)
         if tasks:
-            book = compress_bench.model_codebook(loaded, progress=progress)
             result["task_accuracy"] = compress_bench.task_accuracy(
-                loaded, tuple(c for c in (codec or ("balanced", "small", "tiny"))), tasks, book, progress=progress)
+                loaded, tuple(codec or ("balanced", "small", "tiny")), tasks, progress=progress)
     if plot:
         compress_bench.plot(result, plot)
     if json_:

@@ -103,13 +103,10 @@ def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: in
     """Rows per (context length, codec); a `tc` codec codes with `codebook` (default: the model's, calibrated
     once). llama.cpp's cache types run on `gguf` (default: the one kept beside a bundled model)."""
     all_codecs = tuple(codecs) + (PEER_CODECS if peers else ())
-    needs_codebook = any(parse_codec(spec).transform for spec in all_codecs)
-    if needs_codebook and codebook is None:
-        started = time.perf_counter()
-        codebook = model_codebook(loaded, progress=progress)
-        codebook_s = time.perf_counter() - started
-    else:
-        codebook_s = None
+    started = time.perf_counter()
+    fitting = codebook is None
+    codebook = _codebook_for(loaded, all_codecs, codebook, progress)
+    codebook_s = time.perf_counter() - started if fitting and codebook is not None else None
     by_length = {length: eval_cases(loaded.tokenizer, files, length, length, continuation, source=corpus)
                  for length in contexts}
     names = {c.name for cases in by_length.values() for c in cases}
@@ -154,6 +151,13 @@ def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: in
                   "llama.cpp": "its rows: bytes of the saved sequence state, quality against its own f16 cache on the "
                                "GGUF" if llama else "no GGUF beside the model: llama.cpp cache-type peers skipped"},
     }
+
+
+def _codebook_for(loaded: LoadedModel, specs, codebook: Codebook | None, progress: Progress | None) -> Codebook | None:
+    """`codebook`, or the model's (cached, or calibrated once now) when one of `specs` is a tc codec."""
+    if codebook is None and any(parse_codec(spec).transform for spec in specs):
+        codebook = model_codebook(loaded, progress=progress)
+    return codebook
 
 
 def _measure(loaded: LoadedModel, case: Case, rows: dict, quanto_rows: dict, codebook: Codebook | None) -> None:
@@ -213,6 +217,7 @@ def task_accuracy(loaded: LoadedModel, codecs: tuple[str, ...], per_kind: int, c
     suite = build_tasks(per_kind, context_chars)
     sampling = Sampling(max_new_tokens=new_tokens)
     specs = ("none",) + tuple(codecs)
+    codebook = _codebook_for(loaded, specs, codebook, progress)
     scores: dict[str, list[dict]] = {spec: [] for spec in specs}
     for index, task in enumerate(suite):
         if progress:
