@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from celslm.artifact import ArtifactReader, decode_tokens
-from celslm.codebook import Codebook, Transform
+from celslm.codebook import Codebook, Transform, pco_decode
 from celslm.codecs import KINDS, Codec, parse_codec
 from celslm.errors import IntegrityError
 from celslm.tensors import read_safetensors
@@ -73,25 +73,34 @@ def decode_block(codec: Codec, data: bytes, media_type: str, bases: dict,
     if media_type != codec.media_type:
         raise IntegrityError(f"media type {media_type} does not match codec {codec.spec}")
     tensors = read_safetensors(codec.unwrap(data))
-    if codec.ans:
+    if codec.ent in ("ans", "pco"):
         tensors = {**tensors, **_entropy_decode(codec, tensors, bases, shape)}
     return tuple(_decode_tensor(codec, kind, tensors, bases.get(kind), shape) for kind in KINDS)
 
 
 def _entropy_decode(codec: Codec, tensors: dict, bases: dict, shape) -> dict[str, np.ndarray]:
-    """The kinds' codes `[n, t]` from the block's one ANS stream (tc with ent=ans)."""
+    """The kinds' codes `[n, t]` from the block's one ANS stream (tc with ent=ans), or its pcodec chunks (ent=pco)."""
     _, tokens, _ = shape
     body = tokens - sum(tensors[f"key.{p}"].shape[1] for p in ("head", "tail") if f"key.{p}" in tensors)
     kept = [bases[kind].kept(codec.q) for kind in KINDS]
     if body <= 0 or not sum(kept):
         return {}
+    spreads = np.concatenate([bases[kind].spreads(codec.q) for kind in KINDS])
+    if codec.ent == "pco":
+        chunks = [tensors.get(f"pco.{i}") for i in range(sum(name.startswith("pco.") for name in tensors))]
+        if not chunks or any(c is None or c.dtype != np.uint8 or c.ndim != 1 for c in chunks):
+            raise IntegrityError("the block has no pcodec chunks")
+        try:
+            codes = pco_decode(chunks, spreads, body)
+        except Exception as exc:  # the digest matched: a writer's bug or a forged block
+            raise IntegrityError(f"pcodec chunks do not decode: {str(exc)[:160]}") from exc
+        return {"key.codes": codes[: kept[0]], "value.codes": codes[kept[0] :]}
     words, escapes = tensors.get("ans"), tensors.get("escapes")
     if words is None or escapes is None or words.dtype != np.int32 or escapes.dtype != np.int32:
         raise IntegrityError("the block has no ANS stream")
     entropy = bases["entropy"]
-    classes = np.concatenate([entropy.classes(bases[kind].spreads(codec.q)) for kind in KINDS])
     try:
-        codes = entropy.decode(words.view(np.uint32), escapes, classes, body)
+        codes = entropy.decode(words.view(np.uint32), escapes, entropy.classes(spreads), body)
     except Exception as exc:  # the digest matched: a writer's bug or a forged block
         raise IntegrityError(f"ANS stream does not decode: {str(exc)[:160]}") from exc
     return {"key.codes": codes[: kept[0]], "value.codes": codes[kept[0] :]}
@@ -175,23 +184,21 @@ def _layers(reader: ArtifactReader, blobs, chunks: int, codebook: Codebook | Non
                 load_bases(next(blobs)[1] if m.layer_aux(layer) else None)
         except Exception as exc:  # digest matched, content does not fit the manifest
             raise IntegrityError(f"{reader.source}: layer {layer}'s basis blob does not decode: {exc}") from exc
-        keys, values = [], []
+        total = sum(lengths[:chunks])
+        key, value = (np.empty((heads, total, width), dtype=np.float32) for _ in KINDS)  # blocks land in place
+        start = 0
         for chunk in range(chunks):
             ref, data = next(blobs)
             shape = (heads, lengths[chunk], width)
             try:
-                key, value = decode_block(codec, data, ref.media_type, layer_bases, shape)
+                block = decode_block(codec, data, ref.media_type, layer_bases, shape)
             except IntegrityError as exc:
                 raise IntegrityError(f"{reader.source}: {m.describe(ref)}: {exc}") from exc
             except Exception as exc:  # digest matched, content does not fit the manifest
                 raise IntegrityError(f"{reader.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
-            if tuple(key.shape) != shape or tuple(value.shape) != shape:
-                raise IntegrityError(f"{reader.source}: {m.describe(ref)} has shape {tuple(key.shape)}, expected {shape}")
-            keys.append(key)
-            values.append(value)
-        if not keys:  # a prefix of no chunks: nothing cached, everything is prefilled by the caller
-            empty = np.zeros((heads, 0, width), dtype=np.float32)
-            keys, values = [empty], [empty]
-        key = keys[0] if len(keys) == 1 else np.concatenate(keys, axis=1)
-        value = values[0] if len(values) == 1 else np.concatenate(values, axis=1)
-        yield layer, key.astype(np.float32, copy=False), value.astype(np.float32, copy=False)
+            for x, out in zip(block, (key, value)):
+                if tuple(x.shape) != shape:
+                    raise IntegrityError(f"{reader.source}: {m.describe(ref)} has shape {tuple(x.shape)}, expected {shape}")
+                out[:, start : start + shape[1]] = x
+            start += shape[1]
+        yield layer, key, value

@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 from celslm.artifact import (MEDIA_TOKENS, Artifact, ArtifactReader, BlobRef, Geometry, Manifest, ModelSpace, Producer,
                              Timings, encode_tokens, prefix_hashes, sha256_digest)
 from celslm.blockread import open_context
-from celslm.codebook import MEDIA_CODEBOOK, Codebook
+from celslm.codebook import MEDIA_CODEBOOK, Codebook, pco_encode
 from celslm.codecs import KINDS, MEDIA_BASIS, BlockShape, Codec, parse_codec
 from celslm.errors import UsageError
 
@@ -140,12 +140,15 @@ def encode_block(codec: Codec, key: torch.Tensor, value: torch.Tensor, bases: di
     tensors: dict[str, torch.Tensor] = {}
     for kind, x in zip(KINDS, (key, value)):
         tensors.update(_encode_tensor(codec, kind, x, bases.get(kind), where, store_dtype))
-    if codec.ans and "key.codes" in tensors:  # both kinds' codes (the same tokens) in one ANS stream
-        entropy = bases["entropy"]
+    if codec.ent in ("ans", "pco") and "key.codes" in tensors:  # both kinds' codes (the same tokens) coded together
         codes = np.concatenate([tensors.pop(f"{kind}.codes").numpy().astype(np.int32) for kind in KINDS])
-        classes = np.concatenate([entropy.classes(bases[kind].spreads(codec.q)) for kind in KINDS])
-        words, escapes = entropy.encode(codes, classes)
-        tensors["ans"], tensors["escapes"] = torch.from_numpy(words.view(np.int32)), torch.from_numpy(escapes)
+        spreads = np.concatenate([bases[kind].spreads(codec.q) for kind in KINDS])
+        if codec.ent == "pco":
+            tensors.update({f"pco.{i}": torch.from_numpy(chunk.copy()) for i, chunk in enumerate(pco_encode(codes, spreads))})
+        else:
+            entropy = bases["entropy"]
+            words, escapes = entropy.encode(codes, entropy.classes(spreads))
+            tensors["ans"], tensors["escapes"] = torch.from_numpy(words.view(np.int32)), torch.from_numpy(escapes)
     return codec.wrap(st_save(tensors))
 
 

@@ -13,7 +13,9 @@
    its bits fall as log(step), so equal marginal cost puts step^2 in proportion to 1/s: the unit step
    is the tensor's RMS spread x sqrt(G / s), G the geometric mean of every s (clipped to 1/4..4x).
 
-The cache is `$CELSLM_HOME/codebooks/<model fingerprint>.codebook`; `compress` calibrates on first use.
+The cache is `$CELSLM_HOME/codebooks/<model fingerprint>.codebook`. `compress` without one asks its tiers
+for the codebook the model's artifacts there were coded with (`GET /v1/codebooks/<fingerprint>`, then
+the blob, verified), and calibrates only where none has one.
 torch is imported only to calibrate: reading and caching codebooks does not need it.
 """
 
@@ -28,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from celslm.artifact import ModelSpace
+from celslm.artifact import Geometry, ModelSpace, codebook_bound
 from celslm.codebook import KINDS, Codebook, Transform
 from celslm.codecs import Codec
 from celslm.corpus import calibration_files
@@ -36,6 +38,7 @@ from celslm.decode import context_from_layers
 from celslm.errors import UsageError
 from celslm.models import LoadedModel, celslm_home
 from celslm.score import continuation_logits, kl
+from celslm.store.tiers import Sources
 
 Progress = Callable[[str, int, int], None]
 CLIP = 4.0  # a unit step stays within 1/CLIP..CLIP of the tensor's RMS spread
@@ -258,13 +261,34 @@ def model_codebook(loaded: LoadedModel, settings: Calibration = Calibration(), p
     return codebook
 
 
+def fetched_codebook(space: ModelSpace, geometry: Geometry, sources: Sources,
+                     announce: Callable[[str], None] | None = None) -> Codebook | None:
+    """The codebook some tier (the edge cache, peers, the cloud) last coded this model's artifacts with,
+    verified and checked against the model space, then cached here; None where no tier has one."""
+    found = sources.tiers(announce).codebook(space.fingerprint, codebook_bound(geometry))
+    if found is None:
+        return None
+    name, data = found
+    codebook = Codebook.from_bytes(data, f"{name}: codebook")
+    codebook.check_for(space.fingerprint, (geometry.layers, geometry.kv_heads, geometry.head_dim), name)
+    save_codebook(codebook, codebook_path(space.fingerprint))
+    if announce:
+        announce(f"fetched the codebook for {space.name} from {name} ({codebook.digest[:19]}; cached in "
+                 f"{codebook_path(space.fingerprint)})")
+    return codebook
+
+
 def codebook_for(space: ModelSpace, model: str | None = None, settings: Calibration = Calibration(),
-                 progress: Progress | None = None, announce: Callable[[str], None] | None = None) -> Codebook:
-    """The codebook for `space`'s model: cached, or calibrated on first use with `model` (default: the
-    space's name, when it names a bundled model) and cached."""
+                 progress: Progress | None = None, announce: Callable[[str], None] | None = None,
+                 geometry: Geometry | None = None, sources: Sources | None = None) -> Codebook:
+    """The codebook for `space`'s model: cached; else fetched from `sources`' tiers (with the cache's
+    `geometry`); else calibrated on first use with `model` (default: the space's name, when it names a
+    bundled model) and cached."""
     from celslm.models import bundled_models, load_model
 
     codebook = cached_codebook(space)
+    if codebook is None and sources is not None and sources.remote and geometry is not None:
+        codebook = fetched_codebook(space, geometry, sources, announce)
     if codebook is not None:
         return codebook
     spec = model or (space.name if space.name in bundled_models() else None)

@@ -23,6 +23,10 @@ tables are stored, not recomputed, so the cloud and every edge code with bit-ide
 class is found by comparing r with stored edges (no transcendental function whose last bit could
 differ between machines).
 
+Or (`ent=pco`) with pcodec: components are grouped by octave of spread (exact, from the float's exponent),
+and each group's codes in a block are one pcodec chunk, which fits its own bins. A few % larger than ANS
+under the static models, and about 8x faster to decode (measured: `bench compress`).
+
 A codebook is a content-addressed blob (the sha256 of its bytes), made once per model: every
 manifest that uses it names its digest, and it travels and is verified like any other blob. This
 module imports no torch: an edge decodes with numpy.
@@ -50,6 +54,7 @@ META = "celslm.codebook"  # the tensor holding the description (canonical JSON b
 CLASSES_PER_OCTAVE = 4
 CLASS_LOG2 = (-2, 7)  # classes span r = 2^-2 (DROP) .. 2^7 steps
 MAX_CODE = 127  # the widest alphabet: codes -127..127, and the escape
+PCO_LEVEL = 8  # pcodec's compression level (its default)
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,6 +196,45 @@ class EntropyModel:
         if key not in self._cache:
             self._cache[key] = [(int(c), np.flatnonzero(classes == c)) for c in np.unique(classes)]
         return self._cache[key]
+
+
+# ---------------------------------------------------------------- pcodec, by octave of spread
+
+
+def octaves(spreads: np.ndarray) -> list[np.ndarray]:
+    """The rows of each octave of spread present, ascending; from the float's exponent, so every machine
+    groups alike (no log2 whose last bit could differ)."""
+    _, exponent = np.frexp(np.maximum(spreads.astype(np.float32), np.float32(DROP)))
+    return [np.flatnonzero(exponent == e) for e in np.unique(exponent)]
+
+
+def pco_encode(codes: np.ndarray, spreads: np.ndarray) -> list[np.ndarray]:
+    """One pcodec chunk (uint8) per octave of `spreads` `[n]`, of `codes` `[n, t]` (rows then tokens)."""
+    from pcodec import ChunkConfig, standalone  # only where blocks are coded with it
+
+    config = ChunkConfig(compression_level=PCO_LEVEL)
+    return [np.frombuffer(standalone.simple_compress(np.ascontiguousarray(codes[rows], dtype=np.int32).reshape(-1),
+                                                     config), dtype=np.uint8)
+            for rows in octaves(spreads)]
+
+
+def pco_decode(chunks: list[np.ndarray], spreads: np.ndarray, tokens: int) -> np.ndarray:
+    """The codes `[n, tokens]` (int32) from `pco_encode`'s chunks. Each chunk is decoded into an array
+    sized by the codebook and the manifest, never by the chunk's own header, and must fill it exactly."""
+    from pcodec import standalone
+
+    groups = octaves(spreads)
+    if len(chunks) != len(groups):
+        raise ValueError(f"{len(chunks)} pcodec chunks, the codebook groups {len(groups)} octaves")
+    out = np.empty((len(spreads), tokens), dtype=np.int32)
+    for rows, chunk in zip(groups, chunks):
+        flat = np.empty(len(rows) * tokens, dtype=np.int32)
+        progress = standalone.simple_decompress_into(chunk.tobytes(), flat)
+        if progress.n_processed != len(flat) or not progress.finished:
+            raise ValueError(f"a pcodec chunk holds {'more' if not progress.finished else progress.n_processed} "
+                             f"codes, expected {len(flat)}")
+        out[rows] = flat.reshape(len(rows), tokens)
+    return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -227,6 +227,12 @@ def make_app(config: ServerConfig) -> web.Application:
         await asyncio.to_thread(store.put_tag, name, artifact_id, signed)
         return web.Response(status=201, text="tagged\n")
 
+    async def get_codebook(request):
+        digest = await asyncio.to_thread(store.get_codebook, request.match_info["fingerprint"])
+        if digest is None:
+            raise web.HTTPNotFound(text="no codebook for this model here\n")
+        return web.Response(text=digest)
+
     async def lookup(request):
         prefixes = [p for p in request.query.get("prefix", "").split(",") if p]
         if not prefixes:
@@ -259,6 +265,7 @@ def make_app(config: ServerConfig) -> web.Application:
     app.router.add_put(f"/v1/tags/{TAG_ROUTE}", put_tag)
     app.router.add_get(f"/v1/tags/{TAG_ROUTE}/statement", get_tag_statement)
     app.router.add_get("/v1/lookup", lookup)
+    app.router.add_get("/v1/codebooks/{fingerprint:[0-9a-f]{64}}", get_codebook)
     return app
 
 

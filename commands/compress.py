@@ -12,9 +12,11 @@ from rich.table import Table
 from celslm.artifact import open_artifact, seal_artifact, write_artifact
 from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
+from celslm.store.tiers import Sources
 from celslm.trust import sign_artifact
-from .common import (FLAG, EncryptToOpt, for_option, ForceOpt, IdentityOpt, JsonOpt, SignOpt, examples, identity,
-                     identity_hint, log, out_console, print_json, progress_bar, recipients, signing_key)
+from .common import (FLAG, CloudOpt, EncryptToOpt, for_option, ForceOpt, IdentityOpt, JsonOpt, PeerOpt, SignOpt, TokenOpt,
+                     examples, identity, identity_hint, log, out_console, print_json, progress_bar, recipients,
+                     signing_key)
 
 EPILOG = examples(
     "celslm compress sched.kv --out sched-small.kv --codec balanced --sign cloud.key",
@@ -22,6 +24,7 @@ EPILOG = examples(
     "celslm prefill -m qwen2.5-coder-0.5b -c doc.txt -o - | celslm compress - -o - --codec small > doc.tar",
     "celslm compress notes.kv -o notes-small.kv --codec small --identity edge1.key --encrypt-to edge1.pub",
     "celslm compress sched.kv -o sched-tiny.kv --codec 'tc:q=2.0+zstd' --codebook coder.codebook",
+    "celslm compress sched.kv -o sched-small.kv --codec small --cloud http://cloud:8470   # the cloud's codebook, not a new one",
     "celslm compress --list",
 )
 
@@ -35,6 +38,9 @@ def compress(
     model: Annotated[str | None, typer.Option("--model", "-m", help="For a tc codec without a cached codebook: the "
                                                                   "model to calibrate one with (default: the artifact's, "
                                                                   "if bundled).")] = None,
+    peer: PeerOpt = None,
+    cloud: CloudOpt = None,
+    token: TokenOpt = None,
     list_: Annotated[bool, typer.Option("--list", metavar=FLAG, help="Show the codec stages, their options and the presets.")] = False,
     sign: SignOpt = None,
     identity_: IdentityOpt = None,
@@ -65,7 +71,8 @@ def compress(
     if source.encryption and not sealed_for:
         raise UsageError(f"{artifact} is encrypted: give --encrypt-to RECIPIENT.pub for the output too "
                          "(it would be written in the clear)")
-    book = _codebook(source.space, codebook, model) if parsed.transform else None
+    sources = Sources(tuple(peer or ()), cloud, token)
+    book = _codebook(source, codebook, model, sources) if parsed.transform else None
     with identity_hint():
         result = recode(reader, parsed, book)
     if sealed_for:
@@ -89,16 +96,18 @@ def compress(
             f"counting token ids and manifest){shared}")
 
 
-def _codebook(space, path: str | None, model: str | None):
-    """The codebook a tc codec codes with: the file given, or this machine's (calibrated on first use)."""
+def _codebook(source, path: str | None, model: str | None, sources):
+    """The codebook a tc codec codes with: the file given, or this machine's; else the one the tiers
+    (--peer, --cloud) coded this model's artifacts with; else calibrated here on first use."""
     from pathlib import Path
 
     from celslm.calibrate import codebook_for, read_codebook
 
     if path:
-        return read_codebook(Path(path), space)
+        return read_codebook(Path(path), source.space)
     with progress_bar() as progress:
-        return codebook_for(space, model, progress=progress, announce=log)
+        return codebook_for(source.space, model, progress=progress, announce=log, geometry=source.geometry,
+                            sources=sources)
 
 
 def show_stages(json_: bool) -> None:

@@ -10,11 +10,12 @@ from celslm.artifact import DirectoryReader, MemoryReader, open_artifact, seal_a
 from celslm.blockread import open_context
 from celslm.blocks import recode
 from celslm.calibrate import Calibration, allocate, calibrate, codebook_path, read_codebook
-from celslm.codebook import Codebook, EntropyModel, Transform
-from celslm.codecs import parse_codec
+from celslm.codebook import Codebook, EntropyModel, Transform, pco_decode, pco_encode
+from celslm.codecs import MEDIA_BLOCK, parse_codec
 from celslm.confidential import Identity
 from celslm.errors import EXIT_INTEGRITY, EXIT_USAGE, IntegrityError, UsageError
 from celslm.models import load_model
+from celslm.tensors import read_safetensors
 from tests.conftest import run_cli
 
 FAST = Calibration(files=2, tokens=96, probe_files=1, probe_tokens=8)
@@ -68,6 +69,22 @@ def test_ans_round_trip_is_exact_with_escapes():
     assert np.array_equal(entropy.decode(words, escapes, entropy.classes(spreads), 50), codes)
     with pytest.raises(ValueError, match="escaped codes"):
         entropy.decode(words, escapes[:-1], entropy.classes(spreads), 50)
+
+
+def test_pcodec_round_trip_is_exact_and_sized_by_the_codebook():
+    rng = np.random.default_rng(2)
+    spreads = np.array([40.0, 3.0, 2.5, 0.3, 3.0, 1.0], np.float32)  # octaves 5, 1, 1, -2, 1, 0
+    codes = np.rint(rng.standard_normal((6, 50)) * spreads[:, None]).astype(np.int32)
+    codes[3, 0] = -5000
+    chunks = pco_encode(codes, spreads)
+    assert len(chunks) == 4 and all(c.dtype == np.uint8 for c in chunks)
+    assert np.array_equal(pco_decode(chunks, spreads, 50), codes)
+    with pytest.raises(ValueError, match="holds more codes"):  # the chunks say more tokens than the manifest
+        pco_decode(chunks, spreads, 49)
+    with pytest.raises(ValueError, match="holds 50 codes, expected 51"):
+        pco_decode(chunks, spreads, 51)
+    with pytest.raises(ValueError, match="3 pcodec chunks"):
+        pco_decode(chunks[:3], spreads, 50)
 
 
 def test_ans_codes_gaussian_components_near_their_entropy():
@@ -142,6 +159,15 @@ def test_tc_artifact_decodes_close_with_sinks_exact(prefilled, codebook):
                       for x in (a, b)]
             assert np.abs(coeffs[1] - coeffs[0]).max() <= 0.5 * t.step(0.5) + 0.01 * np.abs(coeffs[0]).max()
     assert coded.manifest.shipped_bytes() < reader.manifest.shipped_bytes() / 3
+
+
+def test_pcodec_and_ans_blocks_hold_the_same_codes(prefilled, codebook):
+    reader = DirectoryReader(prefilled / "a.kv")
+    ans, pco = (recode(reader, parse_codec(f"tc:q=0.5,ent={ent}"), codebook) for ent in ("ans", "pco"))
+    for (k, v), (k2, v2) in zip(exact_layers(MemoryReader(ans)), exact_layers(MemoryReader(pco))):
+        assert np.array_equal(k, k2) and np.array_equal(v, v2)
+    names = read_safetensors(next(b for r, b in MemoryReader(pco).plain_blobs() if r.media_type.startswith(MEDIA_BLOCK)))
+    assert any(n.startswith("pco.") for n in names) and "ans" not in names
 
 
 def test_coarser_q_is_smaller_and_lossier(prefilled, codebook):
@@ -271,6 +297,24 @@ def test_tc_artifact_decodes_from_a_tar_stream_as_from_its_directory(prefilled, 
     decoded = [json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", str(tmp_path / name), "-p", "hi", "-n", "4",
                                   "--json", check=True).stdout)["text"] for name in ("tc.kv", "tc.tar")]
     assert decoded[0] == decoded[1]
+
+
+def test_compress_takes_the_codebook_the_cloud_coded_with_instead_of_calibrating(prefilled, codebook, tmp_path):
+    from tests.netutil import Server
+
+    write_dir(recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc:q=2.0"), codebook), tmp_path / "q2.kv")
+    cloud = Server(tmp_path / "cloud")
+    home = {"CELSLM_HOME": str(tmp_path / "second-cloud")}  # another machine: no codebook cached, no --model
+    args = ["compress", str(prefilled / "a.kv"), "--codec", "small", "--json"]
+    try:
+        assert run_cli(*args, "-o", str(tmp_path / "none.kv"), "--cloud", cloud.url, env=home).returncode == EXIT_USAGE
+        run_cli("push", str(tmp_path / "q2.kv"), cloud.url, check=True)
+        result = run_cli(*args, "-o", str(tmp_path / "small.kv"), "--cloud", cloud.url, env=home, check=True)
+    finally:
+        cloud.stop()
+    assert json.loads(result.stdout)["codebook"] == codebook.digest and b"fetched the codebook" in result.stderr
+    assert b"calibrating" not in result.stderr
+    assert read_codebook(tmp_path / "second-cloud" / "codebooks" / f"{codebook.fingerprint}.codebook").digest == codebook.digest
 
 
 def test_the_codebook_travels_once_through_serve_cache_and_decodes_at_the_edge(prefilled, codebook, tiny_qwen, tmp_path):

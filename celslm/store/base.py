@@ -77,7 +77,7 @@ class Store:
     capacity_bytes: int | None = None
     evictions = 0
 
-    def _read(self, kind: str, name: str) -> bytes | None:  # kind: blobs, manifests, signatures, timings, tags, prefixes
+    def _read(self, kind: str, name: str) -> bytes | None:  # kind: blobs, manifests, signatures, timings, tags, prefixes, codebooks
         raise NotImplementedError
 
     def _write(self, kind: str, name: str, data: bytes) -> None:
@@ -160,6 +160,8 @@ class Store:
         self._touch(hex_id)
         for count, prefix in enumerate(manifest.prefix_hashes, start=1):
             self._write("prefixes", prefix, f"{artifact_id} {count}".encode())
+        if manifest.codebook is not None:  # so that other machines compressing for this model can share it
+            self._write("codebooks", manifest.space.fingerprint, manifest.codebook.digest.encode())
         self.evict(keep=artifact_id)  # others make room; what was just accepted stays
         return []
 
@@ -220,6 +222,17 @@ class Store:
                              f"{signed.statement.artifact}, not this tag and {artifact_id}")
         record = {"artifact": artifact_id, "signed": signed.to_json() if signed else None}
         self._write("tags", name, canonical_json(record))
+
+    def get_codebook(self, fingerprint: str) -> str | None:
+        """The digest of the codebook the last stored artifact of this model (fingerprint) was coded with."""
+        if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+            raise UsageError(f"malformed model fingerprint {fingerprint[:80]!r}")
+        data = self._read("codebooks", fingerprint)
+        if data is None:
+            return None
+        if not DIGEST.match(data.decode(errors="replace")):
+            raise IntegrityError(f"codebook of {fingerprint[:12]}: stored record is malformed")
+        return data.decode()
 
     def lookup(self, prefix_hashes: list[str]) -> tuple[str, int] | None:
         """The stored artifact holding the longest prefix of these chunk hashes: (artifact id, chunks)."""

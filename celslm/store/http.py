@@ -226,6 +226,10 @@ class CacheClient:
         if status not in (200, 201):
             raise self._fail(status, answer, f"PUT tag {name}")
 
+    def get_codebook(self, fingerprint: str) -> str | None:
+        data = self._get(f"/v1/codebooks/{fingerprint}", f"codebook of {fingerprint[:12]}")
+        return data.decode(errors="replace").strip() if data is not None else None
+
     def lookup(self, space: str, prefixes: list[str]) -> tuple[str, int] | None:
         status, data = self.request("GET", f"/v1/lookup?space={space}&prefix={','.join(prefixes)}")
         if status != 200:

@@ -64,7 +64,7 @@ class LocalStore(Store):
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
         self._evicting = threading.Lock()  # one eviction at a time: two would race over the same files
-        for sub in ("blobs", "manifests", "signatures", "timings", "tags", "seen", "prefixes", "quarantine", "tmp"):
+        for sub in ("blobs", "manifests", "signatures", "timings", "tags", "seen", "prefixes", "codebooks", "quarantine", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._reading: Counter[str] = Counter()  # blob digests with a read in flight
         self._lock = threading.Lock()

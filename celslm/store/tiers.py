@@ -22,6 +22,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from celslm.artifact import DIGEST, ArtifactReader, BlobRef, Manifest, Timings, open_artifact, sha256_digest
+from celslm.codebook import MEDIA_CODEBOOK
 from celslm.confidential import Identity
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.models import celslm_home
@@ -168,6 +169,20 @@ class Tiers:
                 self.warn(f"warning: {name}: {exc}")
                 if name in self.peer_names:
                     self.down.setdefault(name, f"sent a malformed answer ({exc})")
+
+    def codebook(self, fingerprint: str, bound: int) -> tuple[str, bytes] | None:
+        """(tier, bytes) of the codebook the first tier that knows one last coded this model's artifacts
+        with: the blob is verified against the digest that tier names, and read up to `bound` bytes."""
+        for name, digest in self._answers(lambda store: store.get_codebook(fingerprint)):
+            if digest is None:
+                continue
+            if not DIGEST.match(digest):
+                self.warn(f"warning: {name} names {digest[:80]!r} as a codebook, not a digest; passed over")
+                continue
+            data = self.blob(BlobRef(digest, bound, MEDIA_CODEBOOK))
+            if data is not None:
+                return name, data
+        return None
 
     def resolve(self, ref: str) -> str:
         """An artifact id for a ref: an id, or a tag (asked locally, then at each tier)."""
