@@ -70,18 +70,23 @@ def reconstruct(coeffs: np.ndarray, basis: dict[str, np.ndarray]) -> np.ndarray:
 def decode_block(codec: Codec, data: bytes, media_type: str, bases: dict,
                  shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(key, value), each `[H, t, D]` float32; `shape` is what the manifest says the block holds."""
-    if media_type != codec.media_type:
-        raise IntegrityError(f"media type {media_type} does not match codec {codec.spec}")
-    tensors = read_safetensors(codec.unwrap(data))
-    if codec.ent in ("ans", "pco"):
-        tensors = {**tensors, **_entropy_decode(codec, tensors, bases, shape)}
+    if codec.transform:  # one block as a layer of one chunk
+        heads, tokens, width = shape
+        layer = CodedLayer(codec, bases, heads, tokens, width)
+        layer.add(data, media_type, 0, tokens)
+        return layer.finish()
+    tensors = _block_tensors(codec, data, media_type)
     return tuple(_decode_tensor(codec, kind, tensors, bases.get(kind), shape) for kind in KINDS)
 
 
-def _entropy_decode(codec: Codec, tensors: dict, bases: dict, shape) -> dict[str, np.ndarray]:
-    """The kinds' codes `[n, t]` from the block's one ANS stream (tc with ent=ans), or its pcodec chunks (ent=pco)."""
-    _, tokens, _ = shape
-    body = tokens - sum(tensors[f"key.{p}"].shape[1] for p in ("head", "tail") if f"key.{p}" in tensors)
+def _block_tensors(codec: Codec, data: bytes, media_type: str) -> dict[str, np.ndarray]:
+    if media_type != codec.media_type:
+        raise IntegrityError(f"media type {media_type} does not match codec {codec.spec}")
+    return read_safetensors(codec.unwrap(data))
+
+
+def _entropy_decode(codec: Codec, tensors: dict, bases: dict, body: int) -> dict[str, np.ndarray]:
+    """The kinds' codes `[n, body]` from the block's one ANS stream (tc with ent=ans), or its pcodec chunks (ent=pco)."""
     kept = [bases[kind].kept(codec.q) for kind in KINDS]
     if body <= 0 or not sum(kept):
         return {}
@@ -107,8 +112,6 @@ def _entropy_decode(codec: Codec, tensors: dict, bases: dict, shape) -> dict[str
 
 
 def _decode_tensor(codec: Codec, kind, tensors, basis, shape):
-    if codec.transform:
-        return _decode_transformed(codec, kind, tensors, basis, shape)
     if kind in tensors:
         x = tensors[kind].astype(np.float32)
         return reconstruct(x, basis) if basis else x
@@ -126,22 +129,61 @@ def _decode_tensor(codec: Codec, kind, tensors, basis, shape):
     return np.concatenate(pieces, axis=1)
 
 
-def _decode_transformed(codec: Codec, kind: str, tensors: dict, transform: Transform, shape) -> np.ndarray:
-    heads, tokens, width = shape
-    head, tail, codes = (tensors.get(f"{kind}.{part}") for part in ("head", "tail", "codes"))
-    pieces = [head.astype(np.float32)] if head is not None else []
-    body = tokens - sum(t.shape[1] for t in (head, tail) if t is not None)
-    if body > 0:
-        kept = transform.kept(codec.q)
-        if codes is None and kept == 0:  # every component under the step: the body is the mean
-            codes = np.zeros((0, body), dtype=np.int8)
-        if codes is None or codes.ndim != 2 or codes.shape != (kept, body) or codes.dtype.kind != "i":
-            found = "no codes" if codes is None else f"codes {codes.dtype} {list(codes.shape)}"
-            raise IntegrityError(f"{kind}: {found}; the codebook codes {kept} components x {body} tokens")
-        pieces.append(transform.decode(codes, codec.q, heads, width))
-    if tail is not None:
-        pieces.append(tail.astype(np.float32))
-    return np.concatenate(pieces, axis=1)
+class CodedLayer:
+    """One layer of a tc artifact, gathered block by block, then brought back to channels at once.
+
+    Each block's codes land as columns of one coefficient matrix per kind, `[n + 1, T]` float32 (the
+    last row all ones: it carries the mean), and its fp16 sinks and window are kept aside. `finish`
+    runs one inverse transform per kind and head over the whole layer, straight into the output
+    (blocks of 256 tokens would cost a matmul, a transposing copy and a concatenation each)."""
+
+    def __init__(self, codec: Codec, bases: dict, heads: int, tokens: int, width: int):
+        self.codec, self.bases, self.shape = codec, bases, (heads, tokens, width)
+        self.kept = [bases[kind].kept(codec.q) for kind in KINDS]
+        self.coeffs = [np.empty((n + 1, tokens), dtype=np.float32) for n in self.kept]
+        for coeffs in self.coeffs:
+            coeffs[-1] = 1.0
+        self.exact: list[tuple[int, int, np.ndarray]] = []  # (kind, first token, fp16 [H, t, D])
+
+    def add(self, data: bytes, media_type: str, start: int, tokens: int) -> None:
+        """The block holding tokens start..start+tokens of the layer."""
+        heads, _, width = self.shape
+        tensors = _block_tensors(self.codec, data, media_type)
+        spans = []
+        for kind in KINDS:
+            span = [tensors.get(f"{kind}.{part}") for part in ("head", "tail")]
+            for part, x in zip(("head", "tail"), span):
+                if x is not None and (x.ndim != 3 or x.shape[0] != heads or x.shape[2] != width or x.dtype != np.float16):
+                    raise IntegrityError(f"{kind}.{part} is {x.dtype} {list(x.shape)}, expected float16 [{heads}, t, {width}]")
+            spans.append([0 if x is None else x.shape[1] for x in span])
+        if spans[0] != spans[1] or sum(spans[0]) > tokens:
+            raise IntegrityError(f"fp16 sinks and window of {spans} tokens in a block of {tokens}")
+        (low, tail), body = spans[0], tokens - sum(spans[0])
+        if self.codec.ent in ("ans", "pco") and body > 0:
+            tensors = {**tensors, **_entropy_decode(self.codec, tensors, self.bases, body)}
+        for index, (kind, kept) in enumerate(zip(KINDS, self.kept)):
+            for first, count, part in ((start, low, "head"), (start + tokens - tail, tail, "tail")):
+                if count:
+                    self.exact.append((index, first, tensors[f"{kind}.{part}"]))
+                    self.coeffs[index][:kept, first : first + count] = 0.0
+            if body <= 0:
+                continue
+            codes = tensors.get(f"{kind}.codes")
+            if codes is None and kept == 0:  # every component under the step: the body is the mean
+                continue
+            if codes is None or codes.ndim != 2 or codes.shape != (kept, body) or codes.dtype.kind != "i":
+                found = "no codes" if codes is None else f"codes {codes.dtype} {list(codes.shape)}"
+                raise IntegrityError(f"{kind}: {found}; the codebook codes {kept} components x {body} tokens")
+            self.coeffs[index][:kept, start + low : start + low + body] = codes
+
+    def finish(self, out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(key pre-RoPE, value), `[H, T, D]` float32: into `out` when given."""
+        out = out or tuple(np.empty(self.shape, dtype=np.float32) for _ in KINDS)
+        for kind, coeffs, x in zip(KINDS, self.coeffs, out):
+            self.bases[kind].decode_into(coeffs, self.codec.q, x)
+        for index, first, exact in self.exact:
+            out[index][:, first : first + exact.shape[1]] = exact
+        return out
 
 
 def load_codebook(reader: ArtifactReader, blobs) -> Codebook | None:
@@ -176,29 +218,38 @@ def open_context(reader: ArtifactReader, chunks: int | None = None
 def _layers(reader: ArtifactReader, blobs, chunks: int, codebook: Codebook | None):
     m = reader.manifest
     codec = parse_codec(m.codec)
-    lengths = m.chunk_lengths()
+    lengths = m.chunk_lengths()[:chunks]
     heads, width = m.geometry.kv_heads, m.geometry.head_dim
+    total = sum(lengths)
     for layer in range(m.layers):
         try:
             layer_bases = codebook.layer(layer) if codebook else \
                 load_bases(next(blobs)[1] if m.layer_aux(layer) else None)
         except Exception as exc:  # digest matched, content does not fit the manifest
             raise IntegrityError(f"{reader.source}: layer {layer}'s basis blob does not decode: {exc}") from exc
-        total = sum(lengths[:chunks])
         key, value = (np.empty((heads, total, width), dtype=np.float32) for _ in KINDS)  # blocks land in place
+        coded = CodedLayer(codec, layer_bases, heads, total, width) if codec.transform else None
         start = 0
-        for chunk in range(chunks):
+        for length in lengths:
             ref, data = next(blobs)
-            shape = (heads, lengths[chunk], width)
+            shape = (heads, length, width)
             try:
-                block = decode_block(codec, data, ref.media_type, layer_bases, shape)
+                if coded:
+                    coded.add(data, ref.media_type, start, length)
+                else:
+                    _place(decode_block(codec, data, ref.media_type, layer_bases, shape), (key, value), start, shape)
             except IntegrityError as exc:
                 raise IntegrityError(f"{reader.source}: {m.describe(ref)}: {exc}") from exc
             except Exception as exc:  # digest matched, content does not fit the manifest
                 raise IntegrityError(f"{reader.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
-            for x, out in zip(block, (key, value)):
-                if tuple(x.shape) != shape:
-                    raise IntegrityError(f"{reader.source}: {m.describe(ref)} has shape {tuple(x.shape)}, expected {shape}")
-                out[:, start : start + shape[1]] = x
-            start += shape[1]
+            start += length
+        if coded:
+            coded.finish((key, value))
         yield layer, key, value
+
+
+def _place(block: LayerArrays, layer: LayerArrays, start: int, shape: tuple[int, int, int]) -> None:
+    for x, out in zip(block, layer):
+        if tuple(x.shape) != shape:
+            raise IntegrityError(f"has shape {tuple(x.shape)}, expected {shape}")
+        out[:, start : start + shape[1]] = x

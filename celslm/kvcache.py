@@ -200,8 +200,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pre-RoPE keys `[H, T, D]` to their positions (the model's own formula)."""
-    return key * cos + _rotate_half(key) * sin
+    """Rotate pre-RoPE keys `[H, T, D]` to their positions: the model's own formula, `key * cos +
+    rotate_half(key) * sin`, bit for bit (x0*c + (-x1)*s is x0*c - x1*s), without rotate_half's copy."""
+    half = key.shape[-1] // 2
+    out = key * cos
+    out[..., :half] -= key[..., half:] * sin[..., :half]
+    out[..., half:] += key[..., :half] * sin[..., half:]
+    return out
 
 
 def unapply_rope(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

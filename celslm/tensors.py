@@ -8,6 +8,7 @@ float32 (safetensors.numpy has no bf16).
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -36,7 +37,7 @@ def read_safetensors(data: bytes, with_metadata: bool = False):
             raise ValueError(f"{name}: unsupported dtype {entry['dtype']}")
         shape = tuple(int(n) for n in entry["shape"])
         begin, end = (int(n) for n in entry["data_offsets"])
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
         if not 0 <= begin <= end <= len(body) or end - begin != count * np.dtype(dtype).itemsize or min(shape, default=0) < 0:
             raise ValueError(f"{name}: offsets {begin}..{end} do not hold {entry['dtype']} {list(shape)}")
         array = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)

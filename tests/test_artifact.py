@@ -70,6 +70,14 @@ def test_rope_round_trip_restores_post_rope_keys(loaded):
     assert torch.allclose(kvcache.unapply_rope(kvcache.apply_rope(key, cos, sin), cos, sin), key, atol=1e-6)
 
 
+def test_apply_rope_is_the_models_own_formula_bit_for_bit(loaded):
+    from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
+    key = torch.randn(2, 40, 16) * 30
+    cos, sin = kvcache.rope_tables(loaded.model, 0, 40)
+    assert torch.equal(kvcache.apply_rope(key, cos, sin), key * cos + rotate_half(key) * sin)
+
+
 def test_tar_stream_round_trip_gives_the_same_artifact(artifact, tmp_path):
     write_dir(artifact, tmp_path / "a.kv")
     buffer = io.BytesIO()

@@ -361,3 +361,44 @@ def test_bench_task_accuracy_scores_a_lossless_artifact_as_the_uncompressed_one(
     assert result["tasks"]["complete"] == 1 and set(rows) == {"none", "lossless", "tc:q=4.0"}
     assert {k: v for k, v in rows["lossless"].items() if k != "codec"} == {k: v for k, v in rows["none"].items() if k != "codec"}
     assert all(0 <= rows["tc:q=4.0"][k] <= 1 for k in ("complete_exact", "complete_edit_similarity"))
+
+
+def test_tc_window_across_block_boundaries_stays_exact_and_the_rest_within_half_a_step(prefilled, codebook):
+    reader = DirectoryReader(prefilled / "a.kv")  # chunks of 64: a 70-token window covers the last block and more
+    exact = exact_layers(reader)
+    coded = recode(reader, parse_codec("tc:q=0.5,keep=70"), codebook)
+    for (k, v), (k2, v2), pair in zip(exact, exact_layers(MemoryReader(coded)), codebook.transforms):
+        for a, b, t in ((k, k2, pair[0]), (v, v2, pair[1])):
+            fp16 = np.r_[0:4, a.shape[1] - 70 : a.shape[1]]
+            assert np.array_equal(b[:, fp16], a[:, fp16].astype(np.float16).astype(np.float32))
+            body = slice(4, a.shape[1] - 70)
+            kept = t.kept(0.5)
+            coeffs = [t.analysis[:, :kept].T @ (x[:, body].transpose(0, 2, 1).reshape(-1, x[:, body].shape[1]) - t.mean[:, None])
+                      for x in (a, b)]
+            assert np.abs(coeffs[1] - coeffs[0]).max() <= 0.5 * t.step(0.5) + 0.01 * np.abs(coeffs[0]).max()
+
+
+@pytest.mark.parametrize("forge", ["value sinks shorter than key sinks", "sinks in float32", "sinks longer than the block"])
+def test_a_tc_block_with_malformed_fp16_spans_is_an_integrity_error(codebook, tiny, forge):
+    import torch
+    from safetensors.numpy import save
+
+    from celslm.blockread import decode_block
+    from celslm.blocks import encode_block
+    from celslm.codecs import BlockShape
+
+    _, heads, width = tiny.engine.geometry.layers, tiny.engine.geometry.kv_heads, tiny.engine.geometry.head_dim
+    codec, bases = parse_codec("tc:q=0.5"), codebook.layer(0)
+    key, value = torch.randn(heads, 16, width), torch.randn(heads, 16, width)
+    data = encode_block(codec, key, value, bases, BlockShape(start=0, tokens=16, total=16))
+    assert decode_block(codec, data, codec.media_type, bases, (heads, 16, width))[0].shape == (heads, 16, width)
+    tensors = dict(read_safetensors(data))
+    if forge == "value sinks shorter than key sinks":
+        tensors["value.head"] = tensors["value.head"][:, :3]
+    elif forge == "sinks in float32":
+        tensors["key.head"] = tensors["key.head"].astype(np.float32)
+    else:
+        tensors["key.head"] = tensors["value.head"] = np.zeros((heads, 17, width), np.float16)
+    with pytest.raises(IntegrityError):
+        decode_block(codec, save({n: np.ascontiguousarray(t) for n, t in tensors.items()}), codec.media_type, bases,
+                     (heads, 16, width))
