@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from celslm.artifact import ArtifactReader, decode_tokens
-from celslm.codebook import Codebook, Transform, pco_decode
+from celslm.codebook import Codebook, pco_decode
 from celslm.codecs import KINDS, Codec, parse_codec
 from celslm.errors import IntegrityError
 from celslm.tensors import read_safetensors

@@ -150,8 +150,10 @@ def encode_block(codec: Codec, key: torch.Tensor, value: torch.Tensor, bases: di
             entropy = bases["entropy"]
             words, escapes = entropy.encode(codes, entropy.classes(spreads))
             tensors["ans"], tensors["escapes"] = torch.from_numpy(words.view(np.int32)), torch.from_numpy(escapes)
-    return codec.wrap(st_save_numpy({name: t.numpy() for name, t in tensors.items()}))  # the same bytes as
-    # safetensors.torch's save, at a fraction of its per-tensor cost
+    if any(t.dtype == torch.bfloat16 for t in tensors.values()):  # numpy has no bfloat16
+        return codec.wrap(st_save(tensors))
+    # the same bytes as safetensors.torch's save, at a fraction of its per-tensor cost
+    return codec.wrap(st_save_numpy({name: t.numpy() for name, t in tensors.items()}))
 
 
 def _encode_tensor(codec: Codec, kind, x, basis, where, store_dtype):

@@ -35,7 +35,7 @@ from celslm.codebook import KINDS, Codebook, Transform
 from celslm.codecs import Codec
 from celslm.corpus import calibration_files
 from celslm.decode import context_from_layers
-from celslm.errors import UsageError
+from celslm.errors import CelslmError, UsageError
 from celslm.models import LoadedModel, celslm_home
 from celslm.score import continuation_logits, kl
 from celslm.store.tiers import Sources
@@ -263,19 +263,23 @@ def model_codebook(loaded: LoadedModel, settings: Calibration = Calibration(), p
 
 def fetched_codebook(space: ModelSpace, geometry: Geometry, sources: Sources,
                      announce: Callable[[str], None] | None = None) -> Codebook | None:
-    """The codebook some tier (the edge cache, peers, the cloud) last coded this model's artifacts with,
-    verified and checked against the model space, then cached here; None where no tier has one."""
-    found = sources.tiers(announce).codebook(space.fingerprint, codebook_bound(geometry))
-    if found is None:
-        return None
-    name, data = found
-    codebook = Codebook.from_bytes(data, f"{name}: codebook")
-    codebook.check_for(space.fingerprint, (geometry.layers, geometry.kv_heads, geometry.head_dim), name)
-    save_codebook(codebook, codebook_path(space.fingerprint))
-    if announce:
-        announce(f"fetched the codebook for {space.name} from {name} ({codebook.digest[:19]}; cached in "
-                 f"{codebook_path(space.fingerprint)})")
-    return codebook
+    """The codebook the first tier (the edge cache, peers, the cloud) that has a fitting one last coded
+    this model's artifacts with, verified and checked against the model space, then cached here; None
+    where no tier has one. One that does not parse or fit the model is passed over for the next tier."""
+    tiers = sources.tiers(announce)
+    for name, data in tiers.codebooks(space.fingerprint, codebook_bound(geometry)):
+        try:
+            codebook = Codebook.from_bytes(data, f"{name}: codebook")
+            codebook.check_for(space.fingerprint, (geometry.layers, geometry.kv_heads, geometry.head_dim), name)
+        except CelslmError as exc:
+            tiers.warn(f"warning: {exc}; passed over")
+            continue
+        save_codebook(codebook, codebook_path(space.fingerprint))
+        if announce:
+            announce(f"fetched the codebook for {space.name} from {name} ({codebook.digest[:19]}; cached in "
+                     f"{codebook_path(space.fingerprint)})")
+        return codebook
+    return None
 
 
 def codebook_for(space: ModelSpace, model: str | None = None, settings: Calibration = Calibration(),

@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from pcodec import ChunkConfig, DeltaSpec, standalone
 from safetensors.numpy import save as st_save
 
 from celslm.errors import IntegrityError, UsageError
@@ -221,7 +222,7 @@ def octaves(spreads: np.ndarray) -> list[np.ndarray]:
     return [rows for rows, _ in _octave_runs(np.asarray(spreads, dtype=np.float32).tobytes())]
 
 
-@functools.lru_cache(maxsize=1024)  # a model's layers x kinds x the few q in use: the same layouts in every block
+@functools.lru_cache(maxsize=1024)  # a model's layers x the few q in use: the same layouts in every block
 def _octave_runs(spreads: bytes) -> tuple[tuple[np.ndarray, tuple[tuple[int, int], ...]], ...]:
     """Per octave: its rows, and the same rows as runs (first, last + 1); spreads descend within each
     kind, so an octave is a run or two, and a slice copies faster than an index array."""
@@ -229,6 +230,7 @@ def _octave_runs(spreads: bytes) -> tuple[tuple[np.ndarray, tuple[tuple[int, int
     groups = []
     for e in np.unique(exponent):
         rows = np.flatnonzero(exponent == e)
+        rows.flags.writeable = False  # shared by every caller
         breaks = np.flatnonzero(np.diff(rows) != 1)
         firsts, lasts = np.concatenate([[0], breaks + 1]), np.concatenate([breaks, [len(rows) - 1]])
         groups.append((rows, tuple((int(rows[a]), int(rows[b]) + 1) for a, b in zip(firsts, lasts))))
@@ -237,8 +239,6 @@ def _octave_runs(spreads: bytes) -> tuple[tuple[np.ndarray, tuple[tuple[int, int
 
 def pco_encode(codes: np.ndarray, spreads: np.ndarray) -> list[np.ndarray]:
     """One pcodec chunk (uint8) per octave of `spreads` `[n]`, of `codes` `[n, t]` (rows then tokens)."""
-    from pcodec import ChunkConfig, DeltaSpec, standalone  # only where blocks are coded with it
-
     config = ChunkConfig(compression_level=PCO_LEVEL, delta_spec=DeltaSpec.no_op())  # no delta search: codes
     # decorrelate little across tokens (lag-1 ~0.3); searching cost a third of the encode for 0.7% of the bytes
     return [np.frombuffer(standalone.simple_compress(np.ascontiguousarray(codes[rows], dtype=np.int32).reshape(-1),
@@ -249,8 +249,6 @@ def pco_encode(codes: np.ndarray, spreads: np.ndarray) -> list[np.ndarray]:
 def pco_decode(chunks: list[np.ndarray], spreads: np.ndarray, tokens: int) -> np.ndarray:
     """The codes `[n, tokens]` (int32) from `pco_encode`'s chunks. Each chunk is decoded into an array
     sized by the codebook and the manifest, never by the chunk's own header, and must fill it exactly."""
-    from pcodec import standalone
-
     groups = _octave_runs(np.asarray(spreads, dtype=np.float32).tobytes())
     if len(chunks) != len(groups):
         raise ValueError(f"{len(chunks)} pcodec chunks, the codebook groups {len(groups)} octaves")

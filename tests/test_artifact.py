@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from celslm import kvcache, prompting
 from celslm.blockread import open_context
@@ -71,8 +72,6 @@ def test_rope_round_trip_restores_post_rope_keys(loaded):
 
 
 def test_apply_rope_is_the_models_own_formula_bit_for_bit(loaded):
-    from transformers.models.qwen2.modeling_qwen2 import rotate_half
-
     key = torch.randn(2, 40, 16) * 30
     cos, sin = kvcache.rope_tables(loaded.model, 0, 40)
     assert torch.equal(kvcache.apply_rope(key, cos, sin), key * cos + rotate_half(key) * sin)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
+import torch
+from safetensors.numpy import save
 
 from celslm.artifact import DirectoryReader, MemoryReader, open_artifact, seal_artifact, write_dir, write_tar
-from celslm.blockread import open_context
-from celslm.blocks import recode
+from celslm.blockread import decode_block, open_context
+from celslm.blocks import encode_block, recode
 from celslm.calibrate import Calibration, allocate, calibrate, codebook_path, read_codebook
 from celslm.codebook import Codebook, EntropyModel, Transform, pco_decode, pco_encode
-from celslm.codecs import MEDIA_BLOCK, parse_codec
+from celslm.codecs import MEDIA_BLOCK, BlockShape, parse_codec
 from celslm.confidential import Identity
 from celslm.errors import EXIT_INTEGRITY, EXIT_USAGE, IntegrityError, UsageError
 from celslm.models import load_model
+from celslm.store.local import LocalStore
 from celslm.tensors import read_safetensors
 from tests.conftest import run_cli
+from tests.netutil import Server
 
 FAST = Calibration(files=2, tokens=96, probe_files=1, probe_tokens=8)
 
@@ -300,8 +305,6 @@ def test_tc_artifact_decodes_from_a_tar_stream_as_from_its_directory(prefilled, 
 
 
 def test_compress_takes_the_codebook_the_cloud_coded_with_instead_of_calibrating(prefilled, codebook, tmp_path):
-    from tests.netutil import Server
-
     write_dir(recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc:q=2.0"), codebook), tmp_path / "q2.kv")
     cloud = Server(tmp_path / "cloud")
     home = {"CELSLM_HOME": str(tmp_path / "second-cloud")}  # another machine: no codebook cached, no --model
@@ -318,8 +321,6 @@ def test_compress_takes_the_codebook_the_cloud_coded_with_instead_of_calibrating
 
 
 def test_the_codebook_travels_once_through_serve_cache_and_decodes_at_the_edge(prefilled, codebook, tiny_qwen, tmp_path):
-    from tests.netutil import Server
-
     reader = DirectoryReader(prefilled / "a.kv")
     for q in ("1.0", "2.0"):
         write_dir(recode(reader, parse_codec(f"tc:q={q}"), codebook), tmp_path / f"q{q}.kv")
@@ -380,14 +381,7 @@ def test_tc_window_across_block_boundaries_stays_exact_and_the_rest_within_half_
 
 @pytest.mark.parametrize("forge", ["value sinks shorter than key sinks", "sinks in float32", "sinks longer than the block"])
 def test_a_tc_block_with_malformed_fp16_spans_is_an_integrity_error(codebook, tiny, forge):
-    import torch
-    from safetensors.numpy import save
-
-    from celslm.blockread import decode_block
-    from celslm.blocks import encode_block
-    from celslm.codecs import BlockShape
-
-    _, heads, width = tiny.engine.geometry.layers, tiny.engine.geometry.kv_heads, tiny.engine.geometry.head_dim
+    heads, width = tiny.engine.geometry.kv_heads, tiny.engine.geometry.head_dim
     codec, bases = parse_codec("tc:q=0.5"), codebook.layer(0)
     key, value = torch.randn(heads, 16, width), torch.randn(heads, 16, width)
     data = encode_block(codec, key, value, bases, BlockShape(start=0, tokens=16, total=16))
@@ -402,3 +396,31 @@ def test_a_tc_block_with_malformed_fp16_spans_is_an_integrity_error(codebook, ti
     with pytest.raises(IntegrityError):
         decode_block(codec, save({n: np.ascontiguousarray(t) for n, t in tensors.items()}), codec.media_type, bases,
                      (heads, 16, width))
+
+
+def test_a_tier_naming_another_models_codebook_is_passed_over_for_the_next(prefilled, codebook, tiny_llama, tmp_path):
+    foreign = calibrate(load_model(str(tiny_llama)), FAST)
+    for root, book in ((tmp_path / "peer", foreign), (tmp_path / "cloud", codebook)):  # both name a codebook for qwen
+        store = LocalStore(root)
+        store.put_blob(book.digest, book.to_bytes())
+        store._write("codebooks", codebook.fingerprint, book.digest.encode())
+    peer, cloud = Server(tmp_path / "peer"), Server(tmp_path / "cloud")
+    home = {"CELSLM_HOME": str(tmp_path / "home")}
+    try:
+        result = run_cli("compress", str(prefilled / "a.kv"), "-o", str(tmp_path / "small.kv"), "--codec", "small", "--json",
+                         "--peer", peer.url, "--cloud", cloud.url, env=home, check=True)
+    finally:
+        peer.stop(), cloud.stop()
+    assert json.loads(result.stdout)["codebook"] == codebook.digest
+    assert b"does not belong to this model space" in result.stderr and b"passed over" in result.stderr
+
+
+def test_a_prefix_of_a_tc_artifact_decodes_as_the_start_of_the_whole(prefilled, codebook):
+    coded = recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc:q=0.5,keep=70"), codebook)
+    whole = exact_layers(MemoryReader(coded))
+    chunks = coded.manifest.chunks - 1
+    _, layers = open_context(MemoryReader(coded), chunks)
+    tokens = sum(coded.manifest.chunk_lengths()[:chunks])
+    for (k, v), (_, k2, v2) in zip(whole, layers):
+        assert k2.shape[1] == tokens
+        assert np.allclose(k2, k[:, :tokens], atol=1e-5) and np.allclose(v2, v[:, :tokens], atol=1e-5)

@@ -206,3 +206,13 @@ def test_compress_list_names_every_stage():
     listing = json.loads(run_cli("compress", "--list", "--json", check=True).stdout)
     assert set(listing["stages"]) == {"fp16", "pca", "int8", "int4", "int3", "int2", "tc", "lz4", "zstd"}
     assert set(listing["presets"]) == {"lossless", "balanced", "small", "tiny"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_uncompressed_blocks_hold_exactly_the_stored_dtype(kv, dtype):
+    key, value = kv
+    codec = parse_codec("none")
+    data = blocks.encode_block(codec, key, value, {}, WHERE, dtype)
+    decoded = blockread.decode_block(codec, data, codec.media_type, {}, tuple(key.shape))
+    for original, back in zip((key, value), decoded):
+        assert torch.equal(torch.from_numpy(back), original.to(dtype).float())

@@ -18,7 +18,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from celslm.artifact import DIGEST, ArtifactReader, BlobRef, Manifest, Timings, open_artifact, sha256_digest
@@ -170,19 +170,25 @@ class Tiers:
                 if name in self.peer_names:
                     self.down.setdefault(name, f"sent a malformed answer ({exc})")
 
-    def codebook(self, fingerprint: str, bound: int) -> tuple[str, bytes] | None:
-        """(tier, bytes) of the codebook the first tier that knows one last coded this model's artifacts
-        with: the blob is verified against the digest that tier names, and read up to `bound` bytes."""
+    def codebooks(self, fingerprint: str, bound: int) -> Iterator[tuple[str, bytes]]:
+        """(tier, bytes) of the codebook each tier that knows one last coded this model's artifacts with,
+        in tier order: the blob is verified against the digest that tier names, and read up to `bound`
+        bytes. Which codebook is a tier's unsigned word, like an unsigned tag: under a trust policy a
+        peer's is passed over; without one, a peer's is used with a warning."""
         for name, digest in self._answers(lambda store: store.get_codebook(fingerprint)):
             if digest is None:
                 continue
             if not DIGEST.match(digest):
                 self.warn(f"warning: {name} names {digest[:80]!r} as a codebook, not a digest; passed over")
                 continue
+            if name in self.peer_names:
+                if self.policy is not None:
+                    self.warn(f"warning: {name} names a codebook, unsigned; passed over under the trust policy")
+                    continue
+                self.warn(f"warning: the codebook comes from {name}'s unsigned word")
             data = self.blob(BlobRef(digest, bound, MEDIA_CODEBOOK))
             if data is not None:
-                return name, data
-        return None
+                yield name, data
 
     def resolve(self, ref: str) -> str:
         """An artifact id for a ref: an id, or a tag (asked locally, then at each tier)."""
