@@ -2,7 +2,7 @@
 
     pca:r=32+int4:g=64+lz4      project onto a per-layer PCA basis, quantize to 4 bits, wrap in lz4
     tc:q=1.5                    transform-code with the model's calibrated codebook, then ANS
-    tc:q=1.5,ent=pco            the same codes under pcodec, by octave of spread (decodes ~8x faster, ~3% larger)
+    tc:q=1.5,ent=pco            the same codes under pcodec, by octave of spread (decodes ~2.5x faster, ~6% larger)
     tc:q=1.5,ent=none+zstd      the same codes as plain integers, wrapped in zstd (faster, larger)
 
 Tensor stages (`fp16`, `pca`, `intN`, `tc`) rewrite a block's key and value tensors `[H, t, D]`; a byte
