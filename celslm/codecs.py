@@ -68,10 +68,10 @@ BYTE_STAGES = ("lz4", "zstd")
 # Old artifacts keep the spec they were made with in their manifest, so they decode whatever a preset means now.
 PRESETS = {
     "lossless": "zstd:l=1",  # bit-exact; 9% smaller than the float32 source
-    # balanced and small decode 2.5x faster under pcodec than under ANS, for 5% more bytes: at 100 Mbit/s
-    # a 2K context is ~150 ms sooner. tiny is for slow links, where bytes are the time: ANS.
+    # balanced and small decode 2.2-2.5x faster under pcodec than under ANS, for 6% more bytes: at 100 Mbit/s
+    # a 2K context is ~130 ms sooner. tiny is for slow links, where bytes are the time: ANS.
     "balanced": "tc:q=0.5,ent=pco",  # within 0.5% perplexity: 7.1x vs fp16, -0.1%
-    "small": "tc:q=1.0,ent=pco",  # >= 10x within 1%: 11.0x, +0.65%
+    "small": "tc:q=1.0,ent=pco",  # >= 10x within 1%: 11.1x, +0.67%
     "tiny": "tc:q=1.6",  # >= 16x within 5%: 17.6x, +2.05%
 }
 
