@@ -13,19 +13,30 @@
 
 A write token guards PUT; an optional read token guards GET and HEAD (constant-time comparison);
 /v1/health stays open.
+
+`serve` runs the app in one process, or in N forked workers that accept on one listening socket
+(the pre-fork model of gunicorn and nginx): the kernel hands each connection to one of them. Their
+counters live in prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, which the caller
+sets before prometheus_client is imported), so /metrics, answered by any worker, adds them all up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import os
+import signal
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from celslm.artifact import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, Manifest, read_side_record
-from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, NotFound, UsageError
+from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.trust import SignedTag
 from celslm.store import Store, open_store
 
@@ -43,19 +54,59 @@ class ServerConfig:
     max_blob_bytes: int = 1 << 30  # bodies over this get 413
     max_manifest_bytes: int = 16 << 20
     read_timeout_s: float = 30.0  # a client that sends nothing for this long is dropped
+    memory_bytes: int = 256 << 20  # verified blobs kept in each worker's memory, least recently used out first
+
+
+class BlobMemory:
+    """Blobs already read and verified, kept in memory up to a byte budget (LRU): a hot blob is sent
+    without a disk read or a rehash. The bytes are the ones that hashed to their digest when read."""
+
+    def __init__(self, budget: int):
+        self.budget, self.size = budget, 0
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, digest: str) -> bytes | None:
+        data = self._blobs.get(digest)
+        if data is not None:
+            self._blobs.move_to_end(digest)
+        return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        if len(data) > self.budget // 8 or digest in self._blobs:  # one blob never takes over the budget
+            return
+        self._blobs[digest] = data
+        self.size += len(data)
+        while self.size > self.budget:
+            self.size -= len(self._blobs.popitem(last=False)[1])
 
 
 class Metrics:
+    """Counters of this server (summed over its workers when it has several), and the store's size."""
+
     def __init__(self, store: Store):
         self.registry = CollectorRegistry()
-        self.hits = Counter("celslm_cache_hits", "Blob and manifest reads that found the object", registry=self.registry)
-        self.misses = Counter("celslm_cache_misses", "Blob and manifest reads that did not", registry=self.registry)
-        self.bytes_in = Counter("celslm_bytes_in", "Bytes received in uploads", registry=self.registry)
-        self.bytes_out = Counter("celslm_bytes_out", "Blob bytes sent", registry=self.registry)
-        evictions = Gauge("celslm_evictions", "Artifacts evicted since start", registry=self.registry)
-        evictions.set_function(lambda: store.evictions)
-        usage = Gauge("celslm_store_bytes", "Bytes of blobs stored", registry=self.registry)
-        usage.set_function(store.usage_bytes)
+        counters = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # workers: each counts in its own file, any one adds them up
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry)
+            counters = None
+        self.hits = Counter("celslm_cache_hits", "Blob and manifest reads that found the object", registry=counters)
+        self.misses = Counter("celslm_cache_misses", "Blob and manifest reads that did not", registry=counters)
+        self.bytes_in = Counter("celslm_bytes_in", "Bytes received in uploads", registry=counters)
+        self.bytes_out = Counter("celslm_bytes_out", "Blob bytes sent", registry=counters)
+        self.evictions = Counter("celslm_evictions", "Artifacts evicted since start", registry=counters)
+        self.registry.register(_StoreSize(store))
+
+
+class _StoreSize:
+    """celslm_store_bytes, read from the store when scraped (the store is shared by all workers)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def collect(self):
+        yield GaugeMetricFamily("celslm_store_bytes", "Bytes of blobs stored", value=self.store.usage_bytes())
 
 
 def _authorized(request: web.Request, token: str | None) -> None:
@@ -72,6 +123,7 @@ def make_app(config: ServerConfig) -> web.Application:
     store = open_store(config.store, config.capacity_bytes)
     store.stale_tmp()
     metrics = Metrics(store)
+    memory = BlobMemory(config.memory_bytes)
 
     @web.middleware
     async def auth_and_errors(request: web.Request, handler):
@@ -86,20 +138,28 @@ def make_app(config: ServerConfig) -> web.Application:
             raise web.HTTPNotFound(text=f"{exc}\n") from exc
         except InsufficientStorage as exc:
             raise web.HTTPInsufficientStorage(text=f"{exc}\n") from exc
+        except UnavailableError as exc:  # the store (Redis) cannot be reached: the client may retry
+            raise web.HTTPServiceUnavailable(text=f"{exc}\n") from exc
         except CelslmError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from exc
 
     async def health(request):
-        return web.json_response({"status": "ok", "store_bytes": store.usage_bytes(), "capacity_bytes": store.capacity_bytes})
+        usage = await asyncio.to_thread(store.usage_bytes)  # a network call for Redis: off the event loop
+        return web.json_response({"status": "ok", "store_bytes": usage, "capacity_bytes": store.capacity_bytes})
 
     async def prometheus(request):
-        return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
+        body = await asyncio.to_thread(generate_latest, metrics.registry)  # reads the store's size
+        return web.Response(body=body, content_type="text/plain")
 
     async def get_blob(request):
         """Every blob sent is verified first: a stored copy gone bad is quarantined and answered 404,
-        so the client asks its next tier and a new push can replace it."""
+        so the client asks its next tier and a new push can replace it. A hot blob is sent from the
+        verified copy in memory while the store still holds it (on disk: its file is there)."""
         digest = request.match_info["digest"]
         path = store.blob_file(digest)
+        data = memory.get(digest) if path is not None or not store.on_disk else None
+        if data is not None:
+            return _send(request, digest, data)
         try:
             large = path is not None and path.stat().st_size > SMALL_BLOB_BYTES
         except FileNotFoundError:
@@ -119,6 +179,10 @@ def make_app(config: ServerConfig) -> web.Application:
         if data is None:
             metrics.misses.inc()
             raise web.HTTPNotFound(text=f"no blob {digest}\n")
+        memory.put(digest, data)
+        return _send(request, digest, data)
+
+    def _send(request, digest: str, data: bytes) -> web.Response:
         metrics.hits.inc()
         headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
         status, body = 200, data
@@ -152,7 +216,10 @@ def make_app(config: ServerConfig) -> web.Application:
                 chunk = await asyncio.wait_for(request.content.readany(), config.read_timeout_s)
                 if not chunk:
                     break
-                writer.write(chunk)
+                if store.on_disk:
+                    writer.write(chunk)
+                else:  # a Redis write of a whole part may wait out a failover: off the event loop
+                    await asyncio.to_thread(writer.write, chunk)
                 if writer.size > config.max_blob_bytes:
                     raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=writer.size)
             if request.content_length is not None and writer.size != request.content_length:
@@ -177,7 +244,9 @@ def make_app(config: ServerConfig) -> web.Application:
 
     async def put_artifact(request):
         data = await _read_small(request, config.max_manifest_bytes, config)
+        evicted = store.evictions
         missing = await asyncio.to_thread(store.put_manifest, request.match_info["digest"], data)
+        metrics.evictions.inc(max(0, store.evictions - evicted))
         if missing:
             return web.json_response({"error": "missing blobs", "missing": missing}, status=409)
         metrics.bytes_in.inc(len(data))
@@ -291,3 +360,78 @@ async def _read_small(request: web.Request, limit: int, config: ServerConfig) ->
 async def _drain(request: web.Request, config: ServerConfig) -> None:
     while await asyncio.wait_for(request.content.readany(), config.read_timeout_s):
         pass
+
+
+def serve(config: ServerConfig, sock, workers: int = 1, ssl_context=None, log: Callable[[str], None] = print,
+          app: web.Application | None = None) -> None:
+    """Serve on a listening socket until SIGTERM or SIGINT: in this process (`app` if given), or in
+    `workers` forked processes (each with its own event loop and store client) that a supervisor
+    restarts if one dies."""
+    if workers <= 1:
+        _run(app or make_app(config), sock, ssl_context)
+        return
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        raise UsageError("several workers count in PROMETHEUS_MULTIPROC_DIR (a fresh directory), set before "
+                         "prometheus_client is imported")
+    _supervise(config, sock, workers, ssl_context, log)
+
+
+def _run(app: web.Application, sock, ssl_context) -> None:
+    # run_app handles SIGTERM/SIGINT: it stops accepting and lets in-flight requests finish.
+    web.run_app(app, sock=sock, ssl_context=ssl_context, print=None, shutdown_timeout=30, access_log=None)
+
+
+def _start_worker(config: ServerConfig, sock, ssl_context) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker: serve until told to stop, and never return into the supervisor's code
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the supervisor, which stops us
+            _run(make_app(config), sock, ssl_context)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _supervise(config: ServerConfig, sock, workers: int, ssl_context, log) -> None:
+    """Start the workers, restart one that dies (at most one restart a second), and on SIGTERM/SIGINT
+    pass SIGTERM on and wait for them to finish their requests."""
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    pids = {_start_worker(config, sock, ssl_context) for _ in range(workers)}
+    last_restart = 0.0
+    try:
+        while not stopping:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.2)
+                continue
+            pids.discard(pid)
+            log(f"serve-cache: worker {pid} exited ({_exit_text(status)}); starting another")
+            time.sleep(max(0.0, last_restart + 1.0 - time.monotonic()))
+            last_restart = time.monotonic()
+            pids.add(_start_worker(config, sock, ssl_context))
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 40
+        while pids and time.monotonic() < deadline:
+            for pid in list(pids):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    pids.discard(pid)
+            time.sleep(0.1)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def _exit_text(status: int) -> str:
+    return f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"code {os.WEXITSTATUS(status)}"

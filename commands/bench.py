@@ -233,30 +233,58 @@ def report_(
         log(f"wrote {path} (+ latency.png, quality.png, suite.json)")
 
 
-@app.command("serve", epilog=examples("celslm bench serve", "celslm bench serve --clients 1 --clients 32 --seconds 3 --json"))
+@app.command("serve", epilog=examples(
+    "celslm bench serve",
+    "celslm bench serve --clients 1 --clients 32 --seconds 3 --json",
+    "celslm bench serve --wrk-only --connections 64 --workers 2 --wrk-seconds 10 --repeats 3"))
 def serve_(
     clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=256, help="Concurrent clients per level (repeatable).")] = None,
     seconds: Annotated[float, typer.Option("--seconds", min=0.5, max=60, help="Duration of each level.")] = 4.0,
     max_pulls: Annotated[int, typer.Option("--max-pulls", min=1, help="Pulls per client at most, per level.")] = 1000,
+    wrk_only: Annotated[bool, typer.Option("--wrk-only", metavar=FLAG, help="Skip the verifying Python clients' levels.")] = False,
+    no_wrk: Annotated[bool, typer.Option("--no-wrk", metavar=FLAG, help="Skip the ceiling runs with wrk (apt-get install wrk).")] = False,
+    connections: Annotated[int, typer.Option("--connections", min=1, max=4096, help="wrk's open connections.")] = 64,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, max=256, help="serve-cache workers for the N-worker rows (default: one per core).")] = None,
+    wrk_seconds: Annotated[float, typer.Option("--wrk-seconds", min=1, max=120, help="Duration of each wrk run.")] = 5.0,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, max=20, help="wrk runs per server, interleaved across servers; the median is shown.")] = 2,
     json_: JsonOpt = False,
 ) -> None:
-    """Concurrent clients pulling a 2,048-token artifact from serve-cache on loopback, beside nginx."""
+    """Serve-cache under load on loopback, beside nginx over the same store: verifying clients pulling a
+    2,048-token artifact, then wrk at each server's ceiling (1 and N workers; directory, Redis, Redis Cluster)."""
     from celslm.bench import serve as serve_bench
 
+    say = lambda what: log(f"bench serve: {what}")  # noqa: E731
     result = serve_bench.run(levels=tuple(clients or (1, 8, 32, 64)), seconds=seconds, max_pulls=max_pulls,
-                             progress=lambda what: log(f"bench serve: {what}"))
+                             progress=say) if not wrk_only else None
+    ceiling = serve_bench.ceiling(seconds=wrk_seconds, connections=connections, workers=workers, repeats=repeats,
+                                  progress=say) if not no_wrk else None
     if json_:
-        print_json(result)
+        print_json({"clients": result, "ceiling": ceiling})
         return
-    table = Table("server", "clients", "pulls", "MB/s", "p50 s", "p99 s", "errors", "corrupted",
-                  title=f"pulling a {result['tokens']}-token artifact ({result['artifact_bytes'] / 2**20:.1f} MiB, "
-                        f"synthetic KV, qwen2.5-coder-0.5b geometry, fp16) over loopback, {seconds:g} s per level")
-    for r in result["results"]:
-        table.add_row(r["server"], str(r["clients"]), str(r["pulls"]), f"{r['mbps']:.0f}", f"{r['p50_s']:.3f}",
-                      f"{r['p99_s']:.3f}", str(r["errors"]), str(r["corrupted"]))
-    out_console.print(table)
-    if result["note"]:
-        log(f"note: {result['note']}")
+    if result:
+        table = Table("server", "clients", "pulls", "MB/s", "p50 s", "p99 s", "errors", "corrupted",
+                      title=f"pulling a {result['tokens']}-token artifact ({result['artifact_bytes'] / 2**20:.1f} MiB, "
+                            f"synthetic KV, qwen2.5-coder-0.5b geometry, fp16) over loopback, {seconds:g} s per level")
+        for r in result["results"]:
+            table.add_row(r["server"], str(r["clients"]), str(r["pulls"]), f"{r['mbps']:.0f}", f"{r['p50_s']:.3f}",
+                          f"{r['p99_s']:.3f}", str(r["errors"]), str(r["corrupted"]))
+        out_console.print(table)
+        if result["note"]:
+            log(f"note: {result['note']}")
+    if ceiling and ceiling["results"]:
+        rows = ceiling["results"]
+        nginx = next((r for r in rows if r["server"].startswith("nginx")), None)
+        table = Table("server", "requests/s", "MB/s", "of nginx", "p50 ms", "p99 ms", "failed",
+                      title=f"wrk -c{ceiling['connections']}, {ceiling['seconds']:g} s x {ceiling['repeats']} interleaved "
+                            f"(median), GET of {ceiling['blobs']} blobs round robin ({ceiling['mean_blob_bytes'] / 1e3:.0f} kB "
+                            f"mean), wrk and servers sharing {ceiling['cores']} cores on loopback")
+        for r in rows:
+            table.add_row(r["server"], f"{r['requests_per_s']:,.0f}", f"{r['mbps']:,.0f}",
+                          f"{r['mbps'] / nginx['mbps']:.0%}" if nginx else "-", f"{r['p50_s'] * 1e3:.2f}",
+                          f"{r['p99_s'] * 1e3:.2f}", str(r["failed"]))
+        out_console.print(table)
+    if ceiling and ceiling["note"]:
+        log(f"note: {ceiling['note']}")
 
 
 @app.command("edge", epilog=examples(

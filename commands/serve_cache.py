@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +19,8 @@ EPILOG = examples(
     "CELSLM_WRITE_TOKEN=s3cret celslm serve-cache --root cache --capacity 10GB --host 0.0.0.0",
     "celslm serve-cache --root cache --tls-cert cert.pem --tls-key key.pem --read-token r --write-token w",
     "celslm serve-cache --backend redis://127.0.0.1:6379/0 --port 8471",
+    "celslm serve-cache --root /srv/celslm --workers 4 --host 0.0.0.0",
+    "celslm serve-cache --backend redis+cluster://10.0.0.5:7000,10.0.0.6:7000 --workers 4",
 )
 
 
@@ -34,12 +38,25 @@ def serve_cache(
     max_blob: Annotated[str, typer.Option("--max-blob", help="Largest accepted upload; bigger bodies get 413.")] = "1GiB",
     read_timeout: Annotated[float, typer.Option("--read-timeout", min=0.1, help="Seconds a client may stay silent mid-request before it is dropped.")] = 30.0,
     backend: Annotated[str | None, typer.Option("--backend", envvar="CELSLM_BACKEND", show_envvar=True,
-                                                help="redis://HOST:PORT/DB: share one Redis store between servers (instead of --root).")] = None,
+                                                help="redis://HOST:PORT/DB (one Redis) or redis+cluster://HOST:PORT[,HOST:PORT...] "
+                                                     "(a Redis Cluster): share one store between servers (instead of --root).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=256, envvar="CELSLM_WORKERS", show_envvar=True,
+                                         help="Worker processes accepting on the one port (one per core saturates the "
+                                              "machine); /metrics adds them up.")] = 1,
+    memory_cache: Annotated[str, typer.Option("--memory-cache", help="Verified blobs each worker keeps in memory "
+                                              "(least recently used out first); 0 reads every blob from the store.")] = "256MiB",
 ) -> None:
     """Serve KV artifacts over HTTP: blobs, manifests, tags, prefix lookup, metrics."""
-    from aiohttp import web  # the server's imports are for serving, not for --help
+    with tempfile.TemporaryDirectory(prefix="celslm-metrics-") as metrics_dir:
+        if workers > 1:  # before prometheus_client is imported: it picks per-process files then
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, tls_key, max_blob, read_timeout,
+                     backend, workers, memory_cache)
 
-    from celslm.server import ServerConfig, make_app
+
+def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, tls_key, max_blob, read_timeout,
+                 backend, workers, memory_cache) -> None:
+    from celslm.server import ServerConfig, make_app, serve
 
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
@@ -51,20 +68,21 @@ def serve_cache(
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"--tls-cert {tls_cert} / --tls-key {tls_key}: cannot load them "
                              f"({getattr(exc, 'strerror', None) or exc})") from exc
-    if backend and not backend.startswith("redis://"):
-        raise UsageError(f"--backend {backend}: expected redis://HOST:PORT/DB (a directory store is --root)")
+    if backend and not backend.startswith(("redis://", "redis+cluster://")):
+        raise UsageError(f"--backend {backend}: expected redis://HOST:PORT/DB or redis+cluster://HOST:PORT[,HOST:PORT...] "
+                         "(a directory store is --root)")
     if backend and capacity:
-        raise UsageError("--capacity applies to --root; with Redis set maxmemory and maxmemory-policy allkeys-lru")
+        raise UsageError("--capacity applies to --root; with Redis set its maxmemory (maxmemory-policy noeviction: a full Redis refuses pushes)")
     config = ServerConfig(store=backend or str(root), capacity_bytes=parse_size(capacity) if capacity else None,
                           write_token=write_token, read_token=read_token, max_blob_bytes=parse_size(max_blob),
-                          read_timeout_s=read_timeout)
+                          read_timeout_s=read_timeout, memory_bytes=parse_size(memory_cache))
     try:
-        app = make_app(config)
+        app = make_app(config)  # the store opens (or says why not) here, before any worker starts
     except OSError as exc:
         raise UsageError(f"--root {root}: cannot use it as a store ({exc.strerror or exc})") from exc
     sock = listening_socket(host, port)  # before the banner: a busy port is an error, not a server
     scheme = "https" if context else "http"
     log(f"serve-cache: {scheme}://{host}:{port} store {backend or root} "
-        f"(writes {'need a token' if write_token else 'open'}, reads {'need a token' if read_token else 'open'})")
-    # run_app handles SIGTERM/SIGINT: it stops accepting and lets in-flight requests finish.
-    web.run_app(app, sock=sock, ssl_context=context, print=None, shutdown_timeout=30, access_log=None)
+        f"(writes {'need a token' if write_token else 'open'}, reads {'need a token' if read_token else 'open'}"
+        f"{f', {workers} workers' if workers > 1 else ''})")
+    serve(config, sock, workers, context, log, app)

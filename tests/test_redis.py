@@ -5,36 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import time
 
 import pytest
 
+from celslm.bench.redis_local import start_redis
 from tests.conftest import CONTEXT, run_cli
-from tests.netutil import Server, free_port
+from tests.netutil import Server
 from tests.test_server import call
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="redis-server not installed (apt-get install redis-server; .ci/run does)")
 
 
-def start_redis(tmp_path, *settings: str):
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path), *settings], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.1)
-    return f"redis://127.0.0.1:{port}/0", proc
-
-
 @pytest.fixture()
 def redis_url(tmp_path):
-    url, proc = start_redis(tmp_path)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with start_redis(tmp_path) as redis:
+        yield redis.url
 
 
 def test_two_servers_over_one_redis_share_everything(redis_url, tiny_qwen, tmp_path):
@@ -64,8 +50,8 @@ def test_two_servers_over_one_redis_share_everything(redis_url, tiny_qwen, tmp_p
 def test_a_full_redis_refuses_the_push_and_every_push_that_exited_0_can_be_pulled(tiny_qwen, tmp_path):
     """maxmemory with noeviction, as the README says to run it: a push that does not fit gets 507 and
     exits 4, and the artifacts pushed before it are still whole."""
-    url, proc = start_redis(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
-    server = Server(tmp_path / "unused", "--backend", url)
+    redis = start_redis(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server = Server(tmp_path / "unused", "--backend", redis.url)
     try:
         stored, refused = [], []
         for index in range(6):  # ~0.6 MB each: Redis is full after two or three
@@ -83,5 +69,4 @@ def test_a_full_redis_refuses_the_push_and_every_push_that_exited_0_can_be_pulle
                 (tmp_path / f"{index}.kv" / "manifest.json").read_bytes()
     finally:
         server.stop()
-        proc.terminate()
-        proc.wait(timeout=20)
+        redis.stop()

@@ -239,7 +239,7 @@ def test_capacity_evicts_least_recently_used_artifacts(servers, tiny_qwen, tmp_p
     assert call(cloud.url, "GET", f"/v1/artifacts/{ids[0]}")[0] == 404  # the oldest went
     assert call(cloud.url, "GET", f"/v1/artifacts/{ids[2]}")[0] == 200
     metrics = call(cloud.url, "GET", "/metrics")[1].decode()
-    assert "celslm_evictions 1.0" in metrics and "celslm_bytes_in_total" in metrics
+    assert "celslm_evictions_total 1.0" in metrics and "celslm_bytes_in_total" in metrics
 
 
 def test_sigterm_shuts_down_cleanly(servers):
@@ -252,7 +252,7 @@ def test_bench_serve_pulls_verified_artifacts_with_zero_errors():
     from celslm.bench import serve as serve_bench
 
     artifact = serve_bench.synthetic_artifact(tokens=256, layers=2)
-    result = serve_bench.run(levels=(2,), seconds=0.5, max_pulls=5, artifact=artifact)
+    result = serve_bench.run(levels=(2,), seconds=5.0, max_pulls=3, artifact=artifact)  # 3 pulls each, unless the machine is slow
     for row in result["results"]:
         assert row["pulls"] > 0 and row["errors"] == 0 and row["corrupted"] == 0
 
@@ -276,3 +276,67 @@ def test_tls_and_prefill_push_with_a_tag(tmp_path, tiny_qwen, monkeypatch):
         assert plain.returncode != 0 and not (tmp_path / "q.kv").exists()
     finally:
         server.stop()
+
+
+def test_a_hot_blob_is_sent_from_memory_only_while_the_store_holds_it(servers, artifact, tmp_path):
+    folder, manifest = artifact
+    cloud = servers("cloud")
+    run_cli("push", str(folder / "a.kv"), cloud.url, check=True)
+    digest = first_block(manifest)
+    stored = tmp_path / "cloud" / "blobs" / digest.removeprefix("sha256:")
+    good = stored.read_bytes()
+    assert call(cloud.url, "GET", f"/v1/blobs/{digest}") == (200, good)  # read, verified, kept in memory
+    stored.write_bytes(good[:-1] + b"\x00")  # rots on disk after that: memory still holds the verified bytes
+    assert call(cloud.url, "GET", f"/v1/blobs/{digest}") == (200, good)
+    assert call(cloud.url, "GET", f"/v1/blobs/{digest}", headers={"Range": "bytes=3-9"}) == (206, good[3:10])
+    stored.unlink()  # gone from the store (evicted): no longer sent
+    assert call(cloud.url, "GET", f"/v1/blobs/{digest}")[0] == 404
+    no_memory = servers("plain", "--memory-cache", "0")
+    run_cli("push", str(folder / "a.kv"), no_memory.url, check=True)
+    plain = tmp_path / "plain" / "blobs" / digest.removeprefix("sha256:")
+    assert call(no_memory.url, "GET", f"/v1/blobs/{digest}") == (200, good)
+    plain.write_bytes(good[:-1] + b"\x00")  # without memory, every read rehashes: the rot is caught
+    assert call(no_memory.url, "GET", f"/v1/blobs/{digest}")[0] == 404
+
+
+WRK_REPORT = """Running 5s test @ http://127.0.0.1:18480
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.01ms    3.21ms  40.11ms   90.12%
+    Req/Sec    19.55k     1.62k   23.01k    71.00%
+  Latency Distribution
+     50%    1.22ms
+     75%    1.71ms
+     90%    3.02ms
+     99%   17.99ms
+  194586 requests in 5.00s, 23.70GB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 7
+Requests/sec:  38897.32
+Transfer/sec:      4.74GB
+"""
+
+
+def test_wrk_report_is_read_with_its_units():
+    from celslm.bench.serve import parse_wrk
+
+    row = parse_wrk(WRK_REPORT)
+    assert row["requests_per_s"] == 38897.32 and row["mbps"] == pytest.approx(4.74 * 2**30 / 1e6)
+    assert row["p50_s"] == pytest.approx(1.22e-3) and row["p99_s"] == pytest.approx(17.99e-3)
+    assert row["non_2xx"] == 7 and row["socket_errors"] == 3
+    with pytest.raises(ValueError):
+        parse_wrk("wrk: connection refused\n")
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (apt-get install wrk; .ci/run does)")
+def test_bench_serve_ceiling_drives_every_server_with_wrk_without_failures():
+    from celslm.bench import serve as serve_bench
+
+    artifact = serve_bench.synthetic_artifact(tokens=256, layers=2)
+    result = serve_bench.ceiling(artifact=artifact, seconds=1, connections=8, workers=2, repeats=1)
+    names = [row["server"] for row in result["results"]]
+    assert "serve-cache dir, 1 worker" in names and "serve-cache dir, 2 workers" in names
+    if shutil.which("redis-server"):
+        assert "serve-cache redis cluster, 2 workers" in names
+    for row in result["results"]:
+        assert row["requests_per_s"] > 0 and row["failed"] == 0, row

@@ -3,13 +3,20 @@
 nginx serves the very same store directory statically (blobs and manifests at the same paths), so
 both are pulled by the same client code: GET the manifest, then every blob, each verified by its
 sha256. Every loop is bounded by a duration and a count; only 127.0.0.1 is contacted.
+
+`ceiling` finds each server's ceiling with wrk (a native load generator: the Python client above is
+the bottleneck long before the servers are): serve-cache with 1 and N workers over a directory, one
+Redis and a Redis Cluster (started here on loopback), with and without its memory cache, and nginx
+over the same directory, each fetching the artifact's blobs round robin, runs interleaved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,28 +156,15 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
     tmp = Path(tempfile.mkdtemp(prefix="celslm-bench-serve-"))
     procs = []
     try:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cache = subprocess.Popen([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
-                                  "--root", str(tmp / "store"), "--port", str(port)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-        procs.append(cache)
-        _wait_up(url, cache, "serve-cache")
+        url, proc = _start_cache(tmp, "serve-cache", "--root", str(tmp / "store"))
+        procs.append(proc)
         push(MemoryReader(artifact), CacheClient(url))
         servers = {"celslm serve-cache": url}
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
         note = None
-        if nginx:
-            nginx_port = free_port()
-            (tmp / "nginx").mkdir()
-            conf = tmp / "nginx" / "nginx.conf"
-            user = "user root;\n" if os.geteuid() == 0 else ""  # the store's files are private to this user
-            conf.write_text(NGINX_CONF.format(user=user, tmp=tmp / "nginx", port=nginx_port, root=tmp / "store"))
-            proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp / "nginx")],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(proc)
-            _wait_up(f"http://127.0.0.1:{nginx_port}", proc, "nginx")
-            servers["nginx (static files)"] = f"http://127.0.0.1:{nginx_port}"
+        started = _start_nginx(tmp, tmp / "store")
+        if started:
+            procs.append(started[1])
+            servers["nginx (static files)"] = started[0]
         else:
             note = "nginx not installed (apt-get install nginx-light): no ceiling measured"
         results = []
@@ -182,10 +176,161 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
         return {"artifact_bytes": artifact.manifest.blob_bytes(), "tokens": artifact.manifest.token_count,
                 "seconds_per_level": seconds, "results": [r.__dict__ for r in results], "note": note}
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+WRK_SCRIPT = """
+local paths = {}
+for line in io.lines(os.getenv("CELSLM_WRK_PATHS")) do paths[#paths + 1] = line end
+local next_path = 0
+request = function()
+  next_path = next_path + 1
+  return wrk.format("GET", paths[(next_path % #paths) + 1])
+end
+"""
+UNITS = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40,
+         "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _quantity(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text.strip())
+    if not match or match.group(2) not in UNITS:
+        raise ValueError(f"wrk printed {text!r}")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def parse_wrk(output: str) -> dict:
+    """Requests/s, bytes/s, p50/p99 latency and the failures from `wrk --latency`'s report."""
+    def field(pattern: str, default: str | None = None) -> str:
+        match = re.search(pattern, output, re.MULTILINE)
+        if match is None and default is None:
+            raise ValueError(f"wrk's report has no {pattern!r}: {output[-400:]}")
+        return match.group(1) if match else default
+
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return {"requests_per_s": float(field(r"^Requests/sec:\s+([0-9.]+)")),
+            "mbps": _quantity(field(r"^Transfer/sec:\s+(\S+)")) / 1e6,
+            "p50_s": _quantity(field(r"^\s+50%\s+(\S+)")), "p99_s": _quantity(field(r"^\s+99%\s+(\S+)")),
+            "non_2xx": int(field(r"Non-2xx or 3xx responses: (\d+)", "0")),
+            "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0}
+
+
+def run_wrk(url: str, paths_file: Path, script: Path, connections: int, seconds: float, threads: int = 2) -> dict:
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60,
+                          env={**os.environ, "CELSLM_WRK_PATHS": str(paths_file)})
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk exited with {done.returncode}: {done.stderr.strip()[-300:]}")
+    return parse_wrk(done.stdout)
+
+
+def _start_cache(tmp: Path, name: str, *args: str) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / f"{name}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
+                             "--port", str(port), *args], stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+    _wait_up(url, proc, f"serve-cache ({name})")
+    return url, proc
+
+
+def _start_nginx(tmp: Path, store: Path) -> tuple[str, subprocess.Popen] | None:
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if not nginx:
+        return None
+    port = free_port()
+    (tmp / "nginx").mkdir()
+    conf = tmp / "nginx" / "nginx.conf"
+    user = "user root;\n" if os.geteuid() == 0 else ""  # the store's files are private to this user
+    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp / "nginx", port=port, root=store))
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp / "nginx")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_up(f"http://127.0.0.1:{port}", proc, "nginx")
+    return f"http://127.0.0.1:{port}", proc
+
+
+def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections: int = 64, workers: int | None = None,
+            repeats: int = 2, progress=None) -> dict:
+    """Each server's requests/s, MB/s and latency under wrk at `connections`, fetching the artifact's
+    blobs round robin; every server first serves one verified pull of the artifact."""
+    from celslm.bench import redis_local
+
+    artifact = artifact or synthetic_artifact()
+    workers = workers or os.cpu_count() or 1
+    say = progress or (lambda what: None)
+    if not shutil.which("wrk"):
+        return {"results": [], "note": "wrk not installed (apt-get install wrk): no ceiling measured"}
+    tmp = Path(tempfile.mkdtemp(prefix="celslm-bench-ceiling-"))
+    procs, services, servers, notes = [], [], {}, []
+    try:
+        store = tmp / "store"
+        url, proc = _start_cache(tmp, "dir-1", "--root", str(store))
+        procs.append(proc)
+        push(MemoryReader(artifact), CacheClient(url))
+        servers["serve-cache dir, 1 worker"] = url
+        for name, args in ((f"serve-cache dir, {workers} workers", ()),
+                           (f"serve-cache dir, {workers} workers, no memory cache", ("--memory-cache", "0"))):
+            url, proc = _start_cache(tmp, name.replace(" ", ""), "--root", str(store), "--workers", str(workers), *args)
+            procs.append(proc)
+            servers[name] = url
+        if shutil.which("redis-server"):
+            say("starting Redis and a Redis Cluster (3 masters, 3 replicas) on loopback")
+            single = redis_local.start_redis(tmp / "redis")
+            services.append(single)
+            cluster = redis_local.start_cluster(tmp / "cluster")
+            services.append(cluster)
+            for label, backend in (("redis", single.url), ("redis cluster", cluster.url)):
+                for suffix, args in (("", ()), (", no memory cache", ("--memory-cache", "0"))):
+                    name = f"serve-cache {label}, {workers} workers{suffix}"
+                    url, proc = _start_cache(tmp, re.sub(r"\W", "", name), "--backend", backend, "--workers", str(workers), *args)
+                    procs.append(proc)
+                    if not suffix:
+                        push(MemoryReader(artifact), CacheClient(url))
+                    servers[name] = url
+        else:
+            notes.append("redis-server not installed (apt-get install redis-server): no Redis rows")
+        started = _start_nginx(tmp, store)
+        if started:
+            procs.append(started[1])
+            servers["nginx (static files)"] = started[0]
+        else:
+            notes.append("nginx not installed (apt-get install nginx-light): no ceiling to compare with")
+        for name, url in servers.items():  # every server answers a verified pull (and warms its memory cache)
+            check = run_level(name, url, artifact.id, 1, 30.0, 1)
+            if check.pulls != 1 or check.corrupted or check.errors:
+                raise RuntimeError(f"{name} did not serve the artifact intact: {check}")
+        paths = tmp / "paths.txt"
+        paths.write_text("".join(f"/v1/blobs/{ref.digest}\n" for ref in artifact.manifest.blob_refs()))
+        script = tmp / "blobs.lua"
+        script.write_text(WRK_SCRIPT)
+        runs: dict[str, list[dict]] = {name: [] for name in servers}
+        for repeat in range(repeats):  # interleaved: A B C ... A B C
+            for name, url in servers.items():
+                say(f"wrk -c{connections} {seconds:g} s: {name} (run {repeat + 1}/{repeats})")
+                runs[name].append(run_wrk(url, paths, script, connections, seconds))
+        results = []
+        for name, found in runs.items():
+            row = {"server": name, "runs": found}
+            for key in ("requests_per_s", "mbps", "p50_s", "p99_s"):
+                row[key] = statistics.median(r[key] for r in found)
+            row["failed"] = sum(r["non_2xx"] + r["socket_errors"] for r in found)
+            results.append(row)
+        blob_sizes = [ref.size for ref in artifact.manifest.blob_refs()]
+        return {"connections": connections, "seconds": seconds, "repeats": repeats, "workers": workers,
+                "cores": os.cpu_count(), "blobs": len(blob_sizes), "mean_blob_bytes": sum(blob_sizes) / len(blob_sizes),
+                "results": results, "note": "; ".join(notes) or None}
+    finally:
+        _stop(procs)
+        for service in services:
+            service.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,8 +2,10 @@
 by URL scheme as LMCache does, an HTTP client for serve-cache, and the tiered lookup local -> peers
 -> cloud.
 
-    open_store("/srv/celslm")               a directory (local.py); also file:///srv/celslm
-    open_store("redis://127.0.0.1:6379/0")  one Redis shared by many servers (redis.py)
+    open_store("/srv/celslm")                    a directory (local.py); also file:///srv/celslm
+    open_store("redis://127.0.0.1:6379/0")       one Redis shared by many servers (redis.py)
+    open_store("redis+cluster://10.0.0.5:7000,10.0.0.6:7000")
+                                                 a Redis Cluster, found from any of these nodes (redis.py)
 """
 
 from __future__ import annotations
@@ -14,22 +16,24 @@ from urllib.parse import urlsplit
 from celslm.errors import UsageError
 from celslm.store.base import Store
 
-SCHEMES = ("file", "redis")
+SCHEMES = ("file", "redis", "redis+cluster")
 
 
 def open_store(url: str | Path, capacity_bytes: int | None = None) -> Store:
-    """The store a URL names: a plain path or file:// (a directory, with an optional capacity), or redis://."""
+    """The store a URL names: a plain path or file:// (a directory, with an optional capacity), redis://
+    or redis+cluster://."""
     text = str(url)
     scheme = urlsplit(text).scheme if "://" in text else "file"
     if scheme == "file":
         from celslm.store.local import LocalStore
 
         return LocalStore(Path(text.removeprefix("file://")), capacity_bytes)
-    if scheme == "redis":
+    if scheme in ("redis", "redis+cluster"):
         if capacity_bytes is not None:
             raise UsageError("a capacity applies to a directory store; give Redis maxmemory and "
-                             "maxmemory-policy allkeys-lru instead")
+                             "maxmemory-policy noeviction instead")
         from celslm.store.redis import RedisStore  # the redis client loads only for a Redis store
 
         return RedisStore(text)
-    raise UsageError(f"store {text}: unknown scheme {scheme!r}; use a path, file://PATH or redis://HOST:PORT/DB")
+    raise UsageError(f"store {text}: unknown scheme {scheme!r}; use a path, file://PATH, redis://HOST:PORT/DB "
+                     "or redis+cluster://HOST:PORT[,HOST:PORT...]")

@@ -76,6 +76,7 @@ class Store:
 
     capacity_bytes: int | None = None
     evictions = 0
+    on_disk = False  # blobs are files (blob_file); a server checks one is still there before sending it from memory
 
     def _read(self, kind: str, name: str) -> bytes | None:  # kind: blobs, manifests, signatures, timings, tags, prefixes, codebooks
         raise NotImplementedError

@@ -118,6 +118,8 @@ class CacheClient:
     def _fail(self, status: int, data: bytes, what: str) -> CelslmError:
         if status == 507:
             return InsufficientStorage(f"{self.url}: {what} refused: {data[:200].decode(errors='replace').strip()}")
+        if status == 503:  # the server is up but its store is not (a Redis failing over): the next tier, or later
+            return UnavailableError(f"{self.url}: {what} failed: {data[:200].decode(errors='replace').strip()}")
         return CelslmError(f"{self.url}: {what} failed: HTTP {status} {data[:200].decode(errors='replace').strip()}")
 
     # ---- blobs

@@ -59,6 +59,7 @@ class BlobWriter(HashingWriter):
 
 class LocalStore(Store):
     orphan_grace_s = 600.0
+    on_disk = True
 
     def __init__(self, root: Path, capacity_bytes: int | None = None):
         self.root = Path(root)

@@ -1,0 +1,175 @@
+"""A store on a real Redis Cluster (3 masters, each with a replica, on loopback): servers share it,
+large blobs go in parts that are never seen half-written, and reads get through a master's death."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from celslm.artifact import DirectoryReader, sha256_digest
+from celslm.bench.redis_local import cli, free_ports, start_cluster
+from celslm.errors import UnavailableError
+from celslm.store import open_store
+from celslm.store.redis import PART_BYTES, key
+from tests.conftest import run_cli
+from tests.netutil import Server
+from tests.test_server import call
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+                                reason="redis-server not installed (apt-get install redis-server; .ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with start_cluster(tmp_path_factory.mktemp("redis-cluster")) as started:
+        yield started
+
+
+def keys_in_cluster(cluster) -> int:
+    return sum(int(cli(port, "dbsize")) for port in cluster.masters())
+
+
+def random_blob(size: int) -> tuple[str, bytes]:
+    data = os.urandom(size)
+    return sha256_digest(data), data
+
+
+def test_a_blob_of_several_parts_round_trips_and_is_stored_once(cluster):
+    store = open_store(cluster.url)
+    digest, data = random_blob(3 * PART_BYTES + 12345)
+    usage = store.usage_bytes()
+    store.put_blob(digest, data)
+    store.put_blob(digest, data)
+    assert open_store(cluster.url).read_blob(digest) == data
+    assert store.usage_bytes() == usage + len(data)
+
+
+def test_a_blob_is_invisible_until_its_upload_completes_and_an_aborted_one_leaves_nothing(cluster):
+    store = open_store(cluster.url)
+    before = keys_in_cluster(cluster)
+    digest, data = random_blob(3 * PART_BYTES)
+    writer = store.blob_writer(digest)
+    writer.write(data)  # three parts written, the header not yet
+    assert not store.has_blob(digest) and store.read_blob(digest) is None
+    assert keys_in_cluster(cluster) == before + 3
+    writer.abort()
+    assert keys_in_cluster(cluster) == before and not store.has_blob(digest)
+    writer = store.blob_writer(digest)
+    writer.write(data)
+    writer.commit()
+    assert store.has_blob(digest) and store.read_blob(digest) == data
+
+
+def test_two_uploads_of_one_blob_keep_one_copy(cluster):
+    store = open_store(cluster.url)
+    digest, data = random_blob(2 * PART_BYTES)
+    first, second = store.blob_writer(digest), store.blob_writer(digest)
+    first.write(data)
+    second.write(data)  # each has written its two parts
+    before = keys_in_cluster(cluster)
+    first.commit()
+    second.commit()  # finds the first one's header: its own parts go
+    assert keys_in_cluster(cluster) == before + 1 - 2
+    assert store.read_blob(digest) == data
+
+
+def test_an_unreachable_cluster_is_unavailable_in_one_line():
+    port = free_ports(1)[0]
+    with pytest.raises(UnavailableError, match=f"^cannot reach Redis Cluster at 127.0.0.1:{port}: [^\n]*$"):
+        open_store(f"redis+cluster://127.0.0.1:{port}")
+
+
+def test_two_servers_over_one_cluster_share_everything(cluster, prefilled, tmp_path):
+    artifact = prefilled / "a.kv"
+    manifest = json.loads((artifact / "manifest.json").read_bytes())
+    first = Server(tmp_path / "unused-a", "--backend", cluster.url)
+    second = Server(tmp_path / "unused-b", "--backend", cluster.url)
+    try:
+        pushed = json.loads(run_cli("push", str(artifact), first.url, "--tag", "shared", "--json", check=True).stdout)
+        assert pushed["blobs_sent"] > 0
+        assert json.loads(run_cli("push", str(artifact), second.url, "--json", check=True).stdout)["blobs_sent"] == 0
+        run_cli("pull", f"{second.url}/v1/tags/shared", "--out", str(tmp_path / "b.kv"), check=True)
+        assert (tmp_path / "b.kv" / "manifest.json").read_bytes() == (artifact / "manifest.json").read_bytes()
+        for blob in (artifact / "blobs").iterdir():
+            assert (tmp_path / "b.kv" / "blobs" / blob.name).read_bytes() == blob.read_bytes()
+        unrelated = hashlib.sha256(b"another context").hexdigest()
+        prefixes = ",".join([*manifest["prefix_hashes"], unrelated])
+        status, body = call(second.url, "GET", f"/v1/lookup?space={manifest['space']['fingerprint']}&prefix={prefixes}")
+        assert (status, json.loads(body)) == (200, {"artifact": pushed["id"], "chunks": len(manifest["prefix_hashes"])})
+        digest, data = random_blob(2 * PART_BYTES + 7)
+        assert call(first.url, "PUT", f"/v1/blobs/{digest}", data)[0] == 201
+        assert call(second.url, "GET", f"/v1/blobs/{digest}") == (200, data)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_reads_get_through_a_master_killed_under_load_and_nothing_stored_is_lost(cluster, prefilled):
+    """SIGKILL the master holding an artifact's manifest while four threads read it: reads stall until
+    the replica takes over, then go on; none returns other bytes, and the whole artifact is there."""
+    store = open_store(cluster.url)
+    reader = DirectoryReader(prefilled / "a.kv")
+    blobs = dict((ref.digest, data) for ref, data in reader.blobs())
+    big_digest, big = random_blob(3 * PART_BYTES)
+    blobs[big_digest] = big
+    for digest, data in blobs.items():
+        store.put_blob(digest, data)
+    assert store.put_manifest(reader.id, reader.manifest.canonical_bytes()) == []
+    victim = cluster.master_of(key("manifests", reader.id.removeprefix("sha256:")))
+    on_victim = [digest for digest in blobs
+                 if cluster.master_of(key("blobs", digest.removeprefix("sha256:"))) is victim]
+    assert on_victim, "no blob of the artifact is on the master to be killed: the test would prove nothing"
+
+    lock, stop = threading.Lock(), threading.Event()
+    reads: list[tuple[float, float, str]] = []  # (start, seconds, outcome: ok, wrong, absent or the error)
+
+    def read_loop(offset: int) -> None:
+        digests = list(blobs)
+        for index in range(offset, offset + 100_000):
+            if stop.is_set():
+                return
+            digest = digests[index % len(digests)]
+            start = time.monotonic()
+            try:
+                data = store.read_blob(digest)
+                outcome = "ok" if data == blobs[digest] else "absent" if data is None else "wrong"
+            except UnavailableError as exc:
+                outcome = str(exc)
+            with lock:
+                reads.append((start, time.monotonic() - start, outcome))
+
+    threads = [threading.Thread(target=read_loop, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        killed_at = time.monotonic()
+        cluster.kill(victim)
+        cluster.wait_ok(timeout_s=30)
+        recovered_at = time.monotonic()
+        time.sleep(1.5)  # reads after the failover
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    outcomes = [outcome for _, _, outcome in reads]
+    errors = [outcome for outcome in outcomes if outcome not in ("ok", "wrong", "absent")]
+    stalled = [seconds for _, seconds, _ in reads if seconds > 0.5]
+    after = [outcome for start, _, outcome in reads if start > recovered_at]
+    print(f"\nfailover: {recovered_at - killed_at:.1f} s until the cluster was ok; {len(reads)} reads, "
+          f"{outcomes.count('wrong')} wrong bytes, {outcomes.count('absent')} absent, {len(errors)} raised, "
+          f"{len(stalled)} stalled over 0.5 s, longest {max(seconds for _, seconds, _ in reads):.1f} s; "
+          f"{len(after)} after the failover")
+    assert outcomes.count("wrong") == 0 and outcomes.count("absent") == 0
+    assert errors == []
+    assert after and set(after) == {"ok"}
+    assert store.get_manifest(reader.id) == reader.manifest.canonical_bytes()
+    assert all(store.read_blob(digest) == data for digest, data in blobs.items())
+    assert store.lookup(list(reader.manifest.prefix_hashes)) == (reader.id, reader.manifest.chunks)
