@@ -33,6 +33,10 @@ TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CELSLM_TOKEN", 
 PeerOpt = Annotated[list[str] | None, typer.Option("--peer", help="A peer's serve-cache URL, asked before the cloud (repeatable, in order).")]
 CloudOpt = Annotated[str | None, typer.Option("--cloud", envvar="CELSLM_CLOUD", show_envvar=True,
                                               help="The cloud's serve-cache URL, asked last.")]
+CacheCapacityOpt = Annotated[str | None, typer.Option(
+    "--cache-capacity", envvar="CELSLM_CACHE_CAPACITY", show_envvar=True, metavar="SIZE",
+    help="The most the edge cache ($CELSLM_HOME/store) keeps of fetched blocks, e.g. 10GB or 512MiB (default 10GB): "
+         "beyond it the least recently used are removed, never one a running decode reads.")]
 TrustOpt = Annotated[list[str] | None, typer.Option(
     "--trust", envvar="CELSLM_TRUST", show_envvar=True,
     help="A producer's public key (PEM, from celslm keys generate): only artifacts and tags it signed are used, "
@@ -60,6 +64,17 @@ def parse_duration(value: str, flag: str) -> int:
     if not number.isdigit() or int(number) <= 0:
         raise UsageError(f"{flag} {value!r}: give a positive duration like 7d, 12h, 30m or 3600s")
     return int(number) * units[unit]
+
+
+def cache_capacity(value: str | None) -> int:
+    """`--cache-capacity` in bytes (the library's default without one)."""
+    from celslm.store.base import parse_size
+    from celslm.store.tiers import EDGE_CACHE_BYTES
+
+    if value is None:
+        return EDGE_CACHE_BYTES
+    with for_option("--cache-capacity"):
+        return parse_size(value)
 
 
 def trust_policy(paths: list[str] | None):

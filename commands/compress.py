@@ -14,9 +14,9 @@ from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
 from celslm.store.tiers import Sources
 from celslm.trust import sign_artifact
-from .common import (FLAG, CloudOpt, EncryptToOpt, for_option, ForceOpt, IdentityOpt, JsonOpt, PeerOpt, SignOpt, TokenOpt,
-                     examples, identity, identity_hint, log, out_console, print_json, progress_bar, recipients,
-                     signing_key)
+from .common import (FLAG, CacheCapacityOpt, CloudOpt, EncryptToOpt, for_option, ForceOpt, IdentityOpt, JsonOpt, PeerOpt,
+                     SignOpt, TokenOpt, cache_capacity, examples, identity, identity_hint, log, out_console, print_json,
+                     progress_bar, recipients, signing_key)
 
 EPILOG = examples(
     "celslm compress sched.kv --out sched-small.kv --codec balanced --sign cloud.key",
@@ -41,6 +41,7 @@ def compress(
     peer: PeerOpt = None,
     cloud: CloudOpt = None,
     token: TokenOpt = None,
+    cache_capacity_: CacheCapacityOpt = None,
     list_: Annotated[bool, typer.Option("--list", metavar=FLAG, help="Show the codec stages, their options and the presets.")] = False,
     sign: SignOpt = None,
     identity_: IdentityOpt = None,
@@ -62,6 +63,7 @@ def compress(
 
     with for_option("--codec", "; see celslm compress --list"):
         parsed = parse_codec(codec)
+    capacity = cache_capacity(cache_capacity_)
     key = signing_key(sign)
     sealed_for = recipients(encrypt_to)
     keys = identity(identity_)
@@ -71,7 +73,7 @@ def compress(
     if source.encryption and not sealed_for:
         raise UsageError(f"{artifact} is encrypted: give --encrypt-to RECIPIENT.pub for the output too "
                          "(it would be written in the clear)")
-    sources = Sources(tuple(peer or ()), cloud, token)
+    sources = Sources(tuple(peer or ()), cloud, token, cache_bytes=capacity)
     book = _codebook(source, codebook, model, sources) if parsed.transform else None
     with identity_hint():
         result = recode(reader, parsed, book)

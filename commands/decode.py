@@ -10,9 +10,9 @@ from rich.table import Table
 
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
-from .common import (FLAG, for_option, CloudOpt, EngineOpt, IdentityOpt, JsonOpt, ModelOpt, PeerOpt, TokenOpt, TrustOpt,
-                     err_console, examples, identity, identity_hint, log, print_json, progress_bar, read_file_or_stdin,
-                     read_text, trust_policy)
+from .common import (FLAG, for_option, CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, JsonOpt, ModelOpt, PeerOpt,
+                     TokenOpt, TrustOpt, cache_capacity, err_console, examples, identity, identity_hint, log, print_json,
+                     progress_bar, read_file_or_stdin, read_text, trust_policy)
 
 if TYPE_CHECKING:
     from celslm.decode import DecodeStats
@@ -45,6 +45,7 @@ def decode(
     token: TokenOpt = None,
     trust: TrustOpt = None,
     identity_: IdentityOpt = None,
+    cache_capacity_: CacheCapacityOpt = None,
     recompute_last: Annotated[int, typer.Option("--recompute-last", min=0, help="With --kv: prefill at least the context's last N tokens here, over the artifact's earlier chunks (trades edge compute for quality with cross-model artifacts).")] = 0,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
     link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
@@ -74,6 +75,7 @@ def decode(
     if prompt == "-" and "-" in (kv, context):
         raise UsageError("only one of --prompt and --kv/--context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
+    capacity = cache_capacity(cache_capacity_)
     policy = trust_policy(trust)
     keys = identity(identity_)
     with for_option("--link"):
@@ -84,7 +86,7 @@ def decode(
             engine = default_engine(model, engine)
         loaded = load_model(model, progress, engine=engine)
         result = answer(loaded, prompt_text, kv=kv, context_text=context_text,
-                        sources=Sources(tuple(peer or ()), cloud, token, chunk_size, policy, keys),
+                        sources=Sources(tuple(peer or ()), cloud, token, chunk_size, policy, keys, capacity),
                         recompute_last=recompute_last,
                         link=shaped, pipeline=pipeline, raw=raw, sampling=sampling,
                         progress=lambda done, total: progress("prefill (tokens)", done, total),

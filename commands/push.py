@@ -11,8 +11,8 @@ from celslm.artifact import Artifact, open_artifact, write_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import Sources, open_ref, push as push_artifact
 from celslm.trust import sign_artifact, sign_tag
-from .common import (CloudOpt, ForceOpt, JsonOpt, PeerOpt, SignOpt, TagValidOpt, TokenOpt, TrustOpt, examples, log,
-                     parse_duration, print_json, signing_key, trust_policy)
+from .common import (CacheCapacityOpt, CloudOpt, ForceOpt, JsonOpt, PeerOpt, SignOpt, TagValidOpt, TokenOpt, TrustOpt,
+                     cache_capacity, examples, log, parse_duration, print_json, signing_key, trust_policy)
 
 PUSH_EPILOG = examples("celslm push sched.kv http://cloud:8470 --tag sched:latest --sign cloud.key",
                        "celslm prefill -m M -c doc.txt -o - | celslm push - http://cloud:8470")
@@ -53,12 +53,14 @@ def pull(
     cloud: CloudOpt = None,
     token: TokenOpt = None,
     trust: TrustOpt = None,
+    cache_capacity_: CacheCapacityOpt = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Download an artifact (local cache, then peers, then the cloud), verifying every blob."""
+    capacity = cache_capacity(cache_capacity_)
     policy = trust_policy(trust)
-    reader, tiers = open_ref(ref, Sources(tuple(peer or ()), cloud, token, trust=policy), warn=log)
+    reader, tiers = open_ref(ref, Sources(tuple(peer or ()), cloud, token, trust=policy, cache_bytes=capacity), warn=log)
     blobs = {ref_.digest: data for ref_, data in reader.blobs()}
     signatures = reader.signatures or (tiers.signatures(reader.id) if tiers else ())  # kept, for a later --trust
     write_artifact(Artifact(reader.manifest, blobs, reader.timings, signatures), out, force=force,

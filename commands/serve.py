@@ -10,8 +10,8 @@ import typer
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
 from celslm.store.base import parse_size
-from .common import (CloudOpt, EngineOpt, IdentityOpt, ModelOpt, PeerOpt, TrustOpt, examples, for_option, identity,
-                     listening_socket, log, progress_bar, trust_policy)
+from .common import (CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, ModelOpt, PeerOpt, TrustOpt, cache_capacity,
+                     examples, for_option, identity, listening_socket, log, progress_bar, trust_policy)
 
 EPILOG = examples(
     "celslm serve -m qwen2.5-coder-0.5b --cloud http://cloud:8470 --trust cloud.pub",
@@ -35,6 +35,7 @@ def serve(
                                                     help="Bearer token for the peers' and cloud's serve-cache.")] = None,
     trust: TrustOpt = None,
     identity_: IdentityOpt = None,
+    cache_capacity_: CacheCapacityOpt = None,
     engine: EngineOpt = None,
 ) -> None:
     """Keep a model loaded and answer OpenAI-style requests over shared contexts; the prompt stays here."""
@@ -47,6 +48,7 @@ def serve(
         raise UsageError(f"--host {host} is not loopback: give --token so that only your clients can use the model")
     with for_option("--cache-bytes"):
         capacity = parse_size(cache_bytes)
+    edge_cache_bytes = cache_capacity(cache_capacity_)
     policy = trust_policy(trust)
     keys = identity(identity_)
     with for_option("--engine"):
@@ -54,8 +56,8 @@ def serve(
     with progress_bar() as progress:
         loaded = load_model(model, progress, engine=engine)
         loaded.engine.geometry  # the model is loaded before the port opens  # noqa: B018
-    config = ServiceConfig(sources=Sources(tuple(peer or ()), cloud, cache_token, trust=policy, identity=keys), cache_bytes=capacity,
-                           token=token, max_tokens=max_tokens)
+    sources = Sources(tuple(peer or ()), cloud, cache_token, trust=policy, identity=keys, cache_bytes=edge_cache_bytes)
+    config = ServiceConfig(sources=sources, cache_bytes=capacity, token=token, max_tokens=max_tokens)
     app = make_app(Service(loaded, config, warn=log))
     sock = listening_socket(host, port)
     log(f"serve: http://{host}:{port}/v1 model {loaded.name} on {loaded.engine.name}, contexts cached in "

@@ -16,18 +16,23 @@ just stored and never one whose blobs are being read. An evicted artifact takes 
 and timings with it (a tag never points at nothing, so a publisher sees it is gone). Blobs still
 referenced by another artifact stay; blobs no manifest names (an interrupted push) are collected
 once they are older than `orphan_grace_s`, the time a push in progress gets to finish.
+
+The edge's own cache (`EdgeCache`) holds blobs fetched through the tiers without their manifests, so
+its capacity is kept blob by blob instead; see its docstring.
 """
 
 from __future__ import annotations
 
-import os
 import hashlib
+import itertools
+import os
 import tempfile
 import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 from celslm.artifact import Manifest, check_digest
 from celslm.errors import CelslmError, IntegrityError
@@ -162,7 +167,7 @@ class LocalStore(Store):
     def _evict(self, keep: str | None) -> int:
         with self._lock:
             pinned = set(self._reading)
-        manifests = sorted(self._entries("manifests"), key=lambda p: p[1])
+        manifests = sorted(self._entries("manifests"), key=lambda entry: entry[1].st_mtime)
         refs = {path.name: self._refs(path) for path, _ in manifests}
         self._collect_orphans(set().union(*refs.values()) | pinned if refs else pinned)
         usage = self.usage_bytes()
@@ -184,12 +189,12 @@ class LocalStore(Store):
         self.evictions += len(gone)
         return len(gone)
 
-    def _entries(self, kind: str) -> list[tuple[Path, float]]:
-        """(path, mtime) of the files in a folder, skipping any that vanish while it is listed."""
+    def _entries(self, kind: str) -> list[tuple[Path, os.stat_result]]:
+        """(path, stat) of the files in a folder, skipping any that vanish while it is listed."""
         found = []
         for path in (self.root / kind).iterdir():
             try:
-                found.append((path, path.stat().st_mtime))
+                found.append((path, path.stat()))
             except FileNotFoundError:
                 pass
         return found
@@ -211,8 +216,8 @@ class LocalStore(Store):
 
     def _collect_orphans(self, named: set[str]) -> None:
         cutoff = time.time() - self.orphan_grace_s
-        for path, mtime in self._entries("blobs"):
-            if "sha256:" + path.name not in named and mtime < cutoff:
+        for path, stat in self._entries("blobs"):
+            if "sha256:" + path.name not in named and stat.st_mtime < cutoff:
                 self._remove(path)
 
     def _drop_tags(self, gone: set[str]) -> None:
@@ -232,3 +237,133 @@ class LocalStore(Store):
         for path in (self.root / "tmp").iterdir():
             if path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
+
+
+_pin_numbers = itertools.count()  # names this process's pin files apart, whichever cache they are in
+
+
+class EdgeCache(LocalStore):
+    """The edge's own cache: blobs fetched through the tiers (tiers.py), kept without their manifests,
+    so capacity is kept blob by blob, least recently used first out.
+
+        ROOT/pins/<pid>-<n>     digests (one a line) a reader in process <pid> is reading
+
+    A hit marks the blob used (its mtime). Once the blobs on disk exceed the capacity, the least
+    recently used are removed until they fill `low_water` of it, so that not every blob stored starts
+    an eviction; never the blob just stored, never a pinned one (what this process's pins held past
+    the capacity goes when they are released; another's, at the next eviction). Several processes
+    share the folder (decodes, the `celslm serve` service), so pins are files every process's eviction
+    honours; a pin whose process is gone protects nothing and is removed. Usage is counted in this
+    process as blobs are stored and measured on disk again when the count passes the capacity or is
+    `recount_s` old (other processes store and evict too), so the cache exceeds its capacity by at most
+    what is stored in the meantime. A blob evicted under a reader that has not read it yet reads as
+    absent and is fetched again from the next tier; every read is verified, so a race costs a fetch,
+    never wrong bytes.
+    """
+
+    low_water = 0.9  # an eviction frees this much below the capacity
+    recount_s = 2.0
+
+    def __init__(self, root: Path, capacity_bytes: int | None = None):
+        super().__init__(root, capacity_bytes)
+        self._lock = threading.RLock()  # a reader released by the garbage collector unpins in whatever thread it runs
+        self._usage_bytes: int | None = None  # blob bytes on disk as last measured, plus those stored since
+        self._measured_at = 0.0
+
+    def read_blob(self, digest: str) -> bytes | None:
+        data = super().read_blob(digest)
+        if data is not None:
+            try:
+                os.utime(self.blob_path(digest))
+            except OSError:
+                pass  # evicted meanwhile, or a cache this process cannot write: recency is only a hint
+        return data
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        with self.reading(digest):  # an eviction in another thread spares it too
+            super().put_blob(digest, data)
+            if self._count_stored(len(data)):
+                self.evict(keep=digest)
+
+    def _count_stored(self, size: int) -> bool:
+        """Add a stored blob to the count; whether usage must be measured on disk (and made to fit)."""
+        if self.capacity_bytes is None:
+            return False
+        with self._lock:
+            if self._usage_bytes is None:
+                return True
+            self._usage_bytes += size
+            return self._usage_bytes > self.capacity_bytes or time.monotonic() - self._measured_at > self.recount_s
+
+    def _evict(self, keep: str | None) -> int:
+        """Measure the blobs on disk; past the capacity, remove the least recently used (never `keep`,
+        never a pinned one) until they fit `low_water` of it. Returns how many blobs went."""
+        blobs = sorted(self._entries("blobs"), key=lambda entry: entry[1].st_mtime)  # least recently used first
+        usage = sum(stat.st_size for _, stat in blobs)
+        gone = 0
+        if usage > self.capacity_bytes:
+            spared = self.pinned() | {keep}
+            for path, stat in blobs:
+                if usage <= self.capacity_bytes * self.low_water:
+                    break
+                if "sha256:" + path.name not in spared:
+                    self._remove(path)
+                    usage -= stat.st_size  # gone, whether this process or another removed it
+                    gone += 1
+        with self._lock:
+            self._usage_bytes, self._measured_at = usage, time.monotonic()
+        self.evictions += gone
+        return gone
+
+    def pin(self, digests: Iterable[str]) -> Path | None:
+        """Keep these blobs from every process's eviction until `unpin`; None where no pin can be
+        written (a cache this process cannot write, which then stores nothing either)."""
+        name = f"{os.getpid()}-{next(_pin_numbers)}"
+        try:
+            (self.root / "pins").mkdir(exist_ok=True)
+            self._write("pins", name, "\n".join(digests).encode())  # whole or not at all: an evictor may read it now
+        except OSError:
+            return None
+        return self.root / "pins" / name
+
+    def unpin(self, pin: Path | None) -> None:
+        """Release a pin; if the cache is past its capacity (pins held it there), evict now, unless an
+        eviction is running already."""
+        if pin is None:
+            return
+        pin.unlink(missing_ok=True)
+        over = self.capacity_bytes is not None and (self._usage_bytes or 0) > self.capacity_bytes
+        if over and self._evicting.acquire(blocking=False):
+            try:
+                self._evict(None)
+            except OSError:
+                pass  # a cache this process cannot clean: the next blob stored tries again
+            finally:
+                self._evicting.release()
+
+    def pinned(self) -> set[str]:
+        """Digests being read: in this process, or pinned by a live one (a dead process's pins are removed)."""
+        with self._lock:
+            digests = set(self._reading)
+        if not (self.root / "pins").is_dir():
+            return digests
+        for path, _ in self._entries("pins"):
+            pid = path.name.partition("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass  # another user's stale pin: it protects nothing either way
+                continue
+            digests.update((self._read("pins", path.name) or b"").decode(errors="replace").split())
+        return digests
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: asks whether the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -1,7 +1,8 @@
 """Tiered lookup for the edge: its own cache, then peers in order, then the cloud.
 
-Each blob comes from the first place that has it and is kept in the local cache; every byte is
-verified before use. The private prompt is never part of any request: only digests, tags and chunk
+Each blob comes from the first place that has it and is kept in the local cache (`EdgeCache`: bounded,
+least recently used blobs out; a reader's blobs are pinned while it lives); every byte is verified
+before use. The private prompt is never part of any request: only digests, tags and chunk
 prefix hashes of the shared context are sent.
 
 Blobs are content-addressed, so any tier may serve them. Which artifact a tag or a prefix lookup
@@ -14,6 +15,7 @@ from a peer is used with a warning.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -27,10 +29,11 @@ from celslm.confidential import Identity
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.models import celslm_home
 from celslm.store.http import CacheClient
-from celslm.store.local import LocalStore
+from celslm.store.local import EdgeCache
 from celslm.trust import SignedTag, TrustPolicy, Untrusted, merge_signatures
 
 Warn = Callable[[str], None]
+EDGE_CACHE_BYTES = 10 * 10**9  # the edge cache's default capacity: 10 GB
 
 
 @dataclass(frozen=True)
@@ -44,25 +47,32 @@ class Sources:
     chunk_size: int = 256  # chunk size of the prefix lookup for a context given as text
     trust: TrustPolicy | None = None
     identity: Identity | None = None  # opens encrypted artifacts
+    cache_bytes: int | None = EDGE_CACHE_BYTES  # the edge cache's capacity (None: unbounded)
 
     @property
     def remote(self) -> bool:
         return bool(self.peers or self.cloud)
 
     def tiers(self, warn: Warn | None = None) -> Tiers:
-        return Tiers(edge_cache(), [CacheClient(p, self.token) for p in self.peers],
+        return Tiers(edge_cache(self.cache_bytes), [CacheClient(p, self.token) for p in self.peers],
                      CacheClient(self.cloud, self.token) if self.cloud else None, policy=self.trust, warn=warn,
                      identity=self.identity)
 
 
 class BlobSourceReader(ArtifactReader):
-    """An artifact whose blobs are fetched through the tiers as the reader reaches them."""
+    """An artifact whose blobs are fetched through the tiers as the reader reaches them.
+
+    While the reader lives its blobs are pinned in the edge cache, so no process evicts what a decode
+    is about to read, however many times it reads it (`Tiers.available_prefix`, then the stream); the
+    pin goes with the reader (when the last reference to it is dropped, or at exit)."""
 
     def __init__(self, manifest: Manifest, source: str, tiers: "Tiers", timings: Timings = Timings(),
                  signatures=()):
         super().__init__(manifest, source, timings, signatures)
         self._tiers = tiers
         self.identity = tiers.identity
+        pin = tiers.local.pin(ref.digest for ref in manifest.blob_refs())
+        weakref.finalize(self, tiers.local.unpin, pin)
 
     def raw_blobs(self, chunks: int | None = None):
         refs = self.manifest.blob_refs(chunks)
@@ -79,7 +89,7 @@ class BlobSourceReader(ArtifactReader):
 
 
 class Tiers:
-    def __init__(self, local: LocalStore, peers: list[CacheClient] = (), cloud: CacheClient | None = None,
+    def __init__(self, local: EdgeCache, peers: list[CacheClient] = (), cloud: CacheClient | None = None,
                  parallel: int = 4, policy: TrustPolicy | None = None, warn: Warn | None = None,
                  identity: Identity | None = None):
         self.local = local
@@ -277,7 +287,8 @@ class Tiers:
         return "; ".join(f"{name}: {reason}" for name, reason in self.down.items())
 
     def available_prefix(self, manifest: Manifest) -> int:
-        """How many leading chunks can be had, every layer's block of each, from any tier (fetching them)."""
+        """How many leading chunks can be had, every layer's block of each, from any tier (fetching them).
+        The caller's reader of `manifest` keeps what is fetched here pinned until it reads it again."""
         if any(ref is not None and self.blob(ref) is None for ref in (manifest.tokens, manifest.codebook, *manifest.bases)):
             return 0
         for chunk in range(manifest.chunks):
@@ -319,8 +330,8 @@ def split_url_ref(ref: str) -> tuple[str, str] | None:
     raise UsageError(f"{ref}: expected a URL ending in /v1/artifacts/sha256:<hex> or /v1/tags/<name>")
 
 
-def edge_cache() -> LocalStore:
-    return LocalStore(Path(celslm_home()) / "store")
+def edge_cache(capacity_bytes: int | None = EDGE_CACHE_BYTES) -> EdgeCache:
+    return EdgeCache(Path(celslm_home()) / "store", capacity_bytes)
 
 
 def check_reader(reader: ArtifactReader, policy: TrustPolicy | None) -> ArtifactReader:
