@@ -173,3 +173,63 @@ def test_reads_get_through_a_master_killed_under_load_and_nothing_stored_is_lost
     assert store.get_manifest(reader.id) == reader.manifest.canonical_bytes()
     assert all(store.read_blob(digest) == data for digest, data in blobs.items())
     assert store.lookup(list(reader.manifest.prefix_hashes)) == (reader.id, reader.manifest.chunks)
+
+
+def test_pulls_through_serve_cache_get_through_a_master_killed_under_load(tmp_path, prefilled):
+    """The same over HTTP, as edges see it: two serve-cache workers over a fresh cluster (no memory cache,
+    so every GET reaches Redis), four clients pulling the artifact's blobs, one master SIGKILLed."""
+    from celslm.errors import CelslmError
+    from celslm.store.http import CacheClient
+
+    reader = DirectoryReader(prefilled / "a.kv")
+    blobs = dict((ref.digest, data) for ref, data in reader.blobs())
+    with start_cluster(tmp_path / "cluster") as fresh:
+        server = Server(tmp_path / "unused", "--backend", fresh.url, "--workers", "2", "--memory-cache", "0")
+        try:
+            run_cli("push", str(prefilled / "a.kv"), server.url, check=True)
+            victim = fresh.master_of(key("manifests", reader.id.removeprefix("sha256:")))
+            assert any(fresh.master_of(key("blobs", d.removeprefix("sha256:"))) is victim for d in blobs)
+            lock, stop = threading.Lock(), threading.Event()
+            pulls: list[tuple[float, float, str]] = []
+
+            def pull_loop(offset: int) -> None:
+                client, digests = CacheClient(server.url), list(blobs)
+                for index in range(offset, offset + 100_000):
+                    if stop.is_set():
+                        return
+                    digest, start = digests[index % len(digests)], time.monotonic()
+                    try:
+                        data = client.get_blob(digest, len(blobs[digest]))
+                        outcome = "ok" if data == blobs[digest] else "absent" if data is None else "wrong"
+                    except CelslmError as exc:  # IntegrityError (corrupt bytes) or Unavailable after its retries
+                        outcome = type(exc).__name__
+                    with lock:
+                        pulls.append((start, time.monotonic() - start, outcome))
+
+            threads = [threading.Thread(target=pull_loop, args=(offset,)) for offset in range(4)]
+            for thread in threads:
+                thread.start()
+            try:
+                time.sleep(1)
+                killed_at = time.monotonic()
+                fresh.kill(victim)
+                fresh.wait_ok(timeout_s=30)
+                recovered_at = time.monotonic()
+                time.sleep(1.5)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(timeout=60)
+            outcomes = [outcome for _, _, outcome in pulls]
+            after = [outcome for start, _, outcome in pulls if start > recovered_at]
+            print(f"\nfailover over HTTP: {recovered_at - killed_at:.1f} s until the cluster was ok; {len(pulls)} pulls, "
+                  f"{outcomes.count('wrong') + outcomes.count('IntegrityError')} corrupted, {outcomes.count('absent')} absent, "
+                  f"{outcomes.count('UnavailableError')} unavailable after retries, "
+                  f"{sum(seconds > 0.5 for _, seconds, _ in pulls)} stalled over 0.5 s, "
+                  f"longest {max(seconds for _, seconds, _ in pulls):.1f} s; {len(after)} after the failover")
+            assert outcomes.count("wrong") == 0 and outcomes.count("IntegrityError") == 0 and outcomes.count("absent") == 0
+            assert after and set(after) == {"ok"}
+            run_cli("pull", f"{server.url}/v1/artifacts/{reader.id}", "--out", str(tmp_path / "back.kv"), check=True)
+            assert (tmp_path / "back.kv" / "manifest.json").read_bytes() == (prefilled / "a.kv" / "manifest.json").read_bytes()
+        finally:
+            server.stop()
