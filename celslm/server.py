@@ -153,11 +153,14 @@ def make_app(config: ServerConfig) -> web.Application:
 
     async def get_blob(request):
         """Every blob sent is verified first: a stored copy gone bad is quarantined and answered 404,
-        so the client asks its next tier and a new push can replace it. A hot blob is sent from the
-        verified copy in memory while the store still holds it (on disk: its file is there)."""
+        so the client asks its next tier and a new push can replace it. A hot blob's GET is answered
+        from the verified copy in memory: from a directory, while its file is still there; from Redis
+        without asking (the bytes are right either way). HEAD, which decides what a push uploads,
+        always asks the store, so a push repairs a blob the store has lost."""
         digest = request.match_info["digest"]
         path = store.blob_file(digest)
-        data = memory.get(digest) if path is not None or not store.on_disk else None
+        hot = request.method == "GET" and (path is not None or not store.on_disk)
+        data = memory.get(digest) if hot else None
         if data is not None:
             return _send(request, digest, data)
         try:
@@ -226,10 +229,10 @@ def make_app(config: ServerConfig) -> web.Application:
                 raise web.HTTPBadRequest(text="upload ended early\n")
             await asyncio.to_thread(writer.commit)  # verifies the digest; a mismatch raises IntegrityError -> 400
         except asyncio.TimeoutError as exc:
-            writer.abort()
+            await _abort(writer, store)
             raise web.HTTPRequestTimeout(text="client too slow\n") from exc
         except BaseException:
-            writer.abort()  # a killed upload leaves no object
+            await _abort(writer, store)  # a killed upload leaves no object
             raise
         metrics.bytes_in.inc(writer.size)
         return web.Response(status=201, text="created\n")
@@ -338,6 +341,15 @@ def make_app(config: ServerConfig) -> web.Application:
     return app
 
 
+async def _abort(writer, store: Store) -> None:
+    """Drop an upload's bytes: on disk at once; in Redis (network calls that may wait out a failover)
+    off the event loop, and even if this request is being cancelled."""
+    if store.on_disk:
+        writer.abort()
+    else:
+        await asyncio.shield(asyncio.to_thread(writer.abort))
+
+
 class _BlobFile(web.FileResponse):
     """A FileResponse prepared inside the handler (so the blob stays pinned while it is sent); aiohttp
     prepares it again when the handler returns, which FileResponse does not expect."""
@@ -381,27 +393,46 @@ def _run(app: web.Application, sock, ssl_context) -> None:
     web.run_app(app, sock=sock, ssl_context=ssl_context, print=None, shutdown_timeout=30, access_log=None)
 
 
-def _start_worker(config: ServerConfig, sock, ssl_context) -> int:
+RESTARTS = 5  # a worker that dies this often within RESTART_WINDOW_S stops the server: it cannot start
+RESTART_WINDOW_S = 30.0
+
+
+def _start_worker(config: ServerConfig, sock, ssl_context, log) -> int:
     pid = os.fork()
     if pid == 0:  # the worker: serve until told to stop, and never return into the supervisor's code
         code = 1
         try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the supervisor, which stops us
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the supervisor's handlers, until run_app sets its own
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent()
             _run(make_app(config), sock, ssl_context)
             code = 0
+        except BaseException as exc:  # one line, then the supervisor decides
+            log(f"serve-cache: worker {os.getpid()}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
         finally:
             os._exit(code)
     return pid
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send this worker SIGTERM when the supervisor dies, so no orphan keeps the port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: a worker outlives a killed supervisor
+
+
 def _supervise(config: ServerConfig, sock, workers: int, ssl_context, log) -> None:
     """Start the workers, restart one that dies (at most one restart a second), and on SIGTERM/SIGINT
-    pass SIGTERM on and wait for them to finish their requests."""
+    pass SIGTERM on and wait for them to finish their requests. Workers that keep dying (RESTARTS in
+    RESTART_WINDOW_S: a store they cannot open) stop the server with an error."""
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    pids = {_start_worker(config, sock, ssl_context) for _ in range(workers)}
-    last_restart = 0.0
+    pids = {_start_worker(config, sock, ssl_context, log) for _ in range(workers)}
+    restarts: list[float] = []
     try:
         while not stopping:
             try:
@@ -412,10 +443,15 @@ def _supervise(config: ServerConfig, sock, workers: int, ssl_context, log) -> No
                 time.sleep(0.2)
                 continue
             pids.discard(pid)
+            now = time.monotonic()
+            restarts = [at for at in restarts if at > now - RESTART_WINDOW_S] + [now]
+            if len(restarts) > RESTARTS:
+                raise UnavailableError(f"workers exited {len(restarts)} times in {RESTART_WINDOW_S:g} s (the last: "
+                                       f"{_exit_text(status)}); stopping")
             log(f"serve-cache: worker {pid} exited ({_exit_text(status)}); starting another")
-            time.sleep(max(0.0, last_restart + 1.0 - time.monotonic()))
-            last_restart = time.monotonic()
-            pids.add(_start_worker(config, sock, ssl_context))
+            time.sleep(max(0.0, restarts[-2] + 1.0 - now) if len(restarts) > 1 else 0.0)
+            if not stopping:
+                pids.add(_start_worker(config, sock, ssl_context, log))
     finally:
         for pid in pids:
             try:

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm.errors import UsageError
+from celslm.errors import CelslmError, UsageError
 from celslm.models import load_model
 from .common import FLAG, for_option, JsonOpt, ModelOpt, examples, log, out_console, parse_budget, print_json, progress_bar
 
@@ -254,10 +254,13 @@ def serve_(
     from celslm.bench import serve as serve_bench
 
     say = lambda what: log(f"bench serve: {what}")  # noqa: E731
-    result = serve_bench.run(levels=tuple(clients or (1, 8, 32, 64)), seconds=seconds, max_pulls=max_pulls,
-                             progress=say) if not wrk_only else None
-    ceiling = serve_bench.ceiling(seconds=wrk_seconds, connections=connections, workers=workers, repeats=repeats,
-                                  progress=say) if not no_wrk else None
+    try:  # a server that does not start, or wrk failing, is one line
+        result = serve_bench.run(levels=tuple(clients or (1, 8, 32, 64)), seconds=seconds, max_pulls=max_pulls,
+                                 progress=say) if not wrk_only else None
+        ceiling = serve_bench.ceiling(seconds=wrk_seconds, connections=connections, workers=workers, repeats=repeats,
+                                      progress=say) if not no_wrk else None
+    except RuntimeError as exc:
+        raise CelslmError(f"bench serve: {exc}") from exc
     if json_:
         print_json({"clients": result, "ceiling": ceiling})
         return

@@ -12,7 +12,7 @@ import typer
 
 from celslm.errors import UsageError
 from celslm.store.base import parse_size
-from .common import examples, listening_socket, log
+from .common import examples, for_option, listening_socket, log
 
 EPILOG = examples(
     "celslm serve-cache --root /srv/celslm --port 8470 --write-token \"$TOKEN\"",
@@ -71,11 +71,16 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
     if backend and not backend.startswith(("redis://", "redis+cluster://")):
         raise UsageError(f"--backend {backend}: expected redis://HOST:PORT/DB or redis+cluster://HOST:PORT[,HOST:PORT...] "
                          "(a directory store is --root)")
+    if capacity and workers > 1:
+        raise UsageError("--capacity evicts within one process; with --workers give the store its room instead "
+                         "(a directory without --capacity, or Redis with maxmemory)")
     if backend and capacity:
         raise UsageError("--capacity applies to --root; with Redis set its maxmemory (maxmemory-policy noeviction: a full Redis refuses pushes)")
+    with for_option("--memory-cache"):
+        memory_bytes = parse_size(memory_cache)
     config = ServerConfig(store=backend or str(root), capacity_bytes=parse_size(capacity) if capacity else None,
                           write_token=write_token, read_token=read_token, max_blob_bytes=parse_size(max_blob),
-                          read_timeout_s=read_timeout, memory_bytes=parse_size(memory_cache))
+                          read_timeout_s=read_timeout, memory_bytes=memory_bytes)
     try:
         app = make_app(config)  # the store opens (or says why not) here, before any worker starts
     except OSError as exc:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +55,22 @@ def test_workers_share_the_port_and_metrics_add_up_across_them(two_workers):
             gets, size = gets + 1, size + len(data)
     assert counter(server.url, "celslm_cache_hits_total") - hits == gets
     assert counter(server.url, "celslm_bytes_out_total") - sent == size
+    assert len(hits_by_worker(server)) == 2, "one worker served every GET: the sum proves nothing"
+
+
+def hits_by_worker(server: Server) -> dict[int, float]:
+    """Each worker's own hit count, from its prometheus multiprocess file (pid in the file's name)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    pids = workers_of(server)
+    found = {}
+    for path in Path(tempfile.gettempdir()).glob("celslm-metrics-*/counter_*.db"):  # serve-cache's metrics folder
+        pid = int(path.stem.removeprefix("counter_"))
+        hits = sum(value for key, value, *_ in MmapedDict.read_all_values_from_file(str(path))
+                   if '"celslm_cache_hits_total"' in key)
+        if pid in pids and hits:
+            found[pid] = hits
+    return found
 
 
 def test_a_killed_worker_is_replaced_and_sigterm_stops_them_all(two_workers):
@@ -73,3 +90,20 @@ def test_a_killed_worker_is_replaced_and_sigterm_stops_them_all(two_workers):
     assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
                    for pid in after)
     assert f"worker {victim} exited (signal 9); starting another" in server.proc.stderr.read().decode()
+
+
+@pytest.mark.skipif(__import__("shutil").which("redis-server") is None, reason="redis-server not installed")
+def test_workers_that_cannot_start_stop_the_server_with_one_line(tmp_path):
+    """Redis goes away and the workers die: each replacement says why in one line and, after a few,
+    the supervisor stops (exit 4) instead of restarting forever."""
+    from celslm.bench.redis_local import start_redis
+
+    redis = start_redis(tmp_path / "redis")
+    server = Server(tmp_path / "unused", "--backend", redis.url, "--workers", "2")
+    redis.stop()
+    for pid in workers_of(server):
+        os.kill(pid, signal.SIGKILL)
+    assert server.proc.wait(timeout=60) == 4
+    stderr = server.proc.stderr.read().decode()
+    assert "cannot reach Redis" in stderr and "Traceback" not in stderr
+    assert "times in 30 s" in stderr.strip().splitlines()[-1]

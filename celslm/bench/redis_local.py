@@ -12,6 +12,7 @@ Every wait is bounded and says what it waited for when it gives up (RuntimeError
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -174,6 +175,20 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{synced} of {replicas} replicas synced after {timeout_s} s")
             time.sleep(0.1)
+
+    def wait_caught_up(self, master: RedisNode, timeout_s: float = 30) -> None:
+        """Until every replica of `master` has applied all it has written (replication offsets equal):
+        a write acknowledged before then could be lost with the master (replication is asynchronous)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = cli(master.port, "info", "replication")
+            written = int(re.search(r"master_repl_offset:(\d+)", info).group(1))
+            applied = [int(offset) for offset in re.findall(r"slave\d+:.*?offset=(\d+)", info)]
+            if applied and min(applied) >= written:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the replicas of {master.port} applied {applied} of {written} after {timeout_s} s")
+            time.sleep(0.05)
 
     def _ok(self) -> bool:
         live = [node for node in self.nodes if node.alive]

@@ -156,15 +156,13 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
     tmp = Path(tempfile.mkdtemp(prefix="celslm-bench-serve-"))
     procs = []
     try:
-        url, proc = _start_cache(tmp, "serve-cache", "--root", str(tmp / "store"))
-        procs.append(proc)
+        url = _start_cache(tmp, "serve-cache", procs, "--root", str(tmp / "store"))
         push(MemoryReader(artifact), CacheClient(url))
         servers = {"celslm serve-cache": url}
         note = None
-        started = _start_nginx(tmp, tmp / "store")
+        started = _start_nginx(tmp, tmp / "store", procs)
         if started:
-            procs.append(started[1])
-            servers["nginx (static files)"] = started[0]
+            servers["nginx (static files)"] = started
         else:
             note = "nginx not installed (apt-get install nginx-light): no ceiling measured"
         results = []
@@ -184,9 +182,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=45)  # a serve-cache supervisor gives its workers 40 s
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
 WRK_SCRIPT = """
@@ -226,7 +225,8 @@ def parse_wrk(output: str) -> dict:
 
 
 def run_wrk(url: str, paths_file: Path, script: Path, connections: int, seconds: float, threads: int = 2) -> dict:
-    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url]
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "--latency",
+               "-s", str(script), url]  # a request slower than 10 s counts as failed
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60,
                           env={**os.environ, "CELSLM_WRK_PATHS": str(paths_file)})
     if done.returncode != 0:
@@ -234,17 +234,19 @@ def run_wrk(url: str, paths_file: Path, script: Path, connections: int, seconds:
     return parse_wrk(done.stdout)
 
 
-def _start_cache(tmp: Path, name: str, *args: str) -> tuple[str, subprocess.Popen]:
+def _start_cache(tmp: Path, name: str, procs: list, *args: str) -> str:
+    """A serve-cache process (in `procs` from its start, so it is stopped whatever happens next); its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp / f"{name}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
-                             "--port", str(port), *args], stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
-    _wait_up(url, proc, f"serve-cache ({name})")
-    return url, proc
+    with open(tmp / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
+                                 "--port", str(port), *args], stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+    procs.append(proc)
+    _wait_up(url, proc, f"serve-cache ({name}; its log: {tmp / f'{name}.log'})")
+    return url
 
 
-def _start_nginx(tmp: Path, store: Path) -> tuple[str, subprocess.Popen] | None:
+def _start_nginx(tmp: Path, store: Path, procs: list) -> str | None:
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if not nginx:
         return None
@@ -255,8 +257,9 @@ def _start_nginx(tmp: Path, store: Path) -> tuple[str, subprocess.Popen] | None:
     conf.write_text(NGINX_CONF.format(user=user, tmp=tmp / "nginx", port=port, root=store))
     proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp / "nginx")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(proc)
     _wait_up(f"http://127.0.0.1:{port}", proc, "nginx")
-    return f"http://127.0.0.1:{port}", proc
+    return f"http://127.0.0.1:{port}"
 
 
 def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections: int = 64, workers: int | None = None,
@@ -274,16 +277,13 @@ def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections:
     procs, services, servers, notes = [], [], {}, []
     try:
         store = tmp / "store"
-        url, proc = _start_cache(tmp, "dir-1", "--root", str(store))
-        procs.append(proc)
+        url = _start_cache(tmp, "dir-1", procs, "--root", str(store))
         push(MemoryReader(artifact), CacheClient(url))
         servers["serve-cache dir, 1 worker"] = url
         for name, args in ((f"serve-cache dir, {workers} workers", ()),
                            (f"serve-cache dir, {workers} workers, no memory cache", ("--memory-cache", "0"))):
-            url, proc = _start_cache(tmp, name.replace(" ", ""), "--root", str(store), "--workers", str(workers), *args)
-            procs.append(proc)
-            servers[name] = url
-        if shutil.which("redis-server"):
+            servers[name] = _start_cache(tmp, re.sub(r"\W", "", name), procs, "--root", str(store), "--workers", str(workers), *args)
+        if shutil.which("redis-server") and shutil.which("redis-cli"):
             say("starting Redis and a Redis Cluster (3 masters, 3 replicas) on loopback")
             single = redis_local.start_redis(tmp / "redis")
             services.append(single)
@@ -292,17 +292,15 @@ def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections:
             for label, backend in (("redis", single.url), ("redis cluster", cluster.url)):
                 for suffix, args in (("", ()), (", no memory cache", ("--memory-cache", "0"))):
                     name = f"serve-cache {label}, {workers} workers{suffix}"
-                    url, proc = _start_cache(tmp, re.sub(r"\W", "", name), "--backend", backend, "--workers", str(workers), *args)
-                    procs.append(proc)
+                    url = _start_cache(tmp, re.sub(r"\W", "", name), procs, "--backend", backend, "--workers", str(workers), *args)
                     if not suffix:
                         push(MemoryReader(artifact), CacheClient(url))
                     servers[name] = url
         else:
             notes.append("redis-server not installed (apt-get install redis-server): no Redis rows")
-        started = _start_nginx(tmp, store)
+        started = _start_nginx(tmp, store, procs)
         if started:
-            procs.append(started[1])
-            servers["nginx (static files)"] = started[0]
+            servers["nginx (static files)"] = started
         else:
             notes.append("nginx not installed (apt-get install nginx-light): no ceiling to compare with")
         for name, url in servers.items():  # every server answers a verified pull (and warms its memory cache)

@@ -269,6 +269,7 @@ class EdgeCache(LocalStore):
         self._lock = threading.RLock()  # a reader released by the garbage collector unpins in whatever thread it runs
         self._usage_bytes: int | None = None  # blob bytes on disk as last measured, plus those stored since
         self._measured_at = 0.0
+        self._stored_meanwhile = 0  # bytes stored by other threads while an eviction measures the disk
 
     def read_blob(self, digest: str) -> bytes | None:
         data = super().read_blob(digest)
@@ -293,11 +294,14 @@ class EdgeCache(LocalStore):
             if self._usage_bytes is None:
                 return True
             self._usage_bytes += size
+            self._stored_meanwhile += size
             return self._usage_bytes > self.capacity_bytes or time.monotonic() - self._measured_at > self.recount_s
 
     def _evict(self, keep: str | None) -> int:
         """Measure the blobs on disk; past the capacity, remove the least recently used (never `keep`,
         never a pinned one) until they fit `low_water` of it. Returns how many blobs went."""
+        with self._lock:
+            self._stored_meanwhile = 0
         blobs = sorted(self._entries("blobs"), key=lambda entry: entry[1].st_mtime)  # least recently used first
         usage = sum(stat.st_size for _, stat in blobs)
         gone = 0
@@ -311,7 +315,9 @@ class EdgeCache(LocalStore):
                     usage -= stat.st_size  # gone, whether this process or another removed it
                     gone += 1
         with self._lock:
-            self._usage_bytes, self._measured_at = usage, time.monotonic()
+            # fetch threads store while this measures: what they counted meanwhile is kept (perhaps
+            # twice, if the listing saw it too: the count errs high, never low)
+            self._usage_bytes, self._measured_at = usage + self._stored_meanwhile, time.monotonic()
         self.evictions += gone
         return gone
 

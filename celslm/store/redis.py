@@ -126,7 +126,11 @@ class RedisBlobWriter(HashingWriter):
         stored = self.store.call(self.store.redis.eval, COMMIT, 1 + len(self._parts), key("blobs", self.hex_id),
                                  *self._parts, header)
         if stored is None or stored == header:
-            self.store.call(self.store.redis.incrby, USAGE, self.size)
+            self._parts = []  # committed: an abort from here on must not touch them
+            try:  # a count on another node: a failover there must not undo a stored blob
+                self.store.call(self.store.redis.incrby, USAGE, self.size)
+            except UnavailableError:
+                pass
         else:  # another upload stored these bytes first: this one's parts are not needed
             self.abort()
 
@@ -144,7 +148,8 @@ class RedisStore(Store):
     def __init__(self, url: str):
         self.url = url
         clustered = url.startswith("redis+cluster://")
-        self.where = f"Redis Cluster at {url.removeprefix('redis+cluster://')}" if clustered else f"Redis at {url}"
+        shown = _without_password(url)  # errors reach HTTP clients: never the credentials
+        self.where = f"Redis Cluster at {shown.removeprefix('redis+cluster://')}" if clustered else f"Redis at {shown}"
         try:
             if clustered:  # retries go to the cluster client: it refreshes the layout between them
                 retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
@@ -183,14 +188,19 @@ class RedisStore(Store):
         stored = self._stored_blob(hex_id)
         if stored is None:
             return None
-        _, parts, size = stored
+        header, parts, size = stored
         data = bytearray()
         for start in range(0, len(parts), READ_PARTS):
             for part in self.call(self.redis.mget, parts[start:start + READ_PARTS]):
-                if part is None:  # quarantined while being read
+                if part is None:  # quarantined while being read, or lost: a header with no blob is removed
+                    self._drop_if(hex_id, header, parts)
                     return None
                 data += part
         return bytes(data) if len(data) == size else None
+
+    def _drop_if(self, hex_id: str, header: bytes, parts: list[str]) -> None:
+        """Delete the blob if its header is still `header` (not a new copy stored since)."""
+        self.call(self.redis.eval, DELETE, 1 + len(parts), key("blobs", hex_id), *parts, header)
 
     def _write(self, kind: str, name: str, data: bytes) -> None:
         self.call(self.redis.set, key(kind, name), data)
@@ -213,6 +223,12 @@ class RedisStore(Store):
 
     def usage_bytes(self) -> int:
         return int(self.call(self.redis.get, USAGE) or 0)
+
+
+def _without_password(url: str) -> str:
+    """The URL with any user:password@ taken out."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2] if "@" in rest.split("/", 1)[0] else url
 
 
 def _first_line(exc: BaseException) -> str:
