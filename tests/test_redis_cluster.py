@@ -110,6 +110,41 @@ def test_two_servers_over_one_cluster_share_everything(cluster, prefilled, tmp_p
         second.stop()
 
 
+def kill_under_load(cluster, victim, digests: list[str], fetcher) -> tuple[list[tuple[float, float, str]], float, float]:
+    """Four threads fetch `digests` round robin (each with its own `fetcher()`: digest -> outcome) while
+    `victim` is SIGKILLed once its replica has caught up; 1.5 s of fetches follow the failover. Returns
+    the fetches (start, seconds, outcome), when the kill happened and when the cluster was ok again."""
+    lock, stop = threading.Lock(), threading.Event()
+    fetches: list[tuple[float, float, str]] = []
+
+    def loop(offset: int) -> None:
+        fetch = fetcher()
+        for index in range(offset, offset + 100_000):
+            if stop.is_set():
+                return
+            start = time.monotonic()
+            outcome = fetch(digests[index % len(digests)])
+            with lock:
+                fetches.append((start, time.monotonic() - start, outcome))
+
+    threads = [threading.Thread(target=loop, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        cluster.wait_caught_up(victim)  # what was written before has reached the replica
+        killed_at = time.monotonic()
+        cluster.kill(victim)
+        cluster.wait_ok(timeout_s=30)
+        recovered_at = time.monotonic()
+        time.sleep(1.5)  # fetches after the failover
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    return fetches, killed_at, recovered_at
+
+
 def test_reads_get_through_a_master_killed_under_load_and_nothing_stored_is_lost(cluster, prefilled):
     """SIGKILL the master holding an artifact's manifest while four threads read it: reads stall until
     the replica takes over, then go on; none returns other bytes, and the whole artifact is there."""
@@ -126,39 +161,16 @@ def test_reads_get_through_a_master_killed_under_load_and_nothing_stored_is_lost
                  if cluster.master_of(key("blobs", digest.removeprefix("sha256:"))) is victim]
     assert on_victim, "no blob of the artifact is on the master to be killed: the test would prove nothing"
 
-    lock, stop = threading.Lock(), threading.Event()
-    reads: list[tuple[float, float, str]] = []  # (start, seconds, outcome: ok, wrong, absent or the error)
-
-    def read_loop(offset: int) -> None:
-        digests = list(blobs)
-        for index in range(offset, offset + 100_000):
-            if stop.is_set():
-                return
-            digest = digests[index % len(digests)]
-            start = time.monotonic()
+    def fetcher():
+        def read(digest: str) -> str:  # ok, wrong, absent or the error
             try:
                 data = store.read_blob(digest)
-                outcome = "ok" if data == blobs[digest] else "absent" if data is None else "wrong"
+                return "ok" if data == blobs[digest] else "absent" if data is None else "wrong"
             except UnavailableError as exc:
-                outcome = str(exc)
-            with lock:
-                reads.append((start, time.monotonic() - start, outcome))
+                return str(exc)
+        return read
 
-    threads = [threading.Thread(target=read_loop, args=(offset,)) for offset in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        time.sleep(1)
-        killed_at = time.monotonic()
-        cluster.wait_caught_up(victim)  # what was written before has reached the replica
-        cluster.kill(victim)
-        cluster.wait_ok(timeout_s=30)
-        recovered_at = time.monotonic()
-        time.sleep(1.5)  # reads after the failover
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
+    reads, killed_at, recovered_at = kill_under_load(cluster, victim, list(blobs), fetcher)
 
     outcomes = [outcome for _, _, outcome in reads]
     errors = [outcome for outcome in outcomes if outcome not in ("ok", "wrong", "absent")]
@@ -190,38 +202,19 @@ def test_pulls_through_serve_cache_get_through_a_master_killed_under_load(tmp_pa
             run_cli("push", str(prefilled / "a.kv"), server.url, check=True)
             victim = fresh.master_of(key("manifests", reader.id.removeprefix("sha256:")))
             assert any(fresh.master_of(key("blobs", d.removeprefix("sha256:"))) is victim for d in blobs)
-            lock, stop = threading.Lock(), threading.Event()
-            pulls: list[tuple[float, float, str]] = []
 
-            def pull_loop(offset: int) -> None:
-                client, digests = CacheClient(server.url), list(blobs)
-                for index in range(offset, offset + 100_000):
-                    if stop.is_set():
-                        return
-                    digest, start = digests[index % len(digests)], time.monotonic()
+            def fetcher():
+                client = CacheClient(server.url)
+
+                def pull(digest: str) -> str:
                     try:
                         data = client.get_blob(digest, len(blobs[digest]))
-                        outcome = "ok" if data == blobs[digest] else "absent" if data is None else "wrong"
+                        return "ok" if data == blobs[digest] else "absent" if data is None else "wrong"
                     except CelslmError as exc:  # IntegrityError (corrupt bytes) or Unavailable after its retries
-                        outcome = type(exc).__name__
-                    with lock:
-                        pulls.append((start, time.monotonic() - start, outcome))
+                        return type(exc).__name__
+                return pull
 
-            threads = [threading.Thread(target=pull_loop, args=(offset,)) for offset in range(4)]
-            for thread in threads:
-                thread.start()
-            try:
-                time.sleep(1)
-                killed_at = time.monotonic()
-                fresh.wait_caught_up(victim)
-                fresh.kill(victim)
-                fresh.wait_ok(timeout_s=30)
-                recovered_at = time.monotonic()
-                time.sleep(1.5)
-            finally:
-                stop.set()
-                for thread in threads:
-                    thread.join(timeout=60)
+            pulls, killed_at, recovered_at = kill_under_load(fresh, victim, list(blobs), fetcher)
             outcomes = [outcome for _, _, outcome in pulls]
             after = [outcome for start, _, outcome in pulls if start > recovered_at]
             print(f"\nfailover over HTTP: {recovered_at - killed_at:.1f} s until the cluster was ok; {len(pulls)} pulls, "
