@@ -51,6 +51,11 @@ IdentityOpt = Annotated[list[str] | None, typer.Option(
 EncryptToOpt = Annotated[list[str] | None, typer.Option(
     "--encrypt-to", help="Encrypt every blob for this recipient's X25519 public key (PEM, from celslm keys generate "
                          "--for encryption): stores and peers keep and serve it unread. Repeatable.")]
+MaxNewTokensOpt = Annotated[int, typer.Option(
+    "--max-new-tokens", "-n", min=1, help="Tokens to generate at most (an OpenAI body's max_tokens).")]
+ApiTokenOpt = Annotated[str | None, typer.Option(
+    "--api-token", envvar="CELSLM_API_TOKEN", show_envvar=True,
+    help="Bearer token of the edge service's API (celslm serve); not the serve-cache --token.")]
 TagValidOpt = Annotated[str, typer.Option(
     "--tag-valid", help="With --tag and --sign: how long the signed tag statement holds, e.g. 7d, 12h, 3600s; "
                         "edges refuse it after that.")]
@@ -66,15 +71,39 @@ def parse_duration(value: str, flag: str) -> int:
     return int(number) * units[unit]
 
 
+def byte_size(value: str, flag: str) -> int:
+    """Every byte budget on the command line (`10GB`, `512MiB`, `0`): one parser, errors naming the flag."""
+    from celslm.store.base import parse_size
+
+    with for_option(flag):
+        return parse_size(value)
+
+
 def cache_capacity(value: str | None) -> int:
     """`--cache-capacity` in bytes (the library's default without one)."""
-    from celslm.store.base import parse_size
     from celslm.store.tiers import EDGE_CACHE_BYTES
 
-    if value is None:
-        return EDGE_CACHE_BYTES
-    with for_option("--cache-capacity"):
-        return parse_size(value)
+    return EDGE_CACHE_BYTES if value is None else byte_size(value, "--cache-capacity")
+
+
+def old_spelling(flag: str) -> typer.models.OptionInfo:
+    """A flag renamed in this release: hidden from --help, still accepted, with a warning (see `renamed`)."""
+    return typer.Option(flag, hidden=True)
+
+
+def renamed(old_flag: str, new_flag: str, old_value, new_value, new_default=None):
+    """The value of an option with an old spelling kept for one release: the old one still works and
+    warns; both at once (the new one set away from its default) is a usage error."""
+    if old_value is None:
+        return new_value
+    if new_value != new_default:
+        raise UsageError(f"{old_flag} is the old spelling of {new_flag}; give only {new_flag}")
+    warn(f"{old_flag} is renamed {new_flag}; the old spelling goes in the next release")
+    return old_value
+
+
+def warn(message: str) -> None:
+    err_console.print(f"celslm: warning: {message}", highlight=False, markup=False, soft_wrap=True)
 
 
 def trust_policy(paths: list[str] | None):
