@@ -12,11 +12,12 @@ from typing import Iterator
 
 import numpy as np
 
-from celslm.artifact import ArtifactReader, decode_tokens
+from celslm.artifact import ArtifactReader
 from celslm.codebook import Codebook, pco_decode
 from celslm.codecs import KINDS, Codec, parse_codec
 from celslm.errors import IntegrityError
 from celslm.tensors import read_safetensors
+from celslm.tokenblob import decode_tokens
 
 # (key pre-RoPE [H, T, D], value [H, T, D]), float32
 LayerArrays = tuple[np.ndarray, np.ndarray]

@@ -17,12 +17,14 @@ from safetensors.torch import load as st_load
 from safetensors.numpy import save as st_save_numpy
 from safetensors.torch import save as st_save
 
-from celslm.artifact import (MEDIA_TOKENS, Artifact, ArtifactReader, BlobRef, Geometry, Manifest, ModelSpace, Producer,
-                             Timings, encode_tokens, prefix_hashes, sha256_digest)
+from celslm.artifact import ArtifactReader
 from celslm.blockread import open_context
 from celslm.codebook import MEDIA_CODEBOOK, Codebook, pco_encode
 from celslm.codecs import KINDS, MEDIA_BASIS, BlockShape, Codec, parse_codec
 from celslm.errors import UsageError
+from celslm.manifest import (Artifact, BlobRef, Geometry, Manifest, ModelSpace, Producer, Timings, prefix_hashes,
+                             sha256_digest)
+from celslm.tokenblob import MEDIA_TOKENS, encode_tokens
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # (key pre-RoPE [H, T, D], value [H, T, D]); numpy arrays do too

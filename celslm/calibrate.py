@@ -30,12 +30,12 @@ from typing import Callable
 
 import numpy as np
 
-from celslm.artifact import Geometry, ModelSpace, codebook_bound
 from celslm.codebook import KINDS, Codebook, Transform
 from celslm.codecs import Codec
 from celslm.corpus import calibration_files
 from celslm.decode import context_from_layers
 from celslm.errors import CelslmError, UsageError
+from celslm.manifest import Geometry, ModelSpace, codebook_bound
 from celslm.models import LoadedModel, celslm_home
 from celslm.score import continuation_logits, kl
 from celslm.store.tiers import Sources

@@ -3,15 +3,16 @@
     content key   32 random bytes, one per artifact; it keys nothing itself: HKDF-SHA256 derives the
                   blob key (info BLOB_INFO) and the prefix key (info PREFIX_INFO) from it
     blob          nonce (12 random bytes) || AES-256-GCM(blob key, nonce, plaintext, aad), where aad binds
-                  the blob to its place and its manifest: BLOB_AAD || sha256(the manifest's header: every
-                  field but blob references, prefix hashes and recipients) || place ("tokens",
-                  "basis L", "block L C") || media type. Swapping blobs between places, or changing
-                  the token count, codec or model space a blob was sealed under, fails to decrypt.
+                  the blob to its role and its manifest: BLOB_AAD || sha256(the manifest's header: every
+                  field but blob references, prefix hashes and recipients) || role (manifest.BlobRole:
+                  "tokens", "basis L", "block L C") || "\n" || media type. Swapping blobs between roles,
+                  or changing the token count, codec or model space a blob was sealed under, fails to
+                  decrypt. The model's codebook is not sealed (sealing.py).
     recipient     an X25519 key (`celslm keys generate --for encryption`), wrapped for as age does it:
                   an ephemeral X25519 pair; shared = X25519(ephemeral, recipient);
                   wrap key = HKDF-SHA256(shared, salt = ephemeral public || recipient public, info = WRAP_INFO);
                   wrapped = nonce || AES-GCM(wrap key, nonce, content key, aad = WRAP_INFO)
-    prefix key    keys the chunk prefix hashes of an encrypted artifact (artifact.prefix_hashes), so
+    prefix key    keys the chunk prefix hashes of an encrypted artifact (manifest.prefix_hashes), so
                   nobody without a recipient's key can test a guess of the context against them
 
 Digests are over the ciphertext, so stores, Redis and peers keep, verify and serve an encrypted
@@ -117,9 +118,9 @@ def blob_key(content_key: bytes) -> bytes:
     return _hkdf(content_key, None, BLOB_INFO)
 
 
-def blob_aad(header_digest: bytes, place: str, media_type: str) -> bytes:
-    """What a blob is sealed under besides its key: its manifest's header digest, its place, its media type."""
-    return BLOB_AAD + header_digest + f"{place}\n{media_type}".encode()
+def blob_aad(header_digest: bytes, role: str, media_type: str) -> bytes:
+    """What a blob is sealed under besides its key: its manifest's header digest, its role, its media type."""
+    return BLOB_AAD + header_digest + f"{role}\n{media_type}".encode()
 
 
 def wrap(content_key: bytes, recipients: list[bytes]) -> Encryption:
@@ -149,7 +150,7 @@ def seal_blob(key: bytes, data: bytes, aad: bytes) -> bytes:
 
 def open_blob(key: bytes, data: bytes, aad: bytes) -> bytes:
     """A blob's plaintext; IntegrityError (saying what is wrong, not naming the blob) if it does not
-    open under the key and `aad`: forged, moved from another place, or another artifact's."""
+    open under the key and `aad`: forged, moved from another role, or another artifact's."""
     from cryptography.exceptions import InvalidTag
 
     if len(data) < OVERHEAD_BYTES:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
 from celslm import prompting
-from celslm.artifact import ArtifactReader, Manifest, prefix_hashes
+from celslm.artifact import ArtifactReader
+from celslm.manifest import Manifest, prefix_hashes
 from celslm.decode import (Context, Sampling, context_from_artifact, context_from_ids, context_from_prefix,
                            generate)
 from celslm.errors import IntegrityError, UnavailableError, UsageError

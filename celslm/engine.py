@@ -17,7 +17,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any, Callable
 
-from celslm.artifact import Geometry
+from celslm.manifest import Geometry
 
 LayerKV = tuple[Any, Any]  # (key [H, T, D], value [H, T, D]): numpy arrays or torch tensors
 TokenProgress = Callable[[int, int], None]  # called with (tokens done, tokens total)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from celslm.artifact import Geometry
+from celslm.manifest import Geometry
 from celslm.errors import UsageError
 from celslm.engine import ComputeSpan, Engine, LayerFetch, LayerKV, Sequence, TokenProgress
 

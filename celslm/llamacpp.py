@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from celslm import llamaload, llamastate
-from celslm.artifact import Geometry
 from celslm.engine import Engine, Sequence, TokenProgress
 from celslm.errors import CelslmError, UsageError
+from celslm.manifest import Geometry
 from celslm.tokenizer import ChatTemplate
 
 ROPE_NORM, ROPE_NEOX = 0, 2

@@ -25,8 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from celslm.artifact import ModelSpace
 from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
+from celslm.manifest import ModelSpace
 
 if TYPE_CHECKING:
     from celslm.engine import Engine

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from celslm.artifact import Artifact, Producer, Timings
+from celslm.manifest import Artifact, Producer, Timings
 from celslm.blocks import build_artifact
 from celslm.errors import UsageError
 from celslm.features import layer_features

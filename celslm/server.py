@@ -35,8 +35,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from celslm.artifact import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, Manifest, read_side_record
 from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, NotFound, UnavailableError, UsageError
+from celslm.manifest import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, Manifest, read_side_record
 from celslm.trust import SignedTag
 from celslm.store import Store, open_store
 

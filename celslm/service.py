@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from celslm import prompting
-from celslm.artifact import DIGEST
 from celslm.confidential import Sealed
 from celslm.decode import Context, DecodeStats, Sampling, TextStream, eos_ids, generate
 from celslm.edge import context_from_reader
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
+from celslm.manifest import DIGEST
 from celslm.models import LoadedModel
 from celslm.store.tiers import Sources, open_ref, split_url_ref
 from celslm.trust import Untrusted

@@ -9,9 +9,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm.artifact import open_artifact, seal_artifact, write_artifact
+from celslm.artifact import open_artifact, write_artifact
 from celslm.codecs import PRESETS, STAGES, parse_codec
 from celslm.errors import UsageError
+from celslm.sealing import seal_artifact
 from celslm.store.tiers import Sources
 from celslm.trust import sign_artifact
 from .common import (FLAG, CacheCapacityOpt, CloudOpt, EncryptToOpt, for_option, ForceOpt, IdentityOpt, JsonOpt, PeerOpt,

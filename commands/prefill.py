@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from celslm import prompting
-from celslm.artifact import DTYPE_NAMES, MemoryReader, seal_artifact, write_artifact
+from celslm.artifact import MemoryReader, write_artifact
+from celslm.manifest import DTYPE_NAMES
+from celslm.sealing import seal_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push as push_artifact
 from celslm.errors import UsageError

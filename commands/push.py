@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from celslm.artifact import Artifact, open_artifact, write_artifact
+from celslm.artifact import open_artifact, write_artifact
+from celslm.manifest import Artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import Sources, open_ref, push as push_artifact
 from celslm.trust import sign_artifact, sign_tag

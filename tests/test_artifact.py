@@ -1,4 +1,5 @@
-"""Artifact format v1: content addressing, pre-RoPE keys, both forms, integrity on every read."""
+"""The KV artifact (celslm.kv/2): content addressing, pre-RoPE keys, both forms, integrity on every read,
+blob roles that seal as they always did."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from celslm import kvcache, prompting
 from celslm.blockread import open_context
-from celslm.artifact import (MANIFEST_NAME, DirectoryReader, TarStreamReader, open_artifact, prefix_hashes,
-                             write_dir, write_tar)
+from celslm.artifact import MANIFEST_NAME, DirectoryReader, TarStreamReader, open_artifact, write_dir, write_tar
+from celslm.confidential import BLOB_AAD, Identity, Sealed
+from celslm.manifest import CODEBOOK, TOKENS, BlobRole, prefix_hashes
+from celslm.sealing import BlobKeys
+from celslm.tokenblob import decode_tokens
 from celslm.decode import context_from_artifact
 from celslm.errors import IntegrityError, UsageError
 from celslm.models import load_model
@@ -172,3 +176,38 @@ def test_wrong_schema_is_refused(tmp_path):
     (tmp_path / "x.kv" / MANIFEST_NAME).write_text(json.dumps({"schema": "other/1"}))
     with pytest.raises(UsageError, match="not a celslm KV artifact"):
         open_artifact(str(tmp_path / "x.kv"))
+
+
+# A context sealed by celslm before blob roles were a type (made once by a script over the code of that
+# commit, with the key pair beside it): tokens 11..15 in chunks of 2, two layers, each with a basis.
+SEALED_BEFORE = Path(__file__).parent / "data" / "sealed_v2"
+SEALED_BEFORE_ID = "sha256:35e8095740b9701b183c75c573311a793ce4eea81e0ec79f607419ae6aa83093"
+SEALED_BEFORE_ROLES = ["tokens", "basis 0", "block 0 0", "block 0 1", "block 0 2",
+                       "basis 1", "block 1 0", "block 1 1", "block 1 2"]
+
+
+def test_blob_roles_read_as_the_place_names_blobs_have_always_been_sealed_under(artifact):
+    roles = [TOKENS, CODEBOOK, BlobRole.basis(3), BlobRole.block(2, 17)]
+    assert [str(role) for role in roles] == ["tokens", "codebook", "basis 3", "block 2 17"]
+    keys = BlobKeys(bytes(32), artifact.manifest)
+    for role in roles:
+        assert keys.aad(role, "application/x") == \
+            BLOB_AAD + artifact.manifest.header_digest() + f"{role}\napplication/x".encode()
+    assert [str(role) for _, role in artifact.manifest.blob_roles()][:3] == ["tokens", "block 0 0", "block 0 1"]
+
+
+def test_an_artifact_sealed_before_blob_roles_were_a_type_still_opens_with_the_same_id():
+    identity = Identity.load([SEALED_BEFORE / "edge.key"])
+    reader = open_artifact(str(SEALED_BEFORE / "context.tar"), identity=identity)
+    assert reader.id == SEALED_BEFORE_ID
+    assert [str(role) for _, role in reader.manifest.blob_roles()] == SEALED_BEFORE_ROLES
+    plain = [data for _, data in reader.plain_blobs()]
+    assert decode_tokens(plain[0]) == [11, 12, 13, 14, 15]
+    assert plain[1:] == [f"{role} plaintext".encode() for role in SEALED_BEFORE_ROLES[1:]]
+    assert open_artifact(str(SEALED_BEFORE / "context.tar"), identity=identity).problems() == []
+
+
+def test_a_sealed_artifact_verifies_without_an_identity_but_does_not_open():
+    assert open_artifact(str(SEALED_BEFORE / "context.tar")).problems() == []
+    with pytest.raises(Sealed):
+        next(open_artifact(str(SEALED_BEFORE / "context.tar")).plain_blobs())

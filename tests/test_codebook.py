@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import save
 
-from celslm.artifact import DirectoryReader, MemoryReader, open_artifact, seal_artifact, write_dir, write_tar
+from celslm.artifact import DirectoryReader, MemoryReader, open_artifact, write_dir, write_tar
 from celslm.blockread import decode_block, open_context
 from celslm.blocks import encode_block, recode
 from celslm.calibrate import Calibration, allocate, calibrate, codebook_path, read_codebook
@@ -18,6 +18,7 @@ from celslm.codecs import MEDIA_BLOCK, BlockShape, parse_codec
 from celslm.confidential import Identity
 from celslm.errors import EXIT_INTEGRITY, EXIT_USAGE, IntegrityError, UsageError
 from celslm.models import load_model
+from celslm.sealing import seal_artifact
 from celslm.store.local import LocalStore
 from celslm.tensors import read_safetensors
 from tests.conftest import run_cli
@@ -127,7 +128,7 @@ def test_codebook_round_trips_through_its_bytes(codebook, tiny):
 
 
 def test_a_codebook_fits_the_size_a_manifest_may_declare_for_its_geometry():
-    from celslm.artifact import Geometry, codebook_bound
+    from celslm.manifest import Geometry, codebook_bound
 
     layers, heads, width = 3, 4, 128  # F = 512: the matrices dwarf the slack
     rng = np.random.default_rng(3)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from celslm.artifact import canonical_json, sha256_digest
 from celslm.errors import EXIT_INTEGRITY, EXIT_USAGE
+from celslm.manifest import sha256_digest
+from celslm.trust import canonical_json
 from tests.conftest import CONTEXT, run_cli
 from tests.netutil import Server
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from celslm import prompting
-from celslm.artifact import ModelSpace, Producer, sha256_digest
 from celslm.blocks import build_artifact
 from celslm.errors import EXIT_USAGE
+from celslm.manifest import ModelSpace, Producer, sha256_digest
 from celslm.models import load_model
 from celslm.prefill import prefill
 from celslm.store.local import EdgeCache, LocalStore

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from celslm.artifact import canonical_json, sha256_digest
 from celslm.errors import EXIT_INTEGRITY, EXIT_RUNTIME, EXIT_UNAVAILABLE, EXIT_USAGE
+from celslm.manifest import sha256_digest
+from celslm.trust import canonical_json
 from tests.conftest import CLI, CONTEXT, run_cli
 from tests.netutil import Server, free_port
 from tests.test_server import call

@@ -8,8 +8,9 @@ import json
 import resource
 import time
 
-from celslm.artifact import canonical_json, sha256_digest
 from celslm.errors import EXIT_INTEGRITY
+from celslm.manifest import sha256_digest
+from celslm.trust import canonical_json
 from tests.test_resilience import FaultServer, decode
 
 

@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from celslm.artifact import DirectoryReader, sha256_digest
+from celslm.artifact import DirectoryReader
 from celslm.bench.redis_local import cli, free_ports, start_cluster
 from celslm.errors import UnavailableError
+from celslm.manifest import sha256_digest
 from celslm.store import open_store
 from celslm.store.redis import PART_BYTES, key
 from tests.conftest import run_cli

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from celslm.artifact import SCHEMA, canonical_json, sha256_digest
 from celslm.errors import EXIT_INTEGRITY, EXIT_USAGE
+from celslm.manifest import SCHEMA, sha256_digest
 from celslm.store.http import CacheClient
-from celslm.trust import load_private_key, sign_artifact, sign_tag
+from celslm.trust import canonical_json, load_private_key, sign_artifact, sign_tag
 from tests.conftest import CONTEXT, run_cli
 from tests.netutil import Server
 from tests.test_server import call

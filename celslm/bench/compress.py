@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from celslm import kvcache
-from celslm.artifact import MemoryReader, Producer
+from celslm.artifact import MemoryReader
 from celslm.blockread import open_context
 from celslm.blocks import build_artifact
 from celslm.calibrate import model_codebook
@@ -37,6 +37,7 @@ from celslm.codecs import PRESETS, parse_codec
 from celslm.corpus import Case, eval_cases
 from celslm.decode import context_from_artifact
 from celslm.errors import CelslmError
+from celslm.manifest import Producer
 from celslm.models import LoadedModel
 from celslm.score import continuation_logits, kl, nll, top1
 

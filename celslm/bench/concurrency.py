@@ -171,7 +171,7 @@ def sketch_request(url: str, sketch: str):
 
 
 def pull_request(url: str, artifact_id: str):
-    from celslm.artifact import Manifest
+    from celslm.manifest import Manifest
     from celslm.store.http import CacheClient
 
     def request():

@@ -13,10 +13,11 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
-from celslm.artifact import MemoryReader, Producer
+from celslm.artifact import MemoryReader
 from celslm.blocks import build_artifact
 from celslm.corpus import eval_cases
 from celslm.decode import context_from_artifact, context_from_ids
+from celslm.manifest import Producer
 from celslm.models import LoadedModel
 from celslm.score import continuation_logits, nll, top1
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from celslm import prompting
-from celslm.artifact import MemoryReader, seal_artifact
+from celslm.artifact import MemoryReader
 from celslm.bench.concurrency import CLI, CloudProcess, free_port
 from celslm.bench.edge import timed
 from celslm.bench.ttft import stdlib_context
@@ -45,6 +45,7 @@ from celslm.confidential import Identity
 from celslm.errors import CelslmError
 from celslm.models import LoadedModel, celslm_home
 from celslm.prefill import prefill
+from celslm.sealing import seal_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push
 from celslm.trust import (TrustPolicy, generate_key, load_private_key, load_public_key, sign_artifact, sign_tag)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from celslm.artifact import canonical_json, sha256_digest
+from celslm.manifest import sha256_digest
 from celslm.store.local import LocalStore
+from celslm.trust import canonical_json
 
 MODES = ("huge", "declared", "trickle", "counts")
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from celslm import prompting
-from celslm.artifact import MemoryReader, Producer, Timings
+from celslm.artifact import MemoryReader
+from celslm.manifest import Producer, Timings
 from celslm.blocks import build_artifact
 from celslm.bench.ttft import stdlib_context
 from celslm.calibrate import codec_codebook

@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from celslm.align import gain_kept
-from celslm.artifact import MemoryReader, Producer
+from celslm.artifact import MemoryReader
+from celslm.manifest import Producer
 from celslm.blocks import build_artifact
 from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec

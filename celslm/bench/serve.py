@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from celslm.artifact import Artifact, Manifest, MemoryReader, ModelSpace, Producer, sha256_digest
+from celslm.artifact import MemoryReader
 from celslm.bench.concurrency import free_port
 from celslm.blocks import build_artifact
+from celslm.manifest import Artifact, Manifest, ModelSpace, Producer, sha256_digest
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push
 

@@ -15,10 +15,10 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from celslm.artifact import DIGEST, Manifest, Timings, canonical_json, check_digest, read_side_record, sha256_digest
-from celslm.artifact import SIGNATURES_NAME, TIMINGS_NAME
 from celslm.errors import InsufficientStorage, IntegrityError, NotFound, UsageError
-from celslm.trust import Signature, SignedTag, artifact_message, merge_signatures
+from celslm.manifest import DIGEST, Manifest, Timings, check_digest, read_side_record, sha256_digest
+from celslm.manifest import SIGNATURES_NAME, TIMINGS_NAME
+from celslm.trust import Signature, SignedTag, artifact_message, canonical_json, merge_signatures
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -17,10 +17,9 @@ import threading
 import time
 from urllib.parse import quote, urlsplit
 
-from celslm.artifact import (MAX_MANIFEST_BYTES, SIGNATURES_NAME, TIMINGS_NAME, Timings, canonical_json,
-                             read_side_record, sha256_digest)
 from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, TokenRequired, UnavailableError, UsageError
-from celslm.trust import Signature, SignedTag
+from celslm.manifest import MAX_MANIFEST_BYTES, SIGNATURES_NAME, TIMINGS_NAME, Timings, read_side_record, sha256_digest
+from celslm.trust import Signature, SignedTag, canonical_json
 
 
 DEADLINE_BASE_S = 10.0  # connect, first byte and a small answer

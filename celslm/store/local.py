@@ -34,8 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
-from celslm.artifact import Manifest, check_digest
 from celslm.errors import CelslmError, IntegrityError
+from celslm.manifest import Manifest, check_digest
 from celslm.store.base import HashingWriter, Store, check_tag
 from celslm.trust import SignedTag
 

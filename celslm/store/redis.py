@@ -41,8 +41,8 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError
 from redis.retry import Retry
 
-from celslm.artifact import check_digest
 from celslm.errors import InsufficientStorage, UnavailableError, UsageError
+from celslm.manifest import check_digest
 from celslm.store.base import HashingWriter, Store
 
 PART_BYTES = 1 << 20

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from celslm.artifact import DIGEST, ArtifactReader, BlobRef, Manifest, Timings, open_artifact, sha256_digest
+from celslm.artifact import ArtifactReader, open_artifact
 from celslm.codebook import MEDIA_CODEBOOK
 from celslm.confidential import Identity
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
+from celslm.manifest import DIGEST, BlobRef, Manifest, Timings, sha256_digest
 from celslm.models import celslm_home
 from celslm.store.http import CacheClient
 from celslm.store.local import EdgeCache
