@@ -14,16 +14,18 @@ import torch
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from celslm import kvcache, prompting
-from celslm.blockread import open_context
 from celslm.artifact import MANIFEST_NAME, DirectoryReader, TarStreamReader, open_artifact, write_dir, write_tar
+from celslm.blockread import open_context
+from celslm.codecs import MEDIA_BASIS, MEDIA_BLOCK
 from celslm.confidential import BLOB_AAD, Identity, Sealed
-from celslm.manifest import CODEBOOK, TOKENS, BlobRole, prefix_hashes
-from celslm.sealing import BlobKeys
-from celslm.tokenblob import decode_tokens
 from celslm.decode import context_from_artifact
 from celslm.errors import IntegrityError, UsageError
+from celslm.manifest import (CODEBOOK, TOKENS, Artifact, BlobRef, BlobRole, Geometry, Manifest, ModelSpace, Producer,
+                             prefix_hashes, sha256_digest)
 from celslm.models import load_model
 from celslm.prefill import prefill
+from celslm.sealing import BlobKeys
+from celslm.tokenblob import MEDIA_TOKENS, decode_tokens, encode_tokens
 from tests.conftest import CONTEXT
 
 
@@ -178,32 +180,56 @@ def test_wrong_schema_is_refused(tmp_path):
         open_artifact(str(tmp_path / "x.kv"))
 
 
-# A context sealed by celslm before blob roles were a type (made once by a script over the code of that
-# commit, with the key pair beside it): tokens 11..15 in chunks of 2, two layers, each with a basis.
+# A tiny context made by hand, and the same sealed by celslm before blob roles were a type (once, by a
+# script over that commit's code, with its recipient's key beside it): ids pinned from that code.
 SEALED_BEFORE = Path(__file__).parent / "data" / "sealed_v2"
 SEALED_BEFORE_ID = "sha256:35e8095740b9701b183c75c573311a793ce4eea81e0ec79f607419ae6aa83093"
-SEALED_BEFORE_ROLES = ["tokens", "basis 0", "block 0 0", "block 0 1", "block 0 2",
-                       "basis 1", "block 1 0", "block 1 1", "block 1 2"]
+PLAIN_BEFORE_ID = "sha256:5c1fb4521d3cdbb0034067339631598a66cc4fbc3b159f597b7cbc8e858cd06f"
 
 
-def test_blob_roles_read_as_the_place_names_blobs_have_always_been_sealed_under(artifact):
-    roles = [TOKENS, CODEBOOK, BlobRole.basis(3), BlobRole.block(2, 17)]
-    assert [str(role) for role in roles] == ["tokens", "codebook", "basis 3", "block 2 17"]
-    keys = BlobKeys(bytes(32), artifact.manifest)
-    for role in roles:
-        assert keys.aad(role, "application/x") == \
-            BLOB_AAD + artifact.manifest.header_digest() + f"{role}\napplication/x".encode()
-    assert [str(role) for _, role in artifact.manifest.blob_roles()][:3] == ["tokens", "block 0 0", "block 0 1"]
+def hand_made_context() -> Artifact:
+    """Token ids 11..15 in chunks of 2, two layers each with a basis; every blob but the token ids holds
+    its role's name."""
+    blobs = {}
+
+    def add(data: bytes, media_type: str) -> BlobRef:
+        blobs[sha256_digest(data)] = data
+        return BlobRef(sha256_digest(data), len(data), media_type)
+
+    ids, space = [11, 12, 13, 14, 15], ModelSpace("tiny", "ab" * 32)
+    manifest = Manifest(
+        space=space, producer=Producer.native(space), token_count=len(ids), chunk_size=2,
+        tokens=add(encode_tokens(ids), MEDIA_TOKENS), prefix_hashes=tuple(prefix_hashes(ids, space.fingerprint, 2)),
+        geometry=Geometry(2, 1, 4), dtype="float32", codec="pca:r=2", framing="raw", provenance=("native",) * 2,
+        blocks=tuple(tuple(add(f"block {layer} {chunk} plaintext".encode(), MEDIA_BLOCK) for chunk in range(3))
+                     for layer in range(2)),
+        bases=tuple(add(f"basis {layer} plaintext".encode(), MEDIA_BASIS) for layer in range(2)))
+    return Artifact(manifest, blobs)
+
+
+def test_blob_roles_read_as_the_place_names_blobs_have_always_been_sealed_under():
+    manifest = hand_made_context().manifest
+    assert [str(role) for _, role in manifest.blob_roles()] == [
+        "tokens", "basis 0", "block 0 0", "block 0 1", "block 0 2", "basis 1", "block 1 0", "block 1 1", "block 1 2"]
+    keys = BlobKeys(bytes(32), manifest)
+    for role, text in ((TOKENS, "tokens"), (CODEBOOK, "codebook"), (BlobRole.basis(3), "basis 3"),
+                       (BlobRole.block(2, 17), "block 2 17")):
+        assert str(role) == text
+        assert keys.aad(role, "application/x") == BLOB_AAD + manifest.header_digest() + f"{text}\napplication/x".encode()
+
+
+def test_a_manifest_has_the_same_bytes_and_id_as_before_the_split():
+    assert hand_made_context().id == PLAIN_BEFORE_ID
 
 
 def test_an_artifact_sealed_before_blob_roles_were_a_type_still_opens_with_the_same_id():
+    plain = hand_made_context()
     identity = Identity.load([SEALED_BEFORE / "edge.key"])
     reader = open_artifact(str(SEALED_BEFORE / "context.tar"), identity=identity)
-    assert reader.id == SEALED_BEFORE_ID
-    assert [str(role) for _, role in reader.manifest.blob_roles()] == SEALED_BEFORE_ROLES
-    plain = [data for _, data in reader.plain_blobs()]
-    assert decode_tokens(plain[0]) == [11, 12, 13, 14, 15]
-    assert plain[1:] == [f"{role} plaintext".encode() for role in SEALED_BEFORE_ROLES[1:]]
+    assert reader.id == SEALED_BEFORE_ID and reader.manifest.header_digest() == plain.manifest.header_digest()
+    opened = [data for _, data in reader.plain_blobs()]
+    assert opened == [plain.blobs[ref.digest] for ref in plain.manifest.blob_refs()]
+    assert decode_tokens(opened[0]) == [11, 12, 13, 14, 15]
     assert open_artifact(str(SEALED_BEFORE / "context.tar"), identity=identity).problems() == []
 
 
