@@ -11,8 +11,9 @@
     GET  /v1/tags/<name>/statement          the tag's signed statement (404 if it has none)
     GET  /v1/lookup?space=<fp>&prefix=h1,…  the longest cached prefix: artifact id and chunk count
 
-A write token guards PUT; an optional read token guards GET and HEAD (constant-time comparison);
-/v1/health stays open.
+A write token guards PUT; an optional read token guards GET and HEAD; /v1/health stays open. The
+bearer check, the status of each library error and the health and metrics routes are celslm.httpserver's,
+shared with the edge service. Every handler is a module function over `request.app[STATE]`.
 
 `serve` runs the app in one process, or in N forked workers that accept on one listening socket
 (the pre-fork model of gunicorn and nginx): the kernel hands each connection to one of them. Their
@@ -23,19 +24,18 @@ sets before prometheus_client is imported), so /metrics, answered by any worker,
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import signal
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, NotFound, UnavailableError, UsageError
+from celslm.errors import UnavailableError, UsageError
+from celslm.httpserver import ByteLRU, ReadWhenScraped, add_health_and_metrics, guard
 from celslm.manifest import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, Manifest, read_side_record
 from celslm.trust import SignedTag
 from celslm.store import Store, open_store
@@ -57,29 +57,6 @@ class ServerConfig:
     memory_bytes: int = 256 << 20  # verified blobs kept in each worker's memory, least recently used out first
 
 
-class BlobMemory:
-    """Blobs already read and verified, kept in memory up to a byte budget (LRU): a hot blob is sent
-    without a disk read or a rehash. The bytes are the ones that hashed to their digest when read."""
-
-    def __init__(self, budget: int):
-        self.budget, self.size = budget, 0
-        self._blobs: OrderedDict[str, bytes] = OrderedDict()
-
-    def get(self, digest: str) -> bytes | None:
-        data = self._blobs.get(digest)
-        if data is not None:
-            self._blobs.move_to_end(digest)
-        return data
-
-    def put(self, digest: str, data: bytes) -> None:
-        if len(data) > self.budget // 8 or digest in self._blobs:  # one blob never takes over the budget
-            return
-        self._blobs[digest] = data
-        self.size += len(data)
-        while self.size > self.budget:
-            self.size -= len(self._blobs.popitem(last=False)[1])
-
-
 class Metrics:
     """Counters of this server (summed over its workers when it has several), and the store's size."""
 
@@ -96,249 +73,266 @@ class Metrics:
         self.bytes_in = Counter("celslm_bytes_in", "Bytes received in uploads", registry=counters)
         self.bytes_out = Counter("celslm_bytes_out", "Blob bytes sent", registry=counters)
         self.evictions = Counter("celslm_evictions", "Artifacts evicted since start", registry=counters)
-        self.registry.register(_StoreSize(store))
+        # read from the store when scraped: the store is shared by all workers
+        self.registry.register(ReadWhenScraped(lambda: [
+            GaugeMetricFamily("celslm_store_bytes", "Bytes of blobs stored", value=store.usage_bytes())]))
 
 
-class _StoreSize:
-    """celslm_store_bytes, read from the store when scraped (the store is shared by all workers)."""
+@dataclass(frozen=True)
+class State:
+    """What every handler works on, as `request.app[STATE]`: a test or a bench peer builds an app over
+    its own (`app_for`) and reuses the handlers."""
 
-    def __init__(self, store: Store):
-        self.store = store
+    config: ServerConfig
+    store: Store
+    metrics: Metrics
+    memory: ByteLRU[bytes]  # blobs already read and verified: a hot blob is sent without a disk read or a rehash
 
-    def collect(self):
-        yield GaugeMetricFamily("celslm_store_bytes", "Bytes of blobs stored", value=self.store.usage_bytes())
+    @classmethod
+    def open(cls, config: ServerConfig) -> State:
+        store = open_store(config.store, config.capacity_bytes)
+        store.stale_tmp()
+        # one blob never takes more than an eighth of the memory
+        return cls(config, store, Metrics(store), ByteLRU(config.memory_bytes, largest_bytes=config.memory_bytes // 8))
 
 
-def _authorized(request: web.Request, token: str | None) -> None:
-    if token is None:
-        return
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
-        raise web.HTTPUnauthorized(text="missing bearer token\n", headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), token.encode()):
-        raise web.HTTPForbidden(text="wrong token\n")
+STATE = web.AppKey("state", State)
 
 
 def make_app(config: ServerConfig) -> web.Application:
-    store = open_store(config.store, config.capacity_bytes)
-    store.stale_tmp()
-    metrics = Metrics(store)
-    memory = BlobMemory(config.memory_bytes)
+    return app_for(State.open(config))
 
-    @web.middleware
-    async def auth_and_errors(request: web.Request, handler):
-        writes = request.method in ("PUT", "POST", "DELETE")
-        if request.path != "/v1/health":  # liveness stays open for load balancers and supervisors
-            _authorized(request, config.write_token if writes else config.read_token)
-        try:
-            return await handler(request)
-        except IntegrityError as exc:
-            raise web.HTTPBadRequest(text=f"{exc}\n") from exc
-        except NotFound as exc:
-            raise web.HTTPNotFound(text=f"{exc}\n") from exc
-        except InsufficientStorage as exc:
-            raise web.HTTPInsufficientStorage(text=f"{exc}\n") from exc
-        except UnavailableError as exc:  # the store (Redis) cannot be reached: the client may retry
-            raise web.HTTPServiceUnavailable(text=f"{exc}\n") from exc
-        except CelslmError as exc:
-            raise web.HTTPBadRequest(text=f"{exc}\n") from exc
 
-    async def health(request):
-        usage = await asyncio.to_thread(store.usage_bytes)  # a network call for Redis: off the event loop
-        return web.json_response({"status": "ok", "store_bytes": usage, "capacity_bytes": store.capacity_bytes})
-
-    async def prometheus(request):
-        body = await asyncio.to_thread(generate_latest, metrics.registry)  # reads the store's size
-        return web.Response(body=body, content_type="text/plain")
-
-    async def get_blob(request):
-        """Every blob sent is verified first: a stored copy gone bad is quarantined and answered 404,
-        so the client asks its next tier and a new push can replace it. A hot blob's GET is answered
-        from the verified copy in memory: from a directory, while its file is still there; from Redis
-        without asking (the bytes are right either way). HEAD, which decides what a push uploads,
-        always asks the store, so a push repairs a blob the store has lost."""
-        digest = request.match_info["digest"]
-        path = store.blob_file(digest)
-        hot = request.method == "GET" and (path is not None or not store.on_disk)
-        data = memory.get(digest) if hot else None
-        if data is not None:
-            return _send(request, digest, data)
-        try:
-            large = path is not None and path.stat().st_size > SMALL_BLOB_BYTES
-        except FileNotFoundError:
-            large = False
-        if large:  # streamed from disk with sendfile (Range and HEAD handled by aiohttp) once its hash is checked
-            with store.reading(digest):
-                if not await asyncio.to_thread(store.check_blob, digest):
-                    metrics.misses.inc()
-                    raise web.HTTPNotFound(text=f"no blob {digest}\n")
-                metrics.hits.inc()
-                response = _BlobFile(path, headers={"Docker-Content-Digest": digest})
-                await response.prepare(request)
-                if request.method == "GET":
-                    metrics.bytes_out.inc(response.content_length or 0)
-                return response
-        data = await asyncio.to_thread(store.read_blob, digest)  # a KV block: one read, verified
-        if data is None:
-            metrics.misses.inc()
-            raise web.HTTPNotFound(text=f"no blob {digest}\n")
-        memory.put(digest, data)
-        return _send(request, digest, data)
-
-    def _send(request, digest: str, data: bytes) -> web.Response:
-        metrics.hits.inc()
-        headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
-        status, body = 200, data
-        if "Range" in request.headers:
-            try:
-                start, stop, _ = request.http_range.indices(len(data))
-            except ValueError:  # a malformed header: nothing of it can be satisfied
-                start, stop = 0, 0
-            if start >= stop:
-                raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{len(data)}"})
-            status, body = 206, data[start:stop]
-            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
-        if request.method == "GET":
-            metrics.bytes_out.inc(len(body))
-        return web.Response(status=status, body=body if request.method == "GET" else None, headers=headers,
-                            content_type="application/octet-stream")
-
-    async def put_blob(request):
-        digest = request.match_info["digest"]
-        if request.content_length is not None and request.content_length > config.max_blob_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=request.content_length)
-        if store.capacity_bytes is not None and (request.content_length or 0) > store.capacity_bytes:
-            raise web.HTTPInsufficientStorage(text=f"a blob of {request.content_length:,} bytes; the store holds "
-                                                   f"{store.capacity_bytes:,}\n")
-        if await asyncio.to_thread(store.check_blob, digest):  # a corrupt copy is quarantined and replaced
-            await _drain(request, config)
-            return web.Response(status=200, text="exists\n")
-        writer = store.blob_writer(digest)
-        try:
-            while True:
-                chunk = await asyncio.wait_for(request.content.readany(), config.read_timeout_s)
-                if not chunk:
-                    break
-                if store.on_disk:
-                    writer.write(chunk)
-                else:  # a Redis write of a whole part may wait out a failover: off the event loop
-                    await asyncio.to_thread(writer.write, chunk)
-                if writer.size > config.max_blob_bytes:
-                    raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=writer.size)
-            if request.content_length is not None and writer.size != request.content_length:
-                raise web.HTTPBadRequest(text="upload ended early\n")
-            await asyncio.to_thread(writer.commit)  # verifies the digest; a mismatch raises IntegrityError -> 400
-        except asyncio.TimeoutError as exc:
-            await _abort(writer, store)
-            raise web.HTTPRequestTimeout(text="client too slow\n") from exc
-        except BaseException:
-            await _abort(writer, store)  # a killed upload leaves no object
-            raise
-        metrics.bytes_in.inc(writer.size)
-        return web.Response(status=201, text="created\n")
-
-    async def get_artifact(request):
-        data = await asyncio.to_thread(store.get_manifest, request.match_info["digest"])
-        if data is None:
-            metrics.misses.inc()
-            raise web.HTTPNotFound(text="no such artifact\n")
-        metrics.hits.inc()
-        return web.Response(body=data, content_type=MEDIA_MANIFEST)
-
-    async def put_artifact(request):
-        data = await _read_small(request, config.max_manifest_bytes, config)
-        evicted = store.evictions
-        missing = await asyncio.to_thread(store.put_manifest, request.match_info["digest"], data)
-        metrics.evictions.inc(max(0, store.evictions - evicted))
-        if missing:
-            return web.json_response({"error": "missing blobs", "missing": missing}, status=409)
-        metrics.bytes_in.inc(len(data))
-        return web.Response(status=201, text="created\n")
-
-    async def get_signatures(request):
-        signatures = await asyncio.to_thread(store.get_signatures, request.match_info["digest"])
-        return web.json_response([sig.to_json() for sig in signatures])
-
-    async def put_signatures(request):
-        digest = request.match_info["digest"]
-        signatures = read_side_record(SIGNATURES_NAME, await _read_small(request, 64 << 10, config), digest)
-        await asyncio.to_thread(store.put_signatures, digest, signatures)
-        return web.Response(status=201, text="signed\n")
-
-    async def get_timings(request):
-        timings = await asyncio.to_thread(store.get_timings, request.match_info["digest"])
-        return web.json_response(timings.to_json())
-
-    async def put_timings(request):
-        digest = request.match_info["digest"]
-        timings = read_side_record(TIMINGS_NAME, await _read_small(request, 4096, config), digest)
-        await asyncio.to_thread(store.put_timings, digest, timings)
-        return web.Response(status=201, text="stored\n")
-
-    async def get_tag(request):
-        artifact_id = await asyncio.to_thread(store.get_tag, request.match_info["name"])
-        if artifact_id is None:
-            raise web.HTTPNotFound(text="no such tag\n")
-        return web.Response(text=artifact_id)
-
-    async def get_tag_statement(request):
-        signed = await asyncio.to_thread(store.get_signed_tag, request.match_info["name"])
-        if signed is None:
-            raise web.HTTPNotFound(text="no signed statement for this tag\n")
-        return web.Response(body=signed.to_bytes(), content_type="application/json")
-
-    async def put_tag(request):
-        """The body is an artifact id (an unsigned tag) or a signed statement {statement, signatures}."""
-        name = request.match_info["name"]
-        body = (await _read_small(request, 64 << 10, config)).strip()
-        if DIGEST.match(body.decode(errors="replace")):
-            artifact_id, signed = body.decode(), None
-        else:
-            signed = SignedTag.from_bytes(body, f"tag {name}")
-            artifact_id = signed.statement.artifact
-        await asyncio.to_thread(store.put_tag, name, artifact_id, signed)
-        return web.Response(status=201, text="tagged\n")
-
-    async def get_codebook(request):
-        digest = await asyncio.to_thread(store.get_codebook, request.match_info["fingerprint"])
-        if digest is None:
-            raise web.HTTPNotFound(text="no codebook for this model here\n")
-        return web.Response(text=digest)
-
-    async def lookup(request):
-        prefixes = [p for p in request.query.get("prefix", "").split(",") if p]
-        if not prefixes:
-            raise UsageError("lookup needs prefix=h1,h2,...")
-        found = await asyncio.to_thread(store.lookup, prefixes)
-        if found is None:
-            metrics.misses.inc()
-            return web.json_response({"artifact": None, "chunks": 0})
-        metrics.hits.inc()
-        artifact_id, chunks = found
-        space = request.query.get("space")
-        manifest = Manifest.from_bytes(await asyncio.to_thread(store.get_manifest, artifact_id), artifact_id)
-        if space and manifest.space.fingerprint != space:
-            return web.json_response({"artifact": None, "chunks": 0})
-        return web.json_response({"artifact": artifact_id, "chunks": chunks})
-
-    app = web.Application(middlewares=[auth_and_errors], client_max_size=config.max_manifest_bytes)
-    app["store"] = store
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/metrics", prometheus)
-    app.router.add_get(f"/v1/blobs/{DIGEST_ROUTE}", get_blob)  # add_get serves HEAD too
-    app.router.add_put(f"/v1/blobs/{DIGEST_ROUTE}", put_blob)
-    app.router.add_get(f"/v1/artifacts/{DIGEST_ROUTE}", get_artifact)
-    app.router.add_put(f"/v1/artifacts/{DIGEST_ROUTE}", put_artifact)
-    app.router.add_get(f"/v1/artifacts/{DIGEST_ROUTE}/signatures", get_signatures)
-    app.router.add_put(f"/v1/artifacts/{DIGEST_ROUTE}/signatures", put_signatures)
-    app.router.add_get(f"/v1/artifacts/{DIGEST_ROUTE}/timings", get_timings)
-    app.router.add_put(f"/v1/artifacts/{DIGEST_ROUTE}/timings", put_timings)
-    app.router.add_get(f"/v1/tags/{TAG_ROUTE}", get_tag)
-    app.router.add_put(f"/v1/tags/{TAG_ROUTE}", put_tag)
-    app.router.add_get(f"/v1/tags/{TAG_ROUTE}/statement", get_tag_statement)
-    app.router.add_get("/v1/lookup", lookup)
-    app.router.add_get("/v1/codebooks/{fingerprint:[0-9a-f]{64}}", get_codebook)
+def app_for(state: State) -> web.Application:
+    config = state.config
+    writes = ("PUT", "POST", "DELETE")
+    middleware = guard(lambda request: config.write_token if request.method in writes else config.read_token,
+                       lambda status, exc: web.Response(status=status, text=f"{exc}\n"))
+    app = web.Application(middlewares=[middleware], client_max_size=config.max_manifest_bytes)
+    app[STATE] = state
+    store = state.store
+    add_health_and_metrics(app, lambda: {"store_bytes": store.usage_bytes(), "capacity_bytes": store.capacity_bytes},
+                           state.metrics.registry)
+    app.add_routes(ROUTES)
     return app
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    """Every blob sent is verified first: a stored copy gone bad is quarantined and answered 404,
+    so the client asks its next tier and a new push can replace it. A hot blob's GET is answered
+    from the verified copy in memory: from a directory, while its file is still there; from Redis
+    without asking (the bytes are right either way). HEAD, which decides what a push uploads,
+    always asks the store, so a push repairs a blob the store has lost."""
+    state = request.app[STATE]
+    store, metrics = state.store, state.metrics
+    digest = request.match_info["digest"]
+    path = store.blob_file(digest)
+    hot = request.method == "GET" and (path is not None or not store.on_disk)
+    data = state.memory.get(digest) if hot else None
+    if data is not None:
+        return _send(request, digest, data)
+    try:
+        large = path is not None and path.stat().st_size > SMALL_BLOB_BYTES
+    except FileNotFoundError:
+        large = False
+    if large:  # streamed from disk with sendfile (Range and HEAD handled by aiohttp) once its hash is checked
+        with store.reading(digest):
+            if not await asyncio.to_thread(store.check_blob, digest):
+                metrics.misses.inc()
+                raise web.HTTPNotFound(text=f"no blob {digest}\n")
+            metrics.hits.inc()
+            response = _BlobFile(path, headers={"Docker-Content-Digest": digest})
+            await response.prepare(request)
+            if request.method == "GET":
+                metrics.bytes_out.inc(response.content_length or 0)
+            return response
+    data = await asyncio.to_thread(store.read_blob, digest)  # a KV block: one read, verified
+    if data is None:
+        metrics.misses.inc()
+        raise web.HTTPNotFound(text=f"no blob {digest}\n")
+    state.memory.put(digest, data)
+    return _send(request, digest, data)
+
+
+def _send(request: web.Request, digest: str, data: bytes) -> web.Response:
+    metrics = request.app[STATE].metrics
+    metrics.hits.inc()
+    headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
+    status, body = 200, data
+    if "Range" in request.headers:
+        try:
+            start, stop, _ = request.http_range.indices(len(data))
+        except ValueError:  # a malformed header: nothing of it can be satisfied
+            start, stop = 0, 0
+        if start >= stop:
+            raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{len(data)}"})
+        status, body = 206, data[start:stop]
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+    if request.method == "GET":
+        metrics.bytes_out.inc(len(body))
+    return web.Response(status=status, body=body if request.method == "GET" else None, headers=headers,
+                        content_type="application/octet-stream")
+
+
+async def put_blob(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    store, config = state.store, state.config
+    digest = request.match_info["digest"]
+    if request.content_length is not None and request.content_length > config.max_blob_bytes:
+        raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=request.content_length)
+    if store.capacity_bytes is not None and (request.content_length or 0) > store.capacity_bytes:
+        raise web.HTTPInsufficientStorage(text=f"a blob of {request.content_length:,} bytes; the store holds "
+                                               f"{store.capacity_bytes:,}\n")
+    if await asyncio.to_thread(store.check_blob, digest):  # a corrupt copy is quarantined and replaced
+        await _drain(request, config)
+        return web.Response(status=200, text="exists\n")
+    writer = store.blob_writer(digest)
+    try:
+        while True:
+            chunk = await asyncio.wait_for(request.content.readany(), config.read_timeout_s)
+            if not chunk:
+                break
+            if store.on_disk:
+                writer.write(chunk)
+            else:  # a Redis write of a whole part may wait out a failover: off the event loop
+                await asyncio.to_thread(writer.write, chunk)
+            if writer.size > config.max_blob_bytes:
+                raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=writer.size)
+        if request.content_length is not None and writer.size != request.content_length:
+            raise web.HTTPBadRequest(text="upload ended early\n")
+        await asyncio.to_thread(writer.commit)  # verifies the digest; a mismatch raises IntegrityError (422)
+    except asyncio.TimeoutError as exc:
+        await _abort(writer, store)
+        raise web.HTTPRequestTimeout(text="client too slow\n") from exc
+    except BaseException:
+        await _abort(writer, store)  # a killed upload leaves no object
+        raise
+    state.metrics.bytes_in.inc(writer.size)
+    return web.Response(status=201, text="created\n")
+
+
+async def get_artifact(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    data = await asyncio.to_thread(state.store.get_manifest, request.match_info["digest"])
+    if data is None:
+        state.metrics.misses.inc()
+        raise web.HTTPNotFound(text="no such artifact\n")
+    state.metrics.hits.inc()
+    return web.Response(body=data, content_type=MEDIA_MANIFEST)
+
+
+async def put_artifact(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    store = state.store
+    data = await _read_small(request, state.config.max_manifest_bytes, state.config)
+    evicted = store.evictions
+    missing = await asyncio.to_thread(store.put_manifest, request.match_info["digest"], data)
+    state.metrics.evictions.inc(max(0, store.evictions - evicted))
+    if missing:
+        return web.json_response({"error": "missing blobs", "missing": missing}, status=409)
+    state.metrics.bytes_in.inc(len(data))
+    return web.Response(status=201, text="created\n")
+
+
+async def get_signatures(request: web.Request) -> web.Response:
+    signatures = await asyncio.to_thread(request.app[STATE].store.get_signatures, request.match_info["digest"])
+    return web.json_response([sig.to_json() for sig in signatures])
+
+
+async def put_signatures(request: web.Request) -> web.Response:
+    return await _put_side_record(request, SIGNATURES_NAME, 64 << 10, "signed")
+
+
+async def get_timings(request: web.Request) -> web.Response:
+    timings = await asyncio.to_thread(request.app[STATE].store.get_timings, request.match_info["digest"])
+    return web.json_response(timings.to_json())
+
+
+async def put_timings(request: web.Request) -> web.Response:
+    return await _put_side_record(request, TIMINGS_NAME, 4096, "stored")
+
+
+async def _put_side_record(request: web.Request, name: str, limit: int, done: str) -> web.Response:
+    """Signatures or timings: checked as a client reads them, then stored beside the artifact."""
+    state = request.app[STATE]
+    digest = request.match_info["digest"]
+    record = read_side_record(name, await _read_small(request, limit, state.config), digest)
+    store_it = state.store.put_signatures if name == SIGNATURES_NAME else state.store.put_timings
+    await asyncio.to_thread(store_it, digest, record)
+    return web.Response(status=201, text=f"{done}\n")
+
+
+async def get_tag(request: web.Request) -> web.Response:
+    artifact_id = await asyncio.to_thread(request.app[STATE].store.get_tag, request.match_info["name"])
+    if artifact_id is None:
+        raise web.HTTPNotFound(text="no such tag\n")
+    return web.Response(text=artifact_id)
+
+
+async def get_tag_statement(request: web.Request) -> web.Response:
+    signed = await asyncio.to_thread(request.app[STATE].store.get_signed_tag, request.match_info["name"])
+    if signed is None:
+        raise web.HTTPNotFound(text="no signed statement for this tag\n")
+    return web.Response(body=signed.to_bytes(), content_type="application/json")
+
+
+async def put_tag(request: web.Request) -> web.Response:
+    """The body is an artifact id (an unsigned tag) or a signed statement {statement, signatures}."""
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    body = (await _read_small(request, 64 << 10, state.config)).strip()
+    if DIGEST.match(body.decode(errors="replace")):
+        artifact_id, signed = body.decode(), None
+    else:
+        signed = SignedTag.from_bytes(body, f"tag {name}")
+        artifact_id = signed.statement.artifact
+    await asyncio.to_thread(state.store.put_tag, name, artifact_id, signed)
+    return web.Response(status=201, text="tagged\n")
+
+
+async def get_codebook(request: web.Request) -> web.Response:
+    digest = await asyncio.to_thread(request.app[STATE].store.get_codebook, request.match_info["fingerprint"])
+    if digest is None:
+        raise web.HTTPNotFound(text="no codebook for this model here\n")
+    return web.Response(text=digest)
+
+
+NO_ARTIFACT = {"artifact": None, "chunks": 0}  # what a lookup that finds nothing answers (the client's "none")
+
+
+async def lookup(request: web.Request) -> web.Response:
+    """The longest cached prefix of `prefix=h1,h2,…` whose artifact is of model space `space`."""
+    state = request.app[STATE]
+    prefixes = [p for p in request.query.get("prefix", "").split(",") if p]
+    if not prefixes:
+        raise UsageError("lookup needs prefix=h1,h2,...")
+    found = await asyncio.to_thread(state.store.lookup, prefixes)
+    data = None
+    if found is not None:  # evicted since the index was read: None, the same as never found
+        data = await asyncio.to_thread(state.store.get_manifest, found[0])
+    space = request.query.get("space")
+    if data is None or (space and Manifest.from_bytes(data, found[0]).space.fingerprint != space):
+        state.metrics.misses.inc()
+        return web.json_response(NO_ARTIFACT)
+    state.metrics.hits.inc()
+    return web.json_response({"artifact": found[0], "chunks": found[1]})
+
+
+ROUTES = [  # web.get answers HEAD too
+    web.get(f"/v1/blobs/{DIGEST_ROUTE}", get_blob),
+    web.put(f"/v1/blobs/{DIGEST_ROUTE}", put_blob),
+    web.get(f"/v1/artifacts/{DIGEST_ROUTE}", get_artifact),
+    web.put(f"/v1/artifacts/{DIGEST_ROUTE}", put_artifact),
+    web.get(f"/v1/artifacts/{DIGEST_ROUTE}/signatures", get_signatures),
+    web.put(f"/v1/artifacts/{DIGEST_ROUTE}/signatures", put_signatures),
+    web.get(f"/v1/artifacts/{DIGEST_ROUTE}/timings", get_timings),
+    web.put(f"/v1/artifacts/{DIGEST_ROUTE}/timings", put_timings),
+    web.get(f"/v1/tags/{TAG_ROUTE}", get_tag),
+    web.put(f"/v1/tags/{TAG_ROUTE}", put_tag),
+    web.get(f"/v1/tags/{TAG_ROUTE}/statement", get_tag_statement),
+    web.get("/v1/lookup", lookup),
+    web.get("/v1/codebooks/{fingerprint:[0-9a-f]{64}}", get_codebook),
+]
 
 
 async def _abort(writer, store: Store) -> None:
@@ -393,7 +387,7 @@ def _run(app: web.Application, sock, ssl_context) -> None:
     web.run_app(app, sock=sock, ssl_context=ssl_context, print=None, shutdown_timeout=30, access_log=None)
 
 
-RESTARTS = 5  # a worker that dies this often within RESTART_WINDOW_S stops the server: it cannot start
+RESTARTS = 5  # workers that die this often within RESTART_WINDOW_S stop the server: they cannot start
 RESTART_WINDOW_S = 30.0
 
 
@@ -445,7 +439,7 @@ def _supervise(config: ServerConfig, sock, workers: int, ssl_context, log) -> No
             pids.discard(pid)
             now = time.monotonic()
             restarts = [at for at in restarts if at > now - RESTART_WINDOW_S] + [now]
-            if len(restarts) > RESTARTS:
+            if len(restarts) >= RESTARTS:  # the RESTARTS-th death stops it
                 raise UnavailableError(f"workers exited {len(restarts)} times in {RESTART_WINDOW_S:g} s (the last: "
                                        f"{_exit_text(status)}); stopping")
             log(f"serve-cache: worker {pid} exited ({_exit_text(status)}); starting another")

@@ -8,7 +8,9 @@ engine's own snapshot (llama.cpp state bytes) in an LRU bounded in bytes, keyed 
 next request over it restores it in milliseconds instead of fetching and decoding blocks.
 
 One model, one sequence at a time: requests queue on a lock and run in a worker thread, so the event
-loop keeps answering (health, streaming) while one generates.
+loop keeps answering (health, streaming) while one generates. The bearer check, the status of each
+library error, /v1/health, /metrics and the LRU are celslm.httpserver's, shared with serve-cache; the
+bodies are OpenAI's error JSON.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from celslm import prompting
 from celslm.confidential import Sealed
 from celslm.decode import Context, DecodeStats, Sampling, TextStream, eos_ids, generate
 from celslm.edge import context_from_reader
-from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
+from celslm.errors import CelslmError, IntegrityError, NotFound, TokenRequired, UnavailableError, UsageError
+from celslm.httpserver import ByteLRU, ReadWhenScraped, add_health_and_metrics, by_class, guard, status_of
 from celslm.manifest import DIGEST
 from celslm.models import LoadedModel
 from celslm.store.tiers import Sources, open_ref, split_url_ref
@@ -53,32 +57,6 @@ class _Entry:
     state: bytes
 
 
-@dataclass
-class ContextCache:
-    """Decoded contexts by artifact id, least recently used first out, within `capacity` bytes."""
-
-    capacity: int
-    entries: OrderedDict = field(default_factory=OrderedDict)
-    bytes: int = 0
-
-    def get(self, key: str) -> _Entry | None:
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: _Entry) -> None:
-        if len(entry.state) > self.capacity:
-            return  # bigger than the whole cache: used once, not kept
-        if key in self.entries:
-            self.bytes -= len(self.entries.pop(key).state)
-        self.entries[key] = entry
-        self.bytes += len(entry.state)
-        while self.bytes > self.capacity:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= len(old.state)
-
-
 class ClientGone(Exception):
     """A streaming client disconnected; its generation stops at the next token."""
 
@@ -86,13 +64,14 @@ class ClientGone(Exception):
 class ApiError(Exception):
     """An OpenAI-style error: HTTP status, message, type and code."""
 
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, code: str, kind: str | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.code, self.kind, self.param = status, code, kind, param
+        self.status, self.code, self.param = status, code, param
+        self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
 
-    def response(self) -> web.Response:
+    def response(self, headers: dict | None = None) -> web.Response:
         body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status)
+        return web.json_response(body, status=self.status, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -109,7 +88,7 @@ class Service:
     def __init__(self, loaded: LoadedModel, config: ServiceConfig, warn=None):
         self.loaded, self.config = loaded, config
         self.warn = warn  # where warnings about unchecked tags and lookups go (the service's log)
-        self.cache = ContextCache(config.cache_bytes)
+        self.cache: ByteLRU[_Entry] = ByteLRU(config.cache_bytes, size_of=lambda entry: len(entry.state))
         self.cacheable = hasattr(loaded.engine, "snapshot")
         self.lock = threading.Lock()  # one sequence on the engine at a time
         self.served = 0
@@ -246,135 +225,165 @@ def parse_request(body, chat: bool, config: ServiceConfig) -> Request:
     return Request(context, prompt, raw=not chat, sampling=sampling, stream=stream, chat=chat)
 
 
+SERVICE = web.AppKey("service", Service)
+
+
 def make_app(service: Service) -> web.Application:
-    name = service.loaded.name
-
-    @web.middleware
-    async def errors(request, handler):
-        try:
-            if service.config.token and request.path != "/v1/health":
-                if request.headers.get("Authorization") != f"Bearer {service.config.token}":
-                    raise ApiError(401, "a bearer token is required (Authorization: Bearer ...)", "invalid_api_key",
-                                   kind="authentication_error")
-            return await handler(request)
-        except ApiError as exc:
-            return exc.response()
-        except web.HTTPException as exc:
-            return ApiError(exc.status, exc.reason, "not_found" if exc.status == 404 else "http_error").response()
-
-    async def completions(request: web.Request, chat: bool):
-        if request.content_type != "application/json":  # also keeps web pages from posting here (no CORS)
-            raise ApiError(415, f"send the request as application/json, not {request.content_type or 'nothing'}",
-                           "unsupported_media_type")
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError, LookupError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-            raise ApiError(400, f"the body is not JSON: {str(exc)[:200]}", "invalid_json") from exc
-        parsed = parse_request(body, chat, service.config)
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-        loop = asyncio.get_running_loop()
-        if not parsed.stream:
-            gone = threading.Event()
-
-            def check(_piece: str) -> None:  # a client that left gets no more tokens
-                if gone.is_set():
-                    raise ClientGone()
-
-            work = loop.run_in_executor(None, _guarded, service, parsed, check)
-            watcher = asyncio.ensure_future(_watch(request, gone, work))
-            try:
-                result = await work
-            except ClientGone:
-                return web.Response(status=499)  # nobody is there to read it
-            finally:
-                watcher.cancel()
-            choice = ({"index": 0, "message": {"role": "assistant", "content": result["text"]}, "finish_reason": result["finish"]}
-                      if chat else {"index": 0, "text": result["text"], "finish_reason": result["finish"], "logprobs": None})
-            return web.json_response({"id": ident, "object": kind, "created": created, "model": name, "choices": [choice],
-                                      "usage": _usage(result), "celslm": result["celslm"]})
-        queue: asyncio.Queue = asyncio.Queue()
-        gone = threading.Event()  # the client went away: stop generating for it
-
-        def emit(piece: str) -> None:
-            if gone.is_set():
-                raise ClientGone()
-            if piece:
-                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-
-        work = loop.run_in_executor(None, _guarded, service, parsed, emit)
-        work.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, ("done", None)))
-        try:
-            return await _stream(request, queue, work, chat, ident, kind, created)
-        except (ConnectionError, asyncio.CancelledError):
-            gone.set()
-            work.add_done_callback(lambda done: done.exception())  # ClientGone, expected: retrieved, not logged
-            raise
-
-    async def _stream(request, queue, work, chat: bool, ident: str, kind: str, created: int):
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        started = False
-
-        def chunk(delta_text: str | None, finish: str | None = None, role: bool = False, extra: dict | None = None) -> bytes:
-            if chat:
-                delta = ({"role": "assistant"} if role else {}) | ({"content": delta_text} if delta_text is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
-            obj = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": name,
-                   "choices": [choice], **(extra or {})}
-            return f"data: {json.dumps(obj)}\n\n".encode()
-
-        while True:
-            what, piece = await queue.get()
-            if what == "piece":
-                if not started:
-                    await response.prepare(request)
-                    started = True
-                    if chat:
-                        await response.write(chunk(None, role=True))
-                await response.write(chunk(piece))
-                continue
-            try:
-                result = work.result()
-            except ApiError as exc:
-                if not started:
-                    return exc.response()
-                await response.write(f"data: {json.dumps({'error': {'message': str(exc), 'code': exc.code}})}\n\n".encode())
-                await response.write(b"data: [DONE]\n\n")
-                return response
-            if not started:
-                await response.prepare(request)
-                if chat:
-                    await response.write(chunk(None, role=True))
-            await response.write(chunk(None if chat else "", result["finish"],
-                                       extra={"usage": _usage(result), "celslm": result["celslm"]}))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
-
-    async def chat_completions(request):
-        return await completions(request, chat=True)
-
-    async def text_completions(request):
-        return await completions(request, chat=False)
-
-    async def models(request):
-        return web.json_response({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "celslm"}]})
-
-    async def health(request):
-        return web.json_response({"status": "ok", "model": name, "engine": service.loaded.engine.name,
-                                  "cached_contexts": len(service.cache.entries), "cached_bytes": service.cache.bytes,
-                                  "cache_capacity": service.cache.capacity, "served": service.served})
-
-    app = web.Application(middlewares=[errors], client_max_size=1 << 20)
+    middleware = guard(lambda request: service.config.token,
+                       lambda status, exc: ApiError(status, str(exc), by_class(ERROR_CODES, exc)[0]).response())
+    app = web.Application(middlewares=[openai_errors, middleware], client_max_size=1 << 20)
+    app[SERVICE] = service
+    registry = CollectorRegistry()
+    registry.register(ReadWhenScraped(lambda: _readings(service)))
+    add_health_and_metrics(app, lambda: _health(service), registry)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", text_completions)
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/health", health)
     return app
+
+
+def _health(service: Service) -> dict:
+    return {"model": service.loaded.name, "engine": service.loaded.engine.name, "cached_contexts": len(service.cache),
+            "cached_bytes": service.cache.size_bytes, "cache_capacity": service.cache.budget_bytes,
+            "served": service.served}
+
+
+def _readings(service: Service) -> list:
+    return [CounterMetricFamily("celslm_requests_served", "Requests answered to the end", value=service.served),
+            GaugeMetricFamily("celslm_context_cache_bytes", "Bytes of decoded contexts kept in memory",
+                              value=service.cache.size_bytes),
+            GaugeMetricFamily("celslm_context_cache_entries", "Decoded contexts kept in memory", value=len(service.cache))]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler):
+    """Every error as an OpenAI error body: ours, the bearer check's, aiohttp's (no such route)."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status in (401, 403):
+            refused = ApiError(exc.status, exc.text.strip(), "invalid_api_key", kind="authentication_error")
+            return refused.response({k: v for k, v in exc.headers.items() if k == "WWW-Authenticate"})
+        return ApiError(exc.status, exc.reason, "not_found" if exc.status == 404 else "http_error").response()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await completions(request, chat=True)
+
+
+async def text_completions(request: web.Request) -> web.StreamResponse:
+    return await completions(request, chat=False)
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [
+        {"id": request.app[SERVICE].loaded.name, "object": "model", "created": 0, "owned_by": "celslm"}]})
+
+
+async def completions(request: web.Request, chat: bool) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    if request.content_type != "application/json":  # also keeps web pages from posting here (no CORS)
+        raise ApiError(415, f"send the request as application/json, not {request.content_type or 'nothing'}",
+                       "unsupported_media_type")
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError, LookupError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"the body is not JSON: {str(exc)[:200]}", "invalid_json") from exc
+    parsed = parse_request(body, chat, service.config)
+    answer = _Answer(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "chat.completion" if chat else "text_completion",
+                     int(time.time()), service.loaded.name, chat)
+    loop = asyncio.get_running_loop()
+    if not parsed.stream:
+        gone = threading.Event()
+
+        def check(_piece: str) -> None:  # a client that left gets no more tokens
+            if gone.is_set():
+                raise ClientGone()
+
+        work = loop.run_in_executor(None, _guarded, service, parsed, check)
+        watcher = asyncio.ensure_future(_watch(request, gone, work))
+        try:
+            result = await work
+        except ClientGone:
+            return web.Response(status=499)  # nobody is there to read it
+        finally:
+            watcher.cancel()
+        choice = ({"index": 0, "message": {"role": "assistant", "content": result["text"]}, "finish_reason": result["finish"]}
+                  if chat else {"index": 0, "text": result["text"], "finish_reason": result["finish"], "logprobs": None})
+        return web.json_response({"id": answer.ident, "object": answer.kind, "created": answer.created, "model": answer.model,
+                                  "choices": [choice], "usage": _usage(result), "celslm": result["celslm"]})
+    queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()  # the client went away: stop generating for it
+
+    def emit(piece: str) -> None:
+        if gone.is_set():
+            raise ClientGone()
+        if piece:
+            loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+
+    work = loop.run_in_executor(None, _guarded, service, parsed, emit)
+    work.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, ("done", None)))
+    try:
+        return await _stream(request, queue, work, answer)
+    except (ConnectionError, asyncio.CancelledError):
+        gone.set()
+        work.add_done_callback(lambda done: done.exception())  # ClientGone, expected: retrieved, not logged
+        raise
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What every chunk of one answer repeats."""
+
+    ident: str
+    kind: str  # chat.completion or text_completion
+    created: int
+    model: str
+    chat: bool
+
+    def chunk(self, delta_text: str | None, finish: str | None = None, role: bool = False, extra: dict | None = None) -> bytes:
+        if self.chat:
+            delta = ({"role": "assistant"} if role else {}) | ({"content": delta_text} if delta_text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+        obj = {"id": self.ident, "object": f"{self.kind}.chunk" if self.chat else self.kind, "created": self.created,
+               "model": self.model, "choices": [choice], **(extra or {})}
+        return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+async def _stream(request: web.Request, queue: asyncio.Queue, work, answer: _Answer) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    started = False
+    while True:
+        what, piece = await queue.get()
+        if what == "piece":
+            if not started:
+                await response.prepare(request)
+                started = True
+                if answer.chat:
+                    await response.write(answer.chunk(None, role=True))
+            await response.write(answer.chunk(piece))
+            continue
+        try:
+            result = work.result()
+        except ApiError as exc:
+            if not started:
+                return exc.response()
+            await response.write(f"data: {json.dumps({'error': {'message': str(exc), 'code': exc.code}})}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            return response
+        if not started:
+            await response.prepare(request)
+            if answer.chat:
+                await response.write(answer.chunk(None, role=True))
+        await response.write(answer.chunk(None if answer.chat else "", result["finish"],
+                                          extra={"usage": _usage(result), "celslm": result["celslm"]}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
 
 async def _watch(request: web.Request, gone: threading.Event, work) -> None:
@@ -392,34 +401,31 @@ def _usage(result: dict) -> dict:
             "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
 
 
+# A library error met while answering: its code, and what the message says of the context (None: the
+# error's own message is the whole message). The status is httpserver.status_of's.
+ERROR_CODES: dict[type, tuple[str, str | None]] = {
+    NotFound: ("context_not_found", ""),
+    TokenRequired: ("context_unavailable", " cannot be fetched"),
+    UnavailableError: ("context_unavailable", " cannot be fetched"),
+    Untrusted: ("context_untrusted", " refused by the trust policy"),
+    Sealed: ("context_encrypted", " cannot be opened here"),
+    IntegrityError: ("context_corrupt", " failed verification"),
+    UsageError: ("invalid_request", None),
+    CelslmError: ("engine_error", None),
+}
+
+
 def _guarded(service: Service, request: Request, emit) -> dict:
     """`Service.run`, its library errors turned into OpenAI-style ones."""
     try:
         return service.run(request, emit)
-    except ApiError:
+    except (ApiError, ClientGone):
         raise
-    except NotFound as exc:
-        raise ApiError(404, f"context {request.context!r}: {exc}", "context_not_found", param="context") from exc
-    except UnavailableError as exc:
-        raise ApiError(503, f"context {request.context!r} cannot be fetched: {exc}", "context_unavailable",
-                       kind="server_error", param="context") from exc
-    except Untrusted as exc:
-        raise ApiError(403, f"context {request.context!r} refused by the trust policy: {exc}", "context_untrusted",
-                       param="context") from exc
-    except Sealed as exc:
-        raise ApiError(403, f"context {request.context!r} cannot be opened here: {exc}", "context_encrypted",
-                       param="context") from exc
-    except IntegrityError as exc:
-        if os.path.exists(request.context):  # a file the client named: its mistake, not a server's
-            raise ApiError(400, f"context {request.context!r} is not a valid artifact: {exc}", "invalid_context",
-                           param="context") from exc
-        raise ApiError(502, f"context {request.context!r} failed verification: {exc}", "context_corrupt",
-                       kind="server_error", param="context") from exc
-    except UsageError as exc:
-        raise ApiError(400, str(exc), "invalid_request") from exc
     except CelslmError as exc:
-        raise ApiError(500, str(exc), "engine_error", kind="server_error") from exc
-    except ClientGone:
-        raise
+        code, words = by_class(ERROR_CODES, exc)
+        if code == "context_corrupt" and os.path.exists(request.context):  # a file the client named: its mistake
+            code, words = "invalid_context", " is not a valid artifact"
+        message = str(exc) if words is None else f"context {request.context!r}{words}: {exc}"
+        raise ApiError(status_of(exc), message, code, param=None if words is None else "context") from exc
     except Exception as exc:  # a bug of ours: one line to the client, not a traceback; the service goes on
-        raise ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error", kind="server_error") from exc
+        raise ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error") from exc

@@ -38,7 +38,7 @@ def test_two_servers_over_one_redis_share_everything(redis_url, tiny_qwen, tmp_p
         data = (tmp_path / "a.kv" / "blobs" / digest.removeprefix("sha256:")).read_bytes()
         assert call(second.url, "GET", f"/v1/blobs/{digest}", headers={"Range": "bytes=5-14"}) == (206, data[5:15])
         bad = b"not what the digest says"
-        assert call(second.url, "PUT", f"/v1/blobs/sha256:{hashlib.sha256(b'x').hexdigest()}", bad)[0] == 400
+        assert call(second.url, "PUT", f"/v1/blobs/sha256:{hashlib.sha256(b'x').hexdigest()}", bad)[0] == 422
         out = json.loads(run_cli("decode", "-m", str(tiny_qwen), "--kv", "shared", "--cloud", second.url, "-p", "hi",
                                  "-n", "4", "--json", check=True).stdout)
         assert out["artifact"] == pushed["id"] and out["new_tokens"] == 4

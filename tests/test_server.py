@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import re
 import shutil
 import subprocess
 import json
@@ -10,10 +12,11 @@ import socket
 import struct
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from celslm.errors import EXIT_USAGE
+from celslm.errors import EXIT_USAGE, IntegrityError
 from celslm.store.http import CacheClient
 from tests.conftest import CONTEXT, run_cli
 from tests.netutil import RecordingProxy, Server
@@ -41,18 +44,33 @@ def artifact(prefilled):
 
 
 def call(url: str, method: str, path: str, body: bytes | None = None, token: str | None = None, headers=None):
+    return call_with_headers(url, method, path, body, token, headers)[:2]
+
+
+def call_with_headers(url: str, method: str, path: str, body: bytes | None = None, token: str | None = None, headers=None):
+    """(status, body, response headers)."""
     request = urllib.request.Request(url + path, data=body, method=method, headers=headers or {})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
+            return response.status, response.read(), response.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return exc.code, exc.read(), exc.headers
 
 
 def first_block(manifest) -> str:
     return manifest["blocks"][0][0]["digest"]
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_push_then_pull_round_trips_and_second_push_sends_nothing(servers, artifact, tmp_path):
@@ -94,7 +112,8 @@ def test_tokens_guard_writes_and_reads(servers, artifact):
     cloud = servers("cloud", "--write-token", "w-secret", "--read-token", "r-secret")
     blob = b"hello"
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    assert call(cloud.url, "PUT", f"/v1/blobs/{digest}", blob)[0] == 401
+    status, _, headers = call_with_headers(cloud.url, "PUT", f"/v1/blobs/{digest}", blob)
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
     assert call(cloud.url, "PUT", f"/v1/blobs/{digest}", blob, token="wrong")[0] == 403
     assert call(cloud.url, "PUT", f"/v1/blobs/{digest}", blob, token="r-secret")[0] == 403
     assert call(cloud.url, "PUT", f"/v1/blobs/{digest}", blob, token="w-secret")[0] == 201
@@ -123,8 +142,10 @@ def test_blob_whose_bytes_do_not_match_is_refused_and_not_stored(servers):
     cloud = servers("cloud")
     digest = "sha256:" + hashlib.sha256(b"the real bytes").hexdigest()
     status, body = call(cloud.url, "PUT", f"/v1/blobs/{digest}", b"other bytes")
-    assert status == 400 and b"hash to" in body
+    assert status == 422 and b"hash to" in body  # an IntegrityError: the status the table gives it
     assert call(cloud.url, "HEAD", f"/v1/blobs/{digest}")[0] == 404
+    with pytest.raises(IntegrityError, match="hash to"):  # and the client reads it as one (push exits 3)
+        CacheClient(cloud.url).put_blob(digest, b"other bytes")
 
 
 def _partial_upload(url_port: int, digest: str, declared: int, sent: bytes) -> socket.socket:
@@ -137,10 +158,12 @@ def test_upload_killed_halfway_leaves_no_object(servers, tmp_path):
     cloud = servers("cloud")
     blob = bytes(range(256)) * 400
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    _partial_upload(cloud.port, digest, len(blob), blob[:30000]).close()
-    time.sleep(1.0)
+    uploads = tmp_path / "cloud" / "tmp"
+    upload = _partial_upload(cloud.port, digest, len(blob), blob[:30000])
+    assert wait_until(lambda: any(uploads.iterdir())), "the upload never reached the store"
+    upload.close()
+    assert wait_until(lambda: not any(uploads.iterdir())), "the killed upload left its bytes behind"
     assert call(cloud.url, "HEAD", f"/v1/blobs/{digest}")[0] == 404
-    assert list((tmp_path / "cloud" / "tmp").iterdir()) == []
     assert not (tmp_path / "cloud" / "blobs" / digest.removeprefix("sha256:")).exists()
 
 
@@ -340,3 +363,53 @@ def test_bench_serve_ceiling_drives_every_server_with_wrk_without_failures():
         assert "serve-cache redis cluster, 2 workers" in names
     for row in result["results"]:
         assert row["requests_per_s"] > 0 and row["failed"] == 0, row
+
+
+def test_a_manifest_evicted_between_the_lookup_and_its_read_is_no_artifact_not_a_500(tmp_path):
+    """The prefix index names an artifact whose manifest is gone when it is read (evicted in between):
+    the answer is the one for no artifact, which the client reads as a miss."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from celslm.server import ServerConfig, State, app_for
+
+    state = State.open(ServerConfig(store=str(tmp_path / "store")))
+    state.store.lookup = lambda prefixes: ("sha256:" + "1" * 64, len(prefixes))  # the index still has it
+    state.store.get_manifest = lambda artifact_id: None  # and the manifest is gone
+
+    async def ask():
+        async with TestClient(TestServer(app_for(state))) as client:
+            response = await client.get("/v1/lookup", params={"space": "f" * 64, "prefix": "a,b"})
+            url = str(client.make_url("/")).rstrip("/")
+            return response.status, await response.json(), await asyncio.to_thread(CacheClient(url).lookup, "f" * 64, ["a", "b"])
+
+    assert asyncio.run(ask()) == (200, {"artifact": None, "chunks": 0}, None)
+
+
+def test_every_library_error_has_one_status_and_the_readme_table_lists_it():
+    import celslm.errors
+    from celslm.confidential import Sealed
+    from celslm.httpserver import STATUS_OF_ERROR, status_of
+    from celslm.store.http import DeadlineExceeded
+    from celslm.trust import Untrusted
+
+    errors = [v for v in vars(celslm.errors).values() if isinstance(v, type) and issubclass(v, celslm.errors.CelslmError)]
+    assert set(errors) | {Untrusted, Sealed} == set(STATUS_OF_ERROR)
+    assert status_of(DeadlineExceeded("slow")) == 503 and status_of(celslm.errors.ModelSpaceMismatch("other")) == 400
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| \d+ \| (\d{3}) \|", readme, re.MULTILINE))
+    assert rows == {cls.__name__: str(status) for cls, status in STATUS_OF_ERROR.items()}
+
+
+def test_the_byte_lru_keeps_the_recently_used_within_its_budget():
+    from celslm.httpserver import ByteLRU
+
+    memory = ByteLRU(10, largest_bytes=6)
+    memory.put("a", b"aaaa")
+    memory.put("b", b"bbbb")
+    assert memory.get("a") == b"aaaa"  # a is now the more recent
+    memory.put("c", b"cccc")  # 12 bytes: the least recently used (b) goes
+    assert (memory.get("b"), memory.get("a"), memory.get("c"), memory.size_bytes) == (None, b"aaaa", b"cccc", 8)
+    memory.put("d", b"d" * 7)  # over largest_bytes: not kept, nothing pushed out
+    assert memory.get("d") is None and len(memory) == 2
+    memory.put("a", b"aa")  # replaced: counted at its new size
+    assert memory.size_bytes == 6

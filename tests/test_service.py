@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -125,9 +126,10 @@ def test_errors_come_back_as_openai_errors(setup):
         ((*json_type, "-d", big), "400", "invalid_value"),  # an integer too big for a float
         ((*json_type, "-d", streamed), "400", "invalid_value"),
     ]
-    for context, code in (("-", "invalid_context"), ("http://203.0.113.9:8470/v1/tags/x", "context_server_refused"),
-                          (str(setup["root"] / "ctx.txt"), "invalid_context")):
-        cases.append(((*json_type, "-d", json.dumps({"context": context, "messages": message})), "400", code))
+    for context, status, code in (("-", "400", "invalid_context"),
+                                  ("http://203.0.113.9:8470/v1/tags/x", "400", "context_server_refused"),
+                                  (str(setup["root"] / "ctx.txt"), "422", "invalid_context")):  # not an artifact: IntegrityError
+        cases.append(((*json_type, "-d", json.dumps({"context": context, "messages": message})), status, code))
     for args, status, code in cases:
         assert curl(*args)[0] == status and curl(*args)[1]["code"] == code, args[-1][:60]
     assert service.proc.poll() is None  # still serving
@@ -144,9 +146,17 @@ def test_binding_beyond_loopback_needs_a_token_and_the_token_is_checked(setup):
     assert refused.returncode == 2 and b"--token" in refused.stderr
     guarded = Service(setup["gguf"], "--token", "s3cret")
     try:
-        with pytest.raises(openai.AuthenticationError):
+        with pytest.raises(openai.PermissionDeniedError):  # a wrong token: 403, as serve-cache answers it
             guarded.client("wrong").models.list()
         assert guarded.client("s3cret").models.list().data
+        with pytest.raises(urllib.error.HTTPError) as missing:  # none at all: 401 and how to give one
+            urllib.request.urlopen(guarded.url + "/metrics", timeout=10)
+        assert missing.value.code == 401 and missing.value.headers["WWW-Authenticate"] == "Bearer"
+        assert json.loads(missing.value.read())["error"]["code"] == "invalid_api_key"
+        metrics = urllib.request.urlopen(urllib.request.Request(guarded.url + "/metrics", headers={
+            "Authorization": "Bearer s3cret"}), timeout=10).read().decode()
+        assert "celslm_requests_served_total 0.0" in metrics and "celslm_context_cache_bytes 0.0" in metrics
+        assert guarded.get("/v1/health")["status"] == "ok"  # health stays open
     finally:
         assert guarded.stop() == 0
 

@@ -105,7 +105,7 @@ def test_a_manifest_that_is_not_canonical_is_refused(world, tmp_path, servers):
     cloud = servers("cloud")
     run_cli("push", str(root / "a.kv"), cloud.url, check=True)  # the blobs are there; the manifest is not canonical
     status, body = call(cloud.url, "PUT", f"/v1/artifacts/{sha256_digest(loose)}", loose)
-    assert status == 400 and b"canonical" in body
+    assert status == 422 and b"canonical" in body
 
 
 def test_verify_with_trust_accepts_the_producers_signature_only(world, tmp_path):
@@ -204,7 +204,7 @@ def test_a_store_refuses_a_signature_that_does_not_verify(world, servers):
     run_cli("push", str(root / "a.kv"), cloud.url, check=True)
     wrong = sign_artifact(load_private_key(root / "cloud.key"), ids["b"]).to_json()  # B's signature, offered for A
     status, body = call(cloud.url, "PUT", f"/v1/artifacts/{ids['a']}/signatures", canonical_json([wrong]))
-    assert status == 400 and b"does not verify" in body
+    assert status == 422 and b"does not verify" in body
     stored = json.loads(call(cloud.url, "GET", f"/v1/artifacts/{ids['a']}/signatures")[1])
     assert stored == json.loads((root / "a.kv" / "signatures.json").read_bytes())  # A's own, pushed with it, only
 

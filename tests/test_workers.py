@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -92,7 +93,22 @@ def test_a_killed_worker_is_replaced_and_sigterm_stops_them_all(two_workers):
     assert f"worker {victim} exited (signal 9); starting another" in server.proc.stderr.read().decode()
 
 
-@pytest.mark.skipif(__import__("shutil").which("redis-server") is None, reason="redis-server not installed")
+def test_the_fifth_worker_death_in_30_s_stops_the_server(tmp_path):
+    """The store becomes a file once the server is up, so every worker started after that dies opening
+    it: deaths one to four are replaced (and logged as such), the fifth stops the server with exit 4."""
+    root = tmp_path / "store"
+    server = Server(root, "--workers", "2")
+    shutil.rmtree(root)
+    root.write_text("not a store")
+    for pid in workers_of(server):
+        os.kill(pid, signal.SIGKILL)
+    assert server.proc.wait(timeout=60) == 4
+    stderr = server.proc.stderr.read().decode()
+    assert stderr.count("; starting another") == 4, stderr
+    assert "workers exited 5 times in 30 s" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_workers_that_cannot_start_stop_the_server_with_one_line(tmp_path):
     """Redis goes away and the workers die: each replacement says why in one line and, after a few,
     the supervisor stops (exit 4) instead of restarting forever."""

@@ -119,6 +119,8 @@ class CacheClient:
             return InsufficientStorage(f"{self.url}: {what} refused: {data[:200].decode(errors='replace').strip()}")
         if status == 503:  # the server is up but its store is not (a Redis failing over): the next tier, or later
             return UnavailableError(f"{self.url}: {what} failed: {data[:200].decode(errors='replace').strip()}")
+        if status == 422:  # the server found what was sent corrupt (a digest, a signature, a manifest)
+            return IntegrityError(f"{self.url}: {what} refused: {data[:200].decode(errors='replace').strip()}")
         return CelslmError(f"{self.url}: {what} failed: HTTP {status} {data[:200].decode(errors='replace').strip()}")
 
     # ---- blobs
