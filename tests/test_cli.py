@@ -228,3 +228,22 @@ def test_an_artifact_no_tier_holds_is_not_found_exit_2_and_an_unreachable_tier_i
     down = run_cli("decode", "-m", str(tiny_qwen), "--kv", "nosuch:latest", "--cloud", "http://127.0.0.1:9", "-p", "hi")
     assert_one_line_error(down, EXIT_UNAVAILABLE, "nosuch:latest")
     assert not (tmp_path / "x.kv").exists()
+
+
+def test_prefill_chooses_its_engine_as_decode_does_and_transformers_for_align(tmp_path, aligned_pair):
+    pytest.importorskip("llama_cpp")
+    from tests.tiny import save_tiny_gguf
+
+    gguf = save_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", seed=5)
+    (tmp_path / "ctx.txt").write_text(CONTEXT)
+    args = ("prefill", "-c", str(tmp_path / "ctx.txt"), "--json")
+    auto = json.loads(run_cli(*args, "-m", str(gguf), "-o", str(tmp_path / "a.kv"), check=True).stdout)
+    assert auto["engine"] == "llama.cpp"  # a .gguf runs as it is, like decode's default
+    pinned = json.loads(run_cli(*args, "-m", str(gguf), "-o", str(tmp_path / "t.kv"), env={"CELSLM_ENGINE": "transformers"},
+                                check=True).stdout)
+    assert pinned["engine"] == "transformers" and pinned["tokens"] == auto["tokens"]
+    cross = json.loads(run_cli(*args, "-m", str(aligned_pair["large"]), "--align", str(aligned_pair["align"]),
+                               "-o", str(tmp_path / "x.kv"), check=True).stdout)
+    assert cross["engine"] == "transformers"
+    assert_one_line_error(run_cli(*args, "-m", str(gguf), "--align", str(aligned_pair["align"]), "--engine", "llama.cpp",
+                                  "-o", str(tmp_path / "y.kv")), EXIT_USAGE, "--align runs on --engine transformers")
