@@ -101,9 +101,10 @@ def typed(invocation: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def old_spelling(flag: str) -> typer.models.OptionInfo:
-    """A flag renamed in this release: hidden from --help, still accepted, with a warning (see `renamed`)."""
-    return typer.Option(flag, hidden=True)
+def old_spelling(flag: str, **checks) -> typer.models.OptionInfo:
+    """A flag renamed in this release: hidden from --help, still accepted, with a warning (see `renamed`);
+    `checks` (min=, max=) are the new flag's, so the old spelling lets through nothing the new one refuses."""
+    return typer.Option(flag, hidden=True, **checks)
 
 
 def renamed(old_flag: str, new_flag: str, old_value, new_value, new_default=None):

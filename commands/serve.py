@@ -41,7 +41,7 @@ def serve(
     engine: EngineOpt = None,
     cache_token: Annotated[str | None, old_spelling("--cache-token")] = None,
     cache_bytes: Annotated[str | None, old_spelling("--cache-bytes")] = None,
-    max_tokens: Annotated[int | None, old_spelling("--max-tokens")] = None,
+    max_tokens: Annotated[int | None, old_spelling("--max-tokens", min=1, max=65536)] = None,
 ) -> None:
     """Keep a model loaded and answer OpenAI-style requests over shared contexts; the prompt stays here."""
     from aiohttp import web  # serving imports: not for --help

@@ -180,6 +180,7 @@ def test_old_spellings_still_work_for_a_release_with_a_warning_and_clash_with_th
     assert_one_line_error(run_cli("serve", "-m", "x", "--max-tokens", "5", "--max-new-tokens", "7"), EXIT_USAGE,
                           "--max-tokens is the old spelling of --max-new-tokens")
     assert b"--cache-bytes" not in run_cli("serve", "--help").stdout  # hidden from --help
+    assert run_cli("serve", "-m", "x", "--max-tokens", "0").returncode == EXIT_USAGE  # checked as the new flag is
 
 
 def test_serve_token_typed_without_api_token_is_refused_not_guessed():
