@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import sys
@@ -20,12 +21,10 @@ err_console = Console(stderr=True)
 out_console = Console() if Console().is_terminal else Console(width=200)
 
 FLAG = ""  # the metavar of boolean flags: their help shows no value placeholder (Typer's default is <bool>)
-ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", envvar="CELSLM_MODEL", show_envvar=True,
-    help="Model: a Hugging Face folder, a .gguf file, a bundled name (celslm models list) or a hub id.")]
-EngineOpt = Annotated[str | None, typer.Option(
-    "--engine", envvar="CELSLM_ENGINE", show_envvar=True,
-    help="llama.cpp (the GGUF as it is; default for a .gguf or bundled model) or transformers (fp32 reference).")]
+MODEL_HELP = "Model: a Hugging Face folder, a .gguf file, a bundled name (celslm models list) or a hub id."
+ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="CELSLM_MODEL", show_envvar=True, help=MODEL_HELP)]
+ENGINE_HELP = "llama.cpp (the GGUF as it is; default for a .gguf or bundled model) or transformers (fp32 reference)."
+EngineOpt = Annotated[str | None, typer.Option("--engine", envvar="CELSLM_ENGINE", show_envvar=True, help=ENGINE_HELP)]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print machine-readable JSON on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", metavar=FLAG, help="Replace the output if it exists.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CELSLM_TOKEN", show_envvar=True,
@@ -86,9 +85,26 @@ def cache_capacity(value: str | None) -> int:
     return EDGE_CACHE_BYTES if value is None else byte_size(value, "--cache-capacity")
 
 
-def old_spelling(flag: str) -> typer.models.OptionInfo:
-    """A flag renamed in this release: hidden from --help, still accepted, with a warning (see `renamed`)."""
-    return typer.Option(flag, hidden=True)
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host`: what both servers check before they listen without a token."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def typed(invocation: typer.Context, name: str) -> bool:
+    """Whether the user typed option `name` on the command line (not its default, not its environment variable)."""
+    source = invocation.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def old_spelling(flag: str, **checks) -> typer.models.OptionInfo:
+    """A flag renamed in this release: hidden from --help, still accepted, with a warning (see `renamed`);
+    `checks` (min=, max=) are the new flag's, so the old spelling lets through nothing the new one refuses."""
+    return typer.Option(flag, hidden=True, **checks)
 
 
 def renamed(old_flag: str, new_flag: str, old_value, new_value, new_default=None):

@@ -10,9 +10,10 @@ from rich.table import Table
 
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
-from .common import (FLAG, for_option, CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, JsonOpt, ModelOpt, PeerOpt,
-                     TokenOpt, TrustOpt, cache_capacity, err_console, examples, identity, identity_hint, log, print_json,
-                     progress_bar, read_file_or_stdin, read_text, trust_policy)
+from .common import (FLAG, MODEL_HELP, ApiTokenOpt, CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, JsonOpt,
+                     MaxNewTokensOpt, PeerOpt, TokenOpt, TrustOpt, cache_capacity, err_console, examples, for_option,
+                     identity, identity_hint, log, print_json, progress_bar, read_file_or_stdin, read_text, trust_policy,
+                     typed, warn)
 
 if TYPE_CHECKING:
     from celslm.decode import DecodeStats
@@ -25,17 +26,19 @@ EPILOG = examples(
     "celslm decode -m qwen2.5-coder-0.5b --context sched.py --cloud http://cloud:8470 -p 'Why?'   # cached prefix + local rest",
     "celslm decode -m qwen2.5-coder-0.5b --kv sched-cross.kv --recompute-last 512 -p 'Why?'   # cross-model KV + own recent tokens",
     "celslm decode -m qwen2.5-coder-0.5b --engine transformers --kv sched.kv -p 'Why?'   # the fp32 reference engine",
-    "celslm decode -m qwen2.5-coder-0.5b --server http://127.0.0.1:8480 --kv sched:latest -p 'Why?'   # a warm celslm serve",
+    "celslm decode --server http://127.0.0.1:8480 --kv sched:latest -p 'Why?' --json   # a warm celslm serve answers",
     "celslm decode -m qwen2.5-coder-0.5b --kv notes:latest --cloud http://cloud:8470 --identity edge1.key -p 'Why?'   # an encrypted context",
 )
 
 
 def decode(
-    model: ModelOpt,
+    invocation: typer.Context,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The private prompt text, or - for stdin. Never leaves this machine.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", envvar="CELSLM_MODEL", show_envvar=True,
+                                              help=MODEL_HELP + " Not with --server: the service's model answers.")] = None,
     kv: Annotated[str | None, typer.Option("--kv", help="KV artifact: a directory, .tar file, - (stdin), an artifact id, a tag, or a server URL.")] = None,
     context: Annotated[str | None, typer.Option("--context", "-c", help="Context file (or -): edge-only without --kv; with --kv, recomputes what cannot be fetched.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Stop after this many tokens.")] = 128,
+    max_new_tokens: MaxNewTokensOpt = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for sampling, for repeatable output.")] = None,
@@ -53,6 +56,7 @@ def decode(
     stats: Annotated[bool, typer.Option("--stats", metavar=FLAG, help="Print the time split on stderr after generation.")] = False,
     engine: EngineOpt = None,
     server: Annotated[str | None, typer.Option("--server", envvar="CELSLM_SERVER", show_envvar=True, help="Answer through a running `celslm serve` (URL): the model is already loaded, recent contexts already decoded. The context is --kv.")] = None,
+    api_token: ApiTokenOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""
@@ -67,7 +71,11 @@ def decode(
         if kv is None or context or recompute_last or link or engine or peer or cloud or trust or identity_:
             raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); --context, "
                              "--recompute-last, --link, --engine, --peer, --cloud, --trust and --identity are the service's own settings")
-        return _through_server(server, kv, read_text(prompt, "--prompt"), max_new_tokens, temperature, top_p, seed, raw, json_)
+        if typed(invocation, "model"):
+            warn(f"--server answers with the service's own model; -m {model} is not used")
+        return _through_server(server, api_token, kv, read_text(prompt, "--prompt"), sampling, raw, json_)
+    if model is None:
+        raise UsageError("give --model (-m) or set CELSLM_MODEL (or answer through a celslm serve with --server)")
     if kv is None and context is None:
         raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
     if recompute_last and kv is None:
@@ -112,19 +120,17 @@ def decode(
                     **ctx.stats.to_json()})
 
 
-def _through_server(server: str, kv: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                    seed: int | None, raw: bool, json_: bool) -> None:
+def _through_server(server: str, api_token: str | None, kv: str, prompt: str, sampling, raw: bool, json_: bool) -> None:
     """Stream the answer from a `celslm serve` (its OpenAI-style API), printing text as it comes."""
     import http.client
     import json
-    import os
     import urllib.error
     import urllib.parse
     import urllib.request
-
-    from celslm.errors import UnavailableError
-
     from pathlib import Path
+
+    from celslm.decode import DecodeStats
+    from celslm.errors import UnavailableError
 
     if kv != "-" and Path(kv).exists():
         kv = str(Path(kv).resolve())  # the service resolves paths from its own directory
@@ -134,11 +140,11 @@ def _through_server(server: str, kv: str, prompt: str, max_new_tokens: int, temp
         path, body = "/v1/completions", {"prompt": prompt}
     else:
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
-    body.update(context=kv, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=True,
-                **({"seed": seed} if seed is not None else {}))
+    body.update(context=kv, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                stream=True, **({"seed": sampling.seed} if sampling.seed is not None else {}))
     headers = {"Content-Type": "application/json"}
-    if os.environ.get("CELSLM_API_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['CELSLM_API_TOKEN']}"
+    if api_token:
+        headers["Authorization"] = f"Bearer {api_token}"
     host = urllib.parse.urlsplit(server).hostname or ""
     if host not in ("localhost", "127.0.0.1", "::1"):
         log(f"note: the prompt goes to {server}, the service that answers it")
@@ -169,16 +175,24 @@ def _through_server(server: str, kv: str, prompt: str, max_new_tokens: int, temp
             message = json.loads(exc.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = str(exc)
-        raise (UsageError if exc.code in (400, 404) else UnavailableError)(f"{server}: {message}") from exc
+        if exc.code == 401:
+            message += "; give --api-token or CELSLM_API_TOKEN"
+        raise (UsageError if exc.code in (400, 401, 403, 404) else UnavailableError)(f"{server}: {message}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise UnavailableError(f"{server}: {getattr(exc, 'reason', exc)}") from exc
     if not final:
         raise UnavailableError(f"{server}: the answer stream ended before its last event (the text so far is incomplete)")
-    if json_:
-        print_json({"text": "".join(pieces), "artifact": final.get("celslm", {}).get("context"), "server": server,
-                    "usage": final.get("usage"), "celslm": final.get("celslm")})
-    else:
+    if not json_:
         sys.stdout.write("\n")
+        return
+    # decode --json's schema: what the service reports, and null for the parts of the time split it does not
+    answered, usage = final.get("celslm", {}), final.get("usage") or {}
+    known = DecodeStats(path="artifact", context_tokens=answered.get("context_tokens", 0),
+                        prompt_tokens=usage.get("prompt_tokens", 0), new_tokens=usage.get("completion_tokens", 0),
+                        ttft_s=answered.get("ttft_s", 0.0), total_s=answered.get("total_s", 0.0)).to_json()
+    reported = {"path", "pipelined", "link", "context_tokens", "prompt_tokens", "new_tokens", "ttft_s", "total_s", "fallback"}
+    print_json({"text": "".join(pieces), "artifact": answered.get("context"), "engine": answered.get("engine"),
+                **{key: value if key in reported else None for key, value in known.items()}})
 
 
 def stats_table(s: DecodeStats) -> Table:

@@ -66,7 +66,8 @@ import typer  # noqa: E402
 from celslm import __version__  # noqa: E402
 from celslm.errors import EXIT_RUNTIME, CelslmError, OutputExists, TokenRequired  # noqa: E402
 
-from . import align, bench, calibrate, compress, decode, inspect, keys, models, prefill, push, score, serve, serve_cache, verify  # noqa: E402
+from . import (align, bench, calibrate, compress, decode, inspect, keys, models, prefill, pull, push, score, serve,  # noqa: E402
+               serve_cache, verify)
 from .common import FLAG, err_console  # noqa: E402
 
 app = typer.Typer(
@@ -89,8 +90,8 @@ app.command(epilog=compress.EPILOG)(compress.compress)
 app.command(epilog=score.EPILOG)(score.score)
 app.command(epilog=serve.EPILOG)(serve.serve)
 app.command("serve-cache", epilog=serve_cache.EPILOG)(serve_cache.serve_cache)
-app.command(epilog=push.PUSH_EPILOG)(push.push)
-app.command(epilog=push.PULL_EPILOG)(push.pull)
+app.command(epilog=push.EPILOG)(push.push)
+app.command(epilog=pull.EPILOG)(pull.pull)
 app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 app.add_typer(bench.app, name="bench")

@@ -17,9 +17,9 @@ from celslm.store.tiers import push as push_artifact
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
 from celslm.trust import sign_artifact, sign_tag
-from .common import (FLAG, EncryptToOpt, ForceOpt, for_option, JsonOpt, ModelOpt, SignOpt, TagValidOpt, TokenOpt, examples,
-                     log, parse_budget, parse_duration, print_json, progress_bar, read_file_or_stdin, recipients,
-                     signing_key)
+from .common import (ENGINE_HELP, FLAG, EncryptToOpt, ForceOpt, for_option, JsonOpt, ModelOpt, SignOpt, TagValidOpt,
+                     TokenOpt, examples, log, parse_budget, parse_duration, print_json, progress_bar, read_file_or_stdin,
+                     recipients, signing_key)
 
 EPILOG = examples(
     "celslm prefill -m qwen2.5-coder-0.5b --context samples/context/sched.py --out sched.kv",
@@ -63,7 +63,8 @@ def prefill(
     encrypt_to: EncryptToOpt = None,
     tag_valid: TagValidOpt = "7d",
     force: ForceOpt = False,
-    engine: Annotated[str, typer.Option("--engine", help="transformers (fp32, the reference) or llama.cpp (the GGUF as it is; its KV read back, keys un-rotated).")] = "transformers",
+    engine: Annotated[str | None, typer.Option("--engine", envvar="CELSLM_ENGINE", show_envvar=True,
+                                              help=ENGINE_HELP + " With --align, transformers (alignment reads hidden states).")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Compute a context's KV cache and write it as an artifact (directory, tar stream, or a server)."""
@@ -82,7 +83,7 @@ def prefill(
         raise UsageError("--json needs --out PATH: with --out - stdout carries the artifact")
     if (native_layers or auto or slm) and not align:
         raise UsageError("--native-layers, --auto and --slm go with --align")
-    if align and engine != "transformers":
+    if align and engine not in (None, "transformers"):
         raise UsageError("--align runs on --engine transformers (alignment reads the models' hidden states)")
     if native_layers and auto:
         raise UsageError("give either --native-layers or --auto, not both")
@@ -101,7 +102,7 @@ def prefill(
     started = time.perf_counter()
     with progress_bar() as progress:
         with for_option("--engine"):
-            engine = default_engine(model, engine)
+            engine = default_engine(model, "transformers" if align else engine)
         loaded = load_model(model, progress, engine=engine)
         small = load_aligned_models(alignment, loaded, slm, progress) if alignment else None
         framing = "raw" if raw else prompting.default_framing(loaded.tokenizer)
@@ -131,6 +132,7 @@ def prefill(
         "layers": m.layers,
         "bytes": m.blob_bytes(),
         "prefill_s": artifact.timings.prefill_s,
+        "engine": loaded.engine.name,
         "signed_by": [sig.key_id for sig in artifact.signatures],
         "encrypted_for": m.encryption.key_ids() if m.encryption else [],
         **({"producer": m.producer.to_json(), "provenance": m.provenance} if alignment else {}),

@@ -2,41 +2,46 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Annotated
 
 import typer
 
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
-from celslm.store.base import parse_size
-from .common import (CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, ModelOpt, PeerOpt, TrustOpt, cache_capacity,
-                     examples, for_option, identity, listening_socket, log, progress_bar, trust_policy)
+from .common import (ApiTokenOpt, CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, ModelOpt, PeerOpt, TokenOpt, TrustOpt,
+                     byte_size, cache_capacity, examples, for_option, identity, is_loopback, listening_socket, log,
+                     old_spelling, progress_bar, renamed, trust_policy, typed, warn)
 
 EPILOG = examples(
     "celslm serve -m qwen2.5-coder-0.5b --cloud http://cloud:8470 --trust cloud.pub",
-    "celslm serve -m qwen2.5-coder-0.5b --port 8480 --cache-bytes 512MB --peer http://peer:8470",
-    "curl -s localhost:8480/v1/chat/completions -d '{\"context\": \"sched:latest\", \"messages\": [{\"role\": \"user\", \"content\": \"What does run return?\"}]}'",
+    "celslm serve -m qwen2.5-coder-0.5b --port 8480 --memory-cache 512MB --peer http://peer:8470",
+    "celslm serve -m qwen2.5-coder-0.5b --host 0.0.0.0 --api-token \"$API_TOKEN\" --cloud http://cloud:8470 --token \"$CACHE_TOKEN\"",
+    "curl -s localhost:8480/v1/chat/completions -H 'Content-Type: application/json' -d '{\"context\": \"sched:latest\", "
+    "\"messages\": [{\"role\": \"user\", \"content\": \"What does run return?\"}]}'",
     "celslm decode --server http://127.0.0.1:8480 --kv sched:latest -p 'What does run return?'",
 )
 
 
 def serve(
+    invocation: typer.Context,
     model: ModelOpt,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback needs --api-token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8480,
-    token: Annotated[str | None, typer.Option("--token", envvar="CELSLM_API_TOKEN", show_envvar=True,
-                                              help="Bearer token every API call must carry (health excepted).")] = None,
-    cache_bytes: Annotated[str, typer.Option("--cache-bytes", help="Memory for decoded contexts kept between requests (LRU).")] = "1GiB",
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=65536, help="The most tokens one request may ask for.")] = 4096,
+    api_token: ApiTokenOpt = None,
+    memory_cache: Annotated[str, typer.Option("--memory-cache", metavar="SIZE", help="Memory for decoded contexts kept "
+                                              "between requests (least recently used out first).")] = "1GiB",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=65536,
+                                                help="The most new tokens one request may ask for (its max_tokens).")] = 4096,
     peer: PeerOpt = None,
     cloud: CloudOpt = None,
-    cache_token: Annotated[str | None, typer.Option("--cache-token", envvar="CELSLM_TOKEN", show_envvar=True,
-                                                    help="Bearer token for the peers' and cloud's serve-cache.")] = None,
+    token: TokenOpt = None,
     trust: TrustOpt = None,
     identity_: IdentityOpt = None,
     cache_capacity_: CacheCapacityOpt = None,
     engine: EngineOpt = None,
+    cache_token: Annotated[str | None, old_spelling("--cache-token")] = None,
+    cache_bytes: Annotated[str | None, old_spelling("--cache-bytes")] = None,
+    max_tokens: Annotated[int | None, old_spelling("--max-tokens", min=1, max=65536)] = None,
 ) -> None:
     """Keep a model loaded and answer OpenAI-style requests over shared contexts; the prompt stays here."""
     from aiohttp import web  # serving imports: not for --help
@@ -44,10 +49,12 @@ def serve(
     from celslm.service import Service, ServiceConfig, make_app
     from celslm.store.tiers import Sources
 
-    if not _loopback(host) and not token:
-        raise UsageError(f"--host {host} is not loopback: give --token so that only your clients can use the model")
-    with for_option("--cache-bytes"):
-        capacity = parse_size(cache_bytes)
+    api_token, token = _tokens(invocation, api_token, token, cache_token)
+    memory_cache = renamed("--cache-bytes", "--memory-cache", cache_bytes, memory_cache, "1GiB")
+    max_new_tokens = renamed("--max-tokens", "--max-new-tokens", max_tokens, max_new_tokens, 4096)
+    if not is_loopback(host) and not api_token:
+        raise UsageError(f"--host {host} is not loopback: give --api-token so that only your clients can use the model")
+    capacity = byte_size(memory_cache, "--memory-cache")
     edge_cache_bytes = cache_capacity(cache_capacity_)
     policy = trust_policy(trust)
     keys = identity(identity_)
@@ -56,19 +63,31 @@ def serve(
     with progress_bar() as progress:
         loaded = load_model(model, progress, engine=engine)
         loaded.engine.geometry  # the model is loaded before the port opens  # noqa: B018
-    sources = Sources(tuple(peer or ()), cloud, cache_token, trust=policy, identity=keys, cache_bytes=edge_cache_bytes)
-    config = ServiceConfig(sources=sources, cache_bytes=capacity, token=token, max_tokens=max_tokens)
+    sources = Sources(tuple(peer or ()), cloud, token, trust=policy, identity=keys, cache_bytes=edge_cache_bytes)
+    config = ServiceConfig(sources=sources, cache_bytes=capacity, token=api_token, max_tokens=max_new_tokens)
     app = make_app(Service(loaded, config, warn=log))
     sock = listening_socket(host, port)
     log(f"serve: http://{host}:{port}/v1 model {loaded.name} on {loaded.engine.name}, contexts cached in "
-        f"{cache_bytes}{', token required' if token else ''}")
+        f"{memory_cache}{', token required' if api_token else ''}")
     web.run_app(app, sock=sock, print=None, shutdown_timeout=10, access_log=None)
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _tokens(invocation: typer.Context, api_token: str | None, token: str | None, cache_token: str | None):
+    """(the API token, the serve-cache token). Until this release `serve --token` was the API token and
+    `--cache-token` the serve-cache one; now `--token` is the serve-cache token, as in every other command.
+    A `--token` typed without `--api-token` could be either: for one release it is refused rather than
+    guessed, since a wrong guess sends the API token to every peer, or leaves the API open."""
+    given = {name for name in ("api_token", "token") if typed(invocation, name)}
+    if cache_token is not None:  # the old dialect: a --token beside it is the API token
+        if {"api_token", "token"} <= given:
+            raise UsageError("--cache-token is the old spelling of --token (the serve-cache token); give --api-token "
+                             "and --token only")
+        if "token" in given:
+            warn("serve --token T --cache-token C is the old spelling of --api-token T --token C; read that way, "
+                 "and the old spelling goes in the next release")
+            return token, cache_token
+        return api_token, renamed("--cache-token", "--token", cache_token, None)
+    if "token" in given and "api_token" not in given:
+        raise UsageError("serve --token is now the serve-cache token (the API token is --api-token): give --api-token "
+                         "beside it, or the serve-cache token as CELSLM_TOKEN")
+    return api_token, token

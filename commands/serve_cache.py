@@ -11,31 +11,36 @@ from typing import Annotated
 import typer
 
 from celslm.errors import UsageError
-from celslm.store.base import parse_size
-from .common import examples, for_option, listening_socket, log
+from .common import FLAG, byte_size, examples, is_loopback, listening_socket, log
 
 EPILOG = examples(
-    "celslm serve-cache --root /srv/celslm --port 8470 --write-token \"$TOKEN\"",
+    "celslm serve-cache --root store --port 8470 --write-token \"$TOKEN\"",
     "CELSLM_WRITE_TOKEN=s3cret celslm serve-cache --root cache --capacity 10GB --host 0.0.0.0",
     "celslm serve-cache --root cache --tls-cert cert.pem --tls-key key.pem --read-token r --write-token w",
     "celslm serve-cache --backend redis://127.0.0.1:6379/0 --port 8471",
-    "celslm serve-cache --root /srv/celslm --workers 4 --host 0.0.0.0",
+    "celslm serve-cache --root store --workers 4 --host 0.0.0.0 --write-token \"$TOKEN\"",
+    "celslm serve-cache --root mirror --host 0.0.0.0 --allow-open-writes   # a closed network: anyone may push and move tags",
     "celslm serve-cache --backend redis+cluster://10.0.0.5:7000,10.0.0.6:7000 --workers 4",
 )
 
 
 def serve_cache(
     root: Annotated[Path, typer.Option("--root", help="Directory of the local store.")] = Path("celslm-cache"),
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback needs --write-token "
+                                                     "(or --allow-open-writes).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8470,
-    capacity: Annotated[str | None, typer.Option("--capacity", help="Store capacity (e.g. 10GB); LRU eviction of whole artifacts.")] = None,
+    capacity: Annotated[str | None, typer.Option("--capacity", metavar="SIZE", help="The most the store keeps, e.g. 10GB "
+                                                 "or 512MiB: beyond it whole artifacts go, least recently used first.")] = None,
     write_token: Annotated[str | None, typer.Option("--write-token", envvar="CELSLM_WRITE_TOKEN", show_envvar=True,
-                                                    help="Bearer token required for PUT.")] = None,
+                                                    help="Bearer token required for PUT (pushes and tags).")] = None,
+    allow_open_writes: Annotated[bool, typer.Option("--allow-open-writes", metavar=FLAG,
+                                                    help="Listen beyond loopback without --write-token, on purpose: "
+                                                         "anyone who reaches the port may push and repoint tags.")] = False,
     read_token: Annotated[str | None, typer.Option("--read-token", envvar="CELSLM_READ_TOKEN", show_envvar=True,
                                                    help="Bearer token required for GET/HEAD (optional).")] = None,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate: serve HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key for --tls-cert.")] = None,
-    max_blob: Annotated[str, typer.Option("--max-blob", help="Largest accepted upload; bigger bodies get 413.")] = "1GiB",
+    max_blob: Annotated[str, typer.Option("--max-blob", metavar="SIZE", help="Largest accepted upload; bigger bodies get 413.")] = "1GiB",
     read_timeout: Annotated[float, typer.Option("--read-timeout", min=0.1, help="Seconds a client may stay silent mid-request before it is dropped.")] = 30.0,
     backend: Annotated[str | None, typer.Option("--backend", envvar="CELSLM_BACKEND", show_envvar=True,
                                                 help="redis://HOST:PORT/DB (one Redis) or redis+cluster://HOST:PORT[,HOST:PORT...] "
@@ -43,10 +48,15 @@ def serve_cache(
     workers: Annotated[int, typer.Option("--workers", min=1, max=256, envvar="CELSLM_WORKERS", show_envvar=True,
                                          help="Worker processes accepting on the one port (one per core saturates the "
                                               "machine); /metrics adds them up.")] = 1,
-    memory_cache: Annotated[str, typer.Option("--memory-cache", help="Verified blobs each worker keeps in memory "
+    memory_cache: Annotated[str, typer.Option("--memory-cache", metavar="SIZE", help="Verified blobs each worker keeps in memory "
                                               "(least recently used out first); 0 reads every blob from the store.")] = "256MiB",
 ) -> None:
     """Serve KV artifacts over HTTP: blobs, manifests, tags, prefix lookup, metrics."""
+    if write_token and allow_open_writes:
+        raise UsageError("--allow-open-writes and --write-token contradict each other; give one")
+    if not is_loopback(host) and not write_token and not allow_open_writes:
+        raise UsageError(f"--host {host} is not loopback: give --write-token so that only your producers can push and "
+                         "move tags (or --allow-open-writes to leave writes open on purpose)")
     with tempfile.TemporaryDirectory(prefix="celslm-metrics-") as metrics_dir:
         if workers > 1:  # before prometheus_client is imported: it picks per-process files then
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -76,11 +86,9 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
                          "(a directory without --capacity, or Redis with maxmemory)")
     if backend and capacity:
         raise UsageError("--capacity applies to --root; with Redis set its maxmemory (maxmemory-policy noeviction: a full Redis refuses pushes)")
-    with for_option("--memory-cache"):
-        memory_bytes = parse_size(memory_cache)
-    config = ServerConfig(store=backend or str(root), capacity_bytes=parse_size(capacity) if capacity else None,
-                          write_token=write_token, read_token=read_token, max_blob_bytes=parse_size(max_blob),
-                          read_timeout_s=read_timeout, memory_bytes=memory_bytes)
+    config = ServerConfig(store=backend or str(root), capacity_bytes=byte_size(capacity, "--capacity") if capacity else None,
+                          write_token=write_token, read_token=read_token, max_blob_bytes=byte_size(max_blob, "--max-blob"),
+                          read_timeout_s=read_timeout, memory_bytes=byte_size(memory_cache, "--memory-cache"))
     try:
         app = make_app(config)  # the store opens (or says why not) here, before any worker starts
     except OSError as exc:

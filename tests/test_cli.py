@@ -141,3 +141,110 @@ def test_models_list_json_names_the_bundled_models():
     rows = json.loads(run_cli("models", "list", "--json", check=True).stdout)
     assert [r["name"] for r in rows] == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
     assert all(r["installed"] is False for r in rows)  # the tests' CELSLM_HOME is empty
+
+
+# ---------------------------------------------------------------- one dialect, one security default
+
+
+def test_serve_cache_beyond_loopback_needs_a_write_token_or_open_writes_on_purpose(tmp_path):
+    from tests.netutil import Server, free_port
+
+    for args in (("--host", "0.0.0.0"), ("--host", "192.0.2.1"), ("--host", "::")):
+        result = run_cli("serve-cache", "--root", str(tmp_path / "store"), "--port", str(free_port()), *args)
+        assert_one_line_error(result, EXIT_USAGE, f"--host {args[1]} is not loopback", "--write-token", "--allow-open-writes")
+    assert not (tmp_path / "store").exists()  # refused before the store is made
+    assert_one_line_error(run_cli("serve-cache", "--host", "0.0.0.0", "--write-token", "w", "--allow-open-writes"),
+                          EXIT_USAGE, "contradict")
+    server = Server(tmp_path / "store", "--host", "0.0.0.0", "--allow-open-writes")  # on purpose: it starts
+    try:
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+    assert b"writes open" in server.proc.stderr.read()
+
+
+def test_every_byte_budget_error_names_its_flag(tmp_path):
+    cases = [(("serve-cache", "--capacity", "lots"), "--capacity"), (("serve-cache", "--max-blob", "1 parsec"), "--max-blob"),
+             (("serve-cache", "--memory-cache", "-5MB"), "--memory-cache"),
+             (("serve", "-m", "no-such-model", "--memory-cache", "much"), "--memory-cache"),
+             (("pull", "x:latest", "-o", str(tmp_path / "x.kv"), "--cache-capacity", "big"), "--cache-capacity")]
+    for args, flag in cases:
+        assert_one_line_error(run_cli(*args), EXIT_USAGE, f"{flag}: bad size")
+
+
+def test_old_spellings_still_work_for_a_release_with_a_warning_and_clash_with_the_new_one():
+    result = run_cli("serve", "-m", "no-such-model", "--cache-bytes", "much")
+    stderr = result.stderr.decode()
+    assert result.returncode == EXIT_USAGE
+    assert "warning: --cache-bytes is renamed --memory-cache" in stderr and "--memory-cache: bad size 'much'" in stderr
+    assert_one_line_error(run_cli("serve", "-m", "x", "--max-tokens", "5", "--max-new-tokens", "7"), EXIT_USAGE,
+                          "--max-tokens is the old spelling of --max-new-tokens")
+    assert b"--cache-bytes" not in run_cli("serve", "--help").stdout  # hidden from --help
+    assert run_cli("serve", "-m", "x", "--max-tokens", "0").returncode == EXIT_USAGE  # checked as the new flag is
+
+
+def test_serve_token_typed_without_api_token_is_refused_not_guessed():
+    result = run_cli("serve", "-m", "no-such-model", "--token", "t")
+    assert_one_line_error(result, EXIT_USAGE, "--token is now the serve-cache token", "--api-token", "CELSLM_TOKEN")
+    assert_one_line_error(run_cli("serve", "-m", "x", "--api-token", "a", "--token", "t", "--cache-token", "c"),
+                          EXIT_USAGE, "old spelling")
+    beyond = run_cli("serve", "-m", "x", "--host", "0.0.0.0", env={"CELSLM_TOKEN": "only-the-cache-token"})
+    assert_one_line_error(beyond, EXIT_USAGE, "not loopback", "--api-token")  # the serve-cache token opens no API
+
+
+@pytest.mark.parametrize("typed, given, expected, warns", [
+    ({"api_token", "token"}, ("a", "t", None), ("a", "t"), False),  # the new dialect
+    (set(), ("a", "t", None), ("a", "t"), False),  # both from the environment: CELSLM_API_TOKEN and CELSLM_TOKEN
+    ({"token"}, (None, "t", "c"), ("t", "c"), True),  # the old: serve --token T --cache-token C
+    (set(), (None, None, "c"), (None, "c"), True),  # --cache-token alone
+    (set(), ("a", "env", "c"), ("a", "c"), True),  # --cache-token over CELSLM_TOKEN
+])
+def test_serve_reads_old_and_new_token_spellings(typed, given, expected, warns, capsys):
+    from types import SimpleNamespace
+
+    from celslm.commands.serve import _tokens
+
+    ctx = SimpleNamespace(get_parameter_source=lambda name: SimpleNamespace(
+        name="COMMANDLINE" if name in typed else "ENVIRONMENT"))
+    assert _tokens(ctx, *given) == expected
+    assert ("warning" in capsys.readouterr().err) == warns
+
+
+def test_decode_needs_a_model_unless_a_server_answers():
+    assert_one_line_error(run_cli("decode", "--kv", "x.kv", "-p", "hi"), EXIT_USAGE, "--model")
+
+
+def test_an_artifact_no_tier_holds_is_not_found_exit_2_and_an_unreachable_tier_is_exit_4(tiny_qwen, tmp_path):
+    from tests.netutil import Server
+
+    server = Server(tmp_path / "store")
+    try:
+        for ref, says in (("nosuch:latest", "no tag 'nosuch:latest'"), ("sha256:" + "0" * 64, "not found")):
+            assert_one_line_error(run_cli("pull", ref, "--cloud", server.url, "-o", str(tmp_path / "x.kv")), EXIT_USAGE,
+                                  says)
+        assert_one_line_error(run_cli("decode", "-m", str(tiny_qwen), "--kv", "nosuch:latest", "--cloud", server.url,
+                                      "-p", "hi"), EXIT_USAGE, "no tag 'nosuch:latest'")
+    finally:
+        server.stop()
+    down = run_cli("decode", "-m", str(tiny_qwen), "--kv", "nosuch:latest", "--cloud", "http://127.0.0.1:9", "-p", "hi")
+    assert_one_line_error(down, EXIT_UNAVAILABLE, "nosuch:latest")
+    assert not (tmp_path / "x.kv").exists()
+
+
+def test_prefill_chooses_its_engine_as_decode_does_and_transformers_for_align(tmp_path, aligned_pair):
+    pytest.importorskip("llama_cpp")
+    from tests.tiny import save_tiny_gguf
+
+    gguf = save_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", seed=5)
+    (tmp_path / "ctx.txt").write_text(CONTEXT)
+    args = ("prefill", "-c", str(tmp_path / "ctx.txt"), "--json")
+    auto = json.loads(run_cli(*args, "-m", str(gguf), "-o", str(tmp_path / "a.kv"), check=True).stdout)
+    assert auto["engine"] == "llama.cpp"  # a .gguf runs as it is, like decode's default
+    pinned = json.loads(run_cli(*args, "-m", str(gguf), "-o", str(tmp_path / "t.kv"), env={"CELSLM_ENGINE": "transformers"},
+                                check=True).stdout)
+    assert pinned["engine"] == "transformers" and pinned["tokens"] == auto["tokens"]
+    cross = json.loads(run_cli(*args, "-m", str(aligned_pair["large"]), "--align", str(aligned_pair["align"]),
+                               "-o", str(tmp_path / "x.kv"), check=True).stdout)
+    assert cross["engine"] == "transformers"
+    assert_one_line_error(run_cli(*args, "-m", str(gguf), "--align", str(aligned_pair["align"]), "--engine", "llama.cpp",
+                                  "-o", str(tmp_path / "y.kv")), EXIT_USAGE, "--align runs on --engine transformers")

@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
     gguf = save_tiny_gguf(root / "tiny.gguf", "llama", seed=4)
     (root / "ctx.txt").write_text(CONTEXT)
     run_cli("prefill", "-m", str(gguf), "-c", str(root / "ctx.txt"), "-o", str(root / "a.kv"), check=True)
-    service = Service(gguf, "--cache-bytes", "64MB")
+    service = Service(gguf, "--memory-cache", "64MB")
     yield {"root": root, "gguf": gguf, "service": service, "kv": str(root / "a.kv")}
     assert service.stop() == 0
 
@@ -136,15 +136,20 @@ def test_errors_come_back_as_openai_errors(setup):
 
 
 def test_decode_through_the_service_prints_what_decode_prints(setup):
-    out = run_cli("decode", "-m", str(setup["gguf"]), "--server", setup["service"].url, "--kv", setup["kv"], "-p", PROMPT,
+    out = run_cli("decode", "--server", setup["service"].url, "--kv", setup["kv"], "-p", PROMPT,  # no -m: the service's
                   "-n", "10", "--json", check=True)
-    assert json.loads(out.stdout)["text"] == decoded(setup)
+    local = json.loads(run_cli("decode", "-m", str(setup["gguf"]), "--kv", setup["kv"], "-p", PROMPT, "-n", "10", "--json",
+                               check=True).stdout)
+    answered = json.loads(out.stdout)
+    assert list(answered) == list(local) and answered["text"] == local["text"]  # decode --json's schema, key for key
+    assert (answered["engine"], answered["new_tokens"], answered["path"]) == ("llama.cpp", local["new_tokens"], "artifact")
+    assert answered["artifact"] == local["artifact"] and answered["ttft_s"] > 0 and answered["t_comm_s"] is None
 
 
 def test_binding_beyond_loopback_needs_a_token_and_the_token_is_checked(setup):
     refused = run_cli("serve", "-m", str(setup["gguf"]), "--host", "0.0.0.0", "--port", str(free_port()))
-    assert refused.returncode == 2 and b"--token" in refused.stderr
-    guarded = Service(setup["gguf"], "--token", "s3cret")
+    assert refused.returncode == 2 and b"--api-token" in refused.stderr
+    guarded = Service(setup["gguf"], "--api-token", "s3cret")
     try:
         with pytest.raises(openai.PermissionDeniedError):  # a wrong token: 403, as serve-cache answers it
             guarded.client("wrong").models.list()
@@ -157,6 +162,11 @@ def test_binding_beyond_loopback_needs_a_token_and_the_token_is_checked(setup):
             "Authorization": "Bearer s3cret"}), timeout=10).read().decode()
         assert "celslm_requests_served_total 0.0" in metrics and "celslm_context_cache_bytes 0.0" in metrics
         assert guarded.get("/v1/health")["status"] == "ok"  # health stays open
+        ask = ("decode", "--server", guarded.url, "--kv", setup["kv"], "-p", PROMPT, "-n", "2")
+        assert run_cli(*ask, "--api-token", "s3cret").returncode == 0
+        assert run_cli(*ask, env={"CELSLM_API_TOKEN": "s3cret"}).returncode == 0
+        without = run_cli(*ask)
+        assert without.returncode == 2 and b"--api-token" in without.stderr
     finally:
         assert guarded.stop() == 0
 

@@ -44,16 +44,18 @@ for side in "$cloud vc$$ 10.47.0.1" "$edge ve$$ 10.47.0.2"; do
     ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "$rate" burst 64kb latency 100ms
 done
 url=http://10.47.0.1:8470
+token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')  # beyond loopback serve-cache wants a write token (in the environment: not in ps)
 
 echo "== cloud host ($cloud): serve-cache on $url, link $rate each way (emulated by tc)"
-ip netns exec "$cloud" env CELSLM_HOME="$home" "$celslm" serve-cache --root "$work/cloud-store" --host 10.47.0.1 --port 8470 \
-    2>"$work/server.log" &
+ip netns exec "$cloud" env CELSLM_HOME="$home" CELSLM_WRITE_TOKEN="$token" "$celslm" serve-cache --root "$work/cloud-store" \
+    --host 10.47.0.1 --port 8470 2>"$work/server.log" &
 server=$!
 for _ in $(seq 100); do
     ip netns exec "$edge" curl -fsS -o /dev/null "$url/v1/health" 2>/dev/null && break
     sleep 0.2
 done
-ip netns exec "$cloud" env CELSLM_HOME="$home" "$celslm" prefill -m "$model" -c "$context" --push "$url" --tag walkthrough:latest
+ip netns exec "$cloud" env CELSLM_HOME="$home" CELSLM_TOKEN="$token" "$celslm" prefill -m "$model" -c "$context" \
+    --push "$url" --tag walkthrough:latest
 
 # The edge host has its own cache directory; it shares only the model files with this machine.
 mkdir -p "$work/edge-home"
