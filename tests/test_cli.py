@@ -141,3 +141,16 @@ def test_models_list_json_names_the_bundled_models():
     rows = json.loads(run_cli("models", "list", "--json", check=True).stdout)
     assert [r["name"] for r in rows] == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
     assert all(r["installed"] is False for r in rows)  # the tests' CELSLM_HOME is empty
+
+
+def test_bench_old_spellings_still_work_for_one_release_with_a_warning(tmp_path):
+    """`--new-tokens` (now --max-new-tokens) is hidden but taken, with a warning; both at once is a usage error."""
+    old = run_cli("bench", "report", "--from", str(tmp_path / "absent.json"), "--out", str(tmp_path / "r"), "--new-tokens", "4")
+    stderr = old.stderr.decode()
+    assert "--new-tokens is renamed --max-new-tokens" in stderr and "not a saved suite" in stderr
+    assert old.returncode == EXIT_USAGE
+    both = run_cli("bench", "report", "--from", str(tmp_path / "absent.json"), "--out", str(tmp_path / "r"),
+                   "--new-tokens", "4", "-n", "4")
+    assert_one_line_error(both, EXIT_USAGE, "give only --max-new-tokens")
+    assert "--new-tokens" not in run_cli("bench", "report", "--help").stdout.decode()
+    assert "--context " not in run_cli("bench", "compress", "--help").stdout.decode()  # counts are --tokens

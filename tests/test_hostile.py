@@ -10,7 +10,8 @@ import time
 
 from celslm.artifact import canonical_json, sha256_digest
 from celslm.errors import EXIT_INTEGRITY
-from tests.test_resilience import FaultServer, decode
+from celslm.testing.faults import FaultServer
+from tests.test_resilience import decode
 
 
 def test_a_peer_sending_an_endless_body_is_refused_and_the_cloud_answers(published, tiny_qwen):

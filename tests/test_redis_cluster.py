@@ -13,7 +13,8 @@ import time
 import pytest
 
 from celslm.artifact import DirectoryReader, sha256_digest
-from celslm.bench.redis_local import cli, free_ports, start_cluster
+from celslm.testing.processes import free_ports
+from celslm.testing.redis_local import cli, start_cluster
 from celslm.errors import UnavailableError
 from celslm.store import open_store
 from celslm.store.redis import PART_BYTES, key
