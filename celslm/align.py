@@ -33,6 +33,7 @@ from celslm.decode import context_from_layers
 from celslm.errors import UsageError
 from celslm.features import FEATURES, LayerFeatures, layer_features, native_layers, to_heads
 from celslm.models import LoadedModel, Progress, celslm_home, check_tokenizers, load_model, load_tokenizer
+from celslm.plots import pyplot
 from celslm.projection import SOURCES, AlignedModel, Alignment, HeldOut, cross_layers, regressor
 from celslm.score import continuation_logits, nll
 
@@ -435,11 +436,7 @@ def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOp
 
 def plot_similarity(alignment: Alignment, folder: Path) -> list[Path]:
     """`cka.png` and `rsa.png`: SLM layer x LLM layer heatmaps per feature, the layer map drawn on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()  # matplotlib: the [bench] extra
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for method, by_feature in alignment.report["similarity"].items():

@@ -1,24 +1,28 @@
-"""celslm bench: benchmarks that print their figures, measured in one run."""
+"""celslm bench: benchmarks that print their figures, measured in one run. Each command parses its
+options, runs its celslm.bench module and prints what that module renders (or its --json)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from celslm.errors import CelslmError, UsageError
 from celslm.models import load_model
-from .common import FLAG, for_option, JsonOpt, ModelOpt, examples, log, out_console, parse_budget, print_json, progress_bar
+from celslm.plots import bench_extra
+from .common import (FLAG, EngineOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, examples, for_option, log, old_spelling,
+                     out_console, parse_budget, print_json, progress_bar, renamed)
 
-# What the whole-process benchmarks (edge, hostile) share
+# Shared by the benchmarks: --tokens counts tokens (a list where a benchmark sweeps lengths); --context
+# names a file everywhere in celslm, so it is no longer a count here (kept one release, hidden).
+OldContextCounts = Annotated[list[int] | None, old_spelling("--context")]
+OldContextCount = Annotated[int | None, old_spelling("--context")]
+OldNewTokens = Annotated[int | None, old_spelling("--new-tokens")]
 StdlibTokensOpt = Annotated[int, typer.Option("--tokens", min=16, help="Context length in tokens (standard-library source).")]
-RunTokensOpt = Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per run (greedy).")]
 RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, max=20, help="Interleaved repetitions of every row.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="Threads for every engine (default: all cores).")]
 
@@ -26,14 +30,20 @@ app = typer.Typer(help="Benchmarks that print their figures (ratios measured in 
                   no_args_is_help=True, rich_markup_mode="rich")
 
 
+def show(rendered: list) -> None:
+    """Print a benchmark's tables and lines on stdout, in order."""
+    for item in rendered:
+        out_console.print(item, highlight=False)
+
+
 @app.command(epilog=examples("celslm bench ttft -m qwen2.5-coder-0.5b --tokens 2048",
-                             "celslm bench ttft -m qwen2.5-coder-0.5b --tokens 2048 --engine llama.cpp",
+                             "celslm bench ttft -m qwen2.5-coder-0.5b --tokens 2048 --engine transformers",
                              "celslm bench ttft -m smollm2-135m --tokens 512 --json"))
 def ttft(
     model: ModelOpt,
     tokens: Annotated[int, typer.Option("--tokens", min=1, help="Context length in tokens (standard-library source).")] = 2048,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1)] = 256,
-    engine: Annotated[str, typer.Option("--engine", help="transformers or llama.cpp (the model's GGUF).")] = "transformers",
+    engine: EngineOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Time to first token from an artifact vs after the model's own prefill."""
@@ -48,20 +58,12 @@ def ttft(
     if json_:
         print_json({**dataclasses.asdict(result), "speedup": round(result.speedup, 3)})
         return
-    table = Table("measure", "value", title=f"time to first token, {result.model} on {loaded.engine.name}, "
-                                           f"{result.context_tokens}-token context")
-    table.add_row("cloud prefill (s)", f"{result.prefill_s:.3f}")
-    table.add_row("artifact bytes", f"{result.artifact_bytes:,} ({result.artifact_bytes / 2**20:.1f} MiB)")
-    table.add_row("TTFT from artifact (s)", f"{result.artifact_ttft_s:.3f}  (of which load {result.artifact_load_s:.3f})")
-    table.add_row("TTFT after own prefill (s)", f"{result.edge_ttft_s:.3f}")
-    table.add_row("speedup", f"{result.speedup:.1f}x")
-    table.add_row("first token equal", "yes" if result.first_token_equal else "NO")
-    out_console.print(table)
+    show(ttft_bench.render(result, loaded.engine.name))
 
 
 @app.command("compress", epilog=examples(
     "celslm bench compress -m qwen2.5-coder-0.5b --plot compress.png",
-    "celslm bench compress -m qwen2.5-coder-0.5b --context 1024 --context 2048 --context 4096 --json",
+    "celslm bench compress -m qwen2.5-coder-0.5b --tokens 1024 --tokens 2048 --tokens 4096 --json",
     "celslm bench compress -m qwen2.5-coder-0.5b --corpus third-party --codec balanced --no-peers",
     "celslm bench compress -m qwen2.5-coder-0.5b --files 4 --codec small --no-peers --tasks 8",
     "celslm bench compress -m qwen2.5-coder-0.5b --files 5 --codec 'tc:q=1.5' --codec balanced --json"))
@@ -69,58 +71,38 @@ def compress_(
     model: ModelOpt,
     files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files to evaluate.")] = 20,
     codec: Annotated[list[str] | None, typer.Option("--codec", help="Codec spec or preset to evaluate (repeatable); default: a standard set.")] = None,
-    context: Annotated[list[int] | None, typer.Option("--context", min=16, help="Context length in tokens (repeatable; "
-                                                                               "default 2048): every file gives one case per length.")] = None,
+    tokens: Annotated[list[int] | None, typer.Option("--tokens", min=16, help="Context length in tokens (repeatable; "
+                                                                             "default 2048): every file gives one case per length.")] = None,
     continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", metavar=FLAG, help="Also run llama.cpp's q8_0/q4_0 cache types, transformers' QuantizedCache and plain lz4/zstd over fp16.")] = True,
     tasks: Annotated[int, typer.Option("--tasks", min=0, max=32, help="Also answer this many of the report's completion and QA tasks per kind from each preset's artifact (0: none).")] = 0,
     corpus: Annotated[str, typer.Option("--corpus", help="Held-out text: stdlib (standard-library modules) or third-party (libraries installed beside celslm).")] = "stdlib",
-    plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of compression ratio vs perplexity increase.")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", metavar="FILE", help="Write a PNG of compression ratio vs perplexity increase.")] = None,
     json_: JsonOpt = False,
+    old_context: OldContextCounts = None,
 ) -> None:
     """Bytes vs quality per codec on held-out files, beside llama.cpp's and transformers' quantized caches."""
+    from celslm import plots
     from celslm.bench import compress as compress_bench  # torch and transformers: not for --help
 
+    tokens = renamed("--context", "--tokens", old_context, tokens)
     if corpus not in ("stdlib", "third-party"):
         raise UsageError(f"--corpus {corpus!r}: choose stdlib or third-party")
-
+    bench_extra("threadpoolctl", *(("matplotlib",) if plot else ()))
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         result = compress_bench.run(loaded, codecs=tuple(codec) if codec else compress_bench.DEFAULT_CODECS,
-                                    files=files, contexts=tuple(context or (2048,)),
+                                    files=files, contexts=tuple(tokens or (2048,)),
                                     continuation=continuation, peers=peers, progress=progress, corpus=corpus)
         if tasks:
             result["task_accuracy"] = compress_bench.task_accuracy(
                 loaded, tuple(codec or ("balanced", "small", "tiny")), tasks, progress=progress)
     if plot:
-        compress_bench.plot(result, plot)
+        plots.compress_tradeoff(result, plot)
     if json_:
         print_json(result)
         return
-    cases = ", ".join(f"{n} at {length}" for length, n in result["cases"].items())
-    table = Table("context", "codec", "system", "ratio vs fp16", "ppl ratio", "top-1", "KL", "encode MB/s", "decode MB/s",
-                  title=f"KV compression, {result['model']}: held-out {result['corpus']} files ({cases} tokens), "
-                        f"{result['continuation_tokens']}-token continuations (MB/s of fp16 KV, one core)")
-    for row in result["rows"]:
-        mbps = [f"{row[k]:.0f}" if row[k] else "n/a" for k in ("encode_mbps", "decode_mbps")]
-        table.add_row(str(row["context_tokens"]), row["codec"], row["system"], f"{row['ratio']:.2f}x",
-                      f"{row['ppl_ratio']:.4f}", f"{row['top1_agreement']:.3f}", f"{row['kl']:.4f}", *mbps)
-    out_console.print(table)
-    out_console.print(f"bytes: {result['bytes']}", highlight=False)
-    if result["codebook"]:
-        book = result["codebook"]
-        out_console.print(f"codebook: {book['digest']}, {book['bytes'] / 2**20:.2f} MiB once per model, calibrated on "
-                          f"{len(book['calibration_files'] or [])} files none of which is evaluated", highlight=False)
-    out_console.print(f"note: {result['notes']['quanto']}", highlight=False)
-    if "task_accuracy" in result:
-        acc = result["task_accuracy"]
-        table = Table("codec", "QA correct", "completion exact", "completion edit similarity",
-                      title=f"the report's tasks answered from each artifact ({acc['tasks']['qa']} QA, "
-                            f"{acc['tasks']['complete']} completions, greedy, {acc['new_tokens']} tokens)")
-        for row in acc["rows"]:
-            table.add_row(row["codec"], *(f"{row[k]:.3f}" if row[k] is not None else "n/a"
-                                          for k in ("qa_correct", "complete_exact", "complete_edit_similarity")))
-        out_console.print(table)
+    show(compress_bench.render(result))
 
 
 @app.command("quality", epilog=examples(
@@ -131,40 +113,36 @@ def quality_(
     align: Annotated[str, typer.Option("--align", help="Alignment directory (celslm align).")],
     slm: Annotated[str | None, typer.Option("--slm", help="Where to load the small model from (default: as the alignment names it).")] = None,
     files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files (never calibration files).")] = 20,
-    context: Annotated[int, typer.Option("--context", min=8, help="Context tokens per file.")] = 1024,
+    tokens: Annotated[int, typer.Option("--tokens", min=8, help="Context tokens per file.")] = 1024,
     continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
     native: Annotated[list[int] | None, typer.Option("--native", min=1, help="Hybrid native layer counts to measure (repeatable); default 4, 8, 12, 16, plus --auto's pick.")] = None,
     budget: Annotated[str, typer.Option("--budget", help="Perplexity budget for the auto hybrid, e.g. 2%.")] = "2%",
     codec: Annotated[str, typer.Option("--codec", help="Codec of the shipped artifacts (link bytes and quality include it).")] = "balanced",
-    plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of gain kept vs edge prefill avoided.")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", metavar="FILE", help="Write a PNG of gain kept vs edge prefill avoided.")] = None,
     json_: JsonOpt = False,
+    old_context: OldContextCount = None,
 ) -> None:
     """The small model's quality from a large model's KV: cross, hybrid, equal-compute baselines, held out."""
+    from celslm import plots
     from celslm.bench import quality as quality_bench  # torch and transformers: not for --help
     from celslm.projection import load_aligned_models, load_alignment
 
-
+    tokens = renamed("--context", "--tokens", old_context, tokens, 1024)
+    if plot:
+        bench_extra("matplotlib")
     alignment = load_alignment(align)
     with progress_bar() as progress:
         large = load_model(llm, progress)
         small = load_aligned_models(alignment, large, slm, progress)
-        result = quality_bench.run(large, small, alignment, files=files, context=context, continuation=continuation,
+        result = quality_bench.run(large, small, alignment, files=files, context=tokens, continuation=continuation,
                                    native_counts=tuple(native) if native else (4, 8, 12, 16),
                                    budget=parse_budget(budget), codec=codec, progress=progress)
     if plot:
-        quality_bench.plot(result, plot)
+        plots.quality_tradeoff(result, plot)
     if json_:
         print_json(result)
         return
-    table = Table("mode", "NLL", "ppl vs own", "gain kept", "top-1 vs own", "link bytes", "edge prefill avoided",
-                  title=f"{result['slm']} from {result['llm']} ({result['source']} maps, {result['map']} map), "
-                        f"{len(result['files'])} held-out stdlib files, {result['context_tokens']}-token contexts, "
-                        f"{result['continuation_tokens']}-token continuations")
-    for row in result["rows"]:
-        top1 = "n/a" if row["top1_vs_own"] is None else f"{row['top1_vs_own']:.3f}"
-        table.add_row(row["mode"], f"{row['nll']:.4f}", f"{row['ppl_vs_own']:.4f}", f"{row['gain_kept']:.0%}", top1,
-                      f"{row['link_bytes']:,}", f"{row['edge_prefill_avoided']:.0%}")
-    out_console.print(table)
+    show(quality_bench.render(result))
 
 
 @app.command("report", epilog=examples(
@@ -180,8 +158,8 @@ def report_(
     quick: Annotated[bool, typer.Option("--quick", metavar=FLAG, help="Few, short tasks (minutes); without it, the full suite.")] = False,
     from_: Annotated[Path | None, typer.Option("--from", help="Re-score and re-render a saved suite.json instead of running models.")] = None,
     tasks_per_kind: Annotated[int | None, typer.Option("--tasks", min=1, help="Tasks of each kind (completion, QA); overrides the preset.")] = None,
-    context_chars: Annotated[int | None, typer.Option("--context-chars", min=200, help="Context size in characters; overrides the preset.")] = None,
-    new_tokens: Annotated[int | None, typer.Option("--new-tokens", min=1, help="Tokens generated per request; overrides the preset.")] = None,
+    context_chars: Annotated[int | None, typer.Option("--context-chars", min=200, help="Context size in characters (tasks are cut from files by characters); overrides the preset.")] = None,
+    new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens generated per request at most; overrides the preset.")] = None,
     link: Annotated[list[str] | None, typer.Option("--link", help="Emulated link RATE[:RTT] between edge and cloud (repeatable); default 10mbit:40ms, 100mbit:20ms, 1gbit:5ms.")] = None,
     mode: Annotated[list[str] | None, typer.Option("--mode", help="Run only this mode (repeatable): edge-only, edge-only-llama.cpp, cloud-only, ce-collm, pice, ce-lslm, ce-lslm-pipelined, ce-lslm-cross, ce-lslm-hybrid.")] = None,
     align: Annotated[str | None, typer.Option("--align", help="Alignment directory (celslm align) from --llm to --slm: adds the cross-model and hybrid CE-LSLM modes.")] = None,
@@ -191,6 +169,7 @@ def report_(
     no_concurrency: Annotated[bool, typer.Option("--no-concurrency", metavar=FLAG, help="Skip the concurrent-capacity part.")] = False,
     llama: Annotated[bool, typer.Option("--llama/--no-llama", metavar=FLAG, help="Add edge-only on llama.cpp (the SLM's GGUF) as a baseline row, when the SLM has a GGUF.")] = True,
     json_: JsonOpt = False,
+    old_new_tokens: OldNewTokens = None,
 ) -> None:
     """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM native/pipelined/cross/hybrid) on the same tasks and links: report.md + figures."""
     from celslm.bench import report as report_bench  # torch and transformers: not for --help
@@ -198,6 +177,8 @@ def report_(
     from celslm.projection import load_aligned_models, load_alignment
     from celslm.stream import Link
 
+    new_tokens = renamed("--new-tokens", "--max-new-tokens", old_new_tokens, new_tokens)
+    bench_extra("matplotlib")  # the report's figures
     if from_ is not None:
         try:
             result = report_bench.rescore(json.loads(from_.read_text()))
@@ -264,47 +245,28 @@ def serve_(
     if json_:
         print_json({"clients": result, "ceiling": ceiling})
         return
-    if result:
-        table = Table("server", "clients", "pulls", "MB/s", "p50 s", "p99 s", "errors", "corrupted",
-                      title=f"pulling a {result['tokens']}-token artifact ({result['artifact_bytes'] / 2**20:.1f} MiB, "
-                            f"synthetic KV, qwen2.5-coder-0.5b geometry, fp16) over loopback, {seconds:g} s per level")
-        for r in result["results"]:
-            table.add_row(r["server"], str(r["clients"]), str(r["pulls"]), f"{r['mbps']:.0f}", f"{r['p50_s']:.3f}",
-                          f"{r['p99_s']:.3f}", str(r["errors"]), str(r["corrupted"]))
-        out_console.print(table)
-        if result["note"]:
-            log(f"note: {result['note']}")
-    if ceiling and ceiling["results"]:
-        rows = ceiling["results"]
-        nginx = next((r for r in rows if r["server"].startswith("nginx")), None)
-        table = Table("server", "requests/s", "MB/s", "of nginx", "p50 ms", "p99 ms", "failed",
-                      title=f"wrk -c{ceiling['connections']}, {ceiling['seconds']:g} s x {ceiling['repeats']} interleaved "
-                            f"(median), GET of {ceiling['blobs']} blobs round robin ({ceiling['mean_blob_bytes'] / 1e3:.0f} kB "
-                            f"mean), wrk and servers sharing {ceiling['cores']} cores on loopback")
-        for r in rows:
-            table.add_row(r["server"], f"{r['requests_per_s']:,.0f}", f"{r['mbps']:,.0f}",
-                          f"{r['mbps'] / nginx['mbps']:.0%}" if nginx else "-", f"{r['p50_s'] * 1e3:.2f}",
-                          f"{r['p99_s'] * 1e3:.2f}", str(r["failed"]))
-        out_console.print(table)
-    if ceiling and ceiling["note"]:
-        log(f"note: {ceiling['note']}")
+    show(serve_bench.render(result, ceiling))
+    for note in serve_bench.notes(result, ceiling):
+        log(note)
 
 
 @app.command("edge", epilog=examples(
     "celslm bench edge -m qwen2.5-coder-0.5b",
-    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 1024 --new-tokens 32 --repeats 2 --no-transformers --json"))
+    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 1024 -n 32 --repeats 2 --no-transformers --json"))
 def edge_(
     model: ModelOpt,
     tokens: StdlibTokensOpt = 2048,
-    new_tokens: RunTokensOpt = 64,
+    new_tokens: MaxNewTokensOpt = 64,
     repeats: RepeatsOpt = 3,
     transformers: Annotated[bool, typer.Option("--transformers/--no-transformers", metavar=FLAG, help="Include celslm edge-only on transformers (the slowest row).")] = True,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
+    old_new_tokens: OldNewTokens = None,
 ) -> None:
     """Whole processes on one GGUF: celslm decode from an artifact vs llama.cpp restoring its own state, and edge-only."""
     from celslm.bench import edge as edge_bench
 
+    new_tokens = renamed("--new-tokens", "--max-new-tokens", old_new_tokens, new_tokens, 64)
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         result = edge_bench.run(loaded, model, tokens=tokens, new_tokens=new_tokens, repeats=repeats,
@@ -312,22 +274,7 @@ def edge_(
     if json_:
         print_json(result)
         return
-    table = Table("process", "first byte s", "total s", "decode tok/s", "peak MiB", "text = llama.cpp edge-only",
-                  title=f"{result['model']}: {result['context_tokens']}-token context, {result['new_tokens']} new tokens, "
-                        f"median of {result['repeats']} interleaved runs, {result['threads']} threads")
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    for r in result["rows"]:
-        table.add_row(r["label"], fmt(r["first_byte_s"], ".2f"), fmt(r["total_s"], ".2f"), fmt(r["decode_tok_s"], ".1f"),
-                      fmt(r["peak_rss_mib"], ".0f"), "yes" if r["same_text_as_llama_cpp_edge_only"] else "no")
-    out_console.print(table)
-    ratios = result["ratios"]
-    out_console.print(f"first byte, celslm --kv / llama.cpp state restore: {fmt(ratios['first_byte_kv_vs_peer'], '.2f')}x   "
-                      f"decode rate: {fmt(ratios['decode_rate_kv_vs_peer'], '.2f')}x   "
-                      f"peak memory: {fmt(ratios['peak_rss_kv_vs_peer'], '.2f')}x")
-    out_console.print(f"bytes: artifact {result['artifact_bytes']:,}, llama.cpp f16 state {result['llama_state_bytes']:,} "
-                      f"({fmt(ratios['state_bytes_vs_artifact'], '.1f')}x larger); llama.cpp edge-only first byte is "
-                      f"{fmt(ratios['first_byte_llama_edge_only_vs_kv'], '.1f')}x later than celslm --kv, "
-                      f"{fmt(ratios['first_byte_llama_edge_only_vs_warm'], '.1f')}x later than the warm service")
+    show(edge_bench.render(result))
 
 
 @app.command("hostile", epilog=examples(
@@ -336,14 +283,16 @@ def edge_(
 def hostile_(
     model: ModelOpt,
     tokens: StdlibTokensOpt = 1024,
-    new_tokens: RunTokensOpt = 16,
+    new_tokens: MaxNewTokensOpt = 16,
     repeats: RepeatsOpt = 2,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
+    old_new_tokens: OldNewTokens = None,
 ) -> None:
     """A hostile peer against an edge under --trust (whole processes), and what signing and encryption cost."""
     from celslm.bench import hostile as hostile_bench
 
+    new_tokens = renamed("--new-tokens", "--max-new-tokens", old_new_tokens, new_tokens, 16)
     with progress_bar() as progress:
         loaded = load_model(model, progress, engine="transformers")
         result = hostile_bench.run(loaded, model, tokens=tokens, new_tokens=new_tokens, repeats=repeats, threads=threads,
@@ -351,110 +300,80 @@ def hostile_(
     if json_:
         print_json(result)
         return
-    table = Table("edge run (--trust cloud.pub)", "answer", "total s", "load s", "peak MiB", "peak / normal",
-                  title=f"{result['model']}: {result['context_tokens']}-token context (balanced, "
-                        f"{result['artifact_bytes']:,} bytes), {result['new_tokens']} new tokens, median of "
-                        f"{result['repeats']} interleaved runs")
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    for r in result["rows"]:
-        answer = "normal" if r["answered_normally"] else f"FAILED {len(r['failed'])}x" if r["failed"] else "OTHER"
-        table.add_row(r["label"], answer, fmt(r["total_s"], ".2f"), fmt(r["load_s"], ".3f"), fmt(r["peak_rss_mib"], ".0f"),
-                      fmt(r["peak_vs_normal"], ".2f"))
-    out_console.print(table)
-    for r in result["rows"]:
-        for failure in r["failed"][:1]:
-            log(f"{r['label']}: {failure}")
-    costs = result["costs_ms"]
-    out_console.print(f"hostile peers: every answer normal: {'yes' if result['every_hostile_row_answered_normally'] else 'NO'}; "
-                      f"worst peak memory {result['worst_peak_vs_normal']:.2f}x normal; the trickle cost "
-                      f"{fmt(result['trickle_extra_s'], '+.1f')} s")
-    out_console.print(f"signing (ms per call): sign artifact {costs['sign_artifact']:.3f}, verify artifact "
-                      f"{costs['verify_artifact']:.3f}, sign tag {costs['sign_tag']:.3f}, verify tag {costs['verify_tag']:.3f}")
-    out_console.print(f"encryption: load time encrypted / plain at {result['link']}: {fmt(result['decrypt_load_ratio'], '.3f')}x; "
-                      f"sealing {result['seal_s'] * 1000:.1f} ms, decrypting {result['decrypt_s'] * 1000:.1f} ms "
-                      f"({result['decrypt_mb_s']} MB/s) for {result['sealed_bytes']:,} bytes, unwrapping the key "
-                      f"{costs['unwrap_content_key']:.3f} ms")
+    show(hostile_bench.render(result))
+    for note in hostile_bench.notes(result):
+        log(note)
 
 
 @app.command("engines", epilog=examples(
     "celslm bench engines -m qwen2.5-coder-0.5b",
-    "celslm bench engines -m qwen2.5-coder-0.5b --files 4 --context 512 --json"))
+    "celslm bench engines -m qwen2.5-coder-0.5b --files 4 --tokens 512 --json"))
 def engines_(
     model: ModelOpt,
     files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files.")] = 8,
-    context: Annotated[int, typer.Option("--context", min=16, help="Context tokens per file.")] = 1024,
+    tokens: Annotated[int, typer.Option("--tokens", min=16, help="Context tokens per file.")] = 1024,
     continuation: Annotated[int, typer.Option("--continuation", min=2, help="Tokens scored after the context.")] = 256,
     json_: JsonOpt = False,
+    old_context: OldContextCount = None,
 ) -> None:
     """NLL on held-out files: artifacts made by transformers and by llama.cpp, each scored by both engines."""
     from celslm.bench import engines as engines_bench
 
+    tokens = renamed("--context", "--tokens", old_context, tokens, 1024)
     with progress_bar() as progress:
         loaded = [load_model(model, progress, engine="llama.cpp"), load_model(model, progress, engine="transformers")]
-        result = engines_bench.run(loaded, files=files, context=context, continuation=continuation, progress=progress)
+        result = engines_bench.run(loaded, files=files, context=tokens, continuation=continuation, progress=progress)
     if json_:
         print_json(result)
         return
-    table = Table("scored on", "artifact from", "mean NLL", title=f"{result['model']}: {len(result['files'])} held-out files, "
-                  f"{context}-token contexts, {continuation} tokens scored")
-    for row in result["nll"]:
-        table.add_row(row["engine"], row["artifact_from"].replace("own", "its own prefill"), f"{row['nll']:.4f}")
-    out_console.print(table)
-    for reader, cost in result["crossing_cost"].items():
-        out_console.print(f"on {reader}, the other engine's artifact costs {cost:+.4f} nats/token "
-                          f"(top-1 agreement with its own {result['top1_vs_own'][reader]:.1%})")
-    out_console.print(f"llama.cpp's own prefill vs transformers' own: {result['engine_gap']:+.4f} nats/token")
+    show(engines_bench.render(result))
 
 
 @app.command("latency", epilog=examples(
     "celslm bench latency -m qwen2.5-coder-0.5b --plot latency.png",
+    "celslm bench latency -m qwen2.5-coder-0.5b --tokens 1024 --link 10mbit:20ms -n 16",
     "celslm bench latency -m qwen2.5-coder-0.5b --quick --json"))
 def latency_(
     model: ModelOpt,
-    context: Annotated[list[int] | None, typer.Option("--context", min=16, help="Context length in tokens (repeatable); default 512 1024 2048 4096.")] = None,
+    tokens: Annotated[list[int] | None, typer.Option("--tokens", min=16, help="Context length in tokens (repeatable); default 512 1024 2048 4096.")] = None,
     link: Annotated[list[str] | None, typer.Option("--link", help="Emulated link RATE[:RTT] (repeatable); default 10, 50, 100 Mbit/s and 1 Gbit/s.")] = None,
     codec: Annotated[list[str] | None, typer.Option("--codec", help="Artifact codec (repeatable); default fp16 and balanced.")] = None,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per run.")] = 64,
+    new_tokens: MaxNewTokensOpt = 64,
     quick: Annotated[bool, typer.Option("--quick", metavar=FLAG, help="Only 512 and 2048 tokens over 10 and 100 Mbit/s.")] = False,
-    plot: Annotated[str | None, typer.Option("--plot", help="Write a PNG of TTFT vs link rate.")] = None,
+    plot: Annotated[str | None, typer.Option("--plot", metavar="FILE", help="Write a PNG of TTFT vs link rate.")] = None,
     llama: Annotated[bool, typer.Option("--llama/--no-llama", metavar=FLAG, help="Add edge-only on llama.cpp (the same GGUF) as a baseline row, when the model has a GGUF.")] = True,
     json_: JsonOpt = False,
+    old_context: OldContextCounts = None,
+    old_new_tokens: OldNewTokens = None,
 ) -> None:
     """TTFT and total time: edge-only vs artifact, with and without pipelining, over emulated links."""
+    from celslm import plots
     from celslm.bench import latency as latency_bench
     from celslm.codecs import parse_codec
+    from celslm.models import model_gguf
     from celslm.stream import Link
 
-    contexts = tuple(context or ((512, 2048) if quick else (512, 1024, 2048, 4096)))
+    tokens = renamed("--context", "--tokens", old_context, tokens)
+    new_tokens = renamed("--new-tokens", "--max-new-tokens", old_new_tokens, new_tokens, 64)
+    contexts = tuple(tokens or ((512, 2048) if quick else (512, 1024, 2048, 4096)))
     links = tuple(link or (("10mbit:20ms", "100mbit:20ms") if quick else ("10mbit:20ms", "50mbit:20ms", "100mbit:20ms", "1gbit:5ms")))
     with for_option("--link"):  # bad values fail before the model loads
         [Link.parse(spec) for spec in links]
     with for_option("--codec"):
         [parse_codec(spec) for spec in codec or ()]
-    from celslm.models import model_gguf
-
+    if plot:
+        bench_extra("matplotlib")
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         baseline = load_model(model, progress, engine="llama.cpp") if llama and model_gguf(model, loaded.folder) else None
     result = latency_bench.run(loaded, contexts=contexts, links=links, codecs=tuple(codec or ("fp16", "balanced")),
                                new_tokens=new_tokens, progress=lambda what: log(f"bench latency: {what}"), llama=baseline)
     if plot:
-        latency_bench.plot(result, plot)
+        plots.latency_ttft(result, plot)
     if json_:
         print_json(result)
         return
-    table = Table("ctx", "mode", "codec", "link", "MiB", "TTFT", "total", "T_com_C", "T_comm", "T_com_E", "hidden",
-                  "speedup", caption="seconds; link = emulated rate / RTT; speedup = edge-only TTFT / TTFT",
-                  title=f"{result['model']}: time to first token and total for {new_tokens} tokens (links emulated in-process)")
-    edge = {r["context_tokens"]: r["ttft_s"] for r in result["runs"] if r["mode"] == "edge-only"}
-    for r in result["runs"]:
-        link = re.sub(r"emulated (\S+) Mbit/s, (\S+) ms RTT", r"\1M/\2ms", r["link"] or "-")
-        table.add_row(str(r["context_tokens"]), r["mode"].replace("artifact+pipeline", "pipelined"), r["codec"] or "-", link,
-                      f"{r['artifact_bytes'] / 2**20:.1f}", f"{r['ttft_s']:.2f}", f"{r['total_s']:.2f}",
-                      f"{r['t_com_c_s']:.2f}", f"{r['t_comm_s']:.2f}", f"{r['t_com_e_s']:.2f}",
-                      f"{r['hidden_share']:.0%}" if not r["mode"].startswith("edge-only") else "-",
-                      f"{edge[r['context_tokens']] / r['ttft_s']:.1f}x")
-    out_console.print(table)
+    show(latency_bench.render(result))
 
 
 @app.command("link", epilog=examples(
@@ -465,23 +384,19 @@ def link_(
     rate: Annotated[str, typer.Option("--rate", help="tc netem rate, e.g. 100mbit.")] = "100mbit",
     rtt: Annotated[float, typer.Option("--rtt", min=0, help="Round-trip time in ms.")] = 20.0,
     codec: Annotated[str, typer.Option("--codec", help="Codec of the pushed artifact.")] = "balanced",
-    context: Annotated[str, typer.Option("--context", help="Context file (default: samples' sched.py when present).")] = "samples/context/sched.py",
-    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1)] = 16,
+    context: Annotated[Path, typer.Option("--context", "-c", help="Context file (default: samples' sched.py).")] = Path("samples/context/sched.py"),
+    new_tokens: MaxNewTokensOpt = 16,
     json_: JsonOpt = False,
+    old_new_tokens: OldNewTokens = None,
 ) -> None:
     """Real kernel shaping (root): serve-cache and decode in two network namespaces over a tc-shaped veth."""
-    from pathlib import Path
+    from celslm.bench import link as link_bench
 
-    from celslm.bench import netns
-
-    result = netns.run(model, Path(context).resolve(), "What does this code do? Answer briefly.", rate, rtt, codec, new_tokens)
+    new_tokens = renamed("--new-tokens", "--max-new-tokens", old_new_tokens, new_tokens, 16)
+    if not context.is_file():
+        raise UsageError(f"--context {context}: no such file")
+    result = link_bench.run(model, context.resolve(), "What does this code do? Answer briefly.", rate, rtt, codec, new_tokens)
     if json_:
         print_json(result)
         return
-    table = Table("path", "TTFT s", "total s", "T_com_C", "T_comm", "T_com_E", "hidden", title=f"{result['link']}, codec {codec}")
-    for name, r in result["runs"].items():
-        table.add_row(name, f"{r['ttft_s']:.2f}", f"{r['total_s']:.2f}", f"{r['t_com_c_s']:.2f}", f"{r['t_comm_s']:.2f}",
-                      f"{r['t_com_e_s']:.2f}", f"{r['hidden_share']:.0%}")
-    out_console.print(table)
-    runs = result["runs"]
-    out_console.print(f"time to first token: {runs['edge-only']['ttft_s'] / runs['artifact+pipeline']['ttft_s']:.1f}x faster from the artifact")
+    show(link_bench.render(result))

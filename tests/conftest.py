@@ -13,9 +13,8 @@ import pytest
 
 from celslm.artifact import DirectoryReader
 from celslm.store.local import LocalStore
+from celslm.testing.processes import CLI
 from tests.tiny import save_tiny_model
-
-CLI = [sys.executable, "-c", "from celslm.commands.main import run; run()"]
 
 
 @pytest.fixture(scope="session")

@@ -1,59 +1,21 @@
-"""Loopback helpers for server tests: start serve-cache, and a proxy that records what clients send."""
+"""Loopback helpers for server tests: serve-cache over a store folder, and a proxy that records what
+clients send. Ports, health waits and stopping are celslm.testing.processes' (the benchmarks use them too)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import ssl
-import subprocess
 import threading
-import time
-import urllib.request
 
-from tests.conftest import CLI
+from celslm.testing.processes import CLI, ServeCache, free_port, stop_process, wait_healthy  # noqa: F401 (tests import them here)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServeCache):
+    """celslm serve-cache over the store folder `root`, trusting `cafile` for HTTPS."""
 
-
-def wait_healthy(url: str, proc: subprocess.Popen, what: str, context=None) -> bytes:
-    """GET url/v1/health until it answers (the body), or fail with the process's last words."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            return urllib.request.urlopen(url + "/v1/health", timeout=1, context=context).read()
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} did not start in 60 s")
-
-
-def stop_process(proc: subprocess.Popen) -> int:
-    """SIGTERM, then SIGKILL after 30 s; the exit code."""
-    proc.terminate()
-    try:
-        return proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
-
-
-class Server:
     def __init__(self, root, *args: str, scheme: str = "http", cafile=None, cli: list[str] = CLI):
-        self.port = free_port()
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
         context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
-        self.proc = subprocess.Popen(cli + ["serve-cache", "--root", str(root), "--port", str(self.port), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
-        wait_healthy(self.url, self.proc, "serve-cache", context)
-
-    def stop(self) -> int:
-        return stop_process(self.proc)
+        super().__init__("--root", str(root), *args, cli=cli, scheme=scheme, context=context)
 
 
 class RecordingProxy:

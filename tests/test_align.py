@@ -165,7 +165,7 @@ def test_an_alignment_is_refused_for_another_large_model(pair, tmp_path):
 
 def test_bench_quality_reports_every_mode_on_held_out_files(pair):
     result = run_cli("bench", "quality", "--llm", str(pair["large"]), "--align", str(pair["align"]), "--files", "2",
-                     "--context", "96", "--continuation", "16", "--native", "1", "--native", "2", "--codec", "lossless",
+                     "--tokens", "96", "--continuation", "16", "--native", "1", "--native", "2", "--codec", "lossless",
                      "--json", check=True)
     report = json.loads(result.stdout)
     rows = {row["key"]: row for row in report["rows"]}

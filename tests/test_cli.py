@@ -248,3 +248,15 @@ def test_prefill_chooses_its_engine_as_decode_does_and_transformers_for_align(tm
     assert cross["engine"] == "transformers"
     assert_one_line_error(run_cli(*args, "-m", str(gguf), "--align", str(aligned_pair["align"]), "--engine", "llama.cpp",
                                   "-o", str(tmp_path / "y.kv")), EXIT_USAGE, "--align runs on --engine transformers")
+
+def test_bench_old_spellings_still_work_for_one_release_with_a_warning(tmp_path):
+    """`--new-tokens` (now --max-new-tokens) is hidden but taken, with a warning; both at once is a usage error."""
+    old = run_cli("bench", "report", "--from", str(tmp_path / "absent.json"), "--out", str(tmp_path / "r"), "--new-tokens", "4")
+    stderr = old.stderr.decode()
+    assert "--new-tokens is renamed --max-new-tokens" in stderr and "not a saved suite" in stderr
+    assert old.returncode == EXIT_USAGE
+    both = run_cli("bench", "report", "--from", str(tmp_path / "absent.json"), "--out", str(tmp_path / "r"),
+                   "--new-tokens", "4", "-n", "4")
+    assert_one_line_error(both, EXIT_USAGE, "give only --max-new-tokens")
+    assert "--new-tokens" not in run_cli("bench", "report", "--help").stdout.decode()
+    assert "--context " not in run_cli("bench", "compress", "--help").stdout.decode()  # counts are --tokens

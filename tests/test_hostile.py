@@ -10,8 +10,9 @@ import time
 
 from celslm.errors import EXIT_INTEGRITY
 from celslm.manifest import sha256_digest
+from celslm.testing.faults import FaultServer
 from celslm.trust import canonical_json
-from tests.test_resilience import FaultServer, decode
+from tests.test_resilience import decode
 
 
 def test_a_peer_sending_an_endless_body_is_refused_and_the_cloud_answers(published, tiny_qwen):

@@ -257,7 +257,7 @@ def test_bench_compress_puts_llama_cpps_own_cache_types_beside_tc(tmp_path):
 
 def test_bench_edge_measures_every_process_it_names(tiny_gguf):
     """Whole processes, interleaved: every row has its figures, and the peer restores llama.cpp's own state."""
-    out = run_cli("bench", "edge", "-m", str(tiny_gguf), "--tokens", "64", "--new-tokens", "4", "--repeats", "1",
+    out = run_cli("bench", "edge", "-m", str(tiny_gguf), "--tokens", "64", "--max-new-tokens", "4", "--repeats", "1",
                   "--no-transformers", "--json", check=True)
     result = json.loads(out.stdout)
     rows = {r["key"]: r for r in result["rows"]}
@@ -354,7 +354,7 @@ def test_bench_hostile_answers_every_hostile_peer_row_from_the_cloud(tmp_path, m
     """Whole decode processes under --trust: each hostile peer (forged tag, huge body, huge declared size,
     huge counts, trickle) leaves the answer and the artifact the normal run had."""
     gguf = save_tiny_gguf(tmp_path / "tiny.gguf", "llama", seed=5)
-    out = run_cli("bench", "hostile", "-m", str(gguf), "--tokens", "96", "--new-tokens", "4", "--repeats", "1", "--json",
+    out = run_cli("bench", "hostile", "-m", str(gguf), "--tokens", "96", "--max-new-tokens", "4", "--repeats", "1", "--json",
                   env={"CELSLM_TIMEOUT": "2"}, check=True)  # the trickle is abandoned at a 2 s deadline
     result = json.loads(out.stdout)
     rows = {r["key"]: r for r in result["rows"]}

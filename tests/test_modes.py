@@ -179,7 +179,7 @@ def test_bench_report_has_every_mode_and_re_renders_from_its_saved_suite(aligned
     out = tmp_path / "report"
     result = run_cli("bench", "report", "--llm", str(aligned_pair["large"]), "--slm", str(aligned_pair["small"]),
                      "--align", str(aligned_pair["align"]), "--out", str(out), "--tasks", "1", "--context-chars", "600",
-                     "--new-tokens", "4", "--clients", "1", "--clients", "3", "--link", "100mbit:20ms",
+                     "--max-new-tokens", "4", "--clients", "1", "--clients", "3", "--link", "100mbit:20ms",
                      "--link", "10mbit:40ms", "--json", check=True)
     summary = json.loads(result.stdout)["summary"]
     every = [m for m in modes.MODES if m != modes.LLAMA_EDGE]  # the tiny small model has no GGUF for llama.cpp
@@ -243,7 +243,7 @@ def test_bench_report_runs_only_the_modes_asked_for(aligned_pair, tmp_path):
     out = tmp_path / "some"
     result = run_cli("bench", "report", "--llm", str(aligned_pair["large"]), "--slm", str(aligned_pair["small"]),
                      "--mode", "edge-only", "--mode", "ce-lslm", "--out", str(out), "--tasks", "1",
-                     "--context-chars", "600", "--new-tokens", "4", "--clients", "1", "--json", check=True)
+                     "--context-chars", "600", "--max-new-tokens", "4", "--clients", "1", "--json", check=True)
     assert [row["mode"] for row in json.loads(result.stdout)["summary"]] == ["edge-only", "ce-lslm"]
     assert {r["mode"] for r in json.loads((out / "suite.json").read_text())["concurrency"]} == {"ce-lslm"}
     for args, message in ((("--mode", "nope"), b"--mode: unknown mode nope"),

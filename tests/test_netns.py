@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from celslm.bench import netns
+from celslm.bench import link
+from celslm.testing import netns
 from tests.conftest import CONTEXT
 
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=f"kernel link shaping {netns.available()}")
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.skipif(netns.available() is not None, reason=f"kernel l
 
 def test_decode_over_a_tc_shaped_veth_between_two_namespaces(tiny_qwen, tmp_path):
     (tmp_path / "ctx.txt").write_text(CONTEXT * 4)
-    result = netns.run(str(tiny_qwen), tmp_path / "ctx.txt", "What does greet return?", rate="20mbit", rtt_ms=10,
+    result = link.run(str(tiny_qwen), tmp_path / "ctx.txt", "What does greet return?", rate="20mbit", rtt_ms=10,
                        codec="lossless", new_tokens=4)
     runs = result["runs"]
     assert result["link"].startswith("emulated (kernel tc ") and "20mbit" in result["link"]

@@ -16,11 +16,15 @@ from tests.netutil import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers")
-# The real CLI, reporting at exit which heavy modules it loaded (on stderr, after everything else).
+# The real CLI (`python -m celslm`), reporting at exit which heavy modules it loaded (on stderr, after everything else).
 PROBED_CLI = [sys.executable, "-c",
-              "import atexit, sys\n"
+              "import atexit, runpy, sys\n"
               f"atexit.register(lambda: sys.stderr.write('\\nheavy:' + ','.join(m for m in {HEAVY!r} if m in sys.modules) + '\\n'))\n"
-              "from celslm.commands.main import run\nrun()"]
+              "runpy.run_module('celslm', run_name='__main__')"]
+# The [bench] extra's modules, and the only modules that may import them: an edge install has neither.
+BENCH_EXTRA = {"matplotlib": ("celslm.plots",), "threadpoolctl": ("celslm.bench.",)}
+# `python -m celslm` starts the command line, as the `celslm` script does: the one library file importing it.
+ENTRY_POINT = "celslm.__main__"
 
 
 def module_files() -> dict[str, Path]:
@@ -96,7 +100,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_library_never_imports_the_command_line():
     offenders = {name: sorted(t for t in targets if t.startswith("celslm.commands"))
-                 for name, targets in import_graph().items() if not name.startswith("celslm.commands")}
+                 for name, targets in import_graph().items() if not name.startswith("celslm.commands") and name != ENTRY_POINT}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
@@ -187,6 +191,53 @@ def test_every_library_import_points_up_the_readme_layout():
         return matches[0]
 
     upward = {(name, target) for name, targets in import_graph().items() if not name.startswith("celslm.commands")
-              and name != "celslm" for target in targets
+              and name not in ("celslm", ENTRY_POINT) for target in targets
               if entry(target) > entry(name)}
     assert upward == set()
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """The top-level names a module imports anywhere in its file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_benchmarks_and_figures_import_the_bench_extra():
+    """matplotlib only in celslm/plots.py, threadpoolctl only in celslm/bench/: an edge install runs without them."""
+    offenders = {name: sorted(third_party_imports(path) & {m for m, allowed in BENCH_EXTRA.items()
+                                                          if not name.startswith(allowed)})
+                 for name, path in module_files().items()}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert "matplotlib" in third_party_imports(module_files()["celslm.plots"])  # the check sees an import
+
+
+def test_the_bench_extra_is_not_a_dependency_of_the_edge_install():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = {re.split(r"[<>=!~ ]", spec)[0] for spec in project["dependencies"]}
+    extra = {re.split(r"[<>=!~ ]", spec)[0] for spec in project["optional-dependencies"]["bench"]}
+    assert set(BENCH_EXTRA) <= extra and not set(BENCH_EXTRA) & required
+
+
+@pytest.mark.parametrize("missing, args", [
+    ("matplotlib", ["bench", "report", "--from", "suite.json", "--out", "report"]),
+    ("matplotlib", ["bench", "latency", "-m", "no-such-model", "--plot", "latency.png"]),
+    ("threadpoolctl", ["bench", "compress", "-m", "no-such-model"]),
+], ids=lambda value: value if isinstance(value, str) else " ".join(value[:2]))
+def test_a_bench_command_without_its_extra_says_how_to_install_it_in_one_line(missing, args, tmp_path):
+    """As on an edge install: the module cannot be imported (None in sys.modules), and the command
+    fails before any model loads, with one line naming the extra."""
+    hidden = f"import runpy, sys\nsys.modules[{missing!r}] = None\nrunpy.run_module('celslm', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", hidden, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and missing in lines[0] and "pip install 'celslm[bench]'" in lines[0], lines
+
+
+def test_python_dash_m_celslm_is_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "celslm", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("celslm "), result.stderr

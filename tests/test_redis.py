@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from celslm.bench.redis_local import start_redis
+from celslm.testing.redis_local import start_redis
 from tests.conftest import CONTEXT, run_cli
 from tests.netutil import Server
 from tests.test_server import call

@@ -13,11 +13,12 @@ import time
 import pytest
 
 from celslm.artifact import DirectoryReader
-from celslm.bench.redis_local import cli, free_ports, start_cluster
 from celslm.errors import UnavailableError
 from celslm.manifest import sha256_digest
 from celslm.store import open_store
 from celslm.store.redis import PART_BYTES, key
+from celslm.testing.processes import free_ports
+from celslm.testing.redis_local import cli, start_cluster
 from tests.conftest import run_cli
 from tests.netutil import Server
 from tests.test_server import call

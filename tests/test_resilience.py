@@ -2,101 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
-from pathlib import Path
-
-from aiohttp import web
 
 from celslm.errors import EXIT_UNAVAILABLE
-from celslm.store.local import LocalStore
+from celslm.testing.faults import FaultServer
+from celslm.testing.processes import free_port
 from tests.conftest import GREET_PROMPT as PROMPT, run_cli
-from tests.netutil import free_port
-
-
-
-class FaultServer:
-    """Serves a store like serve-cache does, misbehaving on blob GETs as told."""
-
-    def __init__(self, root: Path, mode: str = "ok", corrupt: set[str] = frozenset()):
-        self.root, self.mode, self.corrupt = root, mode, corrupt
-        self.manifests: dict[str, bytes] = {}  # id -> bytes served instead of the store's
-        self.tags: dict[str, str] = {}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.range_requests = 0
-        self.blob_requests = 0
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        ready.wait(10)
-
-    async def blob(self, request):
-        self.blob_requests += 1
-        digest = request.match_info["digest"]
-        path = self.root / "blobs" / digest.removeprefix("sha256:")
-        if not path.is_file():
-            raise web.HTTPNotFound()
-        data = path.read_bytes()
-        if self.mode == "stall":
-            await asyncio.sleep(20)
-        if self.mode in ("huge", "trickle"):  # a hostile peer: endless zeros, or one byte a second
-            response = web.StreamResponse()
-            await response.prepare(request)
-            for _ in range(2000 if self.mode == "huge" else 60):  # bounded: 2 GB, or a minute
-                await response.write(bytes(1 << 20) if self.mode == "huge" else b"\0")
-                if self.mode == "trickle":
-                    await asyncio.sleep(1)
-            return response
-        if self.mode == "huge-declared":
-            return web.Response(body=b"", headers={"Content-Length": str(10**10)})
-        if digest in self.corrupt:
-            data = data[:-1] + bytes([data[-1] ^ 0xFF])
-        if self.mode == "drop":
-            if "Range" in request.headers:
-                self.range_requests += 1
-                start = int(request.headers["Range"].removeprefix("bytes=").rstrip("-"))
-                return web.Response(status=206, body=data[start:],
-                                    headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
-            response = web.StreamResponse()
-            response.content_length = len(data)
-            await response.prepare(request)
-            await response.write(data[: len(data) // 2])
-            request.transport.close()  # the connection dies mid-blob
-            return response
-        return web.Response(body=data)
-
-    async def manifest(self, request):
-        data = self.manifests.get(request.match_info["digest"]) or LocalStore(self.root).get_manifest(request.match_info["digest"])
-        return web.Response(body=data) if data else web.Response(status=404)
-
-    async def tag(self, request):
-        found = self.tags.get(request.match_info["name"]) or LocalStore(self.root).get_tag(request.match_info["name"])
-        return web.Response(text=found) if found else web.Response(status=404)
-
-    def _run(self, ready):
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_get("/v1/blobs/{digest}", self.blob)
-        app.router.add_get("/v1/artifacts/{digest}", self.manifest)
-        app.router.add_get("/v1/tags/{name}", self.tag)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        ready.set()
-        self._loop.run_forever()
-
-    def close(self):
-        async def stop():
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._loop.stop()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop)
 
 
 def decode(model, *args, env=None, check=True):

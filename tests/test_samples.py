@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from celslm.bench import netns
+from celslm.testing import netns
 from tests.conftest import CONTEXT
 from tests.netutil import Server
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-CLI_SHIM = "#!/bin/sh\nexec {python} -c 'from celslm.commands.main import run; run()' \"$@\"\n"
+CLI_SHIM = "#!/bin/sh\nexec {python} -m celslm \"$@\"\n"
 
 
 @pytest.fixture

@@ -112,7 +112,7 @@ def test_the_fifth_worker_death_in_30_s_stops_the_server(tmp_path):
 def test_workers_that_cannot_start_stop_the_server_with_one_line(tmp_path):
     """Redis goes away and the workers die: each replacement says why in one line and, after a few,
     the supervisor stops (exit 4) instead of restarting forever."""
-    from celslm.bench.redis_local import start_redis
+    from celslm.testing.redis_local import start_redis
 
     redis = start_redis(tmp_path / "redis")
     server = Server(tmp_path / "unused", "--backend", redis.url, "--workers", "2")

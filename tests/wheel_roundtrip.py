@@ -2,9 +2,11 @@
 
     python tests/wheel_roundtrip.py            (by `make wheel-check`, part of `make test`)
 
-It checks that celslm is imported from that install (not this source tree), that `celslm --version`
-loads neither torch nor transformers, then on a tiny model: prefill, push to a serve-cache started
-here (loopback), decode from it by tag with an empty edge cache, and compare the answer with an
+It checks that celslm is imported from that install (not this source tree); that the edge install
+(no extras) has neither matplotlib nor threadpoolctl, and that a bench command needing them says so
+in one line; that `celslm --version` loads neither torch nor transformers and `python -m celslm`
+runs; then on a tiny model: prefill, push to a serve-cache started here (loopback, by the wheel's
+celslm.testing), decode from it by tag with an empty edge cache, and compare the answer with an
 edge-only decode of the same context. Any failure exits non-zero with what went wrong.
 """
 
@@ -15,12 +17,9 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,23 +34,17 @@ def run(*args: str, env: dict) -> str:
     return result.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"wheel round trip: serve-cache exited {server.returncode}: {server.stderr.read().decode()[-1500:]}")
-        try:
-            urllib.request.urlopen(f"{url}/v1/health", timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit("wheel round trip: serve-cache did not answer within 60 s")
+def bench_needs_its_extra(env: dict) -> None:
+    """Without the [bench] extra, a bench command that plots fails at once: one line naming the extra, exit 2."""
+    for module in ("matplotlib", "threadpoolctl"):
+        if importlib.util.find_spec(module) is not None:
+            sys.exit(f"wheel round trip: {module} is installed without the [bench] extra (pulled by a dependency?)")
+    quiet = {key: value for key, value in env.items() if key != "CELSLM_DEBUG"}  # as a user sees it
+    result = subprocess.run([str(CELSLM), "bench", "report", "--from", "suite.json", "--out", "report"],
+                            capture_output=True, text=True, env=quiet, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    if result.returncode != 2 or len(lines) != 1 or "celslm[bench]" not in lines[0]:
+        sys.exit(f"wheel round trip: bench report without matplotlib exited {result.returncode}: {result.stderr[-1500:]}")
 
 
 def main() -> None:
@@ -63,8 +56,8 @@ def main() -> None:
     if spec is None or Path(sys.prefix).resolve() not in Path(spec.origin).resolve().parents:
         sys.exit(f"wheel round trip: celslm is not imported from the installed wheel ({spec and spec.origin})")
     env = {**os.environ, "CELSLM_HOME": str(work / "cloud-home"), "CELSLM_DEBUG": "1"}
-    probe = ("import sys\nsys.argv = ['celslm', '--version']\nfrom celslm.commands.main import run\n"
-             "try:\n    run()\nexcept SystemExit:\n    pass\n"
+    probe = ("import runpy, sys\nsys.argv = ['celslm', '--version']\n"
+             "try:\n    runpy.run_module('celslm', run_name='__main__')\nexcept SystemExit:\n    pass\n"
              "print('heavy:' + ','.join(m for m in ('torch', 'transformers') if m in sys.modules))")
     heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     if heavy.returncode != 0:
@@ -72,6 +65,10 @@ def main() -> None:
     if heavy.stdout.splitlines()[-1:] != ["heavy:"]:
         sys.exit(f"wheel round trip: celslm --version loaded {heavy.stdout.splitlines()[-1]}")
     print(run("--version", env=env).strip())
+    module = subprocess.run([sys.executable, "-m", "celslm", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    if module.returncode != 0 or "Usage: celslm" not in module.stdout:
+        sys.exit(f"wheel round trip: python -m celslm --help exited {module.returncode}: {module.stderr[-1500:]}")
+    bench_needs_its_extra(env)
 
     spec = importlib.util.spec_from_file_location("tiny", HERE / "tiny.py")
     tiny = importlib.util.module_from_spec(spec)
@@ -80,18 +77,20 @@ def main() -> None:
     (work / "ctx.txt").write_text(CONTEXT)
     run("prefill", "-m", model, "-c", "ctx.txt", "-o", "ctx.kv", "--chunk-size", "32", env=env)
 
-    url = f"http://127.0.0.1:{free_port()}"
-    server = subprocess.Popen([str(CELSLM), "serve-cache", "--root", "store", "--port", url.rsplit(":", 1)[1],
-                               "--write-token", "w"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from celslm.testing.processes import ServeCache  # the installed wheel's
+
     try:
-        wait_healthy(url, server)
+        server = ServeCache("--root", "store", "--write-token", "w")
+    except RuntimeError as exc:
+        sys.exit(f"wheel round trip: {exc}")
+    url = server.url
+    try:
         run("push", "ctx.kv", url, "--tag", "ctx:latest", "--token", "w", env=env)
         edge = {**env, "CELSLM_HOME": str(work / "edge-home")}  # an empty edge cache: every blob comes from the server
         fetched = json.loads(run("decode", "-m", model, "--kv", "ctx:latest", "--cloud", url, "-p", "Who is greeted?",
                                  "-n", "12", "--json", env=edge))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
     local = json.loads(run("decode", "-m", model, "--context", "ctx.txt", "-p", "Who is greeted?", "-n", "12", "--json",
                            env=env))
     if fetched["path"] != "artifact" or not fetched["bytes_by_source"].get(f"cloud {url}"):

@@ -101,11 +101,11 @@ def main() -> None:
     parser.add_argument("--context")
     parser.add_argument("--sketch")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
     if args.model and not args.context:
         parser.error("--model needs --context")
-    web.run_app(make_app(args.model, args.context, args.new_tokens, args.sketch), host="127.0.0.1", port=args.port,
+    web.run_app(make_app(args.model, args.context, args.max_new_tokens, args.sketch), host="127.0.0.1", port=args.port,
                 print=None, access_log=None)
 
 

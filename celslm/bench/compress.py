@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from rich.table import Table
 
 from celslm import kvcache
 from celslm.artifact import MemoryReader
@@ -39,6 +40,7 @@ from celslm.decode import context_from_artifact
 from celslm.errors import CelslmError
 from celslm.manifest import Producer
 from celslm.models import LoadedModel
+from celslm.plots import bench_extra
 from celslm.score import continuation_logits, kl, nll, top1
 
 DEFAULT_CODECS = (
@@ -89,6 +91,7 @@ class Row:
 
 def _one_thread(fn):
     """Codec throughput is measured on one core: torch's and BLAS's thread pools held to one thread."""
+    bench_extra("threadpoolctl")
     from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
@@ -305,26 +308,29 @@ def _quanto_logits(loaded: LoadedModel, case: Case, bits: int) -> tuple[np.ndarr
     return logits.numpy(), kv_bytes
 
 
-def plot(result: dict, path: str) -> None:
-    """Compression ratio vs perplexity increase, one point per codec."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+def render(result: dict) -> list:
+    """The tables and lines `bench compress` prints."""
+    cases = ", ".join(f"{n} at {length}" for length, n in result["cases"].items())
+    table = Table("context", "codec", "system", "ratio vs fp16", "ppl ratio", "top-1", "KL", "encode MB/s", "decode MB/s",
+                  title=f"KV compression, {result['model']}: held-out {result['corpus']} files ({cases} tokens), "
+                        f"{result['continuation_tokens']}-token continuations (MB/s of fp16 KV, one core)")
     for row in result["rows"]:
-        loss = (row["ppl_ratio"] - 1) * 100
-        marker = "o" if row["system"] == "celslm" else "s"
-        ax.scatter(row["ratio"], max(loss, 1e-3), marker=marker, color="C0" if row["system"] == "celslm" else "C3")
-        label = row["codec"] + (f" @{row['context_tokens']}" if len(result["contexts"]) > 1 else "")
-        ax.annotate(label, (row["ratio"], max(loss, 1e-3)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(1, color="gray", linestyle="--", linewidth=0.8)
-    ax.axhline(5, color="gray", linestyle=":", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("compression ratio vs fp16 KV")
-    ax.set_ylabel("perplexity increase, % (log)")
-    ax.set_title(f"{result['model']}: {len(result['files'])} held-out stdlib files (circles celslm, squares peers)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        mbps = [f"{row[k]:.0f}" if row[k] else "n/a" for k in ("encode_mbps", "decode_mbps")]
+        table.add_row(str(row["context_tokens"]), row["codec"], row["system"], f"{row['ratio']:.2f}x",
+                      f"{row['ppl_ratio']:.4f}", f"{row['top1_agreement']:.3f}", f"{row['kl']:.4f}", *mbps)
+    shown: list = [table, f"bytes: {result['bytes']}"]
+    if result["codebook"]:
+        book = result["codebook"]
+        shown.append(f"codebook: {book['digest']}, {book['bytes'] / 2**20:.2f} MiB once per model, calibrated on "
+                     f"{len(book['calibration_files'] or [])} files none of which is evaluated")
+    shown.append(f"note: {result['notes']['quanto']}")
+    if "task_accuracy" in result:
+        acc = result["task_accuracy"]
+        table = Table("codec", "QA correct", "completion exact", "completion edit similarity",
+                      title=f"the report's tasks answered from each artifact ({acc['tasks']['qa']} QA, "
+                            f"{acc['tasks']['complete']} completions, greedy, {acc['new_tokens']} tokens)")
+        for row in acc["rows"]:
+            table.add_row(row["codec"], *(f"{row[k]:.3f}" if row[k] is not None else "n/a"
+                                          for k in ("qa_correct", "complete_exact", "complete_edit_similarity")))
+        shown.append(table)
+    return shown

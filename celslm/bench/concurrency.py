@@ -18,25 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
+from celslm.testing.processes import ServeCache, Service, free_port
+
 CLIENT_TIMEOUT_S = 600
 CLOUD_MODES = ("ce-lslm", "pice", "cloud-only", "ce-collm")  # the modes with a cloud process to load
-
-
-CLI = [sys.executable, "-c", "from celslm.commands.main import run; run()"]  # celslm as its own process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -45,61 +36,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cloud process exited: {proc.stderr.read().decode()[-1500:]}")
-        try:
-            urllib.request.urlopen(url + "/v1/health", timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"cloud process at {url} did not start in {seconds:.0f} s")
+def _cloud(args: list[str], port: int) -> Service:
+    return Service(args, port, "cloud process", timeout_s=300)  # an LLM process loads its model first
 
 
-class CloudProcess:
-    """A subprocess serving one mode on loopback; stopped on exit."""
-
-    def __init__(self, args: list[str], port: int):
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-        try:
-            _wait_healthy(self.url, self.proc)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def llm_server(model: str, context_file: str, new_tokens: int) -> CloudProcess:
+def llm_server(model: str, context_file: str, new_tokens: int) -> Service:
     port = free_port()
-    return CloudProcess([sys.executable, "-m", "celslm.bench.cloud_server", "--model", model, "--context", context_file,
-                         "--port", str(port), "--new-tokens", str(new_tokens)], port)
+    return _cloud([sys.executable, "-m", "celslm.bench.cloud_server", "--model", model, "--context", context_file,
+                   "--port", str(port), "--max-new-tokens", str(new_tokens)], port)
 
 
-def sketch_server(sketch_file: str) -> CloudProcess:
+def sketch_server(sketch_file: str) -> Service:
     port = free_port()
-    return CloudProcess([sys.executable, "-m", "celslm.bench.cloud_server", "--sketch", sketch_file,
-                         "--port", str(port)], port)
-
-
-def cache_server(root: str) -> CloudProcess:
-    port = free_port()
-    return CloudProcess(CLI + ["serve-cache", "--root", root, "--port", str(port)], port)
+    return _cloud([sys.executable, "-m", "celslm.bench.cloud_server", "--sketch", sketch_file,
+                   "--port", str(port)], port)
 
 
 def level(request, clients: int, requests: int, pid: int, timeout_s: float) -> dict:
@@ -207,7 +157,7 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
     context_file.write_text(context_text, encoding="utf-8")
     rows = []
 
-    def levels_of(mode: str, cloud: CloudProcess, request) -> None:
+    def levels_of(mode: str, cloud: Service, request) -> None:
         for clients in levels:
             if progress:
                 progress(f"concurrency: {mode}, {clients} clients", 0, None)
@@ -217,7 +167,7 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
     artifact = None if "ce-lslm" not in which else recode(MemoryReader(prefill(slm, context_ids(slm.tokenizer, context_text, framing), framing=framing)),
                       parse_codec(codec), codec_codebook(parse_codec(codec), slm))
     if "ce-lslm" in which:
-        with cache_server(str(workdir / "store")) as cloud:
+        with ServeCache("--root", str(workdir / "store"), timeout_s=300) as cloud:
             push(MemoryReader(artifact), CacheClient(cloud.url))
             levels_of("ce-lslm", cloud, pull_request(cloud.url, artifact.id))
     if "pice" in which and sketch is not None:

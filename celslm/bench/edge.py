@@ -34,15 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rich.table import Table
+
 from celslm import prompting
 from celslm.artifact import MemoryReader, write_dir
 from celslm.blocks import recode
-from celslm.bench.concurrency import CLI, CloudProcess, free_port
 from celslm.bench.ttft import stdlib_context
 from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec
 from celslm.errors import CelslmError, UsageError
 from celslm.models import LoadedModel, model_gguf
+from celslm.testing.processes import CLI, Service, free_port
 
 PROMPT = "What does this code do? Answer briefly."
 PEER = Path(__file__).with_name("llama_peer.py")
@@ -228,10 +230,10 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
     }
 
 
-def _warm_service(spec: str, context: Path) -> CloudProcess:
+def _warm_service(spec: str, context: Path) -> Service:
     """A `celslm serve` on loopback with the context already in memory (one request served)."""
     port = free_port()
-    service = CloudProcess(CLI + ["serve", "-m", spec, "--port", str(port)], port)
+    service = Service(CLI + ["serve", "-m", spec, "--port", str(port)], port, "celslm serve", timeout_s=300)
     body = json.dumps({"context": str(context), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1})
     request = urllib.request.Request(service.url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
     try:
@@ -247,3 +249,27 @@ def _peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(result: dict) -> list:
+    """The table and the ratios `bench edge` prints."""
+    table = Table("process", "first byte s", "total s", "decode tok/s", "peak MiB", "text = llama.cpp edge-only",
+                  title=f"{result['model']}: {result['context_tokens']}-token context, {result['new_tokens']} new tokens, "
+                        f"median of {result['repeats']} interleaved runs, {result['threads']} threads")
+    for r in result["rows"]:
+        table.add_row(r["label"], _fmt(r["first_byte_s"], ".2f"), _fmt(r["total_s"], ".2f"),
+                      _fmt(r["decode_tok_s"], ".1f"), _fmt(r["peak_rss_mib"], ".0f"),
+                      "yes" if r["same_text_as_llama_cpp_edge_only"] else "no")
+    ratios = result["ratios"]
+    return [table,
+            f"first byte, celslm --kv / llama.cpp state restore: {_fmt(ratios['first_byte_kv_vs_peer'], '.2f')}x   "
+            f"decode rate: {_fmt(ratios['decode_rate_kv_vs_peer'], '.2f')}x   "
+            f"peak memory: {_fmt(ratios['peak_rss_kv_vs_peer'], '.2f')}x",
+            f"bytes: artifact {result['artifact_bytes']:,}, llama.cpp f16 state {result['llama_state_bytes']:,} "
+            f"({_fmt(ratios['state_bytes_vs_artifact'], '.1f')}x larger); llama.cpp edge-only first byte is "
+            f"{_fmt(ratios['first_byte_llama_edge_only_vs_kv'], '.1f')}x later than celslm --kv, "
+            f"{_fmt(ratios['first_byte_llama_edge_only_vs_warm'], '.1f')}x later than the warm service"]

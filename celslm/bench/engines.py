@@ -13,6 +13,8 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
+from rich.table import Table
+
 from celslm.artifact import MemoryReader
 from celslm.blocks import build_artifact
 from celslm.corpus import eval_cases
@@ -61,3 +63,17 @@ def run(engines: list[LoadedModel], files: int = 8, context: int = 1024, continu
         "engine_gap": round(mean[names[1], "own"] - mean[names[0], "own"], 5) if len(names) > 1 else None,
         "top1_vs_own": {reader: round(statistics.fmean(values), 4) for reader, values in agreement.items() if values},
     }
+
+
+def render(result: dict) -> list:
+    """The table and the costs `bench engines` prints."""
+    table = Table("scored on", "artifact from", "mean NLL", title=f"{result['model']}: {len(result['files'])} held-out files, "
+                  f"{result['context_tokens']}-token contexts, {result['continuation_tokens']} tokens scored")
+    for row in result["nll"]:
+        table.add_row(row["engine"], row["artifact_from"].replace("own", "its own prefill"), f"{row['nll']:.4f}")
+    shown: list = [table]
+    for reader, cost in result["crossing_cost"].items():
+        shown.append(f"on {reader}, the other engine's artifact costs {cost:+.4f} nats/token "
+                     f"(top-1 agreement with its own {result['top1_vs_own'][reader]:.1%})")
+    shown.append(f"llama.cpp's own prefill vs transformers' own: {result['engine_gap']:+.4f} nats/token")
+    return shown

@@ -33,9 +33,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rich.table import Table
+
 from celslm import prompting
 from celslm.artifact import MemoryReader
-from celslm.bench.concurrency import CLI, CloudProcess, free_port
 from celslm.bench.edge import timed
 from celslm.bench.ttft import stdlib_context
 from celslm.blocks import recode
@@ -48,10 +49,10 @@ from celslm.prefill import prefill
 from celslm.sealing import seal_artifact
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push
+from celslm.testing.processes import CLI, ServeCache, Service, free_port
 from celslm.trust import (TrustPolicy, generate_key, load_private_key, load_public_key, sign_artifact, sign_tag)
 
 PROMPT = "What does this code do? Answer briefly."
-HOSTILE_PEER = Path(__file__).with_name("hostile_peer.py")
 LINK = "100mbit"
 PEER_ROWS = (
     ("forged", "forged tag (signed by a stranger, names context B)"),
@@ -60,6 +61,7 @@ PEER_ROWS = (
     ("counts", "huge counts (manifest declaring 10^9 tokens)"),
     ("trickle", "trickle (1 byte/s)"),
 )
+FAULTS = {"huge": "huge", "declared": "huge-declared", "counts": "counts", "trickle": "trickle"}  # row -> faults mode
 
 
 def _json_out(stderr: str, stdout: str) -> tuple[int, float | None, str]:
@@ -108,19 +110,19 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 1024, new_tokens: int =
         for artifact, signer in ((plain, cloud_key), (sealed, cloud_key), (other, stranger_key)):
             artifact.signatures = (sign_artifact(signer, artifact.id),)
 
-        cloud_port, peer_port = free_port(), free_port()
-        servers = [CloudProcess(CLI + ["serve-cache", "--root", str(work / "cloud-store"), "--port", str(cloud_port)], cloud_port)]
+        servers = [ServeCache("--root", str(work / "cloud-store"), timeout_s=300)]
         try:
-            servers.append(CloudProcess(CLI + ["serve-cache", "--root", str(work / "peer-store"), "--port", str(peer_port)], peer_port))
+            servers.append(ServeCache("--root", str(work / "peer-store"), timeout_s=300))
             cloud, forger = (CacheClient(s.url) for s in servers)
             push(MemoryReader(plain), cloud, "ctx:latest", signed_tag=sign_tag(cloud_key, "ctx:latest", plain.id, 3600))
             push(MemoryReader(sealed), cloud, "ctx-enc:latest", signed_tag=sign_tag(cloud_key, "ctx-enc:latest", sealed.id, 3600))
             push(MemoryReader(other), forger, "ctx:latest", signed_tag=sign_tag(stranger_key, "ctx:latest", other.id, 3600))
             peers = {"forged": servers[1].url}
-            for mode in ("huge", "declared", "counts", "trickle"):
+            for row, mode in FAULTS.items():  # each a process of its own, as a peer on the network is
                 port = free_port()
-                servers.append(CloudProcess([sys.executable, str(HOSTILE_PEER), str(work / "cloud-store"), str(port), mode], port))
-                peers[mode] = servers[-1].url
+                servers.append(Service([sys.executable, "-m", "celslm.testing.faults", str(work / "cloud-store"), str(port),
+                                        mode], port, f"the {mode} peer", timeout_s=300))
+                peers[row] = servers[-1].url
 
             decode = CLI + ["decode", "-m", spec, "-p", PROMPT, "-n", str(new_tokens), "--json", "--cloud", servers[0].url,
                             "--trust", str(keys["cloud"][1])]
@@ -208,3 +210,35 @@ def _summary(spec, runs, failures, configs, plain, sealed, seal_s, decrypt_s, co
         "decrypt_mb_s": round(blob_bytes / decrypt_s / 1e6, 1) if decrypt_s > 0 else None,
         "costs_ms": costs_ms,
     }
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(result: dict) -> list:
+    """The table and the cost lines `bench hostile` prints."""
+    table = Table("edge run (--trust cloud.pub)", "answer", "total s", "load s", "peak MiB", "peak / normal",
+                  title=f"{result['model']}: {result['context_tokens']}-token context (balanced, "
+                        f"{result['artifact_bytes']:,} bytes), {result['new_tokens']} new tokens, median of "
+                        f"{result['repeats']} interleaved runs")
+    for r in result["rows"]:
+        answer = "normal" if r["answered_normally"] else f"FAILED {len(r['failed'])}x" if r["failed"] else "OTHER"
+        table.add_row(r["label"], answer, _fmt(r["total_s"], ".2f"), _fmt(r["load_s"], ".3f"),
+                      _fmt(r["peak_rss_mib"], ".0f"), _fmt(r["peak_vs_normal"], ".2f"))
+    costs = result["costs_ms"]
+    return [table,
+            f"hostile peers: every answer normal: {'yes' if result['every_hostile_row_answered_normally'] else 'NO'}; "
+            f"worst peak memory {result['worst_peak_vs_normal']:.2f}x normal; the trickle cost "
+            f"{_fmt(result['trickle_extra_s'], '+.1f')} s",
+            f"signing (ms per call): sign artifact {costs['sign_artifact']:.3f}, verify artifact "
+            f"{costs['verify_artifact']:.3f}, sign tag {costs['sign_tag']:.3f}, verify tag {costs['verify_tag']:.3f}",
+            f"encryption: load time encrypted / plain at {result['link']}: {_fmt(result['decrypt_load_ratio'], '.3f')}x; "
+            f"sealing {result['seal_s'] * 1000:.1f} ms, decrypting {result['decrypt_s'] * 1000:.1f} ms "
+            f"({result['decrypt_mb_s']} MB/s) for {result['sealed_bytes']:,} bytes, unwrapping the key "
+            f"{costs['unwrap_content_key']:.3f} ms"]
+
+
+def notes(result: dict) -> list[str]:
+    """Each row's first failure (for stderr)."""
+    return [f"{r['label']}: {failure}" for r in result["rows"] for failure in r["failed"][:1]]

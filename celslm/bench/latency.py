@@ -9,9 +9,12 @@ in-process emulated link (bandwidth + RTT); every figure from it is labelled emu
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
+
+from rich.table import Table
 
 from celslm import prompting
 from celslm.artifact import MemoryReader
@@ -92,34 +95,18 @@ def run(loaded: LoadedModel, contexts=(512, 1024, 2048, 4096), links=("10mbit:20
             "note": "artifact transfers go through an in-process emulated link (bandwidth + RTT), labelled per run"}
 
 
-def plot(result: dict, path: str) -> None:
-    """Time to first token vs link rate, one panel per context length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lengths = sorted({r["context_tokens"] for r in result["runs"]})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4), squeeze=False)
-    for ax, length in zip(axes[0], lengths):
-        runs = [r for r in result["runs"] if r["context_tokens"] == length]
-        edge = next(r for r in runs if r["mode"] == "edge-only")
-        series = sorted({(r["mode"], r["codec"]) for r in runs if not r["mode"].startswith("edge-only")})
-        for mode, codec in series:
-            points = sorted((r for r in runs if (r["mode"], r["codec"]) == (mode, codec)), key=lambda r: r["link"])
-            rates = [float(r["link"].split()[1]) for r in points]
-            order = sorted(range(len(rates)), key=rates.__getitem__)
-            ax.plot([rates[i] for i in order], [points[i]["ttft_s"] for i in order], marker="o", label=f"{mode}, {codec}")
-        ax.axhline(edge["ttft_s"], color="black", linestyle="--", label="edge-only (transformers)")
-        for baseline in (r for r in runs if r["mode"] == "edge-only (llama.cpp)"):
-            ax.axhline(baseline["ttft_s"], color="gray", linestyle=":", label="edge-only (llama.cpp)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{length}-token context")
-        ax.set_xlabel("emulated link, Mbit/s")
-        ax.set_ylabel("time to first token, s")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{result['model']}: TTFT over emulated links (in-process bandwidth + RTT emulation)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def render(result: dict) -> list:
+    """The table `bench latency` prints."""
+    table = Table("ctx", "mode", "codec", "link", "MiB", "TTFT", "total", "T_com_C", "T_comm", "T_com_E", "hidden",
+                  "speedup", caption="seconds; link = emulated rate / RTT; speedup = edge-only TTFT / TTFT",
+                  title=f"{result['model']}: time to first token and total for {result['new_tokens']} tokens "
+                        "(links emulated in-process)")
+    edge = {r["context_tokens"]: r["ttft_s"] for r in result["runs"] if r["mode"] == "edge-only"}
+    for r in result["runs"]:
+        link = re.sub(r"emulated (\S+) Mbit/s, (\S+) ms RTT", r"\1M/\2ms", r["link"] or "-")
+        table.add_row(str(r["context_tokens"]), r["mode"].replace("artifact+pipeline", "pipelined"), r["codec"] or "-", link,
+                      f"{r['artifact_bytes'] / 2**20:.1f}", f"{r['ttft_s']:.2f}", f"{r['total_s']:.2f}",
+                      f"{r['t_com_c_s']:.2f}", f"{r['t_comm_s']:.2f}", f"{r['t_com_e_s']:.2f}",
+                      f"{r['hidden_share']:.0%}" if not r["mode"].startswith("edge-only") else "-",
+                      f"{edge[r['context_tokens']] / r['ttft_s']:.1f}x")
+    return [table]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from rich.table import Table
 
 from celslm.align import gain_kept
 from celslm.artifact import MemoryReader
@@ -145,36 +146,14 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def plot(result: dict, path: str) -> None:
-    """Gain kept vs edge prefill avoided: one line per way of splitting the work, points for the rest."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {row["key"]: row for row in result["rows"]}
-
-    def point(row):
-        return row["edge_prefill_avoided"] * 100, row["gain_kept"] * 100
-
-    series = {
-        "layer split: own first k layers, rest projected": ["cross"] + [k for k in rows if k.startswith("hybrid")],
-        "token split: cross + own last N tokens": ["cross"] + [k for k in rows if k.startswith("split")],
-        "baseline: own last N tokens only": [k for k in rows if k.startswith("last")],
-    }
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    for (label, keys), style in zip(series.items(), ("o-", "s-", "^--")):
-        xy = sorted(point(rows[k]) for k in keys)
-        ax.plot([x for x, _ in xy], [y for _, y in xy], style, label=label)
-    for key, marker in (("native", "*"), ("own", "D")):
-        ax.plot(*point(rows[key]), marker, markersize=10, label=rows[key]["mode"])
-    ax.set_ylim(max(0, min(point(rows[k])[1] for k in rows if k not in ("none", "llm")) - 10), 101)
-    ax.set_xlabel("edge prefill compute avoided, %")
-    ax.set_ylabel("gain kept, % (100 = own prefill, 0 = no context)")
-    ax.set_title(f"{result['slm']} from {result['llm']}: {len(result['files'])} held-out files, "
-                 f"{result['context_tokens']}-token contexts, codec {result['codec']}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def render(result: dict) -> list:
+    """The table `bench quality` prints."""
+    table = Table("mode", "NLL", "ppl vs own", "gain kept", "top-1 vs own", "link bytes", "edge prefill avoided",
+                  title=f"{result['slm']} from {result['llm']} ({result['source']} maps, {result['map']} map), "
+                        f"{len(result['files'])} held-out stdlib files, {result['context_tokens']}-token contexts, "
+                        f"{result['continuation_tokens']}-token continuations")
+    for row in result["rows"]:
+        top1 = "n/a" if row["top1_vs_own"] is None else f"{row['top1_vs_own']:.3f}"
+        table.add_row(row["mode"], f"{row['nll']:.4f}", f"{row['ppl_vs_own']:.4f}", f"{row['gain_kept']:.0%}", top1,
+                      f"{row['link_bytes']:,}", f"{row['edge_prefill_avoided']:.0%}")
+    return [table]

@@ -15,6 +15,7 @@ from typing import Callable
 
 from celslm.models import LoadedModel, check_tokenizers
 from celslm.projection import Alignment
+from celslm import plots
 from celslm.bench import modes, tasks
 from celslm.bench.concurrency import CLOUD_MODES
 from celslm.corpus import calibration_files, stdlib_modules
@@ -199,8 +200,8 @@ def render(result: dict, out: Path) -> Path:
     (out / "suite.json").write_text(json.dumps(result, indent=1))
     rows = summary(result)
     labels = _links(result)
-    _plot_latency(rows, labels, out / "latency.png")
-    _plot_quality(rows, out / "quality.png")
+    plots.report_latency(rows, labels, out / "latency.png")
+    plots.report_quality(rows, out / "quality.png")
 
     def fmt(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
@@ -245,7 +246,7 @@ def render(result: dict, out: Path) -> Path:
                          f"{fmt(q['edit_similarity'][0])} vs {fmt(q['edit_similarity'][1])}, NLL {fmt(q['nll'][0])} vs "
                          f"{fmt(q['nll'][1])}, QA accuracy {fmt(q['qa_accuracy'][0])} vs {fmt(q['qa_accuracy'][1])}.")
     if result.get("concurrency"):
-        _plot_capacity(result["concurrency"], out / "capacity.png")
+        plots.report_capacity(result["concurrency"], out / "capacity.png")
         lines += ["", "## Concurrent capacity: edge clients against one cloud process (loopback)", "",
                   "Only the cloud's side of a request is timed: cloud-only, the prompt in and the text out; CE-CoLLM, "
                   "one request's deferral messages (as the suite's run on this context sent them) in one call, the cloud's "
@@ -275,76 +276,3 @@ def render(result: dict, out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def _plot_latency(rows: list[dict], labels: list[str], path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels) + 1, 5), sharey=True, squeeze=False)
-    names = [r["mode"] for r in rows]
-    for ax, label in zip(axes[0], labels):
-        bottom = [0.0] * len(rows)
-        parts = (("T_com_C cloud compute", [r["t_com_c_s"] or 0.0 for r in rows]),
-                 ("T_comm link (emulated)", [r["links"][label]["t_comm_s"] or 0.0 for r in rows]),
-                 ("T_com_E edge compute", [r["t_com_e_s"] or 0.0 for r in rows]))
-        for name, values in parts:
-            ax.bar(names, values, bottom=bottom, label=name)
-            bottom = [b + v for b, v in zip(bottom, values)]
-        ax.scatter(names, [r["links"][label]["ttft_s"] for r in rows], marker="_", s=300, color="black", zorder=3,
-                   label="time to first token")
-        ax.set_title(label, fontsize=9)
-        ax.tick_params(axis="x", rotation=60, labelsize=8)
-    axes[0][0].set_ylabel("seconds per request (mean)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Where a request's time goes (link times emulated)", fontsize=10)
-    _save(fig, path)
-
-
-def _plot_quality(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in rows:
-        moved = (r["bytes_up"] or 0) + (r["bytes_down"] or 0)
-        quality = [v for v in (r["edit_similarity"], r["qa_accuracy"]) if v is not None]
-        y = sum(quality) / len(quality) if quality else 0.0
-        ax.scatter(max(moved, 1), y)
-        ax.annotate(r["mode"] + ("" if r["private"] else " (not private)"), (max(moved, 1), y), fontsize=8,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes on the link per request (log)")
-    ax.set_ylabel("quality: mean of edit similarity and QA accuracy")
-    ax.set_title("Quality vs bytes on the link", fontsize=9)
-    _save(fig, path)
-
-
-def _plot_capacity(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in sorted({r["mode"] for r in rows}):
-        mine = [r for r in rows if r["mode"] == mode]
-        left.plot([r["clients"] for r in mine], [r["rps"] for r in mine], "o-", label=mode)
-        right.plot([r["clients"] for r in mine], [r["cloud_cpu_s_per_request"] or 0 for r in mine], "o-", label=mode)
-    left.set_xlabel("concurrent edge clients")
-    left.set_ylabel("requests / s (cloud side)")
-    right.set_xlabel("concurrent edge clients")
-    right.set_ylabel("cloud CPU seconds per request")
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    right.set_yscale("log")
-    _save(fig, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)

@@ -18,21 +18,21 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
 from celslm.artifact import MemoryReader
-from celslm.bench.concurrency import free_port
 from celslm.blocks import build_artifact
 from celslm.manifest import Artifact, Manifest, ModelSpace, Producer, sha256_digest
 from celslm.store.http import CacheClient
 from celslm.store.tiers import push
+from celslm.testing import redis_local
+from celslm.testing.processes import ServeCache, Service, free_port
 
 NGINX_CONF = """
 {user}daemon off;
@@ -82,19 +82,6 @@ def synthetic_artifact(tokens: int = 2048, layers: int = 24, kv_heads: int = 2, 
     return build_artifact(space=space, producer=Producer.native(space),
                           token_ids=list(range(tokens)), layers=kv, chunk_size=256, dtype="float16", framing="raw",
                           provenance=["native"] * layers)
-
-
-def _wait_up(url: str, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/v1/health", timeout=1).read()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}")
-            time.sleep(0.2)
-    raise RuntimeError(f"{what} did not start in 60 s")
 
 
 async def _client(url: str, artifact_id: str, deadline: float, max_pulls: int, latencies: list, counts: dict) -> None:
@@ -155,13 +142,13 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
         artifact: Artifact | None = None, progress=None) -> dict:
     artifact = artifact or synthetic_artifact()
     tmp = Path(tempfile.mkdtemp(prefix="celslm-bench-serve-"))
-    procs = []
+    running: list = []
     try:
-        url = _start_cache(tmp, "serve-cache", procs, "--root", str(tmp / "store"))
+        url = _start_cache(tmp, "serve-cache", running, "--root", str(tmp / "store"))
         push(MemoryReader(artifact), CacheClient(url))
         servers = {"celslm serve-cache": url}
         note = None
-        started = _start_nginx(tmp, tmp / "store", procs)
+        started = _start_nginx(tmp, tmp / "store", running)
         if started:
             servers["nginx (static files)"] = started
         else:
@@ -175,18 +162,13 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
         return {"artifact_bytes": artifact.manifest.blob_bytes(), "tokens": artifact.manifest.token_count,
                 "seconds_per_level": seconds, "results": [r.__dict__ for r in results], "note": note}
     finally:
-        _stop(procs)
+        _stop(running)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=45)  # a serve-cache supervisor gives its workers 40 s
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _stop(running: list) -> None:
+    for service in reversed(running):  # servers, then the Redis they use
+        service.stop()
 
 
 WRK_SCRIPT = """
@@ -235,19 +217,13 @@ def run_wrk(url: str, paths_file: Path, script: Path, connections: int, seconds:
     return parse_wrk(done.stdout)
 
 
-def _start_cache(tmp: Path, name: str, procs: list, *args: str) -> str:
-    """A serve-cache process (in `procs` from its start, so it is stopped whatever happens next); its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp / f"{name}.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", "from celslm.commands.main import run; run()", "serve-cache",
-                                 "--port", str(port), *args], stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
-    procs.append(proc)
-    _wait_up(url, proc, f"serve-cache ({name}; its log: {tmp / f'{name}.log'})")
-    return url
+def _start_cache(tmp: Path, name: str, running: list, *args: str) -> str:
+    """A serve-cache process (in `running` once it is up; stopped on failure before), logging to a file; its URL."""
+    running.append(ServeCache(*args, log=tmp / f"{name}.log"))
+    return running[-1].url
 
 
-def _start_nginx(tmp: Path, store: Path, procs: list) -> str | None:
+def _start_nginx(tmp: Path, store: Path, running: list) -> str | None:
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if not nginx:
         return None
@@ -256,50 +232,45 @@ def _start_nginx(tmp: Path, store: Path, procs: list) -> str | None:
     conf = tmp / "nginx" / "nginx.conf"
     user = "user root;\n" if os.geteuid() == 0 else ""  # the store's files are private to this user
     conf.write_text(NGINX_CONF.format(user=user, tmp=tmp / "nginx", port=port, root=store))
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp / "nginx")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs.append(proc)
-    _wait_up(f"http://127.0.0.1:{port}", proc, "nginx")
-    return f"http://127.0.0.1:{port}"
+    running.append(Service([nginx, "-c", str(conf), "-p", str(tmp / "nginx")], port, "nginx", log=tmp / "nginx.log"))
+    return running[-1].url
 
 
 def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections: int = 64, workers: int | None = None,
             repeats: int = 2, progress=None) -> dict:
     """Each server's requests/s, MB/s and latency under wrk at `connections`, fetching the artifact's
     blobs round robin; every server first serves one verified pull of the artifact."""
-    from celslm.bench import redis_local
-
     artifact = artifact or synthetic_artifact()
     workers = workers or os.cpu_count() or 1
     say = progress or (lambda what: None)
     if not shutil.which("wrk"):
         return {"results": [], "note": "wrk not installed (apt-get install wrk): no ceiling measured"}
     tmp = Path(tempfile.mkdtemp(prefix="celslm-bench-ceiling-"))
-    procs, services, servers, notes = [], [], {}, []
+    running, servers, notes = [], {}, []
     try:
         store = tmp / "store"
-        url = _start_cache(tmp, "dir-1", procs, "--root", str(store))
+        url = _start_cache(tmp, "dir-1", running, "--root", str(store))
         push(MemoryReader(artifact), CacheClient(url))
         servers["serve-cache dir, 1 worker"] = url
         for name, args in ((f"serve-cache dir, {workers} workers", ()),
                            (f"serve-cache dir, {workers} workers, no memory cache", ("--memory-cache", "0"))):
-            servers[name] = _start_cache(tmp, re.sub(r"\W", "", name), procs, "--root", str(store), "--workers", str(workers), *args)
+            servers[name] = _start_cache(tmp, re.sub(r"\W", "", name), running, "--root", str(store), "--workers", str(workers), *args)
         if shutil.which("redis-server") and shutil.which("redis-cli"):
             say("starting Redis and a Redis Cluster (3 masters, 3 replicas) on loopback")
             single = redis_local.start_redis(tmp / "redis")
-            services.append(single)
+            running.append(single)
             cluster = redis_local.start_cluster(tmp / "cluster")
-            services.append(cluster)
+            running.append(cluster)
             for label, backend in (("redis", single.url), ("redis cluster", cluster.url)):
                 for suffix, args in (("", ()), (", no memory cache", ("--memory-cache", "0"))):
                     name = f"serve-cache {label}, {workers} workers{suffix}"
-                    url = _start_cache(tmp, re.sub(r"\W", "", name), procs, "--backend", backend, "--workers", str(workers), *args)
+                    url = _start_cache(tmp, re.sub(r"\W", "", name), running, "--backend", backend, "--workers", str(workers), *args)
                     if not suffix:
                         push(MemoryReader(artifact), CacheClient(url))
                     servers[name] = url
         else:
             notes.append("redis-server not installed (apt-get install redis-server): no Redis rows")
-        started = _start_nginx(tmp, store, procs)
+        started = _start_nginx(tmp, store, running)
         if started:
             servers["nginx (static files)"] = started
         else:
@@ -329,7 +300,37 @@ def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections:
                 "cores": os.cpu_count(), "blobs": len(blob_sizes), "mean_blob_bytes": sum(blob_sizes) / len(blob_sizes),
                 "results": results, "note": "; ".join(notes) or None}
     finally:
-        _stop(procs)
-        for service in services:
-            service.stop()
+        _stop(running)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def render(result: dict | None, ceiling: dict | None) -> list:
+    """The tables `bench serve` prints: the verifying clients' levels, and wrk's ceilings."""
+    shown = []
+    if result:
+        table = Table("server", "clients", "pulls", "MB/s", "p50 s", "p99 s", "errors", "corrupted",
+                      title=f"pulling a {result['tokens']}-token artifact ({result['artifact_bytes'] / 2**20:.1f} MiB, "
+                            f"synthetic KV, qwen2.5-coder-0.5b geometry, fp16) over loopback, "
+                            f"{result['seconds_per_level']:g} s per level")
+        for r in result["results"]:
+            table.add_row(r["server"], str(r["clients"]), str(r["pulls"]), f"{r['mbps']:.0f}", f"{r['p50_s']:.3f}",
+                          f"{r['p99_s']:.3f}", str(r["errors"]), str(r["corrupted"]))
+        shown.append(table)
+    if ceiling and ceiling["results"]:
+        rows = ceiling["results"]
+        nginx = next((r for r in rows if r["server"].startswith("nginx")), None)
+        table = Table("server", "requests/s", "MB/s", "of nginx", "p50 ms", "p99 ms", "failed",
+                      title=f"wrk -c{ceiling['connections']}, {ceiling['seconds']:g} s x {ceiling['repeats']} interleaved "
+                            f"(median), GET of {ceiling['blobs']} blobs round robin ({ceiling['mean_blob_bytes'] / 1e3:.0f} kB "
+                            f"mean), wrk and servers sharing {ceiling['cores']} cores on loopback")
+        for r in rows:
+            table.add_row(r["server"], f"{r['requests_per_s']:,.0f}", f"{r['mbps']:,.0f}",
+                          f"{r['mbps'] / nginx['mbps']:.0%}" if nginx else "-", f"{r['p50_s'] * 1e3:.2f}",
+                          f"{r['p99_s'] * 1e3:.2f}", str(r["failed"]))
+        shown.append(table)
+    return shown
+
+
+def notes(result: dict | None, ceiling: dict | None) -> list[str]:
+    """What was left out and why (for stderr)."""
+    return [f"note: {part['note']}" for part in (result, ceiling) if part and part["note"]]

@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
+
 from celslm import prompting
 from celslm.artifact import open_artifact, write_dir
 from celslm.decode import Sampling, context_from_artifact, context_from_ids, generate
@@ -76,3 +78,16 @@ def run(loaded: LoadedModel, context_tokens: int = 2048, prompt: str = "What doe
         edge_ttft_s=edge.stats.ttft_s,
         first_token_equal=artifact_token == edge_token,
     )
+
+
+def render(result: TtftResult, engine: str) -> list:
+    """The table `bench ttft` prints."""
+    table = Table("measure", "value", title=f"time to first token, {result.model} on {engine}, "
+                                           f"{result.context_tokens}-token context")
+    table.add_row("cloud prefill (s)", f"{result.prefill_s:.3f}")
+    table.add_row("artifact bytes", f"{result.artifact_bytes:,} ({result.artifact_bytes / 2**20:.1f} MiB)")
+    table.add_row("TTFT from artifact (s)", f"{result.artifact_ttft_s:.3f}  (of which load {result.artifact_load_s:.3f})")
+    table.add_row("TTFT after own prefill (s)", f"{result.edge_ttft_s:.3f}")
+    table.add_row("speedup", f"{result.speedup:.1f}x")
+    table.add_row("first token equal", "yes" if result.first_token_equal else "NO")
+    return [table]

@@ -13,39 +13,16 @@ Every wait is bounded and says what it waited for when it gives up (RuntimeError
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+
+from celslm.testing.processes import free_ports
 
 SLOTS = 16384
 BUS_OFFSET = 10000  # a cluster node also listens on port + 10000 (the cluster bus)
 NODE_TIMEOUT_MS = 2000  # how long a silent master has before its replica takes over (Redis' default: 15 s)
-
-
-def free_ports(count: int, bus: bool = False) -> list[int]:
-    """Ports free on 127.0.0.1 (picked by binding port 0); with `bus`, port + 10000 is free as well."""
-    with ExitStack() as held:  # held open until all are picked, so no port is picked twice
-        ports: list[int] = []
-        for _ in range(200 * count):
-            if len(ports) == count:
-                return ports
-            port = _bind(held, 0)
-            if bus and (port + BUS_OFFSET > 65535 or _bind(held, port + BUS_OFFSET) is None):
-                continue
-            ports.append(port)
-    raise RuntimeError(f"found no {count} free ports on 127.0.0.1" + (" with free bus ports" if bus else ""))
-
-
-def _bind(held: ExitStack, port: int) -> int | None:
-    sock = held.enter_context(socket.socket())
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        return None
-    return sock.getsockname()[1]
 
 
 def cli(port: int, *args: str) -> str:
@@ -236,7 +213,7 @@ def start_cluster(workdir: Path, masters: int = 3, replicas: int = 1, timeout_s:
     `redis-cli --cluster create`, and wait until the cluster is ok. A master's replica takes over
     about NODE_TIMEOUT_MS after it dies."""
     workdir = Path(workdir)
-    ports = free_ports(masters * (1 + replicas), bus=True)
+    ports = free_ports(masters * (1 + replicas), also_free_at=BUS_OFFSET)
     nodes: list[RedisNode] = []
     try:
         for port in ports:
