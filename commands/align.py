@@ -10,6 +10,7 @@ from rich.table import Table
 
 from celslm.corpus import calibration_files
 from celslm.errors import UsageError
+from celslm.plots import bench_extra
 from .common import ForceOpt, JsonOpt, examples, log, out_console, print_json, progress_bar
 
 EPILOG = examples(
@@ -62,6 +63,8 @@ def align(
                                          heldout=heldout, continuation=continuation,
                                          rows_per_window=rows, refine_steps=refine_steps, refine_windows=refine_windows)
     options.check()
+    if plots:  # an edge install has no matplotlib: say so now, not after the alignment has run
+        bench_extra("matplotlib")
     paths = _calibration_paths(calib, windows)
     with progress_bar() as progress:  # the library loads each model when its turn comes, one at a time
         result = alignment_lib.align(llm, slm, paths, options, progress)

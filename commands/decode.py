@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from celslm.errors import UsageError
+from celslm.errors import IntegrityError, UnavailableError, UsageError
 from celslm.models import default_engine, load_model
 from .common import (FLAG, MODEL_HELP, ApiTokenOpt, CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, JsonOpt,
                      MaxNewTokensOpt, PeerOpt, TokenOpt, TrustOpt, cache_capacity, err_console, examples, for_option,
@@ -130,7 +130,6 @@ def _through_server(server: str, api_token: str | None, kv: str, prompt: str, sa
     from pathlib import Path
 
     from celslm.decode import DecodeStats
-    from celslm.errors import UnavailableError
 
     if kv != "-" and Path(kv).exists():
         kv = str(Path(kv).resolve())  # the service resolves paths from its own directory
@@ -172,12 +171,18 @@ def _through_server(server: str, api_token: str | None, kv: str, prompt: str, sa
         raise UnavailableError(f"{server}: the answer stream broke off ({type(exc).__name__}: {str(exc)[:120]})") from exc
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read())["error"]["message"]
+            error = json.loads(exc.read())["error"]
+            message, code = error["message"], error.get("code")
         except (ValueError, KeyError, TypeError):
-            message = str(exc)
+            message, code = str(exc), None
         if exc.code == 401:
             message += "; give --api-token or CELSLM_API_TOKEN"
-        raise (UsageError if exc.code in (400, 401, 403, 404) else UnavailableError)(f"{server}: {message}") from exc
+        # the exit code the same failure has without --server (httpserver.STATUS_OF_ERROR, read backwards)
+        if exc.code == 422 or code == "context_untrusted":
+            kind = IntegrityError
+        else:
+            kind = UsageError if exc.code in (400, 401, 403, 404) else UnavailableError
+        raise kind(f"{server}: {message}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise UnavailableError(f"{server}: {getattr(exc, 'reason', exc)}") from exc
     if not final:

@@ -146,6 +146,15 @@ def test_decode_through_the_service_prints_what_decode_prints(setup):
     assert answered["artifact"] == local["artifact"] and answered["ttft_s"] > 0 and answered["t_comm_s"] is None
 
 
+def test_decode_through_the_service_exits_as_decode_would(setup, tmp_path):
+    """A context the service refuses as corrupt is exit 3 through --server too, as without it; a missing one 2."""
+    ask = ("decode", "--server", setup["service"].url, "-p", PROMPT, "-n", "2")
+    corrupt = run_cli(*ask, "--kv", str(setup["root"] / "ctx.txt"))  # a file, not an artifact: 422
+    assert corrupt.returncode == run_cli("decode", "-m", str(setup["gguf"]), "--kv", str(setup["root"] / "ctx.txt"),
+                                         "-p", PROMPT, "-n", "2").returncode == 3, corrupt.stderr
+    assert run_cli(*ask, "--kv", "sha256:" + "0" * 64).returncode == 2  # no tier holds it: 404
+
+
 def test_binding_beyond_loopback_needs_a_token_and_the_token_is_checked(setup):
     refused = run_cli("serve", "-m", str(setup["gguf"]), "--host", "0.0.0.0", "--port", str(free_port()))
     assert refused.returncode == 2 and b"--api-token" in refused.stderr
