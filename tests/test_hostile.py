@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 
 from celslm.artifact import canonical_json, sha256_digest
@@ -19,22 +19,20 @@ from tests.test_resilience import FaultServer, decode
 MAX_RSS_KIB = 1 << 20  # 1 GiB: the edge peaks near 400 MiB; a hostile peer sends 2 GB
 
 
+# wait4 in a small process of its own: Linux carries a parent's peak into a forked child's ru_maxrss, so
+# a child forked from pytest (hundreds of MiB after other tests) would report pytest's peak, not its own
+LAUNCHER = ("import os, subprocess, sys\nchild = subprocess.Popen(sys.argv[2:])\n_, status, usage = os.wait4(child.pid, 0)\n"
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\nsys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def decode_in_child(model, *args: str) -> tuple[subprocess.CompletedProcess, int]:
     """`decode --json` as a process of its own; returns its result and its peak resident set (KiB): the
-    child's alone, read by wait4 as it exits, whatever this process or other tests' children held."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = subprocess.Popen(CLI + ["decode", "-m", str(model), "-p", PROMPT, "-n", "6", "--json", *args],
-                                 stdout=out, stderr=err)
-        timer = threading.Timer(300, child.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            timer.cancel()
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(child.args, child.returncode, out.read(), err.read()), usage.ru_maxrss
+    child's alone, whatever this process or other tests' children held."""
+    with tempfile.TemporaryDirectory() as folder:
+        rss = os.path.join(folder, "maxrss")
+        result = subprocess.run([sys.executable, "-c", LAUNCHER, rss, *CLI, "decode", "-m", str(model), "-p", PROMPT,
+                                 "-n", "6", "--json", *args], capture_output=True, timeout=300)
+        return result, int(open(rss).read())
 
 
 def test_a_peer_sending_an_endless_body_is_refused_and_the_cloud_answers(published, tiny_qwen):
