@@ -11,17 +11,17 @@ from typing import Annotated
 
 import typer
 
+from celslm import plots
 from celslm.errors import CelslmError, UsageError
-from celslm.models import load_model
-from celslm.plots import bench_extra
+from celslm.models import default_engine, load_model, model_gguf
 from .common import (FLAG, EngineOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, examples, for_option, log, old_spelling,
                      out_console, parse_budget, print_json, progress_bar, renamed)
 
 # Shared by the benchmarks: --tokens counts tokens (a list where a benchmark sweeps lengths); --context
 # names a file everywhere in celslm, so it is no longer a count here (kept one release, hidden).
-OldContextCounts = Annotated[list[int] | None, old_spelling("--context")]
-OldContextCount = Annotated[int | None, old_spelling("--context")]
-OldNewTokens = Annotated[int | None, old_spelling("--new-tokens")]
+OldContextCounts = Annotated[list[int] | None, old_spelling("--context", min=16)]
+OldContextCount = Annotated[int | None, old_spelling("--context", min=16)]
+OldNewTokens = Annotated[int | None, old_spelling("--new-tokens", min=1)]
 StdlibTokensOpt = Annotated[int, typer.Option("--tokens", min=16, help="Context length in tokens (standard-library source).")]
 RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, max=20, help="Interleaved repetitions of every row.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="Threads for every engine (default: all cores).")]
@@ -48,7 +48,6 @@ def ttft(
 ) -> None:
     """Time to first token from an artifact vs after the model's own prefill."""
     from celslm.bench import ttft as ttft_bench  # torch and transformers: not for --help
-    from celslm.models import default_engine
 
     with for_option("--engine"):
         engine = default_engine(model, engine)
@@ -82,13 +81,12 @@ def compress_(
     old_context: OldContextCounts = None,
 ) -> None:
     """Bytes vs quality per codec on held-out files, beside llama.cpp's and transformers' quantized caches."""
-    from celslm import plots
     from celslm.bench import compress as compress_bench  # torch and transformers: not for --help
 
     tokens = renamed("--context", "--tokens", old_context, tokens)
     if corpus not in ("stdlib", "third-party"):
         raise UsageError(f"--corpus {corpus!r}: choose stdlib or third-party")
-    bench_extra("threadpoolctl", *(("matplotlib",) if plot else ()))
+    plots.bench_extra("threadpoolctl", *(("matplotlib",) if plot else ()))
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         result = compress_bench.run(loaded, codecs=tuple(codec) if codec else compress_bench.DEFAULT_CODECS,
@@ -120,16 +118,15 @@ def quality_(
     codec: Annotated[str, typer.Option("--codec", help="Codec of the shipped artifacts (link bytes and quality include it).")] = "balanced",
     plot: Annotated[str | None, typer.Option("--plot", metavar="FILE", help="Write a PNG of gain kept vs edge prefill avoided.")] = None,
     json_: JsonOpt = False,
-    old_context: OldContextCount = None,
+    old_context: Annotated[int | None, old_spelling("--context", min=8)] = None,
 ) -> None:
     """The small model's quality from a large model's KV: cross, hybrid, equal-compute baselines, held out."""
-    from celslm import plots
     from celslm.bench import quality as quality_bench  # torch and transformers: not for --help
     from celslm.projection import load_aligned_models, load_alignment
 
     tokens = renamed("--context", "--tokens", old_context, tokens, 1024)
     if plot:
-        bench_extra("matplotlib")
+        plots.bench_extra("matplotlib")
     alignment = load_alignment(align)
     with progress_bar() as progress:
         large = load_model(llm, progress)
@@ -173,12 +170,11 @@ def report_(
 ) -> None:
     """Every collaboration mode (edge-only, cloud-only, CE-CoLLM, PICE, CE-LSLM native/pipelined/cross/hybrid) on the same tasks and links: report.md + figures."""
     from celslm.bench import report as report_bench  # torch and transformers: not for --help
-    from celslm.models import model_gguf
     from celslm.projection import load_aligned_models, load_alignment
     from celslm.stream import Link
 
     new_tokens = renamed("--new-tokens", "--max-new-tokens", old_new_tokens, new_tokens)
-    bench_extra("matplotlib")  # the report's figures
+    plots.bench_extra("matplotlib")  # the report's figures
     if from_ is not None:
         try:
             result = report_bench.rescore(json.loads(from_.read_text()))
@@ -347,10 +343,8 @@ def latency_(
     old_new_tokens: OldNewTokens = None,
 ) -> None:
     """TTFT and total time: edge-only vs artifact, with and without pipelining, over emulated links."""
-    from celslm import plots
     from celslm.bench import latency as latency_bench
     from celslm.codecs import parse_codec
-    from celslm.models import model_gguf
     from celslm.stream import Link
 
     tokens = renamed("--context", "--tokens", old_context, tokens)
@@ -362,7 +356,7 @@ def latency_(
     with for_option("--codec"):
         [parse_codec(spec) for spec in codec or ()]
     if plot:
-        bench_extra("matplotlib")
+        plots.bench_extra("matplotlib")
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         baseline = load_model(model, progress, engine="llama.cpp") if llama and model_gguf(model, loaded.folder) else None

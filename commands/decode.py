@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from celslm.errors import IntegrityError, UnavailableError, UsageError
+from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
 from celslm.models import default_engine, load_model
 from .common import (FLAG, MODEL_HELP, ApiTokenOpt, CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, JsonOpt,
                      MaxNewTokensOpt, PeerOpt, TokenOpt, TrustOpt, cache_capacity, err_console, examples, for_option,
@@ -68,9 +68,14 @@ def decode(
     with for_option("--temperature/--top-p"):
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if server:
-        if kv is None or context or recompute_last or link or engine or peer or cloud or trust or identity_:
-            raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); --context, "
-                             "--recompute-last, --link, --engine, --peer, --cloud, --trust and --identity are the service's own settings")
+        # typed ones only: CELSLM_CLOUD, CELSLM_TRUST and the like set for local decodes do not stop --server
+        theirs = [flag for name, flag in (("context", "--context"), ("recompute_last", "--recompute-last"), ("link", "--link"),
+                                          ("engine", "--engine"), ("peer", "--peer"), ("cloud", "--cloud"), ("token", "--token"),
+                                          ("trust", "--trust"), ("identity_", "--identity")) if typed(invocation, name)]
+        if kv is None or theirs:
+            raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); "
+                             f"{', '.join(theirs) or '--context, --peer, --cloud, --trust and the like'} "
+                             f"{'is one of' if len(theirs) == 1 else 'are'} the service's own settings")
         if typed(invocation, "model"):
             warn(f"--server answers with the service's own model; -m {model} is not used")
         return _through_server(server, api_token, kv, read_text(prompt, "--prompt"), sampling, raw, json_)
@@ -177,12 +182,7 @@ def _through_server(server: str, api_token: str | None, kv: str, prompt: str, sa
             message, code = str(exc), None
         if exc.code == 401:
             message += "; give --api-token or CELSLM_API_TOKEN"
-        # the exit code the same failure has without --server (httpserver.STATUS_OF_ERROR, read backwards)
-        if exc.code == 422 or code == "context_untrusted":
-            kind = IntegrityError
-        else:
-            kind = UsageError if exc.code in (400, 401, 403, 404) else UnavailableError
-        raise kind(f"{server}: {message}") from exc
+        raise _error_of_status(exc.code, code)(f"{server}: {message}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise UnavailableError(f"{server}: {getattr(exc, 'reason', exc)}") from exc
     if not final:
@@ -198,6 +198,17 @@ def _through_server(server: str, api_token: str | None, kv: str, prompt: str, sa
     reported = {"path", "pipelined", "link", "context_tokens", "prompt_tokens", "new_tokens", "ttft_s", "total_s", "fallback"}
     print_json({"text": "".join(pieces), "artifact": answered.get("context"), "engine": answered.get("engine"),
                 **{key: value if key in reported else None for key, value in known.items()}})
+
+
+def _error_of_status(status: int, code: str | None) -> type:
+    """The error (so the exit code) a failure the service answered with `status` has without --server:
+    README's "HTTP statuses" table read backwards. 403 is a refused signature (exit 3) or a context
+    sealed for others (exit 2); 401 and 403 for the API token are usage (exit 2)."""
+    if status == 422 or code == "context_untrusted":
+        return IntegrityError
+    if status in (400, 401, 403, 404, 409, 502):  # bad request, token, not found, exists, a token upstream
+        return UsageError
+    return CelslmError if status == 500 else UnavailableError  # 503, 507 and any other: unavailable
 
 
 def stats_table(s: DecodeStats) -> Table:

@@ -87,7 +87,7 @@ def _tokens(invocation: typer.Context, api_token: str | None, token: str | None,
                  "and the old spelling goes in the next release")
             return token, cache_token
         return api_token, renamed("--cache-token", "--token", cache_token, None)
-    if "token" in given and "api_token" not in given:
+    if "token" in given and api_token is None:  # with CELSLM_API_TOKEN set (new in this release) it is the new dialect
         raise UsageError("serve --token is now the serve-cache token (the API token is --api-token): give --api-token "
                          "beside it, or the serve-cache token as CELSLM_TOKEN")
     return api_token, token

@@ -198,6 +198,7 @@ def test_serve_token_typed_without_api_token_is_refused_not_guessed():
     ({"token"}, (None, "t", "c"), ("t", "c"), True),  # the old: serve --token T --cache-token C
     (set(), (None, None, "c"), (None, "c"), True),  # --cache-token alone
     (set(), ("a", "env", "c"), ("a", "c"), True),  # --cache-token over CELSLM_TOKEN
+    ({"token"}, ("env", "t", None), ("env", "t"), False),  # --token beside CELSLM_API_TOKEN (new): the new dialect
 ])
 def test_serve_reads_old_and_new_token_spellings(typed, given, expected, warns, capsys):
     from types import SimpleNamespace
@@ -212,6 +213,14 @@ def test_serve_reads_old_and_new_token_spellings(typed, given, expected, warns, 
 
 def test_decode_needs_a_model_unless_a_server_answers():
     assert_one_line_error(run_cli("decode", "--kv", "x.kv", "-p", "hi"), EXIT_USAGE, "--model")
+
+
+def test_decode_server_refuses_typed_local_settings_but_not_the_environment_set_for_local_decodes():
+    ask = ("decode", "--server", "http://127.0.0.1:9", "--kv", "sha256:" + "0" * 64, "-p", "hi")
+    assert_one_line_error(run_cli(*ask, "--cloud", "http://c:8470", "--token", "t"), EXIT_USAGE,
+                          "--cloud, --token are the service's own settings")
+    unreachable = run_cli(*ask, env={"CELSLM_CLOUD": "http://c:8470", "CELSLM_TOKEN": "t"})  # asks the service
+    assert_one_line_error(unreachable, EXIT_UNAVAILABLE, "127.0.0.1:9")
 
 
 def test_an_artifact_no_tier_holds_is_not_found_exit_2_and_an_unreachable_tier_is_exit_4(tiny_qwen, tmp_path):

@@ -206,7 +206,7 @@ def fixtures(tiny_qwen, tmp_path_factory) -> Path:
     _tls_pair(folder / "cert.pem", folder / "key.pem")
     shim = folder / ".bin" / "celslm"
     shim.parent.mkdir()
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'from celslm.commands.main import run; run()' \"$@\"\n")
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m celslm \"$@\"\n")
     shim.chmod(0o755)
     return folder
 

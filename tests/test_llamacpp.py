@@ -255,6 +255,15 @@ def test_bench_compress_puts_llama_cpps_own_cache_types_beside_tc(tmp_path):
     assert result["codebook"]["disjoint_from_evaluation"] and not set(result["files"]) & set(result["codebook"]["calibration_files"])
 
 
+def test_bench_ttft_runs_on_the_engine_chosen_as_every_command_chooses_it(tiny_gguf):
+    """A .gguf is measured on llama.cpp unless --engine says otherwise; the artifact's first token is the edge's own."""
+    for extra, engine in (((), "llama.cpp"), (("--engine", "transformers"), "transformers")):
+        out = run_cli("bench", "ttft", "-m", str(tiny_gguf), "--tokens", "96", "--chunk-size", "32", *extra, check=True)
+        assert f"on {engine}" in out.stdout.decode(), out.stdout.decode()
+    result = json.loads(run_cli("bench", "ttft", "-m", str(tiny_gguf), "--tokens", "96", "--json", check=True).stdout)
+    assert result["first_token_equal"] and result["context_tokens"] >= 64 and result["artifact_ttft_s"] > 0
+
+
 def test_bench_edge_measures_every_process_it_names(tiny_gguf):
     """Whole processes, interleaved: every row has its figures, and the peer restores llama.cpp's own state."""
     out = run_cli("bench", "edge", "-m", str(tiny_gguf), "--tokens", "64", "--max-new-tokens", "4", "--repeats", "1",
