@@ -49,9 +49,7 @@ def compress_tradeoff(result: dict, path: str) -> None:
     ax.set_xlabel("compression ratio vs fp16 KV")
     ax.set_ylabel("perplexity increase, % (log)")
     ax.set_title(f"{result['model']}: {len(result['files'])} held-out stdlib files (circles celslm, squares peers)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, dpi=120)
 
 
 def latency_ttft(result: dict, path: str) -> None:
@@ -78,9 +76,7 @@ def latency_ttft(result: dict, path: str) -> None:
         ax.set_ylabel("time to first token, s")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: TTFT over emulated links (in-process bandwidth + RTT emulation)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def quality_tradeoff(result: dict, path: str) -> None:
@@ -109,9 +105,7 @@ def quality_tradeoff(result: dict, path: str) -> None:
                  f"{result['context_tokens']}-token contexts, codec {result['codec']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, dpi=120)
 
 
 # The evaluation report's figures (celslm.bench.report.render)
@@ -175,7 +169,8 @@ def report_capacity(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path | str, dpi: int = 110) -> None:
+    """Lay out, write and close a figure (closed: a long benchmark draws many)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
