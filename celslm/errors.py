@@ -46,3 +46,11 @@ class UnavailableError(CelslmError):
 
 class InsufficientStorage(UnavailableError):
     """A store cannot take an artifact without losing it (serve-cache answers 507)."""
+
+
+class Overloaded(UnavailableError):
+    """A service refuses work now, to answer what it holds in time (the edge service answers 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 
 from celslm.confidential import Sealed
 from celslm.errors import (CelslmError, InsufficientStorage, IntegrityError, ModelSpaceMismatch, NotFound, OutputExists,
-                           TokenRequired, UnavailableError, UsageError)
+                           Overloaded, TokenRequired, UnavailableError, UsageError)
 from celslm.trust import Untrusted
 
 HEALTH_PATH = "/v1/health"
@@ -39,6 +39,7 @@ STATUS_OF_ERROR: dict[type[CelslmError], int] = {
     Untrusted: 403,  # refused by the trust policy
     IntegrityError: 422,  # bytes that do not verify: a digest, a signature, a malformed manifest
     InsufficientStorage: 507,  # the store cannot take it without losing it
+    Overloaded: 429,  # too much work in flight: ask again after Retry-After
     UnavailableError: 503,  # a store or tier that cannot be reached: ask again later, or elsewhere
     CelslmError: 500,
 }

@@ -1,77 +1,87 @@
-"""The warm edge service behind `celslm serve`: the model stays loaded, recently used contexts stay
-decoded in memory, and an OpenAI-compatible API answers on loopback.
+"""The warm edge service behind `celslm serve`: the model stays loaded, contexts in use stay resident
+in llama.cpp's KV cache, and an OpenAI-compatible API answers on loopback.
 
-A request names its context in an extension field, `context`: an artifact id, a tag, a path, or a
-server URL, resolved as `celslm decode --kv` resolves it (own disk -> peers -> cloud). The prompt is
-tokenized and run here; no request this service makes carries it. A context used once is kept as the
-engine's own snapshot (llama.cpp state bytes) in an LRU bounded in bytes, keyed by artifact id, so the
-next request over it restores it in milliseconds instead of fetching and decoding blocks.
+A request names its context in an extension field, `context`: an artifact id, a tag, a URL of one
+of the service's own servers, or a name inside its `context_dir`; resolved as `celslm decode --kv`
+resolves it (own disk -> peers -> cloud). The prompt is tokenized and run here; no request this
+service makes carries it.
 
-One model, one sequence at a time: requests queue on a lock and run in a worker thread, so the event
-loop keeps answering (health, streaming) while one generates. The bearer check, the status of each
-library error, /v1/health, /metrics and the LRU are celslm.httpserver's, shared with serve-cache; the
-bodies are OpenAI's error JSON.
+Requests from many clients decode together (`scheduler`, `batching`): one llama.cpp batch per step,
+each request's sequence a share of its context's cells. A context is held at two levels: resident in
+the KV cache while requests use it (and after, until its cells are needed), and as llama.cpp state
+bytes in a host-memory LRU bounded in bytes, keyed by artifact id, so a context used before is back in
+milliseconds instead of being fetched and decoded again.
+
+The bearer check, the status of each library error, /v1/health, /metrics and the LRU are
+celslm.httpserver's, shared with serve-cache; the bodies are OpenAI's error JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
-import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 
 from celslm import prompting
+from celslm.batching import DEFAULT_CELLS, KVPool
 from celslm.confidential import Sealed
-from celslm.decode import Context, DecodeStats, Sampling, TextStream, eos_ids, generate
+from celslm.decode import Sampling, eos_ids
 from celslm.edge import context_from_reader
-from celslm.errors import CelslmError, IntegrityError, NotFound, TokenRequired, UnavailableError, UsageError
+from celslm.errors import (CelslmError, IntegrityError, NotFound, Overloaded, TokenRequired, UnavailableError,
+                           UsageError)
 from celslm.httpserver import ByteLRU, ReadWhenScraped, add_health_and_metrics, by_class, guard, status_of
 from celslm.manifest import DIGEST
 from celslm.models import LoadedModel
+from celslm.scheduler import ContextState, Expired, Gone, Job, Limits, Prepared, Scheduler, Tenant
+from celslm.store.base import TAG
 from celslm.store.tiers import Sources, open_ref, split_url_ref
 from celslm.trust import Untrusted
 
 MAX_TOKENS_LIMIT = 4096  # the most tokens one request may ask for
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     sources: Sources = Sources()
-    cache_bytes: int = 1 << 30
+    cache_bytes: int = 1 << 30  # host memory for contexts' state bytes (the second level)
     token: str | None = None  # required as a bearer token on every /v1 call but health, when set
     max_tokens: int = MAX_TOKENS_LIMIT
+    limits: Limits = Limits()
+    kv_cells: int = DEFAULT_CELLS
+    context_dir: Path | None = None  # the only folder whose files a client may name
+    tenants: dict[str, Tenant] = field(default_factory=dict)  # by the sha256 of their API keys
+
+    def __post_init__(self):
+        if self.token and self.tenants:
+            raise UsageError("give one API token or a file of tenants' keys, not both")
 
 
-@dataclass
-class _Entry:
-    token_ids: list[int]
-    framing: str
-    state: bytes
-
-
-class ClientGone(Exception):
-    """A streaming client disconnected; its generation stops at the next token."""
+ANYONE = Tenant("default")
 
 
 class ApiError(Exception):
     """An OpenAI-style error: HTTP status, message, type and code."""
 
-    def __init__(self, status: int, message: str, code: str, kind: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str, kind: str | None = None, param: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.code, self.param = status, code, param
+        self.status, self.code, self.param, self.headers = status, code, param, headers
         self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
 
     def response(self, headers: dict | None = None) -> web.Response:
         body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status, headers=headers)
+        return web.json_response(body, status=self.status, headers=headers or self.headers)
 
 
 @dataclass(frozen=True)
@@ -82,85 +92,137 @@ class Request:
     sampling: Sampling
     stream: bool
     chat: bool
+    stop: tuple[str, ...] = ()
 
 
 class Service:
-    def __init__(self, loaded: LoadedModel, config: ServiceConfig, warn=None):
+    def __init__(self, loaded: LoadedModel, config: ServiceConfig, warn=None, registry: CollectorRegistry | None = None):
+        if not hasattr(loaded.engine, "snapshot") or not hasattr(loaded.engine, "_lib"):
+            raise UsageError("the service batches requests on llama.cpp: give it a GGUF model (--engine llama.cpp)")
         self.loaded, self.config = loaded, config
         self.warn = warn  # where warnings about unchecked tags and lookups go (the service's log)
-        self.cache: ByteLRU[_Entry] = ByteLRU(config.cache_bytes, size_of=lambda entry: len(entry.state))
-        self.cacheable = hasattr(loaded.engine, "snapshot")
-        self.lock = threading.Lock()  # one sequence on the engine at a time
-        self.served = 0
+        self.memory: ByteLRU[ContextState] = ByteLRU(config.cache_bytes, size_of=lambda context: len(context.state))
+        self.registry = registry or CollectorRegistry()
+        limits = config.limits
+        self.pool = KVPool(loaded.engine, limits.parallel, limits.parallel + 2, config.kv_cells,
+                           batch=limits.parallel + limits.prompt_chunk)
+        self.scheduler = Scheduler(self.pool, limits, self.prepare, loaded.tokenizer, eos_ids(loaded),
+                                   loaded.engine.max_positions, self.registry)
 
-    # -- blocking work (a worker thread)
+    def close(self) -> None:
+        self.scheduler.close()
+        self.pool.close()
 
-    def _context(self, ref: str) -> tuple[Context, str, bool]:
-        """The context `ref` names, from the cache or fetched and decoded; (context, artifact id, hit)."""
-        engine, sources = self.loaded.engine, self.config.sources
-        check_context_ref(ref, sources)
-        entry = self.cache.get(ref) if DIGEST.match(ref) else None
+    def tenant_of(self, request: web.Request) -> Tenant:
+        """The tenant whose API key the request carries (with tenants' keys), else everyone's."""
+        if not self.config.tenants:
+            return ANYONE
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            raise web.HTTPUnauthorized(text="a bearer token is required (Authorization: Bearer ...)\n",
+                                       headers={"WWW-Authenticate": "Bearer"})
+        tenant = self.config.tenants.get(key_digest(header.removeprefix("Bearer ")))  # keys are looked up by hash
+        if tenant is None:
+            raise web.HTTPForbidden(text="wrong token\n")
+        return tenant
+
+    # -- the loader thread (scheduler.Scheduler calls it)
+
+    def prepare(self, job: Job) -> Prepared:
+        """The job's context as state bytes, from where it is nearest, and its prompt's ids."""
+        ref = self.resolve(job.context_ref)
+        context = self.scheduler.resident(ref) or self.memory.get(ref) if DIGEST.match(ref) else None
         reader = None
-        if entry is None:
-            reader, _ = open_ref(ref, sources, warn=self.warn)
-            entry = self.cache.get(reader.id)
-        if entry is not None:
-            started = time.perf_counter()
-            sequence = engine.restore(entry.state, len(entry.token_ids))
-            stats = DecodeStats(path="artifact", context_tokens=len(entry.token_ids), load_s=time.perf_counter() - started)
-            return Context(entry.token_ids, sequence, entry.framing, stats, started), reader.id if reader else ref, True
+        if context is None:
+            reader, _ = open_ref(ref, self.config.sources, warn=self.warn)
+            context = self.scheduler.resident(reader.id) or self.memory.get(reader.id)
+        if context is not None:
+            source = "resident" if self.scheduler.resident(context.artifact) else "memory"
+        else:
+            source, context = "fetched", self._load(reader)
+            self.memory.put(context.artifact, context)
+        prompt_ids = prompting.prompt_ids(self.loaded.tokenizer, job.prompt, context.framing, job.raw)
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", "empty_prompt")
+        needed = context.tokens + len(prompt_ids)
+        limit = self.loaded.engine.max_positions
+        if needed >= limit:
+            raise UsageError(f"context ({context.tokens} tokens) and prompt ({len(prompt_ids)}) need {needed} positions; "
+                             f"{self.loaded.name} was trained for {limit}")
+        return Prepared(context, prompt_ids, source)
+
+    def _load(self, reader) -> ContextState:
+        """Fetch, verify and decode an artifact on the engine's own context, and keep its state bytes."""
+        engine = self.loaded.engine
         ctx = context_from_reader(self.loaded, reader, pipeline=False)
-        if self.cacheable:
-            self.cache.put(reader.id, _Entry(list(ctx.token_ids), ctx.framing, engine.snapshot(ctx.sequence)))
-        return ctx, reader.id, False
+        state = ContextState(reader.id, len(ctx.token_ids), ctx.framing, engine.snapshot(ctx.sequence))
+        engine.sequence()  # the loading context is emptied: the batch context holds contexts from now on
+        return state
 
-    def run(self, request: Request, emit=None) -> dict:
-        """Answer one request; `emit(piece)` gets the text as it is generated, once per token (the piece
-        may be empty), and may raise `ClientGone` to stop it."""
-        with self.lock:
-            ctx, artifact, hit = self._context(request.context)
-            tokenizer = self.loaded.tokenizer
-            prompt_ids = prompting.prompt_ids(tokenizer, request.prompt, ctx.framing, request.raw)
-            if not prompt_ids:
-                raise ApiError(400, "the prompt is empty", "empty_prompt")
-            stop = eos_ids(self.loaded)
-            stream = TextStream(tokenizer, skip=stop)
-            pieces, finish = [], "length"
-            for token in generate(self.loaded, ctx, prompt_ids, request.sampling):
-                if token in stop:
-                    finish = "stop"
-                piece = stream.push(token)
-                if piece:
-                    pieces.append(piece)
-                if emit:
-                    emit(piece)
-            tail = stream.flush()
-            if tail:
-                pieces.append(tail)
-                if emit:
-                    emit(tail)
-            self.served += 1
-            s = ctx.stats
-            return {"text": "".join(pieces), "finish": finish, "prompt_tokens": s.prompt_tokens,
-                    "completion_tokens": s.new_tokens,
-                    "celslm": {"context": artifact, "context_tokens": s.context_tokens, "cache": "hit" if hit else "miss",
-                               "engine": self.loaded.engine.name, "ttft_s": round(s.ttft_s, 6), "total_s": round(s.total_s, 6)}}
+    def resolve(self, ref: str) -> str:
+        """What `open_ref` may open for a client: an id, a tag, a URL of this service's own servers, or a
+        file inside the context folder (as a path). Anything else gets one error, whether or not such a
+        file exists, so that the answer tells nothing about this machine's files."""
+        sources, folder = self.config.sources, self.config.context_dir
+        if ref == "-":
+            raise ApiError(400, "the context cannot be stdin here: give an id, a tag, or a server URL", "invalid_context",
+                           param="context")
+        try:
+            url = split_url_ref(ref)
+        except UsageError as exc:
+            raise ApiError(400, str(exc), "invalid_context", param="context") from exc
+        if url:
+            if url[0].rstrip("/") not in {s.rstrip("/") for s in (*sources.peers, sources.cloud) if s}:
+                raise ApiError(400, f"{url[0]} is not one of this service's --peer or --cloud servers",
+                               "context_server_refused", param="context")
+            return ref
+        if DIGEST.match(ref):
+            return ref
+        if folder is not None:
+            root = folder.resolve()
+            path = (root / ref).resolve()
+            if path.is_relative_to(root) and path != root and path.exists():
+                return str(path)
+        if TAG.match(ref):
+            return ref
+        what = ("an artifact id, a tag, a URL of this service's servers or a name inside its context folder" if folder
+                else "an artifact id, a tag or a URL of this service's servers (this service opens no files)")
+        raise ApiError(400, f"context {ref!r} is not {what}", "invalid_context", param="context")
 
 
-def check_context_ref(ref: str, sources: Sources) -> None:
-    """A request may name an id, a tag, a path on this machine, or a URL of a server the service was
-    configured with: never another server (it would get the service's cache token, and the service
-    would fetch from wherever a client points it)."""
-    if ref == "-":
-        raise ApiError(400, "the context cannot be stdin here: give an id, a tag, a path or a server URL", "invalid_context",
-                       param="context")
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def read_api_keys(path: Path) -> dict[str, Tenant]:
+    """Tenants and their API keys from a TOML file, by the keys' sha256:
+
+        [tenants.acme]
+        keys = ["sk-acme-1", "sk-acme-2"]   # each at least 16 characters
+        concurrency = 2                     # requests queued or running at once (optional)
+    """
+    import tomllib
+
     try:
-        url = split_url_ref(ref)
-    except UsageError as exc:
-        raise ApiError(400, str(exc), "invalid_context", param="context") from exc
-    if url and url[0].rstrip("/") not in {s.rstrip("/") for s in (*sources.peers, sources.cloud) if s}:
-        raise ApiError(400, f"{url[0]} is not one of this service's --peer or --cloud servers", "context_server_refused",
-                       param="context")
+        table = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read API keys: {exc}") from exc
+    tenants, by_key = table.get("tenants"), {}
+    if set(table) != {"tenants"} or not isinstance(tenants, dict) or not tenants:
+        raise UsageError(f"{path}: expected [tenants.NAME] tables, each with keys = [...] (and concurrency = N)")
+    for name, entry in tenants.items():
+        keys, cap = entry.get("keys") if isinstance(entry, dict) else None, entry.get("concurrency") if isinstance(entry, dict) else None
+        if (not isinstance(entry, dict) or set(entry) - {"keys", "concurrency"} or not isinstance(keys, list) or not keys
+                or not all(isinstance(k, str) and len(k) >= 16 for k in keys)):
+            raise UsageError(f"{path}: tenant {name!r} needs keys = [...] of strings of 16 characters or more, "
+                             "and nothing but keys and concurrency")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise UsageError(f"{path}: tenant {name!r}: concurrency must be a whole number >= 1, got {cap!r}")
+        for key in keys:
+            if key_digest(key) in by_key:
+                raise UsageError(f"{path}: a key of tenant {name!r} is also {by_key[key_digest(key)].name!r}'s")
+            by_key[key_digest(key)] = Tenant(name, cap)
+    return by_key
 
 
 # ---------------------------------------------------------------- HTTP
@@ -222,20 +284,25 @@ def parse_request(body, chat: bool, config: ServiceConfig) -> Request:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream must be true or false, got {stream!r}", "invalid_value", param="stream")
-    return Request(context, prompt, raw=not chat, sampling=sampling, stream=stream, chat=chat)
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings", "invalid_value",
+                       param="stop")
+    return Request(context, prompt, raw=not chat, sampling=sampling, stream=stream, chat=chat, stop=tuple(stop))
 
 
 SERVICE = web.AppKey("service", Service)
 
 
 def make_app(service: Service) -> web.Application:
-    middleware = guard(lambda request: service.config.token,
+    middleware = guard(lambda request: service.config.token,  # tenants' keys: checked by Service.tenant_of
                        lambda status, exc: ApiError(status, str(exc), by_class(ERROR_CODES, exc)[0]).response())
     app = web.Application(middlewares=[openai_errors, middleware], client_max_size=1 << 20)
     app[SERVICE] = service
-    registry = CollectorRegistry()
-    registry.register(ReadWhenScraped(lambda: _readings(service)))
-    add_health_and_metrics(app, lambda: _health(service), registry)
+    service.registry.register(ReadWhenScraped(lambda: _readings(service)))
+    add_health_and_metrics(app, lambda: _health(service), service.registry)
+    app.on_cleanup.append(lambda _app: asyncio.to_thread(service.close))
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", text_completions)
     app.router.add_get("/v1/models", models)
@@ -243,16 +310,16 @@ def make_app(service: Service) -> web.Application:
 
 
 def _health(service: Service) -> dict:
-    return {"model": service.loaded.name, "engine": service.loaded.engine.name, "cached_contexts": len(service.cache),
-            "cached_bytes": service.cache.size_bytes, "cache_capacity": service.cache.budget_bytes,
-            "served": service.served}
+    return {"model": service.loaded.name, "engine": service.loaded.engine.name, "cached_contexts": len(service.memory),
+            "cached_bytes": service.memory.size_bytes, "cache_capacity": service.memory.budget_bytes,
+            "served": int(service.scheduler.m_served._value.get()), **service.scheduler.stats()}
 
 
 def _readings(service: Service) -> list:
-    return [CounterMetricFamily("celslm_requests_served", "Requests answered to the end", value=service.served),
-            GaugeMetricFamily("celslm_context_cache_bytes", "Bytes of decoded contexts kept in memory",
-                              value=service.cache.size_bytes),
-            GaugeMetricFamily("celslm_context_cache_entries", "Decoded contexts kept in memory", value=len(service.cache))]
+    return [GaugeMetricFamily("celslm_context_cache_bytes", "Bytes of contexts' state kept in host memory",
+                              value=service.memory.size_bytes),
+            GaugeMetricFamily("celslm_context_cache_entries", "Contexts' states kept in host memory",
+                              value=len(service.memory))]
 
 
 @web.middleware
@@ -284,6 +351,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def completions(request: web.Request, chat: bool) -> web.StreamResponse:
     service = request.app[SERVICE]
+    tenant = service.tenant_of(request)
     if request.content_type != "application/json":  # also keeps web pages from posting here (no CORS)
         raise ApiError(415, f"send the request as application/json, not {request.content_type or 'nothing'}",
                        "unsupported_media_type")
@@ -295,42 +363,47 @@ async def completions(request: web.Request, chat: bool) -> web.StreamResponse:
     answer = _Answer(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "chat.completion" if chat else "text_completion",
                      int(time.time()), service.loaded.name, chat)
     loop = asyncio.get_running_loop()
-    if not parsed.stream:
-        gone = threading.Event()
-
-        def check(_piece: str) -> None:  # a client that left gets no more tokens
-            if gone.is_set():
-                raise ClientGone()
-
-        work = loop.run_in_executor(None, _guarded, service, parsed, check)
-        watcher = asyncio.ensure_future(_watch(request, gone, work))
-        try:
-            result = await work
-        except ClientGone:
-            return web.Response(status=499)  # nobody is there to read it
-        finally:
-            watcher.cancel()
-        choice = ({"index": 0, "message": {"role": "assistant", "content": result["text"]}, "finish_reason": result["finish"]}
-                  if chat else {"index": 0, "text": result["text"], "finish_reason": result["finish"], "logprobs": None})
-        return web.json_response({"id": answer.ident, "object": answer.kind, "created": answer.created, "model": answer.model,
-                                  "choices": [choice], "usage": _usage(result), "celslm": result["celslm"]})
-    queue: asyncio.Queue = asyncio.Queue()
-    gone = threading.Event()  # the client went away: stop generating for it
-
-    def emit(piece: str) -> None:
-        if gone.is_set():
-            raise ClientGone()
-        if piece:
-            loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-
-    work = loop.run_in_executor(None, _guarded, service, parsed, emit)
-    work.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, ("done", None)))
+    events: asyncio.Queue = asyncio.Queue()
+    job = Job(tenant, parsed.context, parsed.prompt, parsed.raw, parsed.sampling, parsed.stop,
+              sink=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
     try:
-        return await _stream(request, queue, work, answer)
-    except (ConnectionError, asyncio.CancelledError):
-        gone.set()
-        work.add_done_callback(lambda done: done.exception())  # ClientGone, expected: retrieved, not logged
-        raise
+        service.scheduler.submit(job)
+    except Overloaded as exc:
+        raise ApiError(429, str(exc), "overloaded", kind="rate_limit_error",
+                       headers={"Retry-After": str(math.ceil(exc.retry_after_s))}) from exc
+    try:
+        if parsed.stream:
+            return await _stream(request, events, answer, parsed.context)
+        return await _whole(request, events, answer, parsed.context)
+    finally:
+        job.cancel()  # a client that left frees its sequence at the next step; a finished job ignores it
+
+
+async def _whole(request: web.Request, events: asyncio.Queue, answer: "_Answer", context: str) -> web.Response:
+    """A non-streamed answer, given when it is done; a client that leaves first cancels it."""
+    pieces = []
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(events.get(), timeout=0.1)
+        except asyncio.TimeoutError:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return web.Response(status=499)  # nobody is there to read it
+            continue
+        if kind == "piece":
+            pieces.append(value)
+        elif kind == "error":
+            if isinstance(value, Gone):
+                return web.Response(status=499)
+            raise api_error(value, context)
+        else:
+            result = value
+            choice = ({"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                       "finish_reason": result["finish"]} if answer.chat else
+                      {"index": 0, "text": result["text"], "finish_reason": result["finish"], "logprobs": None})
+            return web.json_response({"id": answer.ident, "object": answer.kind, "created": answer.created,
+                                      "model": answer.model, "choices": [choice], "usage": _usage(result),
+                                      "celslm": result["celslm"]})
 
 
 @dataclass(frozen=True)
@@ -354,46 +427,33 @@ class _Answer:
         return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-async def _stream(request: web.Request, queue: asyncio.Queue, work, answer: _Answer) -> web.StreamResponse:
+async def _stream(request: web.Request, events: asyncio.Queue, answer: "_Answer", context: str) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     started = False
     while True:
-        what, piece = await queue.get()
-        if what == "piece":
-            if not started:
-                await response.prepare(request)
-                started = True
-                if answer.chat:
-                    await response.write(answer.chunk(None, role=True))
-            await response.write(answer.chunk(piece))
-            continue
-        try:
-            result = work.result()
-        except ApiError as exc:
-            if not started:
-                return exc.response()
-            await response.write(f"data: {json.dumps({'error': {'message': str(exc), 'code': exc.code}})}\n\n".encode())
-            await response.write(b"data: [DONE]\n\n")
-            return response
+        kind, value = await events.get()
+        if kind == "error" and not started:
+            if isinstance(value, Gone):
+                return web.Response(status=499)
+            raise api_error(value, context)
         if not started:
             await response.prepare(request)
+            started = True
             if answer.chat:
                 await response.write(answer.chunk(None, role=True))
-        await response.write(answer.chunk(None if answer.chat else "", result["finish"],
-                                          extra={"usage": _usage(result), "celslm": result["celslm"]}))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-
-async def _watch(request: web.Request, gone: threading.Event, work) -> None:
-    """Set `gone` when the client of a non-streamed request disconnects before its answer is ready."""
-    while not work.done():
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            gone.set()
-            return
-        await asyncio.sleep(0.1)
+        if kind == "piece":
+            await response.write(answer.chunk(value))
+        elif kind == "error":
+            error = api_error(value, context)
+            await response.write(f"data: {json.dumps({'error': {'message': str(error), 'code': error.code}})}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            return response
+        else:
+            await response.write(answer.chunk(None if answer.chat else "", value["finish"],
+                                              extra={"usage": _usage(value), "celslm": value["celslm"]}))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
 
 
 def _usage(result: dict) -> dict:
@@ -415,17 +475,16 @@ ERROR_CODES: dict[type, tuple[str, str | None]] = {
 }
 
 
-def _guarded(service: Service, request: Request, emit) -> dict:
-    """`Service.run`, its library errors turned into OpenAI-style ones."""
-    try:
-        return service.run(request, emit)
-    except (ApiError, ClientGone):
-        raise
-    except CelslmError as exc:
+def api_error(exc: BaseException, context: str) -> ApiError:
+    """A job's failure as an OpenAI-style error: library errors by class, bugs as one line (the service goes on)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Expired):
+        return ApiError(503, str(exc), "deadline_exceeded")
+    if isinstance(exc, CelslmError):
         code, words = by_class(ERROR_CODES, exc)
-        if code == "context_corrupt" and os.path.exists(request.context):  # a file the client named: its mistake
+        if code == "context_corrupt" and os.path.exists(context):  # a file in the context folder: the client's mistake
             code, words = "invalid_context", " is not a valid artifact"
-        message = str(exc) if words is None else f"context {request.context!r}{words}: {exc}"
-        raise ApiError(status_of(exc), message, code, param=None if words is None else "context") from exc
-    except Exception as exc:  # a bug of ours: one line to the client, not a traceback; the service goes on
-        raise ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error") from exc
+        message = str(exc) if words is None else f"context {context!r}{words}: {exc}"
+        return ApiError(status_of(exc), message, code, param=None if words is None else "context")
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")

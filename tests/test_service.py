@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
     gguf = save_tiny_gguf(root / "tiny.gguf", "llama", seed=4)
     (root / "ctx.txt").write_text(CONTEXT)
     run_cli("prefill", "-m", str(gguf), "-c", str(root / "ctx.txt"), "-o", str(root / "a.kv"), check=True)
-    service = Service(gguf, "--memory-cache", "64MB")
+    service = Service(gguf, "--memory-cache", "64MB", "--context-dir", str(root))
     yield {"root": root, "gguf": gguf, "service": service, "kv": str(root / "a.kv")}
     assert service.stop() == 0
 
@@ -77,7 +77,7 @@ def test_chat_completion_is_what_decode_gives_streamed_or_not(setup):
     health = service.get("/v1/health")
     assert health["cached_contexts"] == 1 and health["engine"] == "llama.cpp" and 0 < health["cached_bytes"] <= 64_000_000
     again = client.chat.completions.create(**request)
-    assert again.model_extra["celslm"]["cache"] == "hit" and again.choices[0].message.content == first.choices[0].message.content
+    assert again.model_extra["celslm"]["cache"] == "resident" and again.choices[0].message.content == first.choices[0].message.content
 
 
 def test_text_completion_continues_the_context_as_plain_text(setup):
@@ -132,6 +132,12 @@ def test_errors_come_back_as_openai_errors(setup):
         cases.append(((*json_type, "-d", json.dumps({"context": context, "messages": message})), status, code))
     for args, status, code in cases:
         assert curl(*args)[0] == status and curl(*args)[1]["code"] == code, args[-1][:60]
+    # a file outside the context folder, there or not, readable or not: one answer, whatever the file
+    outside = [curl(*json_type, "-d", json.dumps({"context": path, "messages": message}))
+               for path in ("/etc/passwd", "/etc/shadow", "/root/.ssh/nothing-here", "../../../etc/passwd")]
+    assert {status for status, _ in outside} == {"400"} and {error["code"] for _, error in outside} == {"invalid_context"}
+    assert len({error["message"].replace(path, "P") for (_, error), path in
+                zip(outside, ("/etc/passwd", "/etc/shadow", "/root/.ssh/nothing-here", "../../../etc/passwd"))}) == 1
     assert service.proc.poll() is None  # still serving
 
 
@@ -158,7 +164,7 @@ def test_decode_through_the_service_exits_as_decode_would(setup, tmp_path):
 def test_binding_beyond_loopback_needs_a_token_and_the_token_is_checked(setup):
     refused = run_cli("serve", "-m", str(setup["gguf"]), "--host", "0.0.0.0", "--port", str(free_port()))
     assert refused.returncode == 2 and b"--api-token" in refused.stderr
-    guarded = Service(setup["gguf"], "--api-token", "s3cret")
+    guarded = Service(setup["gguf"], "--api-token", "s3cret", "--context-dir", str(setup["root"]))
     try:
         with pytest.raises(openai.PermissionDeniedError):  # a wrong token: 403, as serve-cache answers it
             guarded.client("wrong").models.list()
@@ -191,7 +197,7 @@ def test_the_prompt_never_reaches_the_cloud(setup, tmp_path):
         secret = "Is the launch code 7741 still valid?"
         result = service.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": secret}],
                                                           max_tokens=4, extra_body={"context": "ctx:latest"})
-        assert result.model_extra["celslm"]["cache"] == "miss" and proxy.connections > 0
+        assert result.model_extra["celslm"]["cache"] == "fetched" and proxy.connections > 0
         assert b"7741" not in proxy.sent and b"launch" not in proxy.sent
     finally:
         stopped = service.stop() if service else 0
@@ -213,51 +219,51 @@ def test_a_client_that_leaves_mid_stream_does_not_hold_the_model(setup):
     assert setup["service"].proc.poll() is None
 
 
-def test_a_request_whose_client_left_stops_at_the_next_token_and_frees_the_model(setup):
-    """In the service itself: the emit callback says the client is gone after the first token; generation
-    stops there, nothing is counted as served, and the model is free for the next request. And the
-    watcher of a non-streamed request notices a closed connection."""
-    import asyncio
-    import types
-
+def test_a_request_whose_client_left_stops_at_the_next_token_and_frees_its_cells(setup):
+    """In the service itself: the client leaves after the first token; generation stops at the next step,
+    nothing is counted as served, its cells are gone, and the next request is answered as usual."""
     from celslm.decode import Sampling
     from celslm.models import load_model
-    from celslm.service import ClientGone, Request, Service, ServiceConfig, _watch
+    from celslm.scheduler import Gone, Job
+    from celslm.service import ANYONE, Service, ServiceConfig
 
-    service = Service(load_model(str(setup["gguf"]), engine="llama.cpp"), ServiceConfig())
-    tokens = []
+    service = Service(load_model(str(setup["gguf"]), engine="llama.cpp"), ServiceConfig(context_dir=setup["root"]))
+    try:
+        events, ended = [], threading.Event()
 
-    def leave(piece: str) -> None:
-        tokens.append(piece)
-        raise ClientGone()
+        def leave(kind: str, value) -> None:
+            events.append((kind, value))
+            if kind == "piece":
+                job.cancel()
+            if kind in ("done", "error"):
+                ended.set()
 
-    request = Request(setup["kv"], PROMPT, raw=False, sampling=Sampling(max_new_tokens=50), stream=True, chat=True)
-    with pytest.raises(ClientGone):
-        service.run(request, leave)
-    assert len(tokens) == 1 and service.served == 0
-    assert service.lock.acquire(blocking=False)
-    service.lock.release()
-    assert service.run(request)["completion_tokens"] > 1 and service.served == 1
-
-    async def watched() -> bool:
-        gone = threading.Event()
-        closing = types.SimpleNamespace(transport=types.SimpleNamespace(is_closing=lambda: True))
-        work = asyncio.get_running_loop().create_future()
-        await asyncio.wait_for(_watch(closing, gone, work), 5)
-        return gone.is_set()
-
-    assert asyncio.run(watched())
+        job = Job(ANYONE, setup["kv"], PROMPT, False, Sampling(max_new_tokens=200, temperature=1.0, seed=1), (), leave)
+        service.scheduler.submit(job)
+        assert ended.wait(60)
+        assert isinstance(events[-1][1], Gone) and job.generated <= 2
+        assert service.scheduler.stats()["active"] == 0 and service.scheduler.active_seqs() == {}
+        context_seq = next(iter(service.scheduler.resident_seqs().values()))
+        assert {owners for _, owners in service.scheduler.cell_owners()} == {(context_seq,)}  # the context's cells only
+        done = threading.Event()
+        results = []
+        service.scheduler.submit(Job(ANYONE, setup["kv"], PROMPT, False, Sampling(max_new_tokens=10), (),
+                                     lambda kind, value: (results.append((kind, value)), kind in ("done", "error") and done.set())))
+        assert done.wait(60) and results[-1][0] == "done" and results[-1][1]["text"] == decoded(setup)
+        assert int(service.scheduler.m_served._value.get()) == 1
+    finally:
+        service.close()
 
 
 def test_a_service_with_a_trust_policy_serves_signed_contexts_and_refuses_the_rest(setup, tmp_path):
     root = setup["root"]
     run_cli("keys", "generate", "--out", str(tmp_path / "producer"), check=True)
-    run_cli("prefill", "-m", str(setup["gguf"]), "-c", str(root / "ctx.txt"), "-o", str(tmp_path / "signed.kv"),
+    run_cli("prefill", "-m", str(setup["gguf"]), "-c", str(root / "ctx.txt"), "-o", str(root / "signed.kv"),
             "--sign", str(tmp_path / "producer.key"), check=True)
-    service = Service(setup["gguf"], "--trust", str(tmp_path / "producer.pub"))
+    service = Service(setup["gguf"], "--trust", str(tmp_path / "producer.pub"), "--context-dir", str(root))
     try:
         ask = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}
-        answer = service.client().chat.completions.create(model="celslm", extra_body={"context": str(tmp_path / "signed.kv")},
+        answer = service.client().chat.completions.create(model="celslm", extra_body={"context": "signed.kv"},
                                                           **ask)
         assert answer.choices[0].message.content is not None
         with pytest.raises(openai.PermissionDeniedError, match="not signed by a trusted key"):
@@ -269,13 +275,13 @@ def test_a_service_with_a_trust_policy_serves_signed_contexts_and_refuses_the_re
 def test_a_service_with_an_identity_answers_over_an_encrypted_context_and_one_without_refuses_it(setup, tmp_path):
     root = setup["root"]
     run_cli("keys", "generate", "--out", str(tmp_path / "edge"), "--for", "encryption", check=True)
-    run_cli("prefill", "-m", str(setup["gguf"]), "-c", str(root / "ctx.txt"), "-o", str(tmp_path / "sealed.kv"),
+    run_cli("prefill", "-m", str(setup["gguf"]), "-c", str(root / "ctx.txt"), "-o", str(root / "sealed.kv"),
             "--encrypt-to", str(tmp_path / "edge.pub"), check=True)
     ask = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10, "temperature": 0}
-    context = {"context": str(tmp_path / "sealed.kv")}
+    context = {"context": str(root / "sealed.kv")}
     with pytest.raises(openai.PermissionDeniedError, match="encrypted"):
         setup["service"].client().chat.completions.create(model="celslm", extra_body=context, **ask)
-    service = Service(setup["gguf"], "--identity", str(tmp_path / "edge.key"))
+    service = Service(setup["gguf"], "--identity", str(tmp_path / "edge.key"), "--context-dir", str(root))
     try:
         answer = service.client().chat.completions.create(model="celslm", extra_body=context, **ask)
     finally:
