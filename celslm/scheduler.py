@@ -34,6 +34,9 @@ from celslm.decode import Sampling, TextStream, next_token
 from celslm.errors import CelslmError, Overloaded, UnavailableError, UsageError
 
 
+GATHER_S = 0.02  # how long an idle scheduler waits for requests arriving together with the first
+
+
 @dataclass(frozen=True)
 class Limits:
     parallel: int = 4  # request sequences decoded together
@@ -260,6 +263,8 @@ class Scheduler:
                     self._expire_waiting()
                 if self._closed:
                     break
+                if not self._active:
+                    self._gather()
                 self._expire_waiting()
                 self._admit()
             if self._active:
@@ -270,6 +275,16 @@ class Scheduler:
             for job in [job for queue in self._waiting.values() for job in queue]:
                 self._deliver_error(job, UnavailableError("the service is shutting down"))
             self._waiting.clear()
+
+    def _gather(self) -> None:
+        """Idle, with a request ready: wait a moment for others arriving with it, so that their prompts are
+        read in the same first step instead of each waiting for the step before it."""
+        until = time.perf_counter() + GATHER_S
+        while (now := time.perf_counter()) < until and not self._closed:
+            ready = sum(1 for queue in self._waiting.values() for job in queue if job.prepared is not None)
+            if ready >= len(self._free):
+                return
+            self._lock.wait(timeout=until - now)
 
     def _startable(self) -> bool:
         return any(job.prepared is not None for queue in self._waiting.values() for job in queue)

@@ -208,7 +208,7 @@ def _error_of_status(status: int, code: str | None) -> type:
         return IntegrityError
     if status in (400, 401, 403, 404, 409, 502):  # bad request, token, not found, exists, a token upstream
         return UsageError
-    return CelslmError if status == 500 else UnavailableError  # 503, 507 and any other: unavailable
+    return CelslmError if status == 500 else UnavailableError  # 429, 503, 507 and any other: unavailable
 
 
 def stats_table(s: DecodeStats) -> Table:

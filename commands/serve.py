@@ -48,9 +48,9 @@ def serve(
                                            "it, 429 with Retry-After.")] = 64,
     deadline: Annotated[float, typer.Option("--deadline", min=0.1, metavar="SECONDS", help="A request not done this long "
                                             "after it arrived ends with 503.")] = 300.0,
-    context_dir: Annotated[Path | None, typer.Option("--context-dir", file_okay=False, exists=True, help="The only "
+    context_dir: Annotated[Path | None, typer.Option("--context-dir", file_okay=False, help="The only "
                                                      "folder whose artifacts a client may name, by a name inside it.")] = None,
-    api_keys: Annotated[Path | None, typer.Option("--api-keys", dir_okay=False, exists=True, help="TOML of tenants: "
+    api_keys: Annotated[Path | None, typer.Option("--api-keys", dir_okay=False, help="TOML of tenants: "
                                                   "[tenants.NAME] keys = [...], concurrency = N (README, Tenants).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, envvar="CELSLM_THREADS", show_envvar=True,
                                                 help="llama.cpp threads (default: all cores).")] = None,
@@ -80,8 +80,9 @@ def serve(
     if not is_loopback(host) and not (api_token or api_keys):
         raise UsageError(f"--host {host} is not loopback: give --api-token or --api-keys so that only your clients can "
                          "use the model")
-    with for_option("--api-keys"):
-        tenants = read_api_keys(api_keys) if api_keys else {}
+    if context_dir and not context_dir.is_dir():
+        raise UsageError(f"--context-dir {context_dir}: no such folder")
+    tenants = read_api_keys(api_keys) if api_keys else {}
     capacity = byte_size(memory_cache, "--memory-cache")
     edge_cache_bytes = cache_capacity(cache_capacity_)
     policy = trust_policy(trust)

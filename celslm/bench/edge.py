@@ -233,7 +233,8 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 2048, new_tokens: int =
 def _warm_service(spec: str, context: Path) -> Service:
     """A `celslm serve` on loopback with the context already in memory (one request served)."""
     port = free_port()
-    service = Service(CLI + ["serve", "-m", spec, "--port", str(port)], port, "celslm serve", timeout_s=300)
+    service = Service(CLI + ["serve", "-m", spec, "--port", str(port), "--context-dir", str(context.parent)], port,
+                      "celslm serve", timeout_s=300)
     body = json.dumps({"context": str(context), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1})
     request = urllib.request.Request(service.url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
     try:
