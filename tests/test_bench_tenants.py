@@ -118,3 +118,29 @@ def test_table_json_and_notes_show_every_row():
 def test_a_missing_llama_server_is_one_line_naming_make(tmp_path):
     with pytest.raises(UsageError, match="make llama-server"):
         tenants.find_llama_server(str(tmp_path / "nope"))
+
+
+def test_kv_metrics_reads_only_kv_samples_and_tolerates_no_metrics(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (b"# HELP celslm_kv_cells_used cells\n# TYPE celslm_kv_cells_used gauge\ncelslm_kv_cells_used 2112.0\n"
+                    b'celslm_kv_bytes{kind="context"} 2.5e+07\ncelslm_requests_served 3.0\n')
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        found = tenants.kv_metrics(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert found == {"celslm_kv_cells_used": 2112.0, 'celslm_kv_bytes{kind="context"}': 2.5e7}
+    assert tenants.kv_metrics(f"http://127.0.0.1:{server.server_port}") == {}  # nobody listening now

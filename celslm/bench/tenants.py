@@ -34,6 +34,7 @@ import re
 import shutil
 import statistics
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -56,6 +57,7 @@ CLIENT_TIMEOUT_S = 600
 POISSON_MAX_S = 120.0  # the open-loop schedule never spans more than this
 POISSON_LOAD = 0.8  # default arrival rate: this share of celslm --parallel N's measured requests/s
 _KV_LOG = re.compile(r"KV buffer size\s*=\s*([\d.]+) MiB")
+_KV_METRIC = re.compile(r"^(\w*kv\w*)(\{[^}]*\})?\s+([-+\d.eE]+)$", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,17 @@ def memory(server: Server) -> dict:
     mib = lambda key: round(int(status[key].split()[0]) / 1024, 1) if key in status else None  # noqa: E731
     kv = [float(m) for m in _KV_LOG.findall(server.log.read_text(errors="replace"))] if server.log.exists() else []
     return {"server": server.key, "label": server.label, "vm_rss_mib": mib("VmRSS"), "vm_hwm_mib": mib("VmHWM"),
-            "kv_buffer_mib": round(sum(kv), 1) if kv else None}
+            "kv_buffer_mib": round(sum(kv), 1) if kv else None, "kv_metrics": kv_metrics(server.service.url)}
+
+
+def kv_metrics(url: str) -> dict[str, float]:
+    """The samples of /metrics whose name mentions KV (cells, bytes), as the server reports them; {}
+    when it has no such metric or no /metrics."""
+    try:
+        text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode(errors="replace")
+    except OSError:
+        return {}
+    return {name + (labels or ""): float(value) for name, labels, value in _KV_METRIC.findall(text)}
 
 
 def find_llama_server(path: str | None) -> Path | None:
