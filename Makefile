@@ -10,7 +10,7 @@ LLAMA_VERSION := 0.3.36
 LLAMA_WHEEL := $(WHEELS)/.llama-cpp-python-$(LLAMA_VERSION)-built
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
-.PHONY: setup test wheel-check demo completions bench clean
+.PHONY: setup test wheel-check demo completions bench llama-server clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,27 @@ completions: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/celslm models pull qwen2.5-coder-0.5b
 	$(BIN)/celslm bench ttft -m qwen2.5-coder-0.5b --tokens 2048
+
+# llama-server, the peer `celslm bench tenants` compares against, built from the llama.cpp that the pinned
+# llama-cpp-python sdist vendors (same CPU flags as the wheel, CPU only, about 10 minutes on 2 cores).
+# The sdist has no web UI assets: LLAMA_USE_PREBUILT_UI=OFF skips their download and the server embeds
+# none. Not in .venv or build/ (wheel-check deletes build/); make test does not need it.
+LLAMA_SERVER_DIR := .llama-server
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/bin/llama-server
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER):
+	mkdir -p $(WHEELS) $(LLAMA_SERVER_DIR)/bin
+	test -f $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION).tar.gz || $(PYTHON) -m pip download --quiet \
+		--disable-pip-version-check --no-deps --no-binary :all: -d $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	rm -rf $(LLAMA_SERVER_DIR)/src && mkdir -p $(LLAMA_SERVER_DIR)/src
+	tar -xzf $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $(LLAMA_SERVER_DIR)/src --strip-components=1
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" cmake -S $(LLAMA_SERVER_DIR)/src/vendor/llama.cpp \
+		-B $(LLAMA_SERVER_DIR)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF
+	cmake --build $(LLAMA_SERVER_DIR)/build --config Release -j2 --target llama-server llama-batched-bench
+	cp $(LLAMA_SERVER_DIR)/build/bin/llama-server $(LLAMA_SERVER_DIR)/build/bin/llama-batched-bench $(LLAMA_SERVER_DIR)/bin/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache  # .wheels/ stays: rebuilding llama-cpp-python takes minutes

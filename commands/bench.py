@@ -394,3 +394,49 @@ def link_(
         print_json(result)
         return
     show(link_bench.render(result))
+
+
+@app.command("tenants", epilog=examples(
+    "celslm bench tenants -m qwen2.5-coder-0.5b",
+    "celslm bench tenants -m qwen2.5-coder-0.5b --clients 1,4 --rounds 1 --poisson-requests 8",
+    "celslm bench tenants -m qwen2.5-coder-0.5b --parallel 8 --threads 2 --llama-server ~/llama.cpp/build/bin/llama-server --json"))
+def tenants_(
+    model: ModelOpt,
+    clients: Annotated[list[str] | None, typer.Option("--clients", help="Concurrent streaming clients per level, "
+                                                     "comma-separated or repeated (default 1,2,4,8).")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=2, max=64, help="Sequences of the batching rows: celslm serve "
+                                          "--parallel N and llama-server --parallel N.")] = 4,
+    threads: ThreadsOpt = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=20, help="Interleaved rounds of every closed-loop row.")] = 2,
+    new_tokens: MaxNewTokensOpt = 48,
+    tokens: Annotated[int, typer.Option("--tokens", min=16, help="Context length in tokens (third-party source).")] = 2048,
+    poisson_rate: Annotated[float | None, typer.Option("--poisson-rate", min=0.001, help="Open-loop arrivals per second "
+                                                       "(default: 0.8x celslm --parallel N's measured capacity).")] = None,
+    poisson_requests: Annotated[int, typer.Option("--poisson-requests", min=0, max=1000, help="Open-loop requests per "
+                                                  "server (0: no open-loop run).")] = 16,
+    llama_server: Annotated[str | None, typer.Option("--llama-server", metavar="PATH", help="llama-server executable "
+                                                     "(default: make llama-server's .llama-server/bin/llama-server, else PATH).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Concurrent streaming clients over one warm context: celslm serve --parallel 1 and N beside llama-server --parallel N."""
+    from celslm.bench import tenants as tenants_bench
+
+    levels = tenants_bench.parse_levels(clients)
+    with for_option("--llama-server"):
+        binary = tenants_bench.find_llama_server(llama_server)
+    with progress_bar() as progress:
+        loaded = load_model(model, progress, engine=default_engine(model, None))
+    with tempfile.TemporaryDirectory(prefix="celslm-bench-tenants-") as work:
+        try:  # a server that does not start or fails while warming is one line
+            result = tenants_bench.run(loaded, model, Path(work), clients=levels, parallel=parallel, threads=threads,
+                                       rounds=rounds, new_tokens=new_tokens, tokens=tokens, poisson_rate=poisson_rate,
+                                       poisson_requests=poisson_requests, llama=binary,
+                                       progress=lambda what: log(f"bench tenants: {what}"))
+        except RuntimeError as exc:
+            raise CelslmError(f"bench tenants: {exc}") from exc
+    if json_:
+        print_json(result)
+    else:
+        show(tenants_bench.render(result))
+    for note in tenants_bench.notes(result):
+        log(note)

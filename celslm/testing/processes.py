@@ -79,15 +79,15 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 45) -> int:
 class Service:
     """A server process listening on 127.0.0.1:`port`, healthy (GET /v1/health) when this returns;
     stopped by `stop()` or by leaving the `with` block. Its stderr is a pipe (read it after `stop()`),
-    or the file `log`."""
+    or the file `log`; its environment is `env` (default: this process's)."""
 
     def __init__(self, args: list[str], port: int, what: str, *, scheme: str = "http", context=None,
-                 log: Path | None = None, timeout_s: float = 60):
+                 log: Path | None = None, timeout_s: float = 60, env: dict | None = None):
         self.port = port
         self.url = f"{scheme}://127.0.0.1:{port}"
         with ExitStack() as files:
             stderr = files.enter_context(open(log, "wb")) if log is not None else subprocess.PIPE
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ.copy())
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env or os.environ.copy())
         try:
             self.health = wait_healthy(self.url, self.proc, what, timeout_s, context, log)
         except BaseException:
