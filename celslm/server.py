@@ -7,13 +7,17 @@
     PUT|GET /v1/artifacts/sha256:<hex>      a manifest; a PUT whose blobs are missing gets 409 listing them
     PUT|GET /v1/artifacts/sha256:<hex>/signatures   producers' signatures over the id (a PUT adds)
     PUT|GET /v1/artifacts/sha256:<hex>/timings      the cloud's seconds (side record, unsigned)
-    PUT|GET /v1/tags/<name>                 a mutable name -> artifact id; a PUT may carry a signed statement
+    PUT|GET|DELETE /v1/tags/<name>          a mutable name -> artifact id; a PUT may carry a signed statement
     GET  /v1/tags/<name>/statement          the tag's signed statement (404 if it has none)
     GET  /v1/lookup?space=<fp>&prefix=h1,…  the longest cached prefix: artifact id and chunk count
 
 A write token guards PUT; an optional read token guards GET and HEAD; /v1/health stays open. The
 bearer check, the status of each library error and the health and metrics routes are celslm.httpserver's,
 shared with the edge service. Every handler is a module function over `request.app[STATE]`.
+
+With tenants (tenants.py) each tenant's token writes only its namespace's tags (403 outside it) and
+holds at most its quota (507 past it, refused before anything is written); `request[TENANT]` is the
+tenant a request came from, None for the write and read tokens and open reads, which are not limited.
 
 `serve` runs the app in one process, or in N forked workers that accept on one listening socket
 (the pre-fork model of gunicorn and nginx): the kernel hands each connection to one of them. Their
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -35,13 +40,16 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from celslm.errors import UnavailableError, UsageError
-from celslm.httpserver import ByteLRU, ReadWhenScraped, add_health_and_metrics, guard
+from celslm.httpserver import HEALTH_PATH, ByteLRU, ReadWhenScraped, add_health_and_metrics, authorize, guard
 from celslm.manifest import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, Manifest, read_side_record
+from celslm.tenants import Ledger, Tenant, tenant_of
 from celslm.trust import SignedTag
 from celslm.store import Store, open_store
+from celslm.store.base import NAMESPACE, check_tag
 
 DIGEST_ROUTE = r"{digest:sha256:[0-9a-f]{64}}"
-TAG_ROUTE = r"{name:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}}"
+TAG_ROUTE = rf"{{name:(?:{NAMESPACE}/)?[A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}}}"  # store.base.TAG
+WRITES = ("PUT", "POST", "DELETE")
 SMALL_BLOB_BYTES = 4 << 20  # blobs up to this size are sent from memory; bigger ones stream with sendfile
 
 
@@ -55,6 +63,7 @@ class ServerConfig:
     max_manifest_bytes: int = 16 << 20
     read_timeout_s: float = 30.0  # a client that sends nothing for this long is dropped
     memory_bytes: int = 256 << 20  # verified blobs kept in each worker's memory, least recently used out first
+    tenants: tuple[Tenant, ...] = ()  # write tokens each limited to a tag namespace and a quota (tenants.py)
 
 
 class Metrics:
@@ -87,16 +96,24 @@ class State:
     store: Store
     metrics: Metrics
     memory: ByteLRU[bytes]  # blobs already read and verified: a hot blob is sent without a disk read or a rehash
+    ledger: Ledger | None = None  # what each tenant holds, with tenants
 
     @classmethod
     def open(cls, config: ServerConfig) -> State:
+        if config.tenants and config.capacity_bytes is not None:
+            raise UsageError("a capacity evicts whole artifacts, whichever tenant holds them: with tenants, "
+                             "their quotas bound the store instead")
         store = open_store(config.store, config.capacity_bytes)
+        if config.tenants and type(store).update is Store.update:
+            raise UsageError(f"store {config.store} cannot keep tenants' ledgers; use a directory or Redis")
         store.stale_tmp()
         # one blob never takes more than an eighth of the memory
-        return cls(config, store, Metrics(store), ByteLRU(config.memory_bytes, largest_bytes=config.memory_bytes // 8))
+        return cls(config, store, Metrics(store), ByteLRU(config.memory_bytes, largest_bytes=config.memory_bytes // 8),
+                   Ledger(store) if config.tenants else None)
 
 
 STATE = web.AppKey("state", State)
+TENANT = web.RequestKey("tenant", Tenant | None)
 
 
 def make_app(config: ServerConfig) -> web.Application:
@@ -105,16 +122,62 @@ def make_app(config: ServerConfig) -> web.Application:
 
 def app_for(state: State) -> web.Application:
     config = state.config
-    writes = ("PUT", "POST", "DELETE")
-    middleware = guard(lambda request: config.write_token if request.method in writes else config.read_token,
-                       lambda status, exc: web.Response(status=status, text=f"{exc}\n"))
-    app = web.Application(middlewares=[middleware], client_max_size=config.max_manifest_bytes)
+    render = lambda status, exc: web.Response(status=status, text=f"{exc}\n")  # noqa: E731
+    if config.tenants:  # the tenant guard checks tokens; guard only answers library errors
+        middlewares = [_tenant_guard(config), guard(lambda request: None, render)]
+    else:
+        middlewares = [guard(lambda request: config.write_token if request.method in WRITES else config.read_token,
+                             render)]
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_manifest_bytes)
     app[STATE] = state
     store = state.store
     add_health_and_metrics(app, lambda: {"store_bytes": store.usage_bytes(), "capacity_bytes": store.capacity_bytes},
                            state.metrics.registry)
     app.add_routes(ROUTES)
     return app
+
+
+def _tenant_guard(config: ServerConfig) -> Callable:
+    """The bearer check with tenants: a tenant's token (found by its hash) writes within its limits;
+    otherwise the write and read tokens work as without tenants. Reads need a token once there is a
+    read token or a tenant that reads only its own (open reads would let anyone past that)."""
+    reads_need_token = config.read_token is not None or any(t.reads_own_only for t in config.tenants)
+    nobody = secrets.token_urlsafe(32)  # no client holds it: where no token was given, every token is refused
+
+    @web.middleware
+    async def identify(request: web.Request, handler):
+        header = request.headers.get("Authorization", "")
+        tenant = tenant_of(config.tenants, header.removeprefix("Bearer ")) if header.startswith("Bearer ") else None
+        write = request.method in WRITES
+        if tenant is None and request.path != HEALTH_PATH and (write or reads_need_token):
+            authorize(request, (config.write_token if write else config.read_token) or nobody)
+        request[TENANT] = tenant
+        return await handler(request)
+
+    return identify
+
+
+def _may_write_tag(request: web.Request, name: str) -> None:
+    tenant = request.get(TENANT)
+    if tenant is not None and not tenant.owns_tag(name):
+        raise web.HTTPForbidden(text=f"tag {name} is outside this token's namespace {tenant.name}/\n")
+
+
+def _may_read_tag(request: web.Request, name: str) -> None:
+    tenant = request.get(TENANT)
+    if tenant is not None and tenant.reads_own_only and not tenant.owns_tag(name):
+        raise web.HTTPForbidden(text=f"tag {name} is outside this token's namespace {tenant.name}/\n")
+
+
+async def _must_hold(request: web.Request, artifact_id: str, reading: bool = False) -> None:
+    """A tenant changes (and, reading only its own, reads) only artifacts it holds: 403 otherwise,
+    whether or not the artifact is stored, so the answer tells nothing about others'."""
+    tenant = request.get(TENANT)
+    if tenant is None or (reading and not tenant.reads_own_only):
+        return
+    if not await asyncio.to_thread(request.app[STATE].ledger.holds, tenant, artifact_id):
+        raise web.HTTPForbidden(text=f"artifact {artifact_id} is not one tenant {tenant.name} holds; push it "
+                                     "with this token first\n")
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -186,6 +249,9 @@ async def put_blob(request: web.Request) -> web.Response:
     if await asyncio.to_thread(store.check_blob, digest):  # a corrupt copy is quarantined and replaced
         await _drain(request, config)
         return web.Response(status=200, text="exists\n")
+    tenant = request.get(TENANT)
+    if tenant is not None and request.content_length is not None:  # refused before a byte is read
+        await asyncio.to_thread(state.ledger.check_room, tenant, request.content_length, f"blob {digest}")
     writer = store.blob_writer(digest)
     try:
         while True:
@@ -200,7 +266,14 @@ async def put_blob(request: web.Request) -> web.Response:
                 raise web.HTTPRequestEntityTooLarge(max_size=config.max_blob_bytes, actual_size=writer.size)
         if request.content_length is not None and writer.size != request.content_length:
             raise web.HTTPBadRequest(text="upload ended early\n")
-        await asyncio.to_thread(writer.commit)  # verifies the digest; a mismatch raises IntegrityError (422)
+        if tenant is not None:  # charged before it is kept: past the quota (507) nothing is kept
+            await asyncio.to_thread(state.ledger.reserve_blob, tenant, digest, writer.size)
+        try:
+            await asyncio.to_thread(writer.commit)  # verifies the digest; a mismatch raises IntegrityError (422)
+        except BaseException:
+            if tenant is not None:
+                await asyncio.shield(asyncio.to_thread(state.ledger.release_blob, tenant, digest))
+            raise
     except asyncio.TimeoutError as exc:
         await _abort(writer, store)
         raise web.HTTPRequestTimeout(text="client too slow\n") from exc
@@ -213,6 +286,7 @@ async def put_blob(request: web.Request) -> web.Response:
 
 async def get_artifact(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    await _must_hold(request, request.match_info["digest"], reading=True)
     data = await asyncio.to_thread(state.store.get_manifest, request.match_info["digest"])
     if data is None:
         state.metrics.misses.inc()
@@ -222,11 +296,24 @@ async def get_artifact(request: web.Request) -> web.Response:
 
 
 async def put_artifact(request: web.Request) -> web.Response:
+    """`?tag=NAME` says which tag the push will set, so a tag the token may not write is refused (403)
+    before any blob is sent; a tenant's quota is checked (507) whether blobs are missing (409) or not."""
     state = request.app[STATE]
-    store = state.store
+    store, tenant = state.store, request.get(TENANT)
+    artifact_id = request.match_info["digest"]
+    if "tag" in request.query:
+        _may_write_tag(request, check_tag(request.query["tag"]))
     data = await _read_small(request, state.config.max_manifest_bytes, state.config)
+    charged = tenant is not None and await asyncio.to_thread(state.ledger.charge, tenant, artifact_id, data)
     evicted = store.evictions
-    missing = await asyncio.to_thread(store.put_manifest, request.match_info["digest"], data)
+    try:
+        missing = await asyncio.to_thread(store.put_manifest, artifact_id, data)
+    except BaseException:
+        if charged:
+            await asyncio.shield(asyncio.to_thread(state.ledger.release, tenant, artifact_id))
+        raise
+    if charged and missing:  # a blob gone since the charge: the push uploads it and tries again
+        await asyncio.to_thread(state.ledger.release, tenant, artifact_id)
     state.metrics.evictions.inc(max(0, store.evictions - evicted))
     if missing:
         return web.json_response({"error": "missing blobs", "missing": missing}, status=409)
@@ -235,6 +322,7 @@ async def put_artifact(request: web.Request) -> web.Response:
 
 
 async def get_signatures(request: web.Request) -> web.Response:
+    await _must_hold(request, request.match_info["digest"], reading=True)
     signatures = await asyncio.to_thread(request.app[STATE].store.get_signatures, request.match_info["digest"])
     return web.json_response([sig.to_json() for sig in signatures])
 
@@ -244,6 +332,7 @@ async def put_signatures(request: web.Request) -> web.Response:
 
 
 async def get_timings(request: web.Request) -> web.Response:
+    await _must_hold(request, request.match_info["digest"], reading=True)
     timings = await asyncio.to_thread(request.app[STATE].store.get_timings, request.match_info["digest"])
     return web.json_response(timings.to_json())
 
@@ -256,6 +345,7 @@ async def _put_side_record(request: web.Request, name: str, limit: int, done: st
     """Signatures or timings: checked as a client reads them, then stored beside the artifact."""
     state = request.app[STATE]
     digest = request.match_info["digest"]
+    await _must_hold(request, digest)
     record = read_side_record(name, await _read_small(request, limit, state.config), digest)
     store_it = state.store.put_signatures if name == SIGNATURES_NAME else state.store.put_timings
     await asyncio.to_thread(store_it, digest, record)
@@ -263,6 +353,7 @@ async def _put_side_record(request: web.Request, name: str, limit: int, done: st
 
 
 async def get_tag(request: web.Request) -> web.Response:
+    _may_read_tag(request, request.match_info["name"])
     artifact_id = await asyncio.to_thread(request.app[STATE].store.get_tag, request.match_info["name"])
     if artifact_id is None:
         raise web.HTTPNotFound(text="no such tag\n")
@@ -270,6 +361,7 @@ async def get_tag(request: web.Request) -> web.Response:
 
 
 async def get_tag_statement(request: web.Request) -> web.Response:
+    _may_read_tag(request, request.match_info["name"])
     signed = await asyncio.to_thread(request.app[STATE].store.get_signed_tag, request.match_info["name"])
     if signed is None:
         raise web.HTTPNotFound(text="no signed statement for this tag\n")
@@ -280,14 +372,24 @@ async def put_tag(request: web.Request) -> web.Response:
     """The body is an artifact id (an unsigned tag) or a signed statement {statement, signatures}."""
     state = request.app[STATE]
     name = request.match_info["name"]
+    _may_write_tag(request, name)
     body = (await _read_small(request, 64 << 10, state.config)).strip()
     if DIGEST.match(body.decode(errors="replace")):
         artifact_id, signed = body.decode(), None
     else:
         signed = SignedTag.from_bytes(body, f"tag {name}")
         artifact_id = signed.statement.artifact
+    await _must_hold(request, artifact_id)
     await asyncio.to_thread(state.store.put_tag, name, artifact_id, signed)
     return web.Response(status=201, text="tagged\n")
+
+
+async def delete_tag(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    _may_write_tag(request, name)
+    if not await asyncio.to_thread(request.app[STATE].store.delete_tag, name):
+        raise web.HTTPNotFound(text="no such tag\n")
+    return web.Response(text="deleted\n")
 
 
 async def get_codebook(request: web.Request) -> web.Response:
@@ -311,6 +413,9 @@ async def lookup(request: web.Request) -> web.Response:
     if found is not None:  # evicted since the index was read: None, the same as never found
         data = await asyncio.to_thread(state.store.get_manifest, found[0])
     space = request.query.get("space")
+    tenant = request.get(TENANT)
+    if tenant is not None and tenant.reads_own_only and data is not None:  # another's artifact: a miss
+        data = data if await asyncio.to_thread(state.ledger.holds, tenant, found[0]) else None
     if data is None or (space and Manifest.from_bytes(data, found[0]).space.fingerprint != space):
         state.metrics.misses.inc()
         return web.json_response(NO_ARTIFACT)
@@ -327,9 +432,10 @@ ROUTES = [  # web.get answers HEAD too
     web.put(f"/v1/artifacts/{DIGEST_ROUTE}/signatures", put_signatures),
     web.get(f"/v1/artifacts/{DIGEST_ROUTE}/timings", get_timings),
     web.put(f"/v1/artifacts/{DIGEST_ROUTE}/timings", put_timings),
+    web.get(f"/v1/tags/{TAG_ROUTE}/statement", get_tag_statement),  # first: acme/statement is tag acme's statement
     web.get(f"/v1/tags/{TAG_ROUTE}", get_tag),
     web.put(f"/v1/tags/{TAG_ROUTE}", put_tag),
-    web.get(f"/v1/tags/{TAG_ROUTE}/statement", get_tag_statement),
+    web.delete(f"/v1/tags/{TAG_ROUTE}", delete_tag),
     web.get("/v1/lookup", lookup),
     web.get("/v1/codebooks/{fingerprint:[0-9a-f]{64}}", get_codebook),
 ]

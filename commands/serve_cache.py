@@ -21,6 +21,7 @@ EPILOG = examples(
     "celslm serve-cache --root store --workers 4 --host 0.0.0.0 --write-token \"$TOKEN\"",
     "celslm serve-cache --root mirror --host 0.0.0.0 --allow-open-writes   # a closed network: anyone may push and move tags",
     "celslm serve-cache --backend redis+cluster://10.0.0.5:7000,10.0.0.6:7000 --workers 4",
+    "celslm serve-cache --root store --host 0.0.0.0 --tenants tenants.toml   # each token: its tags acme/..., its quota",
 )
 
 
@@ -50,23 +51,28 @@ def serve_cache(
                                               "machine); /metrics adds them up.")] = 1,
     memory_cache: Annotated[str, typer.Option("--memory-cache", metavar="SIZE", help="Verified blobs each worker keeps in memory "
                                               "(least recently used out first); 0 reads every blob from the store.")] = "256MiB",
+    tenants: Annotated[Path | None, typer.Option("--tenants", metavar="FILE", help="TOML file of tenants: each token "
+                                                 "(by its sha256) writes only tags NAME/..., holds at most its quota "
+                                                 "(507 past it) and reads all or only its own (see README, Tenants).")] = None,
 ) -> None:
     """Serve KV artifacts over HTTP: blobs, manifests, tags, prefix lookup, metrics."""
-    if write_token and allow_open_writes:
-        raise UsageError("--allow-open-writes and --write-token contradict each other; give one")
-    if not is_loopback(host) and not write_token and not allow_open_writes:
+    if (write_token or tenants) and allow_open_writes:
+        raise UsageError(f"--allow-open-writes and {'--write-token' if write_token else '--tenants'} contradict each "
+                         "other; give one")
+    if not is_loopback(host) and not write_token and not tenants and not allow_open_writes:
         raise UsageError(f"--host {host} is not loopback: give --write-token so that only your producers can push and "
                          "move tags (or --allow-open-writes to leave writes open on purpose)")
     with tempfile.TemporaryDirectory(prefix="celslm-metrics-") as metrics_dir:
         if workers > 1:  # before prometheus_client is imported: it picks per-process files then
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, tls_key, max_blob, read_timeout,
-                     backend, workers, memory_cache)
+                     backend, workers, memory_cache, tenants)
 
 
 def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, tls_key, max_blob, read_timeout,
-                 backend, workers, memory_cache) -> None:
+                 backend, workers, memory_cache, tenants_file) -> None:
     from celslm.server import ServerConfig, make_app, serve
+    from celslm.tenants import load_tenants, tenant_of
 
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
@@ -86,9 +92,17 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
                          "(a directory without --capacity, or Redis with maxmemory)")
     if backend and capacity:
         raise UsageError("--capacity applies to --root; with Redis set its maxmemory (maxmemory-policy noeviction: a full Redis refuses pushes)")
+    if tenants_file and capacity:
+        raise UsageError("--capacity evicts whole artifacts, whichever tenant holds them; with --tenants the quotas "
+                         "bound the store")
+    tenants = load_tenants(tenants_file) if tenants_file else ()
+    for flag, token in (("--write-token", write_token), ("--read-token", read_token)):
+        clash = tenant_of(tenants, token) if token else None
+        if clash:
+            raise UsageError(f"{flag} is also tenant {clash.name}'s token in {tenants_file}; give each its own")
     config = ServerConfig(store=backend or str(root), capacity_bytes=byte_size(capacity, "--capacity") if capacity else None,
                           write_token=write_token, read_token=read_token, max_blob_bytes=byte_size(max_blob, "--max-blob"),
-                          read_timeout_s=read_timeout, memory_bytes=byte_size(memory_cache, "--memory-cache"))
+                          read_timeout_s=read_timeout, memory_bytes=byte_size(memory_cache, "--memory-cache"), tenants=tenants)
     try:
         app = make_app(config)  # the store opens (or says why not) here, before any worker starts
     except OSError as exc:
@@ -96,6 +110,7 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
     sock = listening_socket(host, port)  # before the banner: a busy port is an error, not a server
     scheme = "https" if context else "http"
     log(f"serve-cache: {scheme}://{host}:{port} store {backend or root} "
-        f"(writes {'need a token' if write_token else 'open'}, reads {'need a token' if read_token else 'open'}"
+        f"(writes {'need a token' if write_token or tenants else 'open'}"
+        f"{f', {len(tenants)} tenant' + ('s' if len(tenants) > 1 else '') if tenants else ''}, reads {'need a token' if read_token or any(t.reads_own_only for t in tenants) else 'open'}"
         f"{f', {workers} workers' if workers > 1 else ''})")
     serve(config, sock, workers, context, log, app)

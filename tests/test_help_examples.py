@@ -193,6 +193,7 @@ def fixtures(tiny_qwen, tmp_path_factory) -> Path:
     home = folder / ".home"
     env = {"CELSLM_HOME": str(home)}
     (folder / "doc.txt").write_text(CONTEXT * 2)
+    (folder / "tenants.toml").write_text(f'[tenants.acme]\ntoken_sha256 = "{"0" * 64}"\nquota = "10GB"\n')
     run = lambda *args: run_cli(*args, env=env, check=True)  # noqa: E731
     run("keys", "generate", "--out", str(folder / "cloud"))
     run("keys", "generate", "--out", str(folder / "edge1"), "--for", "encryption")

@@ -124,7 +124,7 @@ def test_tokens_guard_writes_and_reads(servers, artifact):
 
 
 @pytest.mark.parametrize("path", ["/v1/blobs/sha256:xyz", "/v1/blobs/../../etc/passwd", "/v1/blobs/sha256:" + "A" * 64,
-                                  "/v1/tags/..%2F..%2Fetc", "/v1/tags/a/b", "/v1/nothing", "/admin"])
+                                  "/v1/tags/..%2F..%2Fetc", "/v1/tags/a/b/c", "/v1/nothing", "/admin"])
 def test_malformed_digests_traversal_and_unknown_routes_are_refused(servers, path):
     cloud = servers("cloud")
     assert call(cloud.url, "GET", path)[0] == 404

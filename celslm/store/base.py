@@ -14,13 +14,17 @@ import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from celslm.errors import InsufficientStorage, IntegrityError, NotFound, UsageError
 from celslm.manifest import DIGEST, Manifest, Timings, check_digest, read_side_record, sha256_digest
 from celslm.manifest import SIGNATURES_NAME, TIMINGS_NAME
 from celslm.trust import Signature, SignedTag, artifact_message, canonical_json, merge_signatures
 
-TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# A tag may carry one namespace, `acme/sched:latest` (a serve-cache tenant writes only its own); its
+# last part is never `statement`, which would read as the statement route of the namespace's tag.
+NAMESPACE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+TAG = re.compile(rf"^(?:{NAMESPACE}/)?[A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}$")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -34,8 +38,9 @@ def parse_size(text: str) -> int:
 
 
 def check_tag(name: str) -> str:
-    if not TAG.match(name):
-        raise UsageError(f"bad tag name {name!r}; letters, digits and . _ : - (up to 128)")
+    if not TAG.match(name) or name.endswith("/statement"):
+        raise UsageError(f"bad tag name {name!r}; letters, digits and . _ : - (up to 128), after an optional "
+                         "namespace and a slash (acme/sched:latest)")
     return name
 
 
@@ -89,6 +94,17 @@ class Store:
 
     def has_blob(self, digest: str) -> bool:
         raise NotImplementedError
+
+    def blob_size(self, digest: str) -> int | None:
+        """The stored blob's size in bytes, None if it is not stored (not verified: a size is not a read)."""
+        data = self._read("blobs", check_digest(digest))
+        return None if data is None else len(data)
+
+    def update(self, kind: str, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        """Read, change and write one record as one step for every process sharing the store: `change`
+        gets the record (None if absent) and returns its new bytes, or None to leave it; what it raises
+        leaves the record as it was. Serve-cache's tenant ledgers (tenants.py) are kept this way."""
+        raise UsageError(f"{type(self).__name__} cannot change a record in one step for all its users")
 
     def blob_writer(self, digest: str):
         raise NotImplementedError
@@ -223,6 +239,13 @@ class Store:
                              f"{signed.statement.artifact}, not this tag and {artifact_id}")
         record = {"artifact": artifact_id, "signed": signed.to_json() if signed else None}
         self._write("tags", name, canonical_json(record))
+
+    def delete_tag(self, name: str) -> bool:
+        """Remove a tag; whether there was one."""
+        return self._delete("tags", check_tag(name))
+
+    def _delete(self, kind: str, name: str) -> bool:
+        raise UsageError(f"{type(self).__name__} cannot delete a {kind[:-1]}")
 
     def get_codebook(self, fingerprint: str) -> str | None:
         """The digest of the codebook the last stored artifact of this model (fingerprint) was coded with."""

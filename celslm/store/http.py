@@ -104,8 +104,9 @@ class CacheClient:
                 watchdog.cancel()
         if response.status == 401:
             raise TokenRequired(f"{self.url} needs a bearer token")
-        if response.status == 403:
-            raise UsageError(f"{self.url} refused the token")
+        if response.status == 403:  # a wrong token, or (a tenant's) one that may not do this
+            reason = data[:200].decode(errors="replace").strip().splitlines()
+            raise UsageError(f"{self.url} refused the token" + (f": {reason[0]}" if reason else ""))
         return response.status, data
 
     def close(self) -> None:
@@ -188,8 +189,11 @@ class CacheClient:
             raise IntegrityError(f"{self.url} sent a manifest that does not hash to {artifact_id}")
         return data
 
-    def put_manifest(self, artifact_id: str, data: bytes) -> list[str]:
-        status, body = self.request("PUT", f"/v1/artifacts/{artifact_id}", data)
+    def put_manifest(self, artifact_id: str, data: bytes, tag: str | None = None) -> list[str]:
+        """Store a manifest, or the blobs it still lacks; `tag`, the tag the push will set, lets a server
+        with tenants refuse a tag the token may not write before any blob is sent."""
+        query = f"?tag={quote(tag, safe=':/')}" if tag else ""
+        status, body = self.request("PUT", f"/v1/artifacts/{artifact_id}{query}", data)
         if status == 409:
             return json.loads(body)["missing"]
         if status not in (200, 201):
@@ -216,16 +220,16 @@ class CacheClient:
             raise self._fail(status, answer, f"PUT timings of {artifact_id}")
 
     def get_tag(self, name: str) -> str | None:
-        data = self._get(f"/v1/tags/{quote(name, safe=':')}", f"tag {name}")
+        data = self._get(f"/v1/tags/{quote(name, safe=':/')}", f"tag {name}")
         return data.decode(errors="replace").strip() if data is not None else None
 
     def get_signed_tag(self, name: str) -> SignedTag | None:
-        data = self._get(f"/v1/tags/{quote(name, safe=':')}/statement", f"statement of tag {name}")
+        data = self._get(f"/v1/tags/{quote(name, safe=':/')}/statement", f"statement of tag {name}")
         return SignedTag.from_bytes(data, f"{self.url} tag {name}") if data is not None else None
 
     def put_tag(self, name: str, artifact_id: str, signed: SignedTag | None = None) -> None:
         body = signed.to_bytes() if signed else artifact_id.encode()
-        status, answer = self.request("PUT", f"/v1/tags/{quote(name, safe=':')}", body)
+        status, answer = self.request("PUT", f"/v1/tags/{quote(name, safe=':/')}", body)
         if status not in (200, 201):
             raise self._fail(status, answer, f"PUT tag {name}")
 

@@ -4,10 +4,12 @@
     ROOT/manifests/<hex>    manifest bytes, named by the artifact id; mtime = last use (for LRU)
     ROOT/signatures/<hex>   producers' signatures over the artifact id (JSON list)
     ROOT/timings/<hex>      the cloud's seconds for the artifact (side record)
-    ROOT/tags/<name>        {"artifact": id, "signed": statement or null}
+    ROOT/tags/<name>        {"artifact": id, "signed": statement or null}; a namespaced tag's slash is
+                            written %2F (ROOT/tags/acme%2Fsched:latest)
     ROOT/seen/<name>        the newest tag statement this edge accepted (the floor against replays)
     ROOT/quarantine/<hex>   blobs found corrupt on read, kept aside; a new copy can then be stored
     ROOT/prefixes/<hash>    "artifact-id chunk-count" for each chunk prefix hash of every stored artifact
+    ROOT/tenants/<name>     a serve-cache tenant's ledger (tenants.py), changed under ROOT/tenants/.<name>.lock
 
 Every write goes to ROOT/tmp first and is renamed into place, so a reader never sees half an object.
 With a capacity, an artifact larger than the whole store is refused; otherwise, once an artifact is
@@ -23,6 +25,7 @@ its capacity is kept blob by blob instead; see its docstring.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import os
@@ -32,7 +35,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from celslm.errors import CelslmError, IntegrityError
 from celslm.manifest import Manifest, check_digest
@@ -76,9 +79,12 @@ class LocalStore(Store):
         self._lock = threading.Lock()
         self.evictions = 0
 
+    def _path(self, kind: str, name: str) -> Path:
+        return self.root / kind / name.replace("/", "%2F")  # a namespaced tag stays one file
+
     def _read(self, kind: str, name: str) -> bytes | None:
         try:
-            return (self.root / kind / name).read_bytes()
+            return self._path(kind, name).read_bytes()
         except FileNotFoundError:
             return None
 
@@ -86,7 +92,24 @@ class LocalStore(Store):
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, self.root / kind / name)
+        os.replace(tmp, self._path(kind, name))
+
+    def _delete(self, kind: str, name: str) -> bool:
+        try:
+            self._path(kind, name).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def update(self, kind: str, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        """Under an exclusive lock on a file beside the record, which every process and thread opening
+        it honours (flock: one machine's processes, which a directory store's workers are)."""
+        (self.root / kind).mkdir(exist_ok=True)
+        with open(self._path(kind, f".{name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            data = change(self._read(kind, name))
+            if data is not None:
+                self._write(kind, name, data)
 
     def _touch(self, artifact_hex: str) -> None:
         try:
@@ -103,6 +126,12 @@ class LocalStore(Store):
 
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
+
+    def blob_size(self, digest: str) -> int | None:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def get_seen_tag(self, name: str) -> SignedTag | None:
         """The newest statement for this tag this edge accepted (a damaged record sets no floor)."""
@@ -225,7 +254,7 @@ class LocalStore(Store):
             return
         for path, _ in self._entries("tags"):
             try:
-                record = self._tag_record(path.name)
+                record = self._tag_record(path.name.replace("%2F", "/"))
             except (CelslmError, OSError):
                 continue
             if record and record[0] in gone:

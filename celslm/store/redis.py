@@ -11,6 +11,7 @@ together in one cluster slot and spreads the rest (one Redis ignores it):
     celslm:{a:<hex>}:signatures            signatures and
     celslm:{a:<hex>}:timings               timings
     celslm:{t:<name>}:tags, celslm:{p:<hash>}:prefixes, celslm:{c:<fingerprint>}:codebooks
+    celslm:{q:<name>}:tenants            a serve-cache tenant's ledger (tenants.py), changed by SWAP
     celslm:usage                         blob bytes stored
 
 A blob is written in parts as its bytes arrive (memory bounded by one part), under a name of its
@@ -34,6 +35,7 @@ a full Redis then refuses the write, and the push gets 507 and exits 4. An evict
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -50,7 +52,7 @@ READ_PARTS = 8  # parts fetched by one MGET: bounds what one reply holds
 UPLOAD_GRACE_S = 3600  # parts of an upload that never completes expire after this
 RETRIES = 25  # backoff 0.1, 0.2, 0.4, 0.8, then 1 s: a command gives up after about 23 s
 SLOT_OF = {"blobs": "b", "manifests": "a", "signatures": "a", "timings": "a",  # an artifact's records share a slot
-           "tags": "t", "prefixes": "p", "codebooks": "c"}
+           "tags": "t", "prefixes": "p", "codebooks": "c", "tenants": "q"}
 USAGE = "celslm:usage"
 
 # KEYS: the header, then the upload's parts; ARGV[1]: the header. Keeps the parts and writes the header,
@@ -73,6 +75,14 @@ return false
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('DEL', unpack(KEYS))
+"""
+
+# KEYS[1]: a record; ARGV[1]: its bytes as read ("" when absent), ARGV[2]: the new bytes. Writes them
+# only if the record is still as read: 1, or 0 when another writer came first (read again and retry).
+SWAP = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
 """
 
 
@@ -205,8 +215,24 @@ class RedisStore(Store):
     def _write(self, kind: str, name: str, data: bytes) -> None:
         self.call(self.redis.set, key(kind, name), data)
 
+    def _delete(self, kind: str, name: str) -> bool:
+        return bool(self.call(self.redis.delete, key(kind, name)))
+
     def has_blob(self, digest: str) -> bool:
         return bool(self.call(self.redis.exists, key("blobs", check_digest(digest))))
+
+    def blob_size(self, digest: str) -> int | None:
+        stored = self._stored_blob(check_digest(digest))
+        return None if stored is None else stored[2]
+
+    def update(self, kind: str, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        """Optimistically: read, change, and swap in the new bytes only if nobody wrote in between
+        (SWAP, one key, so one cluster slot); otherwise read again."""
+        while True:
+            data = self._read(kind, name)
+            new = change(data)
+            if new is None or self.call(self.redis.eval, SWAP, 1, key(kind, name), data or b"", new):
+                return
 
     def blob_writer(self, digest: str) -> RedisBlobWriter:
         return RedisBlobWriter(self, digest)

@@ -29,6 +29,7 @@ from celslm.confidential import Identity
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.manifest import DIGEST, BlobRef, Manifest, Timings, sha256_digest
 from celslm.models import celslm_home
+from celslm.store.base import TAG
 from celslm.store.http import CacheClient
 from celslm.store.local import EdgeCache
 from celslm.trust import SignedTag, TrustPolicy, Untrusted, merge_signatures
@@ -347,6 +348,8 @@ def push(reader: ArtifactReader, client: CacheClient, tag: str | None = None, si
     """Upload only the blobs the server lacks, then the manifest, its side records (the reader's
     signatures and `signatures`, its timings), then the tag (with `signed_tag` if given)."""
     sent = skipped = bytes_sent = 0
+    manifest = reader.manifest.canonical_bytes()
+    client.put_manifest(reader.id, manifest, tag)  # first: a tag or a quota refused (403, 507) before any blob is sent
     for ref, data in reader.blobs():
         if client.has_blob(ref.digest):
             skipped += 1
@@ -354,7 +357,7 @@ def push(reader: ArtifactReader, client: CacheClient, tag: str | None = None, si
         client.put_blob(ref.digest, data)
         sent += 1
         bytes_sent += len(data)
-    missing = client.put_manifest(reader.id, reader.manifest.canonical_bytes())
+    missing = client.put_manifest(reader.id, manifest)
     if missing:
         raise IntegrityError(f"{client.url} still lacks {len(missing)} blobs after upload, first {missing[0]}")
     signatures = merge_signatures(reader.signatures, signatures)
@@ -382,7 +385,7 @@ def open_ref(ref: str, sources: Sources, stdin=None, warn: Warn | None = None) -
             peers = [*peers, server] if cloud else peers
             cloud = cloud or server
         sources = replace(sources, peers=tuple(peers), cloud=cloud)
-    if not DIGEST.match(ref) and "/" in ref:
+    if not DIGEST.match(ref) and "/" in ref and not TAG.match(ref):  # acme/sched:latest is a tag
         raise UsageError(f"{ref}: no such file, and not an artifact id, tag or URL")
     tiers = sources.tiers(warn)
     return tiers.reader(ref), tiers
