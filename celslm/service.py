@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -194,34 +195,37 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def read_api_keys(path: Path) -> dict[str, Tenant]:
-    """Tenants and their API keys from a TOML file, by the keys' sha256:
+def read_tenants(path: Path) -> dict[str, Tenant]:
+    """Tenants by the sha256 of their API keys, from a TOML file shaped as serve-cache's `--tenants`:
 
         [tenants.acme]
-        keys = ["sk-acme-1", "sk-acme-2"]   # each at least 16 characters
-        concurrency = 2                     # requests queued or running at once (optional)
+        token_sha256 = "9f86d0…"   # hex sha256 of its key, or a list of them: the file holds no secret
+        concurrency = 2             # requests queued or running at once (optional)
     """
     import tomllib
 
     try:
         table = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read API keys: {exc}") from exc
+        raise UsageError(f"{path}: cannot read tenants: {exc}") from exc
     tenants, by_key = table.get("tenants"), {}
     if set(table) != {"tenants"} or not isinstance(tenants, dict) or not tenants:
-        raise UsageError(f"{path}: expected [tenants.NAME] tables, each with keys = [...] (and concurrency = N)")
+        raise UsageError(f"{path}: expected [tenants.NAME] tables, each with token_sha256 (and concurrency = N)")
     for name, entry in tenants.items():
-        keys, cap = entry.get("keys") if isinstance(entry, dict) else None, entry.get("concurrency") if isinstance(entry, dict) else None
-        if (not isinstance(entry, dict) or set(entry) - {"keys", "concurrency"} or not isinstance(keys, list) or not keys
-                or not all(isinstance(k, str) and len(k) >= 16 for k in keys)):
-            raise UsageError(f"{path}: tenant {name!r} needs keys = [...] of strings of 16 characters or more, "
-                             "and nothing but keys and concurrency")
+        if not isinstance(entry, dict) or set(entry) - {"token_sha256", "concurrency"}:
+            raise UsageError(f"{path}: tenant {name!r} takes token_sha256 and concurrency, nothing else")
+        digests, cap = entry.get("token_sha256"), entry.get("concurrency")
+        digests = [digests] if isinstance(digests, str) else digests
+        if not isinstance(digests, list) or not digests or not all(
+                isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in digests):
+            raise UsageError(f"{path}: tenant {name!r} needs token_sha256: the 64 hex digits of sha256(key) "
+                             "(printf %s \"$KEY\" | sha256sum), or a list of them")
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise UsageError(f"{path}: tenant {name!r}: concurrency must be a whole number >= 1, got {cap!r}")
-        for key in keys:
-            if key_digest(key) in by_key:
-                raise UsageError(f"{path}: a key of tenant {name!r} is also {by_key[key_digest(key)].name!r}'s")
-            by_key[key_digest(key)] = Tenant(name, cap)
+        for digest in digests:
+            if digest in by_key:
+                raise UsageError(f"{path}: a key of tenant {name!r} is also {by_key[digest].name!r}'s")
+            by_key[digest] = Tenant(name, cap)
     return by_key
 
 

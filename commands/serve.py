@@ -18,7 +18,7 @@ from .common import (ApiTokenOpt, CacheCapacityOpt, CloudOpt, EngineOpt, Identit
 EPILOG = examples(
     "celslm serve -m qwen2.5-coder-0.5b --cloud http://cloud:8470 --trust cloud.pub",
     "celslm serve -m qwen2.5-coder-0.5b --parallel 8 --max-queue 32 --context-dir ./contexts",
-    "celslm serve -m qwen2.5-coder-0.5b --host 0.0.0.0 --api-keys tenants.toml --cloud http://cloud:8470",
+    "celslm serve -m qwen2.5-coder-0.5b --host 0.0.0.0 --tenants tenants.toml --cloud http://cloud:8470",
     "celslm serve -m qwen2.5-coder-0.5b --port 8480 --memory-cache 512MB --peer http://peer:8470",
     "celslm serve -m qwen2.5-coder-0.5b --host 0.0.0.0 --api-token \"$API_TOKEN\" --cloud http://cloud:8470 --token \"$CACHE_TOKEN\"",
     "curl -s localhost:8480/v1/chat/completions -H 'Content-Type: application/json' -d '{\"context\": \"sched:latest\", "
@@ -50,8 +50,9 @@ def serve(
                                             "after it arrived ends with 503.")] = 300.0,
     context_dir: Annotated[Path | None, typer.Option("--context-dir", file_okay=False, help="The only "
                                                      "folder whose artifacts a client may name, by a name inside it.")] = None,
-    api_keys: Annotated[Path | None, typer.Option("--api-keys", dir_okay=False, help="TOML of tenants: "
-                                                  "[tenants.NAME] keys = [...], concurrency = N (README, Tenants).")] = None,
+    tenants_file: Annotated[Path | None, typer.Option("--tenants", dir_okay=False, metavar="FILE", help="TOML of "
+                                                      "tenants: [tenants.NAME] token_sha256 = \"...\", concurrency = N "
+                                                      "(README, Tenants).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, envvar="CELSLM_THREADS", show_envvar=True,
                                                 help="llama.cpp threads (default: all cores).")] = None,
     peer: PeerOpt = None,
@@ -69,20 +70,20 @@ def serve(
     from aiohttp import web  # serving imports: not for --help
 
     from celslm.scheduler import Limits
-    from celslm.service import Service, ServiceConfig, make_app, read_api_keys
+    from celslm.service import Service, ServiceConfig, make_app, read_tenants
     from celslm.store.tiers import Sources
 
     api_token, token = _tokens(invocation, api_token, token, cache_token)
     memory_cache = renamed("--cache-bytes", "--memory-cache", cache_bytes, memory_cache, "1GiB")
     max_new_tokens = renamed("--max-tokens", "--max-new-tokens", max_tokens, max_new_tokens, 4096)
-    if api_token and api_keys:
-        raise UsageError("give --api-token or --api-keys, not both")
-    if not is_loopback(host) and not (api_token or api_keys):
-        raise UsageError(f"--host {host} is not loopback: give --api-token or --api-keys so that only your clients can "
+    if api_token and tenants_file:
+        raise UsageError("give --api-token or --tenants, not both")
+    if not is_loopback(host) and not (api_token or tenants_file):
+        raise UsageError(f"--host {host} is not loopback: give --api-token or --tenants so that only your clients can "
                          "use the model")
     if context_dir and not context_dir.is_dir():
         raise UsageError(f"--context-dir {context_dir}: no such folder")
-    tenants = read_api_keys(api_keys) if api_keys else {}
+    tenants = read_tenants(tenants_file) if tenants_file else {}
     capacity = byte_size(memory_cache, "--memory-cache")
     edge_cache_bytes = cache_capacity(cache_capacity_)
     policy = trust_policy(trust)

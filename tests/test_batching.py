@@ -18,7 +18,7 @@ pytest.importorskip("llama_cpp")
 from celslm.decode import Sampling  # noqa: E402
 from celslm.errors import Overloaded, UsageError  # noqa: E402
 from celslm.scheduler import Expired, Job, Limits, StopText, Tenant  # noqa: E402
-from celslm.service import ANYONE, Service, ServiceConfig, make_app, read_api_keys  # noqa: E402
+from celslm.service import ANYONE, Service, ServiceConfig, key_digest, make_app, read_tenants  # noqa: E402
 
 PROMPTS = ["What does greet return?", "Count to three, then explain bump in detail, line by line, please.",
            "Is Counter a class?", "Name every method."]
@@ -221,29 +221,31 @@ def test_a_stop_string_ends_the_text_before_it_even_across_tokens():
     assert "".join(plain.push(b) for b in b"the ENd") + plain.flush() == "the ENd" and not plain.stopped
 
 
-def test_api_keys_name_tenants_and_bad_files_are_refused_in_one_line(tmp_path):
+def test_a_tenants_file_names_tenants_and_bad_files_are_refused_in_one_line(tmp_path):
     good = tmp_path / "keys.toml"
-    good.write_text('[tenants.acme]\nkeys = ["acme-key-0123456789"]\nconcurrency = 2\n'
-                    '[tenants.beta]\nkeys = ["beta-key-0123456789", "beta-key-second-01"]\n')
-    tenants = read_api_keys(good)
+    good.write_text(f'[tenants.acme]\ntoken_sha256 = "{key_digest("acme-key-0123456789")}"\nconcurrency = 2\n'
+                    f'[tenants.beta]\ntoken_sha256 = ["{key_digest("b1")}", "{key_digest("b2")}"]\n')
+    tenants = read_tenants(good)
     assert sorted((t.name, t.concurrency) for t in tenants.values()) == [("acme", 2), ("beta", None), ("beta", None)]
-    assert "acme-key-0123456789" not in repr(tenants)  # kept by hash only
-    for text, words in (('[tenants.a]\nkeys = ["short"]\n', "16 characters"), ("[tenants]\n", "expected"),
-                        ('[tenants.a]\nkeys = ["aaaaaaaaaaaaaaaa"]\nconcurrency = 0\n', "concurrency"),
-                        ('[tenants.a]\nkeys = ["aaaaaaaaaaaaaaaa"]\n[tenants.b]\nkeys = ["aaaaaaaaaaaaaaaa"]\n', "also"),
+    assert tenants[key_digest("b2")].name == "beta"
+    same = f'token_sha256 = "{key_digest("k")}"'
+    for text, words in (('[tenants.a]\ntoken_sha256 = "abc"\n', "64 hex"), ("[tenants]\n", "expected"),
+                        ('[tenants.a]\nkeys = ["aaaaaaaaaaaaaaaa"]\n', "nothing else"),
+                        (f'[tenants.a]\n{same}\nconcurrency = 0\n', "concurrency"),
+                        (f'[tenants.a]\n{same}\n[tenants.b]\n{same}\n', "also"),
                         ("not toml [", "cannot read")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
         with pytest.raises(UsageError, match=words):
-            read_api_keys(bad)
+            read_tenants(bad)
 
 
 def test_over_http_a_refused_request_is_429_with_retry_after_and_keys_pick_the_tenant(model, tmp_path):
     from aiohttp.test_utils import TestClient, TestServer
 
     keys = tmp_path / "keys.toml"
-    keys.write_text('[tenants.acme]\nkeys = ["acme-key-0123456789"]\nconcurrency = 1\n')
-    service = Service(model["loaded"], ServiceConfig(context_dir=model["root"], tenants=read_api_keys(keys),
+    keys.write_text(f'[tenants.acme]\ntoken_sha256 = "{key_digest("acme-key-0123456789")}"\nconcurrency = 1\n')
+    service = Service(model["loaded"], ServiceConfig(context_dir=model["root"], tenants=read_tenants(keys),
                                                      limits=Limits(parallel=1, max_queue=4)))
     body = {"context": "a.kv", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4}
 
