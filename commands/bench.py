@@ -414,6 +414,9 @@ def tenants_(
                                                        "(default: 0.8x celslm --parallel N's measured capacity).")] = None,
     poisson_requests: Annotated[int, typer.Option("--poisson-requests", min=0, max=1000, help="Open-loop requests per "
                                                   "server (0: no open-loop run).")] = 16,
+    overload_requests: Annotated[int, typer.Option("--overload-requests", min=0, max=1000, help="Requests of the "
+                                                   "overload run: arrivals at 2x --parallel N's measured capacity, on a "
+                                                   "service whose queue holds N (0: no overload run).")] = 32,
     llama_server: Annotated[str | None, typer.Option("--llama-server", metavar="PATH", help="llama-server executable "
                                                      "(default: make llama-server's .llama-server/bin/llama-server, else PATH).")] = None,
     json_: JsonOpt = False,
@@ -430,7 +433,7 @@ def tenants_(
         try:  # a server that does not start or fails while warming is one line
             result = tenants_bench.run(loaded, model, Path(work), clients=levels, parallel=parallel, threads=threads,
                                        rounds=rounds, new_tokens=new_tokens, tokens=tokens, poisson_rate=poisson_rate,
-                                       poisson_requests=poisson_requests, llama=binary,
+                                       poisson_requests=poisson_requests, overload_requests=overload_requests, llama=binary,
                                        progress=lambda what: log(f"bench tenants: {what}"))
         except RuntimeError as exc:
             raise CelslmError(f"bench tenants: {exc}") from exc

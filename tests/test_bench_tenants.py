@@ -46,13 +46,25 @@ def test_celslm_stream_events_give_first_token_count_and_cache():
     piece = {"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]}
     empty = {"choices": [{"delta": {"content": ""}, "finish_reason": None}]}  # a token with no text yet
     final = {"choices": [{"delta": {}, "finish_reason": "length"}], "usage": {"completion_tokens": 48},
-             "celslm": {"cache": "hit"}}
+             "celslm": {"cache": "resident"}}
     assert not tenants.celslm_event(role).token
     assert tenants.celslm_event(piece) == tenants.Reading(token=True, text="Hi")
     assert tenants.celslm_event(empty).token
     end = tenants.celslm_event(final)
     assert not end.token and end.tokens == 48 and end.cache_hit is True
     assert tenants.celslm_event({"error": {"message": "busy", "code": "x"}}).error == "busy"
+    fetched = {**final, "celslm": {"cache": "fetched"}}
+    assert tenants.celslm_event(fetched).cache_hit is False
+
+
+def test_overload_counts_refusals_their_speed_and_other_failures_apart():
+    samples = [Sample(0.0, 1.0, 0.2, 48, "x"), Sample(0.1, 0.13, None, 0, "", error="HTTP 429: queue full"),
+               Sample(0.2, 0.26, None, 0, "", error="HTTP 429: queue full"),
+               Sample(0.3, 0.5, None, 0, "", error="HTTP 503: deadline")]
+    o = tenants.overload_summary(samples, 2.5, "celslm serve --parallel 4 --max-queue 4")
+    assert (o["answered"], o["refused_429"], o["failed_otherwise"]) == (1, 2, 1)
+    assert o["refusal_max_s"] == pytest.approx(0.06) and o["failures"] == ["HTTP 503: deadline"]
+    assert o["ttft_p99_answered_s"] == 0.2
 
 
 def test_llama_server_events_count_predicted_tokens_and_see_a_cached_context():

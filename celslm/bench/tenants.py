@@ -56,6 +56,7 @@ LLAMA_SERVER_HINT = "make llama-server builds it from the llama.cpp the pinned l
 CLIENT_TIMEOUT_S = 600
 POISSON_MAX_S = 120.0  # the open-loop schedule never spans more than this
 POISSON_LOAD = 0.8  # default arrival rate: this share of celslm --parallel N's measured requests/s
+OVERLOAD = 2.0  # the overload run's arrival rate: this multiple of celslm --parallel N's measured requests/s
 _KV_LOG = re.compile(r"KV buffer size\s*=\s*([\d.]+) MiB")
 _KV_METRIC = re.compile(r"^(\w*kv\w*)(\{[^}]*\})?\s+([-+\d.eE]+)$", re.MULTILINE | re.IGNORECASE)
 
@@ -167,7 +168,7 @@ def celslm_event(event: dict) -> Reading:
     usage, extra = event.get("usage"), event.get("celslm") or {}
     return Reading(token="content" in delta, text=delta.get("content") or "",
                    tokens=usage["completion_tokens"] if usage else None,
-                   cache_hit=extra["cache"] == "hit" if "cache" in extra else None)
+                   cache_hit=extra["cache"] in ("resident", "memory") if "cache" in extra else None)
 
 
 def llama_event(prompt_tokens: int) -> Callable[[dict], Reading]:
@@ -285,16 +286,18 @@ def context_of(loaded: LoadedModel, tokens: int) -> tuple[list[int], list[int], 
     return context, prompting.prompt_ids(loaded.tokenizer, PROMPT, framing, raw=False), framing
 
 
-def celslm_server(spec: str, parallel: int, context_dir: Path, env: dict, work: Path, serve_cli: list[str] = CLI) -> Server:
-    port, log = free_port(), work / f"celslm-{parallel}.log"
+def celslm_server(spec: str, parallel: int, context_dir: Path, env: dict, work: Path, serve_cli: list[str] = CLI,
+                  max_queue: int | None = None) -> Server:
+    port, log = free_port(), work / f"celslm-{parallel}{'-bounded' if max_queue is not None else ''}.log"
+    bounded = ["--max-queue", str(max_queue)] if max_queue is not None else []
     service = Service([*serve_cli, "serve", "-m", spec, "--port", str(port), "--context-dir", str(context_dir),
-                       "--parallel", str(parallel)], port, f"celslm serve --parallel {parallel}", log=log, timeout_s=300,
-                      env=env)
+                       "--parallel", str(parallel), *bounded], port, f"celslm serve --parallel {parallel}", log=log,
+                      timeout_s=300, env=env)
     context = str(context_dir / ARTIFACT_NAME)
     body = lambda new: {"context": context, "messages": [{"role": "user", "content": PROMPT}],  # noqa: E731
                         "max_tokens": new, "temperature": 0, "stream": True}
-    return Server("celslm-1" if parallel == 1 else "celslm-n", f"celslm serve --parallel {parallel}", service,
-                  "/v1/chat/completions", body, celslm_event, log)
+    label = f"celslm serve --parallel {parallel}" + (f" --max-queue {max_queue}" if max_queue is not None else "")
+    return Server("celslm-1" if parallel == 1 else "celslm-n", label, service, "/v1/chat/completions", body, celslm_event, log)
 
 
 def llama_server(binary: Path, gguf: Path, parallel: int, ids: list[int], prompt_tokens: int, new_tokens: int,
@@ -359,7 +362,7 @@ def find_llama_server(path: str | None) -> Path | None:
 
 def run(loaded: LoadedModel, spec: str, work: Path, *, clients: tuple[int, ...] = (1, 2, 4, 8), parallel: int = 4,
         threads: int | None = None, rounds: int = 2, new_tokens: int = 48, tokens: int = 2048,
-        poisson_rate: float | None = None, poisson_requests: int = 16, llama: Path | None = None,
+        poisson_rate: float | None = None, poisson_requests: int = 16, overload_requests: int = 32, llama: Path | None = None,
         serve_cli: list[str] = CLI, progress: Callable[[str], None] | None = None) -> dict:
     """Every row on `loaded` (its engine prefills the artifact; `spec` names the model for the processes)."""
     say = progress or (lambda what: None)
@@ -403,6 +406,16 @@ def run(loaded: LoadedModel, spec: str, work: Path, *, clients: tuple[int, ...] 
                 say(f"Poisson arrivals, {rate:.2f}/s x {len(schedule)}: {server.label}")
                 server.samples[("poisson", len(schedule))] = [open_loop(server, schedule, new_tokens)]
         measured = [memory(server) for server in servers]
+        overloaded = None
+        if overload_requests:
+            capacity = _capacity_rps(servers[1], clients)
+            say(f"starting celslm serve --parallel {parallel} --max-queue {parallel} for the overload run")
+            servers.append(celslm_server(spec, parallel, context_dir, env, work, serve_cli, max_queue=parallel))
+            warm(servers[-1], parallel)
+            say(f"overload: {OVERLOAD:g}x capacity, {OVERLOAD * capacity:.2f}/s x {overload_requests}")
+            samples = open_loop(servers[-1], poisson_schedule(OVERLOAD * capacity, overload_requests, seed=1), new_tokens)
+            overloaded = overload_summary(samples, OVERLOAD * capacity, servers[-1].label) | {"memory": memory(servers[-1])}
+            servers.pop().service.stop()
     finally:
         for server in servers:
             server.service.stop()
@@ -414,9 +427,22 @@ def run(loaded: LoadedModel, spec: str, work: Path, *, clients: tuple[int, ...] 
               "new_tokens": new_tokens, "parallel": parallel, "threads": threads, "cores": os.cpu_count(), "rounds": rounds,
               "clients": list(clients), "poisson_rate_per_s": round(rate, 4) if rate else None,
               "poisson_span_s": round(schedule[-1], 2) if schedule else None, "llama_server": str(llama) if llama else None,
-              "warm": warmed, "rows": rows, "memory": measured, "same_text_as_parallel_1": agree, "notes": notes}
+              "warm": warmed, "rows": rows, "memory": measured, "overload": overloaded, "same_text_as_parallel_1": agree, "notes": notes}
     result["ratios"] = ratios(result)
     return result
+
+
+def overload_summary(samples: list[Sample], rate: float, label: str) -> dict:
+    """What an overload run shows: how many were answered, how many refused with 429 and how fast the
+    refusal came, and how many failed any other way (none should)."""
+    refused = [s for s in samples if s.error and s.error.startswith("HTTP 429")]
+    failed = [s for s in samples if s.error and not s.error.startswith("HTTP 429")]
+    answered = [s for s in samples if not s.error]
+    slowest = max((s.end_s - s.sent_s for s in refused), default=None)
+    return {"label": label, "rate_per_s": round(rate, 4), "requests": len(samples), "answered": len(answered),
+            "refused_429": len(refused), "refusal_max_s": _round(slowest), "failed_otherwise": len(failed),
+            "failures": [s.error for s in failed][:3], "ttft_p99_answered_s": _round(percentile(
+                [s.ttft_s for s in answered if s.ttft_s is not None], 0.99))}
 
 
 def _capacity_rps(server: Server, clients: tuple[int, ...]) -> float:
@@ -463,6 +489,11 @@ def render(result: dict) -> list:
                      f"{_fmt(at['tok_s_vs_parallel_1'], '.2f')}x --parallel 1, {_fmt(at['tok_s_vs_llama_server'], '.2f')}x "
                      f"llama-server; TTFT p99 {_fmt(at['ttft_p99_vs_llama_server'], '.2f')}x llama-server's")
     shown.append(f"peak memory, --parallel {result['parallel']} / --parallel 1: {_fmt(r['hwm_parallel_n_vs_1'], '.2f')}x")
+    if o := result.get("overload"):
+        shown.append(f"overload, {o['label']}, Poisson {o['rate_per_s']:.2f}/s ({OVERLOAD:g}x its measured capacity) x "
+                     f"{o['requests']}: {o['answered']} answered, {o['refused_429']} refused with 429 (slowest refusal "
+                     f"{_fmt(o['refusal_max_s'] and o['refusal_max_s'] * 1000, '.0f')} ms), {o['failed_otherwise']} failed "
+                     f"otherwise; peak memory {_fmt(o['memory']['vm_hwm_mib'], '.0f')} MiB")
     if any(r["min_tokens"] < result["new_tokens"] for r in result["rows"] if r["server"] != "llama-server"):
         shown.append(f"celslm stopped some answers at end-of-sequence before {result['new_tokens']} tokens: its tokens/s "
                      f"counts the tokens it generated (llama-server ignores end-of-sequence)")
