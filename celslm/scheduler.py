@@ -35,6 +35,7 @@ from celslm.errors import CelslmError, Overloaded, UnavailableError, UsageError
 
 
 GATHER_S = 0.02  # how long an idle scheduler waits for requests arriving together with the first
+GATHER_MAX_S = 0.2  # ... and at most, for those that arrived but whose context and prompt are still being prepared
 
 
 @dataclass(frozen=True)
@@ -277,14 +278,16 @@ class Scheduler:
             self._waiting.clear()
 
     def _gather(self) -> None:
-        """Idle, with a request ready: wait a moment for others arriving with it, so that their prompts are
-        read in the same first step instead of each waiting for the step before it."""
-        until = time.perf_counter() + GATHER_S
-        while (now := time.perf_counter()) < until and not self._closed:
-            ready = sum(1 for queue in self._waiting.values() for job in queue if job.prepared is not None)
-            if ready >= len(self._free):
+        """Idle, with a request ready: wait a moment for others arriving with it, and for those already
+        arrived to be prepared, so that their prompts are read in the same first step instead of each
+        waiting for the step before it (on a CPU a step's cost grows with its prompt tokens)."""
+        start = time.perf_counter()
+        while (now := time.perf_counter()) < start + GATHER_MAX_S and not self._closed:
+            jobs = [job for queue in self._waiting.values() for job in queue]
+            ready = sum(job.prepared is not None for job in jobs)
+            if ready >= len(self._free) or (ready == len(jobs) and now >= start + GATHER_S):
                 return
-            self._lock.wait(timeout=until - now)
+            self._lock.wait(timeout=start + (GATHER_S if ready == len(jobs) else GATHER_MAX_S) - now)
 
     def _startable(self) -> bool:
         return any(job.prepared is not None for queue in self._waiting.values() for job in queue)
