@@ -41,7 +41,7 @@ GATHER_MAX_S = 0.2  # ... and at most, for those that arrived but whose context 
 @dataclass(frozen=True)
 class Limits:
     parallel: int = 4  # request sequences decoded together
-    prompt_chunk: int = 256  # prompt tokens read per step, over all requests still reading theirs
+    prompt_chunk: int = 64  # prompt tokens read per step, over all requests still reading theirs
     max_queue: int = 64  # requests waiting for a sequence, at most
     deadline_s: float = 300.0  # from arrival to the last token
 

@@ -43,7 +43,7 @@ def serve(
                                           "use, then each running request's prompt and max_tokens).")] = DEFAULT_CELLS,
     prompt_chunk: Annotated[int, typer.Option("--prompt-chunk", min=16, max=4096, metavar="TOKENS",
                                               help="Prompt tokens read per step: a long prompt delays the others' next "
-                                                   "token by at most this much compute.")] = 256,
+                                                   "token by at most this much compute.")] = 64,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests waiting for a sequence, at most; past "
                                            "it, 429 with Retry-After.")] = 64,
     deadline: Annotated[float, typer.Option("--deadline", min=0.1, metavar="SECONDS", help="A request not done this long "
