@@ -156,3 +156,10 @@ def test_kv_metrics_reads_only_kv_samples_and_tolerates_no_metrics(tmp_path):
         server.server_close()
     assert found == {"celslm_kv_cells_used": 2112.0, 'celslm_kv_bytes{kind="context"}': 2.5e7}
     assert tenants.kv_metrics(f"http://127.0.0.1:{server.server_port}") == {}  # nobody listening now
+
+
+def test_every_request_asks_its_own_question_from_the_first_word_on():
+    asked = tenants.prompts()
+    assert len(set(asked)) == len(asked) == tenants.QUESTIONS
+    starts = {text.split(":")[0] for text in asked}  # no two share the words before the shared question
+    assert len(starts) == len(asked) and all(text.endswith(tenants.PROMPT) for text in asked)

@@ -8,9 +8,13 @@ is timed:
 
   celslm serve --parallel 1   the context resident, one sequence at a time
   celslm serve --parallel N   up to N sequences decoding together over the context's shared cells
-  llama-server --parallel N   llama.cpp's own server (--kv-unified), the same token sequence (context
-                              framing + prompt) already in every slot's prompt cache: each slot is
-                              warmed by one of N concurrent requests, and a second round must find it
+  llama-server --parallel N   llama.cpp's own server (--kv-unified), the context already in every
+                              slot's prompt cache: each slot is warmed by one of N concurrent
+                              requests, and a second round must find it
+
+Requests cycle through 16 prompts that differ from their first word on, in one order for every server:
+like requests of different tenants, no request finds another's prompt in a cache (llama-server would
+reuse it; celslm serve never shares prompt cells), only the context.
 
 Closed loop: at each level, `clients` streaming clients send one request each at the same instant;
 servers and levels interleave (A B C A B C ...) over `rounds`. Open loop: requests arrive as a seeded
@@ -26,6 +30,7 @@ after the runs (/proc), and the KV buffer llama-server logs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -49,6 +54,14 @@ from celslm.models import LoadedModel, model_gguf
 from celslm.testing.processes import CLI, Service, free_port
 
 PROMPT = "Explain what this code does, function by function."
+QUESTIONS = 16  # requests cycle through this many prompts, which differ from their first word on
+
+
+def prompts() -> list[str]:
+    """The prompts requests cycle through, in one order for every server: each differs from the last at
+    its start, so no server can answer from a cache of another request's prompt (llama-server would
+    otherwise; celslm serve never shares prompt cells), only of the context."""
+    return [f"Question {i + 1}: {PROMPT}" for i in range(QUESTIONS)]
 ARTIFACT_NAME = "context.kv"  # in the --context-dir folder
 # The checkout's `make llama-server` output (an editable install: celslm/bench/ -> the repository root).
 LLAMA_SERVER = Path(__file__).resolve().parents[2] / ".llama-server" / "bin" / "llama-server"
@@ -275,15 +288,15 @@ def open_loop(server: Server, offsets: list[float], new_tokens: int) -> list[Sam
 
 
 def context_of(loaded: LoadedModel, tokens: int) -> tuple[list[int], list[int], str]:
-    """(context ids, prompt ids, framing): `tokens` context tokens of third-party code in the model's
-    framing, and the prompt that closes the user's turn, as `celslm serve` builds them."""
+    """(context ids, each prompt's ids, framing): `tokens` context tokens of third-party code in the
+    model's framing, and the prompts that close the user's turn, as `celslm serve` builds them."""
     cases = eval_cases(loaded.tokenizer, files=1, min_context=tokens, max_context=tokens, continuation=1, source="third-party")
     if not cases:
         raise UsageError(f"no installed third-party module holds {tokens} tokens; ask for fewer")
     framing = prompting.default_framing(loaded.tokenizer)
     text = loaded.tokenizer.decode(cases[0].context)
     context = prompting.context_ids(loaded.tokenizer, text, framing)[:tokens]
-    return context, prompting.prompt_ids(loaded.tokenizer, PROMPT, framing, raw=False), framing
+    return context, [prompting.prompt_ids(loaded.tokenizer, text, framing, raw=False) for text in prompts()], framing
 
 
 def celslm_server(spec: str, parallel: int, context_dir: Path, env: dict, work: Path, serve_cli: list[str] = CLI,
@@ -294,25 +307,28 @@ def celslm_server(spec: str, parallel: int, context_dir: Path, env: dict, work: 
                        "--parallel", str(parallel), *bounded], port, f"celslm serve --parallel {parallel}", log=log,
                       timeout_s=300, env=env)
     context = str(context_dir / ARTIFACT_NAME)
-    body = lambda new: {"context": context, "messages": [{"role": "user", "content": PROMPT}],  # noqa: E731
+    questions = itertools.cycle(prompts())
+    body = lambda new: {"context": context, "messages": [{"role": "user", "content": next(questions)}],  # noqa: E731
                         "max_tokens": new, "temperature": 0, "stream": True}
     label = f"celslm serve --parallel {parallel}" + (f" --max-queue {max_queue}" if max_queue is not None else "")
     return Server("celslm-1" if parallel == 1 else "celslm-n", label, service, "/v1/chat/completions", body, celslm_event, log)
 
 
-def llama_server(binary: Path, gguf: Path, parallel: int, ids: list[int], prompt_tokens: int, new_tokens: int,
+def llama_server(binary: Path, gguf: Path, parallel: int, context: list[int], prompt_ids: list[list[int]], new_tokens: int,
                  threads: int, env: dict, work: Path) -> Server:
     """llama-server with a unified KV cache of room for every slot's whole sequence; idle slots keep
     their cells (--no-cache-idle-slots), so each keeps the context it was warmed with."""
     port, log = free_port(), work / "llama-server.log"
-    cells = parallel * 256 * math.ceil((len(ids) + new_tokens + 64) / 256)
+    longest = max(len(ids) for ids in prompt_ids)
+    cells = parallel * 256 * math.ceil((len(context) + longest + new_tokens + 64) / 256)
     service = Service([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel),
                        "--kv-unified", "--no-cache-idle-slots", "-c", str(cells), "-t", str(threads), "-tb", str(threads),
                        "--no-webui"], port, f"llama-server --parallel {parallel}", log=log, timeout_s=300, env=env)
-    body = lambda new: {"prompt": ids, "n_predict": new, "temperature": 0, "ignore_eos": True,  # noqa: E731
-                        "cache_prompt": True, "stream": True}
+    questions = itertools.cycle(prompt_ids)
+    body = lambda new: {"prompt": context + next(questions), "n_predict": new, "temperature": 0,  # noqa: E731
+                        "ignore_eos": True, "cache_prompt": True, "stream": True}
     return Server("llama-server", f"llama-server --parallel {parallel}", service, "/completion", body,
-                  llama_event(prompt_tokens), log)
+                  llama_event(longest), log)
 
 
 def warm(server: Server, parallel: int) -> dict:
@@ -369,7 +385,7 @@ def run(loaded: LoadedModel, spec: str, work: Path, *, clients: tuple[int, ...] 
     gguf = model_gguf(spec, loaded.folder)
     threads = threads or os.cpu_count() or 1
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "CELSLM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    context, prompt, framing = context_of(loaded, tokens)
+    context, prompt_ids, framing = context_of(loaded, tokens)
     say(f"prefilling the {len(context)}-token context into an artifact")
     from celslm.prefill import prefill
 
@@ -388,7 +404,7 @@ def run(loaded: LoadedModel, spec: str, work: Path, *, clients: tuple[int, ...] 
             servers.append(celslm_server(spec, parallel_of, context_dir, env, work, serve_cli))
         if llama is not None:
             say(f"starting llama-server --parallel {parallel}")
-            servers.append(llama_server(llama, gguf, parallel, context + prompt, len(prompt), new_tokens, threads, env, work))
+            servers.append(llama_server(llama, gguf, parallel, context, prompt_ids, new_tokens, threads, env, work))
         warmed = []
         for server in servers:
             say(f"warming {server.label}")
@@ -423,7 +439,7 @@ def run(loaded: LoadedModel, spec: str, work: Path, *, clients: tuple[int, ...] 
             for server in servers for (run_, level), rounds_ in server.samples.items()]
     texts = {server.key: server.samples[("closed", clients[0])][0][0].text for server in servers}
     agree = {key: _same_start(text, texts["celslm-1"]) for key, text in texts.items() if key != "celslm-1"}
-    result = {"model": spec, "gguf": str(gguf) if gguf else None, "context_tokens": len(context), "prompt_tokens": len(prompt),
+    result = {"model": spec, "gguf": str(gguf) if gguf else None, "context_tokens": len(context), "prompt_tokens": max(len(ids) for ids in prompt_ids),
               "new_tokens": new_tokens, "parallel": parallel, "threads": threads, "cores": os.cpu_count(), "rounds": rounds,
               "clients": list(clients), "poisson_rate_per_s": round(rate, 4) if rate else None,
               "poisson_span_s": round(schedule[-1], 2) if schedule else None, "llama_server": str(llama) if llama else None,
