@@ -216,7 +216,10 @@ class Scheduler:
             self._waiting.setdefault(name, deque()).append(job)
             self._queued += 1
             self.m_queue.set(self._queued)
-        self._loader.submit(self._prepare, job)
+        try:
+            self._loader.submit(self._prepare, job)
+        except RuntimeError as exc:  # closed between the check above and here
+            raise UnavailableError("the service is shutting down") from exc
 
     def _retry_after(self) -> float:
         """About when a sequence frees: the shortest remaining answer at the current step rate, at least 1 s."""
@@ -232,7 +235,7 @@ class Scheduler:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
-        self._thread.join(timeout=30)
+        self._thread.join()  # the pool is freed after this: never under a step
         self._loader.shutdown(wait=True, cancel_futures=True)
 
     # -- the loader thread
@@ -269,7 +272,12 @@ class Scheduler:
                 self._expire_waiting()
                 self._admit()
             if self._active:
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # a defect in one step must not hang every client: end what ran in it
+                    for job in list(self._active):
+                        if not job.finished:
+                            self._finish(job, CelslmError(f"the service failed while decoding: {type(exc).__name__}: {exc}"))
         for job in list(self._active):
             self._finish(job, UnavailableError("the service is shutting down"))
         with self._lock:
@@ -430,9 +438,10 @@ class Scheduler:
         try:
             with self._pool_lock:
                 logits = self.pool.decode(rows)
-        except CelslmError as exc:  # nothing of this step can be trusted: end every request in it
+        except Exception as exc:  # nothing of this step can be trusted: end every request in it
+            error = exc if isinstance(exc, CelslmError) else CelslmError(f"llama_decode failed: {type(exc).__name__}: {exc}")
             for job in list(self._active):
-                self._finish(job, exc)
+                self._finish(job, error)
             return
         for job in self._active:  # advance positions of everything the batch read
             count = sum(1 for r in rows if r.seq == job.seq)
@@ -440,7 +449,12 @@ class Scheduler:
             if job.pending is None:
                 job.read += count
         for job, row in zip(owners, logits):
-            self._emit(job, next_token(row, job.sampling, job.rng))
+            try:
+                self._emit(job, next_token(row, job.sampling, job.rng))
+            except Exception as exc:  # this request's sampling or text failed: it ends, the others go on
+                if not job.finished:
+                    self._finish(job, exc if isinstance(exc, CelslmError) else
+                                 CelslmError(f"sampling failed: {type(exc).__name__}: {exc}"))
 
     def _emit(self, job: Job, token: int) -> None:
         now = time.perf_counter()

@@ -40,7 +40,7 @@ from celslm.decode import Sampling, eos_ids
 from celslm.edge import context_from_reader
 from celslm.errors import (CelslmError, IntegrityError, NotFound, Overloaded, TokenRequired, UnavailableError,
                            UsageError)
-from celslm.httpserver import ByteLRU, ReadWhenScraped, add_health_and_metrics, by_class, guard, status_of
+from celslm.httpserver import HEALTH_PATH, ByteLRU, ReadWhenScraped, add_health_and_metrics, by_class, guard, status_of
 from celslm.manifest import DIGEST
 from celslm.models import LoadedModel
 from celslm.scheduler import ContextState, Expired, Gone, Job, Limits, Prepared, Scheduler, Tenant
@@ -50,6 +50,8 @@ from celslm.trust import Untrusted
 
 MAX_TOKENS_LIMIT = 4096  # the most tokens one request may ask for
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 256  # each stop string's length: every token is checked against it
+MIN_TEMPERATURE = 1e-3  # below this (but not 0) the logits overflow when divided
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,9 @@ def parse_request(body, chat: bool, config: ServiceConfig) -> Request:
     if body.get("n", 1) != 1:
         raise ApiError(400, "n must be 1", "invalid_value", param="n")
     temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ApiError(400, f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE:g} to 2, got {temperature!r}",
+                       "invalid_value", param="temperature")
     top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
     seed = _number(body, "seed", None, 0, 2**63 - 1, integer=True)
     sampling = Sampling(max_new_tokens=max_tokens or 256, temperature=float(temperature), top_p=float(top_p), seed=seed)
@@ -290,9 +295,10 @@ def parse_request(body, chat: bool, config: ServiceConfig) -> Request:
         raise ApiError(400, f"stream must be true or false, got {stream!r}", "invalid_value", param="stream")
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings", "invalid_value",
-                       param="stop")
+    if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOPS or not all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings of at most "
+                       f"{MAX_STOP_CHARS} characters", "invalid_value", param="stop")
     return Request(context, prompt, raw=not chat, sampling=sampling, stream=stream, chat=chat, stop=tuple(stop))
 
 
@@ -302,7 +308,7 @@ SERVICE = web.AppKey("service", Service)
 def make_app(service: Service) -> web.Application:
     middleware = guard(lambda request: service.config.token,  # tenants' keys: checked by Service.tenant_of
                        lambda status, exc: ApiError(status, str(exc), by_class(ERROR_CODES, exc)[0]).response())
-    app = web.Application(middlewares=[openai_errors, middleware], client_max_size=1 << 20)
+    app = web.Application(middlewares=[openai_errors, middleware, tenants_only], client_max_size=1 << 20)
     app[SERVICE] = service
     service.registry.register(ReadWhenScraped(lambda: _readings(service)))
     add_health_and_metrics(app, lambda: _health(service), service.registry)
@@ -324,6 +330,14 @@ def _readings(service: Service) -> list:
                               value=service.memory.size_bytes),
             GaugeMetricFamily("celslm_context_cache_entries", "Contexts' states kept in host memory",
                               value=len(service.memory))]
+
+
+@web.middleware
+async def tenants_only(request: web.Request, handler):
+    """With tenants' keys, every route but health needs one of them (/metrics and /v1/models too)."""
+    if request.path != HEALTH_PATH:
+        request.app[SERVICE].tenant_of(request)
+    return await handler(request)
 
 
 @web.middleware
@@ -383,17 +397,25 @@ async def completions(request: web.Request, chat: bool) -> web.StreamResponse:
         job.cancel()  # a client that left frees its sequence at the next step; a finished job ignores it
 
 
+async def _next(request: web.Request, events: asyncio.Queue) -> tuple[str, object] | None:
+    """The job's next event, or None once the client has left (checked every 0.1 s while waiting)."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), timeout=0.1)
+        except asyncio.TimeoutError:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return None
+
+
 async def _whole(request: web.Request, events: asyncio.Queue, answer: "_Answer", context: str) -> web.Response:
     """A non-streamed answer, given when it is done; a client that leaves first cancels it."""
     pieces = []
     while True:
-        try:
-            kind, value = await asyncio.wait_for(events.get(), timeout=0.1)
-        except asyncio.TimeoutError:
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                return web.Response(status=499)  # nobody is there to read it
-            continue
+        event = await _next(request, events)
+        if event is None:
+            return web.Response(status=499)  # nobody is there to read it
+        kind, value = event
         if kind == "piece":
             pieces.append(value)
         elif kind == "error":
@@ -435,7 +457,10 @@ async def _stream(request: web.Request, events: asyncio.Queue, answer: "_Answer"
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     started = False
     while True:
-        kind, value = await events.get()
+        event = await _next(request, events)
+        if event is None:  # the client left: the caller's cancel frees its sequence
+            return response if started else web.Response(status=499)
+        kind, value = event
         if kind == "error" and not started:
             if isinstance(value, Gone):
                 return web.Response(status=499)

@@ -196,6 +196,21 @@ def test_a_request_past_its_deadline_ends_and_frees_its_place(model):
         assert service.scheduler.stats()["active"] == 0
 
 
+def test_a_request_whose_sampling_fails_ends_alone_and_the_service_goes_on(model):
+    """A temperature so small that the logits overflow (HTTP refuses it; here it reaches the scheduler):
+    its request ends with an error, the one beside it is answered, and the next one too."""
+    with service_of(model, parallel=2) as service:
+        broken, beside, after = Collected(), Collected(), Collected()
+        service.scheduler.submit(job(broken, temperature=1e-320, seed=1))
+        service.scheduler.submit(job(beside, PROMPTS[1]))
+        with pytest.raises(Exception, match="sampling failed"):
+            broken.result()
+        assert beside.result()["completion_tokens"] >= 1
+        service.scheduler.submit(job(after, PROMPTS[2]))
+        assert after.result()["completion_tokens"] >= 1
+        assert service.scheduler.stats()["active"] == 0
+
+
 def test_a_request_too_big_for_the_cells_is_refused_with_the_reason(model):
     service = Service(model["loaded"], ServiceConfig(context_dir=model["root"], limits=Limits(parallel=1), kv_cells=256))
     try:
@@ -261,13 +276,19 @@ def test_over_http_a_refused_request_is_429_with_retry_after_and_keys_pick_the_t
                 waited = time.perf_counter() - started
                 error = await refused.json()
             answered = await first
+            closed = [(await client.get(path)).status for path in ("/metrics", "/v1/models")]
+            opened = [(await client.get(path, headers=auth)).status for path in ("/metrics", "/v1/models")]
+            bad = [(await client.post("/v1/chat/completions", json={**body, **extra}, headers=auth)).status
+                   for extra in ({"temperature": 1e-320}, {"stop": ["x" * 257]})]
             return [wrong.status, refused.status, refused.headers.get("Retry-After"), error["error"], waited,
-                    (await answered.json())["choices"][0]["message"]["content"] is not None]
+                    (await answered.json())["choices"][0]["message"]["content"] is not None, closed, opened, bad]
 
     try:
-        wrong, status, retry_after, error, waited, answered = asyncio.run(scenario())
+        wrong, status, retry_after, error, waited, answered, closed, opened, bad = asyncio.run(scenario())
     finally:
         service.close()
     assert wrong == 403 and status == 429 and int(retry_after) >= 1 and answered
+    assert closed == [401, 401] and opened == [200, 200]  # a tenant's key, or nothing but health
+    assert bad == [400, 400]  # a temperature that overflows the logits, a stop string past its bound
     assert error["code"] == "overloaded" and error["type"] == "rate_limit_error" and "acme" in error["message"]
     assert waited < 5  # answered while the engine was held: it did not wait for a step
