@@ -19,7 +19,6 @@ celslm.httpserver's, shared with serve-cache; the bodies are OpenAI's error JSON
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from celslm.models import LoadedModel
 from celslm.scheduler import ContextState, Expired, Gone, Job, Limits, Prepared, Scheduler, Tenant
 from celslm.store.base import TAG
 from celslm.store.tiers import Sources, open_ref, split_url_ref
+from celslm.tenants import token_sha256
 from celslm.trust import Untrusted
 
 MAX_TOKENS_LIMIT = 4096  # the most tokens one request may ask for
@@ -124,7 +124,7 @@ class Service:
         if not header.startswith("Bearer "):
             raise web.HTTPUnauthorized(text="a bearer token is required (Authorization: Bearer ...)\n",
                                        headers={"WWW-Authenticate": "Bearer"})
-        tenant = self.config.tenants.get(key_digest(header.removeprefix("Bearer ")))  # keys are looked up by hash
+        tenant = self.config.tenants.get(token_sha256(header.removeprefix("Bearer ")))  # keys are looked up by hash
         if tenant is None:
             raise web.HTTPForbidden(text="wrong token\n")
         return tenant
@@ -191,10 +191,6 @@ class Service:
         what = ("an artifact id, a tag, a URL of this service's servers or a name inside its context folder" if folder
                 else "an artifact id, a tag or a URL of this service's servers (this service opens no files)")
         raise ApiError(400, f"context {ref!r} is not {what}", "invalid_context", param="context")
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def read_tenants(path: Path) -> dict[str, Tenant]:

@@ -18,7 +18,8 @@ pytest.importorskip("llama_cpp")
 from celslm.decode import Sampling  # noqa: E402
 from celslm.errors import Overloaded, UsageError  # noqa: E402
 from celslm.scheduler import Expired, Job, Limits, StopText, Tenant  # noqa: E402
-from celslm.service import ANYONE, Service, ServiceConfig, key_digest, make_app, read_tenants  # noqa: E402
+from celslm.service import ANYONE, Service, ServiceConfig, make_app, read_tenants  # noqa: E402
+from celslm.tenants import token_sha256  # noqa: E402
 
 PROMPTS = ["What does greet return?", "Count to three, then explain bump in detail, line by line, please.",
            "Is Counter a class?", "Name every method."]
@@ -238,12 +239,12 @@ def test_a_stop_string_ends_the_text_before_it_even_across_tokens():
 
 def test_a_tenants_file_names_tenants_and_bad_files_are_refused_in_one_line(tmp_path):
     good = tmp_path / "keys.toml"
-    good.write_text(f'[tenants.acme]\ntoken_sha256 = "{key_digest("acme-key-0123456789")}"\nconcurrency = 2\n'
-                    f'[tenants.beta]\ntoken_sha256 = ["{key_digest("b1")}", "{key_digest("b2")}"]\n')
+    good.write_text(f'[tenants.acme]\ntoken_sha256 = "{token_sha256("acme-key-0123456789")}"\nconcurrency = 2\n'
+                    f'[tenants.beta]\ntoken_sha256 = ["{token_sha256("b1")}", "{token_sha256("b2")}"]\n')
     tenants = read_tenants(good)
     assert sorted((t.name, t.concurrency) for t in tenants.values()) == [("acme", 2), ("beta", None), ("beta", None)]
-    assert tenants[key_digest("b2")].name == "beta"
-    same = f'token_sha256 = "{key_digest("k")}"'
+    assert tenants[token_sha256("b2")].name == "beta"
+    same = f'token_sha256 = "{token_sha256("k")}"'
     for text, words in (('[tenants.a]\ntoken_sha256 = "abc"\n', "64 hex"), ("[tenants]\n", "expected"),
                         ('[tenants.a]\nkeys = ["aaaaaaaaaaaaaaaa"]\n', "nothing else"),
                         (f'[tenants.a]\n{same}\nconcurrency = 0\n', "concurrency"),
@@ -259,7 +260,7 @@ def test_over_http_a_refused_request_is_429_with_retry_after_and_keys_pick_the_t
     from aiohttp.test_utils import TestClient, TestServer
 
     keys = tmp_path / "keys.toml"
-    keys.write_text(f'[tenants.acme]\ntoken_sha256 = "{key_digest("acme-key-0123456789")}"\nconcurrency = 1\n')
+    keys.write_text(f'[tenants.acme]\ntoken_sha256 = "{token_sha256("acme-key-0123456789")}"\nconcurrency = 1\n')
     service = Service(model["loaded"], ServiceConfig(context_dir=model["root"], tenants=read_tenants(keys),
                                                      limits=Limits(parallel=1, max_queue=4)))
     body = {"context": "a.kv", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4}
