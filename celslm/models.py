@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
+from celslm.home import celslm_home
 from celslm.manifest import ModelSpace
 
 if TYPE_CHECKING:
@@ -39,11 +40,6 @@ GGUF_NAME = "model.gguf"  # a bundled model's GGUF, kept in its folder for the l
 ENGINES = ("llama.cpp", "transformers")
 _CONFIG_KEYS_NOT_IDENTITY = {"transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
-
-
-def celslm_home() -> Path:
-    """Where celslm keeps models and caches: `$CELSLM_HOME`, default `~/.cache/celslm`."""
-    return Path(os.environ.get("CELSLM_HOME") or Path.home() / ".cache" / "celslm")
 
 
 def sha256_file(path: Path, progress: Progress | None = None, label: str = "hashing") -> str:

@@ -2,7 +2,7 @@
 
     GET  /v1/health                         liveness and store usage
     GET  /metrics                           Prometheus text: hits, misses, bytes in/out, evictions
-    HEAD|GET /v1/blobs/sha256:<hex>         a blob (Range supported), streamed from disk
+    HEAD|GET /v1/blobs/sha256:<hex>         a blob (Range, If-None-Match), or a 307 to where it lies (--blob-base, --presign)
     PUT  /v1/blobs/sha256:<hex>             upload, streamed; digest checked on arrival; idempotent
     PUT|GET /v1/artifacts/sha256:<hex>      a manifest; a PUT whose blobs are missing gets 409 listing them
     PUT|GET /v1/artifacts/sha256:<hex>/signatures   producers' signatures over the id (a PUT adds)
@@ -18,6 +18,14 @@ shared with the edge service. Every handler is a module function over `request.a
 With tenants (tenants.py) each tenant's token writes only its namespace's tags (403 outside it) and
 holds at most its quota (507 past it, refused before anything is written); `request[TENANT]` is the
 tenant a request came from, None for the write and read tokens and open reads, which are not limited.
+
+Blobs are immutable and content-addressed, and every client verifies them, so any HTTP cache may
+keep them: their answers say `Cache-Control: public, max-age=31536000, immutable` with the digest as
+ETag. A GET may instead be redirected (307) to the same bytes elsewhere: `blob_base/blobs/<hex>` (a
+CDN or static server over the store's files) or the store's own presigned URL (`presign`), so that
+the bytes never pass through Python. HEAD, which decides what a push uploads, and manifests, tags and
+lookups, which carry policy, are always answered here; they may be cached for `SMALL_MAX_AGE_S`
+(manifests: immutable too) or not at all (tags and lookups, which move).
 
 `serve` runs the app in one process, or in N forked workers that accept on one listening socket
 (the pre-fork model of gunicorn and nginx): the kernel hands each connection to one of them. Their
@@ -41,7 +49,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from celslm.errors import UnavailableError, UsageError
 from celslm.httpserver import HEALTH_PATH, ByteLRU, ReadWhenScraped, add_health_and_metrics, authorize, guard
-from celslm.manifest import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, Manifest, read_side_record
+from celslm.manifest import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, read_side_record
 from celslm.tenants import Ledger, Tenant, tenant_of
 from celslm.trust import SignedTag
 from celslm.store import Store, open_store
@@ -51,6 +59,8 @@ DIGEST_ROUTE = r"{digest:sha256:[0-9a-f]{64}}"
 TAG_ROUTE = rf"{{name:(?:{NAMESPACE}/)?[A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}}}"  # store.base.TAG
 WRITES = ("PUT", "POST", "DELETE")
 SMALL_BLOB_BYTES = 4 << 20  # blobs up to this size are sent from memory; bigger ones stream with sendfile
+IMMUTABLE = "public, max-age=31536000, immutable"  # blobs and manifests: named by their digest
+MOVING = "no-cache"  # tags and lookups: a cache must ask again each time
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class ServerConfig:
     read_timeout_s: float = 30.0  # a client that sends nothing for this long is dropped
     memory_bytes: int = 256 << 20  # verified blobs kept in each worker's memory, least recently used out first
     tenants: tuple[Tenant, ...] = ()  # write tokens each limited to a tag namespace and a quota (tenants.py)
+    blob_base: str | None = None  # GET of a blob: 307 to blob_base/blobs/<hex> (a CDN or static server over the store)
+    presign: bool = False  # GET of a blob: 307 to the store's presigned URL (an object store's)
 
 
 class Metrics:
@@ -82,6 +94,7 @@ class Metrics:
         self.bytes_in = Counter("celslm_bytes_in", "Bytes received in uploads", registry=counters)
         self.bytes_out = Counter("celslm_bytes_out", "Blob bytes sent", registry=counters)
         self.evictions = Counter("celslm_evictions", "Artifacts evicted since start", registry=counters)
+        self.redirects = Counter("celslm_blob_redirects", "Blob reads answered with a redirect", registry=counters)
         # read from the store when scraped: the store is shared by all workers
         self.registry.register(ReadWhenScraped(lambda: [
             GaugeMetricFamily("celslm_store_bytes", "Bytes of blobs stored", value=store.usage_bytes())]))
@@ -104,6 +117,8 @@ class State:
             raise UsageError("a capacity evicts whole artifacts, whichever tenant holds them: with tenants, "
                              "their quotas bound the store instead")
         store = open_store(config.store, config.capacity_bytes)
+        if config.presign and store.blob_url("sha256:" + "0" * 64) is None:
+            raise UsageError(f"store {store.url} has no presigned URLs to redirect to; --presign needs an s3:// store")
         if config.tenants and type(store).update is Store.update:
             raise UsageError(f"store {config.store} cannot keep tenants' ledgers; use a directory or Redis")
         store.stale_tmp()
@@ -187,8 +202,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     without asking (the bytes are right either way). HEAD, which decides what a push uploads,
     always asks the store, so a push repairs a blob the store has lost."""
     state = request.app[STATE]
-    store, metrics = state.store, state.metrics
+    store, metrics, config = state.store, state.metrics, state.config
     digest = request.match_info["digest"]
+    if digest in (tag.value for tag in request.if_none_match or ()):  # the client holds these very bytes
+        raise web.HTTPNotModified(headers=_blob_headers(digest))
+    if request.method == "GET" and (config.blob_base or config.presign):
+        metrics.redirects.inc()
+        location = store.blob_url(digest) if config.presign else f"{config.blob_base}/blobs/{digest.removeprefix('sha256:')}"
+        raise web.HTTPTemporaryRedirect(location, headers={"Cache-Control": "no-store"})
     path = store.blob_file(digest)
     hot = request.method == "GET" and (path is not None or not store.on_disk)
     data = state.memory.get(digest) if hot else None
@@ -204,7 +225,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
                 metrics.misses.inc()
                 raise web.HTTPNotFound(text=f"no blob {digest}\n")
             metrics.hits.inc()
-            response = _BlobFile(path, headers={"Docker-Content-Digest": digest})
+            response = _BlobFile(path, headers=_blob_headers(digest))
             await response.prepare(request)
             if request.method == "GET":
                 metrics.bytes_out.inc(response.content_length or 0)
@@ -217,10 +238,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return _send(request, digest, data)
 
 
+def _blob_headers(digest: str) -> dict:
+    return {"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Cache-Control": IMMUTABLE}
+
+
 def _send(request: web.Request, digest: str, data: bytes) -> web.Response:
     metrics = request.app[STATE].metrics
     metrics.hits.inc()
-    headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes"}
+    headers = {**_blob_headers(digest), "Accept-Ranges": "bytes"}
     status, body = 200, data
     if "Range" in request.headers:
         try:
@@ -292,7 +317,7 @@ async def get_artifact(request: web.Request) -> web.Response:
         state.metrics.misses.inc()
         raise web.HTTPNotFound(text="no such artifact\n")
     state.metrics.hits.inc()
-    return web.Response(body=data, content_type=MEDIA_MANIFEST)
+    return web.Response(body=data, content_type=MEDIA_MANIFEST, headers={"Cache-Control": IMMUTABLE})
 
 
 async def put_artifact(request: web.Request) -> web.Response:
@@ -357,7 +382,7 @@ async def get_tag(request: web.Request) -> web.Response:
     artifact_id = await asyncio.to_thread(request.app[STATE].store.get_tag, request.match_info["name"])
     if artifact_id is None:
         raise web.HTTPNotFound(text="no such tag\n")
-    return web.Response(text=artifact_id)
+    return web.Response(text=artifact_id, headers={"Cache-Control": MOVING})
 
 
 async def get_tag_statement(request: web.Request) -> web.Response:
@@ -365,7 +390,7 @@ async def get_tag_statement(request: web.Request) -> web.Response:
     signed = await asyncio.to_thread(request.app[STATE].store.get_signed_tag, request.match_info["name"])
     if signed is None:
         raise web.HTTPNotFound(text="no signed statement for this tag\n")
-    return web.Response(body=signed.to_bytes(), content_type="application/json")
+    return web.Response(body=signed.to_bytes(), content_type="application/json", headers={"Cache-Control": MOVING})
 
 
 async def put_tag(request: web.Request) -> web.Response:
@@ -408,19 +433,13 @@ async def lookup(request: web.Request) -> web.Response:
     prefixes = [p for p in request.query.get("prefix", "").split(",") if p]
     if not prefixes:
         raise UsageError("lookup needs prefix=h1,h2,...")
-    found = await asyncio.to_thread(state.store.lookup, prefixes)
-    data = None
-    if found is not None:  # evicted since the index was read: None, the same as never found
-        data = await asyncio.to_thread(state.store.get_manifest, found[0])
-    space = request.query.get("space")
+    found = await asyncio.to_thread(state.store.lookup, request.query.get("space") or None, prefixes)
     tenant = request.get(TENANT)
-    if tenant is not None and tenant.reads_own_only and data is not None:  # another's artifact: a miss
-        data = data if await asyncio.to_thread(state.ledger.holds, tenant, found[0]) else None
-    if data is None or (space and Manifest.from_bytes(data, found[0]).space.fingerprint != space):
-        state.metrics.misses.inc()
-        return web.json_response(NO_ARTIFACT)
-    state.metrics.hits.inc()
-    return web.json_response({"artifact": found[0], "chunks": found[1]})
+    if found is not None and tenant is not None and tenant.reads_own_only:  # another's artifact: a miss
+        found = found if await asyncio.to_thread(state.ledger.holds, tenant, found[0]) else None
+    (state.metrics.hits if found else state.metrics.misses).inc()
+    answer = {"artifact": found[0], "chunks": found[1]} if found else NO_ARTIFACT
+    return web.json_response(answer, headers={"Cache-Control": MOVING})
 
 
 ROUTES = [  # web.get answers HEAD too
@@ -452,7 +471,16 @@ async def _abort(writer, store: Store) -> None:
 
 class _BlobFile(web.FileResponse):
     """A FileResponse prepared inside the handler (so the blob stays pinned while it is sent); aiohttp
-    prepares it again when the handler returns, which FileResponse does not expect."""
+    prepares it again when the handler returns, which FileResponse does not expect. Its ETag stays
+    the digest (FileResponse would set one of the file's mtime and size)."""
+
+    @property
+    def etag(self):
+        return super().etag
+
+    @etag.setter
+    def etag(self, value) -> None:
+        pass
 
     async def prepare(self, request):
         return None if self.prepared else await super().prepare(request)

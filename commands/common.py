@@ -29,9 +29,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print machi
 ForceOpt = Annotated[bool, typer.Option("--force", metavar=FLAG, help="Replace the output if it exists.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CELSLM_TOKEN", show_envvar=True,
                                               help="Bearer token for serve-cache servers.")]
-PeerOpt = Annotated[list[str] | None, typer.Option("--peer", help="A peer's serve-cache URL, asked before the cloud (repeatable, in order).")]
+PeerOpt = Annotated[list[str] | None, typer.Option("--peer", help="A peer: its serve-cache URL, or any store (s3://BUCKET/PREFIX, a directory), asked before the cloud (repeatable, in order).")]
 CloudOpt = Annotated[str | None, typer.Option("--cloud", envvar="CELSLM_CLOUD", show_envvar=True,
-                                              help="The cloud's serve-cache URL, asked last.")]
+                                              help="The cloud: its serve-cache URL, or any store (s3://BUCKET/PREFIX, redis://, a directory), asked last.")]
 CacheCapacityOpt = Annotated[str | None, typer.Option(
     "--cache-capacity", envvar="CELSLM_CACHE_CAPACITY", show_envvar=True, metavar="SIZE",
     help="The most the edge cache ($CELSLM_HOME/store) keeps of fetched blocks, e.g. 10GB or 512MiB (default 10GB): "

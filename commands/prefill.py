@@ -12,8 +12,8 @@ from celslm import prompting
 from celslm.artifact import MemoryReader, write_artifact
 from celslm.manifest import DTYPE_NAMES
 from celslm.sealing import seal_artifact
-from celslm.store.http import CacheClient
-from celslm.store.tiers import push as push_artifact
+from celslm.store import open_store
+from celslm.store.push import push as push_artifact
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
 from celslm.trust import sign_artifact, sign_tag
@@ -121,7 +121,7 @@ def prefill(
     if out is not None:
         write_artifact(artifact, out, force=force, stdout=sys.stdout.buffer)
     signed_tag = sign_tag(key, tag, artifact.id, valid_s) if key is not None and tag else None
-    pushed = push_artifact(MemoryReader(artifact), CacheClient(push, token), tag, signed_tag=signed_tag) if push else None
+    pushed = push_artifact(MemoryReader(artifact), open_store(push, token=token), tag, signed_tag=signed_tag) if push else None
     m = artifact.manifest
     summary = {
         "id": artifact.id,

@@ -1,4 +1,4 @@
-"""celslm push: upload an existing artifact to a serve-cache server."""
+"""celslm push: upload an existing artifact to a store: a serve-cache server, a bucket, a directory."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ from typing import Annotated
 import typer
 
 from celslm.artifact import open_artifact
-from celslm.store.http import CacheClient
-from celslm.store.tiers import push as push_artifact
+from celslm.store import open_store
+from celslm.store.push import push as push_artifact
 from celslm.trust import sign_artifact, sign_tag
 from .common import JsonOpt, SignOpt, TagValidOpt, TokenOpt, examples, log, parse_duration, print_json, signing_key
 
 EPILOG = examples("celslm push sched.kv http://cloud:8470 --tag sched:latest --sign cloud.key",
+                  "celslm push sched.kv s3://kv-bucket/celslm --tag sched:latest   # AWS_* variables or ~/.aws say where and who",
                   "celslm prefill -m M -c doc.txt -o - | celslm push - http://cloud:8470 --token \"$TOKEN\"")
 
 
 def push(
     artifact: Annotated[str, typer.Argument(help="Artifact directory, .tar stream file, or - for stdin.")],
-    url: Annotated[str, typer.Argument(help="serve-cache URL, e.g. http://cloud:8470")],
+    url: Annotated[str, typer.Argument(help="Where to: a serve-cache URL (http://cloud:8470), s3://BUCKET/PREFIX, "
+                                            "redis://HOST:PORT/DB or a directory.")],
     tag: Annotated[str | None, typer.Option("--tag", help="Point this tag at the artifact after the upload.")] = None,
     token: TokenOpt = None,
     sign: SignOpt = None,
@@ -32,7 +34,7 @@ def push(
     reader = open_artifact(artifact, stdin=sys.stdin.buffer)
     signatures = (sign_artifact(key, reader.id),) if key is not None else ()
     signed_tag = sign_tag(key, tag, reader.id, valid_s) if key is not None and tag else None
-    result = push_artifact(reader, CacheClient(url, token), tag, signatures, signed_tag)
+    result = push_artifact(reader, open_store(url, token=token), tag, signatures, signed_tag)
     if json_:
         print_json(result)
     else:

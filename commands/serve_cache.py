@@ -7,10 +7,12 @@ import ssl
 import tempfile
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
 from celslm.errors import UsageError
+from celslm.store.base import without_credentials
 from .common import FLAG, byte_size, examples, is_loopback, listening_socket, log
 
 EPILOG = examples(
@@ -22,6 +24,8 @@ EPILOG = examples(
     "celslm serve-cache --root mirror --host 0.0.0.0 --allow-open-writes   # a closed network: anyone may push and move tags",
     "celslm serve-cache --backend redis+cluster://10.0.0.5:7000,10.0.0.6:7000 --workers 4",
     "celslm serve-cache --root store --host 0.0.0.0 --tenants tenants.toml   # each token: its tags acme/..., its quota",
+    "celslm serve-cache --backend s3://kv-bucket/celslm --presign   # blob reads: 307 to the object store",
+    "celslm serve-cache --root store --blob-base https://cdn.example.com/celslm   # blob reads: 307 to a CDN over store/",
 )
 
 
@@ -44,8 +48,10 @@ def serve_cache(
     max_blob: Annotated[str, typer.Option("--max-blob", metavar="SIZE", help="Largest accepted upload; bigger bodies get 413.")] = "1GiB",
     read_timeout: Annotated[float, typer.Option("--read-timeout", min=0.1, help="Seconds a client may stay silent mid-request before it is dropped.")] = 30.0,
     backend: Annotated[str | None, typer.Option("--backend", envvar="CELSLM_BACKEND", show_envvar=True,
-                                                help="redis://HOST:PORT/DB (one Redis) or redis+cluster://HOST:PORT[,HOST:PORT...] "
-                                                     "(a Redis Cluster): share one store between servers (instead of --root).")] = None,
+                                                help="Share one store between servers (instead of --root): redis://HOST:PORT/DB, "
+                                                     "redis+cluster://HOST:PORT[,HOST:PORT...], s3://BUCKET/PREFIX (AWS_* "
+                                                     "variables or ~/.aws say where and who) or http(s)://HOST:PORT "
+                                                     "(another serve-cache).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, max=256, envvar="CELSLM_WORKERS", show_envvar=True,
                                          help="Worker processes accepting on the one port (one per core saturates the "
                                               "machine); /metrics adds them up.")] = 1,
@@ -54,6 +60,11 @@ def serve_cache(
     tenants: Annotated[Path | None, typer.Option("--tenants", metavar="FILE", help="TOML file of tenants: each token "
                                                  "(by its sha256) writes only tags NAME/..., holds at most its quota "
                                                  "(507 past it) and reads all or only its own (see README, Tenants).")] = None,
+    blob_base: Annotated[str | None, typer.Option("--blob-base", metavar="URL", help="Answer blob reads with a 307 to "
+                                                  "URL/blobs/<hex>: a CDN or static server over the store's files "
+                                                  "(edges verify every blob).")] = None,
+    presign: Annotated[bool, typer.Option("--presign", metavar=FLAG, help="Answer blob reads with a 307 to a presigned "
+                                          "URL of the object store (an s3:// --backend).")] = False,
 ) -> None:
     """Serve KV artifacts over HTTP: blobs, manifests, tags, prefix lookup, metrics."""
     if (write_token or tenants) and allow_open_writes:
@@ -66,11 +77,11 @@ def serve_cache(
         if workers > 1:  # before prometheus_client is imported: it picks per-process files then
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, tls_key, max_blob, read_timeout,
-                     backend, workers, memory_cache, tenants)
+                     backend, workers, memory_cache, tenants, blob_base, presign)
 
 
 def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, tls_key, max_blob, read_timeout,
-                 backend, workers, memory_cache, tenants_file) -> None:
+                 backend, workers, memory_cache, tenants_file, blob_base, presign) -> None:
     from celslm.server import ServerConfig, make_app, serve
     from celslm.tenants import load_tenants, tenant_of
 
@@ -84,9 +95,14 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"--tls-cert {tls_cert} / --tls-key {tls_key}: cannot load them "
                              f"({getattr(exc, 'strerror', None) or exc})") from exc
-    if backend and not backend.startswith(("redis://", "redis+cluster://")):
-        raise UsageError(f"--backend {backend}: expected redis://HOST:PORT/DB or redis+cluster://HOST:PORT[,HOST:PORT...] "
+    if backend and not backend.startswith(("redis://", "redis+cluster://", "s3://", "http://", "https://")):
+        raise UsageError(f"--backend {without_credentials(backend)}: expected redis://HOST:PORT/DB, "
+                         "redis+cluster://HOST:PORT[,HOST:PORT...], s3://BUCKET/PREFIX or http(s)://HOST:PORT "
                          "(a directory store is --root)")
+    if blob_base and presign:
+        raise UsageError("--blob-base and --presign both say where blob reads go; give one")
+    if blob_base and urlsplit(blob_base).scheme not in ("http", "https"):
+        raise UsageError(f"--blob-base {blob_base}: expected an http(s) URL of a server over the store's files")
     if capacity and workers > 1:
         raise UsageError("--capacity evicts within one process; with --workers give the store its room instead "
                          "(a directory without --capacity, or Redis with maxmemory)")
@@ -102,14 +118,16 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
             raise UsageError(f"{flag} is also tenant {clash.name}'s token in {tenants_file}; give each its own")
     config = ServerConfig(store=backend or str(root), capacity_bytes=byte_size(capacity, "--capacity") if capacity else None,
                           write_token=write_token, read_token=read_token, max_blob_bytes=byte_size(max_blob, "--max-blob"),
-                          read_timeout_s=read_timeout, memory_bytes=byte_size(memory_cache, "--memory-cache"), tenants=tenants)
+                          read_timeout_s=read_timeout, memory_bytes=byte_size(memory_cache, "--memory-cache"), tenants=tenants,
+                          blob_base=blob_base.rstrip("/") if blob_base else None, presign=presign)
     try:
         app = make_app(config)  # the store opens (or says why not) here, before any worker starts
     except OSError as exc:
         raise UsageError(f"--root {root}: cannot use it as a store ({exc.strerror or exc})") from exc
     sock = listening_socket(host, port)  # before the banner: a busy port is an error, not a server
     scheme = "https" if context else "http"
-    log(f"serve-cache: {scheme}://{host}:{port} store {backend or root} "
+    redirect = f", blob reads to {blob_base}" if blob_base else ", blob reads to presigned URLs" if presign else ""
+    log(f"serve-cache: {scheme}://{host}:{port} store {without_credentials(backend) if backend else root}{redirect} "
         f"(writes {'need a token' if write_token or tenants else 'open'}"
         f"{f', {len(tenants)} tenant' + ('s' if len(tenants) > 1 else '') if tenants else ''}, reads {'need a token' if read_token or any(t.reads_own_only for t in tenants) else 'open'}"
         f"{f', {workers} workers' if workers > 1 else ''})")

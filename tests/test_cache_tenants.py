@@ -13,9 +13,9 @@ import pytest
 
 from celslm.artifact import DirectoryReader
 from celslm.errors import EXIT_UNAVAILABLE, EXIT_USAGE, InsufficientStorage
-from celslm.store.http import CacheClient
+from celslm.store.http import HttpStore
 from celslm.store.local import LocalStore
-from celslm.store.tiers import push
+from celslm.store.push import push
 from celslm.tenants import Ledger, Tenant, load_tenants
 from celslm.testing.redis_local import start_redis
 from tests.conftest import CONTEXT, run_cli
@@ -190,7 +190,7 @@ def test_concurrent_pushes_through_several_workers_never_pass_the_quota(two_arti
     with Server(tmp_path / "store", "--tenants", str(spec), "--workers", "2") as cloud:
         def push_one(artifact: Path) -> None:
             try:
-                push(DirectoryReader(artifact), CacheClient(cloud.url, TOKENS["acme"]), f"acme/{artifact.stem}")
+                push(DirectoryReader(artifact), HttpStore(cloud.url, TOKENS["acme"]), f"acme/{artifact.stem}")
                 outcomes.append("pushed")
             except InsufficientStorage:
                 outcomes.append("507")

@@ -187,14 +187,14 @@ def test_reads_get_through_a_master_killed_under_load_and_nothing_stored_is_lost
     assert after and set(after) == {"ok"}
     assert store.get_manifest(reader.id) == reader.manifest.canonical_bytes()
     assert all(store.read_blob(digest) == data for digest, data in blobs.items())
-    assert store.lookup(list(reader.manifest.prefix_hashes)) == (reader.id, reader.manifest.chunks)
+    assert store.lookup(reader.manifest.space.fingerprint, list(reader.manifest.prefix_hashes)) == (reader.id, reader.manifest.chunks)
 
 
 def test_pulls_through_serve_cache_get_through_a_master_killed_under_load(tmp_path, prefilled):
     """The same over HTTP, as edges see it: two serve-cache workers over a fresh cluster (no memory cache,
     so every GET reaches Redis), four clients pulling the artifact's blobs, one master SIGKILLed."""
     from celslm.errors import CelslmError
-    from celslm.store.http import CacheClient
+    from celslm.store.http import HttpStore
 
     reader = DirectoryReader(prefilled / "a.kv")
     blobs = dict((ref.digest, data) for ref, data in reader.blobs())
@@ -206,11 +206,11 @@ def test_pulls_through_serve_cache_get_through_a_master_killed_under_load(tmp_pa
             assert any(fresh.master_of(key("blobs", d.removeprefix("sha256:"))) is victim for d in blobs)
 
             def fetcher():
-                client = CacheClient(server.url)
+                client = HttpStore(server.url)
 
                 def pull(digest: str) -> str:
                     try:
-                        data = client.get_blob(digest, len(blobs[digest]))
+                        data = client.read_blob(digest, len(blobs[digest]))
                         return "ok" if data == blobs[digest] else "absent" if data is None else "wrong"
                     except CelslmError as exc:  # IntegrityError (corrupt bytes) or Unavailable after its retries
                         return type(exc).__name__

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from celslm.errors import EXIT_USAGE, IntegrityError
-from celslm.store.http import CacheClient
+from celslm.store.http import HttpStore
 from tests.conftest import CONTEXT, run_cli
 from tests.netutil import RecordingProxy, Server
 
@@ -145,7 +145,7 @@ def test_blob_whose_bytes_do_not_match_is_refused_and_not_stored(servers):
     assert status == 422 and b"hash to" in body  # an IntegrityError: the status the table gives it
     assert call(cloud.url, "HEAD", f"/v1/blobs/{digest}")[0] == 404
     with pytest.raises(IntegrityError, match="hash to"):  # and the client reads it as one (push exits 3)
-        CacheClient(cloud.url).put_blob(digest, b"other bytes")
+        HttpStore(cloud.url).put_blob(digest, b"other bytes")
 
 
 def _partial_upload(url_port: int, digest: str, declared: int, sent: bytes) -> socket.socket:
@@ -188,7 +188,7 @@ def test_a_corrupt_stored_blob_is_quarantined_and_a_new_push_repairs_it(servers,
     hex_ = digest.removeprefix("sha256:")
     stored = tmp_path / "cloud" / "blobs" / hex_
     stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
-    assert CacheClient(cloud.url).get_blob(digest, manifest["blocks"][0][0]["size"]) is None  # not served: 404
+    assert HttpStore(cloud.url).read_blob(digest, manifest["blocks"][0][0]["size"]) is None  # not served: 404
     assert (tmp_path / "cloud" / "quarantine" / hex_).is_file() and not stored.exists()
     again = json.loads(run_cli("push", str(folder / "a.kv"), cloud.url, "--json", check=True).stdout)
     assert again["blobs_sent"] == 1 and stored.read_bytes() == (folder / "a.kv" / "blobs" / hex_).read_bytes()
@@ -373,14 +373,14 @@ def test_a_manifest_evicted_between_the_lookup_and_its_read_is_no_artifact_not_a
     from celslm.server import ServerConfig, State, app_for
 
     state = State.open(ServerConfig(store=str(tmp_path / "store")))
-    state.store.lookup = lambda prefixes: ("sha256:" + "1" * 64, len(prefixes))  # the index still has it
-    state.store.get_manifest = lambda artifact_id: None  # and the manifest is gone
+    prefixes = ["a" * 64, "b" * 64]
+    state.store._write("prefixes", prefixes[1], f"sha256:{'1' * 64} 2".encode())  # the index still has it; no manifest
 
     async def ask():
         async with TestClient(TestServer(app_for(state))) as client:
-            response = await client.get("/v1/lookup", params={"space": "f" * 64, "prefix": "a,b"})
+            response = await client.get("/v1/lookup", params={"space": "f" * 64, "prefix": ",".join(prefixes)})
             url = str(client.make_url("/")).rstrip("/")
-            return response.status, await response.json(), await asyncio.to_thread(CacheClient(url).lookup, "f" * 64, ["a", "b"])
+            return response.status, await response.json(), await asyncio.to_thread(HttpStore(url).lookup, "f" * 64, prefixes)
 
     assert asyncio.run(ask()) == (200, {"artifact": None, "chunks": 0}, None)
 

@@ -13,7 +13,7 @@ import pytest
 
 from celslm.errors import EXIT_INTEGRITY, EXIT_USAGE
 from celslm.manifest import SCHEMA, sha256_digest
-from celslm.store.http import CacheClient
+from celslm.store.http import HttpStore
 from celslm.trust import canonical_json, load_private_key, sign_artifact, sign_tag
 from tests.conftest import CONTEXT, run_cli
 from tests.netutil import Server
@@ -152,7 +152,7 @@ def test_an_expired_tag_statement_is_refused(world, tiny_qwen, servers):
     cloud = servers("cloud")
     run_cli("push", str(root / "a.kv"), cloud.url, "--sign", str(root / "cloud.key"), check=True)
     key = load_private_key(root / "cloud.key")
-    CacheClient(cloud.url).put_tag("ctx:latest", ids["a"], sign_tag(key, "ctx:latest", ids["a"], 60, now=time.time() - 120))
+    HttpStore(cloud.url).put_tag("ctx:latest", ids["a"], sign_tag(key, "ctx:latest", ids["a"], 60, now=time.time() - 120))
     _, result = answer(tiny_qwen, "--kv", "ctx:latest", "--cloud", cloud.url, "--trust", str(root / "cloud.pub"), check=False)
     assert result.returncode == EXIT_INTEGRITY and b"expired" in result.stderr
 
@@ -164,8 +164,8 @@ def test_a_replayed_older_statement_is_refused_once_a_newer_one_was_seen(world, 
     for server, name in ((cloud, "a"), (peer, "b")):  # both artifacts genuinely signed by the cloud
         run_cli("push", str(root / f"{name}.kv"), server.url, check=True)
     old = sign_tag(key, "ctx:latest", ids["b"], 3600, now=time.time() - 600)  # what the tag said ten minutes ago
-    CacheClient(peer.url).put_tag("ctx:latest", ids["b"], old)
-    CacheClient(cloud.url).put_tag("ctx:latest", ids["a"], sign_tag(key, "ctx:latest", ids["a"], 3600))
+    HttpStore(peer.url).put_tag("ctx:latest", ids["b"], old)
+    HttpStore(cloud.url).put_tag("ctx:latest", ids["a"], sign_tag(key, "ctx:latest", ids["a"], 3600))
     pub = str(root / "cloud.pub")
     first, _ = answer(tiny_qwen, "--kv", "ctx:latest", "--cloud", cloud.url, "--trust", pub)
     assert first["artifact"] == ids["a"]  # the edge has now seen the newer statement

@@ -122,14 +122,14 @@ def sketch_request(url: str, sketch: str):
 
 def pull_request(url: str, artifact_id: str):
     from celslm.manifest import Manifest
-    from celslm.store.http import CacheClient
+    from celslm.store.http import HttpStore
 
     def request():
-        client = CacheClient(url)
+        client = HttpStore(url)
         try:
             manifest = Manifest.from_bytes(client.get_manifest(artifact_id), url)
             for ref in manifest.blob_refs():
-                if client.get_blob(ref.digest, ref.size) is None:  # verified against its digest
+                if client.read_blob(ref.digest, ref.size) is None:  # verified against its digest
                     raise RuntimeError(f"blob {ref.digest} missing on {url}")
         finally:
             client.close()
@@ -149,8 +149,8 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
     from celslm.codecs import parse_codec
     from celslm.prefill import prefill
     from celslm.prompting import context_ids, default_framing
-    from celslm.store.http import CacheClient
-    from celslm.store.tiers import push
+    from celslm.store.http import HttpStore
+    from celslm.store.push import push
 
     workdir.mkdir(parents=True, exist_ok=True)
     context_file = workdir / "context.txt"
@@ -168,7 +168,7 @@ def run(llm_model: str, slm, context_text: str, prompt: str, *, levels: tuple[in
                       parse_codec(codec), codec_codebook(parse_codec(codec), slm))
     if "ce-lslm" in which:
         with ServeCache("--root", str(workdir / "store"), timeout_s=300) as cloud:
-            push(MemoryReader(artifact), CacheClient(cloud.url))
+            push(MemoryReader(artifact), HttpStore(cloud.url))
             levels_of("ce-lslm", cloud, pull_request(cloud.url, artifact.id))
     if "pice" in which and sketch is not None:
         sketch_file = workdir / "sketch.txt"

@@ -47,8 +47,8 @@ from celslm.errors import CelslmError
 from celslm.models import LoadedModel, celslm_home
 from celslm.prefill import prefill
 from celslm.sealing import seal_artifact
-from celslm.store.http import CacheClient
-from celslm.store.tiers import push
+from celslm.store.http import HttpStore
+from celslm.store.push import push
 from celslm.testing.processes import CLI, ServeCache, Service, free_port
 from celslm.trust import (TrustPolicy, generate_key, load_private_key, load_public_key, sign_artifact, sign_tag)
 
@@ -113,7 +113,7 @@ def run(loaded: LoadedModel, spec: str, *, tokens: int = 1024, new_tokens: int =
         servers = [ServeCache("--root", str(work / "cloud-store"), timeout_s=300)]
         try:
             servers.append(ServeCache("--root", str(work / "peer-store"), timeout_s=300))
-            cloud, forger = (CacheClient(s.url) for s in servers)
+            cloud, forger = (HttpStore(s.url) for s in servers)
             push(MemoryReader(plain), cloud, "ctx:latest", signed_tag=sign_tag(cloud_key, "ctx:latest", plain.id, 3600))
             push(MemoryReader(sealed), cloud, "ctx-enc:latest", signed_tag=sign_tag(cloud_key, "ctx-enc:latest", sealed.id, 3600))
             push(MemoryReader(other), forger, "ctx:latest", signed_tag=sign_tag(stranger_key, "ctx:latest", other.id, 3600))

@@ -29,8 +29,8 @@ from rich.table import Table
 from celslm.artifact import MemoryReader
 from celslm.blocks import build_artifact
 from celslm.manifest import Artifact, Manifest, ModelSpace, Producer, sha256_digest
-from celslm.store.http import CacheClient
-from celslm.store.tiers import push
+from celslm.store.http import HttpStore
+from celslm.store.push import push
 from celslm.testing import redis_local
 from celslm.testing.processes import ServeCache, Service, free_port
 
@@ -145,7 +145,7 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
     running: list = []
     try:
         url = _start_cache(tmp, "serve-cache", running, "--root", str(tmp / "store"))
-        push(MemoryReader(artifact), CacheClient(url))
+        push(MemoryReader(artifact), HttpStore(url))
         servers = {"celslm serve-cache": url}
         note = None
         started = _start_nginx(tmp, tmp / "store", running)
@@ -250,7 +250,7 @@ def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections:
     try:
         store = tmp / "store"
         url = _start_cache(tmp, "dir-1", running, "--root", str(store))
-        push(MemoryReader(artifact), CacheClient(url))
+        push(MemoryReader(artifact), HttpStore(url))
         servers["serve-cache dir, 1 worker"] = url
         for name, args in ((f"serve-cache dir, {workers} workers", ()),
                            (f"serve-cache dir, {workers} workers, no memory cache", ("--memory-cache", "0"))):
@@ -266,7 +266,7 @@ def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections:
                     name = f"serve-cache {label}, {workers} workers{suffix}"
                     url = _start_cache(tmp, re.sub(r"\W", "", name), running, "--backend", backend, "--workers", str(workers), *args)
                     if not suffix:
-                        push(MemoryReader(artifact), CacheClient(url))
+                        push(MemoryReader(artifact), HttpStore(url))
                     servers[name] = url
         else:
             notes.append("redis-server not installed (apt-get install redis-server): no Redis rows")

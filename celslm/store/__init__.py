@@ -1,11 +1,11 @@
-"""Where artifacts live besides a plain directory: stores behind one interface (`base.Store`), chosen
-by URL scheme as LMCache does, an HTTP client for serve-cache, and the tiered lookup local -> peers
--> cloud.
+"""Where artifacts live: stores behind one protocol (`base.Store`), opened by URL as LMCache does,
+and the tiered lookup local -> peers -> cloud over any of them (tiers.py).
 
     open_store("/srv/celslm")                    a directory (local.py); also file:///srv/celslm
     open_store("redis://127.0.0.1:6379/0")       one Redis shared by many servers (redis.py)
     open_store("redis+cluster://10.0.0.5:7000,10.0.0.6:7000")
                                                  a Redis Cluster, found from any of these nodes (redis.py)
+    open_store("http://cloud:8470", token)       a serve-cache server, the cloud or a peer (http.py)
 """
 
 from __future__ import annotations
@@ -14,26 +14,31 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from celslm.errors import UsageError
-from celslm.store.base import Store
+from celslm.store.base import Store, without_credentials
 
-SCHEMES = ("file", "redis", "redis+cluster")
+SCHEMES = ("file", "redis", "redis+cluster", "http", "https")
 
 
-def open_store(url: str | Path, capacity_bytes: int | None = None) -> Store:
-    """The store a URL names: a plain path or file:// (a directory, with an optional capacity), redis://
-    or redis+cluster://."""
+def open_store(url: str | Path, capacity_bytes: int | None = None, token: str | None = None) -> Store:
+    """The store a URL names: a plain path or file:// (a directory, with an optional capacity), redis://,
+    redis+cluster://, or http(s):// (a serve-cache, with its bearer `token`)."""
     text = str(url)
     scheme = urlsplit(text).scheme if "://" in text else "file"
+    if capacity_bytes is not None and scheme != "file":
+        raise UsageError(f"store {without_credentials(text)}: a capacity applies to a directory store"
+                         + ("; give Redis maxmemory and maxmemory-policy noeviction instead" if "redis" in scheme else ""))
     if scheme == "file":
         from celslm.store.local import LocalStore
 
         return LocalStore(Path(text.removeprefix("file://")), capacity_bytes)
     if scheme in ("redis", "redis+cluster"):
-        if capacity_bytes is not None:
-            raise UsageError("a capacity applies to a directory store; give Redis maxmemory and "
-                             "maxmemory-policy noeviction instead")
         from celslm.store.redis import RedisStore  # the redis client loads only for a Redis store
 
         return RedisStore(text)
-    raise UsageError(f"store {text}: unknown scheme {scheme!r}; use a path, file://PATH, redis://HOST:PORT/DB "
-                     "or redis+cluster://HOST:PORT[,HOST:PORT...]")
+    if scheme in ("http", "https"):
+        from celslm.store.http import HttpStore
+
+        return HttpStore(text, token)
+    raise UsageError(f"store {without_credentials(text)}: unknown scheme {scheme!r}; use a path, file://PATH, redis://HOST:PORT/DB, "
+                     "redis+cluster://HOST:PORT[,HOST:PORT...] or http(s)://HOST:PORT")
+

@@ -1,6 +1,10 @@
-"""What every store shares: the interface (`put_blob`/`read_blob`/`has_blob`, manifests, their
-signatures and timings, tags, prefix lookup) over a few primitives each backend supplies, and the
-hashing writer that refuses a blob whose bytes are not its digest.
+"""The one protocol every place an artifact lives speaks (`Store`): a directory, Redis, a bucket, or
+another serve-cache over HTTP. Blob reads bounded in size, has and put; manifests, their signatures
+and timings; tags; the codebook record; prefix lookup in a model space; and, where the bytes can be
+fetched without this process, a URL for a blob (`blob_url`, which serve-cache redirects to).
+
+Stores that hold the bytes implement a few primitives (`_read`, `_write`, a `HashingWriter`...) and
+inherit the rest; the HTTP client (http.py) implements the public methods over serve-cache's API.
 
 A store keeps what it is given and checks what it can without trusting anyone: blob digests,
 canonical manifests whose blobs are all present, signatures valid for their own public keys, tag
@@ -27,6 +31,12 @@ NAMESPACE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 TAG = re.compile(rf"^(?:{NAMESPACE}/)?[A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}$")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def without_credentials(url: str) -> str:
+    """The URL with any user:password@ taken out: what messages, metrics and errors may show."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2] if "@" in rest.split("/", 1)[0] else url
 
 
 def parse_size(text: str) -> int:
@@ -82,6 +92,7 @@ class Store:
     capacity_bytes: int | None = None
     evictions = 0
     on_disk = False  # blobs are files (blob_file); a server checks one is still there before sending it from memory
+    url = ""  # where it is, for messages: never credentials
 
     def _read(self, kind: str, name: str) -> bytes | None:  # kind: blobs, manifests, signatures, timings, tags, prefixes, codebooks
         raise NotImplementedError
@@ -126,9 +137,12 @@ class Store:
     def reading(self, digest: str):
         yield
 
-    def read_blob(self, digest: str) -> bytes | None:
+    def read_blob(self, digest: str, limit: int | None = None) -> bytes | None:
         """The blob's bytes, verified; a stored copy that no longer matches its digest is quarantined
-        (so a new push or fetch can replace it) and reads as absent."""
+        (so a new push or fetch can replace it) and reads as absent. One larger than `limit` (the size
+        a manifest declares for it) is not read, and reads as absent."""
+        if limit is not None and (self.blob_size(digest) or 0) > limit:
+            return None
         data = self._read("blobs", check_digest(digest))
         if data is not None and sha256_digest(data) != digest:
             self.quarantine(digest)
@@ -142,6 +156,11 @@ class Store:
     def check_blob(self, digest: str) -> bool:
         """Whether a valid copy of the blob is stored (a corrupt one is quarantined, and so absent)."""
         return self.read_blob(digest) is not None
+
+    def blob_url(self, digest: str) -> str | None:
+        """A URL any HTTP client can GET the blob from without this process (a presigned object URL),
+        or None where there is none."""
+        return None
 
     def put_blob(self, digest: str, data: bytes) -> None:
         if self.check_blob(digest):
@@ -161,9 +180,13 @@ class Store:
             self._touch(hex_id)
         return data
 
-    def put_manifest(self, artifact_id: str, data: bytes) -> list[str]:
-        """Store a manifest whose blobs are all present; otherwise store nothing and return the missing digests."""
+    def put_manifest(self, artifact_id: str, data: bytes, tag: str | None = None) -> list[str]:
+        """Store a manifest whose blobs are all present; otherwise store nothing and return the missing
+        digests. `tag` names the tag a push will set, so that a store that would refuse it (a serve-cache
+        tenant's namespace) does so before any blob is sent."""
         hex_id = check_digest(artifact_id)
+        if tag is not None:
+            check_tag(tag)
         if sha256_digest(data) != artifact_id:
             raise IntegrityError(f"manifest bytes do not hash to {artifact_id}")
         manifest = Manifest.from_bytes(data, artifact_id)
@@ -258,8 +281,9 @@ class Store:
             raise IntegrityError(f"codebook of {fingerprint[:12]}: stored record is malformed")
         return data.decode()
 
-    def lookup(self, prefix_hashes: list[str]) -> tuple[str, int] | None:
-        """The stored artifact holding the longest prefix of these chunk hashes: (artifact id, chunks)."""
+    def lookup(self, space: str | None, prefix_hashes: list[str]) -> tuple[str, int] | None:
+        """The stored artifact of model space `space` (a fingerprint; None: any) holding the longest
+        prefix of these chunk hashes: (artifact id, chunks)."""
         for prefix in prefix_hashes:
             if not re.fullmatch(r"[0-9a-f]{64}", prefix):
                 raise UsageError(f"malformed prefix hash {prefix[:80]!r}")
@@ -268,7 +292,10 @@ class Store:
             if entry is None:
                 continue
             artifact_id, stored_count = entry.decode().split()
-            if int(stored_count) == count and self._read("manifests", artifact_id.removeprefix("sha256:")) is not None:
+            if int(stored_count) != count:
+                continue
+            data = self._read("manifests", artifact_id.removeprefix("sha256:"))  # evicted since: a miss
+            if data is not None and (space is None or Manifest.from_bytes(data, artifact_id).space.fingerprint == space):
                 return artifact_id, count
         return None
 

@@ -1,9 +1,15 @@
-"""Client for a serve-cache server (the cloud or a peer). Every blob it returns has been verified.
+"""A serve-cache server (the cloud or a peer) as a `Store`, over its HTTP API. Every blob it returns
+has been verified.
 
 A server may be hostile (a peer is another user's device), so no answer is read past what was asked
 for: a blob no further than its declared size, anything else no further than a small limit. Every
 request has an overall deadline, `DEADLINE_BASE_S` plus its bytes at `MIN_RATE_BPS`, whatever the
 server trickles; a server that misses it is abandoned (the tiers then ask the next one).
+
+A serve-cache may answer a blob with a redirect (307) to where the bytes are: a presigned object
+URL, a CDN, a static server. It is followed only to https, to the server's own host, or to a host
+`CELSLM_REDIRECT_HOSTS` (comma-separated) names; the bearer token never goes along, and the bytes
+are verified against the digest as always.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from urllib.parse import quote, urlsplit
 
 from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, TokenRequired, UnavailableError, UsageError
 from celslm.manifest import MAX_MANIFEST_BYTES, SIGNATURES_NAME, TIMINGS_NAME, Timings, read_side_record, sha256_digest
+from celslm.store.base import HashingWriter, Store
 from celslm.trust import Signature, SignedTag, canonical_json
 
 
 DEADLINE_BASE_S = 10.0  # connect, first byte and a small answer
 MIN_RATE_BPS = 1_000_000  # slower than 1 MB/s (8 Mbit/s) on a blob counts as stalled
 SMALL_BODY_BYTES = 64 << 10  # tags, signatures, lookups, timings, errors
+LARGEST_BLOB_BYTES = 1 << 30  # a blob read with no declared size is read no further (serve-cache's --max-blob)
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class DeadlineExceeded(UnavailableError):
@@ -39,38 +48,52 @@ class PartialBody(Exception):
         self.status, self.partial = status, partial
 
 
-class CacheClient:
+class HttpStore(Store):
     def __init__(self, url: str, token: str | None = None, timeout_s: float | None = None, retries: int = 3,
-                 backoff_s: float = 0.2):
+                 backoff_s: float = 0.2, redirect_hosts: tuple[str, ...] | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"{url}: not an http(s) URL of a celslm serve-cache server")
-        self.url = f"{parts.scheme}://{parts.netloc}"
+        self.url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
         self.token = token
         self.timeout_s = timeout_s or float(os.environ.get("CELSLM_TIMEOUT") or 30)
         self.retries, self.backoff_s = retries, backoff_s
-        self._parts = parts
-        self._local = threading.local()  # one kept-alive connection per fetching thread
+        if redirect_hosts is None:
+            redirect_hosts = tuple(h.strip() for h in os.environ.get("CELSLM_REDIRECT_HOSTS", "").split(",") if h.strip())
+        self.redirect_hosts = frozenset(redirect_hosts)
+        self.origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        self._local = threading.local()  # kept-alive connections of each fetching thread, by origin
 
-    def _connect(self) -> http.client.HTTPConnection:
-        if self._parts.scheme == "https":
+    def _connect(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection:
+        scheme, host, port = origin
+        if scheme == "https":
             context = ssl.create_default_context(cafile=os.environ.get("CELSLM_CA_FILE") or None)
-            return http.client.HTTPSConnection(self._parts.hostname, self._parts.port or 443, timeout=self.timeout_s,
-                                               context=context)
-        return http.client.HTTPConnection(self._parts.hostname, self._parts.port or 80, timeout=self.timeout_s)
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout_s, context=context)
+        return http.client.HTTPConnection(host, port, timeout=self.timeout_s)
 
     def request(self, method: str, path: str, body: bytes | None = None, extra_headers: dict | None = None,
                 limit: int = SMALL_BODY_BYTES) -> tuple[int, bytes]:
-        """One request on the kept-alive connection, its answer read no further than `limit` bytes
-        (more is refused as IntegrityError) and finished within the deadline for `limit` bytes (or
-        `DeadlineExceeded`). A body cut off mid-way raises `PartialBody`."""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        """One request to the server; see `_request`."""
+        status, data, _ = self._request(method, path, body, extra_headers, limit)
+        return status, data
+
+    def _request(self, method: str, path: str, body: bytes | None = None, extra_headers: dict | None = None,
+                 limit: int = SMALL_BODY_BYTES, origin: tuple[str, str, int] | None = None):
+        """One request on the kept-alive connection to `origin` (the server's own by default; only
+        there does the token go), its answer read no further than `limit` bytes (more is refused as
+        IntegrityError) and finished within the deadline for `limit` bytes (or `DeadlineExceeded`).
+        A body cut off mid-way raises `PartialBody`. Returns (status, body, response)."""
+        origin = origin or self.origin
+        own = origin == self.origin
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token and own else {}
         headers.update(extra_headers or {})
         deadline_s = min(self.timeout_s, DEADLINE_BASE_S) + max(limit, len(body or b"")) / MIN_RATE_BPS
+        where = self.url if own else f"{origin[0]}://{origin[1]}:{origin[2]}"
+        conns = self._conns()
         for attempt in (0, 1):  # a kept-alive connection the server has closed is retried once
-            if getattr(self._local, "conn", None) is None:
-                self._local.conn = self._connect()
-            conn, expired = self._local.conn, threading.Event()
+            if conns.get(origin) is None:
+                conns[origin] = self._connect(origin)
+            conn, expired = conns[origin], threading.Event()
             watchdog = threading.Timer(deadline_s, _cut, (conn, expired))
             watchdog.daemon = True
             watchdog.start()
@@ -83,37 +106,45 @@ class CacheClient:
                 data = _read_body(response, limit)
                 break
             except _TooLarge as exc:
-                self.close()
-                raise IntegrityError(f"{self.url} answered {path} with {exc.size or 'more than'} bytes "
+                self._close(origin)
+                raise IntegrityError(f"{where} answered {path[:120]} with {exc.size or 'more than'} bytes "
                                      f"(at most {limit:,} expected); refused unread") from exc
             except http.client.IncompleteRead as exc:
-                self.close()
+                self._close(origin)
                 if expired.is_set():
-                    raise DeadlineExceeded(f"{self.url} did not finish {path} within {deadline_s:.0f} s") from exc
+                    raise DeadlineExceeded(f"{where} did not finish {path[:120]} within {deadline_s:.0f} s") from exc
                 raise PartialBody(response.status, bytes(exc.partial)) from exc
             except TimeoutError as exc:  # a stalled server: no point asking again at once
-                self.close()
-                raise UnavailableError(f"{self.url} did not answer within {self.timeout_s:g} s") from exc
+                self._close(origin)
+                raise UnavailableError(f"{where} did not answer within {self.timeout_s:g} s") from exc
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
-                self.close()
+                self._close(origin)
                 if expired.is_set():
-                    raise DeadlineExceeded(f"{self.url} did not finish {path} within {deadline_s:.0f} s") from exc
+                    raise DeadlineExceeded(f"{where} did not finish {path[:120]} within {deadline_s:.0f} s") from exc
                 if attempt:
-                    raise UnavailableError(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
+                    raise UnavailableError(f"cannot reach {where}: {exc or type(exc).__name__}") from exc
             finally:
                 watchdog.cancel()
-        if response.status == 401:
+        if own and response.status == 401:
             raise TokenRequired(f"{self.url} needs a bearer token")
-        if response.status == 403:  # a wrong token, or (a tenant's) one that may not do this
+        if own and response.status == 403:  # a wrong token, or (a tenant's) one that may not do this
             reason = data[:200].decode(errors="replace").strip().splitlines()
             raise UsageError(f"{self.url} refused the token" + (f": {reason[0]}" if reason else ""))
-        return response.status, data
+        return response.status, data, response
 
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
+    def _conns(self) -> dict:
+        if not hasattr(self._local, "conns"):
+            self._local.conns = {}
+        return self._local.conns
+
+    def _close(self, origin: tuple[str, str, int]) -> None:
+        conn = self._conns().pop(origin, None)
         if conn is not None:
             conn.close()
-            self._local.conn = None
+
+    def close(self) -> None:
+        for origin in list(self._conns()):
+            self._close(origin)
 
     def _fail(self, status: int, data: bytes, what: str) -> CelslmError:
         if status == 507:
@@ -130,28 +161,39 @@ class CacheClient:
         status, _ = self.request("HEAD", f"/v1/blobs/{digest}")
         return status == 200
 
-    def get_blob(self, digest: str, size: int) -> bytes | None:
-        """The blob's verified bytes (`size` of them, as its manifest declares), or None if the server
-        does not have it.
+    def blob_size(self, digest: str) -> int | None:
+        status, _, response = self._request("HEAD", f"/v1/blobs/{digest}")
+        declared = response.getheader("Content-Length", "")
+        return int(declared) if status == 200 and declared.isdigit() else None
+
+    def read_blob(self, digest: str, limit: int | None = None) -> bytes | None:
+        """The blob's verified bytes (at most `limit` of them, the size its manifest declares), or None
+        if the server does not have it. A redirect is followed where `_redirect` allows.
 
         Transient failures (no answer, 5xx, a dropped connection) are retried with exponential backoff;
         a body cut off mid-way is resumed with a Range request from the bytes already received. A
         server past its deadline is not asked again."""
-        received = b""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        size = limit or LARGEST_BLOB_BYTES
+        received, origin, path = b"", None, f"/v1/blobs/{digest}"
+        failures = redirects = 0
+        while failures <= self.retries:
             try:
                 ranged = {"Range": f"bytes={len(received)}-"} if received else None
-                status, data = self.request("GET", f"/v1/blobs/{digest}", extra_headers=ranged,
-                                            limit=max(size - len(received), SMALL_BODY_BYTES))
+                status, data, response = self._request("GET", path, extra_headers=ranged, origin=origin,
+                                                       limit=max(size - len(received), SMALL_BODY_BYTES))
             except PartialBody as cut:
                 if cut.status == 206 or (cut.status == 200 and not received):
                     received += cut.partial[: size - len(received)]
+                failures = self._backoff(failures)
                 continue
             except DeadlineExceeded:
                 raise
             except UnavailableError:
+                failures = self._backoff(failures)
+                continue
+            if status in REDIRECTS and origin is None and redirects < self.retries + 1:
+                origin, path = self._redirect(response.getheader("Location", ""), digest)
+                redirects += 1
                 continue
             if status == 404 and not received:
                 return None
@@ -159,18 +201,58 @@ class CacheClient:
                 received += data
             elif status == 200:
                 received = data
-            else:
-                continue  # 5xx or an unexpected answer: try again
+            else:  # 5xx or an unexpected answer (an expired presigned URL): from the server again
+                origin, path, received = None, f"/v1/blobs/{digest}", b""
+                failures = self._backoff(failures)
+                continue
             actual = sha256_digest(received)
             if actual != digest:
-                raise IntegrityError(f"{self.url} sent corrupt bytes for blob {digest} (they hash to {actual})")
+                where = self.url if origin is None else f"{self.url}'s redirect to {origin[1]}"
+                raise IntegrityError(f"{where} sent corrupt bytes for blob {digest} (they hash to {actual})")
             return received
         raise UnavailableError(f"{self.url}: blob {digest} not received after {self.retries + 1} attempts")
+
+    def _backoff(self, failures: int) -> int:
+        """Wait before the next try (exponentially longer each time); the count of failures so far."""
+        if failures < self.retries:
+            time.sleep(self.backoff_s * 2 ** failures)
+        return failures + 1
+
+    def _redirect(self, location: str, digest: str) -> tuple[tuple[str, str, int], str]:
+        """(origin, path) of a redirect the client may follow: to https, to the server's own host, or
+        to a host CELSLM_REDIRECT_HOSTS names; anything else is refused (the next tier is asked)."""
+        parts = urlsplit(location)
+        if not parts.scheme and location.startswith("/"):  # a path on the server itself
+            return self.origin, location
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UnavailableError(f"{self.url} redirected blob {digest} to {location[:80]!r}, not an http(s) URL")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        allowed = (parts.scheme == "https" or parts.hostname == self.origin[1]
+                   or parts.hostname in self.redirect_hosts or f"{parts.hostname}:{port}" in self.redirect_hosts)
+        if not allowed:
+            raise UnavailableError(f"{self.url} redirected blob {digest} to http://{parts.hostname}:{port}, not "
+                                   "https and not its own host; add the host to CELSLM_REDIRECT_HOSTS to follow it")
+        return (parts.scheme, parts.hostname, port), (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     def put_blob(self, digest: str, data: bytes) -> None:
         status, body = self.request("PUT", f"/v1/blobs/{digest}", data)
         if status not in (200, 201):
             raise self._fail(status, body, f"PUT blob {digest}")
+
+    def blob_writer(self, digest: str) -> "HttpBlobWriter":
+        return HttpBlobWriter(self, digest)
+
+    def check_blob(self, digest: str) -> bool:
+        return self.read_blob(digest) is not None
+
+    def quarantine(self, digest: str) -> None:
+        """Nothing to do here: the server quarantines a corrupt copy itself when it reads it."""
+
+    def usage_bytes(self) -> int:
+        status, data = self.request("GET", "/v1/health")
+        if status != 200:
+            raise self._fail(status, data, "GET health")
+        return int(json.loads(data).get("store_bytes") or 0)
 
     # ---- manifests, tags, lookup
 
@@ -193,8 +275,8 @@ class CacheClient:
         """Store a manifest, or the blobs it still lacks; `tag`, the tag the push will set, lets a server
         with tenants refuse a tag the token may not write before any blob is sent."""
         query = f"?tag={quote(tag, safe=':/')}" if tag else ""
-        status, body = self.request("PUT", f"/v1/artifacts/{artifact_id}{query}", data)
-        if status == 409:
+        status, body = self.request("PUT", f"/v1/artifacts/{artifact_id}{query}", data, limit=MAX_MANIFEST_BYTES)
+        if status == 409:  # the missing digests: never longer than the manifest naming them
             return json.loads(body)["missing"]
         if status not in (200, 201):
             raise self._fail(status, body, f"PUT artifact {artifact_id}")
@@ -237,12 +319,39 @@ class CacheClient:
         data = self._get(f"/v1/codebooks/{fingerprint}", f"codebook of {fingerprint[:12]}")
         return data.decode(errors="replace").strip() if data is not None else None
 
-    def lookup(self, space: str, prefixes: list[str]) -> tuple[str, int] | None:
-        status, data = self.request("GET", f"/v1/lookup?space={space}&prefix={','.join(prefixes)}")
+    def delete_tag(self, name: str) -> bool:
+        status, answer = self.request("DELETE", f"/v1/tags/{quote(name, safe=':/')}")
+        if status not in (200, 404):
+            raise self._fail(status, answer, f"DELETE tag {name}")
+        return status == 200
+
+    def lookup(self, space: str | None, prefixes: list[str]) -> tuple[str, int] | None:
+        query = f"space={space}&" if space else ""
+        status, data = self.request("GET", f"/v1/lookup?{query}prefix={','.join(prefixes)}")
         if status != 200:
             raise self._fail(status, data, "lookup")
         found = json.loads(data)
         return (found["artifact"], found["chunks"]) if found["artifact"] else None
+
+
+class HttpBlobWriter(HashingWriter):
+    """A blob for a serve-cache behind this one: gathered in memory (the front server bounds its size),
+    then sent in one PUT, which the server verifies again."""
+
+    def __init__(self, store: HttpStore, digest: str):
+        super().__init__(digest)
+        self.store = store
+        self._data = bytearray()
+
+    def _put(self, chunk: bytes) -> None:
+        self._data += chunk
+
+    def _keep(self) -> None:
+        self.store.put_blob(self.digest, bytes(self._data))
+        self._data = bytearray()
+
+    def abort(self) -> None:
+        self._data = bytearray()
 
 
 class _TooLarge(Exception):

@@ -71,6 +71,7 @@ class LocalStore(Store):
 
     def __init__(self, root: Path, capacity_bytes: int | None = None):
         self.root = Path(root)
+        self.url = str(self.root)
         self.capacity_bytes = capacity_bytes
         self._evicting = threading.Lock()  # one eviction at a time: two would race over the same files
         for sub in ("blobs", "manifests", "signatures", "timings", "tags", "seen", "prefixes", "codebooks", "quarantine", "tmp"):
@@ -300,8 +301,8 @@ class EdgeCache(LocalStore):
         self._measured_at = 0.0
         self._stored_meanwhile = 0  # bytes stored by other threads while an eviction measures the disk
 
-    def read_blob(self, digest: str) -> bytes | None:
-        data = super().read_blob(digest)
+    def read_blob(self, digest: str, limit: int | None = None) -> bytes | None:
+        data = super().read_blob(digest, limit)
         if data is not None:
             try:
                 os.utime(self.blob_path(digest))

@@ -45,7 +45,7 @@ from redis.retry import Retry
 
 from celslm.errors import InsufficientStorage, UnavailableError, UsageError
 from celslm.manifest import check_digest
-from celslm.store.base import HashingWriter, Store
+from celslm.store.base import HashingWriter, Store, without_credentials
 
 PART_BYTES = 1 << 20
 READ_PARTS = 8  # parts fetched by one MGET: bounds what one reply holds
@@ -156,9 +156,8 @@ class RedisBlobWriter(HashingWriter):
 
 class RedisStore(Store):
     def __init__(self, url: str):
-        self.url = url
         clustered = url.startswith("redis+cluster://")
-        shown = _without_password(url)  # errors reach HTTP clients: never the credentials
+        shown = self.url = without_credentials(url)  # errors reach HTTP clients: never the credentials
         self.where = f"Redis Cluster at {shown.removeprefix('redis+cluster://')}" if clustered else f"Redis at {shown}"
         try:
             if clustered:  # retries go to the cluster client: it refreshes the layout between them
@@ -249,12 +248,6 @@ class RedisStore(Store):
 
     def usage_bytes(self) -> int:
         return int(self.call(self.redis.get, USAGE) or 0)
-
-
-def _without_password(url: str) -> str:
-    """The URL with any user:password@ taken out."""
-    scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.rpartition("@")[2] if "@" in rest.split("/", 1)[0] else url
 
 
 def _first_line(exc: BaseException) -> str:

@@ -28,9 +28,9 @@ from celslm.codebook import MEDIA_CODEBOOK
 from celslm.confidential import Identity
 from celslm.errors import CelslmError, IntegrityError, NotFound, UnavailableError, UsageError
 from celslm.manifest import DIGEST, BlobRef, Manifest, Timings, sha256_digest
-from celslm.models import celslm_home
-from celslm.store.base import TAG
-from celslm.store.http import CacheClient
+from celslm.home import celslm_home
+from celslm.store import open_store
+from celslm.store.base import TAG, Store
 from celslm.store.local import EdgeCache
 from celslm.trust import SignedTag, TrustPolicy, Untrusted, merge_signatures
 
@@ -40,8 +40,8 @@ EDGE_CACHE_BYTES = 10 * 10**9  # the edge cache's default capacity: 10 GB
 
 @dataclass(frozen=True)
 class Sources:
-    """Where artifacts may come from besides local paths (peers in order, then the cloud), and whose
-    signatures count."""
+    """Where artifacts may come from besides local paths (peers in order, then the cloud: any URL
+    `open_store` opens, a serve-cache, a bucket, a directory), and whose signatures count."""
 
     peers: tuple[str, ...] = ()
     cloud: str | None = None
@@ -56,8 +56,8 @@ class Sources:
         return bool(self.peers or self.cloud)
 
     def tiers(self, warn: Warn | None = None) -> Tiers:
-        return Tiers(edge_cache(self.cache_bytes), [CacheClient(p, self.token) for p in self.peers],
-                     CacheClient(self.cloud, self.token) if self.cloud else None, policy=self.trust, warn=warn,
+        return Tiers(edge_cache(self.cache_bytes), [open_store(p, token=self.token) for p in self.peers],
+                     open_store(self.cloud, token=self.token) if self.cloud else None, policy=self.trust, warn=warn,
                      identity=self.identity)
 
 
@@ -91,7 +91,7 @@ class BlobSourceReader(ArtifactReader):
 
 
 class Tiers:
-    def __init__(self, local: EdgeCache, peers: list[CacheClient] = (), cloud: CacheClient | None = None,
+    def __init__(self, local: EdgeCache, peers: list[Store] = (), cloud: Store | None = None,
                  parallel: int = 4, policy: TrustPolicy | None = None, warn: Warn | None = None,
                  identity: Identity | None = None):
         self.local = local
@@ -128,7 +128,7 @@ class Tiers:
             return data
         for name, client in self.remotes:
             try:
-                data = self._ask(name, lambda: client.get_blob(digest, ref.size))
+                data = self._ask(name, lambda: client.read_blob(digest, ref.size))
             except IntegrityError as exc:
                 self.refused[digest] = str(exc)  # a corrupt copy is refused; try the next tier
                 if name in self.peer_names and name not in self.down:  # and a peer that sent one is asked no more
@@ -302,8 +302,7 @@ class Tiers:
         """The longest cached prefix among all tiers (local first; a longer remote hit wins). Under a
         policy an answer whose artifact no trusted key signed is passed over (a miss, with a warning)."""
         best, best_from = None, None
-        for name, found in self._answers(lambda store: store.lookup(prefixes) if store is self.local
-                                         else store.lookup(space, prefixes)):
+        for name, found in self._answers(lambda store: store.lookup(space, prefixes)):
             if not found or not DIGEST.match(found[0]) or not 0 < found[1] <= len(prefixes):
                 continue
             if best is not None and found[1] <= best[1]:
@@ -341,35 +340,6 @@ def check_reader(reader: ArtifactReader, policy: TrustPolicy | None) -> Artifact
     if policy is not None:
         policy.check_artifact(reader.id, reader.signatures, reader.source)
     return reader
-
-
-def push(reader: ArtifactReader, client: CacheClient, tag: str | None = None, signatures=(),
-         signed_tag: SignedTag | None = None) -> dict:
-    """Upload only the blobs the server lacks, then the manifest, its side records (the reader's
-    signatures and `signatures`, its timings), then the tag (with `signed_tag` if given)."""
-    sent = skipped = bytes_sent = 0
-    manifest = reader.manifest.canonical_bytes()
-    client.put_manifest(reader.id, manifest, tag)  # first: a tag or a quota refused (403, 507) before any blob is sent
-    for ref, data in reader.blobs():
-        if client.has_blob(ref.digest):
-            skipped += 1
-            continue
-        client.put_blob(ref.digest, data)
-        sent += 1
-        bytes_sent += len(data)
-    missing = client.put_manifest(reader.id, manifest)
-    if missing:
-        raise IntegrityError(f"{client.url} still lacks {len(missing)} blobs after upload, first {missing[0]}")
-    signatures = merge_signatures(reader.signatures, signatures)
-    if signatures:
-        client.put_signatures(reader.id, signatures)
-    if reader.timings.to_json():
-        client.put_timings(reader.id, reader.timings)
-    if tag:
-        client.put_tag(tag, reader.id, signed_tag)
-    return {"id": reader.id, "url": client.url, "tag": tag, "tag_signed": signed_tag is not None,
-            "signatures": [sig.key_id for sig in signatures], "blobs_sent": sent, "blobs_skipped": skipped,
-            "bytes_sent": bytes_sent}
 
 
 def open_ref(ref: str, sources: Sources, stdin=None, warn: Warn | None = None) -> tuple[ArtifactReader, Tiers | None]:

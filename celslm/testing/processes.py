@@ -2,7 +2,7 @@
 healthy before it is handed over, and stopping one. Every wait is bounded and says why it gave up.
 
     with ServeCache("--root", str(store)) as cache:       # celslm serve-cache on a free port
-        CacheClient(cache.url) ...
+        HttpStore(cache.url) ...
 """
 
 from __future__ import annotations

@@ -1,0 +1,116 @@
+"""Blob reads off Python: cache headers on serve-cache's answers, and redirects (307) to a static
+server over the store's files, which the edge follows only where it may, without its token, and
+verifies as always."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from celslm.errors import EXIT_INTEGRITY, EXIT_UNAVAILABLE
+from celslm.server import IMMUTABLE
+from celslm.testing.processes import Service, free_port
+from tests.conftest import run_cli
+from tests.netutil import RecordingProxy, Server
+from tests.test_server import call_with_headers, first_block
+
+READ_TOKEN = "read-s3cret-5531"
+
+
+@pytest.fixture()
+def pushed(prefilled, tmp_path):
+    """A store folder holding the artifact (pushed through serve-cache), the artifact's id and manifest."""
+    folder = prefilled / "a.kv"
+    manifest = json.loads((folder / "manifest.json").read_bytes())
+    with Server(tmp_path / "store") as origin:
+        artifact_id = json.loads(run_cli("push", str(folder), origin.url, "--tag", "ctx:1", "--json", check=True).stdout)["id"]
+    return tmp_path / "store", artifact_id, manifest
+
+
+@pytest.fixture()
+def static(pushed):
+    """Python's own static file server over the store's folder (its files at /store/...), behind a proxy
+    that records what it is sent; `base` is the URL of the store's files."""
+    served = pushed[0].parent
+    (served / "v1").mkdir()
+    (served / "v1" / "health").write_text("{}")  # what Service waits for
+    port = free_port()
+    server = Service([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(served), str(port)],
+                     port, "http.server", timeout_s=30)
+    proxy = RecordingProxy(port)
+    proxy.base = f"{proxy.url}/{pushed[0].name}"
+    yield proxy
+    proxy.close()
+    server.stop()
+
+
+def test_blobs_and_manifests_say_they_are_immutable_and_tags_that_they_move(pushed):
+    root, artifact_id, manifest = pushed
+    digest = first_block(manifest)
+    with Server(root) as cloud:
+        status, _, headers = call_with_headers(cloud.url, "GET", f"/v1/blobs/{digest}")
+        assert status == 200 and headers["Cache-Control"] == IMMUTABLE and headers["ETag"] == f'"{digest}"'
+        status, body, _ = call_with_headers(cloud.url, "GET", f"/v1/blobs/{digest}", headers={"If-None-Match": f'"{digest}"'})
+        assert status == 304 and body == b""
+        other = call_with_headers(cloud.url, "GET", f"/v1/blobs/{digest}", headers={"If-None-Match": '"sha256:00"'})
+        assert other[0] == 200 and len(other[1]) == manifest["blocks"][0][0]["size"]
+        assert call_with_headers(cloud.url, "GET", f"/v1/artifacts/{artifact_id}")[2]["Cache-Control"] == IMMUTABLE
+        assert call_with_headers(cloud.url, "GET", "/v1/tags/ctx:1")[2]["Cache-Control"] == "no-cache"
+        assert call_with_headers(cloud.url, "GET", f"/v1/lookup?prefix={'a' * 64}")[2]["Cache-Control"] == "no-cache"
+
+
+def test_the_edge_follows_a_redirect_to_its_own_host_without_its_token_and_verifies(pushed, static, tmp_path):
+    root, artifact_id, manifest = pushed
+    digest = first_block(manifest)
+    with Server(root, "--blob-base", static.base, "--read-token", READ_TOKEN) as cloud:
+        status, _, headers = call_with_headers(cloud.url, "HEAD", f"/v1/blobs/{digest}", token=READ_TOKEN)
+        assert status == 200  # HEAD, which decides what a push sends, is answered by serve-cache itself
+        pulled = run_cli("pull", artifact_id, "--cloud", cloud.url, "--token", READ_TOKEN, "--out", str(tmp_path / "b.kv"),
+                         "--json", check=True)
+        assert json.loads(pulled.stdout)["id"] == artifact_id
+        assert run_cli("verify", str(tmp_path / "b.kv")).returncode == 0
+        blobs = sum(len(layer) for layer in manifest["blocks"])
+        assert static.sent.count(b"GET /store/blobs/") >= blobs  # the bytes came from the static server
+        assert READ_TOKEN.encode() not in static.sent and b"Authorization" not in static.sent
+
+        (root / "blobs" / digest.removeprefix("sha256:")).write_bytes(b"not the blob")  # what the static server sends
+        again = run_cli("pull", artifact_id, "--cloud", cloud.url, "--token", READ_TOKEN, "--out", str(tmp_path / "c.kv"),
+                        env={"CELSLM_HOME": str(tmp_path / "cold-edge")})
+        assert again.returncode == EXIT_INTEGRITY and "corrupt bytes" in again.stderr.decode()
+        assert len(again.stderr.strip().splitlines()) == 1 and not (tmp_path / "c.kv").exists()
+
+
+def test_a_redirect_to_another_plain_http_host_is_followed_only_where_allowed(pushed, static, tmp_path):
+    root, artifact_id, _ = pushed
+    other_host = static.base.replace("127.0.0.1", "localhost")  # not the server's own host name, and not https
+    with Server(root, "--blob-base", other_host) as cloud:
+        refused = run_cli("pull", artifact_id, "--cloud", cloud.url, "--out", str(tmp_path / "b.kv"))
+        assert refused.returncode == EXIT_UNAVAILABLE and "CELSLM_REDIRECT_HOSTS" in refused.stderr.decode()
+        assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.kv").exists()
+        allowed = run_cli("pull", artifact_id, "--cloud", cloud.url, "--out", str(tmp_path / "b.kv"),
+                          env={"CELSLM_REDIRECT_HOSTS": "localhost"})
+        assert allowed.returncode == 0, allowed.stderr.decode()
+        assert run_cli("verify", str(tmp_path / "b.kv")).returncode == 0
+
+
+def test_serve_cache_refuses_redirect_options_that_cannot_work(tmp_path):
+    for args, words in ((("--blob-base", "ftp://x/y"), "http(s) URL"), (("--presign",), "presigned"),
+                        (("--blob-base", "http://x", "--presign"), "give one")):
+        result = subprocess.run([sys.executable, "-m", "celslm", "serve-cache", "--root", str(tmp_path / "s"),
+                                 "--port", str(free_port()), *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_push_to_a_directory_and_pull_from_it_as_the_cloud(prefilled, tmp_path):
+    """Any store is a push target and a tier: no serve-cache in between."""
+    folder = prefilled / "a.kv"
+    store = tmp_path / "bucket-like"
+    first = json.loads(run_cli("push", str(folder), str(store), "--tag", "ctx:1", "--json", check=True).stdout)
+    again = json.loads(run_cli("push", str(folder), str(store), "--json", check=True).stdout)
+    assert first["blobs_sent"] > 0 and again["blobs_sent"] == 0 and again["blobs_skipped"] == first["blobs_sent"]
+    run_cli("pull", "ctx:1", "--cloud", f"file://{store}", "--out", str(tmp_path / "b.kv"), check=True)
+    assert (tmp_path / "b.kv" / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
+    assert run_cli("verify", str(tmp_path / "b.kv")).returncode == 0
