@@ -116,7 +116,12 @@ class State:
         if config.tenants and config.capacity_bytes is not None:
             raise UsageError("a capacity evicts whole artifacts, whichever tenant holds them: with tenants, "
                              "their quotas bound the store instead")
-        store = open_store(config.store, config.capacity_bytes)
+        return cls.over(config, open_store(config.store, config.capacity_bytes))
+
+    @classmethod
+    def over(cls, config: ServerConfig, store: Store) -> State:
+        """The state of a server over `store`, whatever it is (what `config.store` names, opened by
+        `open`, or one a test or a bench builds: the faulty store of celslm.testing.faults)."""
         if config.presign and store.blob_url("sha256:" + "0" * 64) is None:
             raise UsageError(f"store {store.url} has no presigned URLs to redirect to; --presign needs an s3:// store")
         if config.tenants and type(store).update is Store.update:
@@ -135,21 +140,24 @@ def make_app(config: ServerConfig) -> web.Application:
     return app_for(State.open(config))
 
 
-def app_for(state: State) -> web.Application:
+def app_for(state: State, middlewares=()) -> web.Application:
+    """serve-cache's app over `state`; `middlewares` run inside its own (the faults of celslm.testing)."""
     config = state.config
-    render = lambda status, exc: web.Response(status=status, text=f"{exc}\n")  # noqa: E731
-    if config.tenants:  # the tenant guard checks tokens; guard only answers library errors
-        middlewares = [_tenant_guard(config), guard(lambda request: None, render)]
-    else:
-        middlewares = [guard(lambda request: config.write_token if request.method in WRITES else config.read_token,
-                             render)]
-    app = web.Application(middlewares=middlewares, client_max_size=config.max_manifest_bytes)
+    app = web.Application(middlewares=[*middlewares_of(config), *middlewares], client_max_size=config.max_manifest_bytes)
     app[STATE] = state
     store = state.store
     add_health_and_metrics(app, lambda: {"store_bytes": store.usage_bytes(), "capacity_bytes": store.capacity_bytes},
                            state.metrics.registry)
     app.add_routes(ROUTES)
     return app
+
+
+def middlewares_of(config: ServerConfig) -> list:
+    """The bearer check (with tenants, theirs) and the status of each library error."""
+    render = lambda status, exc: web.Response(status=status, text=f"{exc}\n")  # noqa: E731
+    if config.tenants:  # the tenant guard checks tokens; guard only answers library errors
+        return [_tenant_guard(config), guard(lambda request: None, render)]
+    return [guard(lambda request: config.write_token if request.method in WRITES else config.read_token, render)]
 
 
 def _tenant_guard(config: ServerConfig) -> Callable:

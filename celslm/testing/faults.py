@@ -1,5 +1,6 @@
-"""A serve-cache that misbehaves as told: it serves a store's manifests, tags and blobs as serve-cache
-does (GET only, no signed statements or signatures: those are 404), and lies in one way.
+"""A serve-cache that misbehaves as told: serve-cache's own app (server.app_for) over a store that
+lies (`FaultyStore`), with the transport faults in front of its blob route. Tests and `bench hostile`
+both use it. Signatures, signed statements, timings and lookups are never there (404 or a miss).
 
   ok             as serve-cache
   stall          every blob waits 20 s before it comes
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from celslm.manifest import sha256_digest
+from celslm.manifest import Timings, sha256_digest
+from celslm.server import ServerConfig, State, app_for
 from celslm.store.local import LocalStore
 from celslm.testing.processes import free_port
 from celslm.trust import canonical_json
@@ -36,90 +38,107 @@ from celslm.trust import canonical_json
 MODES = ("ok", "stall", "drop", "huge", "huge-declared", "trickle", "counts")
 
 
+class FaultyStore(LocalStore):
+    """A directory store that lies: corrupt blobs, forged manifests and tags (`manifests`, `tags`, and
+    in mode `counts` every manifest inflated to 10^9 tokens), and no signatures, statements, timings or
+    lookups. Its blobs are read through `read_blob` only, so the server sends what it says."""
+
+    on_disk = False
+
+    def __init__(self, root: Path, mode: str = "ok", corrupt: set[str] = frozenset()):
+        super().__init__(root)
+        self.mode, self.corrupt = mode, corrupt
+        self.manifests: dict[str, bytes] = {}  # id -> bytes served instead of the store's
+        self.tags: dict[str, str] = {}
+
+    def blob_file(self, digest: str) -> Path | None:
+        return None
+
+    def read_blob(self, digest: str, limit: int | None = None) -> bytes | None:
+        data = self._read("blobs", digest.removeprefix("sha256:"))
+        if data and digest in self.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        return data
+
+    def get_manifest(self, artifact_id: str) -> bytes | None:
+        data = self.manifests.get(artifact_id) or super().get_manifest(artifact_id)
+        return self._inflated(data) if data and self.mode == "counts" else data
+
+    def get_tag(self, name: str) -> str | None:
+        found = self.tags.get(name) or super().get_tag(name)
+        if found and self.mode == "counts":
+            data = self.get_manifest(found)
+            return sha256_digest(data) if data else None
+        return found
+
+    def get_signed_tag(self, name: str):
+        return None
+
+    def get_signatures(self, artifact_id: str) -> tuple:
+        return ()
+
+    def get_timings(self, artifact_id: str) -> Timings:
+        return Timings()
+
+    def lookup(self, space, prefix_hashes):
+        return None
+
+    def _inflated(self, data: bytes) -> bytes:
+        """The manifest, forged to declare 10^9 tokens (and kept, so its id can be asked for)."""
+        obj = json.loads(data)
+        obj["tokens"]["count"] = 10**9
+        forged = canonical_json(obj)
+        self.manifests[sha256_digest(forged)] = forged
+        return forged
+
+
 class Faults:
-    """The misbehaving server's state and routes (`app`); it counts the requests it was sent."""
+    """The misbehaving server: serve-cache's app over a `FaultyStore`, with `mode`'s transport fault
+    in front of blob reads (`app`); it counts the blob requests it was sent."""
 
     def __init__(self, root: Path, mode: str = "ok", corrupt: set[str] = frozenset()):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
-        self.root, self.mode, self.corrupt = Path(root), mode, corrupt
-        self.store = LocalStore(self.root)
-        self.manifests: dict[str, bytes] = {}  # id -> bytes served instead of the store's
-        self.tags: dict[str, str] = {}
+        self.root, self.mode = Path(root), mode
+        self.store = FaultyStore(self.root, mode, corrupt)
+        self.manifests, self.tags = self.store.manifests, self.store.tags
         self.range_requests = 0
         self.blob_requests = 0
 
     def app(self) -> web.Application:
-        application = web.Application()
-        application.router.add_get("/v1/health", self.health)
-        application.router.add_get("/v1/blobs/{digest}", self.blob)
-        application.router.add_get("/v1/artifacts/{digest}", self.manifest)
-        application.router.add_get("/v1/tags/{name}", self.tag)
-        return application  # anything else (statements, signatures, timings, lookups): 404
+        config = ServerConfig(store=str(self.root), memory_bytes=0)
+        return app_for(State.over(config, self.store), middlewares=(self._transport,))
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "faults": self.mode})
-
-    async def blob(self, request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def _transport(self, request: web.Request, handler):
+        if not request.path.startswith("/v1/blobs/") or request.method != "GET":
+            return await handler(request)
         self.blob_requests += 1
-        digest = request.match_info["digest"]
-        path = self.root / "blobs" / digest.removeprefix("sha256:")
-        if not path.is_file():
-            raise web.HTTPNotFound()
         if self.mode == "stall":
             await asyncio.sleep(20)
-        if self.mode in ("huge", "trickle"):  # endless zeros, or one byte a second
-            response = web.StreamResponse()
+        if self.mode in ("huge", "trickle", "huge-declared"):
+            if not await asyncio.to_thread(self.store.has_blob, request.match_info.get("digest", "")):
+                raise web.HTTPNotFound()
+            if self.mode == "huge-declared":
+                return web.Response(body=b"", headers={"Content-Length": str(10**10)})
+            response = web.StreamResponse()  # endless zeros, or one byte a second
             await response.prepare(request)
             for _ in range(2000 if self.mode == "huge" else 60):  # bounded: 2 GB, or a minute
                 await response.write(bytes(1 << 20) if self.mode == "huge" else b"\0")
                 if self.mode == "trickle":
                     await asyncio.sleep(1)
             return response
-        if self.mode == "huge-declared":
-            return web.Response(body=b"", headers={"Content-Length": str(10**10)})
-        data = path.read_bytes()
-        if digest in self.corrupt:
-            data = data[:-1] + bytes([data[-1] ^ 0xFF])
-        if self.mode == "drop":
-            if "Range" in request.headers:
-                self.range_requests += 1
-                start = int(request.headers["Range"].removeprefix("bytes=").rstrip("-"))
-                return web.Response(status=206, body=data[start:],
-                                    headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
-            response = web.StreamResponse()
-            response.content_length = len(data)
-            await response.prepare(request)
-            await response.write(data[: len(data) // 2])
-            request.transport.close()  # the connection dies mid-blob
-            return response
-        return web.Response(body=data)
-
-    async def manifest(self, request: web.Request) -> web.Response:
-        artifact_id = request.match_info["digest"]
-        data = self.manifests.get(artifact_id) or self.store.get_manifest(artifact_id)
-        if data and self.mode == "counts":
-            data = self._inflated(data)
-            self.manifests[sha256_digest(data)] = data
-        return web.Response(body=data) if data else web.Response(status=404)
-
-    async def tag(self, request: web.Request) -> web.Response:
-        found = self.tags.get(request.match_info["name"]) or self.store.get_tag(request.match_info["name"])
-        if found and self.mode == "counts":
-            data = self.manifests.get(found) or self.store.get_manifest(found)
-            found = None
-            if data:
-                data = self._inflated(data)
-                found = sha256_digest(data)
-                self.manifests[found] = data
-        return web.Response(text=found) if found else web.Response(status=404)
-
-    @staticmethod
-    def _inflated(data: bytes) -> bytes:
-        """The manifest, forged to declare 10^9 tokens."""
-        obj = json.loads(data)
-        obj["tokens"]["count"] = 10**9
-        return canonical_json(obj)
+        if self.mode == "drop" and "Range" in request.headers:
+            self.range_requests += 1
+        answer = await handler(request)
+        if self.mode != "drop" or "Range" in request.headers or answer.status != 200:
+            return answer
+        response = web.StreamResponse()
+        response.content_length = len(answer.body)
+        await response.prepare(request)
+        await response.write(answer.body[: len(answer.body) // 2])
+        request.transport.close()  # the connection dies mid-blob
+        return response
 
 
 class FaultServer(Faults):
