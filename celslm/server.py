@@ -60,6 +60,7 @@ TAG_ROUTE = rf"{{name:(?:{NAMESPACE}/)?[A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}}}"  #
 WRITES = ("PUT", "POST", "DELETE")
 SMALL_BLOB_BYTES = 4 << 20  # blobs up to this size are sent from memory; bigger ones stream with sendfile
 IMMUTABLE = "public, max-age=31536000, immutable"  # blobs and manifests: named by their digest
+GUARDED = "private, max-age=31536000, immutable"  # the same where reads need a token: no shared cache keeps them
 MOVING = "no-cache"  # tags and lookups: a cache must ask again each time
 
 
@@ -213,7 +214,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     store, metrics, config = state.store, state.metrics, state.config
     digest = request.match_info["digest"]
     if digest in (tag.value for tag in request.if_none_match or ()):  # the client holds these very bytes
-        raise web.HTTPNotModified(headers=_blob_headers(digest))
+        raise web.HTTPNotModified(headers=_blob_headers(request, digest))
     if request.method == "GET" and (config.blob_base or config.presign):
         metrics.redirects.inc()
         location = store.blob_url(digest) if config.presign else f"{config.blob_base}/blobs/{digest.removeprefix('sha256:')}"
@@ -233,7 +234,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
                 metrics.misses.inc()
                 raise web.HTTPNotFound(text=f"no blob {digest}\n")
             metrics.hits.inc()
-            response = _BlobFile(path, headers=_blob_headers(digest))
+            response = _BlobFile(path, headers=_blob_headers(request, digest))
             await response.prepare(request)
             if request.method == "GET":
                 metrics.bytes_out.inc(response.content_length or 0)
@@ -246,14 +247,21 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return _send(request, digest, data)
 
 
-def _blob_headers(digest: str) -> dict:
-    return {"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Cache-Control": IMMUTABLE}
+def _blob_headers(request: web.Request, digest: str) -> dict:
+    return {"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Cache-Control": _immutable(request)}
+
+
+def _immutable(request: web.Request) -> str:
+    """How long an answer named by its digest may be kept, and by whom: any cache while reads are open,
+    only the client's own once they need a token (a shared cache would hand them to anyone)."""
+    config = request.app[STATE].config
+    return GUARDED if config.read_token or any(t.reads_own_only for t in config.tenants) else IMMUTABLE
 
 
 def _send(request: web.Request, digest: str, data: bytes) -> web.Response:
     metrics = request.app[STATE].metrics
     metrics.hits.inc()
-    headers = {**_blob_headers(digest), "Accept-Ranges": "bytes"}
+    headers = {**_blob_headers(request, digest), "Accept-Ranges": "bytes"}
     status, body = 200, data
     if "Range" in request.headers:
         try:
@@ -325,7 +333,7 @@ async def get_artifact(request: web.Request) -> web.Response:
         state.metrics.misses.inc()
         raise web.HTTPNotFound(text="no such artifact\n")
     state.metrics.hits.inc()
-    return web.Response(body=data, content_type=MEDIA_MANIFEST, headers={"Cache-Control": IMMUTABLE})
+    return web.Response(body=data, content_type=MEDIA_MANIFEST, headers={"Cache-Control": _immutable(request)})
 
 
 async def put_artifact(request: web.Request) -> web.Response:

@@ -101,8 +101,11 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
                          "(a directory store is --root)")
     if blob_base and presign:
         raise UsageError("--blob-base and --presign both say where blob reads go; give one")
-    if blob_base and urlsplit(blob_base).scheme not in ("http", "https"):
-        raise UsageError(f"--blob-base {blob_base}: expected an http(s) URL of a server over the store's files")
+    base = urlsplit(blob_base or "")
+    if blob_base and (base.scheme not in ("http", "https") or not base.hostname or "@" in base.netloc
+                      or base.query or base.fragment):
+        raise UsageError(f"--blob-base {without_credentials(blob_base)}: expected http(s)://HOST[:PORT][/PATH] of a server "
+                         "over the store's files (no credentials, query or fragment: every client sees it)")
     if capacity and workers > 1:
         raise UsageError("--capacity evicts within one process; with --workers give the store its room instead "
                          "(a directory without --capacity, or Redis with maxmemory)")
@@ -127,6 +130,9 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
     sock = listening_socket(host, port)  # before the banner: a busy port is an error, not a server
     scheme = "https" if context else "http"
     redirect = f", blob reads to {blob_base}" if blob_base else ", blob reads to presigned URLs" if presign else ""
+    if blob_base and (read_token or any(t.reads_own_only for t in tenants)):
+        log(f"serve-cache: warning: reads need a token here, but {blob_base} serves blobs to anyone who names their "
+            "digest; keep it where only your edges reach it, or encrypt the contexts")
     log(f"serve-cache: {scheme}://{host}:{port} store {without_credentials(backend) if backend else root}{redirect} "
         f"(writes {'need a token' if write_token or tenants else 'open'}"
         f"{f', {len(tenants)} tenant' + ('s' if len(tenants) > 1 else '') if tenants else ''}, reads {'need a token' if read_token or any(t.reads_own_only for t in tenants) else 'open'}"

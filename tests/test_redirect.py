@@ -68,6 +68,7 @@ def test_the_edge_follows_a_redirect_to_its_own_host_without_its_token_and_verif
     with Server(root, "--blob-base", static.base, "--read-token", READ_TOKEN) as cloud:
         status, _, headers = call_with_headers(cloud.url, "HEAD", f"/v1/blobs/{digest}", token=READ_TOKEN)
         assert status == 200  # HEAD, which decides what a push sends, is answered by serve-cache itself
+        assert headers["Cache-Control"].startswith("private")  # reads need a token: no shared cache may keep it
         pulled = run_cli("pull", artifact_id, "--cloud", cloud.url, "--token", READ_TOKEN, "--out", str(tmp_path / "b.kv"),
                          "--json", check=True)
         assert json.loads(pulled.stdout)["id"] == artifact_id
@@ -97,7 +98,8 @@ def test_a_redirect_to_another_plain_http_host_is_followed_only_where_allowed(pu
 
 
 def test_serve_cache_refuses_redirect_options_that_cannot_work(tmp_path):
-    for args, words in ((("--blob-base", "ftp://x/y"), "http(s) URL"), (("--presign",), "presigned"),
+    for args, words in ((("--blob-base", "ftp://x/y"), "expected http(s)://"), (("--presign",), "presigned"),
+                        (("--blob-base", "http://u:pw@x/y"), "no credentials"),
                         (("--blob-base", "http://x", "--presign"), "give one")):
         result = subprocess.run([sys.executable, "-m", "celslm", "serve-cache", "--root", str(tmp_path / "s"),
                                  "--port", str(free_port()), *args], capture_output=True, text=True, timeout=60)
@@ -114,3 +116,42 @@ def test_push_to_a_directory_and_pull_from_it_as_the_cloud(prefilled, tmp_path):
     run_cli("pull", "ctx:1", "--cloud", f"file://{store}", "--out", str(tmp_path / "b.kv"), check=True)
     assert (tmp_path / "b.kv" / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
     assert run_cli("verify", str(tmp_path / "b.kv")).returncode == 0
+
+
+def test_redirect_rules_refuse_a_downgrade_a_bad_port_and_unlisted_hosts():
+    from celslm.errors import UnavailableError
+    from celslm.store.http import HttpStore
+
+    digest = "sha256:" + "ab" * 32
+    plain = HttpStore("http://cache.example:8470", redirect_hosts=("CDN.example", "[::1]:8080"))
+    secure = HttpStore("https://cache.example:8470", redirect_hosts=())
+    assert plain._redirect("http://cache.example:8333/b?x=1", digest) == (("http", "cache.example", 8333), "/b?x=1")
+    assert plain._redirect("http://cdn.example/b", digest)[0] == ("http", "cdn.example", 80)  # listed, any case
+    assert plain._redirect("http://[::1]:8080/b", digest)[0] == ("http", "::1", 8080)
+    assert plain._redirect("https://anywhere.example/b", digest)[0] == ("https", "anywhere.example", 443)
+    assert plain._redirect("/elsewhere", digest) == (("http", "cache.example", 8470), "/elsewhere")
+    for server, location in ((plain, "http://other.example/b"), (plain, "//other.example/b"),
+                             (plain, "http://cdn.example:abc/b"), (plain, "ftp://cdn.example/b"),
+                             (secure, "http://cache.example/b")):
+        with pytest.raises(UnavailableError):
+            server._redirect(location, digest)
+
+
+def test_a_push_repairs_a_blob_gone_bad_in_the_store(pushed, prefilled):
+    root, artifact_id, manifest = pushed
+    digest = first_block(manifest)
+    stored = root / "blobs" / digest.removeprefix("sha256:")
+    good = stored.read_bytes()
+    stored.write_bytes(b"rot" + good[3:])
+    with Server(root) as cloud:
+        again = json.loads(run_cli("push", str(prefilled / "a.kv"), cloud.url, "--json", check=True).stdout)
+    assert again["blobs_sent"] == 1 and stored.read_bytes() == good
+
+
+def test_a_server_given_without_its_scheme_is_refused_not_made_a_folder(prefilled, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (("push", str(prefilled / "a.kv"), "cloud.example:8470"), ("pull", "x:1", "--cloud", "cloud.example:8470", "--out", "o.kv"),
+                 ("pull", "x:1", "--cloud", "no-such-store", "--out", "o.kv")):
+        result = run_cli(*args)
+        assert result.returncode == 2 and len(result.stderr.decode().strip().splitlines()) == 1, result.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["celslm-home"]  # the edge cache only: no store folder

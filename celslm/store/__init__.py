@@ -10,6 +10,7 @@ and the tiered lookup local -> peers -> cloud over any of them (tiers.py).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,11 +20,16 @@ from celslm.store.base import Store, without_credentials
 SCHEMES = ("file", "redis", "redis+cluster", "http", "https")
 
 
-def open_store(url: str | Path, capacity_bytes: int | None = None, token: str | None = None) -> Store:
-    """The store a URL names: a plain path or file:// (a directory, with an optional capacity), redis://,
-    redis+cluster://, or http(s):// (a serve-cache, with its bearer `token`)."""
+def open_store(url: str | Path, capacity_bytes: int | None = None, token: str | None = None, create: bool = True) -> Store:
+    """The store a URL names: a plain path or file:// (a directory, with an optional capacity; made
+    unless `create` is False), redis://, redis+cluster://, or http(s):// (a serve-cache, with its
+    bearer `token`)."""
     text = str(url)
     scheme = urlsplit(text).scheme if "://" in text else "file"
+    if scheme == "file" and re.fullmatch(r"[A-Za-z0-9.-]+:\d+(/.*)?", text):  # cloud:8470 is not a folder name
+        raise UsageError(f"store {text}: a server without its scheme? give http://{text} (or ./{text} for a folder)")
+    if scheme == "file" and not create and not Path(text.removeprefix("file://")).is_dir():
+        raise UsageError(f"store {text}: no such directory")
     if capacity_bytes is not None and scheme != "file":
         raise UsageError(f"store {without_credentials(text)}: a capacity applies to a directory store"
                          + ("; give Redis maxmemory and maxmemory-policy noeviction instead" if "redis" in scheme else ""))

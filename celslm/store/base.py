@@ -193,7 +193,9 @@ class Store:
         size = sum({ref.digest: ref.size for ref in manifest.blob_refs()}.values())
         if self.capacity_bytes is not None and size > self.capacity_bytes:
             raise InsufficientStorage(f"artifact {artifact_id} needs {size:,} bytes; the store holds {self.capacity_bytes:,}")
-        missing = [ref.digest for ref in manifest.blob_refs() if not self.has_blob(ref.digest)]
+        # each blob checked against its digest (a corrupt copy is quarantined): a push then repairs it
+        missing = [digest for digest in dict.fromkeys(ref.digest for ref in manifest.blob_refs())
+                   if not self.check_blob(digest)]
         if missing:
             return missing
         self._write("manifests", hex_id, data)
@@ -295,8 +297,11 @@ class Store:
             if int(stored_count) != count:
                 continue
             data = self._read("manifests", artifact_id.removeprefix("sha256:"))  # evicted since: a miss
-            if data is not None and (space is None or Manifest.from_bytes(data, artifact_id).space.fingerprint == space):
-                return artifact_id, count
+            try:
+                if data is not None and (space is None or Manifest.from_bytes(data, artifact_id).space.fingerprint == space):
+                    return artifact_id, count
+            except IntegrityError:  # a damaged record is a miss here; reading the artifact says what is wrong
+                continue
         return None
 
 

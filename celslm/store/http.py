@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, TokenRequired, UnavailableError, UsageError
 from celslm.manifest import MAX_MANIFEST_BYTES, SIGNATURES_NAME, TIMINGS_NAME, Timings, read_side_record, sha256_digest
@@ -59,15 +59,17 @@ class HttpStore(Store):
         self.timeout_s = timeout_s or float(os.environ.get("CELSLM_TIMEOUT") or 30)
         self.retries, self.backoff_s = retries, backoff_s
         if redirect_hosts is None:
-            redirect_hosts = tuple(h.strip() for h in os.environ.get("CELSLM_REDIRECT_HOSTS", "").split(",") if h.strip())
-        self.redirect_hosts = frozenset(redirect_hosts)
+            redirect_hosts = tuple(os.environ.get("CELSLM_REDIRECT_HOSTS", "").split(","))
+        self.redirect_hosts = frozenset(filter(None, map(_host_entry, redirect_hosts)))
         self.origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         self._local = threading.local()  # kept-alive connections of each fetching thread, by origin
 
     def _connect(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection:
         scheme, host, port = origin
         if scheme == "https":
-            context = ssl.create_default_context(cafile=os.environ.get("CELSLM_CA_FILE") or None)
+            context = ssl.create_default_context()  # the system's CAs, and CELSLM_CA_FILE's besides
+            if os.environ.get("CELSLM_CA_FILE"):
+                context.load_verify_locations(os.environ["CELSLM_CA_FILE"])
             return http.client.HTTPSConnection(host, port, timeout=self.timeout_s, context=context)
         return http.client.HTTPConnection(host, port, timeout=self.timeout_s)
 
@@ -176,6 +178,7 @@ class HttpStore(Store):
         size = limit or LARGEST_BLOB_BYTES
         received, origin, path = b"", None, f"/v1/blobs/{digest}"
         failures = redirects = 0
+        refused = False  # a redirect target answered 403
         while failures <= self.retries:
             try:
                 ranged = {"Range": f"bytes={len(received)}-"} if received else None
@@ -197,6 +200,11 @@ class HttpStore(Store):
                 continue
             if status == 404 and not received:
                 return None
+            if status == 403 and origin is not None and not received:  # an expired URL, or a key the store lacks
+                if refused:  # the server's fresh URL is refused too: the blob is not there
+                    return None
+                origin, path, refused = None, f"/v1/blobs/{digest}", True
+                continue
             if status == 206 and received:
                 received += data
             elif status == 200:
@@ -219,20 +227,26 @@ class HttpStore(Store):
         return failures + 1
 
     def _redirect(self, location: str, digest: str) -> tuple[tuple[str, str, int], str]:
-        """(origin, path) of a redirect the client may follow: to https, to the server's own host, or
-        to a host CELSLM_REDIRECT_HOSTS names; anything else is refused (the next tier is asked)."""
-        parts = urlsplit(location)
-        if not parts.scheme and location.startswith("/"):  # a path on the server itself
-            return self.origin, location
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        """(origin, path) of a redirect the client may follow: to https, to the server's own host (if the
+        server is not https itself), or to a host CELSLM_REDIRECT_HOSTS names; anything else is refused
+        (the next tier is asked)."""
+        parts = urlsplit(urljoin(f"{self.url}/v1/blobs/{digest}", location))
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:  # a port that is not one
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
             raise UnavailableError(f"{self.url} redirected blob {digest} to {location[:80]!r}, not an http(s) URL")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        allowed = (parts.scheme == "https" or parts.hostname == self.origin[1]
-                   or parts.hostname in self.redirect_hosts or f"{parts.hostname}:{port}" in self.redirect_hosts)
-        if not allowed:
-            raise UnavailableError(f"{self.url} redirected blob {digest} to http://{parts.hostname}:{port}, not "
-                                   "https and not its own host; add the host to CELSLM_REDIRECT_HOSTS to follow it")
-        return (parts.scheme, parts.hostname, port), (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = parts.hostname.lower()
+        listed = host in self.redirect_hosts or f"{host}:{port}" in self.redirect_hosts
+        own = host == self.origin[1].lower() and self.origin[0] == "http"
+        if not (parts.scheme == "https" or own or listed):
+            raise UnavailableError(f"{self.url} redirected blob {digest} to http://{host}:{port}, not https and not "
+                                   "its own host; add the host to CELSLM_REDIRECT_HOSTS to follow it")
+        if self.origin[0] == "https" and parts.scheme == "http" and not listed:
+            raise UnavailableError(f"{self.url} redirected blob {digest} from https to http://{host}:{port}; add "
+                                   "the host to CELSLM_REDIRECT_HOSTS to follow it")
+        return (parts.scheme, host, port), (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     def put_blob(self, digest: str, data: bytes) -> None:
         status, body = self.request("PUT", f"/v1/blobs/{digest}", data)
@@ -243,7 +257,8 @@ class HttpStore(Store):
         return HttpBlobWriter(self, digest)
 
     def check_blob(self, digest: str) -> bool:
-        return self.read_blob(digest) is not None
+        """Whether the server holds a valid copy: its HEAD verifies the blob before answering."""
+        return self.has_blob(digest)
 
     def quarantine(self, digest: str) -> None:
         """Nothing to do here: the server quarantines a corrupt copy itself when it reads it."""
@@ -332,6 +347,19 @@ class HttpStore(Store):
             raise self._fail(status, data, "lookup")
         found = json.loads(data)
         return (found["artifact"], found["chunks"]) if found["artifact"] else None
+
+
+def _host_entry(text: str) -> str:
+    """A CELSLM_REDIRECT_HOSTS entry as `_redirect` compares it: 'name' or 'name:port', lower case,
+    an IPv6 address without its brackets ('[::1]:8080' -> '::1:8080')."""
+    text = text.strip().lower()
+    if not text:
+        return ""
+    parts = urlsplit(f"//{text}")
+    try:
+        return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
+    except ValueError:
+        return ""
 
 
 class HttpBlobWriter(HashingWriter):

@@ -56,8 +56,8 @@ class Sources:
         return bool(self.peers or self.cloud)
 
     def tiers(self, warn: Warn | None = None) -> Tiers:
-        return Tiers(edge_cache(self.cache_bytes), [open_store(p, token=self.token) for p in self.peers],
-                     open_store(self.cloud, token=self.token) if self.cloud else None, policy=self.trust, warn=warn,
+        return Tiers(edge_cache(self.cache_bytes), [open_store(p, token=self.token, create=False) for p in self.peers],
+                     open_store(self.cloud, token=self.token, create=False) if self.cloud else None, policy=self.trust, warn=warn,
                      identity=self.identity)
 
 
