@@ -86,6 +86,13 @@ def test_proxy_cache_keeps_blobs_and_passes_manifests_and_tags_through(tmp_path,
         assert _request(f"{nginx}/v1/blobs/{late_digest}", "PUT", late)[0] == 201  # a push through nginx
         assert _request(f"{nginx}/v1/blobs/{late_digest}")[:2] == (200, late)  # the 404 was not kept
 
+        assert _request(f"{nginx}/v1/blobs/{digest}", "HEAD")[0] == 200
+        (tmp_path / "store" / "blobs" / digest.removeprefix("sha256:")).unlink()  # the store loses a cached blob
+        assert _request(f"{nginx}/v1/blobs/{digest}", "HEAD")[0] == 404  # HEAD asks serve-cache: a push resends it
+        assert _request(f"{nginx}/v1/blobs/{digest}")[2]["X-Cache-Status"] == "HIT"  # GET: still the cached copy
+        assert _request(f"{nginx}/v1/blobs/{digest}", "PUT", data)[0] == 201
+        assert _request(f"{nginx}/v1/blobs/{digest}", "HEAD")[0] == 200
+
         cache.stop()  # serve-cache gone: blobs still come from the cache, manifests do not
         status, body, headers = _request(f"{nginx}/v1/blobs/{digest}")
         assert (status, sha256_digest(body), headers["X-Cache-Status"]) == (200, digest, "HIT")
