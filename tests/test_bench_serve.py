@@ -15,7 +15,7 @@ from celslm.bench import serve as serve_bench
 from celslm.manifest import sha256_digest
 from celslm.testing.processes import ServeCache
 
-needs_nginx = pytest.mark.skipif(serve_bench._nginx() is None, reason="nginx not installed (apt-get install nginx-light)")
+needs_nginx = pytest.mark.skipif(serve_bench.find_nginx() is None, reason="nginx not installed (apt-get install nginx-light)")
 
 
 def _request(url: str, method: str = "GET", body: bytes | None = None, token: str | None = None,
@@ -98,7 +98,7 @@ def test_proxy_cache_keeps_blobs_and_passes_manifests_and_tags_through(tmp_path,
         assert (status, sha256_digest(body), headers["X-Cache-Status"]) == (200, digest, "HIT")
         assert _request(f"{nginx}/v1/artifacts/{first.id}")[0] == 502
     finally:
-        serve_bench._stop(running)
+        serve_bench.stop_services(running)
 
 
 @needs_nginx
@@ -123,7 +123,7 @@ def test_proxy_cache_never_hands_a_read_token_guarded_blob_to_a_request_without_
         assert _request(url, token="another")[0] == 403
         assert _request(url, token="w-secret")[0] == 403
     finally:
-        serve_bench._stop(running)
+        serve_bench.stop_services(running)
 
 
 @needs_nginx
@@ -152,7 +152,7 @@ def test_more_rows_read_blobs_at_a_static_base_url(tmp_path):
         folder.mkdir(parents=True)
         for digest, data in artifact.blobs.items():
             (folder / digest).write_bytes(data)
-        base = serve_bench._start_nginx(scratch, "objects", running, lambda port: (
+        base = serve_bench.start_nginx(scratch, "objects", running, lambda port: (
             f"server {{ listen 127.0.0.1:{port}; root {scratch / 'bucket'}; location = /v1/health {{ return 200; }} }}"))
         return {"objects read directly": serve_bench.object_store_target(f"{base}/prefix/", artifact)}
 

@@ -211,11 +211,11 @@ def run(levels: tuple[int, ...] = (1, 8, 32, 64), seconds: float = 4.0, max_pull
         return {"artifact_bytes": artifact.manifest.blob_bytes(), "tokens": artifact.manifest.token_count,
                 "seconds_per_level": seconds, "results": [r.__dict__ for r in results], "note": note}
     finally:
-        _stop(running)
+        stop_services(running)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _stop(running: list) -> None:
+def stop_services(running: list) -> None:
     for service in reversed(running):  # servers, then the Redis they use
         service.stop()
 
@@ -272,14 +272,14 @@ def _start_cache(tmp: Path, name: str, running: list, *args: str) -> str:
     return running[-1].url
 
 
-def _nginx() -> str | None:
+def find_nginx() -> str | None:
     return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
 
-def _start_nginx(tmp: Path, name: str, running: list, server_for_port: Callable[[int], str]) -> str | None:
+def start_nginx(tmp: Path, name: str, running: list, server_for_port: Callable[[int], str]) -> str | None:
     """nginx (in `running` once it is up) with the http-context text `server_for_port(port)`; its URL,
     or None where nginx is not installed."""
-    nginx = _nginx()
+    nginx = find_nginx()
     if not nginx:
         return None
     port = free_port()
@@ -294,7 +294,7 @@ def _start_nginx(tmp: Path, name: str, running: list, server_for_port: Callable[
 
 def start_static(tmp: Path, store: Path, running: list) -> str | None:
     """nginx serving a store directory's blobs and manifests at serve-cache's paths."""
-    return _start_nginx(tmp, "nginx-static", running, lambda port: NGINX_STATIC.format(port=port, root=store))
+    return start_nginx(tmp, "nginx-static", running, lambda port: NGINX_STATIC.format(port=port, root=store))
 
 
 def start_proxy_cache(tmp: Path, upstream_url: str, running: list) -> str | None:
@@ -302,7 +302,7 @@ def start_proxy_cache(tmp: Path, upstream_url: str, running: list) -> str | None
     tmp (health passes through: nginx is up once serve-cache answers through it)."""
     text = PROXY_CACHE_CONF.read_text()
     upstream = urllib.parse.urlsplit(upstream_url).netloc
-    return _start_nginx(tmp, "nginx-proxy-cache", running,
+    return start_nginx(tmp, "nginx-proxy-cache", running,
                         lambda port: proxy_cache_conf(text, tmp / "nginx-proxy-cache" / "cache", upstream, port))
 
 
@@ -341,8 +341,9 @@ def time_pull(url: str, artifact_id: str, scratch: Path) -> float:
 
 
 # More rows for `ceiling`: given its scratch folder, the artifact and the list of started services (stopped
-# at the end), the servers to drive beside the others, by name (e.g. an object store and a serve-cache that
-# redirects to it, each holding the artifact by then)
+# at the end), the servers to drive beside the others, by name, each holding the artifact by then. E.g.
+#   {"object store read directly": object_store_target(f"{s3}/bucket/prefix/blobs/", artifact),
+#    "serve-cache redirecting (307) to the object store": Target(redirecting_serve_cache_url, redirects=True, pull=True)}
 MoreServers = Callable[[Path, Artifact, list], dict[str, Target]]
 
 
@@ -386,7 +387,7 @@ def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections:
             notes.append("redis-server not installed (apt-get install redis-server): no Redis rows")
         if more:
             servers.update(more(tmp, artifact, running))
-        if not _nginx():
+        if not find_nginx():
             notes.append("nginx not installed (apt-get install nginx-light): no proxy_cache row, no ceiling to compare with")
         elif not PROXY_CACHE_CONF.exists():
             notes.append(f"{PROXY_CACHE_CONF} not found (a source checkout has it): no proxy_cache row")
@@ -424,7 +425,7 @@ def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections:
                 "artifact_bytes": artifact.manifest.blob_bytes(), "tokens": artifact.manifest.token_count,
                 "results": results, "pulls": pulled, "note": "; ".join(notes) or None}
     finally:
-        _stop(running)
+        stop_services(running)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
