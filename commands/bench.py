@@ -213,7 +213,8 @@ def report_(
 @app.command("serve", epilog=examples(
     "celslm bench serve",
     "celslm bench serve --clients 1 --clients 32 --seconds 3 --json",
-    "celslm bench serve --wrk-only --connections 64 --workers 2 --wrk-seconds 10 --repeats 3"))
+    "celslm bench serve --wrk-only --connections 64 --workers 2 --wrk-seconds 10 --repeats 3",
+    "celslm bench serve --wrk-only --no-redis --wrk-seconds 3 --repeats 3 --pulls 5"))
 def serve_(
     clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=256, help="Concurrent clients per level (repeatable).")] = None,
     seconds: Annotated[float, typer.Option("--seconds", min=0.5, max=60, help="Duration of each level.")] = 4.0,
@@ -224,10 +225,13 @@ def serve_(
     workers: Annotated[int | None, typer.Option("--workers", min=1, max=256, help="serve-cache workers for the N-worker rows (default: one per core).")] = None,
     wrk_seconds: Annotated[float, typer.Option("--wrk-seconds", min=1, max=120, help="Duration of each wrk run.")] = 5.0,
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=20, help="wrk runs per server, interleaved across servers; the median is shown.")] = 2,
+    pulls: Annotated[int, typer.Option("--pulls", min=0, max=50, help="Whole `celslm pull` processes timed per path (serve-cache, nginx proxy_cache in front), interleaved, each with a cold edge cache; 0: none.")] = 3,
+    no_redis: Annotated[bool, typer.Option("--no-redis", metavar=FLAG, help="Skip the Redis and Redis Cluster rows.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Serve-cache under load on loopback, beside nginx over the same store: verifying clients pulling a
-    2,048-token artifact, then wrk at each server's ceiling (1 and N workers; directory, Redis, Redis Cluster)."""
+    2,048-token artifact, then wrk at each server's ceiling (1 and N workers; directory, Redis, Redis Cluster;
+    nginx proxy_cache in front, deploy/nginx-proxy-cache.conf) and timed `celslm pull` processes."""
     from celslm.bench import serve as serve_bench
 
     say = lambda what: log(f"bench serve: {what}")  # noqa: E731
@@ -235,7 +239,7 @@ def serve_(
         result = serve_bench.run(levels=tuple(clients or (1, 8, 32, 64)), seconds=seconds, max_pulls=max_pulls,
                                  progress=say) if not wrk_only else None
         ceiling = serve_bench.ceiling(seconds=wrk_seconds, connections=connections, workers=workers, repeats=repeats,
-                                      progress=say) if not no_wrk else None
+                                      pulls=pulls, redis=not no_redis, progress=say) if not no_wrk else None
     except RuntimeError as exc:
         raise CelslmError(f"bench serve: {exc}") from exc
     if json_:

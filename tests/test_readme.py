@@ -14,7 +14,7 @@ README = ROOT / "README.md"
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
 # A path under one of the repository's top folders, wherever the README names it (prose, commands, Layout)
-TOP = ("celslm", "commands", "completions", "docs", "samples", "tests")
+TOP = ("celslm", "commands", "completions", "deploy", "docs", "samples", "tests")
 PATH = re.compile(r"(?<![\w./~$-])((?:%s)/[\w./-]*)" % "|".join(TOP))
 # In the Layout block, a folder's line names its files relative to it: "samples/  demo.sh, cron/, ..."
 LAYOUT_FOLDER = re.compile(r"^([\w/]+/)\s{2,}(.*)$")
