@@ -44,8 +44,9 @@ def serve_cache(
     max_blob: Annotated[str, typer.Option("--max-blob", metavar="SIZE", help="Largest accepted upload; bigger bodies get 413.")] = "1GiB",
     read_timeout: Annotated[float, typer.Option("--read-timeout", min=0.1, help="Seconds a client may stay silent mid-request before it is dropped.")] = 30.0,
     backend: Annotated[str | None, typer.Option("--backend", envvar="CELSLM_BACKEND", show_envvar=True,
-                                                help="redis://HOST:PORT/DB (one Redis) or redis+cluster://HOST:PORT[,HOST:PORT...] "
-                                                     "(a Redis Cluster): share one store between servers (instead of --root).")] = None,
+                                                help="redis://HOST:PORT/DB (one Redis), redis+cluster://HOST:PORT[,HOST:PORT...] "
+                                                     "(a Redis Cluster) or s3://BUCKET/PREFIX (object storage, AWS_* "
+                                                     "settings): share one store between servers (instead of --root).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, max=256, envvar="CELSLM_WORKERS", show_envvar=True,
                                          help="Worker processes accepting on the one port (one per core saturates the "
                                               "machine); /metrics adds them up.")] = 1,
@@ -84,9 +85,9 @@ def _serve_cache(root, host, port, capacity, write_token, read_token, tls_cert, 
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"--tls-cert {tls_cert} / --tls-key {tls_key}: cannot load them "
                              f"({getattr(exc, 'strerror', None) or exc})") from exc
-    if backend and not backend.startswith(("redis://", "redis+cluster://")):
-        raise UsageError(f"--backend {backend}: expected redis://HOST:PORT/DB or redis+cluster://HOST:PORT[,HOST:PORT...] "
-                         "(a directory store is --root)")
+    if backend and not backend.startswith(("redis://", "redis+cluster://", "s3://")):
+        raise UsageError(f"--backend {backend}: expected redis://HOST:PORT/DB, redis+cluster://HOST:PORT[,HOST:PORT...] "
+                         "or s3://BUCKET/PREFIX (a directory store is --root)")
     if capacity and workers > 1:
         raise UsageError("--capacity evicts within one process; with --workers give the store its room instead "
                          "(a directory without --capacity, or Redis with maxmemory)")
