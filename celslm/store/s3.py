@@ -30,7 +30,9 @@ ledgers) need If-Match; without it they are refused (UsageError) rather than rac
 
 Errors: an endpoint that cannot be reached, or answers 5xx after three tries, is UnavailableError;
 credentials refused (403, a wrong signature) or a missing bucket is UsageError naming the bucket and
-the request, never a key. `url` and `where` name the bucket and endpoint, never credentials.
+the request, never a key. The credentials need, on PREFIX: s3:ListBucket (S3 answers 403 instead of 404
+for a missing object without it), GetObject, PutObject, DeleteObject, AbortMultipartUpload and
+ListBucketMultipartUploads. `url` and `where` name the bucket and endpoint, never credentials.
 """
 
 from __future__ import annotations
@@ -139,7 +141,9 @@ class S3Store(Store):
         self.where = f"S3 bucket {self.bucket} at {self.client.meta.endpoint_url}"
         self.conditional_writes = True  # until the service answers NotImplemented
         self._usage: tuple[float, int] | None = None  # (when listed, bytes)
-        self.call("head_bucket")  # the bucket exists and these credentials may use it, or say why not now
+        # the bucket exists and these credentials may list the prefix (a store needs to: without it S3
+        # answers 403 for a missing object, not 404), or say why not now
+        self.call("list_objects_v2", Prefix=self.key("blobs", ""), MaxKeys=1)
 
     def key(self, kind: str, name: str) -> str:
         name = name.replace("/", "%2F")  # a namespaced tag stays one object, as it stays one file
@@ -164,7 +168,7 @@ class S3Store(Store):
 
     def _error(self, operation: str, code: str, status: int) -> CelslmError:
         answer = code if code and not code.isdigit() else f"HTTP {status}"  # a HEAD's answer has no body, so no code
-        if code == "NoSuchBucket" or (operation == "HeadBucket" and status == 404):
+        if code == "NoSuchBucket":
             return UsageError(f"{self.where}: the bucket does not exist; create it first")
         if code in REFUSED or status == 403:
             return UsageError(f"{self.where}: {operation} refused ({answer}); check the AWS credentials "
