@@ -15,7 +15,7 @@ import pytest
 from tests.netutil import Server
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "boto3")  # boto3: only an s3:// store loads it
 # The real CLI (`python -m celslm`), reporting at exit which heavy modules it loaded (on stderr, after everything else).
 PROBED_CLI = [sys.executable, "-c",
               "import atexit, runpy, sys\n"
