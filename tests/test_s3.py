@@ -147,8 +147,9 @@ def test_a_manifest_is_refused_until_its_blobs_are_stored_then_tags_signatures_t
     assert store.get_signed_tag("acme/sched:latest").to_json() == signed.to_json()
     assert store.delete_tag("plain") and not store.delete_tag("plain") and store.get_tag("plain") is None
     hashes = list(reader.manifest.prefix_hashes)
-    assert store.lookup(hashes + ["ab" * 32]) == (reader.id, len(hashes))
-    assert store.lookup(["cd" * 32]) is None
+    assert store.lookup(reader.manifest.space.fingerprint, hashes + ["ab" * 32]) == (reader.id, len(hashes))
+    assert store.lookup("ef" * 32, hashes) is None  # another model space
+    assert store.lookup(None, ["cd" * 32]) is None
 
 
 def test_update_is_one_step_for_every_writer(seaweed, request):

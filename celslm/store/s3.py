@@ -47,7 +47,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from celslm.errors import CelslmError, UnavailableError, UsageError
-from celslm.manifest import check_digest
+from celslm.manifest import check_digest, sha256_digest
 from celslm.store.base import HashingWriter, Store
 
 PART_BYTES = 8 << 20  # a multipart upload's part (S3's least is 5 MiB): what one blob upload holds in memory
@@ -229,6 +229,25 @@ class S3Store(Store):
 
     def has_blob(self, digest: str) -> bool:
         return self._head(self.key("blobs", check_digest(digest))) is not None
+
+    def read_blob(self, digest: str, limit: int | None = None) -> bytes | None:
+        """One GET: a blob longer than `limit` (its declared length says so) is not read; bytes that do
+        not hash to the digest are quarantined and read as absent."""
+        try:
+            answer = self.call("get_object", MISSING, Key=self.key("blobs", check_digest(digest)))
+        except Answer:
+            return None
+        if limit is not None and int(answer["ContentLength"]) > limit:
+            answer["Body"].close()
+            return None
+        try:
+            data = answer["Body"].read()
+        except BotoCoreError as exc:
+            raise UnavailableError(f"{self.where}: reading blob {digest} was cut off: {_first_line(exc)}") from exc
+        if sha256_digest(data) != digest:
+            self.quarantine(digest)
+            return None
+        return data
 
     def blob_size(self, digest: str) -> int | None:
         head = self._head(self.key("blobs", check_digest(digest)))
