@@ -297,9 +297,9 @@ class EdgeCache(LocalStore):
     evicts or quarantines, each under an exclusive lock (flock) together with the rename or unlink, so
     a blob another process stored first adds nothing and the count equals a listing of ROOT/blobs. A
     store therefore lists nothing; eviction lists (it sorts by recency) only once the count is past
-    the capacity. The folder is measured by a listing only where the count is missing or damaged
-    (`recount`); a process killed between a rename and its count leaves it off by that blob, and a
-    blob's file changed in size behind the cache's back leaves it off by the change. A blob
+    the capacity. The folder is measured by a listing only where the count is missing or damaged (to
+    measure it again, delete ROOT/usage): a process killed between a rename and its count leaves it
+    off by that blob, and a blob's file changed in size behind the cache's back by the change. A blob
     evicted under a reader that has not read it yet reads as absent and is fetched again from the next
     tier; every read is verified, so a race costs a fetch, never wrong bytes.
     """
@@ -331,10 +331,6 @@ class EdgeCache(LocalStore):
         """Bytes of the blobs stored, as counted (measured first if the count is missing or damaged)."""
         usage = _count(self._read("", USAGE))
         return self._change_usage(lambda counted: counted) if usage is None else usage
-
-    def recount(self) -> int:
-        """Measure the blobs on disk and set the count to it."""
-        return self._change_usage(lambda _: self._measure())
 
     def _measure(self) -> int:
         return sum(stat.st_size for _, stat in self._entries("blobs"))
