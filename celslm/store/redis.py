@@ -100,8 +100,7 @@ def part_key(hex_id: str, upload: str, index: int) -> str:
 def cluster_address(url: str) -> tuple[list[ClusterNode], str | None, str | None]:
     """redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...][/0] -> the nodes, user and password
     (percent-decoded, as in redis://); [v6]:PORT for IPv6. A cluster has only database 0."""
-    scheme_rest = url.removeprefix("redis+cluster://")
-    credentials, _, hosts_db = scheme_rest.rpartition("@")
+    credentials, _, hosts_db = url.removeprefix("redis+cluster://").rpartition("@")
     hosts, _, database = hosts_db.partition("/")
     if database not in ("", "0"):
         raise UsageError(f"store {_without_password(url)}: Redis Cluster has only database 0, not {database!r}")
@@ -177,11 +176,8 @@ class RedisStore(Store):
                 self.redis = RedisCluster(startup_nodes=nodes, username=user, password=password, retry=retry,
                                           socket_timeout=5, socket_connect_timeout=2)
             else:
-                self.redis = redis.Redis.from_url(url)
+                self.redis = _redis_at(url, shown)
             self.redis.ping()
-        except ValueError as exc:  # from_url's words may quote part of a password
-            raise UsageError(f"store {shown}: not a Redis URL; use redis://[USER:PASSWORD@]HOST:PORT/DB, with / "
-                             "and @ in a password percent-encoded") from exc
         except (RedisError, RedisClusterException) as exc:
             raise UnavailableError(f"cannot reach {self.where}: {_first_line(exc)}") from exc
 
@@ -263,6 +259,16 @@ class RedisStore(Store):
 
     def usage_bytes(self) -> int:
         return int(self.call(self.redis.get, USAGE) or 0)
+
+
+def _redis_at(url: str, shown: str) -> redis.Redis:
+    """A client of redis://...; a URL it cannot parse is a UsageError (its own words may quote part of
+    a password)."""
+    try:
+        return redis.Redis.from_url(url)
+    except ValueError as exc:
+        raise UsageError(f"store {shown}: not a Redis URL; use redis://[USER:PASSWORD@]HOST:PORT/DB, with / "
+                         "and @ in a password percent-encoded") from exc
 
 
 def _without_password(url: str) -> str:
