@@ -18,8 +18,9 @@ from celslm.blocks import build_artifact
 from celslm.errors import EXIT_USAGE
 from celslm.manifest import ModelSpace, Producer, sha256_digest
 from celslm.models import load_model
+from collections import Counter
 from celslm.prefill import prefill
-from celslm.store.local import EdgeCache, LocalStore
+from celslm.store.local import EdgeCache, LocalStore, _started
 from celslm.store.tiers import Sources
 from celslm.stream import StreamedReader, Timeline
 from tests.conftest import CONTEXT, GREET_PROMPT, run_cli
@@ -149,17 +150,115 @@ def test_a_blob_pinned_by_a_live_process_stays_and_a_dead_ones_pin_protects_noth
                               stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"pinned\n"
+        started = _started(holder.pid)
         for digest, data in rest[:3]:
             cache.put_blob(digest, data)
         assert cache.evictions > 0 and cache.has_blob(old)
     finally:
         holder.send_signal(signal.SIGKILL)  # no chance to remove its pin
         holder.wait()
-    assert pins(root) == [f"{holder.pid}-0"]
+    assert pins(root) == [f"{holder.pid}-{started}-0"]
     for digest, data in rest[3:]:
         cache.put_blob(digest, data)
     assert not cache.has_blob(old) and pins(root) == []
     assert blob_bytes(root) <= 3000
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/stat"), reason="process start times are read from /proc")
+def test_a_pin_whose_pid_was_reused_by_a_later_process_protects_nothing(tmp_path):
+    root = tmp_path / "store"
+    cache = EdgeCache(root, capacity_bytes=3000)
+    (old, old_data), (kept, kept_data), *rest = blobs(6)
+    put_aged(cache, old, old_data, 60)
+    put_aged(cache, kept, kept_data, 50)  # the least recently used two
+    reused = f"{os.getpid()}-{int(_started(os.getpid())) + 1}-0"  # a live pid, but another process's start time
+    (root / "pins").mkdir(exist_ok=True)
+    (root / "pins" / reused).write_text(old)
+    live = cache.pin([kept])
+    for digest, data in rest:
+        cache.put_blob(digest, data)
+    assert cache.evictions > 0
+    assert not cache.has_blob(old) and cache.has_blob(kept)
+    assert pins(root) == [live.name]
+
+
+def test_the_count_equals_the_blobs_on_disk_across_stores_evictions_and_quarantines(tmp_path):
+    root = tmp_path / "store"
+    cache = EdgeCache(root, capacity_bytes=5500)
+    stored = blobs(12)
+    for digest, data in stored:
+        cache.put_blob(digest, data)
+        cache.put_blob(digest, data)  # already there: adds nothing
+        assert cache.usage_bytes() == blob_bytes(root)
+    assert cache.evictions > 0 and blob_bytes(root) <= 5500
+    present = [digest for digest, _ in stored if cache.has_blob(digest)]
+    cache.quarantine(present[0])
+    cache.quarantine(present[0])  # gone already: subtracts nothing
+    cache.blob_path(present[1]).write_bytes(bytes(1000))  # rotted on disk (its size unchanged)
+    assert cache.read_blob(present[1]) is None  # quarantined on read
+    assert cache.usage_bytes() == blob_bytes(root) == 1000 * (len(present) - 2)
+    (root / "usage").write_text("damaged")
+    assert EdgeCache(root, capacity_bytes=5500).usage_bytes() == blob_bytes(root)
+    (root / "usage").unlink()
+    assert EdgeCache(root, capacity_bytes=5500).usage_bytes() == blob_bytes(root)
+
+
+STORER = """
+import hashlib, sys
+from celslm.store.local import EdgeCache
+cache = EdgeCache(sys.argv[1], capacity_bytes=int(sys.argv[2]))
+datas = [hashlib.sha256(str(i).encode()).digest() * 40 for i in range(int(sys.argv[3]))]  # 1280 bytes each
+print("ready", flush=True)
+sys.stdin.readline()
+for data in datas:
+    cache.put_blob("sha256:" + hashlib.sha256(data).hexdigest(), data)
+print(cache.evictions, flush=True)
+"""
+
+
+def test_three_processes_storing_the_same_blobs_at_once_keep_the_count_exact(tmp_path):
+    root = tmp_path / "store"
+    storers = [subprocess.Popen([sys.executable, "-c", STORER, str(root), "40000", "150"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(3)]
+    try:
+        assert [storer.stdout.readline() for storer in storers] == [b"ready\n"] * 3
+        for storer in storers:  # all start storing together, the same blobs in the same order
+            storer.stdin.write(b"go\n")
+            storer.stdin.flush()
+        evictions = [int(storer.communicate(timeout=120)[0]) for storer in storers]
+    finally:
+        for storer in storers:
+            storer.kill()
+    assert all(storer.returncode == 0 for storer in storers)
+    assert sum(evictions) > 0  # 150 x 1280 bytes pass 40,000 several times over
+    assert int((root / "usage").read_text()) == blob_bytes(root) <= 40000
+
+
+class ListingCache(EdgeCache):
+    """An edge cache that counts the folders it lists."""
+
+    def __init__(self, root, capacity_bytes=None):
+        self.listed = Counter()
+        super().__init__(root, capacity_bytes)
+
+    def _entries(self, kind):
+        self.listed[kind] += 1
+        return super()._entries(kind)
+
+
+def test_a_store_under_the_capacity_lists_no_folder_and_one_past_it_does(tmp_path):
+    cache = ListingCache(tmp_path / "store", capacity_bytes=100_000)
+    for digest, data in blobs(5000, size=4):  # a folder of 5,000 blobs, stored by an earlier celslm (no count)
+        cache.blob_path(digest).write_bytes(data)
+    assert cache.usage_bytes() == 20_000 and cache.listed == Counter(blobs=1)  # measured once
+    cache.listed.clear()
+    for digest, data in blobs(50):
+        cache.put_blob(digest, data)
+    assert cache.usage_bytes() == 70_000 and cache.listed == Counter()
+    for digest, data in blobs(31):
+        cache.put_blob(digest, data)
+    assert cache.listed["blobs"] > 0 and cache.evictions > 0  # past the capacity: listed to sort by recency
+    assert cache.usage_bytes() == blob_bytes(tmp_path / "store") <= 100_000
 
 
 @pytest.fixture(scope="module")

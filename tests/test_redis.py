@@ -8,9 +8,11 @@ import shutil
 
 import pytest
 
+from celslm.errors import EXIT_USAGE
 from celslm.testing.redis_local import start_redis
 from tests.conftest import CONTEXT, run_cli
 from tests.netutil import Server
+from tests.test_faults import one_line_error
 from tests.test_server import call
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -70,3 +72,9 @@ def test_a_full_redis_refuses_the_push_and_every_push_that_exited_0_can_be_pulle
     finally:
         server.stop()
         redis.stop()
+
+
+@pytest.mark.parametrize("url", ["redis://edge:hun/ter2@127.0.0.1:6379/0", "redis+cluster://edge:hunter2@127.0.0.1:7000/1"])
+def test_a_bad_backend_url_is_one_line_exit_2_and_never_shows_its_password(url):
+    line = one_line_error(run_cli("serve-cache", "--backend", url), EXIT_USAGE)
+    assert "ter2" not in line and "hun" not in line and "127.0.0.1:" in line

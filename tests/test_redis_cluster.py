@@ -13,12 +13,12 @@ import time
 import pytest
 
 from celslm.artifact import DirectoryReader
-from celslm.errors import UnavailableError
+from celslm.errors import UnavailableError, UsageError
 from celslm.manifest import sha256_digest
 from celslm.store import open_store
-from celslm.store.redis import PART_BYTES, key
+from celslm.store.redis import PART_BYTES, cluster_address, key
 from celslm.testing.processes import free_ports
-from celslm.testing.redis_local import cli, start_cluster
+from celslm.testing.redis_local import BUS_OFFSET, _start_node, cli, start_cluster
 from tests.conftest import run_cli
 from tests.netutil import Server
 from tests.test_server import call
@@ -85,6 +85,68 @@ def test_an_unreachable_cluster_is_unavailable_in_one_line():
     port = free_ports(1)[0]
     with pytest.raises(UnavailableError, match=f"^cannot reach Redis Cluster at 127.0.0.1:{port}: [^\n]*$"):
         open_store(f"redis+cluster://127.0.0.1:{port}")
+
+
+def test_a_cluster_url_parses_its_credentials_and_database_like_a_redis_url():
+    nodes, user, password = cluster_address("redis+cluster://edge:s%40cret:x@10.0.0.5:7000,[::1]:7001/0")
+    assert [(node.host, node.port) for node in nodes] == [("10.0.0.5", 7000), ("::1", 7001)]
+    assert (user, password) == ("edge", "s@cret:x")
+    assert cluster_address("redis+cluster://:pw@h:7000")[1:] == (None, "pw")
+    assert cluster_address("redis+cluster://h:7000")[1:] == (None, None)
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://edge:hunter2@h:7000/1", "redis+cluster://edge:hunter2@h:7000/db",
+                                 "redis+cluster://edge:hunter2@h:7000/0?db=1", "redis+cluster://edge:hunter2@h7000"])
+def test_a_bad_cluster_url_is_one_line_without_its_password(url):
+    with pytest.raises(UsageError) as raised:
+        open_store(url)
+    message = str(raised.value)
+    assert "\n" not in message and "hunter2" not in message
+    if url.endswith("/1"):
+        assert message == "store redis+cluster://h:7000/1: Redis Cluster has only database 0, not '1'"
+
+
+@pytest.fixture(scope="module")
+def guarded_cluster(tmp_path_factory):
+    """A one-node Redis Cluster (all slots on one master) that asks for a password: its URL without one."""
+    workdir = tmp_path_factory.mktemp("guarded-cluster")
+    port = free_ports(1, also_free_at=BUS_OFFSET)[0]
+    node = _start_node(workdir, port, ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                       "--requirepass", PASSWORD))
+    authed = ("-a", PASSWORD, "--no-auth-warning")
+    try:
+        deadline = time.monotonic() + 20
+        while cli(port, *authed, "ping").strip() != "PONG":
+            assert node.alive and time.monotonic() < deadline, "the guarded redis-server did not start"
+            time.sleep(0.05)
+        assert cli(port, *authed, "cluster", "addslotsrange", "0", "16383").strip() == "OK"
+        while "cluster_state:ok" not in cli(port, *authed, "cluster", "info"):
+            assert time.monotonic() < deadline, "the one-node cluster did not become ok"
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        node.stop()
+
+
+PASSWORD = "s3cret/p@ss"  # a / and an @, percent-encoded in the URL
+QUOTED = "s3cret%2Fp%40ss"
+
+
+def test_a_cluster_with_a_password_is_reached_with_the_credentials_in_its_url(guarded_cluster):
+    digest, data = random_blob(PART_BYTES + 5)
+    for credentials in (f":{QUOTED}", f"default:{QUOTED}"):
+        store = open_store(f"redis+cluster://{credentials}@{guarded_cluster}/0")
+        store.put_blob(digest, data)
+        assert store.read_blob(digest) == data
+
+
+@pytest.mark.parametrize("credentials", ["", "default:wrong-hunter2@", "default:hunter2/unquoted@"])
+def test_a_cluster_refusing_the_credentials_is_unavailable_in_one_line_without_them(guarded_cluster, credentials):
+    with pytest.raises(UnavailableError) as raised:
+        open_store(f"redis+cluster://{credentials}{guarded_cluster}")
+    message = str(raised.value)
+    assert message.startswith(f"cannot reach Redis Cluster at {guarded_cluster}: ")
+    assert "\n" not in message and "hunter2" not in message
 
 
 def test_two_servers_over_one_cluster_share_everything(cluster, prefilled, tmp_path):

@@ -34,9 +34,10 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def without_credentials(url: str) -> str:
-    """The URL with any user:password@ taken out: what messages, metrics and errors may show."""
+    """The URL with any user:password@ taken out (up to the last @: a password may hold a bare / or @):
+    what messages, metrics and errors may show."""
     scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.rpartition("@")[2] if "@" in rest.split("/", 1)[0] else url
+    return scheme + sep + rest.rpartition("@")[2]
 
 
 def parse_size(text: str) -> int:

@@ -48,6 +48,7 @@ class BlobWriter(HashingWriter):
 
     def __init__(self, store: "LocalStore", digest: str):
         super().__init__(digest)
+        self.store = store
         self.path = store.blob_path(digest)
         fd, tmp = tempfile.mkstemp(dir=store.root / "tmp", prefix="blob-")
         self._file = os.fdopen(fd, "wb")
@@ -58,7 +59,7 @@ class BlobWriter(HashingWriter):
 
     def _keep(self) -> None:
         self._file.close()
-        os.replace(self._tmp, self.path)
+        self.store.place_blob(self._tmp, self.path)
 
     def abort(self) -> None:
         self._file.close()
@@ -153,6 +154,10 @@ class LocalStore(Store):
 
     def blob_writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, digest)
+
+    def place_blob(self, written: Path, path: Path) -> None:
+        """Move a verified blob from its temporary file into place."""
+        os.replace(written, path)
 
     @contextmanager
     def reading(self, digest: str):
@@ -270,36 +275,41 @@ class LocalStore(Store):
 
 
 _pin_numbers = itertools.count()  # names this process's pin files apart, whichever cache they are in
+USAGE = "usage"  # ROOT/usage: the edge cache's blob bytes, changed under ROOT/.usage.lock
 
 
 class EdgeCache(LocalStore):
     """The edge's own cache: blobs fetched through the tiers (tiers.py), kept without their manifests,
     so capacity is kept blob by blob, least recently used first out.
 
-        ROOT/pins/<pid>-<n>     digests (one a line) a reader in process <pid> is reading
+        ROOT/usage                      bytes of the blobs in ROOT/blobs (decimal), changed under a lock
+        ROOT/pins/<pid>-<start>-<n>     digests (one a line) a reader in process <pid> is reading;
+                                        <start>: when that process started (Linux), absent elsewhere
 
     A hit marks the blob used (its mtime). Once the blobs on disk exceed the capacity, the least
     recently used are removed until they fill `low_water` of it, so that not every blob stored starts
     an eviction; never the blob just stored, never a pinned one (what this process's pins held past
     the capacity goes when they are released; another's, at the next eviction). Several processes
     share the folder (decodes, the `celslm serve` service), so pins are files every process's eviction
-    honours; a pin whose process is gone protects nothing and is removed. Usage is counted in this
-    process as blobs are stored and measured on disk again when the count passes the capacity or is
-    `recount_s` old (other processes store and evict too), so the cache exceeds its capacity by at most
-    what is stored in the meantime. A blob evicted under a reader that has not read it yet reads as
-    absent and is fetched again from the next tier; every read is verified, so a race costs a fetch,
-    never wrong bytes.
+    honours; a pin whose process is gone protects nothing and is removed, and so does one whose pid now
+    belongs to a process started at another time (a reused pid).
+
+    The byte count is shared the same way: every process adds a blob it stores and subtracts one it
+    evicts or quarantines, each under an exclusive lock (flock) together with the rename or unlink, so
+    a blob another process stored first adds nothing and the count equals a listing of ROOT/blobs. A
+    store therefore lists nothing; eviction lists (it sorts by recency) only once the count is past
+    the capacity. The folder is measured by a listing only where the count is missing or damaged (to
+    measure it again, delete ROOT/usage): a process killed between a rename and its count leaves it
+    off by that blob, and a blob's file changed in size behind the cache's back by the change. A blob
+    evicted under a reader that has not read it yet reads as absent and is fetched again from the next
+    tier; every read is verified, so a race costs a fetch, never wrong bytes.
     """
 
     low_water = 0.9  # an eviction frees this much below the capacity
-    recount_s = 2.0
 
     def __init__(self, root: Path, capacity_bytes: int | None = None):
         super().__init__(root, capacity_bytes)
         self._lock = threading.RLock()  # a reader released by the garbage collector unpins in whatever thread it runs
-        self._usage_bytes: int | None = None  # blob bytes on disk as last measured, plus those stored since
-        self._measured_at = 0.0
-        self._stored_meanwhile = 0  # bytes stored by other threads while an eviction measures the disk
 
     def read_blob(self, digest: str, limit: int | None = None) -> bytes | None:
         data = super().read_blob(digest, limit)
@@ -313,48 +323,89 @@ class EdgeCache(LocalStore):
     def put_blob(self, digest: str, data: bytes) -> None:
         with self.reading(digest):  # an eviction in another thread spares it too
             super().put_blob(digest, data)
-            if self._count_stored(len(data)):
+            if self.capacity_bytes is not None and self.usage_bytes() > self.capacity_bytes:
                 self.evict(keep=digest)
 
-    def _count_stored(self, size: int) -> bool:
-        """Add a stored blob to the count; whether usage must be measured on disk (and made to fit)."""
-        if self.capacity_bytes is None:
-            return False
-        with self._lock:
-            if self._usage_bytes is None:
-                return True
-            self._usage_bytes += size
-            self._stored_meanwhile += size
-            return self._usage_bytes > self.capacity_bytes or time.monotonic() - self._measured_at > self.recount_s
+    # ---- the shared count
+
+    def usage_bytes(self) -> int:
+        """Bytes of the blobs stored, as counted (measured first if the count is missing or damaged)."""
+        usage = _count(self._read("", USAGE))
+        return self._change_usage(lambda counted: counted) if usage is None else usage
+
+    def _measure(self) -> int:
+        return sum(stat.st_size for _, stat in self._entries("blobs"))
+
+    def _change_usage(self, change: Callable[[int], int]) -> int:
+        """Apply `change` (the count -> the new count, which may move or remove blobs) under the lock
+        every process sharing the cache takes; the new count."""
+        new = 0
+
+        def counted(data: bytes | None) -> bytes:
+            nonlocal new
+            usage = _count(data)
+            new = change(self._measure() if usage is None else usage)
+            return str(new).encode()
+
+        self.update("", USAGE, counted)
+        return new
+
+    def place_blob(self, written: Path, path: Path) -> None:
+        size = written.stat().st_size
+
+        def place(usage: int) -> int:
+            if path.exists():  # stored by another thread or process meanwhile: counted once
+                written.unlink()
+                return usage
+            os.replace(written, path)
+            return usage + size
+
+        self._change_usage(place)
+
+    def quarantine(self, digest: str) -> None:
+        path = self.blob_path(digest)
+
+        def set_aside(usage: int) -> int:
+            try:
+                size = path.stat().st_size
+                os.replace(path, self.root / "quarantine" / path.name)
+            except FileNotFoundError:
+                return usage  # set aside or evicted by another
+            return usage - size
+
+        self._change_usage(set_aside)
 
     def _evict(self, keep: str | None) -> int:
-        """Measure the blobs on disk; past the capacity, remove the least recently used (never `keep`,
-        never a pinned one) until they fit `low_water` of it. Returns how many blobs went."""
-        with self._lock:
-            self._stored_meanwhile = 0
+        """Past the capacity, remove the least recently used blobs (never `keep`, never a pinned one)
+        until they fit `low_water` of it. Returns how many blobs went."""
+        if self.usage_bytes() <= self.capacity_bytes:
+            return 0
+        spared = self.pinned() | {keep}
         blobs = sorted(self._entries("blobs"), key=lambda entry: entry[1].st_mtime)  # least recently used first
-        usage = sum(stat.st_size for _, stat in blobs)
         gone = 0
-        if usage > self.capacity_bytes:
-            spared = self.pinned() | {keep}
-            for path, stat in blobs:
+
+        def remove(usage: int) -> int:  # the count now, with what others stored and removed since the listing
+            nonlocal gone
+            for path, _ in blobs:
                 if usage <= self.capacity_bytes * self.low_water:
                     break
-                if "sha256:" + path.name not in spared:
-                    self._remove(path)
-                    usage -= stat.st_size  # gone, whether this process or another removed it
+                if "sha256:" + path.name not in spared and (size := self._remove(path)):
+                    usage -= size
                     gone += 1
-        with self._lock:
-            # fetch threads store while this measures: what they counted meanwhile is kept (perhaps
-            # twice, if the listing saw it too: the count errs high, never low)
-            self._usage_bytes, self._measured_at = usage + self._stored_meanwhile, time.monotonic()
+            return usage
+
+        self._change_usage(remove)
         self.evictions += gone
         return gone
+
+    # ---- pins
 
     def pin(self, digests: Iterable[str]) -> Path | None:
         """Keep these blobs from every process's eviction until `unpin`; None where no pin can be
         written (a cache this process cannot write, which then stores nothing either)."""
-        name = f"{os.getpid()}-{next(_pin_numbers)}"
+        pid = os.getpid()
+        started = _started(pid)
+        name = f"{pid}-{started}-{next(_pin_numbers)}" if started else f"{pid}-{next(_pin_numbers)}"
         try:
             (self.root / "pins").mkdir(exist_ok=True)
             self._write("pins", name, "\n".join(digests).encode())  # whole or not at all: an evictor may read it now
@@ -368,14 +419,14 @@ class EdgeCache(LocalStore):
         if pin is None:
             return
         pin.unlink(missing_ok=True)
-        over = self.capacity_bytes is not None and (self._usage_bytes or 0) > self.capacity_bytes
-        if over and self._evicting.acquire(blocking=False):
-            try:
-                self._evict(None)
-            except OSError:
-                pass  # a cache this process cannot clean: the next blob stored tries again
-            finally:
-                self._evicting.release()
+        if self.capacity_bytes is None or not self._evicting.acquire(blocking=False):
+            return
+        try:
+            self._evict(None)
+        except OSError:
+            pass  # a cache this process cannot clean: the next blob stored tries again
+        finally:
+            self._evicting.release()
 
     def pinned(self) -> set[str]:
         """Digests being read: in this process, or pinned by a live one (a dead process's pins are removed)."""
@@ -384,8 +435,7 @@ class EdgeCache(LocalStore):
         if not (self.root / "pins").is_dir():
             return digests
         for path, _ in self._entries("pins"):
-            pid = path.name.partition("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if not _pin_holder_alive(path.name):
                 try:
                     path.unlink(missing_ok=True)
                 except OSError:
@@ -393,6 +443,35 @@ class EdgeCache(LocalStore):
                 continue
             digests.update((self._read("pins", path.name) or b"").decode(errors="replace").split())
         return digests
+
+
+def _count(data: bytes | None) -> int | None:
+    """The usage record's bytes, or None where it is missing or damaged."""
+    text = (data or b"").decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _pin_holder_alive(name: str) -> bool:
+    """Whether the process that wrote pin `name` runs: its pid is alive and, where the name gives its
+    start time, that process started then (a pid can be reused by another process)."""
+    pid, *rest = name.split("-")
+    if not pid.isdigit():
+        return True  # not a pin's name: its digests are honoured
+    if not _alive(int(pid)):
+        return False
+    started = _started(int(pid))
+    return len(rest) < 2 or started is None or started == rest[0]
+
+
+def _started(pid: int) -> str | None:
+    """When the process started, in clock ticks after boot (field 22 of /proc/<pid>/stat); None where
+    that cannot be read (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces: fields 3 on
+    return fields[19] if len(fields) > 19 else None
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,8 @@
 """A Redis-backed store: many serve-cache processes (on one machine or several) sharing one store, in
-one Redis (redis://HOST:PORT/DB) or a Redis Cluster (redis+cluster://HOST:PORT[,HOST:PORT...], the
-nodes to ask for the cluster's layout).
+one Redis (redis://[USER:PASSWORD@]HOST:PORT/DB) or a Redis Cluster
+(redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...], the nodes to ask for the cluster's layout,
+with the same credentials for all; only database 0, as a cluster has no other). Errors show the URL
+without its credentials.
 
 Keys, the same in both; the part in braces is the hash tag, which puts what is read or changed
 together in one cluster slot and spreads the rest (one Redis ignores it):
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import os
 from typing import Callable
+from urllib.parse import unquote
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -94,16 +97,22 @@ def part_key(hex_id: str, upload: str, index: int) -> str:
     return f"celslm:{{b:{hex_id}}}:part:{upload}:{index}"
 
 
-def cluster_nodes(url: str) -> list[ClusterNode]:
-    """redis+cluster://HOST:PORT[,HOST:PORT...] -> the nodes; [v6]:PORT for IPv6."""
-    addresses = url.removeprefix("redis+cluster://").split("/", 1)[0].split(",")
+def cluster_address(url: str) -> tuple[list[ClusterNode], str | None, str | None]:
+    """redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...][/0] -> the nodes, user and password
+    (percent-decoded, as in redis://); [v6]:PORT for IPv6. A cluster has only database 0."""
+    credentials, _, hosts_db = url.removeprefix("redis+cluster://").rpartition("@")
+    hosts, _, database = hosts_db.partition("/")
+    if database not in ("", "0"):
+        raise UsageError(f"store {without_credentials(url)}: Redis Cluster has only database 0, not {database!r}")
+    user, _, password = credentials.partition(":")
     nodes = []
-    for address in addresses:
+    for address in hosts.split(","):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
-            raise UsageError(f"store {url}: {address!r} is not HOST:PORT; use redis+cluster://HOST:PORT[,HOST:PORT...]")
+            raise UsageError(f"store {without_credentials(url)}: {address!r} is not HOST:PORT; use "
+                             "redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]")
         nodes.append(ClusterNode(host.strip("[]"), int(port)))
-    return nodes
+    return nodes, unquote(user) or None, unquote(password) or None
 
 
 class RedisBlobWriter(HashingWriter):
@@ -162,10 +171,11 @@ class RedisStore(Store):
         try:
             if clustered:  # retries go to the cluster client: it refreshes the layout between them
                 retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
-                self.redis = RedisCluster(startup_nodes=cluster_nodes(url), retry=retry, socket_timeout=5,
-                                          socket_connect_timeout=2)
+                nodes, user, password = cluster_address(url)
+                self.redis = RedisCluster(startup_nodes=nodes, username=user, password=password, retry=retry,
+                                          socket_timeout=5, socket_connect_timeout=2)
             else:
-                self.redis = redis.Redis.from_url(url)
+                self.redis = _redis_at(url, shown)
             self.redis.ping()
         except (RedisError, RedisClusterException) as exc:
             raise UnavailableError(f"cannot reach {self.where}: {_first_line(exc)}") from exc
@@ -248,6 +258,16 @@ class RedisStore(Store):
 
     def usage_bytes(self) -> int:
         return int(self.call(self.redis.get, USAGE) or 0)
+
+
+def _redis_at(url: str, shown: str) -> redis.Redis:
+    """A client of redis://...; a URL it cannot parse is a UsageError (its own words may quote part of
+    a password)."""
+    try:
+        return redis.Redis.from_url(url)
+    except ValueError as exc:
+        raise UsageError(f"store {shown}: not a Redis URL; use redis://[USER:PASSWORD@]HOST:PORT/DB, with / "
+                         "and @ in a password percent-encoded") from exc
 
 
 def _first_line(exc: BaseException) -> str:
