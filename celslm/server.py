@@ -43,13 +43,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from celslm.errors import UnavailableError, UsageError
 from celslm.httpserver import HEALTH_PATH, ByteLRU, ReadWhenScraped, add_health_and_metrics, authorize, guard
-from celslm.manifest import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, read_side_record
+from celslm.manifest import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAME, read_side_record, sha256_digest
 from celslm.tenants import Ledger, Tenant, tenant_of
 from celslm.trust import SignedTag
 from celslm.store import Store, open_store
@@ -134,6 +135,7 @@ class State:
 
 
 STATE = web.AppKey("state", State)
+CLIENT = web.AppKey("client", aiohttp.ClientSession)  # reads blobs from an object store's URLs
 TENANT = web.RequestKey("tenant", Tenant | None)
 
 
@@ -150,6 +152,7 @@ def app_for(state: State, middlewares=()) -> web.Application:
     add_health_and_metrics(app, lambda: {"store_bytes": store.usage_bytes(), "capacity_bytes": store.capacity_bytes},
                            state.metrics.registry)
     app.add_routes(ROUTES)
+    app.on_cleanup.append(_close_client)
     return app
 
 
@@ -239,12 +242,48 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             if request.method == "GET":
                 metrics.bytes_out.inc(response.content_length or 0)
             return response
-    data = await asyncio.to_thread(store.read_blob, digest)  # a KV block: one read, verified
+    url = store.blob_url(digest) if not store.on_disk else None
+    if url is not None:  # an object store: fetched in this event loop (no thread, no client library), verified
+        data = await _fetch(request.app, url, digest)
+    else:
+        data = await asyncio.to_thread(store.read_blob, digest)  # a KV block: one read, verified
     if data is None:
         metrics.misses.inc()
         raise web.HTTPNotFound(text=f"no blob {digest}\n")
     state.memory.put(digest, data)
     return _send(request, digest, data)
+
+
+async def _fetch(app: web.Application, url: str, digest: str) -> bytes | None:
+    """A blob from its store's own URL (presigned), read no further than --max-blob and verified: None if
+    the store does not have it, or has it corrupt (then quarantined, so a push can replace it)."""
+    state = app[STATE]
+    if CLIENT not in app:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=state.config.read_timeout_s)
+        app[CLIENT] = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+    limit = state.config.max_blob_bytes
+    try:
+        async with app[CLIENT].get(url) as response:
+            if response.status in (403, 404):  # no such key (403 where listing is not allowed)
+                return None
+            if response.status != 200 or (response.content_length or 0) > limit:
+                raise UnavailableError(f"{state.store.url}: blob {digest}: HTTP {response.status} from the store")
+            data = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 16):
+                data += chunk
+                if len(data) > limit:
+                    raise UnavailableError(f"{state.store.url}: blob {digest}: more than {limit:,} bytes from the store")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # a body cut off short is one of these
+        raise UnavailableError(f"{state.store.url}: blob {digest}: {str(exc)[:120] or type(exc).__name__}") from exc
+    if sha256_digest(data) != digest:  # the whole body, as the store holds it: corrupt
+        await asyncio.to_thread(state.store.quarantine, digest)
+        return None
+    return bytes(data)
+
+
+async def _close_client(app: web.Application) -> None:
+    if CLIENT in app:
+        await app[CLIENT].close()
 
 
 def _blob_headers(request: web.Request, digest: str) -> dict:

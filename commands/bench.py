@@ -214,7 +214,8 @@ def report_(
     "celslm bench serve",
     "celslm bench serve --clients 1 --clients 32 --seconds 3 --json",
     "celslm bench serve --wrk-only --connections 64 --workers 2 --wrk-seconds 10 --repeats 3",
-    "celslm bench serve --wrk-only --no-redis --wrk-seconds 3 --repeats 3 --pulls 5"))
+    "celslm bench serve --wrk-only --no-redis --wrk-seconds 3 --repeats 3 --pulls 5",
+    "celslm bench serve --wrk-only --no-redis --no-s3 --wrk-seconds 2 --pulls 0"))
 def serve_(
     clients: Annotated[list[int] | None, typer.Option("--clients", min=1, max=256, help="Concurrent clients per level (repeatable).")] = None,
     seconds: Annotated[float, typer.Option("--seconds", min=0.5, max=60, help="Duration of each level.")] = 4.0,
@@ -227,6 +228,8 @@ def serve_(
     repeats: Annotated[int, typer.Option("--repeats", min=1, max=20, help="wrk runs per server, interleaved across servers; the median is shown.")] = 2,
     pulls: Annotated[int, typer.Option("--pulls", min=0, max=50, help="Whole `celslm pull` processes timed per path (serve-cache, nginx proxy_cache in front), interleaved, each with a cold edge cache; 0: none.")] = 3,
     no_redis: Annotated[bool, typer.Option("--no-redis", metavar=FLAG, help="Skip the Redis and Redis Cluster rows.")] = False,
+    no_s3: Annotated[bool, typer.Option("--no-s3", metavar=FLAG, help="Skip the object-store rows (SeaweedFS on loopback: "
+                                        "serve-cache over it, redirecting to it, and read directly).")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Serve-cache under load on loopback, beside nginx over the same store: verifying clients pulling a
@@ -239,7 +242,7 @@ def serve_(
         result = serve_bench.run(levels=tuple(clients or (1, 8, 32, 64)), seconds=seconds, max_pulls=max_pulls,
                                  progress=say) if not wrk_only else None
         ceiling = serve_bench.ceiling(seconds=wrk_seconds, connections=connections, workers=workers, repeats=repeats,
-                                      pulls=pulls, redis=not no_redis, progress=say) if not no_wrk else None
+                                      pulls=pulls, redis=not no_redis, s3=not no_s3, progress=say) if not no_wrk else None
     except RuntimeError as exc:
         raise CelslmError(f"bench serve: {exc}") from exc
     if json_:

@@ -171,7 +171,8 @@ def test_update_is_one_step_for_every_writer(seaweed, request):
 def test_a_presigned_blob_url_reads_that_blob_and_nothing_else(store):
     digest, data = random_blob(3000)
     store.put_blob(digest, data)
-    url = store.blob_url(digest, expires_s=60)
+    url = store.blob_url(digest)
+    assert store.blob_url(digest) == url  # kept: signing again costs as much as the read
     assert urllib.request.urlopen(url, timeout=10).read() == data
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url.replace("/blobs/", "/manifests/"), timeout=10)
@@ -192,15 +193,54 @@ def test_a_corrupt_blob_is_quarantined_and_reads_as_absent(seaweed, store, reque
 
 def test_serve_cache_over_a_bucket_takes_a_push_and_serves_it_back_byte_equal(seaweed, tmp_path):
     path, reader = tiny_artifact(tmp_path, 520)
-    with ServeCache("--backend", seaweed.url("served")) as cache:
+    with ServeCache("--backend", seaweed.url("served"), "--memory-cache", "0") as cache:
         pushed = json.loads(run_cli("push", str(path), cache.url, "--tag", "ctx", "--json", check=True).stdout)
         assert pushed["id"] == reader.id and pushed["blobs_sent"] == len(reader.manifest.blob_refs())
         run_cli("pull", f"{cache.url}/v1/tags/ctx", "--out", str(tmp_path / "back.kv"), check=True)
+        large, data = random_blob(700_000)  # many reads of the store's answer, each verified whole
+        open_store(seaweed.url("served")).put_blob(large, data)
+        assert urllib.request.urlopen(f"{cache.url}/v1/blobs/{large}", timeout=10).read() == data
+        digest = reader.manifest.blob_refs()[0].digest  # gone bad in the bucket: served as absent, put aside
+        key = f"served/blobs/{digest.removeprefix('sha256:')}"
+        bucket_client(seaweed).put_object(Bucket=seaweed.bucket, Key=key, Body=b"rotten")
+        with pytest.raises(urllib.error.HTTPError) as absent:
+            urllib.request.urlopen(f"{cache.url}/v1/blobs/{digest}", timeout=10)
+        assert absent.value.code == 404
+        assert bucket_client(seaweed).head_object(Bucket=seaweed.bucket, Key=key.replace("/blobs/", "/quarantine/"))
+        run_cli("push", str(path), cache.url, check=True)  # and a push repairs it
     back = DirectoryReader(tmp_path / "back.kv")
     assert back.id == reader.id
     assert [data for _, data in back.blobs()] == [data for _, data in reader.blobs()]
     stored = open_store(seaweed.url("served"))  # and the bucket holds it as a store, for any other server
     assert stored.get_tag("ctx") == reader.id and all(stored.has_blob(ref.digest) for ref in reader.manifest.blob_refs())
+
+
+def test_an_edge_reads_through_presigned_redirects_or_straight_from_the_bucket(seaweed, tmp_path):
+    path, reader = tiny_artifact(tmp_path, 520)
+    run_cli("push", str(path), seaweed.url("redirected"), "--tag", "ctx", check=True)
+    with ServeCache("--backend", seaweed.url("redirected"), "--presign") as cache:
+        blob = reader.manifest.blob_refs()[0].digest
+        status, location = _redirect_of(f"{cache.url}/v1/blobs/{blob}")
+        assert status == 307 and location.startswith(seaweed.endpoint) and "Signature" in location
+        run_cli("pull", "ctx", "--cloud", cache.url, "--out", str(tmp_path / "via-307.kv"), check=True,
+                env={"AWS_SECRET_ACCESS_KEY": "not-the-edge's-to-know"})  # the edge needs no credential
+    run_cli("pull", "ctx", "--cloud", seaweed.url("redirected"), "--out", str(tmp_path / "direct.kv"), check=True)
+    for out in ("via-307.kv", "direct.kv"):
+        assert DirectoryReader(tmp_path / out).id == reader.id
+        assert run_cli("verify", str(tmp_path / out)).returncode == 0
+
+
+def _redirect_of(url: str) -> tuple[int, str]:
+    """The status and Location of a GET, not followed."""
+    class Stay(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    try:
+        urllib.request.build_opener(Stay).open(url, timeout=10)
+    except urllib.error.HTTPError as answer:
+        return answer.code, answer.headers.get("Location", "")
+    return 200, ""
 
 
 def test_a_wrong_secret_is_one_line_exit_2_and_no_credential_is_printed(seaweed):

