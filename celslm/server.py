@@ -268,11 +268,14 @@ async def _fetch(app: web.Application, url: str, digest: str) -> bytes | None:
                 return None
             if response.status != 200 or (response.content_length or 0) > limit:
                 raise UnavailableError(f"{state.store.url}: blob {digest}: HTTP {response.status} from the store")
-            data = bytearray()
-            async for chunk in response.content.iter_chunked(1 << 16):
-                data += chunk
-                if len(data) > limit:
-                    raise UnavailableError(f"{state.store.url}: blob {digest}: more than {limit:,} bytes from the store")
+            if response.content_length is not None:  # read whole, as declared (a body cut short raises)
+                data = await response.read()
+            else:
+                data = bytearray()
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    data += chunk
+                    if len(data) > limit:
+                        raise UnavailableError(f"{state.store.url}: blob {digest}: more than {limit:,} bytes from the store")
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # a body cut off short is one of these
         raise UnavailableError(f"{state.store.url}: blob {digest}: {str(exc)[:120] or type(exc).__name__}") from exc
     if sha256_digest(data) != digest:  # the whole body, as the store holds it: corrupt

@@ -92,7 +92,7 @@ class BlobSourceReader(ArtifactReader):
 
 class Tiers:
     def __init__(self, local: EdgeCache, peers: list[Store] = (), cloud: Store | None = None,
-                 parallel: int = 4, policy: TrustPolicy | None = None, warn: Warn | None = None,
+                 parallel: int = 8, policy: TrustPolicy | None = None, warn: Warn | None = None,
                  identity: Identity | None = None):
         self.local = local
         self.identity = identity
