@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from celslm.testing.seaweed import weed_binary
+
 from celslm.bench import serve as serve_bench
 from celslm.manifest import sha256_digest
 from celslm.testing.processes import ServeCache
@@ -137,7 +139,11 @@ def test_bench_ceiling_drives_proxy_cache_hot_beside_static_and_times_pulls_thro
     for row in rows.values():
         assert row["requests_per_s"] > 0 and row["failed"] == 0, row
     pulled = {row["server"]: row for row in result["pulls"]}
-    assert set(pulled) == {"serve-cache dir, 2 workers", proxy}
+    object_store = {"serve-cache s3, 2 workers, no memory cache", "serve-cache s3, 2 workers, --presign"}
+    if weed_binary():  # SeaweedFS: serve-cache over the bucket, redirecting to it, and the bucket read directly
+        assert object_store | {"SeaweedFS S3, read directly (presigned GETs)"} <= set(rows)
+        assert rows["serve-cache s3, 2 workers, --presign"]["redirects"]
+    assert set(pulled) == {"serve-cache dir, 2 workers", proxy} | (object_store if weed_binary() else set())
     assert all(row["mbps"] > 0 and len(row["seconds"]) == 1 for row in pulled.values())
 
 

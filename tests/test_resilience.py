@@ -6,6 +6,7 @@ import json
 import time
 
 from celslm.errors import EXIT_UNAVAILABLE
+from celslm.store.tiers import PARALLEL
 from celslm.testing.faults import FaultServer
 from celslm.testing.processes import free_port
 from tests.conftest import GREET_PROMPT as PROMPT, run_cli
@@ -39,7 +40,7 @@ def test_a_stalled_peer_is_skipped_for_the_cloud(published, tiny_qwen):
     assert out["text"] == expected["text"]
     assert list(out["bytes_by_source"]) == [f"cloud {cloud.url}"]
     # the blobs in flight are each tried with backoff (4 attempts); then the peer is marked down, never asked again
-    assert 4 <= peer.blob_requests <= 4 * 4 and time.monotonic() - started < 60
+    assert 4 <= peer.blob_requests <= PARALLEL * 4 and time.monotonic() - started < 60
 
 
 def test_corrupt_blocks_beyond_the_first_chunk_are_recomputed_from_context(published, tiny_qwen):

@@ -292,7 +292,7 @@ def object_store_servers(tmp: Path, artifact: Artifact, running: list, workers: 
     servers = {}
     name = f"serve-cache s3, {workers} workers, no memory cache"
     servers[name] = Target(_start_cache(tmp, "s3-nomem", running, "--backend", url, "--workers", str(workers),
-                                        "--memory-cache", "0", env=env))
+                                        "--memory-cache", "0", env=env), pull=True)
     name = f"serve-cache s3, {workers} workers, --presign"
     servers[name] = Target(_start_cache(tmp, "s3-presign", running, "--backend", url, "--workers", str(workers), "--presign",
                                         env=env), redirects=True, pull=True)

@@ -36,6 +36,7 @@ from celslm.trust import SignedTag, TrustPolicy, Untrusted, merge_signatures
 
 Warn = Callable[[str], None]
 EDGE_CACHE_BYTES = 10 * 10**9  # the edge cache's default capacity: 10 GB
+PARALLEL = 8  # blob requests in flight at once: a redirect doubles each one's round trips
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class BlobSourceReader(ArtifactReader):
 
 class Tiers:
     def __init__(self, local: EdgeCache, peers: list[Store] = (), cloud: Store | None = None,
-                 parallel: int = 8, policy: TrustPolicy | None = None, warn: Warn | None = None,
+                 parallel: int = PARALLEL, policy: TrustPolicy | None = None, warn: Warn | None = None,
                  identity: Identity | None = None):
         self.local = local
         self.identity = identity
