@@ -139,7 +139,8 @@ def test_bench_ceiling_drives_proxy_cache_hot_beside_static_and_times_pulls_thro
     for row in rows.values():
         assert row["requests_per_s"] > 0 and row["failed"] == 0, row
     pulled = {row["server"]: row for row in result["pulls"]}
-    object_store = {"serve-cache s3, 2 workers, no memory cache", "serve-cache s3, 2 workers, --presign"}
+    object_store = {"serve-cache s3, 2 workers, no memory cache", "serve-cache s3, 2 workers, --presign",
+                    "serve-cache s3, 2 workers, --blob-base (the bucket, public read)"}
     if weed_binary():  # SeaweedFS: serve-cache over the bucket, redirecting to it, and the bucket read directly
         assert object_store | {"SeaweedFS S3, read directly (presigned GETs)"} <= set(rows)
         assert rows["serve-cache s3, 2 workers, --presign"]["redirects"]

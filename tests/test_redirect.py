@@ -5,6 +5,7 @@ verifies as always."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 from celslm.errors import EXIT_INTEGRITY, EXIT_UNAVAILABLE
 from celslm.server import IMMUTABLE
+from celslm.store.tiers import PARALLEL
 from celslm.testing.processes import Service, free_port
 from tests.conftest import run_cli
 from tests.netutil import RecordingProxy, Server
@@ -75,6 +77,9 @@ def test_the_edge_follows_a_redirect_to_its_own_host_without_its_token_and_verif
         assert run_cli("verify", str(tmp_path / "b.kv")).returncode == 0
         blobs = sum(len(layer) for layer in manifest["blocks"])
         assert static.sent.count(b"GET /store/blobs/") >= blobs  # the bytes came from the static server
+        metrics = call_with_headers(cloud.url, "GET", "/metrics", token=READ_TOKEN)[1].decode()
+        redirects = float(re.search(r"^celslm_blob_redirects_total (\S+)$", metrics, re.M).group(1))
+        assert 1 <= redirects <= PARALLEL < blobs  # the place learned: later blobs go straight there
         assert READ_TOKEN.encode() not in static.sent and b"Authorization" not in static.sent
 
         (root / "blobs" / digest.removeprefix("sha256:")).write_bytes(b"not the blob")  # what the static server sends

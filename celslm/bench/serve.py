@@ -277,12 +277,13 @@ def _start_cache(tmp: Path, name: str, running: list, *args: str, env: dict | No
 
 def object_store_servers(tmp: Path, artifact: Artifact, running: list, workers: int, say) -> dict[str, Target]:
     """SeaweedFS (`weed mini`, S3) on loopback holding the artifact, and the rows over it: serve-cache over
-    the bucket without a memory cache, serve-cache answering blob reads with 307s to presigned URLs,
-    and the bucket read directly through presigned URLs (what those 307s point to)."""
+    the bucket without a memory cache, serve-cache answering blob reads with 307s to presigned URLs or
+    to the bucket's public objects (--blob-base), and the bucket read directly through presigned URLs
+    (what those 307s point to)."""
     from celslm.testing.seaweed import start_seaweed  # boto3 with it
 
     say("starting SeaweedFS (weed mini, S3) on loopback")
-    seaweed = start_seaweed(tmp / "seaweed")
+    seaweed = start_seaweed(tmp / "seaweed", public_read=True)  # objects readable as a CDN in front would read them
     running.append(seaweed)
     env, url = seaweed.env(), seaweed.url("bench")
     with _environment(env):  # the store reads AWS_* as every S3 tool does
@@ -296,6 +297,9 @@ def object_store_servers(tmp: Path, artifact: Artifact, running: list, workers: 
     name = f"serve-cache s3, {workers} workers, --presign"
     servers[name] = Target(_start_cache(tmp, "s3-presign", running, "--backend", url, "--workers", str(workers), "--presign",
                                         env=env), redirects=True, pull=True)
+    name = f"serve-cache s3, {workers} workers, --blob-base (the bucket, public read)"
+    servers[name] = Target(_start_cache(tmp, "s3-base", running, "--backend", url, "--workers", str(workers), "--blob-base",
+                                        f"{seaweed.endpoint}/{seaweed.bucket}/bench", env=env), redirects=True, pull=True)
     paths = tuple(urllib.parse.urlsplit(found).path + "?" + urllib.parse.urlsplit(found).query for found in presigned)
     servers["SeaweedFS S3, read directly (presigned GETs)"] = Target(seaweed.endpoint, paths)
     return servers

@@ -65,6 +65,7 @@ class HttpStore(Store):
         self.redirect_hosts = frozenset(filter(None, map(_host_entry, redirect_hosts)))
         self.origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         self._local = threading.local()  # kept-alive connections of each fetching thread, by origin
+        self._blob_base: tuple[tuple[str, str, int], str] | None = None  # (origin, path) blobs were redirected to
 
     def _connect(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection:
         scheme, host, port = origin
@@ -170,13 +171,20 @@ class HttpStore(Store):
 
     def read_blob(self, digest: str, limit: int | None = None) -> bytes | None:
         """The blob's verified bytes (at most `limit` of them, the size its manifest declares), or None
-        if the server does not have it. A redirect is followed where `_redirect` allows.
+        if the server does not have it. A redirect is followed where `_redirect` allows; one to a fixed
+        place (BASE/blobs/<hex>, no query: serve-cache's --blob-base) is remembered, and later blobs are
+        asked there first, saving the server a round trip each; anything but the blob from there sends
+        the read back to the server.
 
         Transient failures (no answer, 5xx, a dropped connection) are retried with exponential backoff;
         a body cut off mid-way is resumed with a Range request from the bytes already received. A
         server past its deadline is not asked again."""
         size = limit or LARGEST_BLOB_BYTES
+        hex_id = digest.removeprefix("sha256:")
         received, origin, path = b"", None, f"/v1/blobs/{digest}"
+        learned = self._blob_base  # where the server's redirects have pointed: asked first, without the server
+        if learned is not None:
+            origin, path = learned[0], f"{learned[1]}/blobs/{hex_id}"
         failures = redirects = 0
         refused = False  # a redirect target answered 403
         while failures <= self.retries:
@@ -192,10 +200,20 @@ class HttpStore(Store):
             except DeadlineExceeded:
                 raise
             except UnavailableError:
+                if learned is not None:  # the learned place is down: the server says where now
+                    learned = self._blob_base = None
+                    origin, path, received = None, f"/v1/blobs/{digest}", b""
+                    continue
                 failures = self._backoff(failures)
+                continue
+            if learned is not None and status not in (200, 206):  # not there (any more): ask the server
+                learned = self._blob_base = None
+                origin, path, received = None, f"/v1/blobs/{digest}", b""
                 continue
             if status in REDIRECTS and origin is None and redirects < self.retries + 1:
                 origin, path = self._redirect(response.getheader("Location", ""), digest)
+                if "?" not in path and path.endswith(f"/blobs/{hex_id}"):  # a fixed place (--blob-base): the
+                    self._blob_base = (origin, path.removesuffix(f"/blobs/{hex_id}"))  # next blob goes straight there
                 redirects += 1
                 continue
             if status == 404 and not received:

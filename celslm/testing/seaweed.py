@@ -59,7 +59,7 @@ class LocalSeaweed:
     outsider = OUTSIDER
     bucket = BUCKET
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, public_read: bool = False):
         self.workdir = Path(workdir)
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         config = {"identities": [
@@ -67,6 +67,8 @@ class LocalSeaweed:
              "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
             {"name": OUTSIDER.name, "credentials": [{"accessKey": OUTSIDER.access_key, "secretKey": OUTSIDER.secret_key}],
              "actions": ["Read:some-other-bucket"]}]}
+        if public_read:  # anyone may GET objects (a CDN's or --blob-base's view of the bucket); nothing else
+            config["identities"].append({"name": "anonymous", "actions": [f"Read:{BUCKET}"]})
         (self.workdir / "s3.json").write_text(json.dumps(config))
         self.ports = free_ports(10)  # master, volume, filer, s3, admin: http and grpc each, kept for restarts
         self.endpoint = f"http://127.0.0.1:{self.ports[6]}"
@@ -157,9 +159,10 @@ class LocalSeaweed:
         self.stop()
 
 
-def start_seaweed(workdir: Path, timeout_s: float = 60) -> LocalSeaweed:
-    """Start `weed mini` on free loopback ports in `workdir`, the bucket made, the identities configured."""
-    server = LocalSeaweed(workdir)
+def start_seaweed(workdir: Path, timeout_s: float = 60, public_read: bool = False) -> LocalSeaweed:
+    """Start `weed mini` on free loopback ports in `workdir`, the bucket made, the identities configured
+    (with `public_read`, objects readable without credentials too)."""
+    server = LocalSeaweed(workdir, public_read)
     server.start(timeout_s)
     return server
 
