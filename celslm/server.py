@@ -54,13 +54,12 @@ from celslm.manifest import DIGEST, MEDIA_MANIFEST, SIGNATURES_NAME, TIMINGS_NAM
 from celslm.tenants import Ledger, Tenant, tenant_of
 from celslm.trust import SignedTag
 from celslm.store import Store, open_store
-from celslm.store.base import NAMESPACE, check_tag
+from celslm.store.base import IMMUTABLE, NAMESPACE, check_tag
 
 DIGEST_ROUTE = r"{digest:sha256:[0-9a-f]{64}}"
 TAG_ROUTE = rf"{{name:(?:{NAMESPACE}/)?[A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}}}"  # store.base.TAG
 WRITES = ("PUT", "POST", "DELETE")
 SMALL_BLOB_BYTES = 4 << 20  # blobs up to this size are sent from memory; bigger ones stream with sendfile
-IMMUTABLE = "public, max-age=31536000, immutable"  # blobs and manifests: named by their digest
 GUARDED = "private, max-age=31536000, immutable"  # the same where reads need a token: no shared cache keeps them
 MOVING = "no-cache"  # tags and lookups: a cache must ask again each time
 

@@ -163,6 +163,6 @@ def test_more_rows_read_blobs_at_a_static_base_url(tmp_path):
             f"server {{ listen 127.0.0.1:{port}; root {scratch / 'bucket'}; location = /v1/health {{ return 200; }} }}"))
         return {"objects read directly": serve_bench.object_store_target(f"{base}/prefix/", artifact)}
 
-    result = serve_bench.ceiling(artifact=artifact, seconds=1, connections=8, workers=1, repeats=1, redis=False, more=more)
+    result = serve_bench.ceiling(artifact=artifact, seconds=1, connections=8, workers=1, repeats=1, redis=False, s3=False, more=more)
     row = next(row for row in result["results"] if row["server"] == "objects read directly")
     assert row["requests_per_s"] > 0 and row["failed"] == 0 and not row["redirects"]

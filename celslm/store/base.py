@@ -29,6 +29,7 @@ from celslm.trust import Signature, SignedTag, artifact_message, canonical_json,
 # last part is never `statement`, which would read as the statement route of the namespace's tag.
 NAMESPACE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 TAG = re.compile(rf"^(?:{NAMESPACE}/)?[A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}$")
+IMMUTABLE = "public, max-age=31536000, immutable"  # what any HTTP cache may do with a blob: keep it for good
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -38,6 +39,11 @@ def without_credentials(url: str) -> str:
     what messages, metrics and errors may show."""
     scheme, sep, rest = url.partition("://")
     return scheme + sep + rest.rpartition("@")[2]
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (a client library's may run to pages)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def parse_size(text: str) -> int:

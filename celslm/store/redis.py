@@ -48,7 +48,7 @@ from redis.retry import Retry
 
 from celslm.errors import InsufficientStorage, UnavailableError, UsageError
 from celslm.manifest import check_digest
-from celslm.store.base import HashingWriter, Store, without_credentials
+from celslm.store.base import HashingWriter, Store, first_line, without_credentials
 
 PART_BYTES = 1 << 20
 READ_PARTS = 8  # parts fetched by one MGET: bounds what one reply holds
@@ -178,7 +178,7 @@ class RedisStore(Store):
                 self.redis = _redis_at(url, shown)
             self.redis.ping()
         except (RedisError, RedisClusterException) as exc:
-            raise UnavailableError(f"cannot reach {self.where}: {_first_line(exc)}") from exc
+            raise UnavailableError(f"cannot reach {self.where}: {first_line(exc)}") from exc
 
     def call(self, command, *args, **kwargs):
         """One Redis command: a Redis at its `maxmemory` refuses a write (OOM), which is the store being
@@ -186,9 +186,9 @@ class RedisStore(Store):
         try:
             return command(*args, **kwargs)
         except OutOfMemoryError as exc:
-            raise InsufficientStorage(f"{self.where} is full (its maxmemory): {_first_line(exc)}") from exc
+            raise InsufficientStorage(f"{self.where} is full (its maxmemory): {first_line(exc)}") from exc
         except (RedisError, RedisClusterException) as exc:
-            raise UnavailableError(f"{self.where} is unavailable: {_first_line(exc)}") from exc
+            raise UnavailableError(f"{self.where} is unavailable: {first_line(exc)}") from exc
 
     def _read(self, kind: str, name: str) -> bytes | None:
         if kind == "blobs":
@@ -268,7 +268,3 @@ def _redis_at(url: str, shown: str) -> redis.Redis:
     except ValueError as exc:
         raise UsageError(f"store {shown}: not a Redis URL; use redis://[USER:PASSWORD@]HOST:PORT/DB, with / "
                          "and @ in a password percent-encoded") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -50,10 +50,9 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 
 from celslm.errors import CelslmError, UnavailableError, UsageError
 from celslm.manifest import check_digest, sha256_digest
-from celslm.store.base import HashingWriter, Store
+from celslm.store.base import IMMUTABLE, HashingWriter, Store, first_line
 
 PART_BYTES = 8 << 20  # a multipart upload's part (S3's least is 5 MiB): what one blob upload holds in memory
-IMMUTABLE = "public, max-age=31536000, immutable"  # a blob's bytes never change: caches in front keep it
 PRESIGN_S = 3600  # a presigned URL's life
 PRESIGNED_KEPT = 16384  # presigned URLs kept for reuse (about 10 MB)
 USAGE_TTL_S = 60.0  # usage is a listing of every blob: health checks and scrapes reuse it this long
@@ -141,7 +140,7 @@ class S3Store(Store):
         try:  # a session of its own: reads the environment now, as this store's credentials
             self.client = boto3.session.Session().client("s3", config=config)
         except (BotoCoreError, ValueError) as exc:
-            raise UsageError(f"{self.url}: cannot set up the S3 client: {_first_line(exc)}") from exc
+            raise UsageError(f"{self.url}: cannot set up the S3 client: {first_line(exc)}") from exc
         self.where = f"S3 bucket {self.bucket} at {self.client.meta.endpoint_url}"
         self.conditional_writes = True  # until the service answers NotImplemented
         self._presigned: OrderedDict[str, tuple[str, float]] = OrderedDict()  # digest -> (URL, reuse until)
@@ -170,7 +169,7 @@ class S3Store(Store):
             raise UsageError(f"{self.where}: no usable AWS credentials ({type(exc).__name__}); set "
                              "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or ~/.aws/credentials") from exc
         except BotoCoreError as exc:  # unreachable, timed out, cut off mid-answer
-            raise UnavailableError(f"cannot reach {self.where}: {_first_line(exc)}") from exc
+            raise UnavailableError(f"cannot reach {self.where}: {first_line(exc)}") from exc
 
     def _error(self, operation: str, code: str, status: int) -> CelslmError:
         answer = code if code and not code.isdigit() else f"HTTP {status}"  # a HEAD's answer has no body, so no code
@@ -192,7 +191,7 @@ class S3Store(Store):
         try:
             return answer["Body"].read(), answer["ETag"]
         except BotoCoreError as exc:
-            raise UnavailableError(f"{self.where}: reading {key} was cut off: {_first_line(exc)}") from exc
+            raise UnavailableError(f"{self.where}: reading {key} was cut off: {first_line(exc)}") from exc
 
     def _head(self, key: str) -> dict | None:
         try:
@@ -249,7 +248,7 @@ class S3Store(Store):
         try:
             data = answer["Body"].read()
         except BotoCoreError as exc:
-            raise UnavailableError(f"{self.where}: reading blob {digest} was cut off: {_first_line(exc)}") from exc
+            raise UnavailableError(f"{self.where}: reading blob {digest} was cut off: {first_line(exc)}") from exc
         if sha256_digest(data) != digest:
             self.quarantine(digest)
             return None
@@ -310,7 +309,7 @@ class S3Store(Store):
             raise self._error(exc.operation_name, str(error.get("Code", "")),
                               exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) from exc
         except BotoCoreError as exc:
-            raise UnavailableError(f"cannot reach {self.where}: {_first_line(exc)}") from exc
+            raise UnavailableError(f"cannot reach {self.where}: {first_line(exc)}") from exc
 
     def update(self, kind: str, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
         """Optimistically: read the record and its ETag, change it, and PUT it only if it is still that
@@ -342,7 +341,3 @@ class S3Store(Store):
                         self.call("abort_multipart_upload", MISSING, Key=upload["Key"], UploadId=upload["UploadId"])
                     except Answer:
                         pass  # completed or aborted meanwhile
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
