@@ -160,3 +160,22 @@ def test_a_server_given_without_its_scheme_is_refused_not_made_a_folder(prefille
         result = run_cli(*args)
         assert result.returncode == 2 and len(result.stderr.decode().strip().splitlines()) == 1, result.stderr
     assert [path.name for path in tmp_path.iterdir()] == ["celslm-home"]  # the edge cache only: no store folder
+
+
+def test_a_learned_blob_place_that_fails_sends_the_read_back_to_the_server(pushed, static):
+    """The edge asks a --blob-base it learned first; when that place answers anything but the blob (here:
+    nothing listens there any more), it asks serve-cache again and learns where blobs are now."""
+    from celslm.store.http import HttpStore
+
+    root, _, manifest = pushed
+    refs = [block for layer in manifest["blocks"] for block in layer]
+    with Server(root, "--blob-base", static.base) as cloud:
+        client = HttpStore(cloud.url)
+        gone = (("http", "127.0.0.1", free_port()), "/moved")
+        client._blob_base = gone
+        data = client.read_blob(refs[0]["digest"], refs[0]["size"])
+        assert data is not None and len(data) == refs[0]["size"]  # verified against its digest inside
+        assert client._blob_base not in (None, gone) and client._blob_base[1] == "/store"
+        client._blob_base = (client._blob_base[0], "/no-such-folder")  # there, but without the blob: a 404
+        assert client.read_blob(refs[1]["digest"], refs[1]["size"]) is not None
+        assert client._blob_base[1] == "/store"
