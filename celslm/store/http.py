@@ -27,7 +27,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from celslm.errors import CelslmError, InsufficientStorage, IntegrityError, TokenRequired, UnavailableError, UsageError
 from celslm.manifest import MAX_MANIFEST_BYTES, SIGNATURES_NAME, TIMINGS_NAME, Timings, read_side_record, sha256_digest
-from celslm.store.base import HashingWriter, Store
+from celslm.store.base import HashingWriter, Store, without_credentials
 from celslm.trust import Signature, SignedTag, canonical_json
 
 
@@ -56,7 +56,7 @@ class HttpStore(Store):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"{url}: not an http(s) URL of a celslm serve-cache server")
-        self.url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        self.url = without_credentials(f"{parts.scheme}://{parts.netloc}")
         self.token = token
         self.timeout_s = timeout_s or float(os.environ.get("CELSLM_TIMEOUT") or 30)
         self.retries, self.backoff_s = retries, backoff_s
