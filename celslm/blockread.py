@@ -177,11 +177,15 @@ class CodedLayer:
                 raise IntegrityError(f"{kind}: {found}; the codebook codes {kept} components x {body} tokens")
             self.coeffs[index][:kept, start + low : start + low + body] = codes
 
-    def finish(self, out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(key pre-RoPE, value), `[H, T, D]` float32: into `out` when given."""
-        out = out or tuple(np.empty(self.shape, dtype=np.float32) for _ in KINDS)
-        for kind, coeffs, x in zip(KINDS, self.coeffs, out):
-            self.bases[kind].decode_into(coeffs, self.codec.q, x)
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(key pre-RoPE, value), `[H, T, D]` float32, in the memory layouts llama.cpp's state takes: the
+        key a view of token-major rows `[T, H*D]`, the value a view of channel-major `[H*D, T]` (its
+        transposed V). One matmul per kind writes the whole layer; no transposing copy follows."""
+        heads, tokens, width = self.shape
+        key, value = (np.empty(shape, dtype=np.float32) for shape in ((tokens, heads * width), (heads * width, tokens)))
+        self.bases["key"].decode_rows(self.coeffs[0], self.codec.q, key)
+        self.bases["value"].decode_columns(self.coeffs[1], self.codec.q, value)
+        out = (key.reshape(tokens, heads, width).transpose(1, 0, 2), value.reshape(heads, width, tokens).transpose(0, 2, 1))
         for index, first, exact in self.exact:
             out[index][:, first : first + exact.shape[1]] = exact
         return out
@@ -206,6 +210,43 @@ def open_context(reader: ArtifactReader, chunks: int | None = None
     """The context's token ids, and an iterator over its layers as they are read and verified:
     (index, key pre-RoPE `[H, T, D]`, value `[H, T, D]`), float32. With `chunks`, only that prefix
     of the context (all its token ids are still returned)."""
+    token_ids, layers = open_layers(reader, chunks)
+    return token_ids, ((layer.index, *layer.decode()) for layer in layers)
+
+
+class LayerBlocks:
+    """One layer's verified blocks, read and not yet decoded: `decode` is pure CPU work (entropy decoding,
+    the inverse transform), so layers can decode on several threads at once."""
+
+    def __init__(self, reader: ArtifactReader, index: int, bases: dict, blocks: list, lengths: list[int]):
+        self.source, self.manifest = reader.source, reader.manifest
+        self.index, self.bases, self.blocks, self.lengths = index, bases, blocks, lengths
+
+    def decode(self) -> LayerArrays:
+        """(key pre-RoPE, value), each `[H, T, D]` float32."""
+        m = self.manifest
+        codec = parse_codec(m.codec)
+        heads, width, total = m.geometry.kv_heads, m.geometry.head_dim, sum(self.lengths)
+        coded = CodedLayer(codec, self.bases, heads, total, width) if codec.transform else None
+        key, value = (None, None) if coded else (np.empty((heads, total, width), dtype=np.float32) for _ in KINDS)
+        start = 0
+        for (ref, data), length in zip(self.blocks, self.lengths):
+            shape = (heads, length, width)
+            try:
+                if coded:
+                    coded.add(data, ref.media_type, start, length)
+                else:
+                    _place(decode_block(codec, data, ref.media_type, self.bases, shape), (key, value), start, shape)
+            except IntegrityError as exc:
+                raise IntegrityError(f"{self.source}: {m.describe(ref)}: {exc}") from exc
+            except Exception as exc:  # digest matched, content does not fit the manifest
+                raise IntegrityError(f"{self.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
+            start += length
+        return coded.finish() if coded else (key, value)
+
+
+def open_layers(reader: ArtifactReader, chunks: int | None = None) -> tuple[list[int], Iterator[LayerBlocks]]:
+    """`open_context`, with each layer's blocks read and verified in order but left to decode."""
     m = reader.manifest
     blobs = reader.plain_blobs(chunks)
     _, data = next(blobs)
@@ -213,40 +254,19 @@ def open_context(reader: ArtifactReader, chunks: int | None = None
     if len(token_ids) != m.token_count:
         raise IntegrityError(f"{reader.source}: token ids blob holds {len(token_ids)} tokens, manifest says {m.token_count}")
     codebook = load_codebook(reader, blobs)
-    return token_ids, _layers(reader, blobs, m.chunks if chunks is None else min(chunks, m.chunks), codebook)
+    return token_ids, _layer_blocks(reader, blobs, m.chunks if chunks is None else min(chunks, m.chunks), codebook)
 
 
-def _layers(reader: ArtifactReader, blobs, chunks: int, codebook: Codebook | None):
+def _layer_blocks(reader: ArtifactReader, blobs, chunks: int, codebook: Codebook | None) -> Iterator[LayerBlocks]:
     m = reader.manifest
-    codec = parse_codec(m.codec)
     lengths = m.chunk_lengths()[:chunks]
-    heads, width = m.geometry.kv_heads, m.geometry.head_dim
-    total = sum(lengths)
     for layer in range(m.layers):
         try:
             layer_bases = codebook.layer(layer) if codebook else \
                 load_bases(next(blobs)[1] if m.layer_aux(layer) else None)
         except Exception as exc:  # digest matched, content does not fit the manifest
             raise IntegrityError(f"{reader.source}: layer {layer}'s basis blob does not decode: {exc}") from exc
-        key, value = (np.empty((heads, total, width), dtype=np.float32) for _ in KINDS)  # blocks land in place
-        coded = CodedLayer(codec, layer_bases, heads, total, width) if codec.transform else None
-        start = 0
-        for length in lengths:
-            ref, data = next(blobs)
-            shape = (heads, length, width)
-            try:
-                if coded:
-                    coded.add(data, ref.media_type, start, length)
-                else:
-                    _place(decode_block(codec, data, ref.media_type, layer_bases, shape), (key, value), start, shape)
-            except IntegrityError as exc:
-                raise IntegrityError(f"{reader.source}: {m.describe(ref)}: {exc}") from exc
-            except Exception as exc:  # digest matched, content does not fit the manifest
-                raise IntegrityError(f"{reader.source}: {m.describe(ref)} does not decode as {m.codec}: {exc}") from exc
-            start += length
-        if coded:
-            coded.finish((key, value))
-        yield layer, key, value
+        yield LayerBlocks(reader, layer, layer_bases, [next(blobs) for _ in lengths], lengths)
 
 
 def _place(block: LayerArrays, layer: LayerArrays, start: int, shape: tuple[int, int, int]) -> None:

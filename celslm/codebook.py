@@ -105,18 +105,18 @@ class Transform:
         coeffs = np.empty((kept + 1, tokens), dtype=np.float32)
         coeffs[:kept] = codes
         coeffs[kept] = 1.0
-        out = np.empty((heads, tokens, width), dtype=np.float32)
-        self.decode_into(coeffs, q, out)
-        return out
+        out = np.empty((tokens, heads * width), dtype=np.float32)
+        self.decode_rows(coeffs, q, out)
+        return np.ascontiguousarray(out.reshape(tokens, heads, width).transpose(1, 0, 2))
 
-    def decode_into(self, coeffs: np.ndarray, q: float, out: np.ndarray) -> None:
-        """Channels `out` `[H, T, D]` from coefficients `[n + 1, T]` float32 (codes in steps, then a row
-        of ones that carries the mean). One matmul per head writes its `[T, D]` in place: the transposes
-        are BLAS flags, not copies."""
-        inverse = self._matrices(q)[2]
-        heads, _, width = out.shape
-        for head in range(heads):
-            np.matmul(coeffs.T, inverse[head * width : (head + 1) * width].T, out=out[head])
+    def decode_rows(self, coeffs: np.ndarray, q: float, out: np.ndarray) -> None:
+        """Channels token by token, `out` `[T, F]`, from coefficients `[n + 1, T]` float32 (codes in steps,
+        then a row of ones that carries the mean): one matmul, the transposes are BLAS flags."""
+        np.matmul(coeffs.T, self._matrices(q)[2].T, out=out)
+
+    def decode_columns(self, coeffs: np.ndarray, q: float, out: np.ndarray) -> None:
+        """The same channels channel by channel, `out` `[F, T]`."""
+        np.matmul(self._matrices(q)[2], coeffs, out=out)
 
     def _matrices(self, q: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """At quality q: the forward map into steps `[n, F]`, its offset `[n]` (the mean, in steps) and

@@ -61,7 +61,7 @@ def answer(loaded: LoadedModel, prompt: str, *, kv: str | None = None, context_t
         raise UsageError("no context: give an artifact, a context text, or both")
     if recompute_last and kv is None:
         raise UsageError("recomputing the last tokens of a context needs an artifact")
-    if not prompting.prompt_ids(loaded.tokenizer, prompt, "chat", raw):  # before any thread starts on the context
+    if prompting.empty_prompt(loaded.tokenizer, prompt, raw):  # before any thread starts on the context
         raise UsageError("the prompt is empty")
     tiers, reader = None, None
     try:

@@ -37,6 +37,7 @@ class Sequence:
 class Engine:
     name = "engine"
     pipelines = False  # True: `gated` runs the prompt's layer l as soon as layer l's KV is in
+    decode_threads = 1  # threads that decode an artifact's layers at once (`stream.LayerFeed`)
 
     @property
     def geometry(self) -> Geometry:
@@ -71,6 +72,9 @@ class Engine:
     def inject(self, seq: Sequence, layer: int, placed: object) -> None:
         """Put a placed context layer into an empty sequence; layers go in order, 0 first."""
         raise NotImplementedError
+
+    def reserve(self, tokens: int) -> None:
+        """A hint, before the context's layers arrive: a sequence of about `tokens` positions comes next."""
 
     def gated(self, seq: Sequence, fetch: LayerFetch, on_compute: ComputeSpan | None = None) -> AbstractContextManager:
         """While active, the next `evaluate` pulls layer l from `fetch(l)` just before it runs layer l."""

@@ -37,6 +37,7 @@ ROPE_NORM, ROPE_NEOX = 0, 2
 DEFAULT_CONTEXT = 4096  # cells allocated at first; a longer sequence moves to a bigger context
 BATCH = 512
 CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # llama.cpp KV cache types (GGML_TYPE_*)
+V_TRANS = True  # an f16 cache without flash attention stores V transposed (`_context`)
 
 
 def _describe(lib, path: str, model) -> "_Model":
@@ -147,6 +148,40 @@ def from_llama_order(key: np.ndarray, rope: Rope) -> np.ndarray:
     return key.reshape(heads, tokens, dim // 2, 2).swapaxes(2, 3).reshape(heads, tokens, dim)
 
 
+def to_half(x: np.ndarray, native: bool = True) -> np.ndarray:
+    """`x` float32 as float16, rounded to nearest even: through llama.cpp's converter where it has one
+    (`llamaload.half_converter`), else numpy's cast, which gives the same bits (tested)."""
+    convert = llamaload.half_converter() if native else None
+    if convert is None or x.dtype != np.float32 or not x.flags.c_contiguous:
+        return x.astype(np.float16)
+    out = np.empty(x.shape, dtype=np.float16)
+    convert(x.ctypes.data, out.ctypes.data, x.size)
+    return out
+
+
+def key_rows(key: np.ndarray, rope: Rope, native: bool = True) -> np.ndarray:
+    """Pre-RoPE keys `[H, T, D]` float32 (any strides) -> llama.cpp's rows `[T, H*D]` f16: rotated at
+    positions 0..T-1 in float32 and in llama.cpp's channel order, each value computed as `rotate` does
+    (the same operations in the same order), then rounded to f16 once (`to_half`)."""
+    heads, tokens, dim = key.shape
+    cos, sin = _tables(rope, tokens)
+    c, s = cos[:, None, :], sin[:, None, :]
+    half = rope.dims // 2
+    x = key.transpose(1, 0, 2)  # [T, H, D]: a view when the key came token-major
+    x0, x1 = x[..., :half], x[..., half : rope.dims]
+    rows = np.empty((tokens, heads, dim), dtype=np.float32)
+    if rope.kind == ROPE_NEOX:
+        low, high = rows[..., :half], rows[..., half : rope.dims]
+        rows[..., rope.dims :] = x[..., rope.dims :]
+    else:  # NORM rotates all dimensions (checked in _describe), pairs interleaved: llama.cpp's channel 2j + h
+        pairs = rows.reshape(tokens, heads, half, 2)
+        low, high = pairs[..., 0], pairs[..., 1]
+    a, b = np.empty(x0.shape, dtype=np.float32), np.empty(x0.shape, dtype=np.float32)
+    np.subtract(np.multiply(x0, c, out=a), np.multiply(x1, s, out=b), out=low)
+    np.add(np.multiply(x0, s, out=a), np.multiply(x1, c, out=b), out=high)
+    return to_half(rows.reshape(tokens, heads * dim), native)
+
+
 class LlamaSequence(Sequence):
     def __init__(self, engine: "LlamaEngine"):
         self.engine = engine
@@ -160,7 +195,11 @@ class LlamaSequence(Sequence):
 
 
 class LlamaEngine(Engine):
-    """One GGUF model and one llama.cpp context holding one sequence at a time."""
+    """One GGUF model and one llama.cpp context holding one sequence at a time.
+
+    An artifact's layers decode on all the engine's threads (`decode_threads`): llama.cpp computes
+    nothing until the last layer is in (`pipelines = False`), so they take turns with its own threads
+    on the same cores, never both at once."""
 
     name = "llama.cpp"
     pipelines = False
@@ -177,6 +216,7 @@ class LlamaEngine(Engine):
         self.path = path
         self.rope_hint = rope_hint
         self.threads = threads or int(os.environ.get("CELSLM_THREADS", 0)) or os.cpu_count() or 1
+        self.decode_threads = self.threads
         self._want = context
         self._lib = llamaload.library()
         self._loaded = llamaload.load(path)  # a future of the raw handle; `model` describes it once
@@ -187,12 +227,16 @@ class LlamaEngine(Engine):
         self._active: LlamaSequence | None = None
         threading.Thread(target=self._first_context, name="celslm-llama-context", daemon=True).start()
 
+    def reserve(self, tokens: int) -> None:
+        """The first context is made big enough for `tokens` (and a prompt): made once, not twice."""
+        self._want = max(self._want, tokens)
+
     def _first_context(self) -> None:
         """Make the context as soon as the model is in, while the artifact is still being decoded."""
         try:
             self.model
             with self._lock:
-                self._context(1)
+                self._context(self._want)
         except BaseException:
             pass  # the same error comes back, with its message, where the engine is used
 
@@ -222,7 +266,7 @@ class LlamaEngine(Engine):
     @property
     def layout(self) -> llamastate.CacheLayout:
         g = self.geometry
-        return llamastate.CacheLayout(g.layers, g.kv_heads, g.head_dim, type_k=1, type_v=1, v_trans=True)
+        return llamastate.CacheLayout(g.layers, g.kv_heads, g.head_dim, type_k=1, type_v=1, v_trans=V_TRANS)
 
     # -- the context: made on first use, moved to a bigger one when a sequence outgrows it
 
@@ -326,24 +370,29 @@ class LlamaEngine(Engine):
             return out
 
     def place(self, key, value) -> tuple:
-        """Pre-RoPE key and value `[H, T, D]` -> llama.cpp's rows `[T, H*D]` in f16, keys rotated, and
-        the RoPE they were rotated with.
+        """Pre-RoPE key and value `[H, T, D]` -> f16 in llama.cpp's state layout (`llamastate.StateWriter.put`),
+        keys rotated, and the RoPE they were rotated with.
 
         Rotating needs the model's RoPE: while the model is still loading, the folder's (`rope_hint`)
         is used, or, without one, the key is kept as it is and rotated in `inject`; decoding blocks
-        never waits for the load."""
+        never waits for the load. Each output is written once, straight from the input's layout (a
+        decoded layer comes token-major for keys and channel-major for values: no transposing copy)."""
         key, value = np.asarray(key, dtype=np.float32), np.asarray(value, dtype=np.float32)
         rope = self.model.rope if self._loaded.done() else self.rope_hint
-        return (self._rows(self._rotated(key, rope)) if rope else key), self._rows(value), rope
-
-    @staticmethod
-    def _rotated(key: np.ndarray, rope: Rope) -> np.ndarray:
-        return to_llama_order(rotate(key, rope, _tables(rope, key.shape[1]), dtype=np.float32), rope)
+        values = self._columns(value) if V_TRANS else self._rows(value)  # not self.layout: it waits for the model
+        return (key_rows(key, rope) if rope else key), values, rope
 
     @staticmethod
     def _rows(x: np.ndarray) -> np.ndarray:
         heads, tokens, dim = x.shape
-        return np.ascontiguousarray(x.transpose(1, 0, 2).reshape(tokens, heads * dim), dtype=np.float16)
+        return to_half(np.ascontiguousarray(x.transpose(1, 0, 2).reshape(tokens, heads * dim)))
+
+    @staticmethod
+    def _columns(x: np.ndarray) -> np.ndarray:
+        """`[H, T, D]` -> `[H*D, T]` f16: llama.cpp's transposed V (no copy before the cast when the value
+        came channel-major)."""
+        heads, tokens, dim = x.shape
+        return to_half(np.ascontiguousarray(x.transpose(0, 2, 1).reshape(heads * dim, tokens)))
 
     def inject(self, seq: LlamaSequence, layer: int, placed) -> None:
         """Each layer is written into the sequence's state as it comes; after the last one, the whole
@@ -353,7 +402,8 @@ class LlamaEngine(Engine):
         self._own(seq)
         key, value, rope = placed
         if layer == 0:
-            seq.pending = llamastate.StateWriter(self.layout, value.shape[0]) if value.shape[0] else None
+            count = value.shape[1] if V_TRANS else value.shape[0]
+            seq.pending = llamastate.StateWriter(self.layout, count) if count else None
             seq.injected = 0
         if layer != getattr(seq, "injected", -1) or seq.length:
             raise CelslmError(f"layer {layer} injected out of order, or into a sequence that is not empty")
@@ -363,7 +413,7 @@ class LlamaEngine(Engine):
             if rope is not None:
                 rows = key.astype(np.float32).reshape(-1, heads, dim).transpose(1, 0, 2)
                 key = rotate(from_llama_order(rows, rope), rope, rope.tables(rows.shape[1]), inverse=True)
-            key = self._rows(self._rotated(key, self.model.rope))
+            key = key_rows(key, self.model.rope)
         writer = seq.pending
         if writer is not None:
             writer.put(layer, key, value)

@@ -81,6 +81,26 @@ def library():
     return llama_cpp
 
 
+def half_converter():
+    """llama.cpp's own float32 -> float16 row converter, `ggml_cpu_fp32_to_fp16(x, y, n)` from the ggml-cpu
+    library llama-cpp-python ships (F16C instructions where the CPU has them: ~30x numpy's cast on this
+    machine), or None where that library or symbol is missing. Rounds to nearest even, as numpy does;
+    `llamacpp.to_half` keeps numpy's cast as the fallback, and a test checks the two agree bit for bit."""
+    if not hasattr(half_converter, "found"):
+        half_converter.found = None
+        folder = getattr(library(), "_base_path", None)
+        for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
+            if folder is not None and os.path.isfile(os.path.join(folder, name)):
+                try:
+                    convert = ctypes.CDLL(os.path.join(folder, name)).ggml_cpu_fp32_to_fp16
+                except (OSError, AttributeError):
+                    continue
+                convert.argtypes, convert.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+                half_converter.found = convert
+                break
+    return half_converter.found
+
+
 def last_error() -> str:
     return f" ({_errors[-1]})" if _errors else ""
 

@@ -89,21 +89,15 @@ class StateWriter:
         self.buffer[: len(head)] = np.frombuffer(head, dtype=np.uint8)
 
     def put(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
-        """Layer `layer`'s key and value rows `[T, H*D]` (keys already in llama.cpp's rotation and order)."""
+        """Layer `layer`'s key rows `[T, H*D]` (already in llama.cpp's rotation and order) and its value in
+        the cache's layout: rows `[T, H*D]`, or `[H*D, T]` when V is transposed."""
         layout, count = self.layout, self.count
-        for x in (key, value):
-            _check_rows(x, count, layout)
-        at = self._k_at + layer * self._k_size
-        self.buffer[at : at + len(self._k_head)] = np.frombuffer(self._k_head, dtype=np.uint8)
-        body = self.buffer[at + len(self._k_head) : at + self._k_size].view(GGML_TYPES[layout.type_k])
-        body.reshape(count, layout.row)[...] = key
-        at = self._v_at + layer * self._v_size
-        self.buffer[at : at + len(self._v_head)] = np.frombuffer(self._v_head, dtype=np.uint8)
-        body = self.buffer[at + len(self._v_head) : at + self._v_size].view(GGML_TYPES[layout.type_v])
-        if layout.v_trans:
-            body.reshape(layout.row, count)[...] = value.T
-        else:
-            body.reshape(count, layout.row)[...] = value
+        _check_shape(key, (count, layout.row))
+        _check_shape(value, (layout.row, count) if layout.v_trans else (count, layout.row))
+        for x, at, head, size, kind in ((key, self._k_at + layer * self._k_size, self._k_head, self._k_size, layout.type_k),
+                                        (value, self._v_at + layer * self._v_size, self._v_head, self._v_size, layout.type_v)):
+            self.buffer[at : at + len(head)] = np.frombuffer(head, dtype=np.uint8)
+            self.buffer[at + len(head) : at + size].view(GGML_TYPES[kind]).reshape(x.shape)[...] = x
 
 
 def encode(layout: CacheLayout, keys: list[np.ndarray], values: list[np.ndarray], start: int = 0,
@@ -114,13 +108,13 @@ def encode(layout: CacheLayout, keys: list[np.ndarray], values: list[np.ndarray]
         raise ValueError(f"{len(keys)} key and {len(values)} value layers for a {layout.layers}-layer cache")
     writer = StateWriter(layout, keys[0].shape[0], start, seq_id)
     for layer, (key, value) in enumerate(zip(keys, values)):
-        writer.put(layer, key, value)
+        writer.put(layer, key, value.T if layout.v_trans else value)
     return writer.buffer.tobytes()
 
 
-def _check_rows(x: np.ndarray, count: int, layout: CacheLayout) -> None:
-    if x.shape != (count, layout.row):
-        raise ValueError(f"layer of shape {x.shape}, expected {(count, layout.row)}")
+def _check_shape(x: np.ndarray, shape: tuple[int, int]) -> None:
+    if x.shape != shape:
+        raise ValueError(f"layer of shape {x.shape}, expected {shape}")
 
 
 class _Cursor:

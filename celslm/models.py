@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -407,7 +408,10 @@ def _load_llama(spec: str, progress: Progress | None) -> LoadedModel:
     if expected and _cached_file_digest(gguf) != expected:
         fix = f"run celslm models pull {spec} --force" if spec in bundled_models() else "convert it again"
         raise IntegrityError(f"{gguf} is not the GGUF {folder} was converted from (its sha256 differs); {fix}")
-    tokenizer = LlamaTokenizer(engine, ChatTemplate(folder))
+    template = ChatTemplate(folder)
+    # jinja2 and the template's compilation (~60 ms) while the model loads, not on the way to the first token
+    threading.Thread(target=lambda: template.compiled, name="celslm-template", daemon=True).start()
+    tokenizer = LlamaTokenizer(engine, template)
     return LoadedModel(name=_display_name(spec), folder=folder, fingerprint=model_fingerprint(folder), model=None,
                        tokenizer=tokenizer, engine=engine, eos_ids=_eos_ids(folder))
 

@@ -43,6 +43,12 @@ def context_ids(tokenizer, context: str, framing: str) -> list[int]:
     return tokenizer(context, add_special_tokens=True)["input_ids"]
 
 
+def empty_prompt(tokenizer, prompt: str, raw: bool) -> bool:
+    """Whether `prompt_ids` would give no ids, without tokenizing: on the llama.cpp engine the vocabulary
+    comes with the model, and the artifact's layers should not wait for it to load."""
+    return not prompt and (raw or chat_frame(tokenizer) is None)
+
+
 def prompt_ids(tokenizer, prompt: str, framing: str, raw: bool) -> list[int]:
     """The private prompt's ids, continuing a context prefilled with `framing`."""
     frame = None if raw else chat_frame(tokenizer)

@@ -13,10 +13,11 @@ import queue
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from celslm.artifact import ArtifactReader
-from celslm.blockread import open_context
+from celslm.blockread import open_layers
 from celslm.engine import Engine
 from celslm.errors import CelslmError, IntegrityError, UsageError
 
@@ -123,13 +124,17 @@ class StreamedReader(ArtifactReader):
 
 
 class LayerFeed:
-    """Layer l, placed in the engine's form (`Engine.place`), becomes available as soon as its blocks are decoded."""
+    """Layer l, placed in the engine's form (`Engine.place`), becomes available as soon as its blocks are
+    decoded. One thread reads and verifies blocks in order; layers decode and are placed on
+    `engine.decode_threads` workers at once (numpy, pcodec and hashing release the GIL), with numpy's
+    BLAS held to one thread meanwhile (`_one_blas_thread`)."""
 
     def __init__(self, engine: Engine, reader: ArtifactReader, timeline: Timeline, chunks: int | None = None):
         self.timeline = timeline
         self.geometry = reader.manifest.geometry
         self.source = reader.source
-        self.token_ids, layers = open_context(reader, chunks)
+        self.token_ids, layers = open_layers(reader, chunks)
+        engine.reserve(len(self.token_ids))
         count = reader.manifest.layers
         self._slots: list = [None] * count
         self._events = [threading.Event() for _ in range(count)]
@@ -155,24 +160,40 @@ class LayerFeed:
             self._thread.join(timeout=60)
 
     def _run(self, engine: Engine, layers) -> None:
+        workers = max(1, engine.decode_threads)
+        free = threading.Semaphore(2 * workers)  # layers read ahead of the decoding, at most
         try:
-            while not self._stop.is_set():
-                begun, waited = time.perf_counter(), self.timeline.consumer_wait_s
-                item = next(layers, None)  # waits for bytes and decodes blocks, interleaved
-                if item is None:
-                    break
-                index, key, value = item
-                self._slots[index] = engine.place(key, value)
-                ended = time.perf_counter()
-                busy = (ended - begun) - (self.timeline.consumer_wait_s - waited)  # decoding, not waiting
-                self.timeline.compute.append((ended - max(busy, 0.0), ended))
-                self._events[index].set()
-            if self._stop.is_set():
+            with _one_blas_thread(), ThreadPoolExecutor(workers, thread_name_prefix="celslm-decode") as pool:
+                while not self._stop.is_set() and self._error is None:
+                    free.acquire()
+                    layer = next(layers, None)  # waits for bytes, verifies them
+                    if layer is None:
+                        break
+                    pool.submit(self._decode, engine, layer, free)
+                pool.shutdown(wait=True, cancel_futures=self._stop.is_set() or self._error is not None)
+            if self._stop.is_set() and self._error is None:
                 raise CelslmError(f"{self.source}: stopped before every layer was in")
         except BaseException as exc:
+            self._fail(exc)
+
+    def _decode(self, engine: Engine, layer, free: threading.Semaphore) -> None:
+        try:
+            if self._stop.is_set() or self._error is not None:
+                return
+            begun = time.perf_counter()
+            self._slots[layer.index] = engine.place(*layer.decode())
+            self.timeline.compute.append((begun, time.perf_counter()))
+            self._events[layer.index].set()
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            free.release()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
             self._error = exc
-            for event in self._events:
-                event.set()
+        for event in self._events:
+            event.set()
 
     def wait(self, layer: int):
         if layer >= len(self._events):
@@ -181,3 +202,12 @@ class LayerFeed:
         if self._error is not None:
             raise self._error
         return self._slots[layer]
+
+
+def _one_blas_thread():
+    """numpy's BLAS held to one thread while layers decode: the workers are the decode's threads, and
+    OpenBLAS splits a matmul differently on two threads than on one (the last bit of a value differs),
+    so the KV would depend on the machine's core count."""
+    from threadpoolctl import threadpool_limits  # only where an artifact is decoded
+
+    return threadpool_limits(1, user_api="blas")

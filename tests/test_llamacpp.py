@@ -284,7 +284,7 @@ def test_keys_rotated_before_the_model_loads_use_the_folders_rope_and_a_wrong_on
     llama.cpp's own, and a wrong one is undone and redone at injection."""
     import dataclasses
 
-    from celslm.llamacpp import LlamaEngine
+    from celslm.llamacpp import LlamaEngine, key_rows
 
     llama, _ = engines
     engine = llama.engine
@@ -297,8 +297,8 @@ def test_keys_rotated_before_the_model_loads_use_the_folders_rope_and_a_wrong_on
     bad = dataclasses.replace(engine.model.rope, base=engine.model.rope.base / 100)
     other = LlamaEngine(str(tiny_gguf), rope_hint=bad)
     # what `place` gives while the model is loading: odd layers rotated with the (wrong) hint, even ones not at all
-    placed = [(LlamaEngine._rows(LlamaEngine._rotated(k, bad)), LlamaEngine._rows(v), bad) if i % 2 else
-              (np.asarray(k), LlamaEngine._rows(v), None) for i, (k, v) in enumerate(layers)]
+    placed = [(key_rows(k, bad), LlamaEngine._columns(v), bad) if i % 2 else
+              (np.asarray(k), LlamaEngine._columns(v), None) for i, (k, v) in enumerate(layers)]
     seq = other.sequence()
     for index, item in enumerate(placed):
         other.inject(seq, index, item)
@@ -307,7 +307,7 @@ def test_keys_rotated_before_the_model_loads_use_the_folders_rope_and_a_wrong_on
     # and the tolerance means something: injected as rotated by the wrong RoPE, the logits are far off
     unfixed = other.sequence()
     for index, (key, value) in enumerate(layers):
-        other.inject(unfixed, index, (LlamaEngine._rows(LlamaEngine._rotated(key, bad)), LlamaEngine._rows(value), engine.model.rope))
+        other.inject(unfixed, index, (key_rows(key, bad), LlamaEngine._columns(value), engine.model.rope))
     assert np.abs(other.evaluate(unfixed, [ids[0]]) - expected).max() > max(5e-2, 10 * fixed)
 
 
@@ -373,3 +373,73 @@ def test_bench_hostile_answers_every_hostile_peer_row_from_the_cloud(tmp_path, m
     assert rows["sealed-link"]["artifact"] != rows["plain-link"]["artifact"]
     assert result["link"].startswith("emulated") and result["decrypt_load_ratio"] > 0
     assert all(ms > 0 for ms in result["costs_ms"].values())
+
+
+def test_half_rounding_through_llama_cpp_is_numpys_bit_for_bit():
+    """The f16 cast that writes llama.cpp's state goes through llama.cpp's own converter (F16C, ~30x numpy's
+    cast): on random bit patterns, every tie between two halves, subnormals and overflow, it gives numpy's
+    bits exactly, so the numpy fallback writes the same KV."""
+    from celslm import llamaload
+    from celslm.llamacpp import to_half
+
+    assert llamaload.half_converter() is not None  # the library ships it: the fast path is the one tested
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    halves = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    ties = ((halves[:-1] + halves[1:]) / 2).astype(np.float32)  # exactly between two halves: round to even
+    x = np.concatenate([patterns[np.isfinite(patterns)], ties, -ties,
+                        np.float32([np.inf, -np.inf, 0.0, -0.0, 65519.0, 65520.0, 1e9, 2.0**-25, 2.0**-26, 3 * 2.0**-26])])
+    with np.errstate(over="ignore"):
+        expected = x.astype(np.float16)
+    assert np.array_equal(to_half(x).view(np.uint16), expected.view(np.uint16))
+    assert np.array_equal(to_half(x, native=False).view(np.uint16), expected.view(np.uint16))
+
+
+@pytest.mark.parametrize("kind,dims", [(0, 16), (2, 16), (2, 8)])  # NORM, NEOX, partial NEOX
+def test_key_rows_rotate_and_round_as_rotate_then_cast(kind, dims):
+    """Keys go into llama.cpp's rows in one pass (rotated from any layout, rounded once): the same bits
+    as rotating with `rotate`, reordering and casting, on both f16 paths."""
+    from celslm.llamacpp import Rope, _tables, key_rows, rotate, to_llama_order
+
+    rope = Rope(kind, dims, 10000.0, 1.0)
+    key = np.random.default_rng(kind + dims).normal(0, 30, (3, 301, 16)).astype(np.float32)
+    rotated = to_llama_order(rotate(key, rope, _tables(rope, 301), dtype=np.float32), rope)
+    expected = rotated.transpose(1, 0, 2).reshape(301, 48).astype(np.float16)
+    token_major = np.ascontiguousarray(key.transpose(1, 0, 2)).transpose(1, 0, 2)  # how a decoded layer comes
+    for layout in (key, token_major):
+        for native in (True, False):
+            assert np.array_equal(key_rows(layout, rope, native).view(np.uint16), expected.view(np.uint16))
+
+
+def test_layers_decode_at_once_on_the_engines_threads_into_the_same_state(engines, monkeypatch):
+    """A tc artifact's layers decode on `decode_threads` workers at once (two layers meet at a barrier
+    inside their decoding: one at a time, it times out) and give llama.cpp the same state, byte for
+    byte, as one thread does."""
+    import threading
+
+    from celslm.artifact import MemoryReader
+    from celslm.blockread import LayerBlocks
+    from celslm.blocks import recode
+    from celslm.calibrate import Calibration, calibrate
+    from celslm.codecs import parse_codec
+    from celslm.decode import context_from_artifact
+    from celslm.prefill import prefill
+
+    llama, reference = engines
+    codebook = calibrate(reference, Calibration(files=2, tokens=96, probe_files=1, probe_tokens=8))
+    exact = prefill(reference, ids_of(reference, CONTEXT * 3), framing="raw", chunk_size=32)
+    coded = recode(MemoryReader(exact), parse_codec("tc:q=1.0,ent=pco"), codebook)
+    decode, meeting = LayerBlocks.decode, threading.Barrier(2, timeout=10)
+
+    def met(layer):
+        if layer.index < 2:
+            meeting.wait()  # BrokenBarrierError (the test fails) unless layers 0 and 1 decode at once
+        return decode(layer)
+
+    states = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(llama.engine, "decode_threads", threads)
+        monkeypatch.setattr(LayerBlocks, "decode", met if threads > 1 else decode)
+        states[threads] = llama.engine.snapshot(context_from_artifact(llama, MemoryReader(coded)).sequence)
+    assert meeting.n_waiting == 0 and not meeting.broken
+    assert states[3] == states[1]

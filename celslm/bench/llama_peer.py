@@ -22,7 +22,8 @@ def main() -> None:
     mode, model, state, ids_file, new = sys.argv[1:6]
     threads = int(sys.argv[6]) if len(sys.argv) > 6 else None
     ids = json.loads(open(ids_file).read())
-    llm = Llama(model_path=model, n_ctx=4096, n_batch=512, n_threads=threads, n_threads_batch=threads,
+    needed = len(ids["context"]) + len(ids["prompt"]) + int(new)
+    llm = Llama(model_path=model, n_ctx=max(4096, -(-needed // 256) * 256), n_batch=512, n_threads=threads, n_threads_batch=threads,
                 flash_attn=False, verbose=False)
     context = ids["context"]
     if mode == "save":

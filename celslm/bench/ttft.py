@@ -20,7 +20,7 @@ from celslm.errors import UsageError
 from celslm.models import LoadedModel
 from celslm.prefill import prefill
 
-DEFAULT_FILES = ("textwrap.py", "fnmatch.py", "shlex.py", "string.py")
+DEFAULT_FILES = ("textwrap.py", "fnmatch.py", "shlex.py", "string.py", "argparse.py", "gettext.py")
 
 
 @dataclass(frozen=True)
