@@ -57,6 +57,8 @@ class DecodeStats:
     t_comm_s: float = 0.0  # T_comm: first blob requested to last blob arrived
     t_com_e_s: float = 0.0  # T_com_E: decoding blocks, local prefill, prompt prefill, generation
     hidden_share: float = 0.0  # share of min(T_comm, overlappable compute) that ran at the same time
+    kv_decode_s: float = 0.0  # wall time the artifact's layers took to decode (on several threads at once)
+    kv_decode_hidden: float = 0.0  # share of it spent while the model was still loading
     cloud_prefill_s: float | None = None  # from the artifact's manifest
     artifact_bytes: int = 0
     bytes_by_source: dict = field(default_factory=dict)  # bytes fetched from local cache, each peer, the cloud
@@ -72,6 +74,8 @@ class DecodeStats:
             "link": self.link,
             **{name: round(getattr(self, name), 6) for name in seconds},
             "hidden_share": round(self.hidden_share, 4),
+            "kv_decode_s": round(self.kv_decode_s, 6),
+            "kv_decode_hidden_share": round(self.kv_decode_hidden, 4),
             "bytes_by_source": self.bytes_by_source,
             "context_tokens": self.context_tokens,
             "prompt_tokens": self.prompt_tokens,
@@ -268,6 +272,7 @@ def generate(loaded: LoadedModel, context: Context, prompt_ids: list[int], sampl
     stats.total_s = finished - context.started
     if timeline is not None:
         stats.t_comm_s, stats.hidden_share = timeline.comm_s, timeline.hidden_share()
+        stats.kv_decode_s, stats.kv_decode_hidden = timeline.decode_s(), timeline.decode_before(engine.loaded_at)
         stats.t_com_e_s = timeline.compute_s + stats.context_prefill_s + stats.generate_s
     else:
         stats.t_com_e_s = stats.context_prefill_s + stats.prompt_prefill_s + stats.generate_s

@@ -38,6 +38,7 @@ class Engine:
     name = "engine"
     pipelines = False  # True: `gated` runs the prompt's layer l as soon as layer l's KV is in
     decode_threads = 1  # threads that decode an artifact's layers at once (`stream.LayerFeed`)
+    loaded_at = 0.0  # perf_counter when the model was in (an engine that loads in the background sets it)
 
     @property
     def geometry(self) -> Geometry:

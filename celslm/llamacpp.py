@@ -23,6 +23,7 @@ import ctypes
 import functools
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,6 +221,7 @@ class LlamaEngine(Engine):
         self._want = context
         self._lib = llamaload.library()
         self._loaded = llamaload.load(path)  # a future of the raw handle; `model` describes it once
+        self._loaded.add_done_callback(lambda _: setattr(self, "loaded_at", time.perf_counter()))
         self._described: _Model | None = None
         self._describing = threading.Lock()
         self._lock = threading.Lock()  # one forward pass at a time on the context
@@ -400,23 +402,13 @@ class LlamaEngine(Engine):
         if self.cache_type != "f16":
             raise CelslmError(f"a {self.cache_type} llama.cpp cache cannot take an injected KV state")
         self._own(seq)
-        key, value, rope = placed
         if layer == 0:
-            count = value.shape[1] if V_TRANS else value.shape[0]
-            seq.pending = llamastate.StateWriter(self.layout, count) if count else None
-            seq.injected = 0
+            seq.pending, seq.injected = None, 0
         if layer != getattr(seq, "injected", -1) or seq.length:
             raise CelslmError(f"layer {layer} injected out of order, or into a sequence that is not empty")
         seq.injected += 1
-        if rope != self.model.rope:  # placed before the model had loaded, by no hint or a wrong one
-            heads, dim = self.geometry.kv_heads, self.geometry.head_dim
-            if rope is not None:
-                rows = key.astype(np.float32).reshape(-1, heads, dim).transpose(1, 0, 2)
-                key = rotate(from_llama_order(rows, rope), rope, rope.tables(rows.shape[1]), inverse=True)
-            key = key_rows(key, self.model.rope)
+        seq.pending = self._write(seq.pending, layer, placed)
         writer = seq.pending
-        if writer is not None:
-            writer.put(layer, key, value)
         if seq.injected < self.geometry.layers or writer is None:
             return
         seq.pending = None
@@ -425,6 +417,33 @@ class LlamaEngine(Engine):
             self._context(writer.count)
             self._restore(writer.buffer)
             seq._length = writer.count
+
+    def state_of(self, layers) -> bytes:
+        """A context's sequence state from its placed layers (`layers(l)`, in order): the bytes `snapshot`
+        would give once they were injected, made without llama.cpp's context (what the warm service keeps)."""
+        writer = None
+        for layer in range(self.geometry.layers):
+            writer = self._write(writer, layer, layers(layer))
+        if writer is None:
+            raise CelslmError("an empty context has no state")
+        return writer.buffer.tobytes()
+
+    def _write(self, writer: llamastate.StateWriter | None, layer: int, placed) -> llamastate.StateWriter | None:
+        """Layer `layer` written into `writer` (made at layer 0: None for an empty context), its keys rotated
+        again if they were placed before the model loaded, by no RoPE hint or a wrong one."""
+        key, value, rope = placed
+        if layer == 0:
+            count = value.shape[1] if V_TRANS else value.shape[0]
+            writer = llamastate.StateWriter(self.layout, count) if count else None
+        if rope != self.model.rope:
+            heads, dim = self.geometry.kv_heads, self.geometry.head_dim
+            if rope is not None:
+                rows = key.astype(np.float32).reshape(-1, heads, dim).transpose(1, 0, 2)
+                key = rotate(from_llama_order(rows, rope), rope, rope.tables(rows.shape[1]), inverse=True)
+            key = key_rows(key, self.model.rope)
+        if writer is not None:
+            writer.put(layer, key, value)
+        return writer
 
     def crop(self, seq: LlamaSequence, length: int) -> None:
         with self._lock:

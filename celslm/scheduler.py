@@ -98,6 +98,7 @@ class Job:
     position: int = 0  # the next position of the sequence
     pending: int | None = None  # the sampled token to evaluate next
     generated: int = 0
+    started_at: float | None = None  # its context resident and a sequence its own: the prompt runs next
     first_token_at: float | None = None
     last_token_at: float | None = None
     finished: bool = False
@@ -363,6 +364,7 @@ class Scheduler:
         job.position = prepared.context.tokens
         job.text = StopText(self.tokenizer, self.stop_ids, job.stop)
         job.rng = np.random.default_rng(job.sampling.seed)
+        job.started_at = time.perf_counter()
         self._active.append(job)
         self.m_active.set(len(self._active))
         return True
@@ -504,7 +506,9 @@ class Scheduler:
         job.sink("done", {"text": job.text.text, "finish": reason, "prompt_tokens": len(job.prepared.prompt_ids),
                           "completion_tokens": job.generated,
                           "celslm": {"context": context.artifact, "context_tokens": context.tokens,
-                                     "cache": job.prepared.source, "engine": self.pool.engine.name, "ttft_s": round(job.first_token_at - job.arrived, 6),
+                                     "cache": job.prepared.source, "engine": self.pool.engine.name,
+                                     "context_s": round(job.started_at - job.arrived, 6),
+                                     "ttft_s": round(job.first_token_at - job.arrived, 6),
                                      "total_s": round(now - job.arrived, 6)}})
 
     def _release(self, job: Job) -> None:

@@ -35,8 +35,7 @@ from prometheus_client.core import GaugeMetricFamily
 from celslm import prompting
 from celslm.batching import DEFAULT_CELLS, KVPool
 from celslm.confidential import Sealed
-from celslm.decode import Sampling, eos_ids
-from celslm.edge import context_from_reader
+from celslm.decode import Sampling, check_space, eos_ids
 from celslm.errors import (CelslmError, IntegrityError, NotFound, Overloaded, TokenRequired, UnavailableError,
                            UsageError)
 from celslm.httpserver import HEALTH_PATH, ByteLRU, ReadWhenScraped, add_health_and_metrics, by_class, guard, status_of
@@ -45,6 +44,7 @@ from celslm.models import LoadedModel
 from celslm.scheduler import ContextState, Expired, Gone, Job, Limits, Prepared, Scheduler, Tenant
 from celslm.store.base import TAG
 from celslm.store.tiers import Sources, open_ref, split_url_ref
+from celslm.stream import LayerFeed, StreamedReader, Timeline
 from celslm.tenants import token_sha256
 from celslm.trust import Untrusted
 
@@ -155,12 +155,17 @@ class Service:
         return Prepared(context, prompt_ids, source)
 
     def _load(self, reader) -> ContextState:
-        """Fetch, verify and decode an artifact on the engine's own context, and keep its state bytes."""
+        """Fetch, verify and decode an artifact into its state bytes: the layers decode on the engine's
+        threads and are written straight into the state, no llama.cpp context in between."""
         engine = self.loaded.engine
-        ctx = context_from_reader(self.loaded, reader, pipeline=False)
-        state = ContextState(reader.id, len(ctx.token_ids), ctx.framing, engine.snapshot(ctx.sequence))
-        engine.sequence()  # the loading context is emptied: the batch context holds contexts from now on
-        return state
+        check_space(reader, self.loaded)
+        feed = LayerFeed(engine, StreamedReader(reader, Timeline()), Timeline())
+        try:
+            feed.check(engine)
+            state = engine.state_of(feed.wait)
+        finally:
+            feed.close()
+        return ContextState(reader.id, len(feed.token_ids), reader.manifest.framing, state)
 
     def resolve(self, ref: str) -> str:
         """What `open_ref` may open for a client: an id, a tag, a URL of this service's own servers, or a

@@ -68,6 +68,7 @@ class Timeline:
     bytes: int = 0
     consumer_wait_s: float = 0.0  # time the decoder spent waiting for bytes
     compute: list = field(default_factory=list)  # (start, end) intervals of edge compute that could overlap
+    decode: list = field(default_factory=list)  # (start, end) of each layer's decoding, on several threads at once
 
     @property
     def comm_s(self) -> float:
@@ -76,6 +77,16 @@ class Timeline:
     @property
     def compute_s(self) -> float:
         return sum(end - start for start, end in self.compute)
+
+    def decode_s(self) -> float:
+        """Wall time the layers' decoding took: the union of their intervals."""
+        return sum(end - start for start, end in _union(self.decode))
+
+    def decode_before(self, moment: float) -> float:
+        """Share of that wall time spent before `moment` (when the model finished loading: hidden behind it)."""
+        total = self.decode_s()
+        hidden = sum(max(0.0, min(end, moment) - start) for start, end in _union(self.decode))
+        return hidden / total if total > 0 else 0.0
 
     def hidden_share(self) -> float:
         """Share of min(transfer, compute) during which both ran at once."""
@@ -182,7 +193,9 @@ class LayerFeed:
                 return
             begun = time.perf_counter()
             self._slots[layer.index] = engine.place(*layer.decode())
-            self.timeline.compute.append((begun, time.perf_counter()))
+            span = (begun, time.perf_counter())
+            self.timeline.compute.append(span)
+            self.timeline.decode.append(span)
             self._events[layer.index].set()
         except BaseException as exc:
             self._fail(exc)
@@ -201,7 +214,19 @@ class LayerFeed:
         self._events[layer].wait()
         if self._error is not None:
             raise self._error
-        return self._slots[layer]
+        placed, self._slots[layer] = self._slots[layer], None  # handed over: the feed keeps no layer it gave
+        return placed
+
+
+def _union(spans: list) -> list:
+    """Overlapping (start, end) intervals merged."""
+    merged: list = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _one_blas_thread():

@@ -255,25 +255,29 @@ def serve_(
 
 @app.command("edge", epilog=examples(
     "celslm bench edge -m qwen2.5-coder-0.5b",
+    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 2048 --tokens 8192 --tokens 32768 --no-transformers",
     "celslm bench edge -m qwen2.5-coder-0.5b --tokens 1024 -n 32 --repeats 2 --no-transformers --json"))
 def edge_(
     model: ModelOpt,
-    tokens: StdlibTokensOpt = 2048,
+    tokens: Annotated[list[int] | None, typer.Option("--tokens", min=16, help="Context length in tokens (standard-library source), repeatable: the rows run at each; edge-only and the warm service at the first only. Capped at the model's window. Default 2048.")] = None,
     new_tokens: MaxNewTokensOpt = 64,
     repeats: RepeatsOpt = 3,
     transformers: Annotated[bool, typer.Option("--transformers/--no-transformers", metavar=FLAG, help="Include celslm edge-only on transformers (the slowest row).")] = True,
+    link: Annotated[str, typer.Option("--link", help="The emulated link of the link rows, RATE[:RTT]: the artifact and llama.cpp's state over it.")] = "100mbit",
+    switches: Annotated[int, typer.Option("--switches", min=0, max=50, help="Warm service context switches timed (0: none).")] = 5,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
     old_new_tokens: OldNewTokens = None,
 ) -> None:
-    """Whole processes on one GGUF: celslm decode from an artifact vs llama.cpp restoring its own state, and edge-only."""
+    """Whole processes on one GGUF at each context length: celslm decode from an artifact vs llama.cpp restoring its own state, on disk and over a link, edge-only, and the warm service switching contexts."""
     from celslm.bench import edge as edge_bench
 
     new_tokens = renamed("--new-tokens", "--max-new-tokens", old_new_tokens, new_tokens, 64)
     with progress_bar() as progress:
         loaded = load_model(model, progress)
-        result = edge_bench.run(loaded, model, tokens=tokens, new_tokens=new_tokens, repeats=repeats,
-                                transformers=transformers, threads=threads, progress=progress)
+        result = edge_bench.run(loaded, model, tokens=tuple(tokens or [2048]), new_tokens=new_tokens, repeats=repeats,
+                                transformers=transformers, threads=threads, link=link, switches=switches,
+                                progress=progress)
     if json_:
         print_json(result)
         return

@@ -229,6 +229,9 @@ def stats_table(s: DecodeStats) -> Table:
     for part, seconds in rows:
         table.add_row(part, f"{seconds:.3f}")
     table.add_row("transfer hidden by pipelining", f"{s.hidden_share:.0%}")
+    if s.kv_decode_s:
+        table.add_row("artifact decode (wall)", f"{s.kv_decode_s:.3f}")
+        table.add_row("  of it while the model loaded", f"{s.kv_decode_hidden:.0%}")
     for source, count in s.bytes_by_source.items():
         table.add_row(f"bytes from {source}", f"{count:,}")
     return table

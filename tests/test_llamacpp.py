@@ -251,7 +251,7 @@ def test_bench_compress_puts_llama_cpps_own_cache_types_beside_tc(tmp_path):
     q8, q4 = rows["llama.cpp q8_0 KV cache"], rows["llama.cpp q4_0 KV cache"]
     assert 1.4 < q8["ratio"] < 1.9 < q4["ratio"] < 3.6  # bytes as llama.cpp saves the state (cell metadata too)
     assert q4["kl"] > q8["kl"] > 0 and q8["files"] == 2
-    assert rows["tc:q=1.0"]["ratio"] > 1 and rows["tc:q=1.0"]["decode_mbps"] > 0
+    assert rows["tc:q=1.0"]["ratio"] > 1 and rows["tc:q=1.0"]["decode_mbps"] > 0 and rows["tc:q=1.0"]["decode_mbps_all_cores"] > 0
     assert result["codebook"]["disjoint_from_evaluation"] and not set(result["files"]) & set(result["codebook"]["calibration_files"])
 
 
@@ -265,18 +265,27 @@ def test_bench_ttft_runs_on_the_engine_chosen_as_every_command_chooses_it(tiny_g
 
 
 def test_bench_edge_measures_every_process_it_names(tiny_gguf):
-    """Whole processes, interleaved: every row has its figures, and the peer restores llama.cpp's own state."""
-    out = run_cli("bench", "edge", "-m", str(tiny_gguf), "--tokens", "64", "--max-new-tokens", "4", "--repeats", "1",
-                  "--no-transformers", "--json", check=True)
+    """Whole processes, interleaved, at two lengths: every row has its figures, the peer restores llama.cpp's
+    own state (on disk and over the emulated link), and the warm service's switches decode from the edge cache."""
+    out = run_cli("bench", "edge", "-m", str(tiny_gguf), "--tokens", "160", "--tokens", "200", "--max-new-tokens", "4",
+                  "--repeats", "1", "--switches", "2", "--no-transformers", "--json", check=True)
     result = json.loads(out.stdout)
-    rows = {r["key"]: r for r in result["rows"]}
-    warm = {"warm"} if shutil.which("curl") else set()  # the warm service's client is curl
-    assert set(rows) == {"kv", "peer", "edge-llama", "peer-edge"} | warm
-    for row in rows.values():
-        assert row["runs"] == 1 and 0 < row["first_byte_s"] <= row["total_s"] and row["peak_rss_mib"] > 10
-    # the same model, the same context, greedy: llama.cpp restoring its state answers as its own prefill does
-    assert rows["peer"]["same_text_as_llama_cpp_edge_only"] and rows["edge-llama"]["same_text_as_llama_cpp_edge_only"]
-    assert result["llama_state_bytes"] > 0 and result["artifact_bytes"] > 0
+    curl = shutil.which("curl") is not None  # the warm service's client is curl
+    first, second = result["lengths"]
+    assert first["context_tokens"] < second["context_tokens"]
+    for length, extra in ((first, {"edge-llama", "peer-edge"} | ({"warm"} if curl else set())), (second, set())):
+        rows = {r["key"]: r for r in length["rows"]}
+        assert set(rows) == {"kv", "peer", "kv-link", "peer-link"} | extra
+        for row in rows.values():
+            assert row["runs"] == 1 and 0 < row["first_byte_s"] <= row["total_s"] and row["peak_rss_mib"] > 10
+        # the same model, the same context, greedy: llama.cpp restoring its state answers as its own prefill does
+        assert all(row["same_text_as_llama_cpp"] for key, row in rows.items() if key.startswith("peer"))
+        assert rows["kv"]["kv_decode_hidden_share"] is not None and length["ratios"]["first_byte_kv_vs_peer_over_link"]
+        assert length["llama_state_bytes"] > 0 and length["artifact_bytes"] > 0
+    assert "emulated" in result["link"]
+    if curl:
+        assert result["switch"]["switches"] == 2 and result["switch"]["all_from_the_edge_cache"]
+        assert 0 < result["switch"]["context_s"] <= result["switch"]["context_s_max"]
 
 
 def test_keys_rotated_before_the_model_loads_use_the_folders_rope_and_a_wrong_one_is_redone(engines, tiny_gguf):
@@ -414,7 +423,7 @@ def test_key_rows_rotate_and_round_as_rotate_then_cast(kind, dims):
 def test_layers_decode_at_once_on_the_engines_threads_into_the_same_state(engines, monkeypatch):
     """A tc artifact's layers decode on `decode_threads` workers at once (two layers meet at a barrier
     inside their decoding: one at a time, it times out) and give llama.cpp the same state, byte for
-    byte, as one thread does."""
+    byte, as one thread does; the warm service's state bytes, made without llama.cpp, are those bytes."""
     import threading
 
     from celslm.artifact import MemoryReader
@@ -424,6 +433,7 @@ def test_layers_decode_at_once_on_the_engines_threads_into_the_same_state(engine
     from celslm.codecs import parse_codec
     from celslm.decode import context_from_artifact
     from celslm.prefill import prefill
+    from celslm.stream import LayerFeed, Timeline
 
     llama, reference = engines
     codebook = calibrate(reference, Calibration(files=2, tokens=96, probe_files=1, probe_tokens=8))
@@ -443,3 +453,6 @@ def test_layers_decode_at_once_on_the_engines_threads_into_the_same_state(engine
         states[threads] = llama.engine.snapshot(context_from_artifact(llama, MemoryReader(coded)).sequence)
     assert meeting.n_waiting == 0 and not meeting.broken
     assert states[3] == states[1]
+    # the warm service's path: the same layers written into state bytes without a llama.cpp context
+    feed = LayerFeed(llama.engine, MemoryReader(coded), Timeline())
+    assert llama.engine.state_of(feed.wait) == states[1]

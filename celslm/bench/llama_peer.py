@@ -4,23 +4,43 @@
   restore  load that state, evaluate the prompt, generate greedily (the peer `bench edge` compares with)
   prefill  evaluate context and prompt from scratch, then generate (llama.cpp edge-only)
 
-python llama_peer.py MODE MODEL.gguf STATE_FILE IDS.json N_NEW [THREADS]
+python llama_peer.py MODE MODEL.gguf STATE_FILE IDS.json N_NEW [THREADS [LINK]]
 IDS.json holds {"context": [...], "prompt": [...], "eos": [...]}. Generated text goes to stdout as it
 comes; the last stderr line is JSON: tokens generated and the seconds from first to last.
+LINK (restore only, e.g. 100mbit): the state file comes over an emulated link of that rate, its
+transfer running from the process's start beside the import and the model load; the state is read
+once all of it has arrived.
 """
 
 import ctypes
 import json
+import os
+import re
 import sys
+import threading
 import time
 
-import llama_cpp
-from llama_cpp import Llama
+RATES = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+
+
+def arrival(state: str, link: str) -> threading.Thread:
+    """The state file's emulated transfer, started now: join it before reading the file."""
+    rate = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", link.lower())
+    if not rate:
+        sys.exit(f"bad link {link!r}: use RATE such as 100mbit")
+    seconds = os.path.getsize(state) * 8 / (float(rate.group(1)) * RATES[rate.group(2)])
+    transfer = threading.Thread(target=time.sleep, args=(seconds,))
+    transfer.start()
+    return transfer
 
 
 def main() -> None:
     mode, model, state, ids_file, new = sys.argv[1:6]
     threads = int(sys.argv[6]) if len(sys.argv) > 6 else None
+    transfer = arrival(state, sys.argv[7]) if len(sys.argv) > 7 and mode == "restore" else None
+    import llama_cpp
+    from llama_cpp import Llama
+
     ids = json.loads(open(ids_file).read())
     needed = len(ids["context"]) + len(ids["prompt"]) + int(new)
     llm = Llama(model_path=model, n_ctx=max(4096, -(-needed // 256) * 256), n_batch=512, n_threads=threads, n_threads_batch=threads,
@@ -33,6 +53,8 @@ def main() -> None:
             sys.exit("saving the state failed")
         return
     if mode == "restore":
+        if transfer is not None:
+            transfer.join()
         tokens = (llama_cpp.llama_token * llm.n_ctx())()
         count = ctypes.c_size_t()
         if not llama_cpp.llama_state_seq_load_file(llm._ctx.ctx, state.encode(), 0, tokens, llm.n_ctx(), ctypes.byref(count)):
