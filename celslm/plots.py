@@ -1,7 +1,7 @@
 """Every figure celslm draws, and the one place matplotlib is imported (files only: the Agg backend).
 
-matplotlib and threadpoolctl come with the `[bench]` extra, not with an edge install: `bench_extra`
-checks for them before a command starts its work, and says in one line how to install them.
+matplotlib comes with the `[bench]` extra, not with an edge install: `bench_extra` checks for it
+before a command starts its work, and says in one line how to install it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ BENCH_EXTRA = "pip install 'celslm[bench]'"
 
 
 def bench_extra(*modules: str) -> None:
-    """Each of `modules` (matplotlib, threadpoolctl) is installed, or a UsageError naming the extra."""
+    """Each of `modules` (matplotlib) is installed, or a UsageError naming the extra."""
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "

@@ -86,7 +86,8 @@ def compress_(
     tokens = renamed("--context", "--tokens", old_context, tokens)
     if corpus not in ("stdlib", "third-party"):
         raise UsageError(f"--corpus {corpus!r}: choose stdlib or third-party")
-    plots.bench_extra("threadpoolctl", *(("matplotlib",) if plot else ()))
+    if plot:
+        plots.bench_extra("matplotlib")
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         result = compress_bench.run(loaded, codecs=tuple(codec) if codec else compress_bench.DEFAULT_CODECS,

@@ -22,7 +22,7 @@ PROBED_CLI = [sys.executable, "-c",
               f"atexit.register(lambda: sys.stderr.write('\\nheavy:' + ','.join(m for m in {HEAVY!r} if m in sys.modules) + '\\n'))\n"
               "runpy.run_module('celslm', run_name='__main__')"]
 # The [bench] extra's modules, and the only modules that may import them: an edge install has neither.
-BENCH_EXTRA = {"matplotlib": ("celslm.plots",), "threadpoolctl": ("celslm.bench.",)}
+BENCH_EXTRA = {"matplotlib": ("celslm.plots",)}
 # `python -m celslm` starts the command line, as the `celslm` script does: the one library file importing it.
 ENTRY_POINT = "celslm.__main__"
 
@@ -208,7 +208,7 @@ def third_party_imports(path: Path) -> set[str]:
 
 
 def test_only_the_benchmarks_and_figures_import_the_bench_extra():
-    """matplotlib only in celslm/plots.py, threadpoolctl only in celslm/bench/: an edge install runs without them."""
+    """matplotlib only in celslm/plots.py: an edge install runs without it."""
     offenders = {name: sorted(third_party_imports(path) & {m for m, allowed in BENCH_EXTRA.items()
                                                           if not name.startswith(allowed)})
                  for name, path in module_files().items()}
@@ -226,7 +226,6 @@ def test_the_bench_extra_is_not_a_dependency_of_the_edge_install():
 @pytest.mark.parametrize("missing, args", [
     ("matplotlib", ["bench", "report", "--from", "suite.json", "--out", "report"]),
     ("matplotlib", ["bench", "latency", "-m", "no-such-model", "--plot", "latency.png"]),
-    ("threadpoolctl", ["bench", "compress", "-m", "no-such-model"]),
 ], ids=lambda value: value if isinstance(value, str) else " ".join(value[:2]))
 def test_a_bench_command_without_its_extra_says_how_to_install_it_in_one_line(missing, args, tmp_path):
     """As on an edge install: the module cannot be imported (None in sys.modules), and the command

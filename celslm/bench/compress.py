@@ -43,7 +43,6 @@ from celslm.decode import context_from_artifact
 from celslm.errors import CelslmError
 from celslm.manifest import Producer
 from celslm.models import LoadedModel
-from celslm.plots import bench_extra
 from celslm.score import continuation_logits, kl, nll, top1
 
 DEFAULT_CODECS = (
@@ -96,7 +95,6 @@ class Row:
 
 def _one_thread(fn):
     """Codec throughput is measured on one core: torch's and BLAS's thread pools held to one thread."""
-    bench_extra("threadpoolctl")
     from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
