@@ -77,6 +77,10 @@ class Engine:
     def reserve(self, tokens: int) -> None:
         """A hint, before the context's layers arrive: a sequence of about `tokens` positions comes next."""
 
+    def after_load(self, callback: Callable[[], None]) -> bool:
+        """Call `callback` once the model is in, if it is still loading (in a thread of its own): True then."""
+        return False
+
     def gated(self, seq: Sequence, fetch: LayerFetch, on_compute: ComputeSpan | None = None) -> AbstractContextManager:
         """While active, the next `evaluate` pulls layer l from `fetch(l)` just before it runs layer l."""
         raise NotImplementedError(f"the {self.name} engine cannot run a layer before the next one is in")

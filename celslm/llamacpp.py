@@ -154,7 +154,8 @@ def to_half(x: np.ndarray, native: bool = True) -> np.ndarray:
     (`llamaload.half_converter`), else numpy's cast, which gives the same bits (tested)."""
     convert = llamaload.half_converter() if native else None
     if convert is None or x.dtype != np.float32 or not x.flags.c_contiguous:
-        return x.astype(np.float16)
+        with np.errstate(over="ignore"):  # past 65504 is inf, as llama.cpp's converter gives it, silently
+            return x.astype(np.float16)
     out = np.empty(x.shape, dtype=np.float16)
     convert(x.ctypes.data, out.ctypes.data, x.size)
     return out
@@ -228,6 +229,12 @@ class LlamaEngine(Engine):
         self._ctx = None
         self._active: LlamaSequence | None = None
         threading.Thread(target=self._first_context, name="celslm-llama-context", daemon=True).start()
+
+    def after_load(self, callback) -> bool:
+        if self._loaded.done():
+            return False
+        self._loaded.add_done_callback(lambda _: callback())
+        return True
 
     def reserve(self, tokens: int) -> None:
         """The first context is made big enough for `tokens` (and a prompt): made once, not twice."""

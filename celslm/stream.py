@@ -173,6 +173,10 @@ class LayerFeed:
     def _run(self, engine: Engine, layers) -> None:
         workers = max(1, engine.decode_threads)
         free = threading.Semaphore(2 * workers)  # layers read ahead of the decoding, at most
+        # While the model loads, its loader has a core: the layers take the others, and that one once it is in
+        self._cores = threading.Semaphore(max(1, workers - 1))
+        if workers > 1 and not engine.after_load(self._cores.release):
+            self._cores.release()
         try:
             with _one_blas_thread(), ThreadPoolExecutor(workers, thread_name_prefix="celslm-decode") as pool:
                 while not self._stop.is_set() and self._error is None:
@@ -191,8 +195,9 @@ class LayerFeed:
         try:
             if self._stop.is_set() or self._error is not None:
                 return
-            begun = time.perf_counter()
-            self._slots[layer.index] = engine.place(*layer.decode())
+            with self._cores:
+                begun = time.perf_counter()
+                self._slots[layer.index] = engine.place(*layer.decode())
             span = (begun, time.perf_counter())
             self.timeline.compute.append(span)
             self.timeline.decode.append(span)
