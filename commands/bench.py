@@ -256,7 +256,8 @@ def serve_(
 
 @app.command("edge", epilog=examples(
     "celslm bench edge -m qwen2.5-coder-0.5b",
-    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 2048 --tokens 8192 --tokens 32768 --no-transformers",
+    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 2048 --tokens 8192 --no-transformers",
+    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 32768 --no-edge-only --switches 0 --repeats 2",
     "celslm bench edge -m qwen2.5-coder-0.5b --tokens 1024 -n 32 --repeats 2 --no-transformers --json"))
 def edge_(
     model: ModelOpt,
@@ -264,6 +265,7 @@ def edge_(
     new_tokens: MaxNewTokensOpt = 64,
     repeats: RepeatsOpt = 3,
     transformers: Annotated[bool, typer.Option("--transformers/--no-transformers", metavar=FLAG, help="Include celslm edge-only on transformers (the slowest row).")] = True,
+    edge_only: Annotated[bool, typer.Option("--edge-only/--no-edge-only", metavar=FLAG, help="Include the edge-only rows (a whole prefill per run: minutes past 8K tokens here).")] = True,
     link: Annotated[str, typer.Option("--link", help="The emulated link of the link rows, RATE[:RTT]: the artifact and llama.cpp's state over it.")] = "100mbit",
     switches: Annotated[int, typer.Option("--switches", min=0, max=50, help="Warm service context switches timed (0: none).")] = 5,
     threads: ThreadsOpt = None,
@@ -277,7 +279,7 @@ def edge_(
     with progress_bar() as progress:
         loaded = load_model(model, progress)
         result = edge_bench.run(loaded, model, tokens=tuple(tokens or [2048]), new_tokens=new_tokens, repeats=repeats,
-                                transformers=transformers, threads=threads, link=link, switches=switches,
+                                transformers=transformers, edge_only=edge_only, threads=threads, link=link, switches=switches,
                                 progress=progress)
     if json_:
         print_json(result)

@@ -13,7 +13,8 @@ Rows, at every length:
   ... over an emulated link   the same two, the artifact's bytes and the state file's through the
                               same emulated link (celslm decode --link; the peer's transfer runs beside
                               its model load, the best a script can do)
-and at the first length only (their prefill takes minutes past it on a small machine):
+and at the first length only (the edge-only rows prefill the whole context each run, minutes past 8K
+tokens on a small machine; `edge_only=False` leaves them out):
   celslm serve (warm)         curl streaming a chat completion from a running `celslm serve` that has
                               the context in memory already (peak memory: the service's)
   celslm edge-only            celslm decode --context, on llama.cpp and on transformers
@@ -155,7 +156,7 @@ def _sse_rate(stderr: str, stdout: str) -> tuple[int, float | None, str]:
 
 
 def run(loaded: LoadedModel, spec: str, *, tokens: tuple[int, ...] = (2048,), new_tokens: int = 64, repeats: int = 3,
-        transformers: bool = True, threads: int | None = None, link: str = "100mbit", switches: int = 5,
+        transformers: bool = True, edge_only: bool = True, threads: int | None = None, link: str = "100mbit", switches: int = 5,
         progress: Callable[[str, int, int | None], None] | None = None) -> dict:
     """`loaded` is the model on transformers (it writes the artifacts, as the cloud would); `spec` names
     it for the processes measured."""
@@ -166,7 +167,8 @@ def run(loaded: LoadedModel, spec: str, *, tokens: tuple[int, ...] = (2048,), ne
     threads = threads or os.cpu_count() or 1
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "CELSLM_THREADS": str(threads), "TQDM_DISABLE": "1"}
     bench = _Bench(loaded, spec, gguf, env, threads, new_tokens, repeats, link, progress)
-    lengths = [bench.length(count, first=index == 0, transformers=transformers) for index, count in enumerate(tokens)]
+    lengths = [bench.length(count, first=index == 0, edge_only=edge_only, transformers=transformers)
+               for index, count in enumerate(tokens)]
     return {"model": spec, "gguf": str(gguf), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
             "link": Link.parse(link).label, "lengths": lengths,
             "switch": bench.switch(tokens[0], switches) if switches and shutil.which("curl") else None}
@@ -215,7 +217,7 @@ class _Bench:
                                        str(self.threads)], check=True, env=self.env, capture_output=True)
         return context_ids, prompt_ids, balanced.manifest.blob_bytes()
 
-    def length(self, count: int, first: bool, transformers: bool) -> dict:
+    def length(self, count: int, first: bool, edge_only: bool, transformers: bool) -> dict:
         with tempfile.TemporaryDirectory(prefix="celslm-bench-edge-") as tmp:
             work = Path(tmp)
             context_ids, prompt_ids, artifact_bytes = self.prepare(work, count)
@@ -231,7 +233,7 @@ class _Bench:
                 ("peer-link", f"llama.cpp's state over the same {Link.parse(self.link).label} link", peer + [self.link],
                  _peer_rate),
             ]
-            if first:
+            if first and edge_only:
                 configs += [
                     ("edge-llama", "celslm edge-only (llama.cpp)", decode + ["--context", str(work / "context.txt")],
                      _celslm_rate),
