@@ -45,6 +45,7 @@ from rich.table import Table
 
 from celslm import prompting
 from celslm.artifact import MemoryReader, write_dir
+from celslm.batching import DEFAULT_CELLS
 from celslm.blocks import recode
 from celslm.bench.ttft import DEFAULT_FILES, stdlib_context
 from celslm.calibrate import codec_codebook
@@ -244,7 +245,8 @@ class _Bench:
                     configs.append(("edge-transformers", "celslm edge-only (transformers, fp32)",
                                     decode + ["--engine", "transformers", "--context", str(work / "context.txt")],
                                     _celslm_rate))
-            service = _warm_service(self.spec, work / "context.kv") if first and shutil.which("curl") else None
+            cells = -(-(len(context_ids) + len(prompt_ids) + self.new_tokens + 1) // 256) * 256
+            service = _warm_service(self.spec, work / "context.kv", cells) if first and shutil.which("curl") else None
             if service:
                 body = json.dumps({"context": str(work / "context.kv"), "messages": [{"role": "user", "content": PROMPT}],
                                    "max_tokens": self.new_tokens, "temperature": 0, "stream": True})
@@ -329,11 +331,12 @@ def _summary(rows: dict, context_tokens: int, prompt_tokens: int, artifact_bytes
     }
 
 
-def _warm_service(spec: str, context: Path) -> Service:
-    """A `celslm serve` on loopback with the context already in memory (one request served)."""
+def _warm_service(spec: str, context: Path, cells: int) -> Service:
+    """A `celslm serve` on loopback with the context already in memory (one request served), its batch
+    `cells` long, at least the service's default: room for the context, the prompt and the answer."""
     port = free_port()
-    service = Service(CLI + ["serve", "-m", spec, "--port", str(port), "--context-dir", str(context.parent)], port,
-                      "celslm serve", timeout_s=300)
+    service = Service(CLI + ["serve", "-m", spec, "--port", str(port), "--context-dir", str(context.parent),
+                             "--kv-cells", str(max(cells, DEFAULT_CELLS))], port, "celslm serve", timeout_s=300)
     body = json.dumps({"context": str(context), "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1})
     request = urllib.request.Request(service.url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
     try:
