@@ -38,7 +38,6 @@ ROPE_NORM, ROPE_NEOX = 0, 2
 DEFAULT_CONTEXT = 4096  # cells allocated at first; a longer sequence moves to a bigger context
 BATCH = 512
 CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # llama.cpp KV cache types (GGML_TYPE_*)
-V_TRANS = True  # an f16 cache without flash attention stores V transposed (`_context`)
 
 
 def _describe(lib, path: str, model) -> "_Model":
@@ -275,7 +274,7 @@ class LlamaEngine(Engine):
     @property
     def layout(self) -> llamastate.CacheLayout:
         g = self.geometry
-        return llamastate.CacheLayout(g.layers, g.kv_heads, g.head_dim, type_k=1, type_v=1, v_trans=V_TRANS)
+        return llamastate.CacheLayout(g.layers, g.kv_heads, g.head_dim, type_k=1, type_v=1, v_trans=True)  # f16 without flash attention (`_context`)
 
     # -- the context: made on first use, moved to a bigger one when a sequence outgrows it
 
@@ -388,13 +387,7 @@ class LlamaEngine(Engine):
         decoded layer comes token-major for keys and channel-major for values: no transposing copy)."""
         key, value = np.asarray(key, dtype=np.float32), np.asarray(value, dtype=np.float32)
         rope = self.model.rope if self._loaded.done() else self.rope_hint
-        values = self._columns(value) if V_TRANS else self._rows(value)  # not self.layout: it waits for the model
-        return (key_rows(key, rope) if rope else key), values, rope
-
-    @staticmethod
-    def _rows(x: np.ndarray) -> np.ndarray:
-        heads, tokens, dim = x.shape
-        return to_half(np.ascontiguousarray(x.transpose(1, 0, 2).reshape(tokens, heads * dim)))
+        return (key_rows(key, rope) if rope else key), self._columns(value), rope
 
     @staticmethod
     def _columns(x: np.ndarray) -> np.ndarray:
@@ -440,7 +433,7 @@ class LlamaEngine(Engine):
         again if they were placed before the model loaded, by no RoPE hint or a wrong one."""
         key, value, rope = placed
         if layer == 0:
-            count = value.shape[1] if V_TRANS else value.shape[0]
+            count = value.shape[1]  # the transposed V: [H*D, T]
             writer = llamastate.StateWriter(self.layout, count) if count else None
         if rope != self.model.rope:
             heads, dim = self.geometry.kv_heads, self.geometry.head_dim
