@@ -257,7 +257,7 @@ def serve_(
 @app.command("edge", epilog=examples(
     "celslm bench edge -m qwen2.5-coder-0.5b",
     "celslm bench edge -m qwen2.5-coder-0.5b --tokens 2048 --tokens 8192 --no-transformers",
-    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 32768 --no-edge-only --switches 0 --repeats 2",
+    "celslm bench edge -m qwen2.5-coder-0.5b --tokens 32768 --no-edge-only --switches 0 --repeats 2 --keep bench-32k",
     "celslm bench edge -m qwen2.5-coder-0.5b --tokens 1024 -n 32 --repeats 2 --no-transformers --json"))
 def edge_(
     model: ModelOpt,
@@ -268,6 +268,7 @@ def edge_(
     edge_only: Annotated[bool, typer.Option("--edge-only/--no-edge-only", metavar=FLAG, help="Include the edge-only rows (a whole prefill per run: minutes past 8K tokens here).")] = True,
     link: Annotated[str, typer.Option("--link", help="The emulated link of the link rows, RATE[:RTT]: the artifact and llama.cpp's state over it.")] = "100mbit",
     switches: Annotated[int, typer.Option("--switches", min=0, max=50, help="Warm service context switches timed (0: none).")] = 5,
+    keep: Annotated[Path | None, typer.Option("--keep", metavar="DIR", file_okay=False, help="Keep each length's artifact and llama.cpp state in DIR and reuse them on the next run with the same context (the two prefills take most of an hour at 32K tokens on a small machine).")] = None,
     threads: ThreadsOpt = None,
     json_: JsonOpt = False,
     old_new_tokens: OldNewTokens = None,
@@ -280,7 +281,7 @@ def edge_(
         loaded = load_model(model, progress)
         result = edge_bench.run(loaded, model, tokens=tuple(tokens or [2048]), new_tokens=new_tokens, repeats=repeats,
                                 transformers=transformers, edge_only=edge_only, threads=threads, link=link, switches=switches,
-                                progress=progress)
+                                keep=keep, progress=progress)
     if json_:
         print_json(result)
         return

@@ -288,6 +288,27 @@ def test_bench_edge_measures_every_process_it_names(tiny_gguf):
         assert 0 < result["switch"]["context_s"] <= result["switch"]["context_s_max"]
 
 
+def test_bench_edge_keep_reuses_the_prefills_of_the_same_context_and_redoes_a_partial_one(tiny_gguf, tmp_path):
+    """--keep: a second run with the same context measures the kept artifact and state (files unchanged); a
+    folder whose preparation did not finish is prepared again."""
+    from celslm.bench.edge import _PREPARED, _kept
+
+    args = ("bench", "edge", "-m", str(tiny_gguf), "--tokens", "160", "--max-new-tokens", "2", "--repeats", "1",
+            "--switches", "0", "--no-edge-only", "--no-transformers", "--keep", str(tmp_path / "keep"), "--json")
+    first = json.loads(run_cli(*args, check=True).stdout)
+    work = tmp_path / "keep" / "160"
+    kept = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != "peak-rss"}
+    assert work / "context.state" in kept and any(p.parent.name == "blobs" for p in kept)
+    second = json.loads(run_cli(*args, check=True).stdout)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert second["lengths"][0]["artifact_bytes"] == first["lengths"][0]["artifact_bytes"]
+    ids = (work / "ids.json").read_text()
+    assert _kept(work, ids, state=True) == first["lengths"][0]["artifact_bytes"]
+    assert _kept(work, ids.replace("[", "[1, ", 1), state=True) is None  # another context
+    (work / _PREPARED).write_text("{")  # a run stopped while preparing
+    assert _kept(work, ids, state=True) is None
+
+
 def test_keys_rotated_before_the_model_loads_use_the_folders_rope_and_a_wrong_one_is_redone(engines, tiny_gguf):
     """Keys are rotated while the model loads, with the RoPE the folder's config describes; it must be
     llama.cpp's own, and a wrong one is undone and redone at injection."""

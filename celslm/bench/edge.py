@@ -158,16 +158,18 @@ def _sse_rate(stderr: str, stdout: str) -> tuple[int, float | None, str]:
 
 def run(loaded: LoadedModel, spec: str, *, tokens: tuple[int, ...] = (2048,), new_tokens: int = 64, repeats: int = 3,
         transformers: bool = True, edge_only: bool = True, threads: int | None = None, link: str = "100mbit", switches: int = 5,
-        progress: Callable[[str, int, int | None], None] | None = None) -> dict:
+        keep: Path | None = None, progress: Callable[[str, int, int | None], None] | None = None) -> dict:
     """`loaded` is the model on transformers (it writes the artifacts, as the cloud would); `spec` names
-    it for the processes measured."""
+    it for the processes measured. With `keep`, each length's artifact and llama.cpp state are kept in
+    that folder and reused by the next run with the same context (the prefills take the better part of
+    an hour at 32K tokens here)."""
     gguf = model_gguf(spec, loaded.folder)
     if gguf is None:
         raise UsageError(f"{spec}: bench edge needs the model's GGUF (a .gguf file or a bundled model)")
     Link.parse(link)  # a bad link is refused before minutes of prefill
     threads = threads or os.cpu_count() or 1
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "CELSLM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    bench = _Bench(loaded, spec, gguf, env, threads, new_tokens, repeats, link, progress)
+    bench = _Bench(loaded, spec, gguf, env, threads, new_tokens, repeats, link, keep, progress)
     lengths = [bench.length(count, first=index == 0, edge_only=edge_only, transformers=transformers)
                for index, count in enumerate(tokens)]
     return {"model": spec, "gguf": str(gguf), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
@@ -185,6 +187,7 @@ class _Bench:
     new_tokens: int
     repeats: int
     link: str
+    keep: Path | None
     progress: Callable[[str, int, int | None], None] | None
 
     def say(self, what: str, done: int = 0, total: int | None = None) -> None:
@@ -200,10 +203,15 @@ class _Bench:
         room = loaded.engine.max_positions - len(prompt_ids) - self.new_tokens - 8  # the frame's tokens too
         text = stdlib_context(loaded.tokenizer, min(count, room), files)
         context_ids = prompting.context_ids(loaded.tokenizer, text, framing)
+        ids = json.dumps({"context": context_ids, "prompt": prompt_ids, "eos": sorted(loaded.eos_ids)})
+        kept = _kept(work, ids, state)
+        if kept is not None:
+            self.say(f"{len(context_ids)} tokens: the artifact and state kept in {work}")
+            return context_ids, prompt_ids, kept
+        (work / _PREPARED).unlink(missing_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         (work / "context.txt").write_text(text)
-        (work / "ids.json").write_text(json.dumps({"context": context_ids, "prompt": prompt_ids,
-                                                   "eos": sorted(loaded.eos_ids)}))
+        (work / "ids.json").write_text(ids)
         self.say(f"{len(context_ids)} tokens: prefill (the cloud's artifact, transformers)")
         from celslm.prefill import prefill
 
@@ -211,16 +219,18 @@ class _Bench:
         codec = parse_codec("balanced")
         balanced = recode(MemoryReader(exact), codec, codec_codebook(codec, loaded))
         del exact
-        write_dir(balanced, work / "context.kv")
+        write_dir(balanced, work / "context.kv", force=True)
         if state:
             self.say(f"{len(context_ids)} tokens: llama.cpp saves its own state of the context")
             subprocess.run(PEER_CMD + ["save", str(self.gguf), str(work / "context.state"), str(work / "ids.json"), "0",
                                        str(self.threads)], check=True, env=self.env, capture_output=True)
-        return context_ids, prompt_ids, balanced.manifest.blob_bytes()
+        artifact_bytes = balanced.manifest.blob_bytes()
+        (work / _PREPARED).write_text(json.dumps({"artifact_bytes": artifact_bytes, "state": state}))
+        return context_ids, prompt_ids, artifact_bytes
 
     def length(self, count: int, first: bool, edge_only: bool, transformers: bool) -> dict:
         with tempfile.TemporaryDirectory(prefix="celslm-bench-edge-") as tmp:
-            work = Path(tmp)
+            work = self.keep / str(count) if self.keep else Path(tmp)
             context_ids, prompt_ids, artifact_bytes = self.prepare(work, count)
             decode = CLI + ["decode", "-m", self.spec, "-p", PROMPT, "-n", str(self.new_tokens), "--stats"]
             peer = PEER_CMD + ["restore", str(self.gguf), str(work / "context.state"), str(work / "ids.json"),
@@ -275,7 +285,7 @@ class _Bench:
         (`context_s`), for two contexts asked for in turn from a service whose memory holds one of them:
         each request finds its context only in the edge cache (the artifact on local disk) and decodes it."""
         with tempfile.TemporaryDirectory(prefix="celslm-bench-switch-") as tmp:
-            work = Path(tmp)
+            work = self.keep / f"switch-{count}" if self.keep else Path(tmp)
             longest = 0
             for name, files in (("a", DEFAULT_FILES), ("b", DEFAULT_FILES[::-1])):
                 context_ids, prompt_ids, _ = self.prepare(work / name, count, files, state=False)
@@ -306,6 +316,21 @@ class _Bench:
         return {"context_tokens": count, "switches": len(seconds), "context_s": round(statistics.median(seconds), 4),
                 "context_s_max": round(max(seconds), 4), "all_from_the_edge_cache": set(sources) == {"fetched"},
                 "context_from": sources}
+
+
+_PREPARED = "prepared.json"  # written last: the folder's artifact and state are whole
+
+
+def _kept(work: Path, ids: str, state: bool) -> int | None:
+    """The artifact's size when `work` (a `--keep` folder) already holds this context's artifact, and its
+    llama.cpp state if `state`, from an earlier run; None when anything is missing or differs. The
+    artifact's blobs are verified where they are read, by the processes measured."""
+    try:
+        prepared = json.loads((work / _PREPARED).read_text())
+        same = (work / "ids.json").read_text() == ids and (not state or prepared["state"])
+        return int(prepared["artifact_bytes"]) if same else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _summary(rows: dict, context_tokens: int, prompt_tokens: int, artifact_bytes: int, state_bytes: int) -> dict:
