@@ -71,11 +71,11 @@ class KVPool:
     def context_seq(self, slot: int) -> int:
         return self.requests + slot
 
-    def load(self, seq: int, state: bytes) -> bool:
-        """Put a context's state bytes into sequence `seq`; False when no run of free cells is long enough."""
+    def load(self, seq: int, state) -> bool:
+        """Put a context's state bytes (bytes or a numpy uint8 buffer) into sequence `seq`; False when no run
+        of free cells is long enough."""
         self.drop(seq)
-        buf = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
-        if self._lib.llama_state_seq_set_data(self._ctx, buf, len(state), seq) == 0:
+        if self._lib.llama_state_seq_set_data(self._ctx, llamaload.byte_pointer(state), len(state), seq) == 0:
             self.drop(seq)
             return False
         return True

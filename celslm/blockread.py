@@ -191,13 +191,24 @@ class CodedLayer:
         return out
 
 
+_CODEBOOKS: dict[str, Codebook] = {}  # parsed codebooks by digest: every context of a model shares one
+_KEEP_CODEBOOKS = 4
+
+
 def load_codebook(reader: ArtifactReader, blobs) -> Codebook | None:
-    """The artifact's codebook (the next blob, when the manifest names one), checked against its model space."""
+    """The artifact's codebook (the next blob, when the manifest names one), checked against its model space.
+    The blob is read and verified each time; its parsing (and the inverse maps made from it) is kept by
+    digest, which a warm service switching between contexts of one model would otherwise redo each time."""
     m = reader.manifest
     if m.codebook is None:
         return None
-    _, data = next(blobs)
-    codebook = Codebook.from_bytes(data, f"{reader.source}: codebook {m.codebook.digest}")
+    ref, data = next(blobs)
+    codebook = _CODEBOOKS.get(ref.digest)
+    if codebook is None:
+        codebook = Codebook.from_bytes(data, f"{reader.source}: codebook {m.codebook.digest}")
+        while len(_CODEBOOKS) >= _KEEP_CODEBOOKS:
+            _CODEBOOKS.pop(next(iter(_CODEBOOKS)), None)
+        _CODEBOOKS[ref.digest] = codebook
     codebook.check_for(m.space.fingerprint, (m.layers, m.geometry.kv_heads, m.geometry.head_dim), reader.source)
     return codebook
 

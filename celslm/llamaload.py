@@ -101,6 +101,13 @@ def half_converter():
     return half_converter.found
 
 
+def byte_pointer(data) -> ctypes.POINTER(ctypes.c_uint8):
+    """A `uint8 *` to state bytes (bytes, or a contiguous numpy uint8 buffer), read in place, never copied."""
+    if hasattr(data, "ctypes"):
+        return data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+
+
 def last_error() -> str:
     return f" ({_errors[-1]})" if _errors else ""
 

@@ -59,7 +59,7 @@ class ContextState:
     artifact: str
     tokens: int
     framing: str
-    state: bytes
+    state: bytes | np.ndarray  # a numpy uint8 buffer as `LlamaEngine.state_of` makes it
 
 
 @dataclass(frozen=True)

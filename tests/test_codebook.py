@@ -228,6 +228,26 @@ def test_swapped_codebook_bytes_fail_their_digest(coded_dir, tiny_qwen, tiny_lla
     assert result.returncode == EXIT_INTEGRITY and b"codebook blob" in result.stderr and b"corrupt" in result.stderr
 
 
+def test_a_codebook_parsed_once_is_still_read_and_verified_for_every_artifact(coded_dir, tiny_llama):
+    """The parsed codebook is kept by digest (a warm service switching contexts parses it once), yet each
+    artifact's codebook blob is read and checked: swapped bytes fail their digest even when that digest
+    was parsed before."""
+    from celslm import blockread
+
+    def parsed():
+        reader = DirectoryReader(coded_dir)
+        blobs = reader.plain_blobs()
+        next(blobs)  # the token ids
+        return blockread.load_codebook(reader, blobs)
+
+    assert parsed() is parsed()
+    reader = DirectoryReader(coded_dir)
+    other = calibrate(load_model(str(tiny_llama)), FAST)
+    (coded_dir / "blobs" / reader.manifest.codebook.hex).write_bytes(other.to_bytes())
+    with pytest.raises(IntegrityError, match="corrupt"):
+        exact_layers(DirectoryReader(coded_dir))
+
+
 def test_a_forged_manifest_naming_another_models_codebook_is_refused(prefilled, codebook, tiny_llama):
     """Digests all match (the blob is what the manifest names) but the codebook is another model's."""
     coded = recode(DirectoryReader(prefilled / "a.kv"), parse_codec("tc"), codebook)

@@ -476,4 +476,4 @@ def test_layers_decode_at_once_on_the_engines_threads_into_the_same_state(engine
     assert states[3] == states[1]
     # the warm service's path: the same layers written into state bytes without a llama.cpp context
     feed = LayerFeed(llama.engine, MemoryReader(coded), Timeline())
-    assert llama.engine.state_of(feed.wait) == states[1]
+    assert llama.engine.state_of(feed.wait).tobytes() == states[1]
