@@ -146,8 +146,8 @@ def test_help_examples_name_files_that_ship():
     """Every samples/ path an example in --help names exists."""
     from celslm.commands import main
 
-    epilogs = "\n".join(getattr(module, name) for module in vars(main).values() if hasattr(module, "__file__")
-                        for name in dir(module) if name.endswith("EPILOG"))
+    modules = [main._module(name) for name in (*main.COMMANDS.values(), *main.GROUPS.values())]
+    epilogs = "\n".join(getattr(module, name) for module in modules for name in dir(module) if name.endswith("EPILOG"))
     named = set(re.findall(r"samples/[\w./-]+", epilogs))
     assert named and all((ROOT / path).exists() for path in named), named
 
