@@ -47,6 +47,20 @@ def third_party_modules() -> list[Path]:
     return paths
 
 
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
+SOURCES = ("stdlib", "third-party")  # or a folder of the user's
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The text files under `folder` (.py, .txt, .md, .rst), sorted by path."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+
+
+def corpus_label(source: str) -> str:
+    """How a report names the corpus: stdlib, third-party, or the folder's path."""
+    return source if source in SOURCES else f"folder {source}"
+
+
 def _stride(paths: list[Path], files: int) -> int:
     return max(2, len(paths) // files)
 
@@ -54,20 +68,30 @@ def _stride(paths: list[Path], files: int) -> int:
 def eval_cases(tokenizer, files: int = 20, min_context: int = 1024, max_context: int = 2048,
                continuation: int = 128, exclude: set[str] = frozenset(), source: str = "stdlib") -> list[Case]:
     """Evenly spaced modules with enough text; the context is up to `max_context` tokens of the file.
-    `source`: "stdlib" (the standard library) or "third-party" (`third_party_modules`)."""
-    if source not in ("stdlib", "third-party"):
-        raise ValueError(f"unknown evaluation source {source!r}")
-    paths = stdlib_modules() if source == "stdlib" else third_party_modules()
+    `source`: "stdlib" (the standard library), "third-party" (`third_party_modules`), or a folder whose
+    text files are all taken in path order (`folder_files`). A file whose name is in `exclude` (an
+    alignment's calibration files) is passed over."""
+    if source in SOURCES:
+        paths = stdlib_modules() if source == "stdlib" else third_party_modules()
+        paths = paths[:: _stride(paths, 20)]
+    elif Path(source).is_dir():
+        paths = folder_files(Path(source))
+    else:
+        raise ValueError(f"unknown evaluation source {source!r}: stdlib, third-party or a folder")
     cases = []
-    for path in paths[:: _stride(paths, 20)]:
+    for path in paths:
         if path.name in exclude:
             continue
         ids = tokenizer(path.read_text(errors="replace"), add_special_tokens=True)["input_ids"]
         length = min(max_context, len(ids) - continuation)
         if length < min_context:
             continue
-        name = path.name if source == "stdlib" else "/".join(path.parts[path.parts.index("site-packages") + 1 :]) \
-            if "site-packages" in path.parts else path.name
+        if source == "stdlib":
+            name = path.name
+        elif source == "third-party":
+            name = "/".join(path.parts[path.parts.index("site-packages") + 1 :]) if "site-packages" in path.parts else path.name
+        else:
+            name = path.relative_to(source).as_posix()
         cases.append(Case(name, ids[:length], ids[length : length + continuation]))
         if len(cases) == files:
             break

@@ -128,12 +128,18 @@ def load_aligned_models(alignment: Alignment, llm: LoadedModel, slm_spec: str | 
     if llm.fingerprint != large.fingerprint:
         raise UsageError(f"the alignment maps from {large.name} ({large.fingerprint[:12]}), "
                          f"not from {llm.name} ({llm.fingerprint[:12]})")
-    spec = slm_spec or (small.folder if small.folder and Path(small.folder).is_dir() else small.name)
+    spec = small_spec(alignment, slm_spec)
     slm = load_model(spec, progress)
     if slm.fingerprint != small.fingerprint:
         raise UsageError(f"the alignment maps to {small.name} ({small.fingerprint[:12]}), "
                          f"but {spec} loads {slm.fingerprint[:12]}; load the small model it names")
     return slm
+
+
+def small_spec(alignment: Alignment, slm_spec: str | None = None) -> str:
+    """Where the alignment's small model loads from: `slm_spec`, else the folder it names, else its name."""
+    small = alignment.slm
+    return slm_spec or (small.folder if small.folder and Path(small.folder).is_dir() else small.name)
 
 
 def regressor(features: LayerFeatures, layer: int, source: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm.corpus import calibration_files
+from celslm.corpus import calibration_files, folder_files
 from celslm.errors import UsageError
 from celslm.plots import bench_extra
 from .common import ForceOpt, JsonOpt, examples, log, out_console, print_json, progress_bar
@@ -27,7 +27,7 @@ def _calibration_paths(calib: list[str] | None, windows: int) -> list[Path]:
     for item in calib:
         path = Path(item)
         if path.is_dir():
-            paths.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".py", ".txt", ".md", ".rst"}))
+            paths.extend(folder_files(path))
         elif path.is_file():
             paths.append(path)
         else:

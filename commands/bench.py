@@ -14,8 +14,8 @@ import typer
 from celslm import plots
 from celslm.errors import CelslmError, UsageError
 from celslm.models import default_engine, load_model, model_gguf
-from .common import (FLAG, EngineOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, examples, for_option, log, old_spelling,
-                     out_console, parse_budget, print_json, progress_bar, renamed)
+from .common import (FLAG, CorpusOpt, EngineOpt, JsonOpt, MaxNewTokensOpt, ModelOpt, corpus_source, examples, for_option, log,
+                     old_spelling, out_console, parse_budget, print_json, progress_bar, renamed)
 
 # Shared by the benchmarks: --tokens counts tokens (a list where a benchmark sweeps lengths); --context
 # names a file everywhere in celslm, so it is no longer a count here (kept one release, hidden).
@@ -68,14 +68,14 @@ def ttft(
     "celslm bench compress -m qwen2.5-coder-0.5b --files 5 --codec 'tc:q=1.5' --codec balanced --json"))
 def compress_(
     model: ModelOpt,
-    files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files to evaluate.")] = 20,
+    files: Annotated[int, typer.Option("--files", min=1, help="Held-out files of the corpus to evaluate.")] = 20,
     codec: Annotated[list[str] | None, typer.Option("--codec", help="Codec spec or preset to evaluate (repeatable); default: a standard set.")] = None,
     tokens: Annotated[list[int] | None, typer.Option("--tokens", min=16, help="Context length in tokens (repeatable; "
                                                                              "default 2048): every file gives one case per length.")] = None,
     continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
     peers: Annotated[bool, typer.Option("--peers/--no-peers", metavar=FLAG, help="Also run llama.cpp's q8_0/q4_0 cache types, transformers' QuantizedCache and plain lz4/zstd over fp16.")] = True,
     tasks: Annotated[int, typer.Option("--tasks", min=0, max=32, help="Also answer this many of the report's completion and QA tasks per kind from each preset's artifact (0: none).")] = 0,
-    corpus: Annotated[str, typer.Option("--corpus", help="Held-out text: stdlib (standard-library modules) or third-party (libraries installed beside celslm).")] = "stdlib",
+    corpus: CorpusOpt = "stdlib",
     plot: Annotated[str | None, typer.Option("--plot", metavar="FILE", help="Write a PNG of compression ratio vs perplexity increase.")] = None,
     json_: JsonOpt = False,
     old_context: OldContextCounts = None,
@@ -84,8 +84,7 @@ def compress_(
     from celslm.bench import compress as compress_bench  # torch and transformers: not for --help
 
     tokens = renamed("--context", "--tokens", old_context, tokens)
-    if corpus not in ("stdlib", "third-party"):
-        raise UsageError(f"--corpus {corpus!r}: choose stdlib or third-party")
+    corpus = corpus_source(corpus)
     if plot:
         plots.bench_extra("matplotlib")
     with progress_bar() as progress:
@@ -106,12 +105,16 @@ def compress_(
 
 @app.command("quality", epilog=examples(
     "celslm bench quality --llm qwen2.5-coder-1.5b --align coder.align --plot docs/quality.png",
+    "celslm bench quality --llm qwen2.5-coder-1.5b --align coder.align --corpus third-party --files 10",
+    "celslm bench quality --llm qwen2.5-coder-1.5b --align coder.align --corpus ./my-code --files 10 --no-llama",
     "celslm bench quality --llm qwen2.5-coder-1.5b --align coder.align --files 5 --native 6 --native 12 --json"))
 def quality_(
     llm: Annotated[str, typer.Option("--llm", help="The large model the alignment maps from.")],
     align: Annotated[str, typer.Option("--align", help="Alignment directory (celslm align).")],
     slm: Annotated[str | None, typer.Option("--slm", help="Where to load the small model from (default: as the alignment names it).")] = None,
-    files: Annotated[int, typer.Option("--files", min=1, help="Held-out standard-library files (never calibration files).")] = 20,
+    files: Annotated[int, typer.Option("--files", min=1, help="Held-out files of the corpus (never calibration files).")] = 20,
+    corpus: CorpusOpt = "stdlib",
+    llama: Annotated[bool, typer.Option("--llama/--no-llama", metavar=FLAG, help="Also score own prefill, no context, the native and cross artifacts and the token splits on llama.cpp, the edge's engine (needs the small model's GGUF; default: when it has one).")] = True,
     tokens: Annotated[int, typer.Option("--tokens", min=8, help="Context tokens per file.")] = 1024,
     continuation: Annotated[int, typer.Option("--continuation", min=2, help="Continuation tokens scored per file.")] = 128,
     native: Annotated[list[int] | None, typer.Option("--native", min=1, help="Hybrid native layer counts to measure (repeatable); default 4, 8, 12, 16, plus --auto's pick.")] = None,
@@ -123,18 +126,22 @@ def quality_(
 ) -> None:
     """The small model's quality from a large model's KV: cross, hybrid, equal-compute baselines, held out."""
     from celslm.bench import quality as quality_bench  # torch and transformers: not for --help
-    from celslm.projection import load_aligned_models, load_alignment
+    from celslm.projection import load_aligned_models, load_alignment, small_spec
 
     tokens = renamed("--context", "--tokens", old_context, tokens, 1024)
+    corpus = corpus_source(corpus)
     if plot:
         plots.bench_extra("matplotlib")
     alignment = load_alignment(align)
     with progress_bar() as progress:
         large = load_model(llm, progress)
         small = load_aligned_models(alignment, large, slm, progress)
+        spec = small_spec(alignment, slm)
+        edge = load_model(spec, progress, engine="llama.cpp") if llama and model_gguf(spec, small.folder) else None
         result = quality_bench.run(large, small, alignment, files=files, context=tokens, continuation=continuation,
                                    native_counts=tuple(native) if native else (4, 8, 12, 16),
-                                   budget=parse_budget(budget), codec=codec, progress=progress)
+                                   budget=parse_budget(budget), codec=codec, corpus=corpus, edge=edge,
+                                   progress=progress)
     if plot:
         plots.quality_tradeoff(result, plot)
     if json_:

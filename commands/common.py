@@ -25,6 +25,22 @@ MODEL_HELP = "Model: a Hugging Face folder, a .gguf file, a bundled name (celslm
 ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="CELSLM_MODEL", show_envvar=True, help=MODEL_HELP)]
 ENGINE_HELP = "llama.cpp (the GGUF as it is; default for a .gguf or bundled model) or transformers (fp32 reference)."
 EngineOpt = Annotated[str | None, typer.Option("--engine", envvar="CELSLM_ENGINE", show_envvar=True, help=ENGINE_HELP)]
+CorpusOpt = Annotated[str, typer.Option("--corpus", metavar="stdlib|third-party|DIR", help="Held-out text: stdlib (standard-library modules), third-party (libraries installed beside celslm, written elsewhere) or a folder of your own (its .py, .txt, .md and .rst files).")]
+
+
+def corpus_source(corpus: str) -> str:
+    """`--corpus` checked: stdlib, third-party, or an existing folder (as a path)."""
+    from pathlib import Path
+
+    from celslm.errors import UsageError
+
+    if corpus in ("stdlib", "third-party"):
+        return corpus
+    if not Path(corpus).is_dir():
+        raise UsageError(f"--corpus {corpus!r}: choose stdlib, third-party or a folder of text files")
+    return str(Path(corpus))
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print machine-readable JSON on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", metavar=FLAG, help="Replace the output if it exists.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CELSLM_TOKEN", show_envvar=True,

@@ -178,6 +178,49 @@ def test_bench_quality_reports_every_mode_on_held_out_files(pair):
     assert rows["hybrid1"]["edge_prefill_avoided"] == pytest.approx(2 / 3, abs=1e-3)
 
 
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    """A tiny pair as GGUF files (one tokenizer), aligned: the small one runs on both engines."""
+    from tests.tiny import save_tiny_gguf
+
+    root = tmp_path_factory.mktemp("gguf-pair")
+    large = save_tiny_gguf(root / "large.gguf", "qwen2", seed=3, layers=5, hidden_size=96, num_attention_heads=4,
+                           num_key_value_heads=2)
+    small = save_tiny_gguf(root / "small.gguf", "qwen2", seed=4)
+    calib, held = root / "calib", root / "mine"
+    for folder, names in ((calib, [f"c{i}.txt" for i in range(5)]), (held, ["a.py", "sub/b.py", "c0.txt"])):
+        for index, name in enumerate(names):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text((CONTEXT.replace("name", f"{folder.name}{index}") + f"# {name}\n") * 2)
+    out = root / "pair.align"
+    run_cli("align", "--llm", str(large), "--slm", str(small), "--out", str(out), "--calib", str(calib),
+            "--windows", "5", "--window", "160", "--heldout", "1", "--continuation", "32", "--rows", "64",
+            "--refine-steps", "0", check=True)
+    return {"large": large, "small": small, "align": out, "mine": held}
+
+
+def test_bench_quality_scores_a_folder_of_the_users_on_both_engines(gguf_pair):
+    """--corpus FOLDER: its files, never the alignment's calibration files (c0.txt is one), scored on
+    transformers and on llama.cpp, each engine's gain kept against its own prefill and no context."""
+    result = json.loads(run_cli("bench", "quality", "--llm", str(gguf_pair["large"]), "--align", str(gguf_pair["align"]),
+                                "--slm", str(gguf_pair["small"]), "--corpus", str(gguf_pair["mine"]), "--files", "3",
+                                "--tokens", "96", "--continuation", "16", "--native", "1", "--codec", "lossless",
+                                "--json", check=True).stdout)
+    assert result["files"] == ["a.py", "sub/b.py"] and result["corpus"] == f"folder {gguf_pair['mine']}"
+    assert result["engines"] == ["transformers", "llama.cpp"]
+    rows = {row["key"]: row for row in result["rows"]}
+    edge = {key: row for key, row in rows.items() if row["engine"] == "llama.cpp"}
+    assert set(edge) == {"edge-own", "edge-none", "edge-native", "edge-cross", "edge-split1"}
+    assert edge["edge-own"]["gain_kept"] == 1 and edge["edge-none"]["gain_kept"] == 0
+    # the lossless native artifact on llama.cpp is llama.cpp's own prefill, up to its f16 cache
+    assert edge["edge-native"]["nll"] == pytest.approx(edge["edge-own"]["nll"], abs=2e-2)
+    assert edge["edge-cross"]["link_bytes"] > 0 and 0 < edge["edge-split1"]["edge_prefill_avoided"] < 1
+    assert rows["own"]["nll"] != edge["edge-own"]["nll"]  # two engines, two measurements
+    bad = run_cli("bench", "quality", "--llm", str(gguf_pair["large"]), "--align", str(gguf_pair["align"]),
+                  "--corpus", str(gguf_pair["mine"] / "nothing-here"))
+    assert bad.returncode == 2 and b"--corpus" in bad.stderr and b"Traceback" not in bad.stderr
+
+
 def test_calibration_files_are_never_evaluation_files():
     from celslm.corpus import calibration_files, eval_cases
     from tests.tiny import byte_tokenizer

@@ -38,7 +38,7 @@ from celslm.blocks import build_artifact
 from celslm.calibrate import model_codebook
 from celslm.codebook import Codebook
 from celslm.codecs import PRESETS, parse_codec
-from celslm.corpus import Case, eval_cases
+from celslm.corpus import Case, corpus_label, eval_cases
 from celslm.decode import context_from_artifact
 from celslm.errors import CelslmError
 from celslm.manifest import Producer
@@ -146,7 +146,7 @@ def run(loaded: LoadedModel, codecs: tuple[str, ...] = DEFAULT_CODECS, files: in
             progress("files", index + 1, len(work))
     return {
         "model": loaded.name,
-        "corpus": corpus,
+        "corpus": corpus_label(corpus),
         "files": sorted(names),
         "contexts": list(contexts),
         "cases": {str(length): len(cases) for length, cases in by_length.items()},

@@ -18,6 +18,14 @@ after each way of getting the context into its cache:
 
 Edge prefill avoided counts layer-tokens the edge does not compute, assuming a hybrid's native layers
 are computed at the edge (when the cloud or a peer computes them, the edge avoids all of it).
+
+With `edge` (the small model on llama.cpp, from its GGUF), the artifacts are also scored where an edge
+runs them: own prefill, no context, the native and cross artifacts and each token split, on llama.cpp,
+each row's gain kept against llama.cpp's own prefill and no-context NLL.
+
+The files come from `corpus`: held-out standard-library modules (in the domain the default alignment
+is calibrated on), third-party libraries installed beside celslm (out of it), or a folder of the
+user's; an alignment's calibration files are never among them.
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ from celslm.manifest import Producer
 from celslm.blocks import build_artifact
 from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec
-from celslm.corpus import eval_cases
-from celslm.decode import context_from_artifact, context_from_layers
+from celslm.corpus import corpus_label, eval_cases
+from celslm.decode import context_from_artifact, context_from_ids, context_from_layers
 from celslm.edge import context_from_reader, kept_chunks
+from celslm.errors import UsageError
 from celslm.models import LoadedModel
 from celslm.features import layer_features, native_layers, to_heads
 from celslm.projection import Alignment, cross_layers
@@ -55,15 +64,20 @@ class Mode:
     link_bytes: float = 0.0  # mean bytes on the link per context
     nll: list[float] = field(default_factory=list)
     top1: list[float] = field(default_factory=list)
+    engine: str = "transformers"
 
 
 def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int = 20, context: int = 1024,
         continuation: int = 128, native_counts: tuple[int, ...] = (4, 8, 12, 16), budget: float = 0.02,
-        codec: str = "balanced", progress: Progress | None = None) -> dict:
+        codec: str = "balanced", corpus: str = "stdlib", edge: LoadedModel | None = None,
+        progress: Progress | None = None) -> dict:
     layers_total = slm.engine.geometry.layers
     sink = alignment.sink_tokens
     calibration = set(alignment.report["calibration"]["files"])
-    cases = eval_cases(slm.tokenizer, files, context, context, continuation, exclude=calibration)
+    cases = eval_cases(slm.tokenizer, files, context, context, continuation, exclude=calibration, source=corpus)
+    if not cases:
+        raise UsageError(f"{corpus_label(corpus)}: no file gives {context} context and {continuation} continuation tokens "
+                         "(calibration files excluded)")
     auto = alignment.budget_native_layers(budget)
     counts = sorted({k for k in native_counts if 0 < k < layers_total} | ({auto} if auto else set()))
     spec = parse_codec(codec)
@@ -76,6 +90,14 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
         modes[f"last{k}"] = Mode(f"own last N, compute of k={k}", "baseline")
         modes[f"split{k}"] = Mode(f"cross + own last N, compute of k={k} ({codec})", "celslm")
     modes["llm"] = Mode(f"{llm.name} alone", "llm", 1.0)
+    if edge is not None:
+        on_edge = {"engine": "llama.cpp"}
+        modes |= {"edge-own": Mode("own prefill (exact)", "reference", **on_edge),
+                  "edge-none": Mode("no context (sink only)", "baseline", 1.0, **on_edge),
+                  "edge-native": Mode(f"native artifact ({codec})", "celslm", 1.0, **on_edge),
+                  "edge-cross": Mode(f"cross ({codec})", "celslm", 1.0, **on_edge)}
+        for k in counts:
+            modes[f"edge-split{k}"] = Mode(f"cross + own last N, compute of k={k} ({codec})", "celslm", **on_edge)
     llm_heads = llm.engine.geometry.kv_heads
     for index, case in enumerate(cases):
         if progress:
@@ -87,10 +109,10 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
             projected = cross_layers(llm, slm, alignment, ctx, (), features)
             ref_logits, targets = continuation_logits(slm, context_from_layers(slm, ctx, own), cont)
 
-            def record(key: str, logits, link_bytes: int = 0) -> None:
+            def record(key: str, logits, link_bytes: int = 0, reference=ref_logits) -> None:
                 mode = modes[key]
                 mode.nll.append(mean_nll(logits, targets))
-                mode.top1.append(top1(logits, ref_logits))
+                mode.top1.append(top1(logits, reference))
                 mode.link_bytes += link_bytes / len(cases)
 
             def shipped(key: str, layers, provenance):
@@ -104,7 +126,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
             record("own", ref_logits)
             sink_only = [(k[:, :sink], v[:, :sink]) for k, v in own]
             record("none", continuation_logits(slm, context_from_layers(slm, ctx[:sink], sink_only), cont)[0])
-            shipped("native", own, ["native"] * layers_total)
+            native = shipped("native", own, ["native"] * layers_total)
             cross = shipped("cross", projected, ["projected"] * layers_total)
             for k in counts:
                 shipped(f"hybrid{k}", own[:k] + projected[k:], ["native"] * k + ["projected"] * (layers_total - k))
@@ -118,18 +140,22 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
                 modes[f"split{k}"].edge_avoided += (1 - tail / len(ctx)) / len(cases)
                 record(f"split{k}", continuation_logits(slm, split, cont)[0],
                        sum(ref.size for ref in cross.manifest.blob_refs(kept)))
+            if edge is not None:
+                _on_the_edge(edge, modes, case, native, cross, counts, layers_total, sink, len(cases))
             llm_kv = [(to_heads(k, llm_heads), to_heads(v, llm_heads)) for k, v in zip(features.keys, features.values)]
             llm_logits, _ = continuation_logits(llm, context_from_layers(llm, ctx, llm_kv), cont)
             modes["llm"].nll.append(mean_nll(llm_logits, targets))
     if progress:
         progress("quality (files)", len(cases), len(cases))
-    own_nll = _mean(modes["own"].nll)
-    none_nll = _mean(modes["none"].nll)
+    references = {engine: (_mean(modes[f"{prefix}own"].nll), _mean(modes[f"{prefix}none"].nll))
+                  for engine, prefix in (("transformers", ""), ("llama.cpp", "edge-")) if f"{prefix}own" in modes}
     rows = []
     for key, mode in modes.items():
         nll = _mean(mode.nll)
+        own_nll, none_nll = references.get(mode.engine, references["transformers"])
         rows.append({
-            "mode": mode.name, "key": key, "kind": mode.kind, "nll": round(nll, 5), "ppl": round(math.exp(nll), 4),
+            "mode": mode.name, "key": key, "kind": mode.kind, "engine": mode.engine, "nll": round(nll, 5),
+            "ppl": round(math.exp(nll), 4),
             "ppl_vs_own": round(math.exp(nll - own_nll), 5), "gain_kept": round(gain_kept(nll, own_nll, none_nll), 4),
             "top1_vs_own": round(_mean(mode.top1), 4) if mode.top1 else None,
             "link_bytes": round(mode.link_bytes), "edge_prefill_avoided": round(mode.edge_avoided, 4),
@@ -137,9 +163,37 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
     return {
         "llm": llm.name, "slm": slm.name, "alignment": alignment.digest, "source": alignment.source,
         "map": alignment.map_method, "codec": spec.spec, "budget": budget, "auto_native_layers": auto,
-        "files": [c.name for c in cases], "context_tokens": context, "continuation_tokens": continuation,
-        "rows": rows,
+        "corpus": corpus_label(corpus), "files": [c.name for c in cases], "context_tokens": context,
+        "continuation_tokens": continuation, "engines": list(references), "rows": rows,
     }
+
+
+def _on_the_edge(edge: LoadedModel, modes: dict, case, native, cross, counts, layers_total: int, sink: int,
+                 cases: int) -> None:
+    """One file's rows on llama.cpp: its own prefill and no context, the shipped native and cross
+    artifacts, and each token split over the cross artifact (`decode --recompute-last N`)."""
+    ctx, cont = case.context, case.continuation
+    reference, targets = continuation_logits(edge, context_from_ids(edge, ctx, framing="raw"), cont)
+
+    def record(key: str, context, link_bytes: int = 0) -> None:
+        logits, _ = continuation_logits(edge, context, cont)
+        mode = modes[key]
+        mode.nll.append(mean_nll(logits, targets))
+        mode.top1.append(top1(logits, reference))
+        mode.link_bytes += link_bytes / cases
+
+    modes["edge-own"].nll.append(mean_nll(reference, targets))
+    modes["edge-own"].top1.append(1.0)
+    record("edge-none", context_from_ids(edge, ctx[:sink], framing="raw"))
+    record("edge-native", context_from_artifact(edge, MemoryReader(native)), native.manifest.blob_bytes())
+    record("edge-cross", context_from_artifact(edge, MemoryReader(cross)), cross.manifest.blob_bytes())
+    for k in counts:
+        recompute = round(len(ctx) * k / layers_total)
+        kept = kept_chunks(cross.manifest, recompute) if recompute else cross.manifest.chunks
+        tail = len(ctx) - min(len(ctx), kept * CHUNK)
+        modes[f"edge-split{k}"].edge_avoided += (1 - tail / len(ctx)) / cases
+        record(f"edge-split{k}", context_from_reader(edge, MemoryReader(cross), recompute_last=recompute, pipeline=False),
+               sum(ref.size for ref in cross.manifest.blob_refs(kept)))
 
 
 def _mean(values: list[float]) -> float:
@@ -148,12 +202,15 @@ def _mean(values: list[float]) -> float:
 
 def render(result: dict) -> list:
     """The table `bench quality` prints."""
-    table = Table("mode", "NLL", "ppl vs own", "gain kept", "top-1 vs own", "link bytes", "edge prefill avoided",
+    engines = result.get("engines", ["transformers"])
+    table = Table("mode", *(["engine"] if len(engines) > 1 else []), "NLL", "ppl vs own", "gain kept", "top-1 vs own",
+                  "link bytes", "edge prefill avoided",
                   title=f"{result['slm']} from {result['llm']} ({result['source']} maps, {result['map']} map), "
-                        f"{len(result['files'])} held-out stdlib files, {result['context_tokens']}-token contexts, "
-                        f"{result['continuation_tokens']}-token continuations")
+                        f"{len(result['files'])} held-out files ({result.get('corpus', 'stdlib')}), "
+                        f"{result['context_tokens']}-token contexts, {result['continuation_tokens']}-token continuations")
     for row in result["rows"]:
         top1 = "n/a" if row["top1_vs_own"] is None else f"{row['top1_vs_own']:.3f}"
-        table.add_row(row["mode"], f"{row['nll']:.4f}", f"{row['ppl_vs_own']:.4f}", f"{row['gain_kept']:.0%}", top1,
-                      f"{row['link_bytes']:,}", f"{row['edge_prefill_avoided']:.0%}")
+        table.add_row(row["mode"], *([row.get("engine", "transformers")] if len(engines) > 1 else []), f"{row['nll']:.4f}",
+                      f"{row['ppl_vs_own']:.4f}", f"{row['gain_kept']:.0%}", top1, f"{row['link_bytes']:,}",
+                      f"{row['edge_prefill_avoided']:.0%}")
     return [table]
