@@ -188,6 +188,8 @@ class Calibration:
     tokens: int
     llm: AlignedModel  # recorded while the LLM was loaded
     seconds: dict = field(default_factory=dict)
+    evaluated: list = field(default_factory=list)  # `corpus.Case`s of the user's files (`AlignOptions.eval_folder`)
+    evaluated_llm: list[LayerFeatures] = field(default_factory=list)  # the LLM's features over each case's context
 
 
 def calibration_windows(tokenizer, paths: list[Path], window: int, count: int) -> tuple[list[list[int]], list[str]]:
@@ -208,13 +210,14 @@ def calibration_windows(tokenizer, paths: list[Path], window: int, count: int) -
 
 def calibrate(llm: Callable[[], LoadedModel], slm: Callable[[], LoadedModel], windows: list[list[int]],
               names: list[str], spill: Spill, *, heldout: int, continuation: int, rows_per_window: int, sink: int,
-              full_windows: int = 0, source: str = "hidden", seed: int = 0, progress: Progress | None = None
-              ) -> tuple[Calibration, LoadedModel]:
+              full_windows: int = 0, source: str = "hidden", seed: int = 0, evaluated: list = (),
+              progress: Progress | None = None) -> tuple[Calibration, LoadedModel]:
     """Run each model over the windows, the LLM first (`llm()` loads it; it is dropped before `slm()`
     loads the SLM, so that the two never share memory), writing features to `spill` window by window.
     The last `heldout` windows are held out: their rows score the maps, and their first
     `len - continuation` tokens + the rest measure perplexity. The first `full_windows` fitting windows
-    and up to 2 held-out ones are also kept whole (for refinement). Returns the SLM, still loaded."""
+    and up to 2 held-out ones are also kept whole (for refinement). For each of the `evaluated` cases
+    (the user's own files) the LLM's features over its context are kept too. Returns the SLM, still loaded."""
     generator = torch.Generator().manual_seed(seed)
     plan = []  # per window: (held out?, usable tokens, sampled rows, kept whole?)
     kept = {"fit": 0, "test": 0}
@@ -229,7 +232,8 @@ def calibrate(llm: Callable[[], LoadedModel], slm: Callable[[], LoadedModel], wi
         plan.append((is_test, usable, rows, keep_whole))
     seconds = {"llm": 0.0, "slm": 0.0}
     paths: dict[str, list[Path]] = {k: [] for k in ("llm_fit", "slm_fit", "llm_test", "slm_test", "heldout_llm",
-                                                    "whole_llm_fit", "whole_slm_fit", "whole_llm_test", "whole_slm_test")}
+                                                    "whole_llm_fit", "whole_slm_fit", "whole_llm_test", "whole_slm_test",
+                                                    "evaluated_llm")}
     layers = {}
     for key, load in (("llm", llm), ("slm", slm)):
         model = load()
@@ -256,6 +260,14 @@ def calibrate(llm: Callable[[], LoadedModel], slm: Callable[[], LoadedModel], wi
         if progress:
             progress(f"calibration, {model.name} (windows)", len(windows), len(windows))
         if key == "llm":
+            for index, case in enumerate(evaluated):
+                if progress:
+                    progress(f"{model.name} over your files", index, len(evaluated))
+                started = time.perf_counter()
+                features = layer_features(model, case.context)
+                seconds[key] += time.perf_counter() - started
+                paths["evaluated_llm"].append(spill.write(f"eval-{index}", {f: getattr(features, f) for f in FEATURES}))
+                del features
             llm_model = AlignedModel(model.name, model.fingerprint, layers[key])
             del model  # only the SLM is in memory from here on
             gc.collect()
@@ -266,7 +278,8 @@ def calibrate(llm: Callable[[], LoadedModel], slm: Callable[[], LoadedModel], wi
         files=names,
         full_fit=[FullWindow.spilled(a, b, layers) for a, b in zip(paths["whole_llm_fit"], paths["whole_slm_fit"])],
         full_test=[FullWindow.spilled(a, b, layers) for a, b in zip(paths["whole_llm_test"], paths["whole_slm_test"])],
-        tokens=sum(len(w) for w in windows), llm=llm_model, seconds={k: round(v, 2) for k, v in seconds.items()})
+        tokens=sum(len(w) for w in windows), llm=llm_model, seconds={k: round(v, 2) for k, v in seconds.items()},
+        evaluated=list(evaluated), evaluated_llm=[Spill.features([path], layers["llm"]) for path in paths["evaluated_llm"]])
     return calibration, model
 
 
@@ -346,6 +359,31 @@ def measure_heldout(slm: LoadedModel, alignment: Alignment, windows, llm_feature
                    tuple(round(t / n, 5) for t in totals["hybrid"]), tuple(round(t / n, 5) for t in totals["alone"]))
 
 
+def measure_files(slm: LoadedModel, alignment: Alignment, cases: list, llm_features: list[LayerFeatures],
+                  progress: Progress | None = None) -> dict:
+    """The gain the alignment keeps on the user's files (`align --eval`): per file and overall, the SLM's
+    NLL of each file's continuation after its own prefill, after no context (the sink tokens only) and
+    after the context projected from the LLM (every layer, exact: no codec)."""
+    count = slm.model.config.num_hidden_layers
+    sink = alignment.sink_tokens
+    files = []
+    for index, (case, features) in enumerate(zip(cases, llm_features)):
+        if progress:
+            progress("your files (gain kept)", index, len(cases))
+        ctx, cont = case.context, case.continuation
+        own = native_layers(slm, ctx, count)
+        projected = cross_layers(None, slm, alignment, ctx, llm_features=features)
+        nlls = {"own_nll": continuation_nll(slm, ctx, own, cont),
+                "no_context_nll": continuation_nll(slm, ctx[:sink], [(k[:, :sink], v[:, :sink]) for k, v in own], cont),
+                "cross_nll": continuation_nll(slm, ctx, projected, cont)}
+        files.append({"file": case.name, "context_tokens": len(ctx), **{k: round(v, 5) for k, v in nlls.items()},
+                      "gain_kept": round(gain_kept(nlls["cross_nll"], nlls["own_nll"], nlls["no_context_nll"]), 4)})
+    if progress:
+        progress("your files (gain kept)", len(cases), len(cases))
+    mean = {k: round(sum(f[k] for f in files) / len(files), 5) for k in ("own_nll", "no_context_nll", "cross_nll")}
+    return {"files": files, **mean, "gain_kept": round(gain_kept(mean["cross_nll"], mean["own_nll"], mean["no_context_nll"]), 4)}
+
+
 def gain_kept(nll: float, own: float, no_context: float) -> float:
     """Share of the context's benefit kept: 1 = as good as own prefill, 0 = as bad as no context."""
     return (no_context - nll) / (no_context - own) if no_context != own else float("nan")
@@ -367,6 +405,8 @@ class AlignOptions:
     refine_steps: int = 300  # per layer; 0 keeps the ridge maps
     refine_windows: int = 12
     seed: int = 0
+    eval_folder: Path | None = None  # the user's own files: the gain kept on them is measured and reported
+    eval_files: int = 10
 
     def check(self) -> None:
         """Refuse settings that cannot work, before any model runs."""
@@ -378,6 +418,8 @@ class AlignOptions:
             raise UsageError(f"held-out windows ({self.heldout}) must be at least 1 and fewer than all windows ({self.windows})")
         if self.window <= self.continuation + self.sink_tokens + 1:
             raise UsageError(f"a {self.window}-token window leaves no context before the {self.continuation}-token continuation")
+        if self.eval_folder is not None and not Path(self.eval_folder).is_dir():
+            raise UsageError(f"--eval {self.eval_folder}: not a folder (give a folder of your .py, .txt, .md or .rst files)")
 
 
 def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOptions(),
@@ -393,6 +435,7 @@ def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOp
     started = time.perf_counter()
     windows, names = calibration_windows(slm_tokenizer, paths, options.window, options.windows)
     heldout = min(options.heldout, len(windows) - 1)
+    evaluated = _evaluated(slm_tokenizer, options, names)
     scratch = celslm_home() / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     for stale in scratch.glob(".align-*"):  # left by a killed run (a finished one removes its own)
@@ -404,7 +447,7 @@ def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOp
                                heldout=heldout, continuation=options.continuation,
                                rows_per_window=options.rows_per_window, sink=options.sink_tokens,
                                full_windows=options.refine_windows if options.refine_steps else 0,
-                               source=options.source, seed=options.seed, progress=progress)
+                               source=options.source, seed=options.seed, evaluated=evaluated, progress=progress)
         sims = similarities(cal, seed=options.seed)
         layer_map = choose_map(options.map_method, sims, small.engine.geometry.layers, cal.llm.layers)
         maps, fit_report = fit_maps(cal, layer_map, options.source, progress)
@@ -428,10 +471,29 @@ def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOp
             alignment = replace(alignment, maps=tuned, report={
                 **report, "refine": {"steps": options.refine_steps, "windows": len(cal.full_fit), **refined}})
         heldout_nll = measure_heldout(small, alignment, cal.heldout_windows, cal.heldout_llm, progress)
+        if evaluated:
+            alignment = replace(alignment, report={**alignment.report, "eval": {
+                "folder": str(options.eval_folder), **measure_files(small, alignment, cal.evaluated, cal.evaluated_llm, progress)}})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return replace(alignment, heldout=heldout_nll,
                    report={**alignment.report, "seconds": round(time.perf_counter() - started, 1)})
+
+
+def _evaluated(tokenizer, options: AlignOptions, calibration: list[str]) -> list:
+    """The user's files to measure the alignment on (`--eval`): up to `eval_files` of them with room for
+    some context and the continuation, none of the files the alignment is fitted on."""
+    if options.eval_folder is None:
+        return []
+    from celslm.corpus import eval_cases
+
+    context = options.window - options.continuation
+    cases = eval_cases(tokenizer, options.eval_files, min(context, 4 * options.continuation), context, options.continuation,
+                       exclude=set(calibration), source=str(options.eval_folder))
+    if not cases:
+        raise UsageError(f"--eval {options.eval_folder}: no file gives {min(context, 4 * options.continuation)} context and "
+                         f"{options.continuation} continuation tokens (calibration files excluded)")
+    return cases
 
 
 def plot_similarity(alignment: Alignment, folder: Path) -> list[Path]:

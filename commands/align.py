@@ -16,6 +16,7 @@ from .common import ForceOpt, JsonOpt, examples, log, out_console, print_json, p
 EPILOG = examples(
     "celslm align --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --out coder.align --plots docs/align",
     "celslm align --llm ./big --slm ./small --calib docs/ --calib notes.txt --map proportional --out my.align --json",
+    "celslm align --llm qwen2.5-coder-1.5b --slm qwen2.5-coder-0.5b --out coder.align --eval ./my-code --eval-files 10",
     "celslm prefill -m qwen2.5-coder-1.5b --align coder.align --auto --budget 2% -c sched.py -o sched-cross.kv",
 )
 
@@ -49,6 +50,8 @@ def align(
     rows: Annotated[int, typer.Option("--rows", min=16, help="Tokens sampled per window for fitting (disk, not memory, grows with it).")] = 512,
     refine_steps: Annotated[int, typer.Option("--refine-steps", min=0, help="Adam steps per layer tuning the maps so the small model's attention output matches its own (0: plain ridge).")] = 300,
     refine_windows: Annotated[int, typer.Option("--refine-windows", min=1, help="Calibration windows kept whole for refinement (disk, not memory, grows with it).")] = 12,
+    eval_folder: Annotated[Path | None, typer.Option("--eval", metavar="DIR", help="Your own files (.py, .txt, .md, .rst): report the share of the context's gain the alignment keeps on them, before you deploy it (never on a calibration file).")] = None,
+    eval_files: Annotated[int, typer.Option("--eval-files", min=1, max=200, help="Files of --eval measured, at most.")] = 10,
     plots: Annotated[Path | None, typer.Option("--plots", help="Write cka.png and rsa.png (layer heatmaps with the map) here.")] = None,
     force: ForceOpt = False,
     json_: JsonOpt = False,
@@ -61,7 +64,8 @@ def align(
         raise UsageError(f"{out} exists; pass --force to replace it")
     options = alignment_lib.AlignOptions(map_method=map_method, source=source, window=window, windows=windows,
                                          heldout=heldout, continuation=continuation,
-                                         rows_per_window=rows, refine_steps=refine_steps, refine_windows=refine_windows)
+                                         rows_per_window=rows, refine_steps=refine_steps, refine_windows=refine_windows,
+                                         eval_folder=eval_folder, eval_files=eval_files)
     options.check()
     if plots:  # an edge install has no matplotlib: say so now, not after the alignment has run
         bench_extra("matplotlib")
@@ -75,7 +79,7 @@ def align(
     if json_:
         print_json({"digest": digest, "out": str(out), "plots": [str(p) for p in written],
                     **{k: meta.get(k) for k in ("llm", "slm", "source", "map_method", "layer_map", "r2", "heldout",
-                                                "refine", "calibration", "seconds")}})
+                                                "refine", "calibration", "eval", "seconds")}})
         return
     table = Table(title=f"{meta['slm']['name']} <- {meta['llm']['name']} ({meta['source']}, {meta['map_method']} map)")
     for column in ("layer", "reads LLM layer", "R² keys", "R² values", "Δ NLL alone", "NLL, first k native"):
@@ -88,6 +92,12 @@ def align(
     kept = alignment_lib.gain_kept(cross, held["own_nll"], held["no_context_nll"])
     log(f"held-out NLL: own prefill {held['own_nll']:.4f}, no context {held['no_context_nll']:.4f}, "
         f"cross (all projected) {cross:.4f} = {kept:.0%} of the context's gain kept")
+    if "eval" in meta:
+        mine = meta["eval"]
+        each = ", ".join(f"{f['file']} {f['gain_kept']:.0%}" for f in mine["files"])
+        log(f"your files ({mine['folder']}, {len(mine['files'])}): own prefill {mine['own_nll']:.4f}, no context "
+            f"{mine['no_context_nll']:.4f}, cross {mine['cross_nll']:.4f} = {mine['gain_kept']:.0%} of the context's gain "
+            f"kept (per file: {each})")
     if "refine" in meta:
         refine = meta["refine"]
         before, after = (sum(refine[k]) / len(refine[k]) for k in ("before", "after"))

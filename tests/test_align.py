@@ -17,7 +17,7 @@ from celslm.artifact import open_artifact
 from celslm.blockread import open_context
 from celslm.models import load_model
 from celslm.projection import load_alignment
-from tests.conftest import CONTEXT, run_cli, save_tiny_model
+from tests.conftest import CONTEXT, LARGE, run_cli, save_tiny_model
 
 @pytest.fixture(scope="module")
 def pair(aligned_pair):
@@ -219,6 +219,39 @@ def test_bench_quality_scores_a_folder_of_the_users_on_both_engines(gguf_pair):
     bad = run_cli("bench", "quality", "--llm", str(gguf_pair["large"]), "--align", str(gguf_pair["align"]),
                   "--corpus", str(gguf_pair["mine"] / "nothing-here"))
     assert bad.returncode == 2 and b"--corpus" in bad.stderr and b"Traceback" not in bad.stderr
+
+
+def test_align_eval_reports_the_gain_kept_on_the_users_files_as_bench_quality_measures_it(gguf_pair, tmp_path):
+    """align --eval DIR: the gain kept on the user's files (never its calibration files), recorded in the
+    alignment; the same cross NLL bench quality gets from a lossless artifact of the same alignment."""
+    from tests.tiny import save_tiny_model
+
+    large = save_tiny_model(tmp_path / "large", "qwen2", seed=3, **LARGE)
+    small = save_tiny_model(tmp_path / "small", "qwen2", seed=4)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for index in range(5):
+        (calib / f"c{index}.txt").write_text((CONTEXT.replace("name", f"name{index}") + f"# file {index}\n") * 2)
+    out = tmp_path / "mine.align"
+    common = ("--llm", str(large), "--slm", str(small), "--calib", str(calib), "--windows", "5", "--window", "160",
+              "--heldout", "1", "--continuation", "32", "--rows", "64", "--refine-steps", "0")
+    result = json.loads(run_cli("align", *common, "--out", str(out), "--eval", str(gguf_pair["mine"]), "--json",
+                                check=True).stdout)
+    mine = result["eval"]
+    assert [f["file"] for f in mine["files"]] == ["a.py", "sub/b.py"]  # c0.txt is a calibration file
+    assert all(f["context_tokens"] == 128 for f in mine["files"])  # a random model: NLLs only, no direction
+    assert mine["gain_kept"] == pytest.approx(
+        (mine["no_context_nll"] - mine["cross_nll"]) / (mine["no_context_nll"] - mine["own_nll"]), abs=1e-3)
+    assert json.loads((out / "alignment.json").read_text())["eval"]["gain_kept"] == mine["gain_kept"]
+    quality = json.loads(run_cli("bench", "quality", "--llm", str(large), "--align", str(out), "--corpus",
+                                 str(gguf_pair["mine"]), "--tokens", "128", "--continuation", "32", "--native", "1",
+                                 "--codec", "lossless", "--json", check=True).stdout)
+    rows = {row["key"]: row for row in quality["rows"]}
+    assert quality["files"] == ["a.py", "sub/b.py"]
+    assert rows["cross"]["nll"] == pytest.approx(mine["cross_nll"], abs=1e-3)
+    assert rows["own"]["nll"] == pytest.approx(mine["own_nll"], abs=1e-3)
+    missing = run_cli("align", *common, "--out", str(tmp_path / "x.align"), "--eval", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and b"--eval" in missing.stderr and not (tmp_path / "x.align").exists()
 
 
 def test_calibration_files_are_never_evaluation_files():
