@@ -29,22 +29,30 @@ def stdlib_modules() -> list[Path]:
 
 
 THIRD_PARTY = ("rich", "aiohttp", "jinja2", "click", "redis", "matplotlib")  # installed with celslm, written elsewhere
+# Other libraries installed beside celslm: calibration text for `align --calib-corpus broad`, package-disjoint
+# from THIRD_PARTY, so that the third-party evaluation reads libraries no alignment has seen.
+CALIBRATION_LIBRARIES = ("requests", "urllib3", "pydantic", "sympy", "networkx", "botocore", "boto3", "huggingface_hub",
+                         "setuptools", "pygments", "markdown_it", "fsspec", "openai", "packaging", "accelerate",
+                         "transformers", "yaml")
+CALIBRATION_CORPORA = ("stdlib", "broad")
+
+
+def library_modules(package: str) -> list[Path]:
+    """An installed library's modules of a useful size (no tests, nothing private), sorted by path."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(list(spec.submodule_search_locations)[0])
+    return [p for p in sorted(root.rglob("*.py")) if 8_000 < p.stat().st_size < 400_000
+            and not any(part.startswith("_") or part in ("test", "tests") for part in p.relative_to(root).parts)]
 
 
 def third_party_modules() -> list[Path]:
-    """Modules of libraries installed beside celslm (held out from calibration, which reads only the
-    standard library), sorted by package and path."""
-    import importlib.util
-
-    paths = []
-    for package in THIRD_PARTY:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        root = Path(list(spec.submodule_search_locations)[0])
-        paths += [p for p in sorted(root.rglob("*.py")) if 8_000 < p.stat().st_size < 400_000
-                  and not any(part.startswith("_") or part in ("test", "tests") for part in p.relative_to(root).parts)]
-    return paths
+    """Modules of libraries installed beside celslm (never calibration text: see CALIBRATION_LIBRARIES),
+    sorted by package and path."""
+    return [path for package in THIRD_PARTY for path in library_modules(package)]
 
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
@@ -98,9 +106,28 @@ def eval_cases(tokenizer, files: int = 20, min_context: int = 1024, max_context:
     return cases
 
 
-def calibration_files(count: int) -> list[Path]:
-    """Modules halfway between the evaluation picks: never among `eval_cases`' files."""
+def calibration_files(count: int, corpus: str = "stdlib") -> list[Path]:
+    """Modules halfway between the standard-library evaluation picks: never among `eval_cases`' files.
+    With corpus "broad", those in turn with modules of each of CALIBRATION_LIBRARIES (evenly spaced in
+    each library): standard-library and third-party code from libraries the evaluation never reads."""
+    if corpus not in CALIBRATION_CORPORA:
+        raise ValueError(f"unknown calibration corpus {corpus!r}")
     paths = stdlib_modules()
     stride = _stride(paths, 20)
     picks = paths[stride // 2 :: stride] + paths[stride // 2 + 1 :: stride]
+    if corpus == "broad":
+        sources = [picks] + [_spread(modules) for modules in map(library_modules, CALIBRATION_LIBRARIES) if modules]
+        picks = [source[index] for index in range(max(map(len, sources))) for source in sources if index < len(source)]
     return picks[:count]
+
+
+def _spread(paths: list[Path]) -> list[Path]:
+    """`paths` reordered so that any first n of them are spread over the whole list (a library's
+    modules are sorted by subpackage: its first few would all be one corner of it)."""
+    order, seen, step = [], set(), len(paths)
+    while step >= 1:
+        fresh = [i for i in range(0, len(paths), step) if i not in seen]
+        order += fresh
+        seen.update(fresh)
+        step //= 2
+    return [paths[i] for i in order]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from celslm.corpus import calibration_files, folder_files
+from celslm.corpus import CALIBRATION_CORPORA, calibration_files, folder_files
 from celslm.errors import UsageError
 from celslm.plots import bench_extra
 from .common import ForceOpt, JsonOpt, examples, log, out_console, print_json, progress_bar
@@ -21,9 +21,9 @@ EPILOG = examples(
 )
 
 
-def _calibration_paths(calib: list[str] | None, windows: int) -> list[Path]:
+def _calibration_paths(calib: list[str] | None, windows: int, corpus: str) -> list[Path]:
     if not calib:
-        return calibration_files(windows * 2)  # more than needed: short files are skipped
+        return calibration_files(windows * 2, corpus)  # more than needed: short files are skipped
     paths = []
     for item in calib:
         path = Path(item)
@@ -40,7 +40,8 @@ def align(
     llm: Annotated[str, typer.Option("--llm", help="The large (cloud) model: folder, .gguf, bundled name or hub id.")],
     slm: Annotated[str, typer.Option("--slm", help="The small (edge) model; must share the large model's tokenizer.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Alignment directory to write (NAME.align).")],
-    calib: Annotated[list[str] | None, typer.Option("--calib", help="Calibration text files or folders (repeatable). Default: Python standard-library modules never used by `bench quality`.")] = None,
+    calib: Annotated[list[str] | None, typer.Option("--calib", help="Calibration text files or folders (repeatable). Default: --calib-corpus.")] = None,
+    calib_corpus: Annotated[str, typer.Option("--calib-corpus", metavar="stdlib|broad", help="Without --calib: stdlib (standard-library modules never used by `bench quality`) or broad (those in turn with modules of other installed libraries: requests, pydantic, sympy, botocore, transformers and more, none of them the third-party evaluation's).")] = "stdlib",
     map_method: Annotated[str, typer.Option("--map", help="Layer map: cka or rsa (monotone, best total similarity) or proportional.")] = "cka",
     source: Annotated[str, typer.Option("--source", help="What the maps read from the large model: hidden (its normalized hidden state entering the mapped layer) or kv (its pre-RoPE keys and values).")] = "hidden",
     windows: Annotated[int, typer.Option("--windows", min=3, help="Calibration windows (one per file).")] = 16,
@@ -69,7 +70,9 @@ def align(
     options.check()
     if plots:  # an edge install has no matplotlib: say so now, not after the alignment has run
         bench_extra("matplotlib")
-    paths = _calibration_paths(calib, windows)
+    if calib_corpus not in CALIBRATION_CORPORA:
+        raise UsageError(f"--calib-corpus {calib_corpus!r}: choose {' or '.join(CALIBRATION_CORPORA)}")
+    paths = _calibration_paths(calib, windows, calib_corpus)
     with progress_bar() as progress:  # the library loads each model when its turn comes, one at a time
         result = alignment_lib.align(llm, slm, paths, options, progress)
     digest = save_alignment(result, out, force=force)

@@ -255,12 +255,22 @@ def test_align_eval_reports_the_gain_kept_on_the_users_files_as_bench_quality_me
 
 
 def test_calibration_files_are_never_evaluation_files():
-    from celslm.corpus import calibration_files, eval_cases
+    from celslm.corpus import THIRD_PARTY, calibration_files, eval_cases, stdlib_modules, third_party_modules
     from tests.tiny import byte_tokenizer
 
     evaluated = {case.name for case in eval_cases(byte_tokenizer(), files=20, min_context=64, max_context=64, continuation=8)}
     assert len(evaluated) == 20
     assert not evaluated & {path.name for path in calibration_files(40)}
+    # the broad mix: the standard library's calibration picks in turn with other libraries, none of them
+    # a library the third-party evaluation reads (package-disjoint, so "out of domain" is unseen code)
+    broad = calibration_files(200, "broad")
+    stdlib = set(stdlib_modules())
+    from_stdlib = [path for path in broad if path in stdlib]
+    assert len(broad) == 200 and from_stdlib == calibration_files(len(from_stdlib))  # the same picks, in turn
+    assert not set(broad) & set(third_party_modules())
+    packages = {p.parts[p.parts.index("site-packages") + 1] for p in broad if "site-packages" in p.parts}
+    assert len(packages) >= 8 and not packages & set(THIRD_PARTY)
+    assert 10 <= sum(path in stdlib for path in broad) < 100
 
 
 def test_recompute_last_over_a_cross_artifact_matches_the_own_prefill_when_it_covers_everything(pair, tmp_path):
