@@ -192,13 +192,21 @@ class CodedLayer:
 
 
 _CODEBOOKS: dict[str, Codebook] = {}  # parsed codebooks by digest: every context of a model shares one
-_KEEP_CODEBOOKS = 4
+_keep = [0]  # how many to keep: none in a process that decodes one artifact (`keep_codebooks`)
+
+
+def keep_codebooks(count: int) -> None:
+    """Keep the last `count` parsed codebooks (a warm service switching contexts parses each once)."""
+    _keep[0] = count
+    while len(_CODEBOOKS) > count:
+        _CODEBOOKS.pop(next(iter(_CODEBOOKS)), None)
 
 
 def load_codebook(reader: ArtifactReader, blobs) -> Codebook | None:
     """The artifact's codebook (the next blob, when the manifest names one), checked against its model space.
-    The blob is read and verified each time; its parsing (and the inverse maps made from it) is kept by
-    digest, which a warm service switching between contexts of one model would otherwise redo each time."""
+    The blob is read and verified each time; with `keep_codebooks`, its parsing (and the inverse maps
+    made from it) is kept by digest, which a warm service switching between contexts of one model would
+    otherwise redo each time."""
     m = reader.manifest
     if m.codebook is None:
         return None
@@ -206,9 +214,10 @@ def load_codebook(reader: ArtifactReader, blobs) -> Codebook | None:
     codebook = _CODEBOOKS.get(ref.digest)
     if codebook is None:
         codebook = Codebook.from_bytes(data, f"{reader.source}: codebook {m.codebook.digest}")
-        while len(_CODEBOOKS) >= _KEEP_CODEBOOKS:
-            _CODEBOOKS.pop(next(iter(_CODEBOOKS)), None)
-        _CODEBOOKS[ref.digest] = codebook
+        if _keep[0]:
+            while len(_CODEBOOKS) >= _keep[0]:
+                _CODEBOOKS.pop(next(iter(_CODEBOOKS)), None)
+            _CODEBOOKS[ref.digest] = codebook
     codebook.check_for(m.space.fingerprint, (m.layers, m.geometry.kv_heads, m.geometry.head_dim), reader.source)
     return codebook
 

@@ -34,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from celslm import prompting
 from celslm.batching import DEFAULT_CELLS, KVPool
+from celslm.blockread import keep_codebooks
 from celslm.confidential import Sealed
 from celslm.decode import Sampling, check_space, eos_ids
 from celslm.errors import (CelslmError, IntegrityError, NotFound, Overloaded, TokenRequired, UnavailableError,
@@ -103,6 +104,7 @@ class Service:
         if not hasattr(loaded.engine, "snapshot") or not hasattr(loaded.engine, "_lib"):
             raise UsageError("the service batches requests on llama.cpp: give it a GGUF model (--engine llama.cpp)")
         self.loaded, self.config = loaded, config
+        keep_codebooks(4)  # contexts of one model share a codebook: parsed once, not at every switch
         self.warn = warn  # where warnings about unchecked tags and lookups go (the service's log)
         self.memory: ByteLRU[ContextState] = ByteLRU(config.cache_bytes, size_of=lambda context: len(context.state))
         self.registry = registry or CollectorRegistry()
