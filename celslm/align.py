@@ -488,11 +488,12 @@ def _evaluated(tokenizer, options: AlignOptions, calibration: list[str]) -> list
     from celslm.corpus import eval_cases
 
     context = options.window - options.continuation
-    cases = eval_cases(tokenizer, options.eval_files, min(context, 4 * options.continuation), context, options.continuation,
-                       exclude=set(calibration), source=str(options.eval_folder))
+    least = min(context, 4 * options.continuation)
+    cases = eval_cases(tokenizer, options.eval_files, least, context, options.continuation, exclude=set(calibration),
+                       source=str(options.eval_folder))
     if not cases:
-        raise UsageError(f"--eval {options.eval_folder}: no file gives {min(context, 4 * options.continuation)} context and "
-                         f"{options.continuation} continuation tokens (calibration files excluded)")
+        raise UsageError(f"--eval {options.eval_folder}: no file gives {least} context and {options.continuation} "
+                         "continuation tokens (calibration files excluded)")
     return cases
 
 

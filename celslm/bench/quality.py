@@ -109,10 +109,10 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
             projected = cross_layers(llm, slm, alignment, ctx, (), features)
             ref_logits, targets = continuation_logits(slm, context_from_layers(slm, ctx, own), cont)
 
-            def record(key: str, logits, link_bytes: int = 0, reference=ref_logits) -> None:
+            def record(key: str, logits, link_bytes: int = 0) -> None:
                 mode = modes[key]
                 mode.nll.append(mean_nll(logits, targets))
-                mode.top1.append(top1(logits, reference))
+                mode.top1.append(top1(logits, ref_logits))
                 mode.link_bytes += link_bytes / len(cases)
 
             def shipped(key: str, layers, provenance):
@@ -130,9 +130,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
             cross = shipped("cross", projected, ["projected"] * layers_total)
             for k in counts:
                 shipped(f"hybrid{k}", own[:k] + projected[k:], ["native"] * k + ["projected"] * (layers_total - k))
-                recompute = round(len(ctx) * k / layers_total)  # the same edge compute as k native layers
-                kept = kept_chunks(cross.manifest, recompute) if recompute else cross.manifest.chunks
-                tail = len(ctx) - min(len(ctx), kept * CHUNK)
+                recompute, kept, tail = _split(cross, len(ctx), k, layers_total)
                 short = ctx[:sink] + ctx[len(ctx) - tail :]
                 modes[f"last{k}"].edge_avoided += (1 - len(short) / len(ctx)) / len(cases)
                 record(f"last{k}", continuation_logits(slm, context_from_layers(slm, short, native_layers(slm, short, layers_total)), cont)[0])
@@ -168,6 +166,14 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
     }
 
 
+def _split(cross, tokens: int, k: int, layers_total: int) -> tuple[int, int, int]:
+    """A token split at the edge compute of k native layers: the tokens to recompute, the cross
+    artifact's chunks kept, and the tokens the edge prefills (whole chunks)."""
+    recompute = round(tokens * k / layers_total)
+    kept = kept_chunks(cross.manifest, recompute) if recompute else cross.manifest.chunks
+    return recompute, kept, tokens - min(tokens, kept * CHUNK)
+
+
 def _on_the_edge(edge: LoadedModel, modes: dict, case, native, cross, counts, layers_total: int, sink: int,
                  cases: int) -> None:
     """One file's rows on llama.cpp: its own prefill and no context, the shipped native and cross
@@ -188,9 +194,7 @@ def _on_the_edge(edge: LoadedModel, modes: dict, case, native, cross, counts, la
     record("edge-native", context_from_artifact(edge, MemoryReader(native)), native.manifest.blob_bytes())
     record("edge-cross", context_from_artifact(edge, MemoryReader(cross)), cross.manifest.blob_bytes())
     for k in counts:
-        recompute = round(len(ctx) * k / layers_total)
-        kept = kept_chunks(cross.manifest, recompute) if recompute else cross.manifest.chunks
-        tail = len(ctx) - min(len(ctx), kept * CHUNK)
+        recompute, kept, tail = _split(cross, len(ctx), k, layers_total)
         modes[f"edge-split{k}"].edge_avoided += (1 - tail / len(ctx)) / cases
         record(f"edge-split{k}", context_from_reader(edge, MemoryReader(cross), recompute_last=recompute, pipeline=False),
                sum(ref.size for ref in cross.manifest.blob_refs(kept)))
