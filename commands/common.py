@@ -32,9 +32,10 @@ def corpus_source(corpus: str) -> str:
     """`--corpus` checked: stdlib, third-party, or an existing folder (as a path)."""
     from pathlib import Path
 
+    from celslm.corpus import SOURCES
     from celslm.errors import UsageError
 
-    if corpus in ("stdlib", "third-party"):
+    if corpus in SOURCES:
         return corpus
     if not Path(corpus).is_dir():
         raise UsageError(f"--corpus {corpus!r}: choose stdlib, third-party or a folder of text files")
