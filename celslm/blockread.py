@@ -198,7 +198,11 @@ _keep = [0]  # how many to keep: none in a process that decodes one artifact (`k
 def keep_codebooks(count: int) -> None:
     """Keep the last `count` parsed codebooks (a warm service switching contexts parses each once)."""
     _keep[0] = count
-    while len(_CODEBOOKS) > count:
+    _trim(count)
+
+
+def _trim(count: int) -> None:
+    while len(_CODEBOOKS) > count:  # oldest first
         _CODEBOOKS.pop(next(iter(_CODEBOOKS)), None)
 
 
@@ -215,9 +219,8 @@ def load_codebook(reader: ArtifactReader, blobs) -> Codebook | None:
     if codebook is None:
         codebook = Codebook.from_bytes(data, f"{reader.source}: codebook {m.codebook.digest}")
         if _keep[0]:
-            while len(_CODEBOOKS) >= _keep[0]:
-                _CODEBOOKS.pop(next(iter(_CODEBOOKS)), None)
             _CODEBOOKS[ref.digest] = codebook
+            _trim(_keep[0])
     codebook.check_for(m.space.fingerprint, (m.layers, m.geometry.kv_heads, m.geometry.head_dim), reader.source)
     return codebook
 
