@@ -29,12 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from celslm import kvcache
+from celslm.corpus import file_name
 from celslm.decode import context_from_layers
 from celslm.errors import UsageError
 from celslm.features import FEATURES, LayerFeatures, layer_features, native_layers, to_heads
 from celslm.models import LoadedModel, Progress, celslm_home, check_tokenizers, load_model, load_tokenizer
 from celslm.plots import pyplot
-from celslm.projection import SOURCES, AlignedModel, Alignment, HeldOut, cross_layers, regressor
+from celslm.projection import SOURCES, SPLIT_TOKENS, AlignedModel, Alignment, HeldOut, cross_layers, regressor
 from celslm.score import continuation_logits, nll
 
 MAP_METHODS = ("cka", "rsa", "proportional")
@@ -193,14 +194,15 @@ class Calibration:
 
 
 def calibration_windows(tokenizer, paths: list[Path], window: int, count: int) -> tuple[list[list[int]], list[str]]:
-    """Up to `count` windows of `window` tokens (each starting a file), in file order."""
+    """Up to `count` windows of `window` tokens (each starting a file), in file order, and the files'
+    names (`corpus.file_name`)."""
     windows, names = [], []
     for path in paths:
         ids = tokenizer(path.read_text(errors="replace"), add_special_tokens=True)["input_ids"]
         if len(ids) < window:
             continue
         windows.append(ids[:window])
-        names.append(path.name)
+        names.append(file_name(path))
         if len(windows) == count:
             break
     if len(windows) < 2:
@@ -331,14 +333,26 @@ def continuation_nll(slm: LoadedModel, token_ids: list[int], layers, continuatio
     return nll(logits, targets)
 
 
+def split_nll(slm: LoadedModel, token_ids: list[int], projected, continuation: list[int], own_last: int) -> float:
+    """The SLM's mean NLL of `continuation` after a token split: the projected KV of the context but its
+    last `own_last` tokens, which the SLM prefills itself over it (`decode --recompute-last`)."""
+    kept = len(token_ids) - own_last
+    context = context_from_layers(slm, token_ids[:kept], [(k[:, :kept], v[:, :kept]) for k, v in projected])
+    logits, _ = continuation_logits(slm, context, token_ids[kept:] + continuation)
+    return nll(logits[-len(continuation):], continuation)
+
+
 def measure_heldout(slm: LoadedModel, alignment: Alignment, windows, llm_features: list[LayerFeatures],
                     progress: Progress | None = None) -> HeldOut:
     """Mean NLL over held-out windows of: own prefill, sink tokens only (no context), every hybrid
-    (first k layers native, k = 0..L; k = 0 is fully cross-model), and each layer projected alone.
+    (first k layers native, k = 0..L; k = 0 is fully cross-model), each layer projected alone, and each
+    token split of `SPLIT_TOKENS` shorter than every window's context.
     `llm_features` holds the LLM's features over each window's context (the LLM itself is not needed)."""
     count = slm.model.config.num_hidden_layers
     sink = alignment.sink_tokens
-    totals = {"own": 0.0, "no_context": 0.0, "hybrid": [0.0] * (count + 1), "alone": [0.0] * count}
+    splits = [n for n in SPLIT_TOKENS if n < min(len(ctx) for ctx, _ in windows) - sink]
+    totals = {"own": 0.0, "no_context": 0.0, "hybrid": [0.0] * (count + 1), "alone": [0.0] * count,
+              "split": dict.fromkeys(splits, 0.0)}
     for index, ((ctx, cont), features) in enumerate(zip(windows, llm_features)):
         if progress:
             progress("held-out quality (windows)", index, len(windows))
@@ -352,18 +366,22 @@ def measure_heldout(slm: LoadedModel, alignment: Alignment, windows, llm_feature
         for layer in range(count):
             mixed = own[:layer] + [projected[layer]] + own[layer + 1 :]
             totals["alone"][layer] += continuation_nll(slm, ctx, mixed, cont) - nll_own
+        for own_last in splits:
+            totals["split"][own_last] += split_nll(slm, ctx, projected, cont, own_last)
     if progress:
         progress("held-out quality (windows)", len(windows), len(windows))
     n = len(windows)
     return HeldOut(n, round(totals["own"] / n, 5), round(totals["no_context"] / n, 5),
-                   tuple(round(t / n, 5) for t in totals["hybrid"]), tuple(round(t / n, 5) for t in totals["alone"]))
+                   tuple(round(t / n, 5) for t in totals["hybrid"]), tuple(round(t / n, 5) for t in totals["alone"]),
+                   {k: round(t / n, 5) for k, t in totals["split"].items()})
 
 
 def measure_files(slm: LoadedModel, alignment: Alignment, cases: list, llm_features: list[LayerFeatures],
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, own_last: int = 0) -> dict:
     """The gain the alignment keeps on the user's files (`align --eval`): per file and overall, the SLM's
-    NLL of each file's continuation after its own prefill, after no context (the sink tokens only) and
-    after the context projected from the LLM (every layer, exact: no codec)."""
+    NLL of each file's continuation after its own prefill, after no context (the sink tokens only),
+    after the context projected from the LLM (every layer, exact: no codec) and, with `own_last`, after
+    that token split (`split_nll`: what decode does by default)."""
     count = slm.model.config.num_hidden_layers
     sink = alignment.sink_tokens
     files = []
@@ -376,12 +394,19 @@ def measure_files(slm: LoadedModel, alignment: Alignment, cases: list, llm_featu
         nlls = {"own_nll": continuation_nll(slm, ctx, own, cont),
                 "no_context_nll": continuation_nll(slm, ctx[:sink], [(k[:, :sink], v[:, :sink]) for k, v in own], cont),
                 "cross_nll": continuation_nll(slm, ctx, projected, cont)}
+        if own_last and own_last < len(ctx) - sink:
+            nlls["split_nll"] = split_nll(slm, ctx, projected, cont, own_last)
         files.append({"file": case.name, "context_tokens": len(ctx), **{k: round(v, 5) for k, v in nlls.items()},
                       "gain_kept": round(gain_kept(nlls["cross_nll"], nlls["own_nll"], nlls["no_context_nll"]), 4)})
     if progress:
         progress("your files (gain kept)", len(cases), len(cases))
     mean = {k: round(sum(f[k] for f in files) / len(files), 5) for k in ("own_nll", "no_context_nll", "cross_nll")}
-    return {"files": files, **mean, "gain_kept": round(gain_kept(mean["cross_nll"], mean["own_nll"], mean["no_context_nll"]), 4)}
+    result = {"files": files, **mean, "gain_kept": round(gain_kept(mean["cross_nll"], mean["own_nll"], mean["no_context_nll"]), 4)}
+    if own_last and all("split_nll" in f for f in files):
+        split = round(sum(f["split_nll"] for f in files) / len(files), 5)
+        result |= {"own_last": own_last, "split_nll": split,
+                   "split_gain_kept": round(gain_kept(split, mean["own_nll"], mean["no_context_nll"]), 4)}
+    return result
 
 
 def gain_kept(nll: float, own: float, no_context: float) -> float:
@@ -472,8 +497,8 @@ def align(llm: str, slm: str, paths: list[Path], options: AlignOptions = AlignOp
                 **report, "refine": {"steps": options.refine_steps, "windows": len(cal.full_fit), **refined}})
         heldout_nll = measure_heldout(small, alignment, cal.heldout_windows, cal.heldout_llm, progress)
         if evaluated:
-            alignment = replace(alignment, report={**alignment.report, "eval": {
-                "folder": str(options.eval_folder), **measure_files(small, alignment, cal.evaluated, cal.evaluated_llm, progress)}})
+            mine = measure_files(small, alignment, cal.evaluated, cal.evaluated_llm, progress, heldout_nll.advised_split())
+            alignment = replace(alignment, report={**alignment.report, "eval": {"folder": str(options.eval_folder), **mine}})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return replace(alignment, heldout=heldout_nll,

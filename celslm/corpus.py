@@ -64,6 +64,13 @@ def folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
 
 
+def file_name(path: Path) -> str:
+    """How calibration and evaluation name a file: an installed library's module by its path from the
+    package on (`redis/connection.py`, not a bare `connection.py` several libraries have), else its name."""
+    parts = path.parts
+    return "/".join(parts[parts.index("site-packages") + 1 :]) if "site-packages" in parts else path.name
+
+
 def corpus_label(source: str) -> str:
     """How a report names the corpus: stdlib, third-party, or the folder's path."""
     return source if source in SOURCES else f"folder {source}"
@@ -78,7 +85,7 @@ def eval_cases(tokenizer, files: int = 20, min_context: int = 1024, max_context:
     """Evenly spaced modules with enough text; the context is up to `max_context` tokens of the file.
     `source`: "stdlib" (the standard library), "third-party" (`third_party_modules`), or a folder whose
     text files are all taken in path order (`folder_files`). A file whose name is in `exclude` (an
-    alignment's calibration files) is passed over."""
+    alignment's calibration files, by `file_name` or by bare name) is passed over."""
     if source in SOURCES:
         paths = stdlib_modules() if source == "stdlib" else third_party_modules()
         paths = paths[:: _stride(paths, 20)]
@@ -88,18 +95,13 @@ def eval_cases(tokenizer, files: int = 20, min_context: int = 1024, max_context:
         raise ValueError(f"unknown evaluation source {source!r}: stdlib, third-party or a folder")
     cases = []
     for path in paths:
-        if path.name in exclude:
+        if path.name in exclude or file_name(path) in exclude:
             continue
         ids = tokenizer(path.read_text(errors="replace"), add_special_tokens=True)["input_ids"]
         length = min(max_context, len(ids) - continuation)
         if length < min_context:
             continue
-        if source == "stdlib":
-            name = path.name
-        elif source == "third-party":
-            name = "/".join(path.parts[path.parts.index("site-packages") + 1 :]) if "site-packages" in path.parts else path.name
-        else:
-            name = path.relative_to(source).as_posix()
+        name = file_name(path) if source in SOURCES else path.relative_to(source).as_posix()
         cases.append(Case(name, ids[:length], ids[length : length + continuation]))
         if len(cases) == files:
             break
@@ -108,17 +110,22 @@ def eval_cases(tokenizer, files: int = 20, min_context: int = 1024, max_context:
 
 def calibration_files(count: int, corpus: str = "stdlib") -> list[Path]:
     """Modules halfway between the standard-library evaluation picks: never among `eval_cases`' files.
-    With corpus "broad", those in turn with modules of each of CALIBRATION_LIBRARIES (evenly spaced in
-    each library): standard-library and third-party code from libraries the evaluation never reads."""
+    With corpus "broad", those in turn with modules of CALIBRATION_LIBRARIES (the libraries in turn,
+    each library's spread over it): half standard-library code, half code of libraries the evaluation
+    never reads."""
     if corpus not in CALIBRATION_CORPORA:
         raise ValueError(f"unknown calibration corpus {corpus!r}")
     paths = stdlib_modules()
     stride = _stride(paths, 20)
     picks = paths[stride // 2 :: stride] + paths[stride // 2 + 1 :: stride]
     if corpus == "broad":
-        sources = [picks] + [_spread(modules) for modules in map(library_modules, CALIBRATION_LIBRARIES) if modules]
-        picks = [source[index] for index in range(max(map(len, sources))) for source in sources if index < len(source)]
+        picks = _in_turn([picks, _in_turn([_spread(m) for m in map(library_modules, CALIBRATION_LIBRARIES) if m])])
     return picks[:count]
+
+
+def _in_turn(sources: list[list[Path]]) -> list[Path]:
+    """One from each source in turn, until all are used up."""
+    return [source[index] for index in range(max(map(len, sources))) for source in sources if index < len(source)]
 
 
 def _spread(paths: list[Path]) -> list[Path]:

@@ -45,6 +45,7 @@ class DecodeStats:
     pipelined: bool = False  # the prompt's forward ran while later layers were still arriving
     link: str | None = None  # the emulated link's label, if any
     context_tokens: int = 0
+    recomputed_tokens: int = 0  # of the context's, prefilled here over the artifact's earlier chunks
     prompt_tokens: int = 0
     new_tokens: int = 0
     load_s: float = 0.0  # reading, verifying and injecting the artifact before the prompt runs
@@ -78,6 +79,7 @@ class DecodeStats:
             "kv_decode_hidden_share": round(self.kv_decode_hidden, 4),
             "bytes_by_source": self.bytes_by_source,
             "context_tokens": self.context_tokens,
+            "recomputed_tokens": self.recomputed_tokens,
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "artifact_bytes": self.artifact_bytes,
@@ -144,6 +146,7 @@ def context_from_prefix(loaded: LoadedModel, token_ids: list[int] | None, framin
         raise IntegrityError(f"{reader.source}: its first {chunks} chunks hold other tokens than this context")
     stats = _artifact_stats(reader, len(token_ids))
     stats.path, stats.link = ("partial" if prefix < len(token_ids) else "artifact"), link.label if link else None
+    stats.recomputed_tokens = len(token_ids) - prefix
     context = Context(token_ids, loaded.engine.sequence(), framing, stats, started, feed, timeline)
     _drain_feed(loaded, context)
     loaded.engine.crop(context.sequence, prefix)  # the last chunk may hold tokens past a shorter context

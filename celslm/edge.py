@@ -52,11 +52,18 @@ def context_from_reader(loaded: LoadedModel, reader: ArtifactReader, *, recomput
                                progress, link=link)
 
 
+def advised_recompute(manifest: Manifest) -> int:
+    """The context's last tokens to prefill here by default: what a cross-model artifact's alignment
+    advises (its measured gain curve, `HeldOut.advised_split`), none for a native artifact."""
+    return manifest.producer.own_last or 0
+
+
 def answer(loaded: LoadedModel, prompt: str, *, kv: str | None = None, context_text: str | None = None,
-           sources: Sources = Sources(), recompute_last: int = 0, link: Link | None = None, pipeline: bool = True,
+           sources: Sources = Sources(), recompute_last: int | None = None, link: Link | None = None, pipeline: bool = True,
            raw: bool = False, sampling: Sampling = Sampling(), progress: TokenProgress | None = None,
            stdin: BinaryIO | None = None, warn: Callable[[str], None] | None = None) -> Answer:
-    """Find the context (module docstring), run the prompt over it and compute the first token."""
+    """Find the context (module docstring), run the prompt over it and compute the first token.
+    `recompute_last` None: what the artifact advises (`advised_recompute`)."""
     if kv is None and context_text is None:
         raise UsageError("no context: give an artifact, a context text, or both")
     if recompute_last and kv is None:
@@ -67,7 +74,8 @@ def answer(loaded: LoadedModel, prompt: str, *, kv: str | None = None, context_t
     try:
         if kv is not None:
             reader, tiers = open_ref(kv, sources, stdin=stdin, warn=warn)
-            ctx = context_from_reader(loaded, reader, recompute_last=recompute_last, link=link, pipeline=pipeline,
+            own_last = advised_recompute(reader.manifest) if recompute_last is None else recompute_last
+            ctx = context_from_reader(loaded, reader, recompute_last=own_last, link=link, pipeline=pipeline,
                                       progress=progress)
         else:
             ctx, reader, tiers = _context_from_text(loaded, context_text, sources, link, progress, warn)

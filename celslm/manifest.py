@@ -162,6 +162,7 @@ class Producer:
     alignment: str | None = None
     native_layers: tuple[int, ...] | None = None  # cross-model only
     sink_tokens: int | None = None  # cross-model only
+    own_last: int | None = None  # cross-model only: the context's last tokens the alignment advises the edge to prefill
 
     @classmethod
     def native(cls, space: ModelSpace) -> Producer:
@@ -173,6 +174,8 @@ class Producer:
             obj["native_layers"] = list(self.native_layers)
         if self.sink_tokens is not None:
             obj["sink_tokens"] = self.sink_tokens
+        if self.own_last is not None:
+            obj["own_last"] = self.own_last
         return obj
 
     @classmethod
@@ -180,8 +183,12 @@ class Producer:
         alignment = obj.get("alignment")
         native = obj.get("native_layers")
         sink = obj.get("sink_tokens")
+        own_last = obj.get("own_last")
+        if own_last is not None and not 0 <= int(own_last) <= MAX_TOKENS:
+            raise ValueError(f"own_last {own_last} is out of range")
         return cls(str(obj["model"]), _fingerprint(obj["fingerprint"]), None if alignment is None else str(alignment),
-                   None if native is None else tuple(int(i) for i in native), None if sink is None else int(sink))
+                   None if native is None else tuple(int(i) for i in native), None if sink is None else int(sink),
+                   None if own_last is None else int(own_last))
 
 
 @dataclass(frozen=True)

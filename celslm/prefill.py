@@ -50,7 +50,8 @@ def prefill_cross(
     projection_s = time.perf_counter() - started - prefill_s
     return build_artifact(
         space=slm.space,
-        producer=Producer(llm.name, llm.fingerprint, alignment.digest, tuple(sorted(native)), alignment.sink_tokens),
+        producer=Producer(llm.name, llm.fingerprint, alignment.digest, tuple(sorted(native)), alignment.sink_tokens,
+                          alignment.heldout.advised_split() if alignment.heldout and alignment.heldout.split_nll else None),
         token_ids=token_ids,
         layers=layers,
         chunk_size=chunk_size,

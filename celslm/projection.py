@@ -46,25 +46,48 @@ class AlignedModel:
                    None if obj.get("folder") is None else str(obj["folder"]))
 
 
+SPLIT_TOKENS = (32, 64, 128, 256)  # token splits align measures: the edge prefills the context's last N itself
+KNEE = 0.05  # the advised split is the fewest own tokens within this share of the context's gain of the best split
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """Mean NLL on the held-out calibration windows: the SLM's own prefill, no context (sink tokens
-    only), every hybrid (first k layers native, k = 0..L), and each layer projected alone (Δ NLL)."""
+    only), every hybrid (first k layers native, k = 0..L), each layer projected alone (Δ NLL), and
+    each token split (every layer projected but the context's last N tokens, the SLM's own: N -> NLL)."""
 
     windows: int
     own_nll: float
     no_context_nll: float
     hybrid_nll: tuple[float, ...]
     sensitivity: tuple[float, ...]
+    split_nll: dict[int, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"windows": self.windows, "own_nll": self.own_nll, "no_context_nll": self.no_context_nll,
-                "hybrid_nll": list(self.hybrid_nll), "sensitivity": list(self.sensitivity)}
+                "hybrid_nll": list(self.hybrid_nll), "sensitivity": list(self.sensitivity),
+                **({"split_nll": {str(n): v for n, v in self.split_nll.items()}} if self.split_nll else {})}
 
     @classmethod
     def from_json(cls, obj: dict) -> HeldOut:
         return cls(int(obj["windows"]), float(obj["own_nll"]), float(obj["no_context_nll"]),
-                   tuple(float(v) for v in obj["hybrid_nll"]), tuple(float(v) for v in obj["sensitivity"]))
+                   tuple(float(v) for v in obj["hybrid_nll"]), tuple(float(v) for v in obj["sensitivity"]),
+                   {int(n): float(v) for n, v in obj.get("split_nll", {}).items()})
+
+    def gain_kept(self, nll: float) -> float:
+        """Share of the context's gain an NLL keeps: 1 = own prefill, 0 = no context."""
+        spread = self.no_context_nll - self.own_nll
+        return (self.no_context_nll - nll) / spread if spread else float("nan")
+
+    def advised_split(self) -> int:
+        """How many of the context's last tokens the edge should prefill itself over a cross-model
+        artifact, read off the measured gain curve: the fewest (0 = none) whose gain kept is within
+        `KNEE` of the best any measured split reaches."""
+        if not self.split_nll or not self.hybrid_nll:
+            return 0
+        curve = [(0, self.hybrid_nll[0])] + sorted(self.split_nll.items())
+        best = max(self.gain_kept(nll) for _, nll in curve)
+        return next(n for n, nll in curve if self.gain_kept(nll) >= best - KNEE)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def align(
     slm: Annotated[str, typer.Option("--slm", help="The small (edge) model; must share the large model's tokenizer.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Alignment directory to write (NAME.align).")],
     calib: Annotated[list[str] | None, typer.Option("--calib", help="Calibration text files or folders (repeatable). Default: --calib-corpus.")] = None,
-    calib_corpus: Annotated[str, typer.Option("--calib-corpus", metavar="stdlib|broad", help="Without --calib: stdlib (standard-library modules never used by `bench quality`) or broad (those in turn with modules of other installed libraries: requests, pydantic, sympy, botocore, transformers and more, none of them the third-party evaluation's).")] = "stdlib",
+    calib_corpus: Annotated[str, typer.Option("--calib-corpus", metavar="stdlib|broad", help="Without --calib: stdlib (standard-library modules never used by `bench quality`) or broad (half those, half modules of 17 other installed libraries in turn: requests, pydantic, sympy, botocore, transformers and more, none of them the third-party evaluation's).")] = "stdlib",
     map_method: Annotated[str, typer.Option("--map", help="Layer map: cka or rsa (monotone, best total similarity) or proportional.")] = "cka",
     source: Annotated[str, typer.Option("--source", help="What the maps read from the large model: hidden (its normalized hidden state entering the mapped layer) or kv (its pre-RoPE keys and values).")] = "hidden",
     windows: Annotated[int, typer.Option("--windows", min=3, help="Calibration windows (one per file).")] = 16,
@@ -95,12 +95,20 @@ def align(
     kept = alignment_lib.gain_kept(cross, held["own_nll"], held["no_context_nll"])
     log(f"held-out NLL: own prefill {held['own_nll']:.4f}, no context {held['no_context_nll']:.4f}, "
         f"cross (all projected) {cross:.4f} = {kept:.0%} of the context's gain kept")
+    if held.get("split_nll"):
+        curve = ", ".join(f"{n}: {alignment_lib.gain_kept(v, held['own_nll'], held['no_context_nll']):.0%}"
+                          for n, v in held["split_nll"].items())
+        advised = result.heldout.advised_split()
+        log(f"token splits, the small model prefilling the context's last N tokens over the rest (N: gain kept): {curve}; "
+            + (f"its artifacts advise decode to prefill the last {advised} by default" if advised else
+               "its artifacts advise no split (decode --recompute-last N still makes one)"))
     if "eval" in meta:
         mine = meta["eval"]
         each = ", ".join(f"{f['file']} {f['gain_kept']:.0%}" for f in mine["files"])
         log(f"your files ({mine['folder']}, {len(mine['files'])}): own prefill {mine['own_nll']:.4f}, no context "
             f"{mine['no_context_nll']:.4f}, cross {mine['cross_nll']:.4f} = {mine['gain_kept']:.0%} of the context's gain "
-            f"kept (per file: {each})")
+            f"kept (per file: {each})" + (f"; with decode's default split (own last {mine['own_last']}): "
+                                          f"{mine['split_gain_kept']:.0%}" if "own_last" in mine else ""))
     if "refine" in meta:
         refine = meta["refine"]
         before, after = (sum(refine[k]) / len(refine[k]) for k in ("before", "after"))

@@ -49,7 +49,7 @@ def decode(
     trust: TrustOpt = None,
     identity_: IdentityOpt = None,
     cache_capacity_: CacheCapacityOpt = None,
-    recompute_last: Annotated[int, typer.Option("--recompute-last", min=0, help="With --kv: prefill at least the context's last N tokens here, over the artifact's earlier chunks (trades edge compute for quality with cross-model artifacts).")] = 0,
+    recompute_last: Annotated[int | None, typer.Option("--recompute-last", min=0, help="With --kv: prefill at least the context's last N tokens here (whole chunks), over the artifact's earlier chunks: edge compute for quality with cross-model artifacts. Default: what a cross-model artifact's alignment advises from its measured gain curve (`celslm inspect` shows it), 0 for a native one; 0 turns it off.")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
     link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", metavar=FLAG, help="Run the prompt's layer l as soon as layer l's KV is in (default), or wait for all of it.")] = True,
@@ -83,7 +83,7 @@ def decode(
         raise UsageError("give --model (-m) or set CELSLM_MODEL (or answer through a celslm serve with --server)")
     if kv is None and context is None:
         raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
-    if recompute_last and kv is None:
+    if recompute_last is not None and kv is None:
         raise UsageError("--recompute-last goes with --kv")
     if prompt == "-" and "-" in (kv, context):
         raise UsageError("only one of --prompt and --kv/--context can read stdin")

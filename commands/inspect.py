@@ -57,7 +57,9 @@ def inspect(
     rows = [
         ("id", info["id"]),
         ("model space", f"{info['space']['name']} ({info['space']['fingerprint'][:16]})"),
-        ("producer", f"{info['producer']['model']} ({info['producer']['fingerprint'][:16]})"),
+        ("producer", f"{info['producer']['model']} ({info['producer']['fingerprint'][:16]})"
+         + (f"; decode prefills the last {info['producer']['own_last']} tokens here by default (its alignment's advice)"
+            if info["producer"].get("own_last") else "")),
         ("tokens", f"{info['tokens']} in {info['chunks']} chunks of {info['chunk_size']}"),
         ("layers", f"{info['layers']} ({', '.join(sorted(set(info['provenance'])))})"),
         ("geometry", f"{info['geometry']['kv_heads']} KV heads x {info['geometry']['head_dim']}"),

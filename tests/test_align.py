@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import math
+import shutil
 import weakref
 
 import pytest
@@ -255,7 +256,7 @@ def test_align_eval_reports_the_gain_kept_on_the_users_files_as_bench_quality_me
 
 
 def test_calibration_files_are_never_evaluation_files():
-    from celslm.corpus import THIRD_PARTY, calibration_files, eval_cases, stdlib_modules, third_party_modules
+    from celslm.corpus import THIRD_PARTY, calibration_files, eval_cases, file_name, stdlib_modules, third_party_modules
     from tests.tiny import byte_tokenizer
 
     evaluated = {case.name for case in eval_cases(byte_tokenizer(), files=20, min_context=64, max_context=64, continuation=8)}
@@ -271,6 +272,13 @@ def test_calibration_files_are_never_evaluation_files():
     packages = {p.parts[p.parts.index("site-packages") + 1] for p in broad if "site-packages" in p.parts}
     assert len(packages) >= 8 and not packages & set(THIRD_PARTY)
     assert 10 <= sum(path in stdlib for path in broad) < 100
+    # a library module is named from its package on: no third-party file is passed over for sharing a bare
+    # name (connection.py, utils.py) with one, so every alignment is scored on the same third-party files
+    names = {file_name(path) for path in broad}
+    assert "requests/adapters.py" in names
+    everything = [case.name for case in eval_cases(byte_tokenizer(), 20, 64, 64, 8, source="third-party")]
+    assert any(name.rsplit("/", 1)[-1] in {p.name for p in broad} for name in everything)  # bare names do collide
+    assert [case.name for case in eval_cases(byte_tokenizer(), 20, 64, 64, 8, exclude=names, source="third-party")] == everything
 
 
 def test_recompute_last_over_a_cross_artifact_matches_the_own_prefill_when_it_covers_everything(pair, tmp_path):
@@ -284,6 +292,52 @@ def test_recompute_last_over_a_cross_artifact_matches_the_own_prefill_when_it_co
     some = json.loads(run_cli("decode", "--kv", str(tmp_path / "x.kv"), "--recompute-last", "40", *args, check=True).stdout)
     assert full["text"] == edge["text"]
     assert some["path"] == "partial" and some["context_tokens"] == edge["context_tokens"]
+
+
+def test_a_cross_artifact_carries_the_split_its_alignment_advises_and_decode_and_score_follow_it(pair, tmp_path):
+    meta = json.loads((pair["align"] / "alignment.json").read_text())
+    held = meta["heldout"]
+    assert sorted(held["split_nll"]) == ["32", "64"]  # the splits shorter than the held-out context (128 tokens)
+    # tiny random models gain nothing from any split: give this copy a curve that pays at 32 tokens
+    held["split_nll"] = {"32": held["own_nll"], "64": held["own_nll"]}
+    held["hybrid_nll"][0] = held["no_context_nll"]
+    shutil.copytree(pair["align"], tmp_path / "curve.align")
+    (tmp_path / "curve.align" / "alignment.json").write_text(json.dumps(meta))
+    advised = load_alignment(tmp_path / "curve.align").heldout.advised_split()
+    assert advised == 32
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    run_cli("prefill", "-m", str(pair["large"]), "--align", str(tmp_path / "curve.align"), "-c", str(ctx), "-o",
+            str(tmp_path / "x.kv"), "--chunk-size", "16", check=True)
+    info = json.loads(run_cli("inspect", str(tmp_path / "x.kv"), "--json", check=True).stdout)
+    assert info["producer"]["own_last"] == advised
+    args = ("-m", str(pair["small"]), "--kv", str(tmp_path / "x.kv"), "--prompt", "Go on.", "--max-new-tokens", "8", "--json")
+    default = json.loads(run_cli("decode", *args, check=True).stdout)
+    given = json.loads(run_cli("decode", *args, "--recompute-last", str(advised), check=True).stdout)
+    off = json.loads(run_cli("decode", *args, "--recompute-last", "0", check=True).stdout)
+    assert default["text"] == given["text"] and default["recomputed_tokens"] == given["recomputed_tokens"]
+    assert advised <= default["recomputed_tokens"] < advised + 16 and off["recomputed_tokens"] == 0 and off["path"] == "artifact"
+    cont = tmp_path / "cont.txt"
+    cont.write_text(CONTEXT[:200])
+    scored = [json.loads(run_cli("score", "-m", str(pair["small"]), "--kv", str(tmp_path / "x.kv"), "--continuation", str(cont),
+                                 *flag, "--json", check=True).stdout) for flag in ((), ("--recompute-last", str(advised)),
+                                                                                 ("--recompute-last", "0"))]
+    assert scored[0] == scored[1] and scored[0]["recomputed_tokens"] == default["recomputed_tokens"]
+    assert scored[2]["recomputed_tokens"] == 0
+
+
+def test_the_advised_split_is_where_the_gain_curve_flattens():
+    from celslm.projection import HeldOut
+
+    def curve(*gains):  # gain kept at 0 (all projected), 32, 64, 128, 256 own last tokens; own NLL 1, none 2
+        nlls = [2 - g for g in gains]
+        return HeldOut(1, 1.0, 2.0, (nlls[0],), (), dict(zip((32, 64, 128, 256), nlls[1:])))
+
+    assert curve(0.40, 0.60, 0.75, 0.78, 0.80).advised_split() == 64  # within 5 points of the best (256's)
+    assert curve(0.40, 0.78, 0.79, 0.80, 0.81).advised_split() == 32
+    assert curve(0.40, 0.50, 0.60, 0.70, 0.80).advised_split() == 256  # never flattens: the largest measured
+    assert curve(0.80, 0.81, 0.82, 0.83, 0.84).advised_split() == 0  # all projected is as good
+    assert HeldOut(1, 1.0, 2.0, (1.5,), ()).advised_split() == 0  # an alignment from before splits were measured
 
 
 def test_recompute_last_over_a_native_artifact_changes_nothing(pair, tmp_path):

@@ -14,6 +14,8 @@ after each way of getting the context into its cache:
                       up to whole 64-token chunks)
   cross + own last N  token split at the same compute: the cross artifact's first T - N tokens, and
                       the SLM prefills the last N itself over them (`decode --recompute-last N`)
+  decode's default    the token split the alignment advises (`HeldOut.advised_split`), which `decode`
+                      and `score` use for its cross-model artifacts unless told otherwise
   LLM alone           the large model after its own prefill (its own NLL; a different model)
 
 Edge prefill avoided counts layer-tokens the edge does not compute, assuming a hybrid's native layers
@@ -84,6 +86,9 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
     codebook = codec_codebook(spec, slm)
     modes = {"own": Mode("own prefill (exact)", "reference"), "none": Mode("no context (sink only)", "baseline", 1.0),
              "native": Mode(f"native artifact ({codec})", "celslm", 1.0), "cross": Mode(f"cross ({codec})", "celslm", 1.0)}
+    advised = alignment.heldout.advised_split() if alignment.heldout else 0
+    if advised:
+        modes["advised"] = Mode(f"cross + own last {advised}, decode's default ({codec})", "celslm")
     for k in counts:
         label = f"hybrid k={k}" + (f" (auto, budget {budget:.0%})" if k == auto else "")
         modes[f"hybrid{k}"] = Mode(f"{label} ({codec})", "celslm", 1 - k / layers_total)
@@ -96,6 +101,8 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
                   "edge-none": Mode("no context (sink only)", "baseline", 1.0, **on_edge),
                   "edge-native": Mode(f"native artifact ({codec})", "celslm", 1.0, **on_edge),
                   "edge-cross": Mode(f"cross ({codec})", "celslm", 1.0, **on_edge)}
+        if advised:
+            modes["edge-advised"] = Mode(f"cross + own last {advised}, decode's default ({codec})", "celslm", **on_edge)
         for k in counts:
             modes[f"edge-split{k}"] = Mode(f"cross + own last N, compute of k={k} ({codec})", "celslm", **on_edge)
     llm_heads = llm.engine.geometry.kv_heads
@@ -128,6 +135,11 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
             record("none", continuation_logits(slm, context_from_layers(slm, ctx[:sink], sink_only), cont)[0])
             native = shipped("native", own, ["native"] * layers_total)
             cross = shipped("cross", projected, ["projected"] * layers_total)
+            if advised:
+                modes["advised"].edge_avoided += (1 - _tail(cross, len(ctx), advised) / len(ctx)) / len(cases)
+                record("advised", continuation_logits(slm, context_from_reader(slm, MemoryReader(cross), recompute_last=advised,
+                                                                               pipeline=False), cont)[0],
+                       sum(ref.size for ref in cross.manifest.blob_refs(kept_chunks(cross.manifest, advised))))
             for k in counts:
                 shipped(f"hybrid{k}", own[:k] + projected[k:], ["native"] * k + ["projected"] * (layers_total - k))
                 recompute, kept, tail = _split(cross, len(ctx), k, layers_total)
@@ -139,7 +151,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
                 record(f"split{k}", continuation_logits(slm, split, cont)[0],
                        sum(ref.size for ref in cross.manifest.blob_refs(kept)))
             if edge is not None:
-                _on_the_edge(edge, modes, case, native, cross, counts, layers_total, sink, len(cases))
+                _on_the_edge(edge, modes, case, native, cross, counts, layers_total, sink, len(cases), advised)
             llm_kv = [(to_heads(k, llm_heads), to_heads(v, llm_heads)) for k, v in zip(features.keys, features.values)]
             llm_logits, _ = continuation_logits(llm, context_from_layers(llm, ctx, llm_kv), cont)
             modes["llm"].nll.append(mean_nll(llm_logits, targets))
@@ -160,7 +172,7 @@ def run(llm: LoadedModel, slm: LoadedModel, alignment: Alignment, *, files: int 
         })
     return {
         "llm": llm.name, "slm": slm.name, "alignment": alignment.digest, "source": alignment.source,
-        "map": alignment.map_method, "codec": spec.spec, "budget": budget, "auto_native_layers": auto,
+        "map": alignment.map_method, "codec": spec.spec, "budget": budget, "auto_native_layers": auto, "advised_split": advised,
         "corpus": corpus_label(corpus), "files": [c.name for c in cases], "context_tokens": context,
         "continuation_tokens": continuation, "engines": list(references), "rows": rows,
     }
@@ -174,8 +186,13 @@ def _split(cross, tokens: int, k: int, layers_total: int) -> tuple[int, int, int
     return recompute, kept, tokens - min(tokens, kept * CHUNK)
 
 
+def _tail(cross, tokens: int, recompute: int) -> int:
+    """The tokens the edge prefills for `decode --recompute-last recompute` (whole chunks)."""
+    return tokens - min(tokens, kept_chunks(cross.manifest, recompute) * CHUNK)
+
+
 def _on_the_edge(edge: LoadedModel, modes: dict, case, native, cross, counts, layers_total: int, sink: int,
-                 cases: int) -> None:
+                 cases: int, advised: int = 0) -> None:
     """One file's rows on llama.cpp: its own prefill and no context, the shipped native and cross
     artifacts, and each token split over the cross artifact (`decode --recompute-last N`)."""
     ctx, cont = case.context, case.continuation
@@ -193,6 +210,10 @@ def _on_the_edge(edge: LoadedModel, modes: dict, case, native, cross, counts, la
     record("edge-none", context_from_ids(edge, ctx[:sink], framing="raw"))
     record("edge-native", context_from_artifact(edge, MemoryReader(native)), native.manifest.blob_bytes())
     record("edge-cross", context_from_artifact(edge, MemoryReader(cross)), cross.manifest.blob_bytes())
+    if advised:
+        modes["edge-advised"].edge_avoided += (1 - _tail(cross, len(ctx), advised) / len(ctx)) / cases
+        record("edge-advised", context_from_reader(edge, MemoryReader(cross), recompute_last=advised, pipeline=False),
+               sum(ref.size for ref in cross.manifest.blob_refs(kept_chunks(cross.manifest, advised))))
     for k in counts:
         recompute, kept, tail = _split(cross, len(ctx), k, layers_total)
         modes[f"edge-split{k}"].edge_avoided += (1 - tail / len(ctx)) / cases
