@@ -35,7 +35,7 @@ from celslm.errors import UsageError
 from celslm.features import FEATURES, LayerFeatures, layer_features, native_layers, to_heads
 from celslm.models import LoadedModel, Progress, celslm_home, check_tokenizers, load_model, load_tokenizer
 from celslm.plots import pyplot
-from celslm.projection import SOURCES, SPLIT_TOKENS, AlignedModel, Alignment, HeldOut, cross_layers, regressor
+from celslm.projection import SOURCES, SPLIT_TOKENS, AlignedModel, Alignment, HeldOut, cross_layers, gain_kept, regressor
 from celslm.score import continuation_logits, nll
 
 MAP_METHODS = ("cka", "rsa", "proportional")
@@ -407,11 +407,6 @@ def measure_files(slm: LoadedModel, alignment: Alignment, cases: list, llm_featu
         result |= {"own_last": own_last, "split_nll": split,
                    "split_gain_kept": round(gain_kept(split, mean["own_nll"], mean["no_context_nll"]), 4)}
     return result
-
-
-def gain_kept(nll: float, own: float, no_context: float) -> float:
-    """Share of the context's benefit kept: 1 = as good as own prefill, 0 = as bad as no context."""
-    return (no_context - nll) / (no_context - own) if no_context != own else float("nan")
 
 
 # ---------------------------------------------------------------- the whole run

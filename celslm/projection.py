@@ -50,6 +50,11 @@ SPLIT_TOKENS = (32, 64, 128, 256)  # token splits align measures: the edge prefi
 KNEE = 0.05  # the advised split is the fewest own tokens within this share of the context's gain of the best split
 
 
+def gain_kept(nll: float, own: float, no_context: float) -> float:
+    """Share of the context's benefit kept: 1 = as good as own prefill, 0 = as bad as no context."""
+    return (no_context - nll) / (no_context - own) if no_context != own else float("nan")
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """Mean NLL on the held-out calibration windows: the SLM's own prefill, no context (sink tokens
@@ -74,11 +79,6 @@ class HeldOut:
                    tuple(float(v) for v in obj["hybrid_nll"]), tuple(float(v) for v in obj["sensitivity"]),
                    {int(n): float(v) for n, v in obj.get("split_nll", {}).items()})
 
-    def gain_kept(self, nll: float) -> float:
-        """Share of the context's gain an NLL keeps: 1 = own prefill, 0 = no context."""
-        spread = self.no_context_nll - self.own_nll
-        return (self.no_context_nll - nll) / spread if spread else float("nan")
-
     def advised_split(self) -> int:
         """How many of the context's last tokens the edge should prefill itself over a cross-model
         artifact, read off the measured gain curve: the fewest (0 = none) whose gain kept is within
@@ -86,8 +86,9 @@ class HeldOut:
         if not self.split_nll or not self.hybrid_nll:
             return 0
         curve = [(0, self.hybrid_nll[0])] + sorted(self.split_nll.items())
-        best = max(self.gain_kept(nll) for _, nll in curve)
-        return next(n for n, nll in curve if self.gain_kept(nll) >= best - KNEE)
+        kept = [(n, gain_kept(nll, self.own_nll, self.no_context_nll)) for n, nll in curve]
+        best = max(share for _, share in kept)
+        return next(n for n, share in kept if share >= best - KNEE)
 
 
 @dataclass(frozen=True)
