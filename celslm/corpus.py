@@ -108,6 +108,23 @@ def eval_cases(tokenizer, files: int = 20, min_context: int = 1024, max_context:
     return cases
 
 
+def package_groups(modules: int) -> list[tuple[str, list[Path]]]:
+    """Standard-library packages (json, email, http, ...) with at least `modules` modules of a useful size,
+    sorted by name, each with its modules spread over it (`_spread`). Package modules are never
+    calibration files (those are top-level modules or other libraries'), so these are held out."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    groups = []
+    for folder in sorted(p for p in stdlib.iterdir() if (p / "__init__.py").is_file()):
+        if folder.name in ("test", "idlelib", "lib2to3", "distutils", "ensurepip", "turtledemo", "tkinter", "encodings"):
+            continue
+        files = [p for p in sorted(folder.rglob("*.py")) if 4_000 < p.stat().st_size < 400_000
+                 and not any(part.startswith("_") and part != "__init__.py" or part in ("test", "tests")
+                             for part in p.relative_to(folder).parts)]
+        if len(files) >= modules:
+            groups.append((folder.name, _spread(files)))
+    return groups
+
+
 def calibration_files(count: int, corpus: str = "stdlib") -> list[Path]:
     """Modules halfway between the standard-library evaluation picks: never among `eval_cases`' files.
     With corpus "broad", those in turn with modules of CALIBRATION_LIBRARIES (the libraries in turn,

@@ -2,7 +2,8 @@
 
 The context comes, in this order of preference, from
   1. an artifact (`kv`: a directory, a tar stream, an id, a tag or a URL, through the tiers), all of
-     it or, with `recompute_last`, its earlier chunks with the rest prefilled here;
+     it or, with `recompute_last`, its earlier chunks with the rest prefilled here; or several
+     artifacts composed into one context (`compose`);
   2. the longest prefix of `context_text` any tier has cached (prefix lookup), the rest prefilled here;
   3. `context_text` prefilled here (edge-only).
 When an artifact cannot be had whole (a dead tier, a corrupt blob) and `context_text` is given, the
@@ -13,10 +14,11 @@ The prompt is tokenized and run here only: no request carries it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from celslm import prompting
 from celslm.artifact import ArtifactReader
+from celslm.compose import DEFAULT_LINK, context_from_readers
 from celslm.manifest import Manifest, prefix_hashes
 from celslm.decode import (Context, Sampling, context_from_artifact, context_from_ids, context_from_prefix,
                            generate)
@@ -31,7 +33,8 @@ from celslm.stream import Link
 class Answer:
     context: Context  # its `stats` fill in as `tokens` is consumed
     tokens: Iterator[int]  # every generated id; the first is computed before `answer` returns
-    artifact_id: str | None  # the artifact the context came from, if any
+    artifact_id: str | None  # the artifact the context came from, if one
+    artifacts: tuple[str, ...] = ()  # every artifact the context came from, in order (several: composed)
 
 
 def kept_chunks(manifest: Manifest, recompute_last: int) -> int:
@@ -58,18 +61,27 @@ def advised_recompute(manifest: Manifest) -> int:
     return manifest.producer.own_last or 0
 
 
-def answer(loaded: LoadedModel, prompt: str, *, kv: str | None = None, context_text: str | None = None,
-           sources: Sources = Sources(), recompute_last: int | None = None, link: Link | None = None, pipeline: bool = True,
-           raw: bool = False, sampling: Sampling = Sampling(), progress: TokenProgress | None = None,
-           stdin: BinaryIO | None = None, warn: Callable[[str], None] | None = None) -> Answer:
+def answer(loaded: LoadedModel, prompt: str, *, kv: str | Sequence[str] | None = None, context_text: str | None = None,
+           sources: Sources = Sources(), recompute_last: int | None = None, link_tokens: int = DEFAULT_LINK,
+           link: Link | None = None, pipeline: bool = True, raw: bool = False, sampling: Sampling = Sampling(),
+           progress: TokenProgress | None = None, stdin: BinaryIO | None = None,
+           warn: Callable[[str], None] | None = None) -> Answer:
     """Find the context (module docstring), run the prompt over it and compute the first token.
-    `recompute_last` None: what the artifact advises (`advised_recompute`)."""
+    `recompute_last` None: what the artifact advises (`advised_recompute`). Several artifacts in `kv`
+    are composed into one context (`compose`), `link_tokens` of each after the first computed here."""
     if kv is None and context_text is None:
         raise UsageError("no context: give an artifact, a context text, or both")
     if recompute_last and kv is None:
         raise UsageError("recomputing the last tokens of a context needs an artifact")
     if prompting.empty_prompt(loaded.tokenizer, prompt, raw):  # before any thread starts on the context
         raise UsageError("the prompt is empty")
+    refs = [kv] if isinstance(kv, str) else list(kv or ())
+    if len(refs) > 1:
+        if context_text is not None:
+            raise UsageError("a context text stands in for one artifact, not for a composition of several")
+        return _composed(loaded, prompt, refs, sources, recompute_last, link_tokens, link, raw, sampling, progress,
+                         stdin, warn)
+    kv = refs[0] if refs else None
     tiers, reader = None, None
     try:
         if kv is not None:
@@ -91,7 +103,27 @@ def answer(loaded: LoadedModel, prompt: str, *, kv: str | None = None, context_t
     if tiers:
         ctx.stats.bytes_by_source = dict(tiers.bytes_by_source)
     artifact_id = reader.id if reader is not None and ctx.stats.path != "edge-only" else None
-    return Answer(ctx, tokens, artifact_id)
+    return Answer(ctx, tokens, artifact_id, (artifact_id,) if artifact_id else ())
+
+
+def _composed(loaded: LoadedModel, prompt: str, refs: list[str], sources: Sources, recompute_last: int | None,
+              link_tokens: int, link: Link | None, raw: bool, sampling: Sampling, progress: TokenProgress | None,
+              stdin: BinaryIO | None, warn: Callable[[str], None] | None) -> Answer:
+    """Several artifacts, each opened through the tiers and checked under the trust policy, all before
+    any blob is read; then composed. By default the last part's advice says how many of the context's
+    last tokens to prefill here (its tail is the last part's)."""
+    if refs.count("-") > 1:
+        raise UsageError("only one artifact can come from stdin")
+    opened = [open_ref(ref, sources, stdin=stdin, warn=warn) for ref in refs]
+    readers = [reader for reader, _ in opened]
+    own_last = advised_recompute(readers[-1].manifest) if recompute_last is None else recompute_last
+    ctx = context_from_readers(loaded, readers, link_tokens=link_tokens, recompute_last=own_last, link=link,
+                               progress=progress)
+    tokens = _started(loaded, ctx, prompt, raw, sampling)
+    for _, tiers in opened:
+        for source, count in (tiers.bytes_by_source if tiers else {}).items():
+            ctx.stats.bytes_by_source[source] = ctx.stats.bytes_by_source.get(source, 0) + count
+    return Answer(ctx, tokens, None, tuple(reader.id for reader in readers))
 
 
 def _started(loaded: LoadedModel, ctx: Context, prompt: str, raw: bool, sampling: Sampling) -> Iterator[int]:

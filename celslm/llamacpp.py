@@ -453,7 +453,12 @@ class LlamaEngine(Engine):
         """The sequence's KV read back from llama.cpp: keys un-rotated into Hugging Face's order."""
         with self._lock:
             self._own(seq)
-            positions, keys, values = llamastate.decode(self.layout, self._state())
+            data = self._state()
+        return self.layers_of_state(data)
+
+    def layers_of_state(self, data) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A sequence state's KV (`snapshot`'s bytes, or `state_of`'s buffer) as pre-RoPE layers `[H, T, D]`."""
+        positions, keys, values = llamastate.decode(self.layout, data)
         if not np.array_equal(positions, np.arange(len(positions))):
             raise CelslmError("llama.cpp's cache holds positions other than 0..T-1")
         rope, g = self.model.rope, self.geometry

@@ -56,17 +56,19 @@ class Tenant:
 class ContextState:
     """A public context ready to load: llama.cpp state bytes of positions 0..tokens-1."""
 
-    artifact: str
+    artifact: str  # its artifact id, or for a composition its parts' ids and link tokens (`service.composed_key`)
     tokens: int
     framing: str
     state: bytes | np.ndarray  # a numpy uint8 buffer as `LlamaEngine.state_of` makes it
+    token_ids: tuple[int, ...] = ()  # the context's ids, which a composition's link tokens are read from
+    parts: tuple[str, ...] = ()  # the artifacts it was made of, in order: one, or a composition's
 
 
 @dataclass(frozen=True)
 class Prepared:
     context: ContextState
     prompt_ids: list[int]
-    source: str  # where the context came from: "resident", "memory" or "fetched"
+    source: str  # where the context came from: "resident", "memory", "fetched" or "composed" (of parts)
 
 
 class Expired(UnavailableError):
@@ -83,12 +85,13 @@ class Job:
     comes, then once ("done", result dict) or ("error", exception)."""
 
     tenant: Tenant
-    context_ref: str
+    context_ref: str | tuple[str, ...]  # several: composed, `link_tokens` of each after the first computed here
     prompt: str
     raw: bool
     sampling: Sampling
     stop: tuple[str, ...]
     sink: Callable[[str, object], None]
+    link_tokens: int | None = None  # None: compose.DEFAULT_LINK
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # set by the scheduler
@@ -188,7 +191,7 @@ class Scheduler:
         self.m_refused = Counter("celslm_requests_refused", "Requests refused as overload (429)", ["reason"],
                                  registry=registry)
         self.m_contexts = Counter("celslm_context_lookups", "Contexts a request needed, by where they were found "
-                                  "(resident in the KV cache, in memory, fetched)", ["source"], registry=registry)
+                                  "(resident in the KV cache, in memory, fetched, composed of parts)", ["source"], registry=registry)
         self.m_ttft = Histogram("celslm_time_to_first_token_seconds", "From arrival to the first token", registry=registry,
                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64))
         self.m_token = Histogram("celslm_time_per_token_seconds", "Between one token of a request and its next",
@@ -505,7 +508,7 @@ class Scheduler:
         context = job.prepared.context
         job.sink("done", {"text": job.text.text, "finish": reason, "prompt_tokens": len(job.prepared.prompt_ids),
                           "completion_tokens": job.generated,
-                          "celslm": {"context": context.artifact, "context_tokens": context.tokens,
+                          "celslm": {"context": context.artifact, "parts": list(context.parts), "context_tokens": context.tokens,
                                      "cache": job.prepared.source, "engine": self.pool.engine.name,
                                      "context_s": round(job.started_at - job.arrived, 6),
                                      "ttft_s": round(job.first_token_at - job.arrived, 6),

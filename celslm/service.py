@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,10 +33,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from celslm import prompting
+from celslm import compose, prompting
+from celslm.artifact import ArtifactReader
 from celslm.batching import DEFAULT_CELLS, KVPool
 from celslm.blockread import keep_codebooks
 from celslm.confidential import Sealed
+from celslm.compose import DEFAULT_LINK
 from celslm.decode import Sampling, check_space, eos_ids
 from celslm.errors import (CelslmError, IntegrityError, NotFound, Overloaded, TokenRequired, UnavailableError,
                            UsageError)
@@ -53,6 +56,7 @@ MAX_TOKENS_LIMIT = 4096  # the most tokens one request may ask for
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 256  # each stop string's length: every token is checked against it
 MIN_TEMPERATURE = 1e-3  # below this (but not 0) the logits overflow when divided
+MAX_LINK_TOKENS = 4096  # a composition's link tokens per part, at most (a part shorter than that is all computed)
 
 
 @dataclass(frozen=True)
@@ -90,13 +94,14 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Request:
-    context: str
+    context: str | tuple[str, ...]  # several: composed
     prompt: str
     raw: bool  # completions: the prompt continues the context as plain text
     sampling: Sampling
     stream: bool
     chat: bool
     stop: tuple[str, ...] = ()
+    link_tokens: int | None = None  # with several contexts; None: compose.DEFAULT_LINK
 
 
 class Service:
@@ -107,6 +112,7 @@ class Service:
         keep_codebooks(4)  # contexts of one model share a codebook: parsed once, not at every switch
         self.warn = warn  # where warnings about unchecked tags and lookups go (the service's log)
         self.memory: ByteLRU[ContextState] = ByteLRU(config.cache_bytes, size_of=lambda context: len(context.state))
+        self._composing = threading.Lock()
         self.registry = registry or CollectorRegistry()
         limits = config.limits
         self.pool = KVPool(loaded.engine, limits.parallel, limits.parallel + 2, config.kv_cells,
@@ -135,17 +141,11 @@ class Service:
 
     def prepare(self, job: Job) -> Prepared:
         """The job's context as state bytes, from where it is nearest, and its prompt's ids."""
-        ref = self.resolve(job.context_ref)
-        context = self.scheduler.resident(ref) or self.memory.get(ref) if DIGEST.match(ref) else None
-        reader = None
-        if context is None:
-            reader, _ = open_ref(ref, self.config.sources, warn=self.warn)
-            context = self.scheduler.resident(reader.id) or self.memory.get(reader.id)
-        if context is not None:
-            source = "resident" if self.scheduler.resident(context.artifact) else "memory"
+        if isinstance(job.context_ref, tuple):
+            context, source = self._composed(job.context_ref, DEFAULT_LINK if job.link_tokens is None else job.link_tokens)
         else:
-            source, context = "fetched", self._load(reader)
-            self.memory.put(context.artifact, context)
+            found = self._cached_or_opened(job.context_ref)
+            context, source = found if isinstance(found[0], ContextState) else self._fetched(found[0])
         prompt_ids = prompting.prompt_ids(self.loaded.tokenizer, job.prompt, context.framing, job.raw)
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", "empty_prompt")
@@ -155,6 +155,56 @@ class Service:
             raise UsageError(f"context ({context.tokens} tokens) and prompt ({len(prompt_ids)}) need {needed} positions; "
                              f"{self.loaded.name} was trained for {limit}")
         return Prepared(context, prompt_ids, source)
+
+    def _cached_or_opened(self, ref: str) -> tuple[ContextState | ArtifactReader, str]:
+        """A context already resident or in memory (and where), or its reader (the manifest read, no blob)."""
+        ref = self.resolve(ref)
+        context = self.scheduler.resident(ref) or self.memory.get(ref) if DIGEST.match(ref) else None
+        if context is None:
+            reader, _ = open_ref(ref, self.config.sources, warn=self.warn)
+            context = self.scheduler.resident(reader.id) or self.memory.get(reader.id)
+            if context is None:
+                return reader, "fetched"
+        return context, "resident" if self.scheduler.resident(context.artifact) else "memory"
+
+    def _fetched(self, reader: ArtifactReader) -> tuple[ContextState, str]:
+        context = self._load(reader)
+        self.memory.put(context.artifact, context)
+        return context, "fetched"
+
+    def _composed(self, refs: tuple[str, ...], link_tokens: int) -> tuple[ContextState, str]:
+        """Several contexts in one (`compose`): each part from where it is nearest and kept on its own, so
+        a new combination of parts already here costs only the link tokens and the rotation. Every part
+        is resolved and its length known before any blob is fetched."""
+        found = [self._cached_or_opened(ref) for ref in refs]
+        for reader, _ in found:
+            if not isinstance(reader, ContextState):
+                check_space(reader, self.loaded)
+        ids = [f.artifact if isinstance(f, ContextState) else f.id for f, _ in found]
+        key = composed_key(ids, link_tokens)
+        context = self.scheduler.resident(key) or self.memory.get(key)
+        if context is not None:
+            return context, "resident" if self.scheduler.resident(key) else "memory"
+        framings = {f.framing if isinstance(f, ContextState) else f.manifest.framing for f, _ in found}
+        if len(framings) > 1:
+            raise UsageError(f"the contexts {', '.join(refs)} were prefilled with different framings ({', '.join(sorted(framings))}): "
+                             "compose contexts framed alike")
+        tokenizer, framing = self.loaded.tokenizer, framings.pop()
+        opening, separator = compose.opening_ids(tokenizer, framing), compose.separator_ids(tokenizer)
+        counts = [f.tokens if isinstance(f, ContextState) else f.manifest.token_count for f, _ in found]
+        length, limit = compose.composed_length(counts, len(opening), len(separator)), self.loaded.engine.max_positions
+        if length >= limit:
+            raise UsageError(f"the {len(refs)} contexts compose to about {length} tokens; {self.loaded.name} was trained "
+                             f"for {limit} positions, context and prompt together")
+        states = [f if isinstance(f, ContextState) else self._fetched(f)[0] for f, _ in found]
+        engine = self.loaded.engine
+        parts = [compose.Part(s.artifact, list(s.token_ids), engine.layers_of_state(s.state)) for s in states]
+        with self._composing:  # the engine's own llama.cpp context runs the link tokens, one composition at a time
+            result = compose.compose(engine, parts, opening, separator, link_tokens)
+        state = engine.state_of(lambda layer: engine.place(*result.layers[layer]))
+        context = ContextState(key, len(result.token_ids), framing, state, tuple(result.token_ids), tuple(ids))
+        self.memory.put(key, context)
+        return context, "composed"
 
     def _load(self, reader) -> ContextState:
         """Fetch, verify and decode an artifact into its state bytes: the layers decode on the engine's
@@ -167,7 +217,8 @@ class Service:
             state = engine.state_of(feed.wait)
         finally:
             feed.close()
-        return ContextState(reader.id, len(feed.token_ids), reader.manifest.framing, state)
+        return ContextState(reader.id, len(feed.token_ids), reader.manifest.framing, state, tuple(feed.token_ids),
+                            (reader.id,))
 
     def resolve(self, ref: str) -> str:
         """What `open_ref` may open for a client: an id, a tag, a URL of this service's own servers, or a
@@ -198,6 +249,11 @@ class Service:
         what = ("an artifact id, a tag, a URL of this service's servers or a name inside its context folder" if folder
                 else "an artifact id, a tag or a URL of this service's servers (this service opens no files)")
         raise ApiError(400, f"context {ref!r} is not {what}", "invalid_context", param="context")
+
+
+def composed_key(artifact_ids: list[str], link_tokens: int) -> str:
+    """What a composition is cached under: its parts in order and its link tokens."""
+    return "+".join(artifact_ids) + f"#link={link_tokens}"
 
 
 def read_tenants(path: Path) -> dict[str, Tenant]:
@@ -261,9 +317,15 @@ def parse_request(body, chat: bool, config: ServiceConfig) -> Request:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_body")
     context = body.get("context")
-    if not isinstance(context, str) or not context:
-        raise ApiError(400, "name the context in the `context` field: an artifact id, a tag, a path or a server URL "
-                            "(openai clients: extra_body={'context': ...})", "context_required", param="context")
+    if isinstance(context, list) and 0 < len(context) <= compose.MAX_PARTS and all(isinstance(c, str) and c for c in context):
+        context = tuple(context) if len(context) > 1 else context[0]
+    elif not isinstance(context, str) or not context:
+        raise ApiError(400, "name the context in the `context` field: an artifact id, a tag, a path or a server URL, or a "
+                            f"list of up to {compose.MAX_PARTS} of them to compose (openai clients: extra_body={{'context': ...}})",
+                       "context_required", param="context")
+    link_tokens = _number(body, "link_tokens", None, 0, MAX_LINK_TOKENS, integer=True)
+    if link_tokens is not None and not isinstance(context, tuple):
+        raise ApiError(400, "link_tokens goes with a list of contexts (a composition)", "invalid_value", param="link_tokens")
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -302,7 +364,8 @@ def parse_request(body, chat: bool, config: ServiceConfig) -> Request:
             isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
         raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings of at most "
                        f"{MAX_STOP_CHARS} characters", "invalid_value", param="stop")
-    return Request(context, prompt, raw=not chat, sampling=sampling, stream=stream, chat=chat, stop=tuple(stop))
+    return Request(context, prompt, raw=not chat, sampling=sampling, stream=stream, chat=chat, stop=tuple(stop),
+                   link_tokens=link_tokens)
 
 
 SERVICE = web.AppKey("service", Service)
@@ -386,7 +449,8 @@ async def completions(request: web.Request, chat: bool) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     job = Job(tenant, parsed.context, parsed.prompt, parsed.raw, parsed.sampling, parsed.stop,
-              sink=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+              sink=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
+              link_tokens=parsed.link_tokens)
     try:
         service.scheduler.submit(job)
     except Overloaded as exc:
@@ -411,7 +475,7 @@ async def _next(request: web.Request, events: asyncio.Queue) -> tuple[str, objec
                 return None
 
 
-async def _whole(request: web.Request, events: asyncio.Queue, answer: "_Answer", context: str) -> web.Response:
+async def _whole(request: web.Request, events: asyncio.Queue, answer: "_Answer", context: str | tuple[str, ...]) -> web.Response:
     """A non-streamed answer, given when it is done; a client that leaves first cancels it."""
     pieces = []
     while True:
@@ -456,7 +520,7 @@ class _Answer:
         return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-async def _stream(request: web.Request, events: asyncio.Queue, answer: "_Answer", context: str) -> web.StreamResponse:
+async def _stream(request: web.Request, events: asyncio.Queue, answer: "_Answer", context: str | tuple[str, ...]) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     started = False
     while True:
@@ -507,7 +571,7 @@ ERROR_CODES: dict[type, tuple[str, str | None]] = {
 }
 
 
-def api_error(exc: BaseException, context: str) -> ApiError:
+def api_error(exc: BaseException, context: str | tuple[str, ...]) -> ApiError:
     """A job's failure as an OpenAI-style error: library errors by class, bugs as one line (the service goes on)."""
     if isinstance(exc, ApiError):
         return exc
@@ -515,8 +579,9 @@ def api_error(exc: BaseException, context: str) -> ApiError:
         return ApiError(503, str(exc), "deadline_exceeded")
     if isinstance(exc, CelslmError):
         code, words = by_class(ERROR_CODES, exc)
-        if code == "context_corrupt" and os.path.exists(context):  # a file in the context folder: the client's mistake
+        if code == "context_corrupt" and isinstance(context, str) and os.path.exists(context):  # a file in the context folder: the client's mistake
             code, words = "invalid_context", " is not a valid artifact"
-        message = str(exc) if words is None else f"context {context!r}{words}: {exc}"
+        named = f"context {context!r}" if isinstance(context, str) else f"a context of {list(context)!r}"
+        message = str(exc) if words is None else f"{named}{words}: {exc}"
         return ApiError(status_of(exc), message, code, param=None if words is None else "context")
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")

@@ -60,6 +60,38 @@ def ttft(
     show(ttft_bench.render(result, loaded.engine.name))
 
 
+@app.command("compose", epilog=examples(
+    "celslm bench compose -m qwen2.5-coder-0.5b",
+    "celslm bench compose -m qwen2.5-coder-0.5b --tasks 3 --tokens 500 --link-tokens 0 --link-tokens 64 --json",
+    "celslm bench compose -m qwen2.5-coder-0.5b --engine transformers --parts 4"))
+def compose_(
+    model: ModelOpt,
+    tasks: Annotated[int, typer.Option("--tasks", min=1, help="Held-out tasks: one standard-library package each.")] = 6,
+    parts: Annotated[int, typer.Option("--parts", min=2, max=8, help="Files of the package, each its own artifact.")] = 3,
+    tokens: Annotated[int, typer.Option("--tokens", min=16, help="Context tokens per part (each file's first, cut at a line end).")] = 1000,
+    continuation: Annotated[int, typer.Option("--continuation", min=2, help="Tokens after the last part scored (teacher-forced NLL).")] = 128,
+    link_tokens: Annotated[list[int] | None, typer.Option("--link-tokens", min=0, help="Link tokens to measure (repeatable); default 0, 8, 16, 32, and always decode's default.")] = None,
+    codec: Annotated[str, typer.Option("--codec", help="Codec of every artifact (the parts' and the concatenation's).")] = "balanced",
+    new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens generated per question at most.")] = 24,
+    engine: EngineOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Several contexts in one answer: composed artifacts against one artifact of the concatenation and edge-only."""
+    from celslm.bench import compose as compose_bench  # torch and transformers: not for --help
+
+    with for_option("--engine"):
+        engine = default_engine(model, engine)
+    with progress_bar() as progress:
+        loaded = load_model(model, progress, engine=engine)
+        result = compose_bench.run(loaded, count=tasks, tokens=tokens, parts=parts, continuation=continuation,
+                                   links=tuple(link_tokens) if link_tokens else compose_bench.LINKS, codec=codec,
+                                   max_new_tokens=new_tokens, progress=progress)
+    if json_:
+        print_json(result)
+        return
+    show(compose_bench.render(result))
+
+
 @app.command("compress", epilog=examples(
     "celslm bench compress -m qwen2.5-coder-0.5b --plot compress.png",
     "celslm bench compress -m qwen2.5-coder-0.5b --tokens 1024 --tokens 2048 --tokens 4096 --json",

@@ -69,6 +69,10 @@ EncryptToOpt = Annotated[list[str] | None, typer.Option(
                          "--for encryption): stores and peers keep and serve it unread. Repeatable.")]
 MaxNewTokensOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "-n", min=1, help="Tokens to generate at most (an OpenAI body's max_tokens).")]
+LinkTokensOpt = Annotated[int | None, typer.Option(
+    "--link-tokens", min=0, help="With several --kv: the first N tokens of every artifact after the first are computed "
+                                 "here over the contexts before them, joining it to them (EPIC's link tokens). "
+                                 "Default: 16, measured by celslm bench compose.")]
 ApiTokenOpt = Annotated[str | None, typer.Option(
     "--api-token", envvar="CELSLM_API_TOKEN", show_envvar=True,
     help="Bearer token of the edge service's API (celslm serve); not the serve-cache --token.")]

@@ -11,7 +11,7 @@ from rich.table import Table
 from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
 from celslm.models import default_engine, load_model
 from .common import (FLAG, MODEL_HELP, ApiTokenOpt, CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, JsonOpt,
-                     MaxNewTokensOpt, PeerOpt, TokenOpt, TrustOpt, cache_capacity, err_console, examples, for_option,
+                     LinkTokensOpt, MaxNewTokensOpt, PeerOpt, TokenOpt, TrustOpt, cache_capacity, err_console, examples, for_option,
                      identity, identity_hint, log, print_json, progress_bar, read_file_or_stdin, read_text, trust_policy,
                      typed, warn)
 
@@ -25,6 +25,7 @@ EPILOG = examples(
     "celslm decode -m qwen2.5-coder-0.5b --kv sched:latest --peer http://peer:8470 --cloud http://cloud:8470 --trust cloud.pub -p 'Why?'",
     "celslm decode -m qwen2.5-coder-0.5b --context sched.py --cloud http://cloud:8470 -p 'Why?'   # cached prefix + local rest",
     "celslm decode -m qwen2.5-coder-0.5b --kv sched-cross.kv --recompute-last 512 -p 'Why?'   # cross-model KV + own recent tokens",
+    "celslm decode -m qwen2.5-coder-0.5b --kv models.kv --kv views.kv --kv urls.kv -p 'Which view uses Order?'   # three contexts in one",
     "celslm decode -m qwen2.5-coder-0.5b --engine transformers --kv sched.kv -p 'Why?'   # the fp32 reference engine",
     "celslm decode --server http://127.0.0.1:8480 --kv sched:latest -p 'Why?' --json   # a warm celslm serve answers",
     "celslm decode -m qwen2.5-coder-0.5b --kv notes:latest --cloud http://cloud:8470 --identity edge1.key -p 'Why?'   # an encrypted context",
@@ -36,7 +37,7 @@ def decode(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The private prompt text, or - for stdin. Never leaves this machine.")],
     model: Annotated[str | None, typer.Option("--model", "-m", envvar="CELSLM_MODEL", show_envvar=True,
                                               help=MODEL_HELP + " Not with --server: the service's model answers.")] = None,
-    kv: Annotated[str | None, typer.Option("--kv", help="KV artifact: a directory, .tar file, - (stdin), an artifact id, a tag, or a server URL.")] = None,
+    kv: Annotated[list[str] | None, typer.Option("--kv", help="KV artifact: a directory, .tar file, - (stdin), an artifact id, a tag, or a server URL. Repeat it to compose several contexts prefilled apart, read in the order given.")] = None,
     context: Annotated[str | None, typer.Option("--context", "-c", help="Context file (or -): edge-only without --kv; with --kv, recomputes what cannot be fetched.")] = None,
     max_new_tokens: MaxNewTokensOpt = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy; above 0 samples.")] = 0.0,
@@ -50,6 +51,7 @@ def decode(
     identity_: IdentityOpt = None,
     cache_capacity_: CacheCapacityOpt = None,
     recompute_last: Annotated[int | None, typer.Option("--recompute-last", min=0, help="With --kv: prefill at least the context's last N tokens here (whole chunks), over the artifact's earlier chunks: edge compute for quality with cross-model artifacts. Default: what a cross-model artifact's alignment advises from its measured gain curve (`celslm inspect` shows it), 0 for a native one; 0 turns it off.")] = None,
+    link_tokens: LinkTokensOpt = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="With --context and servers: chunk size of the prefix lookup.")] = 256,
     link: Annotated[str | None, typer.Option("--link", help="Emulate a link for the artifact's bytes, RATE[:RTT] (e.g. 100mbit:20ms); numbers are labelled emulated.")] = None,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", metavar=FLAG, help="Run the prompt's layer l as soon as layer l's KV is in (default), or wait for all of it.")] = True,
@@ -60,6 +62,7 @@ def decode(
     json_: JsonOpt = False,
 ) -> None:
     """Generate from a KV artifact (or an edge-only prefill) and a private prompt."""
+    from celslm.compose import DEFAULT_LINK
     from celslm.decode import Sampling, TextStream, eos_ids  # torch and transformers: not for --help
     from celslm.edge import answer
     from celslm.store.tiers import Sources
@@ -72,21 +75,27 @@ def decode(
         theirs = [flag for name, flag in (("context", "--context"), ("recompute_last", "--recompute-last"), ("link", "--link"),
                                           ("engine", "--engine"), ("peer", "--peer"), ("cloud", "--cloud"), ("token", "--token"),
                                           ("trust", "--trust"), ("identity_", "--identity")) if typed(invocation, name)]
-        if kv is None or theirs:
+        if not kv or theirs:
             raise UsageError("--server takes the context as --kv (an id, tag or path the service can read); "
                              f"{', '.join(theirs) or '--context, --peer, --cloud, --trust and the like'} "
                              f"{'is one of' if len(theirs) == 1 else 'are'} the service's own settings")
         if typed(invocation, "model"):
             warn(f"--server answers with the service's own model; -m {model} is not used")
-        return _through_server(server, api_token, kv, read_text(prompt, "--prompt"), sampling, raw, json_)
+        if link_tokens is not None and len(kv) < 2:
+            raise UsageError("--link-tokens goes with several --kv (a composition)")
+        return _through_server(server, api_token, kv, link_tokens, read_text(prompt, "--prompt"), sampling, raw, json_)
     if model is None:
         raise UsageError("give --model (-m) or set CELSLM_MODEL (or answer through a celslm serve with --server)")
-    if kv is None and context is None:
+    if not kv and context is None:
         raise UsageError("give --kv ARTIFACT, --context FILE (edge-only), or both (the context recomputes what cannot be fetched)")
-    if recompute_last is not None and kv is None:
+    if recompute_last is not None and not kv:
         raise UsageError("--recompute-last goes with --kv")
-    if prompt == "-" and "-" in (kv, context):
-        raise UsageError("only one of --prompt and --kv/--context can read stdin")
+    if kv and len(kv) > 1 and context is not None:
+        raise UsageError("--context recomputes what one --kv cannot fetch; it does not go with several --kv")
+    if link_tokens is not None and (not kv or len(kv) < 2):
+        raise UsageError("--link-tokens goes with several --kv (a composition)")
+    if [prompt, context, *(kv or ())].count("-") > 1:
+        raise UsageError("only one of --prompt, --kv and --context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
     capacity = cache_capacity(cache_capacity_)
     policy = trust_policy(trust)
@@ -100,7 +109,7 @@ def decode(
         loaded = load_model(model, progress, engine=engine)
         result = answer(loaded, prompt_text, kv=kv, context_text=context_text,
                         sources=Sources(tuple(peer or ()), cloud, token, chunk_size, policy, keys, capacity),
-                        recompute_last=recompute_last,
+                        recompute_last=recompute_last, link_tokens=DEFAULT_LINK if link_tokens is None else link_tokens,
                         link=shaped, pipeline=pipeline, raw=raw, sampling=sampling,
                         progress=lambda done, total: progress("prefill (tokens)", done, total),
                         stdin=sys.stdin.buffer, warn=log)
@@ -121,11 +130,13 @@ def decode(
     if stats:
         err_console.print(stats_table(ctx.stats))
     if json_:
-        print_json({"text": "".join(pieces), "artifact": result.artifact_id, "engine": loaded.engine.name,
+        print_json({"text": "".join(pieces), "artifact": result.artifact_id, "artifacts": list(result.artifacts),
+                    "engine": loaded.engine.name,
                     **ctx.stats.to_json()})
 
 
-def _through_server(server: str, api_token: str | None, kv: str, prompt: str, sampling, raw: bool, json_: bool) -> None:
+def _through_server(server: str, api_token: str | None, kv: list[str], link_tokens: int | None, prompt: str, sampling,
+                    raw: bool, json_: bool) -> None:
     """Stream the answer from a `celslm serve` (its OpenAI-style API), printing text as it comes."""
     import http.client
     import json
@@ -136,15 +147,16 @@ def _through_server(server: str, api_token: str | None, kv: str, prompt: str, sa
 
     from celslm.decode import DecodeStats
 
-    if kv != "-" and Path(kv).exists():
-        kv = str(Path(kv).resolve())  # the service resolves paths from its own directory
-    elif kv == "-":
+    if "-" in kv:
         raise UsageError("--server reads the context from an id, a tag or a path, not stdin")
+    kv = [str(Path(ref).resolve()) if Path(ref).exists() else ref for ref in kv]  # the service resolves paths from its own directory
     if raw:
         path, body = "/v1/completions", {"prompt": prompt}
     else:
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
-    body.update(context=kv, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+    if link_tokens is not None:
+        body["link_tokens"] = link_tokens
+    body.update(context=kv[0] if len(kv) == 1 else kv, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                 stream=True, **({"seed": sampling.seed} if sampling.seed is not None else {}))
     headers = {"Content-Type": "application/json"}
     if api_token:
@@ -192,11 +204,14 @@ def _through_server(server: str, api_token: str | None, kv: str, prompt: str, sa
         return
     # decode --json's schema: what the service reports, and null for the parts of the time split it does not
     answered, usage = final.get("celslm", {}), final.get("usage") or {}
-    known = DecodeStats(path="artifact", context_tokens=answered.get("context_tokens", 0),
+    composed = len(kv) > 1
+    known = DecodeStats(path="composed" if composed else "artifact", context_tokens=answered.get("context_tokens", 0),
                         prompt_tokens=usage.get("prompt_tokens", 0), new_tokens=usage.get("completion_tokens", 0),
                         ttft_s=answered.get("ttft_s", 0.0), total_s=answered.get("total_s", 0.0)).to_json()
     reported = {"path", "pipelined", "link", "context_tokens", "prompt_tokens", "new_tokens", "ttft_s", "total_s", "fallback"}
-    print_json({"text": "".join(pieces), "artifact": answered.get("context"), "engine": answered.get("engine"),
+    parts = answered.get("parts") or ([answered["context"]] if answered.get("context") else [])
+    print_json({"text": "".join(pieces), "artifact": None if composed else answered.get("context"), "artifacts": parts,
+                "engine": answered.get("engine"),
                 **{key: value if key in reported else None for key, value in known.items()}})
 
 
