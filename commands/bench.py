@@ -62,7 +62,7 @@ def ttft(
 
 @app.command("compose", epilog=examples(
     "celslm bench compose -m qwen2.5-coder-0.5b",
-    "celslm bench compose -m qwen2.5-coder-0.5b --tasks 3 --tokens 500 --link-tokens 0 --link-tokens 64 --json",
+    "celslm bench compose -m qwen2.5-coder-0.5b --tasks 3 --tokens 500 --link-tokens 0 --link-tokens 64 --no-serve --json",
     "celslm bench compose -m qwen2.5-coder-0.5b --engine transformers --parts 4"))
 def compose_(
     model: ModelOpt,
@@ -73,6 +73,7 @@ def compose_(
     link_tokens: Annotated[list[int] | None, typer.Option("--link-tokens", min=0, help="Link tokens to measure (repeatable); default 0, 8, 16, 32, and always decode's default.")] = None,
     codec: Annotated[str, typer.Option("--codec", help="Codec of every artifact (the parts' and the concatenation's).")] = "balanced",
     new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens generated per question at most.")] = 24,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", metavar=FLAG, help="Also time celslm serve on loopback: each part alone, then the parts together, a combination it has not seen.")] = True,
     engine: EngineOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -81,11 +82,12 @@ def compose_(
 
     with for_option("--engine"):
         engine = default_engine(model, engine)
-    with progress_bar() as progress:
+    with progress_bar() as progress, tempfile.TemporaryDirectory(prefix="celslm-compose-") as work:
         loaded = load_model(model, progress, engine=engine)
         result = compose_bench.run(loaded, count=tasks, tokens=tokens, parts=parts, continuation=continuation,
                                    links=tuple(link_tokens) if link_tokens else compose_bench.LINKS, codec=codec,
-                                   max_new_tokens=new_tokens, progress=progress)
+                                   max_new_tokens=new_tokens, serve=model if serve else None, work=Path(work),
+                                   progress=progress)
     if json_:
         print_json(result)
         return

@@ -218,14 +218,17 @@ def test_the_service_composes_a_list_of_contexts_from_parts_kept_on_their_own(ti
         assert service.stop() == 0
 
 
-def test_bench_compose_measures_every_mode_over_the_same_tokens(tiny_gguf_parts):
+def test_bench_compose_measures_every_mode_over_the_same_tokens(tiny_gguf_parts, tmp_path):
     """With a lossless codec, one artifact of the concatenation, the edge's own prefill of it and the floor
-    (every part after the first recomputed) are the same KV over the same ids: the same NLL."""
+    (every part after the first recomputed) are the same KV over the same ids: the same NLL. The warm
+    service's rows come from where they say (each part fetched, then composed of parts it holds)."""
     from celslm.bench import compose as bench
 
     model, _ = tiny_gguf_parts
     loaded = load_model(str(model), engine="llama.cpp")
-    result = bench.run(loaded, count=1, tokens=120, continuation=16, links=(0, 4), codec="lossless", max_new_tokens=2)
+    result = bench.run(loaded, count=1, tokens=120, continuation=16, links=(0, 4), codec="lossless", max_new_tokens=2,
+                       serve=str(model), work=tmp_path)
+    assert result["served"]["requests"] == {"alone": 3, "composed": 1, "again": 1}
     rows = {row["key"]: row for row in result["rows"]}
     assert set(rows) == {"none", "last", "edge", "concat", "link0", "link4", f"link{compose.DEFAULT_LINK}", "floor"}
     assert rows["floor"]["nll"] == pytest.approx(rows["concat"]["nll"], abs=1e-3)

@@ -39,10 +39,11 @@ from celslm.codecs import parse_codec
 from celslm.compose import DEFAULT_LINK, context_from_readers, joined_ids, opening_ids, separator_ids
 from celslm.corpus import file_name, package_groups
 from celslm.decode import Context, Sampling, context_from_artifact, context_from_ids, context_from_layers, generate
-from celslm.errors import UsageError
+from celslm.errors import CelslmError, UsageError
 from celslm.manifest import Artifact, Producer, Timings
 from celslm.models import LoadedModel
 from celslm.score import continuation_logits, nll as mean_nll
+from celslm.testing.processes import CLI
 
 Progress = Callable[[str, int, int], None]
 LINKS = (0, 8, 16, 32)
@@ -97,8 +98,10 @@ class Mode:
 
 
 def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int = 3, continuation: int = 128,
-        links: tuple[int, ...] = LINKS, codec: str = "balanced", max_new_tokens: int = 24,
-        progress: Progress | None = None) -> dict:
+        links: tuple[int, ...] = LINKS, codec: str = "balanced", max_new_tokens: int = 24, serve: str | None = None,
+        work: Path | None = None, progress: Progress | None = None) -> dict:
+    """Every task in every mode; with `serve` (the model as `celslm serve -m` takes it) and a `work`
+    folder, the warm service too (`_served`)."""
     tokenizer = loaded.tokenizer
     found = compose_tasks(tokenizer, count, tokens, parts, continuation)
     if not found:
@@ -114,6 +117,7 @@ def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int =
              **{f"link{n}": Mode(f"composed, {n} link tokens" + (" (the default)" if n == DEFAULT_LINK else "")) for n in links},
              "floor": Mode("composed, every part after the first recomputed (the floor)")}
     sampling = Sampling(max_new_tokens=max_new_tokens)
+    kept: list[list[Artifact]] = []
     for index, task in enumerate(found):
         if progress:
             progress("compose (tasks)", index, len(found))
@@ -133,9 +137,74 @@ def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int =
         }
         for key, build in builders.items():
             _measure(loaded, modes[key], build, task, follow, sampling, len(joined) if key == "edge" else None)
+        kept.append(shipped)
     if progress:
         progress("compose (tasks)", len(found), len(found))
-    return _result(loaded, found, modes, spec.spec, tokens, continuation, parts)
+    result = _result(loaded, found, modes, spec.spec, tokens, continuation, parts)
+    if serve is not None and work is not None:
+        result["served"] = _served(serve, found, kept, work, max_new_tokens, _median(modes["edge"].ttft_s), progress)
+    return result
+
+
+def _served(spec: str, found: list[ComposeTask], kept: list[list[Artifact]], work: Path, max_new_tokens: int,
+            edge_ttft_s: float, progress: Progress | None) -> dict:
+    """`celslm serve` on loopback over the tasks' part artifacts: each part asked alone first (fetched,
+    decoded, kept in memory), then the parts together, a combination it has not seen (composed of parts
+    it holds: only the link tokens and the rotation), then that combination again. Times are a
+    streaming client's, from its send to the first token's event."""
+    from celslm.artifact import write_dir
+    from celslm.testing.processes import Service, free_port
+
+    folder = work / "compose-artifacts"
+    names = []
+    for index, parts in enumerate(kept):
+        names.append([f"task{index}-part{number}.kv" for number in range(len(parts))])
+        for name, artifact in zip(names[-1], parts):
+            write_dir(artifact, folder / name, force=True)
+    port = free_port()
+    rows = {"alone": [], "composed": [], "again": []}
+    with Service([*CLI, "serve", "-m", spec, "--port", str(port), "--context-dir", str(folder)], port, "celslm serve",
+                 log=work / "compose-serve.log", timeout_s=300) as service:
+        for index, (task, parts) in enumerate(zip(found, names)):
+            if progress:
+                progress("compose (served)", index, len(found))
+            question = task.questions[0].prompt if task.questions else "What does this code do?"
+            for name in parts:
+                rows["alone"].append(_first_token(service.url, name, question, max_new_tokens, "fetched"))
+            rows["composed"].append(_first_token(service.url, parts, question, max_new_tokens, "composed"))
+            rows["again"].append(_first_token(service.url, parts, question, max_new_tokens, ("resident", "memory")))
+    medians = {key: round(_median(values), 4) for key, values in rows.items()}
+    return {"ttft_s": medians, "requests": {key: len(values) for key, values in rows.items()},
+            "edge_only_ttft_s": round(edge_ttft_s, 4),
+            "composed_sooner_than_edge_only": round(edge_ttft_s / medians["composed"], 2)}
+
+
+def _first_token(url: str, context, question: str, max_new_tokens: int, expected) -> float:
+    """Seconds from sending a streamed chat request to its first event (sent once the first token is
+    out); the service must say the context came from where `expected` says (a wrong cache would time
+    something else)."""
+    import json
+    import urllib.request
+
+    body = {"context": context, "messages": [{"role": "user", "content": question}], "max_tokens": max_new_tokens,
+            "temperature": 0, "stream": True}
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    sent, first, source = time.perf_counter(), None, None
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise CelslmError(f"celslm serve: {event['error'].get('message')}")
+            if first is None:  # the service opens the stream once the first token is out
+                first = time.perf_counter() - sent
+            source = (event.get("celslm") or {}).get("cache", source)
+    if first is None or source not in ((expected,) if isinstance(expected, str) else expected):
+        raise CelslmError(f"celslm serve answered {context!r} from {source!r} (expected {expected!r}) "
+                          f"{'with no token' if first is None else ''}")
+    return first
 
 
 def _shipped(loaded: LoadedModel, ids: list[int], framing: str, spec, codebook) -> Artifact:
@@ -224,4 +293,12 @@ def render(result: dict) -> list:
                       f"{row['ttft_s']:.3f}", f"x{row['ttft_vs_concatenated']:.2f}", f"{row['sooner_than_edge_only']:.1f}x",
                       f"{row['edge_tokens']:.0f}", f"{row['edge_s']:.3f}")
     packages = ", ".join(f"{t['package']} ({', '.join(Path(f).name for f in t['files'])})" for t in result["tasks"])
-    return [table, f"tasks: {packages}"]
+    lines = [table, f"tasks: {packages}"]
+    served = result.get("served")
+    if served:
+        ttft = served["ttft_s"]
+        lines.append(f"celslm serve, a streaming client's first token (median): each part alone, fetched {ttft['alone']:.3f} s; "
+                     f"the parts together, a new combination composed of parts it holds {ttft['composed']:.3f} s; "
+                     f"that combination again {ttft['again']:.3f} s; edge-only over the concatenation (this process) "
+                     f"{served['edge_only_ttft_s']:.3f} s: composed {served['composed_sooner_than_edge_only']:.1f}x sooner")
+    return lines
