@@ -123,7 +123,7 @@ def _computed_here(engine: Engine, layers: list[LayerKV], token_ids: list[int]) 
     for index, (key, value) in enumerate(layers):
         engine.inject(sequence, index, engine.place(key, value))
     engine.prefill(sequence, token_ids)
-    return [tuple(x[:, -len(token_ids):] for x in _arrays(layer)) for layer in engine.context_layers(sequence)]
+    return [_arrays(layer) for layer in engine.context_layers(sequence, start=sequence.length - len(token_ids))]
 
 
 def _joined(before: LayerKV, here: LayerKV, own: LayerKV, keep: int) -> LayerKV:

@@ -89,6 +89,7 @@ class Engine:
         """Forget every position from `length` on."""
         raise NotImplementedError
 
-    def context_layers(self, seq: Sequence) -> list[LayerKV]:
-        """The sequence's KV per layer, keys pre-RoPE, `[H, T, D]` float32: what an artifact holds."""
+    def context_layers(self, seq: Sequence, start: int = 0) -> list[LayerKV]:
+        """The sequence's KV per layer, keys pre-RoPE, `[H, T, D]` float32: what an artifact holds (its
+        positions from `start` on)."""
         raise NotImplementedError

@@ -83,11 +83,12 @@ def fill(model, token_ids: list[int], step: int = 256, progress: TokenProgress |
     return cache
 
 
-def pre_rope_layers(model, cache: DynamicCache, count: int | None = None) -> list[LayerKV]:
-    """Per layer (key pre-RoPE `[H, T, D]`, value `[H, T, D]`) from a filled cache (its first `count` layers)."""
+def pre_rope_layers(model, cache: DynamicCache, count: int | None = None, start: int = 0) -> list[LayerKV]:
+    """Per layer (key pre-RoPE `[H, T, D]`, value `[H, T, D]`) from a filled cache (its first `count`
+    layers; its positions from `start` on)."""
     layers = cache_layers(cache, count)
-    cos, sin = rope_tables(model, 0, layers[0][0].shape[1])
-    return [(unapply_rope(key, cos, sin), value) for key, value in layers]
+    cos, sin = rope_tables(model, start, layers[0][0].shape[1] - start)
+    return [(unapply_rope(key[:, start:], cos, sin), value[:, start:]) for key, value in layers]
 
 
 @torch.inference_mode()
@@ -316,5 +317,5 @@ class TransformersEngine(Engine):
     def crop(self, seq: TransformersSequence, length: int) -> None:
         crop(seq.cache, length)
 
-    def context_layers(self, seq: TransformersSequence) -> list[LayerKV]:
-        return pre_rope_layers(self.model, seq.cache)
+    def context_layers(self, seq: TransformersSequence, start: int = 0) -> list[LayerKV]:
+        return pre_rope_layers(self.model, seq.cache, start=start)

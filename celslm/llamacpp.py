@@ -449,21 +449,22 @@ class LlamaEngine(Engine):
                 self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self._ctx), 0, length, -1)
                 seq._length = length
 
-    def context_layers(self, seq: LlamaSequence) -> list[tuple[np.ndarray, np.ndarray]]:
+    def context_layers(self, seq: LlamaSequence, start: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
         """The sequence's KV read back from llama.cpp: keys un-rotated into Hugging Face's order."""
         with self._lock:
             self._own(seq)
             data = self._state()
-        return self.layers_of_state(data)
+        return self.layers_of_state(data, start)
 
-    def layers_of_state(self, data) -> list[tuple[np.ndarray, np.ndarray]]:
-        """A sequence state's KV (`snapshot`'s bytes, or `state_of`'s buffer) as pre-RoPE layers `[H, T, D]`."""
+    def layers_of_state(self, data, start: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A sequence state's KV (`snapshot`'s bytes, or `state_of`'s buffer) as pre-RoPE layers `[H, T, D]`,
+        its positions from `start` on."""
         positions, keys, values = llamastate.decode(self.layout, data)
         if not np.array_equal(positions, np.arange(len(positions))):
             raise CelslmError("llama.cpp's cache holds positions other than 0..T-1")
-        rope, g = self.model.rope, self.geometry
-        tables = rope.tables(len(positions))
-        heads = lambda rows: np.ascontiguousarray(rows.reshape(len(positions), g.kv_heads, g.head_dim).transpose(1, 0, 2))
+        rope, g, count = self.model.rope, self.geometry, len(positions) - start
+        tables = tuple(t[start:] for t in rope.tables(len(positions)))
+        heads = lambda rows: np.ascontiguousarray(rows[start:].reshape(count, g.kv_heads, g.head_dim).transpose(1, 0, 2))
         return [(rotate(from_llama_order(heads(k), rope), rope, tables, inverse=True), heads(v)) for k, v in zip(keys, values)]
 
     def snapshot(self, seq: LlamaSequence) -> bytes:
