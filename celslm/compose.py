@@ -76,7 +76,9 @@ def composed_length(token_counts: list[int], opening: int, separator: int) -> in
 
 def check_parts(readers: list[ArtifactReader], loaded: LoadedModel) -> None:
     """All or none: one model space, one framing, and a composed length the model can take, each
-    checked from the manifests alone. Errors name the artifact."""
+    checked from the manifests alone, without waiting for the model to load (the length is bounded
+    as if no part dropped an opening and each separator took a token per byte, and one more). Errors
+    name the artifact."""
     if not readers:
         raise UsageError("no artifact to compose")
     if len(readers) > MAX_PARTS:
@@ -86,11 +88,9 @@ def check_parts(readers: list[ArtifactReader], loaded: LoadedModel) -> None:
         if reader.manifest.framing != readers[0].manifest.framing:
             raise UsageError(f"{reader.source} was prefilled with {reader.manifest.framing} framing, "
                              f"{readers[0].source} with {readers[0].manifest.framing}: compose contexts framed alike")
-    tokenizer = loaded.tokenizer
-    length = composed_length([r.manifest.token_count for r in readers],
-                             len(opening_ids(tokenizer, readers[0].manifest.framing)), len(separator_ids(tokenizer)))
+    length = composed_length([r.manifest.token_count for r in readers], 0, len(prompting.SEPARATOR.encode()) + 1)
     if length >= loaded.engine.max_positions:
-        raise UsageError(f"the {len(readers)} contexts compose to about {length} tokens; {loaded.name} was trained "
+        raise UsageError(f"the {len(readers)} contexts compose to up to {length} tokens; {loaded.name} was trained "
                          f"for {loaded.engine.max_positions} positions, context and prompt together")
 
 

@@ -206,7 +206,7 @@ class LlamaEngine(Engine):
     pipelines = False
 
     def __init__(self, path: str, threads: int | None = None, context: int = DEFAULT_CONTEXT,
-                 rope_hint: Rope | None = None, cache_type: str = "f16"):
+                 rope_hint: Rope | None = None, cache_type: str = "f16", positions_hint: int | None = None):
         """`rope_hint`: the RoPE the model folder's config describes, so that keys are rotated while the
         model is still loading; checked against llama.cpp's own once it is in (a mismatch is redone).
         `cache_type`: llama.cpp's KV cache type (f16; q8_0 or q4_0 as `--cache-type-k/v` give them, with
@@ -216,6 +216,7 @@ class LlamaEngine(Engine):
         self.cache_type = cache_type
         self.path = path
         self.rope_hint = rope_hint
+        self.positions_hint = positions_hint  # max_positions while the model loads (checks that must not wait)
         self.threads = threads or int(os.environ.get("CELSLM_THREADS", 0)) or os.cpu_count() or 1
         self.decode_threads = self.threads
         self._want = context
@@ -269,6 +270,8 @@ class LlamaEngine(Engine):
 
     @property
     def max_positions(self) -> int:
+        if self.positions_hint and not self._loaded.done():  # the folder's config, converted from this GGUF
+            return self.positions_hint
         return self.model.n_ctx_train
 
     @property

@@ -402,7 +402,8 @@ def _load_llama(spec: str, progress: Progress | None) -> LoadedModel:
     if gguf is None:
         hint = f"celslm models pull {spec}" if spec in bundled_models() else "give the .gguf file, or --engine transformers"
         raise UsageError(f"{spec}: no GGUF file for the llama.cpp engine; {hint}")
-    engine = LlamaEngine(str(gguf), rope_hint=rope_from_config(json.loads((folder / "config.json").read_text())))
+    config = json.loads((folder / "config.json").read_text())
+    engine = LlamaEngine(str(gguf), rope_hint=rope_from_config(config), positions_hint=config.get("max_position_embeddings"))
     record = json.loads((folder / MODEL_RECORD).read_text()) if is_installed(folder) else {}
     expected = record.get("source", {}).get("gguf_sha256")
     if expected and _cached_file_digest(gguf) != expected:

@@ -73,7 +73,8 @@ def compose_(
     link_tokens: Annotated[list[int] | None, typer.Option("--link-tokens", min=0, help="Link tokens to measure (repeatable); default 0, 8, 16, 32, and always decode's default.")] = None,
     codec: Annotated[str, typer.Option("--codec", help="Codec of every artifact (the parts' and the concatenation's).")] = "balanced",
     new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens generated per question at most.")] = 24,
-    serve: Annotated[bool, typer.Option("--serve/--no-serve", metavar=FLAG, help="Also time celslm serve on loopback: each part alone, then the parts together, a combination it has not seen.")] = True,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", metavar=FLAG, help="Also time the first task as whole decode commands (composed, the concatenation's artifact, edge-only), and celslm serve on loopback: each part alone, then the parts together, a combination it has not seen.")] = True,
+    repeats: RepeatsOpt = 3,
     engine: EngineOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -87,7 +88,7 @@ def compose_(
         result = compose_bench.run(loaded, count=tasks, tokens=tokens, parts=parts, continuation=continuation,
                                    links=tuple(link_tokens) if link_tokens else compose_bench.LINKS, codec=codec,
                                    max_new_tokens=new_tokens, serve=model if serve else None, work=Path(work),
-                                   progress=progress)
+                                   repeats=repeats, progress=progress)
     if json_:
         print_json(result)
         return

@@ -99,9 +99,9 @@ class Mode:
 
 def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int = 3, continuation: int = 128,
         links: tuple[int, ...] = LINKS, codec: str = "balanced", max_new_tokens: int = 24, serve: str | None = None,
-        work: Path | None = None, progress: Progress | None = None) -> dict:
-    """Every task in every mode; with `serve` (the model as `celslm serve -m` takes it) and a `work`
-    folder, the warm service too (`_served`)."""
+        work: Path | None = None, repeats: int = 3, progress: Progress | None = None) -> dict:
+    """Every task in every mode; with `serve` (the model as the command line takes it) and a `work`
+    folder, the first task as whole commands (`_commands`) and the warm service (`_served`) too."""
     tokenizer = loaded.tokenizer
     found = compose_tasks(tokenizer, count, tokens, parts, continuation)
     if not found:
@@ -118,6 +118,7 @@ def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int =
              "floor": Mode("composed, every part after the first recomputed (the floor)")}
     sampling = Sampling(max_new_tokens=max_new_tokens)
     kept: list[list[Artifact]] = []
+    first: tuple | None = None  # the first task's artifacts and texts, for the timed commands
     for index, task in enumerate(found):
         if progress:
             progress("compose (tasks)", index, len(found))
@@ -138,12 +139,50 @@ def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int =
         for key, build in builders.items():
             _measure(loaded, modes[key], build, task, follow, sampling, len(joined) if key == "edge" else None)
         kept.append(shipped)
+        first = first or (task, shipped, concat)
     if progress:
         progress("compose (tasks)", len(found), len(found))
     result = _result(loaded, found, modes, spec.spec, tokens, continuation, parts)
     if serve is not None and work is not None:
+        result["commands"] = _commands(serve, *first, work, repeats, progress)
         result["served"] = _served(serve, found, kept, work, max_new_tokens, _median(modes["edge"].ttft_s), progress)
     return result
+
+
+def _commands(spec: str, task: ComposeTask, shipped: list[Artifact], concat: Artifact, work: Path, repeats: int,
+              progress: Progress | None) -> dict:
+    """The first task as a user runs it, whole processes from spawn to the first byte on stdout (the first
+    token, streamed) and to exit, repetitions interleaved: `decode --kv` of every part (composed, the
+    default link tokens), `decode --kv` of the concatenation's artifact, `decode --context` of the
+    concatenated text (edge-only)."""
+    import os
+
+    from celslm.artifact import write_dir
+    from celslm.bench.edge import timed
+
+    folder = work / "compose-commands"
+    paths = [folder / f"part{number}.kv" for number in range(len(shipped))]
+    for path, artifact in zip(paths, [*shipped]):
+        write_dir(artifact, path, force=True)
+    write_dir(concat, folder / "concatenated.kv", force=True)
+    (folder / "concatenated.txt").write_text(prompting.SEPARATOR.join(task.parts))
+    question = task.questions[0].prompt if task.questions else "What does this code do?"
+    common = [*CLI, "decode", "-m", spec, "-p", question, "-n", "8"]
+    commands = {"composed": [*common, *[a for p in paths for a in ("--kv", str(p))]],
+                "concatenated": [*common, "--kv", str(folder / "concatenated.kv")],
+                "edge-only": [*common, "--context", str(folder / "concatenated.txt")]}
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    runs: dict[str, list] = {key: [] for key in commands}
+    for repeat in range(repeats):
+        if progress:
+            progress("compose (commands)", repeat, repeats)
+        for key, command in commands.items():
+            runs[key].append(timed(command, env, lambda stderr, stdout: (0, None, stdout), folder))
+    first_byte = {key: round(_median([r.first_byte_s for r in values]), 4) for key, values in runs.items()}
+    return {"first_byte_s": first_byte, "total_s": {key: round(_median([r.total_s for r in v]), 4) for key, v in runs.items()},
+            "repeats": repeats, "commands": {key: " ".join(["celslm", *c[len(CLI):]]) for key, c in commands.items()},
+            "composed_vs_concatenated": round(first_byte["composed"] / first_byte["concatenated"], 3),
+            "composed_sooner_than_edge_only": round(first_byte["edge-only"] / first_byte["composed"], 2)}
 
 
 def _served(spec: str, found: list[ComposeTask], kept: list[list[Artifact]], work: Path, max_new_tokens: int,
@@ -294,6 +333,13 @@ def render(result: dict) -> list:
                       f"{row['edge_tokens']:.0f}", f"{row['edge_s']:.3f}")
     packages = ", ".join(f"{t['package']} ({', '.join(Path(f).name for f in t['files'])})" for t in result["tasks"])
     lines = [table, f"tasks: {packages}"]
+    commands = result.get("commands")
+    if commands:
+        first, total = commands["first_byte_s"], commands["total_s"]
+        lines.append(f"whole commands, the first task (median of {commands['repeats']}, interleaved; first byte / exit, s): "
+                     + "; ".join(f"{key} {first[key]:.2f} / {total[key]:.2f}" for key in first)
+                     + f": composed x{commands['composed_vs_concatenated']:.2f} the concatenated artifact's first byte, "
+                       f"{commands['composed_sooner_than_edge_only']:.1f}x sooner than edge-only")
     served = result.get("served")
     if served:
         ttft = served["ttft_s"]
