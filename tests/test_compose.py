@@ -236,3 +236,25 @@ def test_bench_compose_measures_every_mode_over_the_same_tokens(tiny_gguf_parts,
     assert rows["concat"]["gain_kept"] == 1.0 and rows["concat"]["edge_tokens"] == 0
     assert rows["link4"]["edge_tokens"] == 2 * (2 + 4) and rows["floor"]["edge_tokens"] > rows["link4"]["edge_tokens"]
     assert rows["link0"]["nll"] != rows["floor"]["nll"]
+
+
+def test_parts_come_through_the_tiers_and_encrypted_parts_open_with_the_identity(tiny_qwen, artifacts, tmp_path):
+    """One part by tag from a cloud store, one encrypted for this edge, one local file: composed as the
+    three local plain parts are (the same tokens), and without the identity the sealed part is refused."""
+    for name in ("cloud", "edge"):
+        run_cli("keys", "generate", "--out", str(tmp_path / name), *(("--for", "encryption") if name == "edge" else ()),
+                check=True)
+    run_cli("push", str(artifacts[0]), str(tmp_path / "store"), "--tag", "first:latest", check=True)
+    run_cli("prefill", "-m", str(tiny_qwen), "-c", str(artifacts[1].parent / "p1.txt"), "-o", str(tmp_path / "sealed.kv"),
+            "--dtype", "float32", "--chunk-size", "32", "--encrypt-to", str(tmp_path / "edge.pub"), check=True)
+    prompt = ["-p", "What does greet return?", "-n", "6", "--json"]
+    plain = json.loads(run_cli("decode", "-m", str(tiny_qwen), *[a for p in artifacts for a in ("--kv", str(p))], *prompt,
+                               check=True).stdout)
+    mixed = run_cli("decode", "-m", str(tiny_qwen), "--kv", "first:latest", "--kv", str(tmp_path / "sealed.kv"),
+                    "--kv", str(artifacts[2]), "--cloud", str(tmp_path / "store"), "--identity", str(tmp_path / "edge.key"),
+                    *prompt, check=True)
+    mixed = json.loads(mixed.stdout)
+    assert mixed["text"] == plain["text"] and mixed["context_tokens"] == plain["context_tokens"]
+    assert mixed["artifacts"][0] == plain["artifacts"][0] and mixed["bytes_by_source"]
+    sealed = run_cli("decode", "-m", str(tiny_qwen), "--kv", str(artifacts[0]), "--kv", str(tmp_path / "sealed.kv"), *prompt)
+    assert sealed.returncode != 0 and "sealed.kv" in sealed.stderr.decode() and not sealed.stdout
