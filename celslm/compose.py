@@ -100,21 +100,19 @@ def compose(engine: Engine, parts: list[Part], opening: list[int], separator: li
     tokens computed over everything before them (module docstring)."""
     if link_tokens < 0:
         raise UsageError(f"link tokens must be >= 0, got {link_tokens}")
-    token_ids, layers = list(parts[0].token_ids), [_arrays(layer) for layer in parts[0].layers]
-    recomputed, total = 0, sum(len(p.token_ids) for p in parts)
+    layers = [_arrays(layer) for layer in parts[0].layers]
+    recomputed, done, total = 0, len(parts[0].token_ids), sum(len(p.token_ids) for p in parts)
     for part in parts[1:]:
         start = _common_prefix(part.token_ids, opening)  # the part's own opening is dropped
-        body = len(part.token_ids) - start
-        linked = separator + part.token_ids[start : start + min(link_tokens, body)]
+        linked = separator + part.token_ids[start : start + link_tokens]
         computed = _computed_here(engine, layers, linked)
         keep = start + len(linked) - len(separator)  # the part's KV from here on comes from its artifact
         layers = [_joined(before, here, _arrays(own), keep) for before, here, own in zip(layers, computed, part.layers)]
-        token_ids += linked + part.token_ids[keep:]
         recomputed += len(linked)
+        done += len(part.token_ids)
         if progress:
-            progress(len(token_ids), total)
-    assert token_ids == joined_ids([p.token_ids for p in parts], opening, separator)
-    return Composition(token_ids, layers, recomputed)
+            progress(done, total)
+    return Composition(joined_ids([p.token_ids for p in parts], opening, separator), layers, recomputed)
 
 
 def _computed_here(engine: Engine, layers: list[LayerKV], token_ids: list[int]) -> list[LayerKV]:
