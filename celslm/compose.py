@@ -44,11 +44,16 @@ class Part:
 
 @dataclass(frozen=True)
 class Composition:
-    """The composed context: every token id and its pre-RoPE KV, and how many were computed here."""
+    """The composed context: every token id and its pre-RoPE KV, and where tokens were computed here."""
 
     token_ids: list[int]
     layers: list[LayerKV]
-    recomputed_tokens: int  # separators and link tokens, over the parts before them
+    linked: list[tuple[int, int]]  # positions [start, end) of each part's separator and link tokens
+
+    def recomputed(self, before: int | None = None) -> int:
+        """Positions computed here, of those before `before` (all by default)."""
+        end = len(self.token_ids) if before is None else before
+        return sum(max(0, min(b, end) - a) for a, b in self.linked)
 
 
 def opening_ids(tokenizer, framing: str) -> list[int]:
@@ -74,24 +79,38 @@ def composed_length(token_counts: list[int], opening: int, separator: int) -> in
     return sum(token_counts) - (len(token_counts) - 1) * (opening - separator)
 
 
-def check_parts(readers: list[ArtifactReader], loaded: LoadedModel) -> None:
-    """All or none: one model space, one framing, and a composed length the model can take, each
-    checked from the manifests alone, without waiting for the model to load (the length is bounded
-    as if no part dropped an opening and each separator took a token per byte, and one more). Errors
-    name the artifact."""
-    if not readers:
+@dataclass(frozen=True)
+class Declared:
+    """What a part says of itself before any of its blobs is read: from its manifest, or from a
+    context already decoded (the service's)."""
+
+    source: str
+    framing: str
+    tokens: int
+
+    @classmethod
+    def of(cls, reader: ArtifactReader) -> "Declared":
+        return cls(reader.source, reader.manifest.framing, reader.manifest.token_count)
+
+
+def check_parts(parts: list[Declared], loaded: LoadedModel) -> int:
+    """All or none: one framing, and a composed length the model can take, without waiting for the
+    model to load: bounded as if no part dropped an opening and each separator took a token per byte,
+    and one more. Errors name the artifact. Returns the bound. (Each artifact's model space is
+    `decode.check_space`'s, on its reader.)"""
+    if not parts:
         raise UsageError("no artifact to compose")
-    if len(readers) > MAX_PARTS:
-        raise UsageError(f"{len(readers)} artifacts; a composition takes at most {MAX_PARTS}")
-    for reader in readers:
-        check_space(reader, loaded)
-        if reader.manifest.framing != readers[0].manifest.framing:
-            raise UsageError(f"{reader.source} was prefilled with {reader.manifest.framing} framing, "
-                             f"{readers[0].source} with {readers[0].manifest.framing}: compose contexts framed alike")
-    length = composed_length([r.manifest.token_count for r in readers], 0, len(prompting.SEPARATOR.encode()) + 1)
+    if len(parts) > MAX_PARTS:
+        raise UsageError(f"{len(parts)} artifacts; a composition takes at most {MAX_PARTS}")
+    for part in parts:
+        if part.framing != parts[0].framing:
+            raise UsageError(f"{part.source} was prefilled with {part.framing} framing, {parts[0].source} with "
+                             f"{parts[0].framing}: compose contexts framed alike")
+    length = composed_length([p.tokens for p in parts], 0, len(prompting.SEPARATOR.encode()) + 1)
     if length >= loaded.engine.max_positions:
-        raise UsageError(f"the {len(readers)} contexts compose to up to {length} tokens; {loaded.name} was trained "
+        raise UsageError(f"the {len(parts)} contexts compose to up to {length} tokens; {loaded.name} was trained "
                          f"for {loaded.engine.max_positions} positions, context and prompt together")
+    return length
 
 
 def compose(engine: Engine, parts: list[Part], opening: list[int], separator: list[int], link_tokens: int,
@@ -101,18 +120,19 @@ def compose(engine: Engine, parts: list[Part], opening: list[int], separator: li
     if link_tokens < 0:
         raise UsageError(f"link tokens must be >= 0, got {link_tokens}")
     layers = [_arrays(layer) for layer in parts[0].layers]
-    recomputed, done, total = 0, len(parts[0].token_ids), sum(len(p.token_ids) for p in parts)
+    spans, done, total = [], len(parts[0].token_ids), sum(len(p.token_ids) for p in parts)
     for part in parts[1:]:
         start = _common_prefix(part.token_ids, opening)  # the part's own opening is dropped
         linked = separator + part.token_ids[start : start + link_tokens]
         computed = _computed_here(engine, layers, linked)
+        at = layers[0][0].shape[1]
         keep = start + len(linked) - len(separator)  # the part's KV from here on comes from its artifact
         layers = [_joined(before, here, _arrays(own), keep) for before, here, own in zip(layers, computed, part.layers)]
-        recomputed += len(linked)
+        spans.append((at, at + len(linked)))
         done += len(part.token_ids)
         if progress:
             progress(done, total)
-    return Composition(joined_ids([p.token_ids for p in parts], opening, separator), layers, recomputed)
+    return Composition(joined_ids([p.token_ids for p in parts], opening, separator), layers, spans)
 
 
 def _computed_here(engine: Engine, layers: list[LayerKV], token_ids: list[int]) -> list[LayerKV]:
@@ -164,14 +184,14 @@ class _Arrays:
         return np.asarray(key, dtype=np.float32), np.asarray(value, dtype=np.float32)
 
 
-def read_parts(loaded: LoadedModel, readers: list[ArtifactReader], timeline: Timeline,
+def read_parts(loaded: LoadedModel, readers: list[ArtifactReader], timelines: list[Timeline],
                link: Link | None = None) -> list[Part]:
-    """Every artifact fetched, verified and decoded at once (each on its own feed; an emulated `link`
-    shared by them all)."""
+    """Every artifact fetched, verified and decoded at once, each on its own feed and timeline (an
+    emulated `link` shared by them all)."""
     raw = _Arrays(loaded.engine)
     feeds = []
     try:
-        for reader in readers:
+        for reader, timeline in zip(readers, timelines, strict=True):
             feeds.append(LayerFeed(raw, StreamedReader(reader, timeline, link), timeline))
         parts = []
         for reader, feed in zip(readers, feeds):
@@ -188,10 +208,12 @@ def context_from_readers(loaded: LoadedModel, readers: list[ArtifactReader], *, 
                          progress: TokenProgress | None = None) -> Context:
     """The artifacts composed into one context on the engine, at least its last `recompute_last` tokens
     prefilled here."""
-    check_parts(readers, loaded)
+    for reader in readers:
+        check_space(reader, loaded)
+    loaded.engine.reserve(check_parts([Declared.of(r) for r in readers], loaded))
     started = time.perf_counter()
-    timeline = Timeline()
-    parts = read_parts(loaded, readers, timeline, link)
+    timelines = [Timeline() for _ in readers]
+    parts = read_parts(loaded, readers, timelines, link)
     framing = readers[0].manifest.framing
     begun = time.perf_counter()
     composed = compose(loaded.engine, parts, opening_ids(loaded.tokenizer, framing), separator_ids(loaded.tokenizer),
@@ -205,12 +227,11 @@ def context_from_readers(loaded: LoadedModel, readers: list[ArtifactReader], *, 
     begun = time.perf_counter()
     if kept < len(ids):
         loaded.engine.prefill(sequence, ids[kept:])
-    stats = DecodeStats(path="composed", context_tokens=len(ids),
-                        recomputed_tokens=composed.recomputed_tokens + len(ids) - kept,
+    stats = DecodeStats(path="composed", context_tokens=len(ids), recomputed_tokens=composed.recomputed(kept) + len(ids) - kept,
                         context_prefill_s=linked_s + time.perf_counter() - begun,
                         artifact_bytes=sum(r.manifest.blob_bytes() for r in readers),
                         cloud_prefill_s=sum(r.timings.prefill_s or 0.0 for r in readers),
                         t_com_c_s=sum(r.timings.cloud_s for r in readers))
     stats.load_s = time.perf_counter() - started - stats.context_prefill_s
-    stats.t_comm_s, stats.link = timeline.comm_s, link.label if link else None
+    stats.t_comm_s, stats.link = Timeline.merged(timelines).comm_s, link.label if link else None
     return Context(ids, sequence, framing, stats, started)

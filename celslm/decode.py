@@ -41,7 +41,7 @@ class Sampling:
 
 @dataclass
 class DecodeStats:
-    path: str = ""  # "artifact", "partial" (cached prefix + local prefill) or "edge-only"
+    path: str = ""  # "artifact", "partial" (cached prefix + local prefill), "composed" (several artifacts) or "edge-only"
     pipelined: bool = False  # the prompt's forward ran while later layers were still arriving
     link: str | None = None  # the emulated link's label, if any
     context_tokens: int = 0

@@ -62,6 +62,7 @@ class ContextState:
     state: bytes | np.ndarray  # a numpy uint8 buffer as `LlamaEngine.state_of` makes it
     token_ids: tuple[int, ...] = ()  # the context's ids, which a composition's link tokens are read from
     parts: tuple[str, ...] = ()  # the artifacts it was made of, in order: one, or a composition's
+    recomputed: int = 0  # a composition's separators and link tokens, computed here
 
 
 @dataclass(frozen=True)
@@ -509,6 +510,7 @@ class Scheduler:
         job.sink("done", {"text": job.text.text, "finish": reason, "prompt_tokens": len(job.prepared.prompt_ids),
                           "completion_tokens": job.generated,
                           "celslm": {"context": context.artifact, "parts": list(context.parts), "context_tokens": context.tokens,
+                                     "recomputed_tokens": context.recomputed,
                                      "cache": job.prepared.source, "engine": self.pool.engine.name,
                                      "context_s": round(job.started_at - job.arrived, 6),
                                      "ttft_s": round(job.first_token_at - job.arrived, 6),

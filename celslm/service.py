@@ -38,7 +38,6 @@ from celslm.artifact import ArtifactReader
 from celslm.batching import DEFAULT_CELLS, KVPool
 from celslm.blockread import keep_codebooks
 from celslm.confidential import Sealed
-from celslm.compose import DEFAULT_LINK
 from celslm.decode import Sampling, check_space, eos_ids
 from celslm.errors import (CelslmError, IntegrityError, NotFound, Overloaded, TokenRequired, UnavailableError,
                            UsageError)
@@ -142,7 +141,8 @@ class Service:
     def prepare(self, job: Job) -> Prepared:
         """The job's context as state bytes, from where it is nearest, and its prompt's ids."""
         if isinstance(job.context_ref, tuple):
-            context, source = self._composed(job.context_ref, DEFAULT_LINK if job.link_tokens is None else job.link_tokens)
+            link_tokens = compose.DEFAULT_LINK if job.link_tokens is None else job.link_tokens
+            context, source = self._composed(job.context_ref, link_tokens)
         else:
             found = self._cached_or_opened(job.context_ref)
             context, source = found if isinstance(found[0], ContextState) else self._fetched(found[0])
@@ -185,24 +185,18 @@ class Service:
         context = self.scheduler.resident(key) or self.memory.get(key)
         if context is not None:
             return context, "resident" if self.scheduler.resident(key) else "memory"
-        framings = {f.framing if isinstance(f, ContextState) else f.manifest.framing for f, _ in found}
-        if len(framings) > 1:
-            raise UsageError(f"the contexts {', '.join(refs)} were prefilled with different framings ({', '.join(sorted(framings))}): "
-                             "compose contexts framed alike")
-        tokenizer, framing = self.loaded.tokenizer, framings.pop()
-        opening, separator = compose.opening_ids(tokenizer, framing), compose.separator_ids(tokenizer)
-        counts = [f.tokens if isinstance(f, ContextState) else f.manifest.token_count for f, _ in found]
-        length, limit = compose.composed_length(counts, len(opening), len(separator)), self.loaded.engine.max_positions
-        if length >= limit:
-            raise UsageError(f"the {len(refs)} contexts compose to about {length} tokens; {self.loaded.name} was trained "
-                             f"for {limit} positions, context and prompt together")
+        compose.check_parts([compose.Declared(f.artifact, f.framing, f.tokens) if isinstance(f, ContextState)
+                             else compose.Declared.of(f) for f, _ in found], self.loaded)
         states = [f if isinstance(f, ContextState) else self._fetched(f)[0] for f, _ in found]
+        tokenizer, framing = self.loaded.tokenizer, states[0].framing
+        opening, separator = compose.opening_ids(tokenizer, framing), compose.separator_ids(tokenizer)
         engine = self.loaded.engine
         parts = [compose.Part(s.artifact, list(s.token_ids), engine.layers_of_state(s.state)) for s in states]
         with self._composing:  # the engine's own llama.cpp context runs the link tokens, one composition at a time
             result = compose.compose(engine, parts, opening, separator, link_tokens)
         state = engine.state_of(lambda layer: engine.place(*result.layers[layer]))
-        context = ContextState(key, len(result.token_ids), framing, state, tuple(result.token_ids), tuple(ids))
+        context = ContextState(key, len(result.token_ids), framing, state, tuple(result.token_ids), tuple(ids),
+                               result.recomputed())
         self.memory.put(key, context)
         return context, "composed"
 
@@ -325,7 +319,7 @@ def parse_request(body, chat: bool, config: ServiceConfig) -> Request:
                        "context_required", param="context")
     link_tokens = _number(body, "link_tokens", None, 0, MAX_LINK_TOKENS, integer=True)
     if link_tokens is not None and not isinstance(context, tuple):
-        raise ApiError(400, "link_tokens goes with a list of contexts (a composition)", "invalid_value", param="link_tokens")
+        raise ApiError(400, "link_tokens goes with two or more contexts (a composition)", "invalid_value", param="link_tokens")
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):

@@ -74,6 +74,15 @@ class Timeline:
     def comm_s(self) -> float:
         return (self.comm_end - self.comm_start) if self.comm_start is not None and self.comm_end else 0.0
 
+    @classmethod
+    def merged(cls, timelines: list["Timeline"]) -> "Timeline":
+        """Several transfers' timelines as one: from the first start to the last end, every byte and span."""
+        starts = [t.comm_start for t in timelines if t.comm_start is not None]
+        ends = [t.comm_end for t in timelines if t.comm_end]
+        return cls(min(starts, default=None), max(ends, default=None), sum(t.bytes for t in timelines),
+                   sum(t.consumer_wait_s for t in timelines), [s for t in timelines for s in t.compute],
+                   [s for t in timelines for s in t.decode])
+
     @property
     def compute_s(self) -> float:
         return sum(end - start for start, end in self.compute)

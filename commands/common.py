@@ -28,6 +28,12 @@ EngineOpt = Annotated[str | None, typer.Option("--engine", envvar="CELSLM_ENGINE
 CorpusOpt = Annotated[str, typer.Option("--corpus", metavar="stdlib|third-party|DIR", help="Held-out text: stdlib (standard-library modules), third-party (libraries installed beside celslm, written elsewhere) or a folder of your own (its .py, .txt, .md and .rst files).")]
 
 
+def check_link_tokens(link_tokens: int | None, kv: list[str] | None) -> None:
+    """--link-tokens joins the artifacts of a composition: it needs two --kv at least."""
+    if link_tokens is not None and len(kv or ()) < 2:
+        raise UsageError("--link-tokens goes with several --kv (a composition)")
+
+
 def corpus_source(corpus: str) -> str:
     """`--corpus` checked: stdlib, third-party, or an existing folder (as a path)."""
     from pathlib import Path

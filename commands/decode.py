@@ -11,9 +11,9 @@ from rich.table import Table
 from celslm.errors import CelslmError, IntegrityError, UnavailableError, UsageError
 from celslm.models import default_engine, load_model
 from .common import (FLAG, MODEL_HELP, ApiTokenOpt, CacheCapacityOpt, CloudOpt, EngineOpt, IdentityOpt, JsonOpt,
-                     LinkTokensOpt, MaxNewTokensOpt, PeerOpt, TokenOpt, TrustOpt, cache_capacity, err_console, examples, for_option,
-                     identity, identity_hint, log, print_json, progress_bar, read_file_or_stdin, read_text, trust_policy,
-                     typed, warn)
+                     LinkTokensOpt, MaxNewTokensOpt, PeerOpt, TokenOpt, TrustOpt, cache_capacity, check_link_tokens,
+                     err_console, examples, for_option, identity, identity_hint, log, print_json, progress_bar,
+                     read_file_or_stdin, read_text, trust_policy, typed, warn)
 
 if TYPE_CHECKING:
     from celslm.decode import DecodeStats
@@ -81,8 +81,7 @@ def decode(
                              f"{'is one of' if len(theirs) == 1 else 'are'} the service's own settings")
         if typed(invocation, "model"):
             warn(f"--server answers with the service's own model; -m {model} is not used")
-        if link_tokens is not None and len(kv) < 2:
-            raise UsageError("--link-tokens goes with several --kv (a composition)")
+        check_link_tokens(link_tokens, kv)
         return _through_server(server, api_token, kv, link_tokens, read_text(prompt, "--prompt"), sampling, raw, json_)
     if model is None:
         raise UsageError("give --model (-m) or set CELSLM_MODEL (or answer through a celslm serve with --server)")
@@ -92,8 +91,7 @@ def decode(
         raise UsageError("--recompute-last goes with --kv")
     if kv and len(kv) > 1 and context is not None:
         raise UsageError("--context recomputes what one --kv cannot fetch; it does not go with several --kv")
-    if link_tokens is not None and (not kv or len(kv) < 2):
-        raise UsageError("--link-tokens goes with several --kv (a composition)")
+    check_link_tokens(link_tokens, kv)
     if [prompt, context, *(kv or ())].count("-") > 1:
         raise UsageError("only one of --prompt, --kv and --context can read stdin")
     prompt_text = read_text(prompt, "--prompt")
@@ -206,9 +204,11 @@ def _through_server(server: str, api_token: str | None, kv: list[str], link_toke
     answered, usage = final.get("celslm", {}), final.get("usage") or {}
     composed = len(kv) > 1
     known = DecodeStats(path="composed" if composed else "artifact", context_tokens=answered.get("context_tokens", 0),
+                        recomputed_tokens=answered.get("recomputed_tokens", 0),
                         prompt_tokens=usage.get("prompt_tokens", 0), new_tokens=usage.get("completion_tokens", 0),
                         ttft_s=answered.get("ttft_s", 0.0), total_s=answered.get("total_s", 0.0)).to_json()
-    reported = {"path", "pipelined", "link", "context_tokens", "prompt_tokens", "new_tokens", "ttft_s", "total_s", "fallback"}
+    reported = {"path", "pipelined", "link", "context_tokens", "recomputed_tokens", "prompt_tokens", "new_tokens", "ttft_s",
+                "total_s", "fallback"}
     parts = answered.get("parts") or ([answered["context"]] if answered.get("context") else [])
     print_json({"text": "".join(pieces), "artifact": None if composed else answered.get("context"), "artifacts": parts,
                 "engine": answered.get("engine"),

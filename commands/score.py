@@ -10,8 +10,8 @@ import typer
 from celslm.artifact import open_artifact
 from celslm.errors import UsageError
 from celslm.models import default_engine, load_model
-from .common import (EngineOpt, IdentityOpt, JsonOpt, LinkTokensOpt, for_option, ModelOpt, examples, identity, identity_hint, print_json,
-                     progress_bar, read_file_or_stdin)
+from .common import (EngineOpt, IdentityOpt, JsonOpt, LinkTokensOpt, ModelOpt, check_link_tokens, examples, for_option,
+                     identity, identity_hint, print_json, progress_bar, read_file_or_stdin)
 
 EPILOG = examples(
     "celslm score -m qwen2.5-coder-0.5b --kv sched.kv --continuation next.py",
@@ -39,8 +39,7 @@ def score(
 
     if [continuation, ref, *(kv or ())].count("-") > 1:
         raise UsageError("only one of --continuation, --kv and --ref can read stdin")
-    if link_tokens is not None and (not kv or len(kv) < 2):
-        raise UsageError("--link-tokens goes with several --kv (a composition)")
+    check_link_tokens(link_tokens, kv)
     text = read_file_or_stdin(continuation, "--continuation")
     keys = identity(identity_)
     with progress_bar() as progress:

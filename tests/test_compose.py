@@ -39,7 +39,7 @@ def composed(loaded, paths, link_tokens):
     readers = [DirectoryReader(p) for p in paths]
     from celslm.stream import Timeline
 
-    parts = compose.read_parts(loaded, readers, Timeline())
+    parts = compose.read_parts(loaded, readers, [Timeline() for _ in readers])
     framing = readers[0].manifest.framing
     return parts, compose.compose(loaded.engine, parts, compose.opening_ids(loaded.tokenizer, framing),
                                   compose.separator_ids(loaded.tokenizer), link_tokens)
@@ -59,7 +59,11 @@ def test_parts_are_joined_by_the_separator_without_their_own_opening(loaded, art
     for part in parts[1:]:
         expected += separator + part.token_ids[len(opening):]
     assert result.token_ids == expected
-    assert result.recomputed_tokens == 2 * (len(separator) + 4)
+    assert result.recomputed() == 2 * (len(separator) + 4)
+    first = len(parts[0].token_ids)
+    assert result.linked == [(first, first + len(separator) + 4),
+                             (len(expected) - len(parts[2].token_ids) + len(opening) - len(separator),
+                              len(expected) - len(parts[2].token_ids) + len(opening) + 4)]
     assert all(k.shape[1] == len(expected) == v.shape[1] for k, v in result.layers)
 
 
@@ -180,8 +184,8 @@ def test_every_part_is_checked_under_the_trust_policy(tiny_qwen, artifacts, tmp_
 
 def test_the_service_composes_a_list_of_contexts_from_parts_kept_on_their_own(tiny_gguf_parts):
     """`"context": [A, B]` answers as `decode --kv A --kv B`; a new combination of parts already in memory
-    is composed without fetching any (by id: nothing else could open them), and a composition asked
-    again comes back from memory."""
+    is composed of them, asked by id (the service has no tier that could fetch an id: only its memory
+    holds them), and a composition asked again comes back from memory."""
     openai = pytest.importorskip("openai")
     from tests.test_service import Service
 
@@ -208,6 +212,7 @@ def test_the_service_composes_a_list_of_contexts_from_parts_kept_on_their_own(ti
                                      "--link-tokens", "5", "-p", "What does greet return?", "-n", "6", "--json",
                                      check=True).stdout)
         assert list(through) == list(expected) and through["text"] == expected["text"]
+        assert through["recomputed_tokens"] == expected["recomputed_tokens"] == 2 + 5
         assert through["artifacts"] == ids[:2] and through["artifact"] is None and through["path"] == "composed"
         swapped = ask([ids[1], ids[0]], link_tokens=5)
         assert swapped.model_extra["celslm"]["cache"] == "composed"
@@ -257,4 +262,38 @@ def test_parts_come_through_the_tiers_and_encrypted_parts_open_with_the_identity
     assert mixed["text"] == plain["text"] and mixed["context_tokens"] == plain["context_tokens"]
     assert mixed["artifacts"][0] == plain["artifacts"][0] and mixed["bytes_by_source"]
     sealed = run_cli("decode", "-m", str(tiny_qwen), "--kv", str(artifacts[0]), "--kv", str(tmp_path / "sealed.kv"), *prompt)
-    assert sealed.returncode != 0 and "sealed.kv" in sealed.stderr.decode() and not sealed.stdout
+    assert sealed.returncode == 2 and "sealed.kv" in sealed.stderr.decode() and not sealed.stdout
+
+
+@pytest.mark.parametrize("engine", ["transformers", "llama.cpp"])
+def test_an_unlinked_part_answers_at_its_new_place_as_the_concatenation_does(engine, tiny_gguf_parts):
+    """With no link tokens a part keeps its own KV, only placed after the parts before it. Give the second
+    part, as its own KV, the concatenation's KV at its positions: the composition must then predict a
+    continuation exactly as the concatenation does. A part put at other positions fails here."""
+    from celslm import prompting
+    from celslm.decode import context_from_layers
+    from celslm.score import continuation_logits
+
+    model, _ = tiny_gguf_parts
+    loaded = load_model(str(model), engine=engine)
+    tokenizer = loaded.tokenizer
+    opening, separator = compose.opening_ids(tokenizer, "chat"), compose.separator_ids(tokenizer)
+    a, b = (prompting.context_ids(tokenizer, text, "chat") for text in PARTS[:2])
+    joined = compose.joined_ids([a, b], opening, separator)
+    full = prefilled_layers(loaded, joined)
+    body = len(a) + len(separator)  # where the second part's text sits in the concatenation
+    own = [tuple(np.concatenate([np.full_like(x[:, : len(opening)], 7.0), x[:, body:]], axis=1) for x in layer)
+           for layer in full]
+    first = [tuple(x[:, : len(a)] for x in layer) for layer in full]
+    result = compose.compose(loaded.engine, [compose.Part("a", a, first), compose.Part("b", b, own)], opening, separator, 0)
+    assert result.token_ids == joined
+    follow = tokenizer("    return self.items\n", add_special_tokens=False)["input_ids"]
+    got, _ = continuation_logits(loaded, context_from_layers(loaded, joined, result.layers, "chat"), follow)
+    expected, _ = continuation_logits(loaded, context_from_layers(loaded, joined, full, "chat"), follow)
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_the_link_tokens_help_names_the_default_that_decode_uses():
+    from celslm.commands.common import LinkTokensOpt
+
+    assert f"Default: {compose.DEFAULT_LINK}," in LinkTokensOpt.__metadata__[0].help

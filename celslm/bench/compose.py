@@ -21,8 +21,11 @@ work to the first token of the first question, so the edge's context compute plu
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,9 +34,10 @@ import numpy as np
 from rich.table import Table
 
 from celslm import prompting
-from celslm.artifact import MemoryReader
+from celslm.artifact import MemoryReader, write_dir
 from celslm.blocks import build_artifact
 from celslm.bench import tasks as task_scores
+from celslm.bench.edge import timed
 from celslm.calibrate import codec_codebook
 from celslm.codecs import parse_codec
 from celslm.compose import DEFAULT_LINK, context_from_readers, joined_ids, opening_ids, separator_ids
@@ -43,7 +47,7 @@ from celslm.errors import CelslmError, UsageError
 from celslm.manifest import Artifact, Producer, Timings
 from celslm.models import LoadedModel
 from celslm.score import continuation_logits, nll as mean_nll
-from celslm.testing.processes import CLI
+from celslm.testing.processes import CLI, Service, free_port
 
 Progress = Callable[[str, int, int], None]
 LINKS = (0, 8, 16, 32)
@@ -144,22 +148,18 @@ def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int =
         progress("compose (tasks)", len(found), len(found))
     result = _result(loaded, found, modes, spec.spec, tokens, continuation, parts)
     if serve is not None and work is not None:
-        result["commands"] = _commands(serve, *first, work, repeats, progress)
-        result["served"] = _served(serve, found, kept, work, max_new_tokens, _median(modes["edge"].ttft_s), progress)
+        result["commands"] = _commands(serve, loaded.engine.name, *first, work, repeats, progress)
+        if loaded.engine.name == "llama.cpp":  # the service runs on llama.cpp only: its times next to the same engine's
+            result["served"] = _served(serve, found, kept, work, max_new_tokens, _median(modes["edge"].ttft_s), progress)
     return result
 
 
-def _commands(spec: str, task: ComposeTask, shipped: list[Artifact], concat: Artifact, work: Path, repeats: int,
-              progress: Progress | None) -> dict:
+def _commands(spec: str, engine: str, task: ComposeTask, shipped: list[Artifact], concat: Artifact, work: Path,
+              repeats: int, progress: Progress | None) -> dict:
     """The first task as a user runs it, whole processes from spawn to the first byte on stdout (the first
     token, streamed) and to exit, repetitions interleaved: `decode --kv` of every part (composed, the
     default link tokens), `decode --kv` of the concatenation's artifact, `decode --context` of the
     concatenated text (edge-only)."""
-    import os
-
-    from celslm.artifact import write_dir
-    from celslm.bench.edge import timed
-
     folder = work / "compose-commands"
     paths = [folder / f"part{number}.kv" for number in range(len(shipped))]
     for path, artifact in zip(paths, [*shipped]):
@@ -167,7 +167,7 @@ def _commands(spec: str, task: ComposeTask, shipped: list[Artifact], concat: Art
     write_dir(concat, folder / "concatenated.kv", force=True)
     (folder / "concatenated.txt").write_text(prompting.SEPARATOR.join(task.parts))
     question = task.questions[0].prompt if task.questions else "What does this code do?"
-    common = [*CLI, "decode", "-m", spec, "-p", question, "-n", "8"]
+    common = [*CLI, "decode", "-m", spec, "--engine", engine, "-p", question, "-n", "8"]
     commands = {"composed": [*common, *[a for p in paths for a in ("--kv", str(p))]],
                 "concatenated": [*common, "--kv", str(folder / "concatenated.kv")],
                 "edge-only": [*common, "--context", str(folder / "concatenated.txt")]}
@@ -191,9 +191,6 @@ def _served(spec: str, found: list[ComposeTask], kept: list[list[Artifact]], wor
     decoded, kept in memory), then the parts together, a combination it has not seen (composed of parts
     it holds: only the link tokens and the rotation), then that combination again. Times are a
     streaming client's, from its send to the first token's event."""
-    from celslm.artifact import write_dir
-    from celslm.testing.processes import Service, free_port
-
     folder = work / "compose-artifacts"
     names = []
     for index, parts in enumerate(kept):
@@ -222,9 +219,6 @@ def _first_token(url: str, context, question: str, max_new_tokens: int, expected
     """Seconds from sending a streamed chat request to its first event (sent once the first token is
     out); the service must say the context came from where `expected` says (a wrong cache would time
     something else)."""
-    import json
-    import urllib.request
-
     body = {"context": context, "messages": [{"role": "user", "content": question}], "max_tokens": max_new_tokens,
             "temperature": 0, "stream": True}
     request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
