@@ -297,3 +297,16 @@ def test_the_link_tokens_help_names_the_default_that_decode_uses():
     from celslm.commands.common import LinkTokensOpt
 
     assert f"Default: {compose.DEFAULT_LINK}," in LinkTokensOpt.__metadata__[0].help
+
+
+@pytest.mark.parametrize("codec", ["int8+lz4", "pca:r=8+zstd"])
+def test_a_compressed_part_composes_with_the_kv_its_codec_decodes_to(loaded, artifacts, tmp_path, codec):
+    from celslm.blockread import open_context
+
+    run_cli("compress", str(artifacts[1]), "--out", str(tmp_path / "small.kv"), "--codec", codec, check=True)
+    parts, result = composed(loaded, [artifacts[0], tmp_path / "small.kv"], 3)
+    _, layers = open_context(DirectoryReader(tmp_path / "small.kv"))
+    for (index, key, value), (pk, pv) in zip(layers, parts[1].layers):
+        np.testing.assert_array_equal(pk, key)
+        np.testing.assert_array_equal(pv, value)
+    assert result.token_ids[: len(parts[0].token_ids)] == parts[0].token_ids
