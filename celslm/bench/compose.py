@@ -1,14 +1,15 @@
 """Several contexts in one answer (`celslm bench compose`): held-out multi-file tasks, each a few
 source files of one standard-library package prefilled apart and composed at the edge.
 
-A task (`compose_tasks`): the parts (each file's first `tokens` tokens, cut at a line end), a
-continuation (the text after the last part in its own file: teacher-forced NLL) and questions (what
-a named function of a part returns, `tasks.qa_task`, one per part that has one), each answered over
-all the parts. Package modules are never calibration files (`corpus.package_groups`).
+A task (`compose_tasks`): the parts (each file's first `tokens` tokens, cut at a line end), one
+continuation per part (the text after that part in its own file, scored after all the parts:
+teacher-forced NLL, the mean over the parts, so every part's place in the composition is read) and
+questions (what a named function of a part returns, `tasks.qa_task`, one per part that has one),
+each answered over all the parts. Package modules are never calibration files (`corpus.package_groups`).
 
 Modes, on the edge's engine, every one over the same token ids (`compose.joined_ids`):
   no context       the prompt alone (the gain's zero)
-  last part alone  one artifact per answer, as before composition
+  last part alone  one artifact per answer, as before composition (it cannot read the other parts)
   edge-only        the edge prefills the concatenation itself
   concatenated     one artifact prefilled from the concatenation (the ceiling)
   composed N       the parts' artifacts composed, N link tokens per part after the first
@@ -59,13 +60,13 @@ class ComposeTask:
     package: str
     files: list[str]
     parts: list[str]  # each file's first tokens, cut at a line end
-    continuation: str  # what follows the last part in its own file
+    continuations: list[str]  # what follows each part in its own file
     questions: list[task_scores.Task]
 
 
 def compose_tasks(tokenizer, count: int, tokens: int, parts: int, continuation: int) -> list[ComposeTask]:
-    """Up to `count` tasks, one per package with `parts` modules long enough for `tokens` tokens (and
-    the last one for the continuation too)."""
+    """Up to `count` tasks, one per package with `parts` modules long enough for `tokens` tokens and a
+    continuation."""
     found = []
     for package, paths in package_groups(parts):
         texts = []
@@ -81,11 +82,10 @@ def compose_tasks(tokenizer, count: int, tokens: int, parts: int, continuation: 
                 break
         if len(texts) < parts:
             continue
-        last_path, last_text, last_cut = texts[-1]
         questions = [q for q in (task_scores.qa_task(p, len(c)) for p, _, c in texts) if q is not None]
-        follow = tokenizer(last_text[len(last_cut):], add_special_tokens=False)["input_ids"][:continuation]
+        follows = [tokenizer(text[len(cut):], add_special_tokens=False)["input_ids"][:continuation] for _, text, cut in texts]
         found.append(ComposeTask(package, [file_name(p) for p, _, _ in texts], [c for _, _, c in texts],
-                                 tokenizer.decode(follow), questions))
+                                 [tokenizer.decode(f) for f in follows], questions))
         if len(found) == count:
             break
     return found
@@ -128,7 +128,7 @@ def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int =
             progress("compose (tasks)", index, len(found))
         part_ids = [prompting.context_ids(tokenizer, text, framing) for text in task.parts]
         joined = joined_ids(part_ids, opening, separator)
-        follow = tokenizer(task.continuation, add_special_tokens=False)["input_ids"]
+        follows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in task.continuations]
         shipped = [_shipped(loaded, ids, framing, spec, codebook) for ids in part_ids]
         concat = _shipped(loaded, joined, framing, spec, codebook)
         builders = {
@@ -141,7 +141,7 @@ def run(loaded: LoadedModel, *, count: int = 6, tokens: int = 1000, parts: int =
             "floor": lambda: context_from_readers(loaded, [MemoryReader(a) for a in shipped], link_tokens=EVERYTHING),
         }
         for key, build in builders.items():
-            _measure(loaded, modes[key], build, task, follow, sampling, len(joined) if key == "edge" else None)
+            _measure(loaded, modes[key], build, task, follows, sampling, len(joined) if key == "edge" else None)
         kept.append(shipped)
         first = first or (task, shipped, concat)
     if progress:
@@ -251,10 +251,10 @@ def _shipped(loaded: LoadedModel, ids: list[int], framing: str, spec, codebook) 
                           timings=Timings(prefill_s=round(time.perf_counter() - begun, 6)), codec=spec, codebook=codebook)
 
 
-def _measure(loaded: LoadedModel, mode: Mode, build: Callable[[], Context], task: ComposeTask, follow: list[int],
+def _measure(loaded: LoadedModel, mode: Mode, build: Callable[[], Context], task: ComposeTask, follows: list[list[int]],
              sampling: Sampling, edge_tokens: int | None) -> None:
     """One mode on one task: the first question's time to first token from a context built now, then
-    the continuation's NLL and every question's answer over copies of that context."""
+    every question's answer and the continuations' mean NLL over copies of that context."""
     context = build()
     again = _copies(loaded, context)
     stats = context.stats
@@ -272,8 +272,7 @@ def _measure(loaded: LoadedModel, mode: Mode, build: Callable[[], Context], task
         next(generate(loaded, context, ids, sampling))
         mode.ttft_s.append(context.stats.ttft_s)
     mode.correct += [task_scores.score(q, a)["correct"] for q, a in zip(task.questions, answers)]
-    logits, targets = continuation_logits(loaded, again(), follow)
-    mode.nll.append(mean_nll(logits, targets))
+    mode.nll.append(_mean([mean_nll(*continuation_logits(loaded, again(), follow)) for follow in follows]))
 
 
 def _copies(loaded: LoadedModel, context: Context) -> Callable[[], Context]:
