@@ -76,11 +76,6 @@ def joined_ids(parts: list[list[int]], opening: list[int], separator: list[int])
     return ids
 
 
-def composed_length(token_counts: list[int], opening: int, separator: int) -> int:
-    """The composed context's length from the parts' declared counts, before any of them is fetched."""
-    return sum(token_counts) - (len(token_counts) - 1) * (opening - separator)
-
-
 @dataclass(frozen=True)
 class Declared:
     """What a part says of itself before any of its blobs is read: from its manifest, or from a
@@ -108,7 +103,7 @@ def check_parts(parts: list[Declared], loaded: LoadedModel) -> int:
         if part.framing != parts[0].framing:
             raise UsageError(f"{part.source} was prefilled with {part.framing} framing, {parts[0].source} with "
                              f"{parts[0].framing}: compose contexts framed alike")
-    length = composed_length([p.tokens for p in parts], 0, len(prompting.SEPARATOR.encode()) + 1)
+    length = sum(p.tokens for p in parts) + (len(parts) - 1) * (len(prompting.SEPARATOR.encode()) + 1)
     if length >= loaded.engine.max_positions:
         raise UsageError(f"the {len(parts)} contexts compose to up to {length} tokens; {loaded.name} was trained "
                          f"for {loaded.engine.max_positions} positions, context and prompt together")
